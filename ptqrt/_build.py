@@ -1,0 +1,181 @@
+"""Finds or builds ptqrt's C++ (csrc/cpu) and CUDA (csrc/cuda) extensions.
+
+Order: an ahead-of-time build installed with the package (``PTQRT_BUILD_EXT=1 pip install .`` gives
+``ptqrt._C_cpu`` / ``ptqrt._C_cuda``), else a just-in-time ninja build into a cache folder keyed by a
+hash of the sources, flags and torch version. A file lock makes concurrent processes wait for one
+build; a folder without its completion marker (a crash mid-build) is wiped and rebuilt. A failed
+build prints one message and returns None, so the `auto` backend falls back to `reference`.
+
+The compiled libraries register their ops with TORCH_LIBRARY under ``ptqrt_cpu`` / ``ptqrt_cuda``.
+"""
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import importlib
+import os
+import shutil
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+KINDS = ("cpu", "cuda")
+_loaded: dict = {}
+
+CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+CPU_LDFLAGS = ["-fopenmp"]
+CUDA_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+# No -std here: torch adds the C++ standard its own headers need (recent torch requires C++20).
+# The .cu files are torch-free and compile as C++17 under nvcc.
+CUDA_CFLAGS = ["-O3"]
+CUDA_NVCCFLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *CUDA_GENCODE]
+
+
+def csrc_dir() -> Path:
+    """csrc/ of a source checkout or editable install, else the copy shipped inside the wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "csrc", here / "_csrc"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "csrc"
+
+
+def sources(kind: str) -> list[Path]:
+    root = csrc_dir() / kind
+    pats = ["*.cpp"] if kind == "cpu" else ["*.cpp", "*.cu"]
+    return sorted(Path(p) for pat in pats for p in glob.glob(str(root / pat)))
+
+
+def headers(kind: str) -> list[Path]:
+    root = csrc_dir()
+    return sorted(Path(p) for pat in ("*.h", "*.cuh", "*.hpp")
+                  for p in glob.glob(str(root / "**" / pat), recursive=True))
+
+
+def nvidia_includes() -> list[str]:
+    """Headers of pip's nvidia-* packages (site-packages/nvidia/*/include), for a CUDA build on a
+    machine that has CUDA torch and nvcc but no system CUDA toolkit headers beside nvcc."""
+    out = []
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}:
+        out += glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    return sorted(set(out))
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} was built without CUDA"
+    from torch.utils import cpp_extension
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or cpp_extension.CUDA_HOME
+    nvcc = shutil.which("nvcc") or (home and os.path.join(home, "bin", "nvcc"))
+    if not nvcc or not os.path.exists(nvcc):
+        return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def _flags(kind: str) -> dict:
+    if kind == "cpu":
+        return dict(extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS, extra_include_paths=[str(csrc_dir())])
+    inc = [str(csrc_dir()), *nvidia_includes()]
+    return dict(extra_cflags=CUDA_CFLAGS, extra_cuda_cflags=CUDA_NVCCFLAGS, extra_include_paths=inc)
+
+
+def _digest(kind: str) -> str:
+    h = hashlib.sha256()
+    for p in sources(kind) + headers(kind):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(repr(_flags(kind)).encode())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PTQRT_CACHE_DIR", Path.home() / ".cache" / "ptqrt")) / "ext"
+
+
+def lib_name(kind: str) -> str:
+    return f"ptqrt_{kind}_ext"
+
+
+def _aot(kind: str) -> Optional[str]:
+    try:
+        mod = importlib.import_module(f"ptqrt._C_{kind}")
+        return mod.__file__
+    except ImportError:
+        return None
+
+
+def _jit(kind: str, verbose: bool) -> str:
+    """Build (or reuse) the extension in the cache under a file lock; return the library's path."""
+    from torch.utils import cpp_extension
+
+    srcs = sources(kind)
+    if not srcs:
+        raise FileNotFoundError(f"no sources under {csrc_dir() / kind}")
+    if kind == "cuda":
+        why = cuda_unavailable_reason()
+        if why:
+            raise RuntimeError(f"the CUDA extension cannot be built: {why}")
+        if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+            cpp_extension.CUDA_HOME = "/usr/local/cuda"
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    build_dir = cache_root() / f"{kind}-{_digest(kind)}"
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    so = build_dir / f"{lib_name(kind)}.so"
+    done = build_dir / "BUILD_OK"
+    with open(str(build_dir) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then reuse its result
+        try:
+            if not (done.exists() and so.exists()):
+                shutil.rmtree(build_dir, ignore_errors=True)  # stale or half-written: start clean
+                build_dir.mkdir(parents=True)
+                os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+                cpp_extension.load(name=lib_name(kind), sources=[str(s) for s in srcs],
+                                   build_directory=str(build_dir), is_python_module=False,
+                                   verbose=verbose, **_flags(kind))
+                done.write_text(str(so))
+            else:
+                torch.ops.load_library(str(so))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(so)
+
+
+def build(kind: str, verbose: bool = False) -> str:
+    """Build (or find) the extension and load it; return its shared library's path. Raises on failure."""
+    if kind not in KINDS:
+        raise ValueError(f"extension kind must be one of {KINDS}; got {kind!r}")
+    path = _aot(kind) or _jit(kind, verbose)
+    _loaded[kind] = path
+    return path
+
+
+def load(kind: str) -> Optional[str]:
+    """Path of the loaded extension, building it on first use; None (said once) if it cannot be had.
+
+    PTQRT_NO_BUILD=1 never builds just in time (ahead-of-time builds still load)."""
+    if kind in _loaded:
+        return _loaded[kind]
+    path = None
+    try:
+        path = _aot(kind)
+        if path is None and sources(kind):
+            if os.environ.get("PTQRT_NO_BUILD", "0") == "1":
+                raise RuntimeError("PTQRT_NO_BUILD=1 forbids a just-in-time build")
+            if kind == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device is visible")
+            path = _jit(kind, verbose=False)
+    except Exception as e:  # noqa: BLE001 -- any build failure means: fall back, say why once
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        warnings.warn(f"ptqrt: the {kind} extension is unavailable ({first}); falling back to the next "
+                      f"backend. Run `ptqrt build --{kind}` to see the full build log.", RuntimeWarning, stacklevel=3)
+        path = None
+    _loaded[kind] = path
+    return path

@@ -1,0 +1,151 @@
+"""PTQConfig: what to quantize and how. All validation lives here, with errors that name the field.
+
+Modes that follow from the fields (the names used in the packed format):
+  act_dtype=None                          -> W8A16          (int8 weights, float activations)
+  act_dtype="int8", act_granularity="per_token"  -> W8A8_DYNAMIC (scales computed per token at run time)
+  act_dtype="int8", act_granularity="per_tensor" -> W8A8         (static scale from calibration)
+  kv_cache_dtype="int8"                    -> C8             (int8 KV cache)
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+_CHOICES = {
+    "weight_dtype": ("int8",),
+    "weight_granularity": ("per_channel", "per_group"),
+    "act_dtype": (None, "int8"),
+    "act_granularity": ("per_token", "per_tensor"),
+    "kv_cache_dtype": (None, "int8"),
+    "kv_granularity": ("per_token", "per_channel"),
+    "outliers": ("none", "smooth", "osl"),
+    "precision_recovery": ("none", "gptq"),
+}
+
+
+def _allowed(name: str) -> str:
+    return ", ".join(repr(c) for c in _CHOICES[name])
+
+
+@dataclass
+class PTQConfig:
+    """How to quantize a model (after MindSpore Golden Stick's PTQ/RTN).
+
+    weight_dtype: "int8" (weights are always quantized; activation-only quantization is not offered).
+    weight_granularity: "per_channel" (one scale per output row) or "per_group" (group_size columns).
+    group_size: 0 for per_channel; for per_group a positive multiple of 16 that divides each layer's K.
+    act_dtype: None (W8A16) or "int8" (W8A8). act_granularity: "per_token" (dynamic) or "per_tensor" (static, calibrated).
+    kv_cache_dtype: None or "int8"; kv_granularity: "per_token" (dynamic per token-head) or "per_channel" (static).
+    outliers: "none", "smooth" (SmoothQuant with smooth_alpha) or "osl" (alpha searched per layer).
+    precision_recovery: "none" or "gptq".
+    skip: module names not to quantize; each entry matches as a substring or as a regex (re.search).
+    layer_policies: {regex: PTQConfig} — the first regex that matches a module's name overrides the config.
+    """
+
+    weight_dtype: str = "int8"
+    weight_granularity: str = "per_channel"
+    group_size: int = 0
+    act_dtype: Optional[str] = None
+    act_granularity: str = "per_token"
+    kv_cache_dtype: Optional[str] = None
+    kv_granularity: str = "per_token"
+    outliers: str = "none"
+    smooth_alpha: float = 0.5
+    precision_recovery: str = "none"
+    skip: list = field(default_factory=lambda: ["lm_head"])
+    layer_policies: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        for name, choices in _CHOICES.items():
+            val = getattr(self, name)
+            if val not in choices:
+                if name == "weight_dtype" and val in (None, "none", "fp16", "float"):
+                    raise ValueError(f"PTQConfig.weight_dtype={val!r}: activation-only quantization is not "
+                                     f"supported; weight_dtype must be one of {_allowed(name)}")
+                raise ValueError(f"PTQConfig.{name}={val!r} is not allowed; choose one of {_allowed(name)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(f"PTQConfig.group_size={self.group_size!r} must be a non-negative int")
+        if self.weight_granularity == "per_group":
+            if self.group_size == 0:
+                raise ValueError("PTQConfig.group_size must be set (e.g. 64 or 128) when "
+                                 "weight_granularity='per_group'")
+            if self.group_size % 16:
+                raise ValueError(f"PTQConfig.group_size={self.group_size} must be a multiple of 16")
+        elif self.group_size != 0:
+            raise ValueError(f"PTQConfig.group_size={self.group_size} is only allowed with "
+                             f"weight_granularity='per_group' (per_channel takes group_size=0)")
+        if self.act_dtype == "int8" and self.weight_granularity == "per_group":
+            raise ValueError("PTQConfig.weight_granularity='per_group' cannot be combined with act_dtype='int8': "
+                             "W8A8 needs per-channel weight scales (allowed: 'per_channel')")
+        if self.outliers != "none" and self.act_dtype is None:
+            raise ValueError(f"PTQConfig.outliers={self.outliers!r} suppresses activation outliers and needs "
+                             f"act_dtype='int8'; with act_dtype=None use outliers='none'")
+        if not isinstance(self.smooth_alpha, (int, float)) or not 0.0 <= float(self.smooth_alpha) <= 1.0:
+            raise ValueError(f"PTQConfig.smooth_alpha={self.smooth_alpha!r} must be a float in [0, 1]")
+        if isinstance(self.skip, str):
+            self.skip = [self.skip]
+        if not isinstance(self.skip, (list, tuple)) or not all(isinstance(s, str) for s in self.skip):
+            raise ValueError(f"PTQConfig.skip must be a list of strings; got {self.skip!r}")
+        self.skip = list(self.skip)
+        for s in self.skip:
+            _compile(s, "skip")
+        if not isinstance(self.layer_policies, dict):
+            raise ValueError(f"PTQConfig.layer_policies must be a dict {{regex: PTQConfig}}; got {type(self.layer_policies).__name__}")
+        for pat, sub in self.layer_policies.items():
+            _compile(pat, "layer_policies")
+            if isinstance(sub, dict):
+                sub = PTQConfig(**sub)
+                self.layer_policies[pat] = sub
+            if not isinstance(sub, PTQConfig):
+                raise ValueError(f"PTQConfig.layer_policies[{pat!r}] must be a PTQConfig; got {type(sub).__name__}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def mode(self) -> str:
+        """FLOAT is never returned here: a config always quantizes weights."""
+        if self.act_dtype is None:
+            return "W8A16"
+        return "W8A8_DYNAMIC" if self.act_granularity == "per_token" else "W8A8"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return (self.mode == "W8A8" or self.outliers != "none" or self.precision_recovery != "none"
+                or (self.kv_cache_dtype == "int8" and self.kv_granularity == "per_channel"))
+
+    def is_skipped(self, name: str) -> bool:
+        return any(s in name or re.search(s, name) for s in self.skip)
+
+    def for_layer(self, name: str) -> "PTQConfig":
+        """The config that applies to module `name`: the first matching layer policy, else self."""
+        for pat, sub in self.layer_policies.items():
+            if re.search(pat, name):
+                return sub
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layer_policies"] = {k: v.to_dict() for k, v in self.layer_policies.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PTQConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"PTQConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        d["layer_policies"] = {k: cls.from_dict(v) for k, v in d.get("layer_policies", {}).items()}
+        return cls(**d)
+
+
+def _compile(pattern: str, where: str):
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"PTQConfig.{where}: {pattern!r} is not a valid regex ({e})") from None

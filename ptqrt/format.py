@@ -1,0 +1,297 @@
+"""The packed format: quantized state <-> safetensors + quantization_description.json.
+
+A packed directory holds
+  model.safetensors                      every tensor of the model's state dict (sharded past
+                                         max_shard_size into model-0000i-of-0000n.safetensors with
+                                         model.safetensors.index.json, as Hugging Face does)
+  quantization_description.json          format version, ptqrt version, the PTQConfig, per quantized
+                                         module its mode and shapes, per tensor one of FLOAT, W8A16,
+                                         W8A8, W8A8_DYNAMIC, C8, tied-tensor aliases, file checksums
+  config.json                            the model's own config, when it has one
+The description is written last, so a directory whose save was interrupted is refused on load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+FORMAT_NAME = "ptqrt"
+FORMAT_VERSION = 1
+DESCRIPTION = "quantization_description.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD = 4 * 1024**3
+
+
+class FormatError(ValueError):
+    """A packed directory that is damaged, of another version, or does not fit the model."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _modes(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
+    """(per-module description, per-tensor mode) for the model's state dict names."""
+    from .modules.linear import QuantLinear
+
+    modules = {n: m.describe() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    modes = {}
+    for t in names:
+        owner, _, leaf = t.rpartition(".")
+        if owner in modules:
+            modes[t] = modules[owner]["mode"]
+        elif leaf in ("k_scale", "v_scale"):  # calibrated int8 KV-cache scales
+            modes[t] = "C8"
+        else:
+            modes[t] = "FLOAT"
+    return modules, modes
+
+
+def _dedup(state: dict) -> tuple[dict, dict]:
+    """Tied tensors share storage; safetensors refuses that. Keep one name, record the others."""
+    seen, unique, aliases = {}, {}, {}
+    for name in sorted(state):
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+        else:
+            if key is not None:
+                seen[key] = name
+            unique[name] = t.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def _shards(tensors: dict, max_bytes: int) -> list[dict]:
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t
+        size += nbytes
+    shards.append(cur)
+    return shards
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_quantized(model: nn.Module, out_dir, max_shard_size: int = DEFAULT_SHARD) -> Path:
+    """Write `model` (after quantize()) to `out_dir`; returns the directory. Every tensor of the state
+    dict is saved, so load_quantized can rebuild the model from its architecture alone."""
+    from safetensors.torch import save_file
+
+    from .modules.linear import QuantLinear
+
+    config = getattr(model, "ptqrt_config", None)
+    if config is None and not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("save_quantized: the model holds no QuantLinear; call ptqrt.quantize(model, config) first")
+    if max_shard_size <= 0:
+        raise ValueError(f"save_quantized: max_shard_size must be positive; got {max_shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DESCRIPTION).unlink(missing_ok=True)  # until the new one is written, the folder is incomplete
+    state = model.state_dict()
+    tensors, aliases = _dedup(state)
+    modules, modes = _modes(model, list(state))
+    shards = _shards(tensors, max_shard_size)
+    files = {}
+    if len(shards) == 1:
+        _atomic_write(out / SINGLE, lambda p: save_file(shards[0], str(p), metadata={"format": "pt"}))
+        files[SINGLE] = _sha256(out / SINGLE)
+        (out / INDEX).unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(out / fname, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+            files[fname] = _sha256(out / fname)
+            weight_map.update({n: fname for n in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": weight_map}
+        _atomic_write(out / INDEX, lambda p: p.write_text(json.dumps(index, indent=1)))
+        (out / SINGLE).unlink(missing_ok=True)
+    hf_config = getattr(model, "config", None)
+    if hf_config is not None and hasattr(hf_config, "to_json_string"):
+        _atomic_write(out / "config.json", lambda p: p.write_text(hf_config.to_json_string()))
+    desc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "ptqrt_version": _version(),
+        "torch_version": torch.__version__,
+        "config": config.to_dict() if config is not None else None,
+        "modules": modules,
+        "parameters": {n: {"mode": modes[n], "dtype": str(state[n].dtype).replace("torch.", ""),
+                           "shape": list(state[n].shape)} for n in sorted(state)},
+        "aliases": aliases,
+        "files": files,
+    }
+    _atomic_write(out / DESCRIPTION, lambda p: p.write_text(json.dumps(desc, indent=1)))
+    return out
+
+
+def read_description(in_dir) -> dict:
+    path = Path(in_dir) / DESCRIPTION
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {in_dir} is not a ptqrt packed directory "
+                                f"(or its save did not finish)")
+    try:
+        desc = json.loads(path.read_text())
+    except ValueError as e:
+        raise FormatError(f"{path} is not valid JSON ({e})") from None
+    if desc.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: format is {desc.get('format')!r}, expected {FORMAT_NAME!r}")
+    if desc.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{path}: format_version {desc.get('format_version')!r} is not supported by this "
+                          f"ptqrt ({_version()}), which reads version {FORMAT_VERSION}")
+    for key in ("modules", "parameters", "files"):
+        if not isinstance(desc.get(key), dict):
+            raise FormatError(f"{path}: the {key!r} section is missing or damaged")
+    return desc
+
+
+def read_tensors(in_dir, desc: dict, verify: bool = True) -> dict:
+    """Every tensor of the packed directory, checked against the recorded checksums."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    in_dir = Path(in_dir)
+    tensors: dict = {}
+    for fname, digest in desc["files"].items():
+        path = in_dir / fname
+        if not path.is_file():
+            raise FormatError(f"{path} is missing (listed in {DESCRIPTION})")
+        if verify and _sha256(path) != digest:
+            raise FormatError(f"{path} is damaged or truncated: its checksum differs from the one recorded "
+                              f"in {DESCRIPTION}")
+        try:
+            part = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FormatError(f"{path} cannot be read ({e})") from None
+        for name in part:
+            if name in tensors:
+                raise FormatError(f"tensor {name!r} appears in two files ({path})")
+        tensors.update(part)
+    return tensors
+
+
+def _expected_module(model: nn.Module, name: str, d: dict, path: Path) -> None:
+    from .modules.linear import is_quantizable, linear_weight
+
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise FormatError(f"{path}: module {name!r} is quantized in the file but the model has no such "
+                          f"module (is this the right architecture?)") from None
+    if not is_quantizable(mod):
+        raise FormatError(f"{path}: module {name!r} is {type(mod).__name__} in the model, expected a Linear")
+    n, k = linear_weight(mod).shape
+    if (n, k) != (d["out_features"], d["in_features"]):
+        raise FormatError(f"{path}: module {name!r} is [out={n}, in={k}] in the model but "
+                          f"[{d['out_features']}, {d['in_features']}] in the file")
+
+
+def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Module:
+    """Rebuild a quantized model from `float_model` (its architecture; its weights are replaced) and the
+    packed directory `in_dir`. Everything is checked before the model is touched: a damaged, truncated
+    or mismatched directory raises FormatError (or FileNotFoundError) naming the tensor and file, and
+    leaves float_model as it was. Returns the model (changed in place), on the device it was on."""
+    from .config import PTQConfig
+    from .modules.linear import QuantLinear
+    from .quantize import set_submodule
+
+    in_dir = Path(in_dir)
+    desc = read_description(in_dir)
+    path = in_dir / DESCRIPTION
+    qmods = {n: d for n, d in desc["modules"].items() if d.get("kind", "linear") == "linear"}
+    for name, d in qmods.items():
+        _expected_module(float_model, name, d, path)
+    tensors = read_tensors(in_dir, desc, verify)
+    for alias, target in desc.get("aliases", {}).items():
+        if target not in tensors:
+            raise FormatError(f"{path}: alias {alias!r} points to {target!r}, which no file holds")
+        tensors[alias] = tensors[target]
+
+    # The state dict the model will have once its linears are swapped: build the swapped modules
+    # aside (on the meta device) to learn every expected name, shape and dtype.
+    expected = {}
+    swapped = {n: QuantLinear.from_description(d, n, device="meta") for n, d in qmods.items()}
+    for name, t in float_model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner in swapped:
+            continue
+        expected[name] = t
+    for mname, qm in swapped.items():
+        for leaf, t in qm.state_dict().items():
+            expected[f"{mname}.{leaf}"] = t
+    for name, t in expected.items():
+        if name not in tensors:
+            raise FormatError(f"tensor {name!r} is missing from {in_dir} (files: {', '.join(desc['files'])})")
+        got = tensors[name]
+        where = _file_of(desc, name, in_dir)
+        if tuple(got.shape) != tuple(t.shape):
+            raise FormatError(f"tensor {name!r} in {where} has shape {tuple(got.shape)}; the model expects "
+                              f"{tuple(t.shape)}")
+        if got.dtype != t.dtype:
+            raise FormatError(f"tensor {name!r} in {where} has dtype {got.dtype}; the model expects {t.dtype}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise FormatError(f"{in_dir} holds tensors the model has no place for: {unexpected[:5]}"
+                          f"{' ...' if len(unexpected) > 5 else ''} (first in {_file_of(desc, unexpected[0], in_dir)})")
+
+    # All checks passed: now change the model.
+    for name, d in qmods.items():
+        old = float_model.get_submodule(name)
+        dev = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
+        set_submodule(float_model, name, QuantLinear.from_description(d, name, device=dev))
+    float_model.load_state_dict({n: tensors[n] for n in float_model.state_dict()}, strict=True)
+    if desc.get("config"):
+        float_model.ptqrt_config = PTQConfig.from_dict(desc["config"])
+    return float_model
+
+
+def _file_of(desc: dict, name: str, in_dir: Path) -> str:
+    files = list(desc["files"])
+    if len(files) == 1:
+        return str(in_dir / files[0])
+    index = in_dir / INDEX
+    try:
+        return str(in_dir / json.loads(index.read_text())["weight_map"][name])
+    except (OSError, ValueError, KeyError):
+        return f"{in_dir} ({', '.join(files)})"
+
+
+def tensor_headers(in_dir, desc: dict, load=lambda name: False) -> dict:
+    """{tensor name: (shape, dtype str, tensor or None)} read from the safetensors headers; the data is
+    loaded only for names where load(name) is true (for `ptqrt inspect`: the scales)."""
+    from safetensors import safe_open
+
+    out = {}
+    for fname in desc["files"]:
+        with safe_open(str(Path(in_dir) / fname), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = (list(sl.get_shape()), sl.get_dtype(), f.get_tensor(name) if load(name) else None)
+    return out

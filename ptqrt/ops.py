@@ -1,0 +1,252 @@
+"""The public ops (namespace ``ptqrt``): torch.library schemas, fake impls and the backend chooser.
+
+Each op is one ``torch.library.custom_op`` whose single implementation checks its inputs (``_checks``)
+and then calls the backend the chooser picks for (op, device, M). Backends:
+
+  reference  ``ptqrt.reference`` — pure PyTorch, any device, the oracle.
+  cpu        the C++ extension (``csrc/cpu``), ops ``torch.ops.ptqrt_cpu.<op>`` on the CPU key.
+  triton     ``ptqrt.kernels`` — CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+  cuda       the CUDA extension (``csrc/cuda``), ops ``torch.ops.ptqrt_cuda.<op>`` on the CUDA key.
+
+The compiled backends register under their own namespaces (not the CPU/CUDA keys of ``ptqrt``
+itself) so that ``set_backend`` can choose between them at run time; see DESIGN.md, Backends.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from . import _checks
+from . import reference as ref
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+OP_NAMES = ("quantize_per_token", "quantize_per_tensor", "w8a8_gemm", "w8a16_gemm",
+            "kv_cache_append", "int8_kv_decode_attention")
+# M-buckets of the dispatch table: the smallest bucket >= M. M <= 16 is the decode (GEMV) regime.
+M_BUCKETS = (1, 16, 64, 256, 1024, 4096, 1 << 62)
+
+_lock = threading.Lock()
+_backend = os.environ.get("PTQRT_BACKEND", "auto").strip().lower() or "auto"
+_cache: dict = {}
+_warned: set = set()
+_table: Optional[dict] = None
+
+
+# ----------------------------------------------------------------------------- backend providers
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _provider(backend: str, device: torch.device) -> Optional[dict]:
+    """{op_name: callable} that `backend` offers on `device`, or None when it cannot run there."""
+    if backend == "reference":
+        return {name: getattr(ref, name) for name in OP_NAMES}
+    if backend == "cpu":
+        if device.type != "cpu":
+            return None
+        from . import _build
+        if _build.load("cpu") is None:
+            return None
+        ns = torch.ops.ptqrt_cpu
+        return {name: getattr(ns, name) for name in OP_NAMES if hasattr(ns, name)}
+    if backend == "cuda":
+        if device.type != "cuda":
+            return None
+        from . import _build
+        if _build.load("cuda") is None:
+            return None
+        ns = torch.ops.ptqrt_cuda
+        return {name: getattr(ns, name) for name in OP_NAMES if hasattr(ns, name)}
+    if backend == "triton":
+        if not (device.type == "cuda" or (device.type == "cpu" and _triton_interpret())):
+            return None
+        try:
+            from . import kernels
+        except ImportError as e:  # triton missing or broken: fall back, said once
+            _warn_once(("triton-import",), f"ptqrt: the triton backend is unavailable ({e})")
+            return None
+        return dict(getattr(kernels, "OPS", {}))
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _dispatch_table() -> dict:
+    """The tuned table for this GPU (written by `ptqrt tune`) or the shipped default."""
+    global _table
+    if _table is None:
+        from .dispatch_table import load_table
+        _table = load_table()
+    return _table
+
+
+def _auto_chain(op: str, device: torch.device, m: int) -> list[str]:
+    if device.type == "cpu":
+        return ["cpu", "reference"]  # triton runs on CPU tensors only when forced (interpreter, tests)
+    if device.type == "cuda":
+        first = _dispatch_table().get(op, {}).get(str(bucket(m)))
+        return ["cuda", "triton", "reference"] if first == "cuda" else ["triton", "cuda", "reference"]
+    return ["reference"]
+
+
+def bucket(m: int) -> int:
+    return next(b for b in M_BUCKETS if m <= b)
+
+
+def resolve(op: str, device: torch.device, m: int = 1) -> tuple[str, Callable]:
+    """(backend name, callable) that runs `op` for this device and M under the current setting."""
+    key = (op, device.type, bucket(m), _backend)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    with _lock:
+        chain = _auto_chain(op, device, m)
+        if _backend != "auto":
+            chain = [_backend] + [b for b in chain if b != _backend]
+        for i, name in enumerate(chain):
+            impls = _provider(name, device)
+            if impls and op in impls:
+                if i > 0 and _backend != "auto":
+                    _warn_once((_backend, op, device.type),
+                               f"ptqrt: backend {_backend!r} has no {op} for {device.type} tensors; "
+                               f"using {name!r} instead")
+                _cache[key] = (name, impls[op])
+                return _cache[key]
+    raise RuntimeError(f"ptqrt: no backend can run {op} on {device}")  # unreachable: reference runs anywhere
+
+
+def set_backend(name: str) -> None:
+    """Force one backend for every op ("reference", "cpu", "triton", "cuda"), or "auto" (per op,
+    device and M from the dispatch table). A backend that lacks an op falls back, with one warning.
+    The environment variable PTQRT_BACKEND sets the initial value."""
+    global _backend
+    name = str(name).strip().lower()
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"set_backend: backend must be one of {', '.join(('auto',) + BACKENDS)}; got {name!r}")
+    with _lock:
+        _backend = name
+        _cache.clear()
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def reset_dispatch_table() -> None:
+    """Forget the loaded dispatch table (after `ptqrt tune` wrote a new one)."""
+    global _table
+    with _lock:
+        _table = None
+        _cache.clear()
+
+
+# ----------------------------------------------------------------------------- the ops
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("ptqrt::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor, smooth: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token int8: x [M, K] float (divided by smooth [K] if given) ->
+    (x_q int8 [M, K], x_scale float32 [M]), x_scale = absmax(row) / 127 (1 for an all-zero row)."""
+    _checks.quantize_per_token(x, smooth)
+    return resolve("quantize_per_token", x.device, x.shape[0])[1](x, smooth)
+
+
+@quantize_per_token.register_fake
+def _(x, smooth=None):
+    _checks.quantize_per_token(x, smooth)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("ptqrt::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: Tensor, scale: Tensor, smooth: Optional[Tensor] = None) -> Tensor:
+    """Static per-tensor int8: x [M, K] float, scale one float32 value (calibrated) -> x_q int8 [M, K]."""
+    _checks.quantize_per_tensor(x, scale, smooth)
+    return resolve("quantize_per_tensor", x.device, x.shape[0])[1](x, scale, smooth)
+
+
+@quantize_per_tensor.register_fake
+def _(x, scale, smooth=None):
+    _checks.quantize_per_tensor(x, scale, smooth)
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("ptqrt::w8a8_gemm", mutates_args=())
+def w8a8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+              out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """y [M, N] = (x_q [M, K] @ w_q [N, K]^T, exact int32) * x_scale[m] * w_scale[n] + bias[n].
+
+    x_scale float32 [M] (per token) or [1] (per tensor); w_scale float32 [N]; bias [N] any float;
+    out_dtype float16/bfloat16/float32, or int32 for the raw accumulator (no epilogue, bias None)."""
+    _checks.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return resolve("w8a8_gemm", x_q.device, x_q.shape[0])[1](x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+@w8a8_gemm.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.float32):
+    _checks.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return x_q.new_empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("ptqrt::w8a16_gemm", mutates_args=())
+def w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None, group_size: int = 0) -> Tensor:
+    """y [M, N] = x [M, K] @ (w_q [N, K] * w_scale)^T + bias, in x.dtype; dequant fused.
+
+    w_scale float32 [N] (group_size 0, per channel) or [N, K // group_size] (per group)."""
+    _checks.w8a16_gemm(x, w_q, w_scale, bias, group_size)
+    return resolve("w8a16_gemm", x.device, x.shape[0])[1](x, w_q, w_scale, bias, group_size)
+
+
+@w8a16_gemm.register_fake
+def _(x, w_q, w_scale, bias=None, group_size=0):
+    _checks.w8a16_gemm(x, w_q, w_scale, bias, group_size)
+    return x.new_empty((x.shape[0], w_q.shape[0]))
+
+
+@torch.library.custom_op("ptqrt::kv_cache_append", mutates_args=("k_cache", "v_cache", "k_scale", "v_scale"))
+def kv_cache_append(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale: Tensor, v_scale: Tensor,
+                    slots: Tensor) -> None:
+    """Quantize k, v [T, Hkv, D] into the paged int8 caches [blocks, block_size, Hkv, D] at `slots` [T]
+    (block * block_size + offset; negative = skip). Scales: [blocks, block_size, Hkv] dynamic (written)
+    or [Hkv, D] static per channel (read)."""
+    _checks.kv_cache_append(k, v, k_cache, v_cache, k_scale, v_scale, slots)
+    resolve("kv_cache_append", k.device, k.shape[0])[1](k, v, k_cache, v_cache, k_scale, v_scale, slots)
+
+
+@kv_cache_append.register_fake
+def _(k, v, k_cache, v_cache, k_scale, v_scale, slots):
+    _checks.kv_cache_append(k, v, k_cache, v_cache, k_scale, v_scale, slots)
+
+
+@torch.library.custom_op("ptqrt::int8_kv_decode_attention", mutates_args=())
+def int8_kv_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale: Tensor, v_scale: Tensor,
+                             block_table: Tensor, seq_lens: Tensor, sm_scale: float) -> Tensor:
+    """out [B, Hq, D] = softmax(q·Kᵀ·sm_scale)·V over the paged int8 cache, one query per sequence.
+
+    block_table int32 [B, max_blocks]; seq_lens int32 [B]; GQA when Hq % Hkv == 0."""
+    _checks.int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale)
+    fn = resolve("int8_kv_decode_attention", q.device, q.shape[0])[1]
+    return fn(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale)
+
+
+@int8_kv_decode_attention.register_fake
+def _(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale):
+    _checks.int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale)
+    return torch.empty_like(q)
+
+
+def backend_for(op: str, device="cpu", m: int = 1) -> str:
+    """The backend that would run `op` on `device` at this M now (for reports and tests)."""
+    return resolve(op, torch.device(device), m)[0]
+
+
+__all__ = ["BACKENDS", "OP_NAMES", "set_backend", "get_backend", "backend_for", "resolve",
+           "reset_dispatch_table", *OP_NAMES]

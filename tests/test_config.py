@@ -1,0 +1,55 @@
+import pytest
+
+from ptqrt import PTQConfig
+
+
+def test_defaults_are_w8a16_per_channel():
+    c = PTQConfig()
+    assert c.mode == "W8A16" and c.skip == ["lm_head"] and not c.needs_calibration
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(weight_dtype=None, act_dtype="int8"), "weight_dtype"),  # activation-only
+    (dict(weight_dtype="int4"), "weight_dtype"),
+    (dict(act_dtype="fp8"), "act_dtype"),
+    (dict(act_granularity="per_channel"), "act_granularity"),
+    (dict(weight_granularity="per_row"), "weight_granularity"),
+    (dict(weight_granularity="per_group"), "group_size"),  # per-group without a size
+    (dict(weight_granularity="per_group", group_size=100), "group_size"),
+    (dict(group_size=64), "group_size"),  # a size without per_group
+    (dict(weight_granularity="per_group", group_size=64, act_dtype="int8"), "weight_granularity"),
+    (dict(kv_cache_dtype="int4"), "kv_cache_dtype"),
+    (dict(kv_granularity="per_block"), "kv_granularity"),
+    (dict(outliers="awq"), "outliers"),
+    (dict(outliers="smooth"), "outliers"),  # smoothing needs int8 activations
+    (dict(precision_recovery="awq"), "precision_recovery"),
+    (dict(smooth_alpha=1.5, act_dtype="int8"), "smooth_alpha"),
+    (dict(skip="("), "skip"),
+    (dict(layer_policies={"a": 3}), "layer_policies"),
+])
+def test_invalid_combinations_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        PTQConfig(**kw)
+
+
+def test_allowed_values_are_listed():
+    with pytest.raises(ValueError, match="'per_token', 'per_tensor'"):
+        PTQConfig(act_dtype="int8", act_granularity="dynamic")
+
+
+def test_modes_and_policies():
+    c = PTQConfig(act_dtype="int8", act_granularity="per_tensor",
+                  layer_policies={r"\.fc2$": PTQConfig(weight_granularity="per_group", group_size=64)})
+    assert c.mode == "W8A8" and c.needs_calibration
+    assert c.for_layer("layers.0.fc2").mode == "W8A16"
+    assert c.for_layer("layers.0.fc1") is c
+    assert PTQConfig(act_dtype="int8").mode == "W8A8_DYNAMIC"
+    assert c.is_skipped("model.lm_head") and not c.is_skipped("layers.0.fc1")
+
+
+def test_dict_round_trip():
+    c = PTQConfig(act_dtype="int8", skip=["lm_head", "^embed"], layer_policies={"fc2": {"group_size": 0}})
+    d = c.to_dict()
+    assert PTQConfig.from_dict(d) == c
+    with pytest.raises(ValueError, match="unknown fields"):
+        PTQConfig.from_dict({**d, "bits": 4})

@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ptqrt
+from ptqrt import PTQConfig, QuantLinear, quantize
+from ptqrt.reference import dequantize_weight
+from tests.models import calib, tiny_net
+
+CONFIGS = {
+    "w8a16": PTQConfig(),
+    "w8a16_g16": PTQConfig(weight_granularity="per_group", group_size=16),
+    "w8a8_dynamic": PTQConfig(act_dtype="int8"),
+    "w8a8_static": PTQConfig(act_dtype="int8", act_granularity="per_tensor"),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_quantize_swaps_every_linear_but_skipped(name):
+    model = tiny_net()
+    ids = calib()[0]
+    ref = model(ids)
+    q = quantize(copy.deepcopy(model), CONFIGS[name], calib(), quiet=True)
+    swapped = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert swapped == {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"}
+    assert isinstance(q.lm_head, nn.Linear)
+    assert q.blocks[0].fc1.mode == CONFIGS[name].mode
+    out = q(ids)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < (0.05 if "static" in name else 0.02), rel
+
+
+def test_quantlinear_matches_reference_math():
+    lin = nn.Linear(40, 24)
+    q = QuantLinear.from_float(lin, PTQConfig(act_dtype="int8"))
+    x = torch.randn(3, 5, 40)
+    from ptqrt import reference as ref
+    x_q, x_s = ref.quantize_per_token(x.reshape(-1, 40))
+    expect = ref.w8a8_gemm(x_q, x_s, q.weight, q.weight_scale, lin.bias, torch.float32).reshape(3, 5, 24)
+    torch.testing.assert_close(q(x), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.dequantized_weight(), dequantize_weight(q.weight, q.weight_scale), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_and_device_are_kept(dtype):
+    model = nn.Sequential(nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 8)).to(dtype)
+    x = torch.randn(4, 32, dtype=dtype)
+    ref = model(x).float()
+    for cfg in (PTQConfig(), PTQConfig(act_dtype="int8")):
+        q = quantize(copy.deepcopy(model), cfg, quiet=True)
+        y = q(x)
+        assert y.dtype == dtype and y.device == x.device
+        assert q[0].bias.dtype == dtype
+        assert ((y.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_skip_regex_and_layer_policies():
+    cfg = PTQConfig(skip=["lm_head", r"blocks\.1\.fc2$"],
+                    layer_policies={r"blocks\.0\.": PTQConfig(weight_granularity="per_group", group_size=16)})
+    q = quantize(tiny_net(), cfg, quiet=True)
+    assert isinstance(q.blocks[1].fc2, nn.Linear)
+    assert q.blocks[0].fc1.group_size == 16 and q.blocks[1].fc1.group_size == 0
+
+
+def test_group_size_must_divide_k_per_layer():
+    with pytest.raises(ValueError, match=r"group_size=32 does not divide K=48 of layer 'blocks.0.fc1'"):
+        quantize(tiny_net(), PTQConfig(weight_granularity="per_group", group_size=32), quiet=True)
+
+
+def test_static_needs_calib_data_and_unimplemented_options_say_so():
+    with pytest.raises(ValueError, match="calib_data"):
+        quantize(tiny_net(), PTQConfig(act_dtype="int8", act_granularity="per_tensor"), quiet=True)
+    with pytest.raises(ValueError, match="empty"):
+        quantize(tiny_net(), PTQConfig(act_dtype="int8", act_granularity="per_tensor"), [], quiet=True)
+
+
+def test_calib_data_forms():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, a, b=None):
+            return self.fc(a if b is None else a + b)
+
+    cfg = PTQConfig(act_dtype="int8", act_granularity="per_tensor")
+    x = torch.randn(3, 8)
+    for data in ([x], [(x, x)], [{"a": x, "b": x}], x):
+        q = quantize(KW(), cfg, data, quiet=True)
+        assert q.fc.input_scale.item() > 0
+
+
+def test_bad_inputs_raise_clearly():
+    q = quantize(nn.Sequential(nn.Linear(8, 4)), PTQConfig(), quiet=True)
+    with pytest.raises(TypeError, match="float tensor"):
+        q(torch.ones(2, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        q(torch.ones(2, 9))
+    with pytest.raises(TypeError, match="nn.Module"):
+        quantize("model", PTQConfig())
+
+
+def test_m_zero_and_3d_inputs():
+    q = quantize(nn.Sequential(nn.Linear(8, 4)), PTQConfig(act_dtype="int8"), quiet=True)
+    assert q(torch.randn(0, 8)).shape == (0, 4)
+    assert q(torch.randn(2, 0, 8)).shape == (2, 0, 4)
+    assert q(torch.randn(2, 3, 8)).shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w8a8_dynamic", "w8a8_static"])
+def test_torch_compile_without_graph_breaks(name):
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    q = quantize(model, CONFIGS[name], [torch.randn(4, 32)], quiet=True)
+    x = torch.randn(5, 32)
+    eager = q(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    torch.testing.assert_close(compiled(x), eager)
+    explain = torch._dynamo.explain(q)(x)
+    assert explain.graph_break_count == 0
+
+
+def test_public_api_names():
+    for name in ("PTQConfig", "quantize", "save_quantized", "load_quantized", "set_backend"):
+        assert hasattr(ptqrt, name)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ptqrt.set_backend("tpu")
