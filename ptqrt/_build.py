@@ -27,7 +27,7 @@ import torch
 KINDS = ("cpu", "cuda")
 _loaded: dict = {}
 
-CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+CPU_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]  # -std comes from torch (c++17 or c++20, as its headers need)
 CPU_LDFLAGS = ["-fopenmp"]
 CUDA_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
 # No -std here: torch adds the C++ standard its own headers need (recent torch requires C++20).

@@ -42,7 +42,7 @@ def cmd_quantize(a) -> int:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError):
         pass
-    if cfg.needs_calibration:
+    if cfg.needs_calibration or cfg.kv_needs_calibration:
         if tok is None:
             raise SystemExit(f"ptqrt quantize: {a.mode} needs calibration text, but {model_dir} has no tokenizer")
         text = Path(a.calib).read_text().splitlines() if a.calib else sentences("calib")

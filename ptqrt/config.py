@@ -115,8 +115,13 @@ class PTQConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.mode == "W8A8" or self.outliers != "none" or self.precision_recovery != "none"
-                or (self.kv_cache_dtype == "int8" and self.kv_granularity == "per_channel"))
+        """Whether the linears need calibration data (static scales, smoothing, GPTQ)."""
+        return self.mode == "W8A8" or self.outliers != "none" or self.precision_recovery != "none"
+
+    @property
+    def kv_needs_calibration(self) -> bool:
+        """Whether the int8 KV cache needs calibration data (static per-channel scales)."""
+        return self.kv_cache_dtype == "int8" and self.kv_granularity == "per_channel"
 
     def is_skipped(self, name: str) -> bool:
         return any(s in name or re.search(s, name) for s in self.skip)

@@ -7,7 +7,6 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .calibrate import collect_input_stats
 from .config import PTQConfig
 from .modules.linear import QuantLinear, is_quantizable, linear_weight
 
@@ -27,53 +26,60 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _unimplemented(cfg: PTQConfig, name: str) -> None:
-    for field, val, default in (("outliers", cfg.outliers, "none"), ("precision_recovery", cfg.precision_recovery, "none"),
-                                ("kv_cache_dtype", cfg.kv_cache_dtype, None)):
-        if val != default:
-            raise NotImplementedError(f"PTQConfig.{field}={val!r} (layer {name or 'model'}) is not implemented yet")
-
-
 @torch.no_grad()
 def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable] = None, *,
-             quiet: bool = False) -> nn.Module:
+             quiet: bool = False, device=None) -> nn.Module:
     """Quantize `model` in place with `config` and return it.
 
     Every nn.Linear (and GPT-2 Conv1D) whose name is not in config.skip becomes a QuantLinear with the
     config of the first matching layer policy. calib_data is an iterable of model inputs (a tensor,
     a tuple of positional args, or a dict of keyword args), needed for static W8A8; None otherwise.
     Device and dtype of every layer are kept.
+
+    With calibration (static W8A8, smooth/osl, gptq), decoder models are done one layer at a time:
+    pass device="cuda" to run each layer there while the rest of the model stays where it is.
+    kv_cache_dtype="int8" (Hugging Face models) makes generate() use ptqrt's int8 paged KV cache.
+    quiet=True hides the progress bars.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize: model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(config, PTQConfig):
         raise TypeError(f"quantize: config must be a PTQConfig; got {type(config).__name__}")
     config.validate()
-    _unimplemented(config, "")
     targets = find_targets(model, config)
     if not targets:
         warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)
     for name, (mod, cfg) in targets.items():
-        _unimplemented(cfg, name)
         k = linear_weight(mod).shape[1]
         if cfg.weight_granularity == "per_group" and k % cfg.group_size:
             raise ValueError(f"PTQConfig.group_size={cfg.group_size} does not divide K={k} of layer {name!r}; "
                              f"use a divisor of {k}, or a layer_policies entry for this layer")
-    static = {n: m for n, (m, c) in targets.items() if c.needs_calibration}
-    stats = {}
-    if static:
-        if calib_data is None:
-            raise ValueError(f"quantize: static W8A8 (act_granularity='per_tensor') needs calib_data; "
-                             f"layers needing it: {list(static)[:3]}{' ...' if len(static) > 3 else ''}")
-        was_training = model.training
-        model.eval()
-        stats = collect_input_stats(model, static, calib_data, quiet=quiet)
-        model.train(was_training)
-    from tqdm.auto import tqdm
+    needs = {n: t for n, t in targets.items() if t[1].needs_calibration}
+    kv_static = config.kv_needs_calibration
+    if (needs or kv_static) and calib_data is None:
+        what = list(needs)[:3] or ["the int8 KV cache (kv_granularity='per_channel')"]
+        raise ValueError(f"quantize: calibration is needed (static W8A8, outliers, gptq or a static KV cache) "
+                         f"but calib_data is None; needing it: {what}{' ...' if len(needs) > 3 else ''}")
+    if calib_data is not None and not isinstance(calib_data, (torch.Tensor, dict, list, tuple)):
+        calib_data = list(calib_data)  # a generator is consumed more than once below
+    was_training = model.training
+    model.eval()
+    try:
+        if needs:
+            from .layerwise import calibrate_and_quantize
 
-    for name, (mod, cfg) in tqdm(targets.items(), desc="quantizing", unit="layer", disable=quiet):
-        absmax = stats[name].absmax if name in stats else None
-        set_submodule(model, name, QuantLinear.from_float(mod, cfg, name=name, input_absmax=absmax))
+            calibrate_and_quantize(model, needs, calib_data, quiet=quiet, device=device)
+        from tqdm.auto import tqdm
+
+        rest = {n: t for n, t in targets.items() if n not in needs}
+        for name, (mod, cfg) in tqdm(rest.items(), desc="quantizing", unit="layer", disable=quiet or not rest):
+            set_submodule(model, name, QuantLinear.from_float(mod, cfg, name=name))
+        if config.kv_cache_dtype == "int8":
+            from .integrations import hf
+
+            hf.apply_int8_kv_cache(model, config.kv_granularity, calib_data if kv_static else None, quiet=quiet)
+    finally:
+        model.train(was_training)
     model.ptqrt_config = config
     return model
 
