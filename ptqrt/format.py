@@ -50,14 +50,16 @@ def _modes(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
     """(per-module description, per-tensor mode) for the model's state dict names."""
     from .modules.linear import QuantLinear
 
-    modules = {n: m.describe() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    from .modules.kv_cache import KVCacheQuant
+
+    modules = {n: m.describe() for n, m in model.named_modules() if isinstance(m, (QuantLinear, KVCacheQuant))}
     modes = {}
     for t in names:
         owner, _, leaf = t.rpartition(".")
-        if owner in modules:
+        if owner in modules and modules[owner].get("kind") == "kv_cache":
+            modes[t] = "C8"  # calibrated int8 KV-cache scales
+        elif owner in modules:
             modes[t] = modules[owner]["mode"]
-        elif leaf in ("k_scale", "v_scale"):  # calibrated int8 KV-cache scales
-            modes[t] = "C8"
         else:
             modes[t] = "FLOAT"
     return modules, modes
@@ -226,8 +228,18 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     desc = read_description(in_dir)
     path = in_dir / DESCRIPTION
     qmods = {n: d for n, d in desc["modules"].items() if d.get("kind", "linear") == "linear"}
+    kvmods = {n: d for n, d in desc["modules"].items() if d.get("kind") == "kv_cache"}
+    unknown = {d.get("kind") for d in desc["modules"].values()} - {"linear", "kv_cache", None}
+    if unknown:
+        raise FormatError(f"{path}: module kinds {sorted(map(str, unknown))} are not known to this ptqrt")
     for name, d in qmods.items():
         _expected_module(float_model, name, d, path)
+    for name in kvmods:
+        parent = name.rpartition(".")[0]
+        try:
+            float_model.get_submodule(parent)
+        except AttributeError:
+            raise FormatError(f"{path}: the int8 KV cache of {parent!r} has no such attention module in the model") from None
     tensors = read_tensors(in_dir, desc, verify)
     for alias, target in desc.get("aliases", {}).items():
         if target not in tensors:
@@ -237,7 +249,10 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     # The state dict the model will have once its linears are swapped: build the swapped modules
     # aside (on the meta device) to learn every expected name, shape and dtype.
     expected = {}
+    from .modules.kv_cache import KVCacheQuant
+
     swapped = {n: QuantLinear.from_description(d, n, device="meta") for n, d in qmods.items()}
+    swapped.update({n: KVCacheQuant.from_description(d, device="meta") for n, d in kvmods.items()})
     for name, t in float_model.state_dict().items():
         owner = name.rpartition(".")[0]
         if owner in swapped:
@@ -266,7 +281,15 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
         old = float_model.get_submodule(name)
         dev = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
         set_submodule(float_model, name, QuantLinear.from_description(d, name, device=dev))
+    for name, d in kvmods.items():
+        parent = float_model.get_submodule(name.rpartition(".")[0])
+        dev = next(iter(list(parent.parameters()) + list(parent.buffers())), torch.empty(0)).device
+        set_submodule(float_model, name, KVCacheQuant.from_description(d, device=dev))
     float_model.load_state_dict({n: tensors[n] for n in float_model.state_dict()}, strict=True)
+    if kvmods:
+        from .integrations import hf
+
+        hf.reattach(float_model)
     if desc.get("config"):
         float_model.ptqrt_config = PTQConfig.from_dict(desc["config"])
     return float_model

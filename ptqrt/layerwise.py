@@ -109,6 +109,9 @@ class _Stats:
         self.input_key: dict[str, tuple] = {}        # linear -> identity of its input tensor (first sample)
         self.producer: dict[tuple, str] = {}         # tensor identity -> norm module that produced it
         self.readers: dict[tuple, set] = defaultdict(set)  # tensor identity -> every module that read it
+        # Identities are storage addresses: the first pass holds every tensor it keyed, so that no
+        # freed activation's address is reused by another tensor and mistaken for it.
+        self.alive: list = []
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -133,6 +136,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
             for t in list(args) + list(kwargs.values()):
                 if isinstance(t, torch.Tensor):
                     st.readers[_key(t)].add(rel_name[mod])
+                    st.alive.append(t)
         full = by_module.get(mod)
         if full is None:
             return
@@ -153,6 +157,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
     def post(mod, _args, out):
         if first[0] and isinstance(out, torch.Tensor) and _is_norm(mod):
             st.producer[_key(out)] = mod
+            st.alive.append(out)
 
     for mod in block.modules():
         if mod is block:
@@ -167,6 +172,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
     finally:
         for h in handles:
             h.remove()
+        st.alive.clear()
     return st
 
 

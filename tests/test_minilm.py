@@ -46,3 +46,23 @@ def test_demo_prints_table(capsys):
     by = {r["mode"]: r for r in rows}
     assert by["W8A16"]["cos_min"] >= 0.999 and by["W8A8 dynamic"]["cos_min"] >= 0.99
     assert by["fp32"]["weight_bytes"] / by["W8A16"]["weight_bytes"] > 3.5
+
+
+def _cos(minilm, cfg):
+    model, tok, batch, ref = minilm
+    q = quantize(copy.deepcopy(model), cfg, demo.calib_batches(tok), quiet=True)
+    return (demo.embed(q, batch) * ref).sum(-1)
+
+
+def test_static_w8a8_with_osl_beats_naive(minilm):
+    static = dict(act_dtype="int8", act_granularity="per_tensor")
+    naive = _cos(minilm, PTQConfig(**static))
+    osl = _cos(minilm, PTQConfig(outliers="osl", **static))
+    assert osl.min().item() >= 0.99, osl
+    assert osl.mean().item() > naive.mean().item() and osl.min().item() > naive.min().item()
+
+
+def test_gptq_error_no_larger_than_rtn(minilm):
+    rtn = _cos(minilm, PTQConfig())
+    gptq = _cos(minilm, PTQConfig(precision_recovery="gptq"))
+    assert (1 - gptq).mean().item() <= (1 - rtn).mean().item()

@@ -123,7 +123,7 @@ class QuantLinear(nn.Module):
 
     def describe(self) -> dict:
         """What the packed format records for this module (enough to rebuild it empty)."""
-        return {"mode": self.mode, "in_features": self.in_features, "out_features": self.out_features,
+        return {"kind": "linear", "mode": self.mode, "in_features": self.in_features, "out_features": self.out_features,
                 "group_size": self.group_size, "bias": self.bias is not None,
                 "bias_dtype": str(self.bias.dtype).replace("torch.", "") if self.bias is not None else None,
                 "has_smooth": self.smooth_scale is not None}

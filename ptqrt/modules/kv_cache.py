@@ -1,0 +1,238 @@
+"""The int8 KV cache, model-agnostic part: the calibrated scales of one attention layer
+(KVCacheQuant, saved with the model) and the paged int8 storage of one layer (PagedInt8KV, a run-time
+object, never saved). The Hugging Face glue is in ``ptqrt.integrations.hf``.
+
+Quantization is symmetric int8, q = clamp(round(x / s), -127, 127), with either
+  per_token    dynamic: one scale per (token, kv head), s = absmax over the D channels / 127,
+               computed by ``kv_cache_append`` as tokens are written;
+  per_channel  static: one scale per (kv head, channel), s = absmax over calibration tokens / 127
+               (0 -> 1), of the keys/values as the cache stores them (after RoPE where there is one).
+
+Paged layout (what ``kv_cache_append`` / ``int8_kv_decode_attention`` read):
+  k_cache, v_cache  int8 [num_blocks, block_size, Hkv, D]
+  block_table       int32 [B, n_cols]; sequence b owns blocks  j * B + b  (j = 0, 1, ...), so that
+                    growing every sequence by one block column keeps the old blocks where they are,
+                    and reordering sequences (beam search) is one index_select on a [cols, B, ...] view.
+  seq_lens          int32 [B], tokens stored per sequence. Padding tokens are never stored (negative
+                    slots), so a left-padded sequence holds only its real tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference import absmax_scale
+
+GRANULARITIES = ("per_token", "per_channel")
+
+
+class KVCacheQuant(nn.Module):
+    """How one attention layer's KV cache is quantized; attached as ``<attention module>.kv_quant``.
+
+    Buffers (per_channel only; per_token has none):
+      k_scale, v_scale  float32 [num_kv_heads, head_dim]   calibrated absmax / 127 (0 -> 1)
+    """
+
+    def __init__(self, granularity: str, num_kv_heads: int, head_dim: int, layer_idx: int, device=None) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"KVCacheQuant: granularity must be one of {GRANULARITIES}; got {granularity!r}")
+        for name, val in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"KVCacheQuant: {name} must be a positive int; got {val!r}")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"KVCacheQuant: layer_idx must be a non-negative int; got {layer_idx!r}")
+        self.granularity, self.layer_idx = granularity, layer_idx
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        static = granularity == "per_channel"
+        shape = (num_kv_heads, head_dim)
+        self.register_buffer("k_scale", torch.ones(shape, dtype=torch.float32, device=device) if static else None)
+        self.register_buffer("v_scale", torch.ones(shape, dtype=torch.float32, device=device) if static else None)
+
+    @property
+    def is_static(self) -> bool:
+        return self.granularity == "per_channel"
+
+    @classmethod
+    def from_absmax(cls, k_absmax: torch.Tensor, v_absmax: torch.Tensor, layer_idx: int) -> "KVCacheQuant":
+        """Static per-channel scales from calibrated absmax values, each [num_kv_heads, head_dim]."""
+        if k_absmax.dim() != 2 or k_absmax.shape != v_absmax.shape:
+            raise ValueError(f"KVCacheQuant.from_absmax: k/v absmax must both be [Hkv, D]; got "
+                             f"{tuple(k_absmax.shape)} and {tuple(v_absmax.shape)}")
+        h, d = k_absmax.shape
+        q = cls("per_channel", int(h), int(d), layer_idx, device=k_absmax.device)
+        q.k_scale.copy_(absmax_scale(k_absmax))
+        q.v_scale.copy_(absmax_scale(v_absmax))
+        return q
+
+    def describe(self) -> dict:
+        """What the packed format records for this module (enough to rebuild it empty)."""
+        return {"kind": "kv_cache", "granularity": self.granularity, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "layer_idx": self.layer_idx}
+
+    @classmethod
+    def from_description(cls, d: dict, device=None) -> "KVCacheQuant":
+        if d.get("kind") != "kv_cache":
+            raise ValueError(f"KVCacheQuant.from_description: kind must be 'kv_cache'; got {d.get('kind')!r}")
+        missing = [k for k in ("granularity", "num_kv_heads", "head_dim", "layer_idx") if k not in d]
+        if missing:
+            raise ValueError(f"KVCacheQuant.from_description: missing fields {missing} in {d}")
+        return cls(d["granularity"], d["num_kv_heads"], d["head_dim"], d["layer_idx"], device=device)
+
+    def forward(self, *args, **kwargs):  # noqa: D401 -- holds scales; the cache reads them
+        raise RuntimeError("KVCacheQuant is not called: the int8 KV cache reads its k_scale/v_scale")
+
+    def extra_repr(self) -> str:
+        return (f"granularity={self.granularity}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"layer_idx={self.layer_idx}")
+
+
+class PagedInt8KV:
+    """Paged int8 K/V of one attention layer for a batch of B sequences (see the module docstring).
+
+    Storage grows on demand, doubling its block columns. With static scales (k_scale/v_scale given,
+    float32 [Hkv, D]) only int8 values are stored; otherwise a float32 scale per (slot, kv head).
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, device, block_size: int = 16,
+                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
+        if block_size <= 0:
+            raise ValueError(f"PagedInt8KV: block_size must be positive; got {block_size}")
+        if (k_scale is None) != (v_scale is None):
+            raise ValueError("PagedInt8KV: give both static scales or neither")
+        self.batch, self.heads, self.head_dim, self.block_size = batch, num_kv_heads, head_dim, block_size
+        self.device = torch.device(device)
+        self.static = k_scale is not None
+        if self.static:
+            for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+                if tuple(s.shape) != (num_kv_heads, head_dim):
+                    raise ValueError(f"PagedInt8KV: static {name} must be [Hkv, D] = {(num_kv_heads, head_dim)}; "
+                                     f"got {tuple(s.shape)}")
+            self.k_scale = k_scale.to(self.device, torch.float32).contiguous()
+            self.v_scale = v_scale.to(self.device, torch.float32).contiguous()
+        self.cols = 0
+        self._alloc(1)
+        self.lens = torch.zeros(batch, dtype=torch.int64)  # host copy: slots and growth are planned here
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._table: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ storage
+    def _alloc(self, cols: int) -> None:
+        shape = (cols * self.batch, self.block_size, self.heads, self.head_dim)
+        k = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        v = torch.zeros(shape, dtype=torch.int8, device=self.device)
+        if self.cols:
+            n = self.cols * self.batch
+            k[:n], v[:n] = self.k_cache, self.v_cache
+        if not self.static:
+            ks = torch.ones(shape[:3], dtype=torch.float32, device=self.device)
+            vs = torch.ones(shape[:3], dtype=torch.float32, device=self.device)
+            if self.cols:
+                ks[:n], vs[:n] = self.k_scale, self.v_scale
+            self.k_scale, self.v_scale = ks, vs
+        self.k_cache, self.v_cache, self.cols = k, v, cols
+
+    def _ensure(self, max_len: int) -> None:
+        need = max(1, -(-max_len // self.block_size))
+        if need > self.cols:
+            self._alloc(max(need, 2 * self.cols))
+
+    def _slots(self, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Flat slot (block * block_size + offset) of stored token `pos` of sequence `b` (int64, host)."""
+        return ((pos // self.block_size) * self.batch + b) * self.block_size + pos % self.block_size
+
+    def block_table(self) -> torch.Tensor:
+        cols = max(1, -(-int(self.lens.max()) // self.block_size)) if self.batch else 1
+        if self._table is None or self._table.shape[1] != cols:
+            t = torch.arange(cols)[None, :] * self.batch + torch.arange(self.batch)[:, None]
+            self._table = t.to(torch.int32).to(self.device)
+        return self._table
+
+    # ------------------------------------------------------------------ write / read
+    def append(self, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
+        """Quantize and store new tokens. k, v: [B, T, Hkv, D] float (any strides); keep: host bool
+        [B, T], False for padding tokens, which are not stored (None: keep all)."""
+        b, t = k.shape[:2]
+        if t == 0:
+            return
+        if keep is None:
+            if t == 1:  # the decode step: plain Python, no small host tensors
+                lens = self.lens.tolist()
+                bs = self.block_size
+                slots = torch.tensor([((n // bs) * self.batch + i) * bs + n % bs for i, n in enumerate(lens)],
+                                     dtype=torch.int64)
+            else:
+                pos = self.lens[:, None] + torch.arange(t)[None, :]
+                slots = self._slots(torch.arange(b)[:, None], pos)
+            counts = torch.full((b,), t, dtype=torch.int64)
+        else:
+            keep = keep.to(torch.bool)
+            pos = self.lens[:, None] + keep.to(torch.int64).cumsum(1) - 1
+            slots = torch.where(keep, self._slots(torch.arange(b)[:, None], pos.clamp(min=0)), -1)
+            counts = keep.sum(1)
+        new_lens = self.lens + counts
+        self._ensure(int(new_lens.max()))
+        kf = k.reshape(b * t, self.heads, self.head_dim).contiguous()
+        vf = v.reshape(b * t, self.heads, self.head_dim).contiguous()
+        ops.kv_cache_append(kf, vf, self.k_cache, self.v_cache, self.k_scale, self.v_scale,
+                            slots.reshape(-1).to(self.device))
+        self.lens = new_lens
+        self.seq_lens = new_lens.to(torch.int32).to(self.device)
+
+    def decode(self, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        """One decode step: q [B, Hq, D] -> [B, Hq, D] in q.dtype, attending over every stored token."""
+        return ops.int8_kv_decode_attention(q.contiguous(), self.k_cache, self.v_cache, self.k_scale, self.v_scale,
+                                            self.block_table(), self.seq_lens, float(sm_scale))
+
+    def dequantize(self, valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (K, V), each [B, L, Hkv, D]. valid: host bool [B, L] saying which positions hold a
+        stored token (the i-th True of row b is stored token i); other positions are 0. None: L = the
+        longest sequence, every row left-aligned."""
+        if valid is None:
+            length = int(self.lens.max()) if self.batch else 0
+            valid = torch.arange(length)[None, :] < self.lens[:, None]
+            pos = torch.arange(length)[None, :].expand(self.batch, length)
+        else:
+            pos = (valid.to(torch.int64).cumsum(1) - 1).clamp(min=0)
+        slots = self._slots(torch.arange(self.batch)[:, None], pos).to(self.device)
+        keep = valid.to(self.device)[..., None, None]
+        out = []
+        for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
+            vals = cache.view(-1, self.heads, self.head_dim)[slots].to(torch.float32)
+            if self.static:
+                vals = vals * scale[None, None]
+            else:
+                vals = vals * scale.view(-1, self.heads)[slots][..., None]
+            out.append(torch.where(keep, vals, torch.zeros((), device=self.device)))
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------ batch edits
+    def select(self, index: torch.Tensor) -> None:
+        """Keep sequences `index` (int64 [B'], repeats allowed: beam search, repeat_interleave), by copy."""
+        index = index.to(torch.int64)
+        host, dev = index.cpu(), index.to(self.device)
+        nb = len(host)
+
+        def pick(t):
+            rest = t.shape[1:]
+            return t.view(self.cols, self.batch, *rest).index_select(1, dev).reshape(self.cols * nb, *rest)
+
+        self.k_cache, self.v_cache = pick(self.k_cache), pick(self.v_cache)
+        if not self.static:
+            self.k_scale, self.v_scale = pick(self.k_scale), pick(self.v_scale)
+        self.batch = nb
+        self.lens = self.lens[host]
+        self.seq_lens = self.lens.to(torch.int32).to(self.device)
+        self._table = None
+
+    def drop_last(self, counts: torch.Tensor) -> None:
+        """Forget the last counts[b] stored tokens of each sequence (host int64 [B])."""
+        self.lens = (self.lens - counts.to(torch.int64)).clamp(min=0)
+        self.seq_lens = self.lens.to(torch.int32).to(self.device)
+
+    def nbytes(self) -> int:
+        n = self.k_cache.numel() * 2
+        return n + (0 if self.static else self.k_scale.numel() * 8)

@@ -1,0 +1,498 @@
+"""The int8 KV cache on Hugging Face models: tiny random-init configs built here (no downloads), CPU.
+
+Accuracy is judged on logits: each generated step's logits against a float forward over the same
+tokens (no cache), relative error ||a - b|| / ||b||. Greedy tokens of a random tiny model flip on
+near-ties and say little."""
+import copy
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import ptqrt.ops as ops  # noqa: E402
+from ptqrt.integrations import hf  # noqa: E402
+from ptqrt.integrations.hf import Int8KVCache, apply_int8_kv_cache, reattach  # noqa: E402
+from ptqrt.modules.kv_cache import KVCacheQuant, PagedInt8KV  # noqa: E402
+from ptqrt.quantize import set_submodule  # noqa: E402
+from ptqrt.reference import dequantize_kv, int8_kv_decode_attention  # noqa: E402
+
+VOCAB = 96
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "opt")
+# Measured worst decode step over 2 seeds per arch (make_model below): dynamic per-token-head scales
+# move the logits by 0.5-1.3%, static per-channel scales (256 calibration tokens) by 1.1-2.1%. A
+# softmax scale off by 30% moves them by 8-29%; a wrong position or head mapping by more.
+TOL = {"per_token": 0.03, "per_channel": 0.05}
+
+
+def make_model(arch: str, seed: int = 0, **over):
+    """initializer_range 0.1 (not 0.02) gives attention that is far from uniform, so that a wrong
+    softmax scale or a missing token moves the logits by 10-30% instead of <1%."""
+    torch.manual_seed(seed)
+    over.setdefault("initializer_range", 0.1)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, pad_token_id=0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, **over)
+        cls = transformers.GPT2LMHeadModel
+    elif arch == "opt":
+        cfg = transformers.OPTConfig(**common, ffn_dim=128, word_embed_proj_dim=64, **over)
+        cls = transformers.OPTForCausalLM
+    else:
+        extra = dict(intermediate_size=128, num_key_value_heads=2)
+        cfg_cls, cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        }[arch]
+        if arch == "qwen3":
+            extra["head_dim"] = 16
+        cfg = cfg_cls(**common, **extra, **over)
+    model = cls(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def calib_batches(n=4, seed=1):
+    """256 tokens: enough to see most of the vocabulary, as static scales need."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (4, 16), generator=g) for _ in range(n)]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the ptqrt ops the cache runs (whatever backend `auto` picks underneath)."""
+    n = {"decode": 0, "append": 0}
+    dec, app = ops.int8_kv_decode_attention, ops.kv_cache_append
+
+    def decode(*a, **k):
+        n["decode"] += 1
+        return dec(*a, **k)
+
+    def append(*a, **k):
+        n["append"] += 1
+        return app(*a, **k)
+
+    monkeypatch.setattr(ops, "int8_kv_decode_attention", decode)
+    monkeypatch.setattr(ops, "kv_cache_append", append)
+    return n
+
+
+def returned_cache(out):
+    """The cache a forward/generate output carries ("cache" in transformers >= 5.2x, "past_key_values" before)."""
+    for name in ("cache", "past_key_values"):
+        if name in out.keys():
+            return out[name]
+    return None
+
+
+def positions(mask):
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def float_logits(model, ids, mask=None):
+    """Logits of a float forward over the whole sequence, positions as generate() makes them."""
+    if mask is None:
+        mask = torch.ones_like(ids)
+    return model(ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits.float()
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def step_errors(out, ref, prompt_len, rows=None):
+    rows = slice(None) if rows is None else rows
+    return [rel(lg[rows], ref[rows, prompt_len - 1 + i]) for i, lg in enumerate(out.logits)]
+
+
+# ----------------------------------------------------------------------------- generate, every arch
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_uses_int8_cache(arch, granularity, calls):
+    model = make_model(arch)
+    apply_int8_kv_cache(model, granularity, calib_batches() if granularity == "per_channel" else None, quiet=True)
+    n_layers = model.config.num_hidden_layers
+    kvq = [m for m in model.modules() if isinstance(m, KVCacheQuant)]
+    assert len(kvq) == n_layers and all(q.granularity == granularity for q in kvq)
+    assert all((q.k_scale is not None) == (granularity == "per_channel") for q in kvq)
+
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+    new = 8
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, min_new_tokens=new)
+    cache = returned_cache(out)
+    assert isinstance(cache, Int8KVCache)
+    assert cache.get_seq_length() == 7 + new - 1
+    # prefill writes the prompt (one append per layer), then one append + one decode per layer per step
+    assert calls["decode"] == (new - 1) * n_layers
+    assert calls["append"] == new * n_layers
+
+    errs = step_errors(out, float_logits(model, out.sequences), 7)
+    assert errs[0] < 1e-4, errs  # prefill attends over the prompt's own float K/V
+    assert max(errs[1:]) < TOL[granularity], errs
+    assert max(errs[1:]) > 1e-6, "decode steps match float exactly: the int8 cache was not read"
+
+
+def test_generate_bfloat16():
+    model = make_model("llama").to(torch.bfloat16)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                         min_new_tokens=6)
+    assert isinstance(returned_cache(out), Int8KVCache)
+    errs = step_errors(out, float_logits(model, out.sequences), 5)
+    assert max(errs) < 0.05, errs  # bf16 itself is ~1% here
+
+
+# ----------------------------------------------------------------------------- padding
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch(arch, calls):
+    model = make_model(arch, seed=3)
+    apply_int8_kv_cache(model, "per_token")
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # row 0: three pad tokens on the left
+    new = 6
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    cache = returned_cache(out)
+    assert isinstance(cache, Int8KVCache)
+    assert calls["decode"] == (new - 1) * model.config.num_hidden_layers  # padding did not force the fallback
+    store = cache.layers[0].store
+    assert store.lens.tolist() == [9 + new - 1 - 3, 9 + new - 1]  # pad tokens were never stored
+    assert cache.layers[0].valid is cache.layers[1].valid  # the bookkeeping is done once per forward
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
+    ref = float_logits(model, out.sequences, full_mask)
+    for row in (0, 1):
+        errs = step_errors(out, ref, 9, rows=slice(row, row + 1))
+        assert max(errs) < TOL["per_token"], (row, errs)
+
+
+def test_sliding_window_falls_back_correctly(calls):
+    """A window shorter than the sequence: the mask is no longer 'all stored tokens', so the steps
+    past the window run the model's own attention over the dequantized cache."""
+    model = make_model("mistral", sliding_window=6)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
+    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True)
+    assert isinstance(returned_cache(out), Int8KVCache)
+    errs = step_errors(out, float_logits(model, out.sequences), 5)
+    assert max(errs) < TOL["per_token"], errs
+    assert calls["decode"] < 7 * model.config.num_hidden_layers
+
+
+# ----------------------------------------------------------------------------- explicit use
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_explicit_cache_manual_loop(arch, calls):
+    model = make_model(arch, seed=1)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(9))
+    cache = Int8KVCache(model)
+    out = model(ids, past_key_values=cache, use_cache=True)
+    assert returned_cache(out) is cache and cache.get_seq_length() == 6
+    seq, got = ids, [out.logits[:, -1]]
+    for _ in range(5):
+        nxt = got[-1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        got.append(out.logits[:, -1])
+    assert calls["decode"] == 5 * model.config.num_hidden_layers
+    ref = float_logits(model, seq)
+    errs = [rel(g, ref[:, 5 + i]) for i, g in enumerate(got)]
+    assert errs[0] < 1e-4 and max(errs) < TOL["per_token"], errs
+
+
+def test_explicit_cache_to_generate_and_plain_forward():
+    model = make_model("qwen2")
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(1))
+    mine = Int8KVCache(model, block_size=4)
+    out = model.generate(ids, past_key_values=mine, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    assert returned_cache(out) is mine and mine.get_seq_length() == 8
+    assert mine.layers[0].store.cols >= 2  # crossed block boundaries
+    # a forward that asks for a cache but passes none gets an Int8KVCache, as it would a DynamicCache
+    assert isinstance(returned_cache(model(ids)), Int8KVCache)
+    assert returned_cache(model(ids, use_cache=False)) is None
+
+
+def test_multi_token_step_after_prefill(calls):
+    """Several new tokens over a filled cache (chunked prefill, speculative decoding) run the model's
+    own attention over the dequantized past + the new float K/V."""
+    model = make_model("llama", seed=2)
+    apply_int8_kv_cache(model, "per_channel", calib_batches())
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    cache = Int8KVCache(model)
+    model(ids[:, :6], past_key_values=cache)
+    out = model(ids[:, 6:], past_key_values=cache)
+    assert calls["decode"] == 0 and cache.get_seq_length() == 10
+    ref = float_logits(model, ids)
+    assert rel(out.logits, ref[:, 6:]) < TOL["per_channel"]
+
+
+def test_beam_search_runs_on_int8_cache():
+    model = make_model("llama", seed=4)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False,
+                         return_dict_in_generate=True)
+    assert isinstance(returned_cache(out), Int8KVCache)
+    assert out.sequences.shape == (2, 9)
+
+
+def test_prompt_lookup_decoding_crops_the_cache():
+    """Speculative steps verify several tokens at once and crop the rejected ones: afterwards the
+    cache must hold exactly the returned sequence (minus its last token)."""
+    model = make_model("llama", seed=8)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]])
+    out = model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         return_dict_in_generate=True)
+    cache, seq = returned_cache(out), out.sequences
+    assert isinstance(cache, Int8KVCache) and cache.get_seq_length() == seq.shape[1] - 1
+    nxt = model(seq[:, -1:], past_key_values=cache).logits[:, -1]
+    assert rel(nxt, float_logits(model, seq)[:, -1]) < TOL["per_token"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_eager_attention_left_padding(arch, calls):
+    """eager: the mask is additive float (0 / dtype min), and the fallback is the model's own eager function."""
+    model = make_model(arch, seed=2, attn_implementation="eager")
+    apply_int8_kv_cache(model, "per_token")
+    assert model.config._attn_implementation == "ptqrt_int8kv_eager"
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    assert calls["decode"] == 4 * 2
+    ref = float_logits(model, out.sequences, torch.cat([mask, torch.ones(2, 5, dtype=mask.dtype)], dim=1))
+    for row in (0, 1):
+        assert max(step_errors(out, ref, 6, rows=slice(row, row + 1))) < TOL["per_token"]
+
+
+# ----------------------------------------------------------------------------- calibration
+def test_static_scales_are_the_stored_keys_absmax():
+    """per_channel scales come from K/V as the cache stores them: after RoPE, per (kv head, channel)."""
+    model = make_model("llama", seed=5)
+    batches = calib_batches(2)
+    dyn = transformers.DynamicCache(config=model.config)
+    stored = []
+    for b in batches:
+        dyn = transformers.DynamicCache(config=model.config)
+        model(b, past_key_values=dyn, use_cache=True)
+        stored.append([(layer.keys, layer.values) for layer in dyn.layers])
+    apply_int8_kv_cache(model, "per_channel", batches)
+    for idx, (_, attn) in hf.attention_modules(model).items():
+        k_abs = torch.stack([s[idx][0].abs().amax(dim=(0, 2)) for s in stored]).amax(0)
+        v_abs = torch.stack([s[idx][1].abs().amax(dim=(0, 2)) for s in stored]).amax(0)
+        torch.testing.assert_close(attn.kv_quant.k_scale, k_abs / 127)
+        torch.testing.assert_close(attn.kv_quant.v_scale, v_abs / 127)
+    # scales taken from k_proj's output (before RoPE) would differ: the test above can tell them apart
+    seen = []
+    attn0 = hf.attention_modules(model)[0][1]
+    handle = attn0.k_proj.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    for b in batches:
+        model(b, use_cache=False)
+    handle.remove()
+    pre = torch.cat(seen, dim=1).abs().amax(dim=(0, 1)).view(2, 16) / 127
+    assert not torch.allclose(pre, attn0.kv_quant.k_scale, rtol=0.05, atol=0)
+
+
+def test_calibration_leaves_padding_out():
+    model = make_model("llama", seed=6)
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    stats = hf.calibrate_kv(model, [{"input_ids": ids, "attention_mask": mask}], quiet=True)
+    dyn = transformers.DynamicCache(config=model.config)
+    model(ids, attention_mask=mask, past_key_values=dyn, use_cache=True)
+    k = dyn.layers[1].keys
+    expect = torch.maximum(k[0, :, 4:].abs().amax(1), k[1].abs().amax(1))
+    torch.testing.assert_close(stats[1][0], expect)
+
+
+# ----------------------------------------------------------------------------- save / load path
+def test_kv_cache_quant_description_round_trip():
+    q = KVCacheQuant.from_absmax(torch.rand(2, 16) + 0.1, torch.rand(2, 16), layer_idx=3)
+    d = q.describe()
+    assert d == {"kind": "kv_cache", "granularity": "per_channel", "num_kv_heads": 2, "head_dim": 16, "layer_idx": 3}
+    r = KVCacheQuant.from_description(d)
+    assert set(r.state_dict()) == {"k_scale", "v_scale"}
+    assert r.k_scale.shape == (2, 16) and r.k_scale.dtype == torch.float32
+    r.load_state_dict(q.state_dict())
+    torch.testing.assert_close(r.v_scale, q.v_scale)
+    dyn = KVCacheQuant("per_token", 4, 8, 0)
+    assert dyn.state_dict() == {} and KVCacheQuant.from_description(dyn.describe()).describe() == dyn.describe()
+    assert KVCacheQuant.from_description(d, device="meta").k_scale.device.type == "meta"
+    zero = KVCacheQuant.from_absmax(torch.zeros(1, 4), torch.zeros(1, 4), 0)
+    assert torch.equal(zero.k_scale, torch.ones(1, 4))  # an all-zero channel gets scale 1, never 0
+    with pytest.raises(ValueError, match="granularity"):
+        KVCacheQuant("per_tensor", 2, 16, 0)
+    with pytest.raises(ValueError, match="kind"):
+        KVCacheQuant.from_description({**d, "kind": "linear"})
+
+
+def test_reattach_after_rebuild_from_description(calls):
+    """What load_quantized does: re-create the KVCacheQuant children by name, load the state dict,
+    then reattach the wiring; the loaded model decodes on the int8 cache like the original."""
+    src = make_model("llama", seed=7)
+    fresh = copy.deepcopy(src)
+    apply_int8_kv_cache(src, "per_channel", calib_batches())
+    modules = {n: m.describe() for n, m in src.named_modules() if isinstance(m, KVCacheQuant)}
+    assert sorted(modules) == ["model.layers.0.self_attn.kv_quant", "model.layers.1.self_attn.kv_quant"]
+    state = src.state_dict()
+    assert "model.layers.0.self_attn.kv_quant.k_scale" in state
+    for name, d in modules.items():
+        set_submodule(fresh, name, KVCacheQuant.from_description(d))
+    fresh.load_state_dict(state, strict=True)
+    reattach(fresh)
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    a, b = src.generate(ids, **kw), fresh.generate(ids, **kw)
+    assert isinstance(returned_cache(b), Int8KVCache)
+    assert calls["decode"] == 2 * 4 * 2
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y)
+
+
+def test_deepcopy_and_rewire_keep_both_models_working(calls):
+    a = make_model("opt")
+    apply_int8_kv_cache(a, "per_token")
+    b = copy.deepcopy(a)
+    reattach(b)  # must not unhook `a`
+    ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
+    for m in (a, b):
+        out = m.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        assert isinstance(returned_cache(out), Int8KVCache)
+    assert calls["decode"] == 2 * 2 * 2
+    assert len(hf._our_hooks(a)) == 1 and len(hf._our_hooks(b)) == 1
+
+
+def test_errors():
+    from tests.models import tiny_net
+
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        apply_int8_kv_cache(tiny_net(), "per_token")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        reattach(tiny_net())
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="granularity"):
+        apply_int8_kv_cache(model, "per_tensor")
+    with pytest.raises(ValueError, match="calib_data"):
+        apply_int8_kv_cache(model, "per_channel")
+    with pytest.raises(ValueError, match="KVCacheQuant"):
+        reattach(model)
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="not supported"):
+        apply_int8_kv_cache(model, "per_token")
+    assert not any(isinstance(m, KVCacheQuant) for m in model.modules())  # refused before any change
+
+
+def test_remove_restores_float_attention(calls):
+    model = make_model("gpt2")
+    apply_int8_kv_cache(model, "per_token")
+    hf.remove_int8_kv_cache(model)
+    assert model.config._attn_implementation == "sdpa"
+    out = model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=3, do_sample=False,
+                         return_dict_in_generate=True)
+    assert not isinstance(returned_cache(out), Int8KVCache) and calls["decode"] == 0
+
+
+# ----------------------------------------------------------------------------- the cache object itself
+def _filled_cache(b=3, t=37, block_size=8, seed=0):
+    model = make_model("llama")
+    apply_int8_kv_cache(model, "per_token")
+    cache = Int8KVCache(model, block_size=block_size)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, 2, t, 16, generator=g)
+    v = torch.randn(b, 2, t, 16, generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, :5] = 0  # left padding of row 1
+    cache._begin_forward(mask)
+    cache.update(k, v, 0)
+    return cache, k, v, mask
+
+
+def test_cache_layout_dequantize_and_decode():
+    cache, k, v, mask = _filled_cache()
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == 37 and layer.store.lens.tolist() == [37, 32, 37]
+    assert layer.store.cols >= 5  # 37 tokens in blocks of 8, grown on demand
+    dk, dv = layer.hf_layout()
+    keep = mask.bool()[:, None, :, None]
+    # dequantized values within half a step of the originals; padding positions read 0
+    step = k.abs().amax(-1, keepdim=True) / 127
+    assert bool(((dk - k).abs() <= step / 2 + 1e-6)[keep.expand_as(k)].all())
+    assert bool((dk[1, :, :5] == 0).all()) and bool((dv[1, :, :5] == 0).all())
+    # the paged layout is the one the reference ops read: block j of sequence b is j * B + b
+    st = layer.store
+    table = st.block_table()
+    assert table.dtype == torch.int32 and table[2, 1].item() == 1 * 3 + 2
+    for b in range(3):
+        ref = dequantize_kv(st.k_cache, st.k_scale, table[b], int(st.lens[b]))
+        torch.testing.assert_close(ref.transpose(0, 1), dk[b][:, mask[b].bool()])
+    q = torch.randn(3, 4, 16)
+    out = st.decode(q, 0.25)
+    torch.testing.assert_close(out, int8_kv_decode_attention(q, st.k_cache, st.v_cache, st.k_scale, st.v_scale,
+                                                             table, st.seq_lens, 0.25))
+
+
+def test_cache_reorder_select_repeat_crop():
+    cache, k, v, mask = _filled_cache()
+    layer = cache.layers[0]
+    before = layer.hf_layout()
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    after = layer.hf_layout()
+    for i, src in enumerate([2, 0, 0]):
+        torch.testing.assert_close(after[0][i], before[0][src])
+        torch.testing.assert_close(after[1][i], before[1][src])
+    # beams that share a parent own separate copies: writing one leaves the other alone
+    cache._begin_forward(None)
+    cache.update(torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16), 0)
+    assert not torch.equal(layer.hf_layout()[0][1, :, -1], layer.hf_layout()[0][2, :, -1])
+    torch.testing.assert_close(layer.hf_layout()[0][1, :, :-1], layer.hf_layout()[0][2, :, :-1])
+    cache.crop(-3)
+    assert cache.get_seq_length() == 35 and layer.store.lens.tolist() == [35, 35, 35]
+    torch.testing.assert_close(layer.hf_layout()[0][0], before[0][2][:, :35])
+    cache.batch_select_indices(torch.tensor([0]))
+    cache.batch_repeat_interleave(2)
+    assert layer.store.batch == 2 and layer.hf_layout()[0].shape == (2, 2, 35, 16)
+    cache.crop(0)
+    assert cache.get_seq_length() == 35
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not layer.is_initialized
+
+
+def test_cache_refuses_a_new_batch_size():
+    cache, *_ = _filled_cache()
+    with pytest.raises(ValueError, match="B=3"):
+        cache.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16), 0)
+
+
+def test_paged_store_static_scales():
+    ks, vs = torch.rand(2, 8) + 0.05, torch.rand(2, 8) + 0.05
+    st = PagedInt8KV(2, 2, 8, "cpu", block_size=4, k_scale=ks, v_scale=vs)
+    k = torch.randn(2, 6, 2, 8) * 0.1
+    st.append(k, k, torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6], dtype=torch.bool))
+    assert st.lens.tolist() == [5, 6] and st.k_scale is not None and st.k_scale.shape == (2, 8)
+    dk, _ = st.dequantize()
+    torch.testing.assert_close(dk[1], torch.round(k[1] / ks) * ks)
+    torch.testing.assert_close(dk[0, :5], torch.round(k[0, [0, 1, 3, 4, 5]] / ks) * ks)
+
+
+def test_signature_of_cache_kwarg_is_handled():
+    """transformers renamed past_key_values -> cache in 5.2x; both spellings reach the cache."""
+    model = make_model("llama")
+    apply_int8_kv_cache(model, "per_token")
+    names = inspect.signature(model.forward).parameters
+    assert hf._cache_kwarg(model) in names
+    cache = Int8KVCache(model)
+    model(torch.ones(1, 3, dtype=torch.long), **{hf._cache_kwarg(model): cache})
+    assert cache.get_seq_length() == 3
