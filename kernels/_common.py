@@ -1,0 +1,171 @@
+"""Pieces shared by the Triton kernels: int8 rounding, config choice, output allocation, split-K
+workspace.
+
+Every launcher allocates its outputs through ``alloc`` (tests swap it for a poisoning allocator so
+that an element a kernel forgets to write shows up) and picks its launch parameters through
+``autotuning``: on a GPU a ``triton.autotune`` wrapper measures a handful of configs per shape
+bucket; under ``TRITON_INTERPRET=1`` (CPU tensors, CI) or with ``PTQRT_TRITON_AUTOTUNE=0`` one
+fixed config runs, so that tests do not compile and time every config.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def to_int8(v):
+    """The reference's round_clamp_int8 on fp32: NaN -> 0, clamp to [-127, 127], round half to even.
+
+    NaN is cleared first: maximum/minimum drop NaN operands (maxnum semantics), which would turn it
+    into -127 instead of 0. Clamping before rounding is equivalent to rounding first (127 is an
+    integer); +-Inf clamp to +-127.
+    Rounding: for fp32 |v| < 2**22, v + 1.5 * 2**23 (12582912) has no fraction bits left, so the add
+    itself rounds v to an integer with the FPU's round-half-to-even, and the integer sits in the low
+    mantissa bits: the low byte is the two's-complement code for |v| <= 127. Unlike libdevice's rint
+    this runs under the interpreter too, and it replaces the F2I conversion (a slow unit) with an add.
+    """
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return (v + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def i8_to(w, DTYPE: tl.constexpr):
+    """Exact int8 -> DTYPE. For fp32 and fp16 the byte is spliced into a float's mantissa instead
+    of going through I2F, which runs at 16 results per clock per SM on sm_80/sm_90 (a quarter of an
+    add) and would bound the memory-bound kernels that convert every weight or cache byte:
+        fp32: bits 0x4B400000 | (w + 128) = 12582912 + 128 + w      fp16: 0x6400 | (w + 128) = 1152 + w
+    bf16 keeps Triton's own conversion, which already avoids I2F."""
+    if DTYPE == tl.float32:
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B400080
+        return u.to(tl.float32, bitcast=True) - 12583040.0
+    elif DTYPE == tl.float16:
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x6480
+        return u.to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return w.to(DTYPE)
+
+
+@triton.jit
+def absmax_scale(amax):
+    """s = amax / 127 (correctly rounded, as torch divides), 1 where amax == 0; NaN/Inf pass."""
+    return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
+
+
+@triton.jit
+def _max_propagate_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_max_abs(v, axis: tl.constexpr):
+    """max |v| along axis, NaN if any element is NaN, as torch.amax (tl.max skips NaN)."""
+    return tl.reduce(tl.abs(v), axis, _max_propagate_nan)
+
+
+@triton.jit
+def nan_max(a, b):
+    """Elementwise max that keeps NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def cast_out(y, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE with round-to-nearest-even. bf16 is rounded by hand: the interpreter's own
+    fp32 -> bf16 cast truncates, which would make CPU runs differ from the GPU's cvt.rn.bf16.f32
+    (identical for every non-signalling value)."""
+    if DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(DTYPE)
+
+
+def on_input_device(launcher):
+    """Run launcher on its first argument's GPU: Triton launches on the *current* device, which may
+    be another one (tensors on cuda:1 while cuda:0 is current)."""
+    @functools.wraps(launcher)
+    def wrapper(t, *args, **kwargs):
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(t, *args, **kwargs)
+        return launcher(t, *args, **kwargs)
+    return wrapper
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning(t: torch.Tensor) -> bool:
+    """Measure configs (True) or run the fixed default (False) for a launch on t's device."""
+    return t.is_cuda and not interpreting() and os.environ.get("PTQRT_TRITON_AUTOTUNE", "1") != "0"
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    """Uninitialised output; every element is written by the kernel (tests poison it instead)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def m_bucket(m: int) -> int:
+    """Power-of-two bucket of M (capped at 8192) for autotune keys: one tuning per bucket, not per M."""
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of device; a small fixed number on the CPU (interpreter) so that split
+    heuristics still split small test problems."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+# Split-K and split-KV kernels count finished partial tiles per output tile in int32 counters; the
+# program that finishes a tile last reduces the partials and sets its counter back to zero, so one
+# zeroed buffer per (device, stream) serves every later launch without a memset. Buffers are never
+# freed once handed out: a captured CUDA graph keeps using the one it saw.
+_counters: dict = {}
+_retired: list = []
+
+
+def tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """An int32 buffer of at least n zeros, reset to zero by each kernel that uses it."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Inside CUDA-graph capture: a buffer of the graph's own pool, zeroed by a memset node at
+        # each replay; not cached, since that pool's memory is reused once the graph is gone.
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _retired.append(buf)
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
+
+
+def keep_split(tiles: int, split: int, k: int, block_k: int, sms: int) -> bool:
+    """Whether a split-K config is worth timing: one split always; more only while the output tiles
+    alone do not fill one wave, up to four waves of programs, each split at least one K block."""
+    return split == 1 or (tiles < sms and tiles * split <= 4 * sms and k >= split * block_k)
+
+
+def bench_fn(fn, quantiles):
+    """Autotune timing: short runs (configs differ by far more than the noise), median."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.int32: tl.int32, torch.int8: tl.int8}[dtype]

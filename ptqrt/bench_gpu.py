@@ -1,0 +1,410 @@
+"""GPU benchmarks behind `ptqrt bench` on a CUDA device: each ptqrt op against its peers, in one process.
+
+    run_gpu_bench(ops=None, quick=False, plot=False, out_dir="bench/results", backends=("triton",))
+    python -m ptqrt.bench_gpu [--quick] [--plot] [--ops w8a8_gemm,...] [--backends triton,cuda]
+
+Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run).
+Peers, measured in the same run:
+    w8a8_gemm            fp16 F.linear (cuBLAS), torch._int_mm raw, torch._int_mm + unfused dequant
+    w8a16_gemm           fp16 F.linear
+    quantize_per_*       the eager PyTorch reference
+    kv_cache_append      an fp16 paged-cache scatter (index_put)
+    int8_kv_decode_att.  fp16 SDPA over a contiguous fp16 KV cache
+Each row also carries the floor: max(bytes moved / copy bandwidth, ops / matrix peak), with copy
+bandwidth (a large device-to-device copy, bytes read + written), torch._int_mm's int8 peak and the
+fp16 matmul peak measured at the start of the same run; frac_floor = floor / time (1.0 = at the
+floor). Results go to <out_dir>/gpu_<device>_<time>.json and .csv, tagged with device and versions;
+plot=True also draws a roofline-style PNG (matplotlib, imported only then).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import platform
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+GEMM_NK = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192))
+GEMM_M = (1, 16, 32, 128, 512, 2048, 8192)
+DECODE_BL = ((1, 4096), (16, 4096), (64, 2048), (8, 32768))
+DECODE_HEADS, DECODE_D, DECODE_BLOCK = 32, 128, 16
+QUANT_MK = ((1, 4096), (16, 4096), (2048, 4096), (8192, 8192))
+APPEND_T = (16, 4096)
+QUICK = dict(gemm_nk=((4096, 4096), (28672, 8192)), gemm_m=(1, 16, 2048), decode_bl=((1, 4096), (16, 4096)),
+             quant_mk=((8192, 8192),), append_t=(4096,))
+ALL_OPS = ("w8a8_gemm", "w8a16_gemm", "int8_kv_decode_attention", "quantize_per_token", "quantize_per_tensor",
+           "kv_cache_append")
+
+# The issue's targets on one H100: (op, where, against, at least). "against" is a peer's name (the
+# speedup over it) or "floor" (the fraction of the bytes/FLOP floor).
+TARGETS = (
+    ("w8a8_gemm", lambda r: r["M"] >= 2048, "torch._int_mm", 1.2),
+    ("w8a8_gemm", lambda r: r["M"] >= 2048, "fp16 F.linear", 1.5),
+    ("w8a8_gemm", lambda r: r["M"] == 512, "torch._int_mm", 1.25),
+    ("w8a8_gemm", lambda r: r["M"] <= 16, "fp16 F.linear", 1.8),
+    ("w8a16_gemm", lambda r: r["M"] == 1 and (r["N"], r["K"]) in ((28672, 8192), (4096, 4096)), "floor", 0.85),
+    ("int8_kv_decode_attention", lambda r: (r["B"], r["L"]) in ((16, 4096), (8, 32768)), "fp16 SDPA", 1.8),
+    ("int8_kv_decode_attention", lambda r: (r["B"], r["L"]) == (1, 4096), "fp16 SDPA", 2.0),
+    ("quantize_per_token", lambda r: (r["M"], r["K"]) == (8192, 8192), "floor", 0.85),
+)
+
+
+def _bench(fn: Callable[[], object], rep_ms: int = 40) -> float:
+    """Median milliseconds of fn, L2 flushed before each run (do_bench), after one untimed call that
+    compiles and autotunes."""
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+
+
+def measure_ceilings(device) -> dict:
+    """Copy bandwidth (bytes read + written per second) and int8 / fp16 matrix peaks, on this GPU now."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    copy_ms = _bench(lambda: dst.copy_(src))
+    a = torch.randint(-127, 128, (8192, 8192), dtype=torch.int8, device=device)
+    b = torch.randint(-127, 128, (8192, 8192), dtype=torch.int8, device=device).t()
+    int_ms = _bench(lambda: torch._int_mm(a, b))
+    w = torch.randint(-127, 128, (28672, 8192), dtype=torch.int8, device=device)
+    int_big_ms = _bench(lambda: torch._int_mm(a, w.t()))
+    h = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    hm_ms = _bench(lambda: h @ h.t())
+    flops = 2 * 8192 ** 3
+    return {"copy_TBps": 2 * n / copy_ms / 1e9, "int_mm_TOPS": flops / int_ms / 1e9,
+            "int_mm_TOPS_8192x28672x8192": 2 * 8192 * 28672 * 8192 / int_big_ms / 1e9,
+            "fp16_mm_TFLOPS": flops / hm_ms / 1e9}
+
+
+def _impls(backends: Iterable[str], device) -> dict:
+    """{backend: {op: callable}} for the backends that load on this device."""
+    from . import ops
+
+    found = {}
+    for name in backends:
+        impls = ops._provider(name, device)
+        if impls:
+            found[name] = impls
+        else:
+            print(f"ptqrt bench: backend {name!r} is unavailable on {device}; skipped")
+    return found
+
+
+def _floor_ms(bytes_moved: float, ops_count: float, peak_tops: float, ceil: dict) -> float:
+    t_mem = bytes_moved / (ceil["copy_TBps"] * 1e9)
+    t_ops = ops_count / (peak_tops * 1e9) if ops_count else 0.0
+    return max(t_mem, t_ops)
+
+
+def _rows_for(op, shape: dict, ours: dict, peers: dict, floor_ms: float, bytes_moved: float, ops_count: float) -> list:
+    """One row per implementation; our rows carry speedup_vs_<peer> = peer time / our time."""
+    rows = []
+    for kind, table in (("ours", ours), ("peer", peers)):
+        for impl, ms in table.items():
+            if ms is None:
+                continue
+            row = dict(op=op, impl=impl, kind=kind, **shape, us=ms * 1e3, floor_us=floor_ms * 1e3,
+                       frac_floor=floor_ms / ms, GBps=bytes_moved / ms / 1e6, TOPS=ops_count / ms / 1e9)
+            if kind == "ours":
+                for p, pms in peers.items():
+                    if pms is not None:
+                        row[f"speedup_vs_{p}"] = pms / ms
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ per op
+def bench_w8a8_gemm(impls, ceil, nk_list, m_list, device):
+    rows = []
+    for n, k in nk_list:
+        w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        w_scale = torch.rand(n, device=device) * 0.01 + 1e-3
+        w16 = torch.randn(n, k, device=device, dtype=torch.float16)
+        for m in m_list:
+            x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+            x_scale = torch.rand(m, device=device) * 0.01 + 1e-3
+            x16 = torch.randn(m, k, device=device, dtype=torch.float16)
+            ours = {b: _bench(lambda f=f["w8a8_gemm"]: f(x_q, x_scale, w_q, w_scale, None, torch.float16))
+                    for b, f in impls.items() if "w8a8_gemm" in f}
+            peers = {"fp16 F.linear": _bench(lambda: F.linear(x16, w16))}
+            if m > 16:  # torch._int_mm refuses M <= 16
+                peers["torch._int_mm"] = _bench(lambda: torch._int_mm(x_q, w_q.t()))
+                peers["_int_mm+dequant"] = _bench(
+                    lambda: (torch._int_mm(x_q, w_q.t()).float() * x_scale[:, None] * w_scale[None, :]).half())
+            nbytes = m * k + n * k + 2 * m * n + 4 * (m + n)
+            nops = 2 * m * n * k
+            floor = _floor_ms(nbytes, nops, ceil["int_mm_TOPS"], ceil)
+            rows += _rows_for("w8a8_gemm", dict(M=m, N=n, K=k), ours, peers, floor, nbytes, nops)
+    return rows
+
+
+def bench_w8a16_gemm(impls, ceil, nk_list, m_list, device):
+    rows = []
+    for n, k in nk_list:
+        w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        w_scale = torch.rand(n, device=device) * 0.01 + 1e-3
+        w16 = torch.randn(n, k, device=device, dtype=torch.float16)
+        for m in m_list:
+            x16 = torch.randn(m, k, device=device, dtype=torch.float16)
+            ours = {b: _bench(lambda f=f["w8a16_gemm"]: f(x16, w_q, w_scale, None, 0))
+                    for b, f in impls.items() if "w8a16_gemm" in f}
+            peers = {"fp16 F.linear": _bench(lambda: F.linear(x16, w16))}
+            nbytes = n * k + 2 * m * k + 2 * m * n + 4 * n
+            nops = 2 * m * n * k
+            floor = _floor_ms(nbytes, nops, ceil["fp16_mm_TFLOPS"], ceil)
+            rows += _rows_for("w8a16_gemm", dict(M=m, N=n, K=k), ours, peers, floor, nbytes, nops)
+    return rows
+
+
+def bench_quantize(op, impls, ceil, mk_list, device):
+    from . import reference as ref
+
+    rows = []
+    for m, k in mk_list:
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        scale = torch.tensor([0.02], device=device)
+        args = (x, None) if op == "quantize_per_token" else (x, scale, None)
+        ours = {b: _bench(lambda f=f[op]: f(*args)) for b, f in impls.items() if op in f}
+        peers = {"torch eager": _bench(lambda: getattr(ref, op)(*args))}
+        nbytes = 3 * m * k + (4 * m if op == "quantize_per_token" else 0)
+        floor = _floor_ms(nbytes, 0, 1.0, ceil)
+        rows += _rows_for(op, dict(M=m, K=k), ours, peers, floor, nbytes, 0)
+    return rows
+
+
+def bench_kv_cache_append(impls, ceil, t_list, device):
+    rows = []
+    h, d, bs = DECODE_HEADS, DECODE_D, DECODE_BLOCK
+    for t in t_list:
+        nb = 2 * t // bs + 8
+        kc = torch.zeros(nb, bs, h, d, dtype=torch.int8, device=device)
+        vc = torch.zeros_like(kc)
+        ks = torch.ones(nb, bs, h, device=device)
+        vs = torch.ones_like(ks)
+        k = torch.randn(t, h, d, device=device, dtype=torch.float16)
+        v = torch.randn_like(k)
+        slots = torch.randperm(nb * bs, device=device)[:t]
+        ours = {b: _bench(lambda f=f["kv_cache_append"]: f(k, v, kc, vc, ks, vs, slots))
+                for b, f in impls.items() if "kv_cache_append" in f}
+        kc16 = torch.zeros(nb * bs, h, d, dtype=torch.float16, device=device)
+        vc16 = torch.zeros_like(kc16)
+
+        def fp16_scatter():
+            kc16[slots] = k
+            vc16[slots] = v
+
+        peers = {"fp16 cache scatter": _bench(fp16_scatter)}
+        nbytes = 2 * t * h * d * 2 + 2 * t * h * d + 2 * t * h * 4 + 8 * t
+        floor = _floor_ms(nbytes, 0, 1.0, ceil)
+        rows += _rows_for("kv_cache_append", dict(T=t, H=h, D=d), ours, peers, floor, nbytes, 0)
+    return rows
+
+
+def bench_decode(impls, ceil, bl_list, device):
+    rows = []
+    h, d, bs = DECODE_HEADS, DECODE_D, DECODE_BLOCK
+    for b, length in bl_list:
+        blocks_per_seq = length // bs
+        nb = b * blocks_per_seq
+        kc = torch.randint(-127, 128, (nb, bs, h, d), dtype=torch.int8, device=device)
+        vc = torch.randint(-127, 128, (nb, bs, h, d), dtype=torch.int8, device=device)
+        ks = torch.rand(nb, bs, h, device=device) * 0.02 + 1e-3
+        vs = torch.rand(nb, bs, h, device=device) * 0.02 + 1e-3
+        # Paged as a server would leave it: each sequence's blocks scattered over the pool.
+        block_table = torch.randperm(nb, device=device, dtype=torch.int64).to(torch.int32).reshape(b, blocks_per_seq)
+        seq_lens = torch.full((b,), length, dtype=torch.int32, device=device)
+        q = torch.randn(b, h, d, device=device, dtype=torch.float16)
+        sm_scale = 1.0 / math.sqrt(d)
+        args = (q, kc, vc, ks, vs, block_table, seq_lens, sm_scale)
+        ours = {be: _bench(lambda f=f["int8_kv_decode_attention"]: f(*args))
+                for be, f in impls.items() if "int8_kv_decode_attention" in f}
+        k16 = torch.randn(b, h, length, d, device=device, dtype=torch.float16)
+        v16 = torch.randn_like(k16)
+        q4 = q[:, :, None, :]
+        peers = {"fp16 SDPA": _bench(lambda: F.scaled_dot_product_attention(q4, k16, v16, scale=sm_scale))}
+        nbytes = 2 * b * length * h * d + 2 * b * length * h * 4 + 4 * b * h * d + 4 * b * (1 + blocks_per_seq)
+        floor = _floor_ms(nbytes, 0, 1.0, ceil)
+        rows += _rows_for("int8_kv_decode_attention", dict(B=b, L=length, H=h, D=d), ours, peers, floor, nbytes,
+                          4 * b * h * length * d)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ report
+def check_targets(rows: list) -> list:
+    """[{target, impl, measured, ok}] per target and backend with measured rows (worst of its shapes)."""
+    out = []
+    for op, where, against, at_least in TARGETS:
+        for impl in dict.fromkeys(r["impl"] for r in rows if r["kind"] == "ours"):
+            got = [r["frac_floor"] if against == "floor" else r.get(f"speedup_vs_{against}")
+                   for r in rows if r["op"] == op and r["impl"] == impl and r["kind"] == "ours" and where(r)]
+            got = [g for g in got if g is not None]
+            if got:
+                what = "of the floor" if against == "floor" else f"x {against}"
+                out.append(dict(target=f"{op}: >= {at_least:g} {what}", impl=impl, measured=min(got),
+                                ok=min(got) >= at_least))
+    return out
+
+
+def _shape_str(r: dict) -> str:
+    keys = [k for k in ("M", "N", "K", "B", "L", "T") if k in r]
+    return " ".join(f"{k}={r[k]}" for k in keys)
+
+
+def print_header(ceil: dict, meta: dict) -> None:
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}")
+    print(f"copy {ceil['copy_TBps']:.2f} TB/s   torch._int_mm {ceil['int_mm_TOPS']:.0f} TOP/s (8192^3), "
+          f"{ceil['int_mm_TOPS_8192x28672x8192']:.0f} (8192x28672x8192)   fp16 mm {ceil['fp16_mm_TFLOPS']:.0f} TFLOP/s")
+
+
+def print_rows(rows: list) -> None:
+    """Our rows per op: time, floor, fraction of the floor, speedup over each peer."""
+    for op in dict.fromkeys(r["op"] for r in rows):
+        print(f"\n{op}")
+        for r in rows:
+            if r["op"] != op or r["kind"] != "ours":
+                continue
+            peers = " ".join(f"{k[len('speedup_vs_'):]}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+            print(f"  {_shape_str(r):28s} {r['impl']:7s} {r['us']:10.1f} us  floor {r['floor_us']:9.1f} us "
+                  f"({100 * r['frac_floor']:5.1f}%)  {peers}", flush=True)
+
+
+def print_targets(rows: list) -> None:
+    targets = check_targets(rows)
+    if targets:
+        print("\ntargets (worst shape)")
+        for t in targets:
+            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:7s} {t['target']:55s} measured {t['measured']:.2f}")
+
+
+def print_table(rows: list, ceil: dict, meta: dict) -> None:
+    print_header(ceil, meta)
+    print_rows(rows)
+    print_targets(rows)
+
+
+def write_results(rows: list, ceil: dict, meta: dict, out_dir) -> tuple:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", meta["device"]).strip("_")
+    stem = out / f"gpu_{slug}_{meta['time'].replace(':', '').replace('-', '')}"
+    payload = dict(meta, ceilings=ceil, targets=check_targets(rows), rows=rows)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["device", "torch", "triton", *keys])
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(device=meta["device"], torch=meta["torch"], triton=meta["triton"], **r))
+    return stem.with_suffix(".json"), stem.with_suffix(".csv")
+
+
+def plot_results(rows: list, ceil: dict, meta: dict, path) -> Path:
+    """Roofline (achieved op rate against bytes-per-op intensity, with the measured ceilings) and
+    the speedup of ours over the first peer of each shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    peak = ceil["int_mm_TOPS"]
+    xs = [2 ** e for e in range(-4, 14)]
+    ax1.plot(xs, [min(peak, ceil["copy_TBps"] * x) for x in xs], "k-", lw=1, label="int8 roof (measured)")
+    ax1.plot(xs, [min(ceil["fp16_mm_TFLOPS"], ceil["copy_TBps"] * x) for x in xs], "k--", lw=1, label="fp16 roof")
+    for (op, kind), marker in zip(sorted({(r["op"], r["kind"]) for r in rows}), "o^sv<>Dpx+*h"):
+        pts = [(r["TOPS"] / r["GBps"] * 1e3, r["TOPS"]) for r in rows
+               if r["op"] == op and r["kind"] == kind and r["TOPS"] > 0]
+        if pts:
+            ax1.scatter(*zip(*pts), marker=marker, label=f"{op} ({kind})", alpha=0.7)
+    ax1.set(xscale="log", yscale="log", xlabel="ops per byte", ylabel="TOP/s (TFLOP/s)",
+            title=f"roofline, {meta['device']}")
+    ax1.legend(fontsize=7)
+    mine = [r for r in rows if r["kind"] == "ours"]
+    labels, values = [], []
+    for r in mine:
+        sp = [v for k, v in r.items() if k.startswith("speedup_vs_")]
+        if sp:
+            labels.append(f"{r['op'][:12]} {_shape_str(r)}")
+            values.append(sp[0])
+    ax2.barh(range(len(values)), values)
+    ax2.axvline(1.0, color="k", lw=1)
+    ax2.set_yticks(range(len(values)), labels, fontsize=6)
+    ax2.set(xlabel="speedup over the first peer (fp16 F.linear / eager / scatter / SDPA)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot: bool = False,
+                  out_dir="bench/results", backends=("triton",)) -> list[dict]:
+    """Benchmark `ops` (default: all) of each backend against the peers on the current CUDA device;
+    print a table, write JSON/CSV (and a PNG with plot=True) to out_dir, return the rows."""
+    import triton
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("ptqrt bench: the GPU benchmarks need a CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device())
+    ops = tuple(ops) if ops else ALL_OPS
+    unknown = set(ops) - set(ALL_OPS)
+    if unknown:
+        raise ValueError(f"ptqrt bench: unknown ops {sorted(unknown)}; choose from {', '.join(ALL_OPS)}")
+    shapes = QUICK if quick else dict(gemm_nk=GEMM_NK, gemm_m=GEMM_M, decode_bl=DECODE_BL, quant_mk=QUANT_MK,
+                                      append_t=APPEND_T)
+    meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(), quick=quick, backends=list(backends),
+                sms=torch.cuda.get_device_properties(device).multi_processor_count,
+                time=_dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"))
+    torch.manual_seed(0)
+    ceil = measure_ceilings(device)
+    print_header(ceil, meta)
+    impls = _impls(backends, device)
+    rows = []
+    with torch.no_grad():
+        for op in ops:  # each op's table is printed as soon as it is measured
+            if op == "w8a8_gemm":
+                got = bench_w8a8_gemm(impls, ceil, shapes["gemm_nk"], shapes["gemm_m"], device)
+            elif op == "w8a16_gemm":
+                got = bench_w8a16_gemm(impls, ceil, shapes["gemm_nk"], shapes["gemm_m"], device)
+            elif op in ("quantize_per_token", "quantize_per_tensor"):
+                got = bench_quantize(op, impls, ceil, shapes["quant_mk"], device)
+            elif op == "kv_cache_append":
+                got = bench_kv_cache_append(impls, ceil, shapes["append_t"], device)
+            else:
+                got = bench_decode(impls, ceil, shapes["decode_bl"], device)
+            print_rows(got)
+            rows += got
+            torch.cuda.empty_cache()
+    print_targets(rows)
+    json_path, csv_path = write_results(rows, ceil, meta, out_dir)
+    print(f"\nwrote {json_path} and {csv_path}")
+    if plot:
+        print(f"wrote {plot_results(rows, ceil, meta, json_path.with_suffix('.png'))}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="ptqrt GPU kernel benchmarks")
+    ap.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    ap.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
+    ap.add_argument("--plot", action="store_true", help="also draw a PNG (needs matplotlib)")
+    ap.add_argument("--out-dir", default="bench/results")
+    ap.add_argument("--backends", default="triton", help="comma-separated: triton, cuda")
+    a = ap.parse_args(argv)
+    run_gpu_bench([o for o in a.ops.split(",") if o] or None, a.quick, a.plot, a.out_dir,
+                  tuple(b for b in a.backends.split(",") if b))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,540 @@
+"""The triton backend (kernels/, installed as ptqrt.kernels) against ptqrt.reference.
+
+On the CPU (CI) conftest sets TRITON_INTERPRET=1: set_backend("triton") then runs the real Triton
+kernels on CPU tensors through the interpreter, one fixed config each, on small odd shapes. With a
+GPU, ``pytest -m gpu tests/test_triton_backend.py`` runs the same checks at real sizes (default
+configs), the autotuned path, every autotune config once, and a CUDA-graph replay. The test marked
+slow builds each kernel for sm_90 with Triton's own ptxas (no GPU needed), which catches what the
+interpreter cannot (tl.dot tile minimums, int8 MMA operand layouts, shared memory per config);
+``python -m ptqrt.kernels.compile_check --all`` does so for every config on sm_80 and sm_90.
+
+Outputs the kernels allocate are poisoned (NaN / INT_MIN) through ``_common.alloc``; in-place
+caches start from random bytes and are compared whole, so a stray or missing write shows.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from util import ODD_M, ODD_NK, TOL, poison_like, rand_int8, rand_scale
+
+from ptqrt import ops
+from ptqrt import reference as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+cpu_only = pytest.mark.skipif(not INTERP, reason="CPU runs of the Triton kernels need TRITON_INTERPRET=1")
+
+_MAP_KERNELS = f"""
+import importlib.util, sys
+import ptqrt
+spec = importlib.util.spec_from_file_location("ptqrt.kernels", {str(ROOT / 'kernels' / '__init__.py')!r},
+                                              submodule_search_locations=[{str(ROOT / 'kernels')!r}])
+mod = importlib.util.module_from_spec(spec)
+sys.modules["ptqrt.kernels"] = mod
+spec.loader.exec_module(mod)
+ptqrt.kernels = mod
+"""
+
+
+def _kernels():
+    """ptqrt.kernels, mapped from the source folder when the checkout is not pip-installed (kernels/
+    becomes ptqrt.kernels only through setup.py's package_dir)."""
+    try:
+        return importlib.import_module("ptqrt.kernels")
+    except ImportError:
+        exec(_MAP_KERNELS, {})
+        return importlib.import_module("ptqrt.kernels")
+
+
+K = _kernels()
+_common = importlib.import_module("ptqrt.kernels._common")
+w8a8_mod = importlib.import_module("ptqrt.kernels.w8a8_gemm")
+w8a16_mod = importlib.import_module("ptqrt.kernels.w8a16_gemm")
+kv_mod = importlib.import_module("ptqrt.kernels.kv_cache")
+quant_mod = importlib.import_module("ptqrt.kernels.quantize")
+
+
+@pytest.fixture(autouse=True)
+def _triton_poisoned(monkeypatch):
+    """Force the triton backend and poison every output the kernels allocate."""
+    ops.set_backend("triton")
+    monkeypatch.setattr(_common, "alloc", lambda shape, dtype, device: poison_like(torch.empty(shape, dtype=dtype,
+                                                                                                 device=device)))
+    yield
+
+
+def _uses_triton(op: str, device, m: int = 1) -> None:
+    # Without this a broken import would fall back to the reference and every comparison would pass.
+    assert ops.backend_for(op, device, m) == "triton", f"{op} did not dispatch to triton"
+
+
+def _rand(shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, device=device) * scale).to(dtype)
+
+
+def _lowp_tol(out, r, lowp):
+    """assert_close_to_ref with the low-precision reference: at most 2x its error (or the dtype's
+    tolerance), relative to the output's magnitude for large outputs."""
+    big = max(1.0, r.float().abs().max().item())
+    atol, rtol = TOL[out.dtype]
+    err_ref = (lowp.float() - r.float()).abs().max().item()
+    torch.testing.assert_close(out.float(), r.float(), atol=max(atol * big, 2 * err_ref), rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------ quantize
+def check_quantize_per_token(m, k, dtype, smooth, device):
+    _uses_triton("quantize_per_token", device, m)
+    x = _rand((m, k), dtype, device, 3.0)
+    sm = (torch.rand(k, device=device) + 0.5).to(dtype) if smooth else None
+    q, s = ops.quantize_per_token(x, sm)
+    q_ref, s_ref = ref.quantize_per_token(x, sm)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(q, q_ref), f"codes differ at {(q != q_ref).nonzero()[:5].tolist()}"
+    assert torch.equal(s, s_ref)
+
+
+def check_quantize_per_tensor(m, k, dtype, smooth, device):
+    _uses_triton("quantize_per_tensor", device, m)
+    x = _rand((m, k), dtype, device, 3.0)
+    sm = (torch.rand(k, device=device) + 0.5).to(dtype) if smooth else None
+    scale = torch.tensor([0.037], device=device)
+    q = ops.quantize_per_tensor(x, scale, sm)
+    assert torch.equal(q, ref.quantize_per_tensor(x, scale, sm))
+
+
+QUANT_SHAPES = list(zip(ODD_M, (33, 47, 100, 17, 130, 72)))
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,k", QUANT_SHAPES)
+def test_quantize_per_token(m, k, dtype):
+    check_quantize_per_token(m, k, dtype, smooth=(m % 2 == 1), device="cpu")
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,k", QUANT_SHAPES[::2])
+def test_quantize_per_tensor(m, k, dtype):
+    check_quantize_per_tensor(m, k, dtype, smooth=(k % 2 == 0), device="cpu")
+
+
+@cpu_only
+def test_quantize_per_token_two_pass(monkeypatch):
+    """Rows too wide for registers take two passes over x; shrink the limits to run that path."""
+    monkeypatch.setattr(quant_mod, "_ONE_PASS_MAX_K", 16)
+    monkeypatch.setattr(quant_mod, "_TWO_PASS_BLOCK_K", 32)
+    for smooth in (False, True):
+        check_quantize_per_token(5, 100, torch.float16, smooth, "cpu")
+    x = _rand((3, 70), torch.float32, "cpu")
+    x[1, 65] = float("nan")  # in the last chunk: the NaN must still reach the row's scale
+    q, s = ops.quantize_per_token(x)
+    q_ref, s_ref = ref.quantize_per_token(x)
+    assert torch.equal(q, q_ref) and torch.equal(s.isnan(), s_ref.isnan()) and s[1].isnan()
+
+
+@cpu_only
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy doing inf/inf
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_rounding_and_special_values(dtype):
+    """Ties round to even, NaN -> 0 with a NaN scale, Inf rows, all-zero rows (scale 1), -0."""
+    x = torch.zeros(5, 12, dtype=torch.float32)
+    # scale = 127 / 127 = 1 exactly, so v / s are the ties themselves
+    x[0] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5, 4.5, -0.0])
+    x[1] = torch.randn(12)
+    x[1, 3] = float("nan")
+    x[2] = torch.randn(12)
+    x[2, 5] = float("inf")
+    x[4] = torch.randn(12) * 1e-3  # row 3 stays all zeros
+    x = x.to(dtype)
+    q, s = ops.quantize_per_token(x)
+    q_ref, s_ref = ref.quantize_per_token(x)
+    assert torch.equal(q, q_ref)
+    assert q[0].tolist() == [127, 0, 2, 2, 0, -2, -2, 4, 126, -126, 4, 0]
+    assert torch.equal(s.isnan(), s_ref.isnan()) and s[1].isnan()
+    assert torch.equal(s[~s.isnan()], s_ref[~s_ref.isnan()]) and s[3] == 1.0
+    for scale in (1.0, 1e-30):  # 1e-30: every code saturates at +-127, NaN still 0
+        st = torch.tensor([scale])
+        assert torch.equal(ops.quantize_per_tensor(x, st), ref.quantize_per_tensor(x, st))
+
+
+@cpu_only
+def test_quantize_empty():
+    q, s = ops.quantize_per_token(torch.randn(0, 40))
+    assert q.shape == (0, 40) and s.shape == (0,)
+    q, s = ops.quantize_per_token(torch.randn(3, 0))
+    assert q.shape == (3, 0) and torch.equal(s, torch.ones(3))
+    assert ops.quantize_per_tensor(torch.randn(0, 8), torch.tensor([0.1])).shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------------------ w8a8_gemm
+def check_w8a8(m, n, k, out_dtype, per_token, bias_dtype, device, repeat=1):
+    _uses_triton("w8a8_gemm", device, m)
+    x_q, w_q = rand_int8(m, k, device=device), rand_int8(n, k, device=device)
+    x_scale = rand_scale(m if per_token else 1, device=device)
+    w_scale = rand_scale(n, device=device)
+    bias = None if bias_dtype is None or out_dtype == torch.int32 else _rand((n,), bias_dtype, device)
+    expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    for _ in range(repeat):  # a second call finds the split-K counters reset
+        y = ops.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        assert y.dtype == out_dtype and y.shape == (m, n)
+        # int32: the exact accumulator. Floats: the epilogue is compiled without FMA contraction, so
+        # it rounds exactly as the reference does.
+        assert torch.equal(y, expect), f"max diff {(y.double() - expect.double()).abs().max()}"
+
+
+W8A8_OUT = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
+
+
+@cpu_only
+@pytest.mark.parametrize("m", ODD_M + (40,))
+@pytest.mark.parametrize("n,k", ODD_NK)
+def test_w8a8_gemm(m, n, k):
+    i = ODD_M.index(m) if m in ODD_M else 6
+    out = W8A8_OUT[(i + n) % 4]
+    check_w8a8(m, n, k, out, per_token=bool(i % 2), bias_dtype=FLOATS[(i + k) % 3] if i % 3 else None, device="cpu")
+
+
+@cpu_only
+@pytest.mark.parametrize("out_dtype", W8A8_OUT)
+@pytest.mark.parametrize("m", (3, 33))
+def test_w8a8_gemm_out_dtypes(m, out_dtype):
+    check_w8a8(m, 72, 100, out_dtype, per_token=True, bias_dtype=torch.bfloat16, device="cpu")
+
+
+@cpu_only
+@pytest.mark.parametrize("split", (3, 8))
+@pytest.mark.parametrize("out_dtype", (torch.int32, torch.float16))
+def test_w8a8_gemv_split_k(monkeypatch, split, out_dtype):
+    """M <= 16 with K split: partial tiles summed by the last split; counters reset for the next call."""
+    monkeypatch.setitem(w8a8_mod.INTERPRET, "gemv", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=split))
+    check_w8a8(5, 40, 200, out_dtype, per_token=True, bias_dtype=torch.float32, device="cpu", repeat=2)
+    counters = _common.tile_counters(torch.device("cpu"), 1)
+    assert int(counters.abs().sum()) == 0, "split-K left a tile counter set"
+
+
+@cpu_only
+def test_w8a8_gemm_empty_and_k0():
+    y = ops.w8a8_gemm(rand_int8(0, 16), torch.ones(1), rand_int8(8, 16), torch.ones(8), None, torch.float16)
+    assert y.shape == (0, 8)
+    check_w8a8(3, 8, 0, torch.float32, True, torch.float32, "cpu")
+
+
+# ------------------------------------------------------------------------------------------ w8a16_gemm
+def check_w8a16(m, n, k, g, dtype, bias, device):
+    _uses_triton("w8a16_gemm", device, m)
+    x = _rand((m, k), dtype, device)
+    w_q = rand_int8(n, k, device=device)
+    w_scale = rand_scale(n, device=device) if g == 0 else rand_scale(n * (k // g), device=device).reshape(n, k // g)
+    b = _rand((n,), dtype, device) if bias else None
+    y = ops.w8a16_gemm(x, w_q, w_scale, b, g)
+    assert y.dtype == dtype and y.shape == (m, n)
+    r = ref.w8a16_gemm(x.float(), w_q, w_scale, None if b is None else b.float(), g)
+    # The same math with the dequantized weight and the output rounded to x's dtype.
+    w_lowp = ref.dequantize_weight(w_q, w_scale, g).to(dtype).float()
+    lowp = (x.float() @ w_lowp.T + (0 if b is None else b.float())).to(dtype)
+    _lowp_tol(y, r, lowp)
+
+
+# (M, N, K, group): per channel, group = BLOCK_K under the interpreter (mode 1), a power of two
+# below it and odd groups (mode 2: gathered scales), a group spanning K.
+W8A16_CASES = [(1, 33, 48, 0), (2, 72, 96, 32), (3, 40, 64, 16), (16, 24, 96, 48), (17, 130, 17, 0),
+               (127, 72, 100, 0), (40, 33, 128, 64), (5, 24, 96, 3)]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,n,k,g", W8A16_CASES)
+def test_w8a16_gemm(m, n, k, g, dtype):
+    check_w8a16(m, n, k, g, dtype, bias=(m + n) % 2 == 0, device="cpu")
+
+
+@cpu_only
+@pytest.mark.parametrize("g", (0, 32, 40))
+def test_w8a16_gemv_split_k(monkeypatch, g):
+    monkeypatch.setitem(w8a16_mod.INTERPRET, "gemv", dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=3))
+    for _ in range(2):
+        check_w8a16(4, 40, 160, g, torch.float16, bias=True, device="cpu")
+    assert int(_common.tile_counters(torch.device("cpu"), 1).abs().sum()) == 0
+
+
+@cpu_only
+def test_w8a16_gemm_empty():
+    y = ops.w8a16_gemm(torch.randn(0, 32), rand_int8(8, 32), rand_scale(8), None, 0)
+    assert y.shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+def _cache(nb, bs, h, d, dynamic, device):
+    kc, vc = rand_int8(nb, bs, h, d, device=device), rand_int8(nb, bs, h, d, device=device)
+    shape = (nb, bs, h) if dynamic else (h, d)
+    return kc, vc, rand_scale(shape, device=device), rand_scale(shape, device=device)
+
+
+def check_kv_cache_append(t, nb, bs, h, d, k_dyn, v_dyn, dtype, device):
+    _uses_triton("kv_cache_append", device, t)
+    k, v = _rand((t, h, d), dtype, device, 2.0), _rand((t, h, d), dtype, device, 2.0)
+    if t > 2:
+        k[1, 0, 0] = float("nan")
+    kc, vc, ks, _ = _cache(nb, bs, h, d, k_dyn, device)
+    _, _, _, vs = _cache(nb, bs, h, d, v_dyn, device)
+    slots = torch.randperm(nb * bs, device=device)[:t]
+    slots[::3] = -1  # padding: skipped
+    mine = [a.clone() for a in (kc, vc, ks, vs)]
+    theirs = [a.clone() for a in (kc, vc, ks, vs)]
+    ops.kv_cache_append(k, v, *mine, slots)
+    ref.kv_cache_append(k, v, *theirs, slots)
+    for name, a, b in zip(("k_cache", "v_cache", "k_scale", "v_scale"), mine, theirs):
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)), \
+            f"{name} differs at {(a != b).nonzero()[:5].tolist()}"
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("k_dyn,v_dyn", ((True, True), (False, False), (True, False)))
+def test_kv_cache_append(dtype, k_dyn, v_dyn):
+    check_kv_cache_append(7, 9, 4, 3, 20, k_dyn, v_dyn, dtype, "cpu")
+
+
+@cpu_only
+def test_kv_cache_append_empty_and_out_of_range():
+    kc, vc, ks, vs = _cache(4, 4, 2, 16, True, "cpu")
+    before = [a.clone() for a in (kc, vc, ks, vs)]
+    ops.kv_cache_append(torch.randn(0, 2, 16), torch.randn(0, 2, 16), kc, vc, ks, vs, torch.zeros(0, dtype=torch.int64))
+    # Slots past the cache's end are dropped rather than written out of bounds.
+    K.kv_cache_append(torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, vc, ks, vs, torch.tensor([16, -3]))
+    for a, b in zip((kc, vc, ks, vs), before):
+        assert torch.equal(a, b)
+
+
+def check_decode(b, hq, hkv, d, nb, bs, lens, dynamic, dtype, device):
+    _uses_triton("int8_kv_decode_attention", device, b)
+    kc, vc, ks, vs = _cache(nb, bs, hkv, d, dynamic, device)
+    max_blocks = max(1, -(-max(lens) // bs))
+    block_table = torch.randperm(nb, device=device)[: b * max_blocks].reshape(b, max_blocks).to(torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = _rand((b, hq, d), dtype, device)
+    sm_scale = 1.0 / d ** 0.5
+    out = ops.int8_kv_decode_attention(q, kc, vc, ks, vs, block_table, seq_lens, sm_scale)
+    assert out.dtype == dtype and out.shape == (b, hq, d)
+    r = ref.int8_kv_decode_attention(q.float(), kc, vc, ks, vs, block_table, seq_lens, sm_scale)
+    # Low-precision peer: the same attention with probabilities rounded to q's dtype, output rounded.
+    lowp = ref.int8_kv_decode_attention(q, kc, vc, ks, vs, block_table, seq_lens, sm_scale)
+    tol = max(TOL[dtype][0], 2 * (lowp.float() - r).abs().max().item(), 4e-3 if dtype != torch.float32 else 0)
+    torch.testing.assert_close(out.float(), r, atol=tol, rtol=TOL[dtype][1])
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(out[i].float(), torch.zeros_like(out[i].float())), "empty sequence must give zeros"
+
+
+# (B, Hq, Hkv, D, lens): MHA (fp32 multiply-reduce path), GQA 4 and 3 (tensor-core path, heads
+# padded to 16), a length-0 sequence, lengths on and off the block boundary, D not a power of two.
+DECODE_CASES = [(3, 4, 4, 20, (13, 0, 16)), (2, 8, 2, 32, (1, 37)), (2, 6, 2, 20, (24, 5))]
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_int8_kv_decode_attention(monkeypatch, case, dtype):
+    i = case + FLOATS.index(dtype)
+    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 3 if i % 2 else 1)  # each path meets both
+    b, hq, hkv, d, lens = DECODE_CASES[case]
+    check_decode(b, hq, hkv, d, 24, 4, lens, dynamic=(i // 2) % 2 == 0, dtype=dtype, device="cpu")
+
+
+@cpu_only
+def test_decode_split_heuristic_and_empty():
+    assert kv_mod.num_splits(1, 32, 4096, 132) == 16  # one sequence still fills the GPU
+    assert kv_mod.num_splits(64, 32, 2048, 132) == 1
+    assert kv_mod.num_splits(1, 8, 100, 132) == 1  # too short to split
+    kc, vc, ks, vs = _cache(4, 4, 2, 16, True, "cpu")
+    out = ops.int8_kv_decode_attention(torch.randn(0, 2, 16), kc, vc, ks, vs, torch.zeros(0, 1, dtype=torch.int32),
+                                       torch.zeros(0, dtype=torch.int32), 0.25)
+    assert out.shape == (0, 2, 16)
+
+
+# ------------------------------------------------------------------------------------------ bench code
+@cpu_only
+def test_bench_gpu_code_paths(monkeypatch, tmp_path):
+    """The GPU benchmark's bookkeeping on tiny CPU problems (a wall-clock timer stands in for
+    do_bench): every op's peers run, rows carry floors and speedups, targets, JSON/CSV (and PNG)."""
+    import time
+
+    from ptqrt import bench_gpu
+
+    def timer(fn, rep_ms=40):
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    monkeypatch.setattr(bench_gpu, "_bench", timer)
+    monkeypatch.setattr(bench_gpu, "DECODE_HEADS", 2)
+    monkeypatch.setattr(bench_gpu, "DECODE_D", 16)
+    ceil = dict(copy_TBps=0.01, int_mm_TOPS=0.1, int_mm_TOPS_8192x28672x8192=0.1, fp16_mm_TFLOPS=0.1)
+    impls = bench_gpu._impls(("triton",), torch.device("cpu"))
+    assert set(impls["triton"]) == set(bench_gpu.ALL_OPS)
+    rows = bench_gpu.bench_w8a8_gemm(impls, ceil, ((32, 64),), (1, 17), "cpu")
+    rows += bench_gpu.bench_w8a16_gemm(impls, ceil, ((32, 64),), (2,), "cpu")
+    rows += bench_gpu.bench_quantize("quantize_per_token", impls, ceil, ((2048, 16),), "cpu")
+    rows += bench_gpu.bench_kv_cache_append(impls, ceil, (8,), "cpu")
+    rows += bench_gpu.bench_decode(impls, ceil, ((1, 32),), "cpu")
+    ours = [r for r in rows if r["kind"] == "ours"]
+    assert {r["op"] for r in ours} == {"w8a8_gemm", "w8a16_gemm", "quantize_per_token", "kv_cache_append",
+                                       "int8_kv_decode_attention"}
+    m17 = next(r for r in ours if r["op"] == "w8a8_gemm" and r["M"] == 17)
+    assert {"speedup_vs_fp16 F.linear", "speedup_vs_torch._int_mm", "speedup_vs__int_mm+dequant"} <= set(m17)
+    assert all(r["floor_us"] > 0 and r["us"] > 0 for r in rows)
+    targets = bench_gpu.check_targets(rows)
+    assert any(t["target"].startswith("w8a8_gemm") for t in targets)
+    meta = dict(device="cpu test", torch=torch.__version__, triton="x", time="2000-01-01T00:00:00")
+    bench_gpu.print_table(rows, ceil, meta)
+    json_path, csv_path = bench_gpu.write_results(rows, ceil, meta, tmp_path)
+    assert json_path.exists() and csv_path.read_text().count("\n") == len(rows) + 1
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    assert bench_gpu.plot_results(rows, ceil, meta, tmp_path / "p.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------ compile
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Each kernel builds to an sm_90 cubin at a default launch config, with Triton's own ptxas and no
+    GPU (`python -m ptqrt.kernels.compile_check --all` builds every config for sm_80 and sm_90)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    code = _MAP_KERNELS + ("from ptqrt.kernels import compile_check\n"
+                           "sys.exit(compile_check.main(['--arch', '90', '--quick']))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------------------ GPU
+# GPU tests run the untuned default configs (autotuning every variant would mostly time the
+# compiler), except test_gpu_autotuned. Most use the variant the benchmark times (fp16, per-token
+# scales, no bias), and test_gpu_config runs every config the autotuner may pick in it, one test
+# per config so that `pytest -n` compiles them in parallel; the benchmark then finds those kernels
+# in Triton's cache.
+@pytest.fixture
+def untuned(monkeypatch):
+    monkeypatch.setenv("PTQRT_TRITON_AUTOTUNE", "0")
+
+
+@pytest.mark.gpu
+def test_gpu_quantize(untuned):
+    for dtype in FLOATS:
+        check_quantize_per_token(8192, 8192, dtype, smooth=False, device="cuda")
+    check_quantize_per_token(4096, 11008, torch.bfloat16, smooth=True, device="cuda")
+    check_quantize_per_token(3, 40000, torch.float16, smooth=True, device="cuda")  # two-pass rows
+    check_quantize_per_tensor(4096, 4096, torch.float16, smooth=True, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (1, 3, 16, 17, 512, 2048))
+def test_gpu_w8a8_gemm(untuned, m):
+    check_w8a8(m, 4096, 4096, torch.float16, True, None, "cuda", repeat=2)
+    check_w8a8(m, 1024, 4096, torch.float16, True, None, "cuda", repeat=2)  # split-K for M <= 16
+    if m in (1, 2048):
+        check_w8a8(m, 4096, 4096, torch.int32, True, None, "cuda")
+    if m in (3, 17):
+        check_w8a8(m, 4096, 4096, torch.bfloat16, False, torch.bfloat16, "cuda")
+        check_w8a8(m, 4100, 4104, torch.float16, True, torch.float32, "cuda")  # K, N not multiples of 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (1, 16, 17, 512))
+def test_gpu_w8a16_gemm(untuned, m):
+    check_w8a16(m, 4096, 4096, 0, torch.float16, False, "cuda")
+    check_w8a16(m, 1024, 4096, 0, torch.float16, False, "cuda")  # split-K for M <= 16
+    if m in (1, 512):
+        check_w8a16(m, 4096, 4096, 128, torch.bfloat16, True, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_w8a16_gemm_fp32_and_odd_groups(untuned):
+    check_w8a16(3, 1000, 960, 96, torch.float32, True, "cuda")
+    check_w8a16(300, 1000, 960, 96, torch.float16, True, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_kv_cache(untuned):
+    check_kv_cache_append(300, 64, 16, 8, 128, True, True, torch.float16, "cuda")
+    check_kv_cache_append(300, 64, 16, 8, 128, False, True, torch.bfloat16, "cuda")
+    lens = (4096, 0, 1, 1000)
+    for hq, hkv, dynamic, dtype in ((32, 32, True, torch.float16), (32, 8, True, torch.float16),
+                                    (32, 8, False, torch.bfloat16), (32, 32, False, torch.float32)):
+        check_decode(4, hq, hkv, 128, 2048, 16, lens, dynamic, dtype, "cuda")
+    check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")  # one long sequence, split
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay(untuned):
+    """Split-K GEMVs and split decode replay correctly from a CUDA graph (counters reset per replay)."""
+    x_q, w_q = rand_int8(5, 4096, device="cuda"), rand_int8(1024, 4096, device="cuda")
+    xs, ws = rand_scale(5, device="cuda"), rand_scale(1024, device="cuda")
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.float16)
+    kc, vc, ks, vs = _cache(512, 16, 8, 128, True, "cuda")
+    q = torch.randn(2, 8, 128, device="cuda", dtype=torch.float16)
+    bt = torch.randperm(512, device="cuda")[:2 * 256].reshape(2, 256).to(torch.int32)
+    lens = torch.tensor([4000, 17], dtype=torch.int32, device="cuda")
+
+    def step():
+        return (ops.w8a8_gemm(x_q, xs, w_q, ws, None, torch.float16), ops.w8a16_gemm(x, w_q, ws, None, 0),
+                ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, lens, 0.088))
+
+    eager = step()  # compiles; a graph cannot capture compilation
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(outs, eager):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned(monkeypatch):
+    monkeypatch.setenv("PTQRT_TRITON_AUTOTUNE", "1")
+    for m in (1, 16, 2048):
+        check_w8a8(m, 4096, 4096, torch.float16, True, None, "cuda", repeat=2)
+        check_w8a16(m, 4096, 4096, 0, torch.float16, False, "cuda")
+
+
+def _all_configs():
+    for mod in (w8a8_mod, w8a16_mod):
+        for i, cfg in enumerate(mod.GEMV_CONFIGS):
+            yield pytest.param(mod, "gemv", i, id=f"{mod.__name__.rsplit('.', 1)[1]}-gemv-{i}")
+        for size, cfgs in mod.GEMM_CONFIGS.items():
+            for i in range(len(cfgs)):
+                yield pytest.param(mod, size, i, id=f"{mod.__name__.rsplit('.', 1)[1]}-gemm{min(size, 4096)}-{i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mod,size,i", list(_all_configs()))
+def test_gpu_config(untuned, monkeypatch, mod, size, i):
+    """Each config the autotuner may pick computes the right thing (the GEMV ones with their split)."""
+    import triton
+
+    if size == "gemv":
+        cfg = mod.GEMV_CONFIGS[i]
+        tile = {k: v for k, v in cfg.kwargs.items() if k != "SPLIT_K"}
+        monkeypatch.setattr(mod, "GEMV_DEFAULT",
+                            triton.Config(tile, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        monkeypatch.setattr(mod, "default_gemv_split", lambda *_: cfg.kwargs["SPLIT_K"])
+        m = 5
+    else:
+        monkeypatch.setitem(mod.GEMM_DEFAULT, size, mod.GEMM_CONFIGS[size][i])
+        m = min(size, 2048) - 3
+    if mod is w8a8_mod:
+        check_w8a8(m, 4096, 4096, torch.float16, True, None, "cuda", repeat=2)
+    else:
+        check_w8a16(m, 4096, 4096, 0, torch.float16, False, "cuda")
