@@ -71,7 +71,8 @@ fi
 # >>> successful build adds "cuda" to the backends the benchmark times in the same run.
 BACKENDS=triton
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
-    stage cuda-build 150 "$PY" -c "from ptqrt import _build; _build.build('cuda')" && BACKENDS=triton,cuda
+    # build (cached by content hash) + compute-sanitizer memcheck at small sizes; its GPU tests run in stage 3
+    stage cuda 330 env PTQRT_CUDA_CHECK_NO_TESTS=1 bash bench/device_check_cuda.sh && BACKENDS=triton,cuda
 fi
 # <<< end of the CUDA section
 

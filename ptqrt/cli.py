@@ -1,4 +1,4 @@
-"""`ptqrt` command line: quantize | inspect | demo | bench | build (also `python -m ptqrt`)."""
+"""`ptqrt` command line: quantize | inspect | eval | demo | bench | tune | build (also `python -m ptqrt`)."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +142,21 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    from . import evaluate
+
+    evaluate.run(quick=a.quick, only=a.only)
+    return 0
+
+
+def cmd_tune(a) -> int:
+    from . import tune
+
+    path = tune.tune(ops=a.ops, quick=a.quick)
+    print(f"wrote the dispatch table {path}; set_backend('auto') uses it from now on")
+    return 0
+
+
 def cmd_build(a) -> int:
     from . import _build
 
@@ -179,6 +194,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=5)
     d.set_defaults(fn=cmd_demo)
 
+    e = sub.add_parser("eval", help="perplexity of the shipped tiny causal LM under each quantization")
+    e.add_argument("--quick", action="store_true", help="a shorter held-out slice")
+    e.add_argument("--only", nargs="*", help="row labels to run (fp32 always runs)")
+    e.set_defaults(fn=cmd_eval)
+
     b = sub.add_parser("bench", help="time the selected backend's ops against their float peers")
     b.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"])
     b.add_argument("--m", help="comma-separated M values (CPU)")
@@ -188,6 +208,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", action="store_true", help="draw the GPU results to a PNG")
     b.add_argument("--out", default="bench/results")
     b.set_defaults(fn=cmd_bench)
+
+    t = sub.add_parser("tune", help="time every backend per op and M-bucket on this GPU; write the auto table")
+    t.add_argument("--ops", nargs="*", help="ops to tune (default: all)")
+    t.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    t.set_defaults(fn=cmd_tune)
 
     bl = sub.add_parser("build", help="build the C++ (--cpu) and/or CUDA (--cuda) extension, print its path")
     bl.add_argument("--cpu", action="store_true")

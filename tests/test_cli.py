@@ -8,7 +8,7 @@ from ptqrt.cli import main
 
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "ptqrt", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("quantize", "inspect", "demo", "bench", "build"):
+    for cmd in ("quantize", "inspect", "eval", "demo", "bench", "tune", "build"):
         assert cmd in out
 
 

@@ -1,0 +1,27 @@
+// Query-dtype dispatch for int8_kv_decode_attention; instances live in decode_attention_{f16,bf16,f32}.cu.
+#include "launch.h"
+#include "kernels/decode_attention_launch.cuh"
+
+namespace ptqrt {
+namespace cuda {
+
+extern template cudaError_t run_decode<__half>(const DecodeArgs&, cudaStream_t);
+extern template cudaError_t run_decode<__nv_bfloat16>(const DecodeArgs&, cudaStream_t);
+extern template cudaError_t run_decode<float>(const DecodeArgs&, cudaStream_t);
+
+size_t decode_attention_smem_bytes(const DecodeArgs& a) {
+  return decode_smem_bytes(decode_heads_per_cta(a.Hq / a.Hkv), a.D, a.chunk);
+}
+
+cudaError_t launch_int8_kv_decode_attention(DType dt, const DecodeArgs& a, cudaStream_t stream) {
+  if (a.B == 0 || a.Hq == 0 || a.D == 0) return cudaSuccess;
+  switch (dt) {
+    case DType::F16: return run_decode<__half>(a, stream);
+    case DType::BF16: return run_decode<__nv_bfloat16>(a, stream);
+    case DType::F32: return run_decode<float>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace ptqrt

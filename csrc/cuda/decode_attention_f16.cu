@@ -1,0 +1,8 @@
+// int8_kv_decode_attention instances for __half queries.
+#include "kernels/decode_attention_launch.cuh"
+
+namespace ptqrt {
+namespace cuda {
+template cudaError_t run_decode<__half>(const DecodeArgs&, cudaStream_t);
+}  // namespace cuda
+}  // namespace ptqrt

@@ -1,0 +1,138 @@
+// Shared host-side glue for the ptqrt_cuda ops: loud input checks (each names the tensor and prints
+// its shape, dtype and device), dtype mapping, and the launch-error check. Only the .cpp host files
+// include this; kernels never see torch.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include <ATen/ATen.h>
+#ifndef PTQRT_CUDA_EMU
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "launch.h"
+
+namespace ptqrt {
+namespace cuda {
+
+#ifndef PTQRT_CUDA_EMU
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline size_t smem_optin() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
+inline bool is_sm90() {
+  const auto* p = at::cuda::getCurrentDeviceProperties();
+  return p->major == 9 && p->minor == 0;
+}
+#else
+// The CPU emulator build (csrc/cuda/emu): CPU tensors stand in for device tensors, there is no stream,
+// and the "GPU" has PTQRT_EMU_SMS multiprocessors (default 8) so that split-K paths run on small shapes.
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+inline cudaStream_t current_stream() { return nullptr; }
+inline int sm_count() {
+  const char* s = std::getenv("PTQRT_EMU_SMS");
+  return s != nullptr && std::atoi(s) > 0 ? std::atoi(s) : 8;
+}
+inline size_t smem_optin() { return 227 * 1024; }
+inline bool is_sm90() { return true; }  // the emulator runs the sm_90a kernels too
+#endif
+
+// The sm_90a wgmma + TMA w8a8 kernel is opt-in (PTQRT_CUDA_WGMMA=1) until it has been validated on an
+// H100; otherwise every GPU runs the mma.sync kernel.
+inline bool wgmma_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_WGMMA");
+  return s != nullptr && s[0] == '1' && is_sm90();
+}
+
+inline std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
+  return s.str();
+}
+
+// A CUDA tensor of one of `dtypes`, with `dim` dimensions (-1: any), contiguous, on `device`.
+inline void check_tensor(const char* op, const char* name, const at::Tensor& t, c10::ArrayRef<at::ScalarType> dtypes,
+                         int64_t dim, const at::Device* device = nullptr) {
+  TORCH_CHECK(t.defined(), "ptqrt_cuda.", op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(on_device(t), "ptqrt_cuda.", op, ": ", name, " must be a CUDA tensor; got ", describe(t));
+  bool ok = false;
+  for (auto d : dtypes) ok = ok || t.scalar_type() == d;
+  if (!ok) {
+    std::ostringstream allowed;
+    for (auto d : dtypes) allowed << d << " ";
+    TORCH_CHECK(false, "ptqrt_cuda.", op, ": ", name, " must have dtype ", allowed.str(), "; got ", describe(t));
+  }
+  TORCH_CHECK(dim < 0 || t.dim() == dim, "ptqrt_cuda.", op, ": ", name, " must be ", dim, "-D; got ", describe(t));
+  TORCH_CHECK(t.is_contiguous(), "ptqrt_cuda.", op, ": ", name, " must be contiguous; got ", describe(t), ", strides ",
+              t.strides());
+  if (device != nullptr)
+    TORCH_CHECK(t.device() == *device, "ptqrt_cuda.", op, ": ", name, " is on ", t.device(), " but the inputs are on ",
+                *device);
+}
+
+inline void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                        const char* why = "") {
+  TORCH_CHECK(t.sizes() == expected, "ptqrt_cuda.", op, ": ", name, " must have shape ", expected, " ", why, "; got ",
+              describe(t));
+}
+
+inline c10::ArrayRef<at::ScalarType> kFloats() {
+  static const at::ScalarType floats[] = {at::kHalf, at::kBFloat16, at::kFloat};
+  return floats;
+}
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kFloat: return DType::F32;
+    case at::kInt: return DType::I32;
+    default: TORCH_CHECK(false, "ptqrt_cuda: unsupported dtype ", t);
+  }
+}
+
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// KV-cache scales: dynamic per token-head [num_blocks, block_size, H] (true) or static per channel [H, D]
+// (false), for a cache [num_blocks, block_size, H, D].
+inline bool check_kv_scale(const char* op, const char* name, const at::Tensor& scale, const at::Tensor& cache) {
+  const at::Device dev = cache.device();
+  check_tensor(op, name, scale, {at::kFloat}, -1, &dev);
+  const int64_t nb = cache.size(0), bs = cache.size(1), h = cache.size(2), d = cache.size(3);
+  if (scale.dim() == 3 && scale.size(0) == nb && scale.size(1) == bs && scale.size(2) == h) return true;
+  if (scale.dim() == 2 && scale.size(0) == h && scale.size(1) == d) return false;
+  TORCH_CHECK(false, "ptqrt_cuda.", op, ": ", name, " must be [num_blocks, block_size, Hkv] = [", nb, ", ", bs, ", ", h,
+              "] (dynamic per token-head) or [Hkv, D] = [", h, ", ", d, "] (static per channel); got ", describe(scale));
+}
+
+inline void check_int32_range(const char* op, const char* what, int64_t v) {
+  TORCH_CHECK(v <= INT32_MAX, "ptqrt_cuda.", op, ": ", what, " = ", v, " exceeds the kernels' 32-bit index range");
+}
+
+inline void check_launch(const char* op, cudaError_t e) {
+  TORCH_CHECK(e == cudaSuccess, "ptqrt_cuda.", op, ": CUDA error: ", cudaGetErrorString(e));
+}
+
+// A float32 contiguous copy (or the tensor itself) of an optional [n] float vector: the kernels read fp32.
+inline at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Split-K factor: enough CTAs to cover `target` (about one wave), at least 2 K-tiles per split, <= 16.
+inline int pick_splits(int64_t tiles, int64_t k_tiles, int64_t target) {
+  if (tiles >= target || k_tiles < 4) return 1;
+  int64_t s = (target + tiles - 1) / tiles;
+  s = std::min<int64_t>(s, k_tiles / 2);
+  s = std::min<int64_t>(s, 16);
+  return static_cast<int>(std::max<int64_t>(s, 1));
+}
+
+}  // namespace cuda
+}  // namespace ptqrt

@@ -1,0 +1,153 @@
+// Device helpers shared by every ptqrt CUDA kernel. Torch-free: only the CUDA runtime headers.
+//
+// Everything here targets sm_80 and newer (cp.async, ldmatrix, mma.sync); the build only emits
+// sm_80 and sm_90a code.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+// kernel<<<grid, block, smem, stream>>>, spelled so that the emulator can run the same launchers.
+// `kernel` must be a single token (bind template instances to a variable first).
+#ifdef PTQRT_CUDA_EMU
+#define PTQRT_LAUNCH(kernel, grid, block, smem, stream) ::ptqrt::emu::launcher(kernel, grid, block, smem)
+#define PTQRT_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::ptqrt::emu::dynamic_smem())
+#else
+#define PTQRT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define PTQRT_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
+#endif
+
+namespace ptqrt {
+namespace cuda {
+
+constexpr int kWarp = 32;
+constexpr float kQMax = 127.f;
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------ float conversions
+// Explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__, so no implicit casts exist.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two adjacent outputs as one store when the address allows it (the caller checks alignment).
+template <typename T> struct Pair;
+template <> struct Pair<float> { using type = float2; };
+template <> struct Pair<__half> { using type = __half2; };
+template <> struct Pair<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <> struct Pair<int32_t> { using type = int2; };
+
+template <typename T> __device__ __forceinline__ typename Pair<T>::type make_pair2(float a, float b);
+template <> __device__ __forceinline__ float2 make_pair2<float>(float a, float b) { return make_float2(a, b); }
+template <> __device__ __forceinline__ __half2 make_pair2<__half>(float a, float b) { return __floats2half2_rn(a, b); }
+template <> __device__ __forceinline__ __nv_bfloat162 make_pair2<__nv_bfloat16>(float a, float b) {
+  return __floats2bfloat162_rn(a, b);
+}
+
+// ------------------------------------------------------------------ quantization math (reference.py)
+// NaN-propagating max: torch.amax propagates NaN, fmaxf would drop it.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// s = amax / 127, and 1 for amax == 0 (an all-zero row must not produce 0 or NaN); NaN/Inf pass through.
+__device__ __forceinline__ float absmax_scale(float amax) { return amax == 0.f ? 1.f : amax / kQMax; }
+
+// Round half to even, NaN -> 0, clamp to [-127, 127]. The caller divides (IEEE, not a reciprocal
+// multiply) so that ties land exactly where the reference's fp32 division puts them.
+__device__ __forceinline__ int8_t round_clamp_int8(float v) {
+  if (v != v) return 0;
+  v = fminf(fmaxf(v, -kQMax), kQMax);
+  return static_cast<int8_t>(__float2int_rn(v));
+}
+
+// ------------------------------------------------------------------ warp reductions
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_nan_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// ------------------------------------------------------------------ async copies and tensor-core ops
+// Under PTQRT_CUDA_EMU (the CPU emulator in csrc/cuda/emu, used by the CPU tests) these come from
+// emu/emu.h instead, with the same signatures and the PTX-specified fragment layouts.
+#ifndef PTQRT_CUDA_EMU
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1 (.cg: tiles are reused from shared memory, not L1).
+// pred == false writes 16 zero bytes and reads nothing; `src` must still be a valid address.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  const int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Four 8x8 b16 matrices; lane i gives the row address for matrix i / 8, row i % 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// D = A * B + D, A 16x32 s8 (row), B 32x8 s8 (col), D 16x8 s32. Exact integer arithmetic.
+__device__ __forceinline__ void mma_s8_16832(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// D = A * B + D, A 16x16 (row), B 16x8 (col) in fp16 or bf16, D 16x8 fp32.
+template <typename T> __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif  // PTQRT_CUDA_EMU
+
+// Grouped tile order: GROUP consecutive tile rows share their B (weight) tiles while they are in L2.
+__device__ __forceinline__ void grouped_tile(int pid, int tiles_m, int tiles_n, int group, int& tm, int& tn) {
+  const int per_group = group * tiles_n;
+  const int first_m = (pid / per_group) * group;
+  const int rows = min(tiles_m - first_m, group);
+  tm = first_m + (pid % per_group) % rows;
+  tn = (pid % per_group) / rows;
+}
+
+}  // namespace cuda
+}  // namespace ptqrt

@@ -1,0 +1,45 @@
+// Launcher of int8_kv_decode_attention, instantiated per query dtype in decode_attention_{f16,bf16,f32}.cu.
+#pragma once
+
+#include "../launch.h"
+#include "decode_attention.cuh"
+
+namespace ptqrt {
+namespace cuda {
+
+template <typename T, int GT>
+cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {
+  auto kernel = decode_attention_kernel<T, GT>;
+  const size_t smem = decode_smem_bytes(GT, a.D, a.chunk);
+  if (smem > 48 * 1024) {
+    static size_t granted[64] = {};  // per device: the largest size opted in so far
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev >= 64 || granted[dev] < smem) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+      if (dev < 64) granted[dev] = smem;
+    }
+  }
+  const int G = a.Hq / a.Hkv;
+  const dim3 grid(a.splits, a.Hkv * ((G + GT - 1) / GT), a.B);
+  PTQRT_LAUNCH(kernel, grid, kDecodeThreads, smem, stream)(a);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || a.splits == 1) return e;
+  auto combine = decode_combine_kernel<T>;
+  PTQRT_LAUNCH(combine, static_cast<unsigned>(int64_t(a.B) * a.Hq), 128, 0, stream)(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t run_decode(const DecodeArgs& a, cudaStream_t stream) {
+  switch (decode_heads_per_cta(a.Hq / a.Hkv)) {
+    case 1: return launch_decode<T, 1>(a, stream);
+    case 2: return launch_decode<T, 2>(a, stream);
+    case 4: return launch_decode<T, 4>(a, stream);
+    default: return launch_decode<T, 8>(a, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace ptqrt

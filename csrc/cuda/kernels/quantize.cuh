@@ -1,0 +1,126 @@
+// quantize_per_token and quantize_per_tensor (math: ptqrt/reference.py).
+//
+//   per token:  v = float(x[m, k]) / smooth[k];  s[m] = absmax_k(v) / 127 (1 if 0);  q = rne(v / s[m])
+//   per tensor: q = rne((float(x[m, k]) / smooth[k]) / scale)
+// q is clamped to [-127, 127], NaN -> 0. Divisions are IEEE (not reciprocal multiplies) so that every
+// q matches the reference bit for bit.
+#pragma once
+
+#include "common.cuh"
+
+namespace ptqrt {
+namespace cuda {
+
+// VEC elements of T per 16-byte load (1: scalar path for unaligned rows).
+template <typename T, int VEC> struct Vec16 {
+  static_assert(VEC * sizeof(T) == 16 || VEC == 1, "16-byte vectors or scalars");
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = to_float(p[0]);
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = to_float(e[j]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void divide_smooth(const float* smooth, int64_t k, float (&v)[VEC]) {
+  if (smooth == nullptr) return;
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VEC; j += 4) {
+      const float4 s = *reinterpret_cast<const float4*>(smooth + k + j);
+      v[j] /= s.x; v[j + 1] /= s.y; v[j + 2] /= s.z; v[j + 3] /= s.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] /= smooth[k + j];
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ void store_q(int8_t* p, const int8_t (&q)[VEC]) {
+  if constexpr (VEC == 16) {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(q);
+  } else if constexpr (VEC == 8) {
+    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(q);
+  } else if constexpr (VEC == 4) {
+    *reinterpret_cast<uint32_t*>(p) = *reinterpret_cast<const uint32_t*>(q);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p[j] = q[j];
+  }
+}
+
+// One CTA per row: pass 1 finds the row's absmax, pass 2 re-reads the row (from L1/L2) and quantizes.
+// Re-reading beats holding the row in registers for any K and costs nothing measurable here.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __restrict__ x, const float* __restrict__ smooth,
+                                                                 int8_t* __restrict__ x_q, float* __restrict__ x_scale,
+                                                                 int64_t K) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * K;
+  int8_t* qr = x_q + row * K;
+  const int64_t step = int64_t(blockDim.x) * VEC;
+
+  float amax = 0.f;
+  for (int64_t k = int64_t(threadIdx.x) * VEC; k < K; k += step) {
+    float v[VEC];
+    load_vec<T, VEC>(xr + k, v);
+    divide_smooth<VEC>(smooth, k, v);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) amax = nan_max(amax, fabsf(v[j]));
+  }
+  __shared__ float red[8];
+  amax = warp_nan_max(amax);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) red[warp] = amax;
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = blockDim.x / kWarp;
+    float a = lane < nw ? red[lane] : 0.f;
+    a = warp_nan_max(a);
+    if (lane == 0) red[0] = a;
+  }
+  __syncthreads();
+  const float s = absmax_scale(red[0]);
+  if (threadIdx.x == 0) x_scale[row] = s;
+
+  for (int64_t k = int64_t(threadIdx.x) * VEC; k < K; k += step) {
+    float v[VEC];
+    load_vec<T, VEC>(xr + k, v);
+    divide_smooth<VEC>(smooth, k, v);
+    int8_t q[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[j] / s);
+    store_q<VEC>(qr + k, q);
+  }
+}
+
+// Grid-stride over VEC-element groups of the flattened [M, K] (K % VEC == 0 when VEC > 1).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256) quantize_per_tensor_kernel(const T* __restrict__ x, const float* __restrict__ scale,
+                                                                  const float* __restrict__ smooth,
+                                                                  int8_t* __restrict__ x_q, int64_t total, int64_t K) {
+  const float s = *scale;
+  const int64_t groups = total / VEC;
+  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = g * VEC;
+    float v[VEC];
+    load_vec<T, VEC>(x + i, v);
+    divide_smooth<VEC>(smooth, i % K, v);
+    int8_t q[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[j] / s);
+    store_q<VEC>(x_q + i, q);
+  }
+}
+
+}  // namespace cuda
+}  // namespace ptqrt

@@ -1,0 +1,8 @@
+// w8a16_gemm tensor-core instances for __nv_bfloat16 activations.
+#include "kernels/w8a16_mma_launch.cuh"
+
+namespace ptqrt {
+namespace cuda {
+template cudaError_t run_w8a16_mma<__nv_bfloat16>(Tile, const W8A16Args&, cudaStream_t);
+}  // namespace cuda
+}  // namespace ptqrt

@@ -1,0 +1,10 @@
+// w8a8_gemm instances with __half output (one file per output dtype: parallel, incremental builds).
+#include "kernels/w8a8_gemm_launch.cuh"
+
+namespace ptqrt {
+namespace cuda {
+template cudaError_t run_w8a8<__half>(Tile, const W8A8Args&, cudaStream_t);
+template cudaError_t run_w8a8_split_reduce<__half>(const W8A8Args&, cudaStream_t);
+template cudaError_t run_w8a8_gemv<__half>(const W8A8Args&, cudaStream_t);
+}  // namespace cuda
+}  // namespace ptqrt

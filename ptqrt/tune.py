@@ -1,0 +1,157 @@
+"""Tune the `auto` dispatch table on this GPU: time every backend of every op per M-bucket and keep the
+fastest.
+
+    tune(ops=None, quick=False) -> Path      measure, write the table, make ptqrt.ops use it now
+    decide(timings, default="triton", tie=0.0) -> {op: {str(bucket): backend}}     the pure decision
+    write(timings, device_name) -> Path      decide + dispatch_table.write_table + reset
+
+Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run) at one
+representative shape per op and bucket: M = the bucket's bound (8192 for the last, open one), N = K =
+4096 for the GEMMs (2048 with quick=True), 32 query / 8 kv heads of 128 for attention over 1024-token
+sequences. The backends timed are those that load here among "triton" and "cuda"; "reference" only
+when neither does. A backend that fails at a shape simply does not win that bucket. The table goes to
+``dispatch_table.table_path(torch.cuda.get_device_name())`` in the format ``ptqrt.ops._auto_chain``
+reads, ``{op: {str(bucket): backend}}``, together with the raw timings.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+
+from . import dispatch_table
+from . import ops as _ops
+
+CANDIDATES = ("triton", "cuda")
+LAST_BUCKET_M = 8192
+
+
+def decide(timings: Mapping[str, Mapping[int, Mapping[str, Optional[float]]]], default: str = "triton",
+           tie: float = 0.0) -> dict:
+    """{op: {str(bucket): backend}} from {op: {bucket: {backend: milliseconds or None}}}.
+
+    Per bucket the fastest finite timing wins; "reference" counts only when no other backend has a
+    timing. `default` keeps a bucket when it is within `tie` (a fraction) of the fastest, and takes
+    any bucket where nothing could be timed."""
+    table: dict = {}
+    for op, per_bucket in timings.items():
+        row = {}
+        for b, per_backend in per_bucket.items():
+            ok = {name: float(t) for name, t in per_backend.items()
+                  if t is not None and math.isfinite(float(t)) and float(t) > 0}
+            if any(name != "reference" for name in ok):
+                ok.pop("reference", None)
+            if not ok:
+                row[str(b)] = default
+                continue
+            best = min(ok, key=ok.get)
+            if default in ok and ok[default] <= ok[best] * (1.0 + tie):
+                best = default
+            row[str(b)] = best
+        table[op] = row
+    return table
+
+
+def write(timings: Mapping, device_name: str, default: str = "triton", tie: float = 0.0,
+          extra: Optional[dict] = None) -> Path:
+    """Decide, merge over the table in use for the ops not timed, write it for `device_name`, and make
+    ptqrt.ops read it from now on."""
+    table = decide(timings, default=default, tie=tie)
+    current = dispatch_table.load_table() if dispatch_table.current_gpu_name() == device_name else {}
+    merged = {**{op: dict(row) for op, row in current.items()}, **table}
+    raw = {op: {str(b): dict(v) for b, v in per.items()} for op, per in timings.items()}
+    path = dispatch_table.write_table(device_name, merged, extra={"timings_ms": raw, **(extra or {})})
+    _ops.reset_dispatch_table()
+    return path
+
+
+# ----------------------------------------------------------------------------- measuring
+def bucket_ms(quick: bool) -> dict:
+    """{bucket: the M timed for it}."""
+    return {b: (b if b <= 4096 else (4096 if quick else LAST_BUCKET_M)) for b in _ops.M_BUCKETS}
+
+
+def make_inputs(op: str, m: int, device, quick: bool) -> tuple:
+    """Positional arguments of `op` at the representative shape for M = m."""
+    nk = 2048 if quick else 4096
+    r8 = lambda *s: torch.randint(-127, 128, s, dtype=torch.int8, device=device)  # noqa: E731
+    scale = lambda *s: torch.rand(*s, device=device) * 0.01 + 1e-3  # noqa: E731
+    if op == "quantize_per_token":
+        return (torch.randn(m, nk, device=device, dtype=torch.float16), None)
+    if op == "quantize_per_tensor":
+        return (torch.randn(m, nk, device=device, dtype=torch.float16), torch.tensor([0.02], device=device), None)
+    if op == "w8a8_gemm":
+        return (r8(m, nk), scale(m), r8(nk, nk), scale(nk), None, torch.float16)
+    if op == "w8a16_gemm":
+        return (torch.randn(m, nk, device=device, dtype=torch.float16), r8(nk, nk), scale(nk), None, 0)
+    heads, kv_heads, d, block = 32, 8, 128, 16
+    if op == "kv_cache_append":
+        nb = m // block + 1
+        cache = lambda: r8(nb, block, kv_heads, d)  # noqa: E731
+        return (torch.randn(m, kv_heads, d, device=device, dtype=torch.float16),
+                torch.randn(m, kv_heads, d, device=device, dtype=torch.float16), cache(), cache(),
+                scale(nb, block, kv_heads), scale(nb, block, kv_heads),
+                torch.arange(m, device=device, dtype=torch.int64))
+    if op == "int8_kv_decode_attention":
+        b = min(m, 256)  # M is the batch here; cap the cache at a few GB
+        length = 256 if quick else 1024
+        per_seq = length // block
+        nb = b * per_seq
+        table = torch.arange(nb, device=device, dtype=torch.int32).reshape(b, per_seq)
+        return (torch.randn(b, heads, d, device=device, dtype=torch.float16), r8(nb, block, kv_heads, d),
+                r8(nb, block, kv_heads, d), scale(nb, block, kv_heads), scale(nb, block, kv_heads), table,
+                torch.full((b,), length, device=device, dtype=torch.int32), 1.0 / math.sqrt(d))
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _time(fn: Callable, args: tuple, quick: bool) -> float:
+    import triton
+
+    fn(*args)  # compiles / autotunes outside the timing
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(lambda: fn(*args), warmup=5 if quick else 20, rep=20 if quick else 80,
+                                         return_mode="median"))
+
+
+def tune(ops: Optional[Iterable[str]] = None, quick: bool = False) -> Path:
+    """Measure every available backend of every op (or of `ops`) per M-bucket on the current GPU,
+    write the dispatch table for this GPU and return its path. Needs a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("ptqrt.tune needs a CUDA GPU: it times the triton and cuda kernels on the device "
+                           "whose dispatch table it writes, and no CUDA device is visible")
+    names = list(ops) if ops is not None else list(_ops.OP_NAMES)
+    unknown = [n for n in names if n not in _ops.OP_NAMES]
+    if unknown:
+        raise ValueError(f"ptqrt.tune: unknown ops {unknown}; choose from {', '.join(_ops.OP_NAMES)}")
+    device = torch.device("cuda")
+    providers = {b: _ops._provider(b, device) for b in CANDIDATES}
+    providers = {b: p for b, p in providers.items() if p}
+    if not providers:
+        warnings.warn("ptqrt.tune: neither the triton nor the cuda backend loads; timing the reference", RuntimeWarning)
+        providers = {"reference": _ops._provider("reference", device)}
+    timings: dict = {}
+    for op in names:
+        timings[op] = {}
+        for b, m in bucket_ms(quick).items():
+            args = make_inputs(op, m, device, quick)
+            timings[op][b] = {}
+            for backend, impls in providers.items():
+                fn = impls.get(op)
+                if fn is None:
+                    continue
+                try:
+                    timings[op][b][backend] = _time(fn, args, quick)
+                except Exception as e:  # noqa: BLE001 -- a backend failing at a shape just does not win it
+                    warnings.warn(f"ptqrt.tune: {backend} {op} at M={m} failed: {str(e).splitlines()[0] if str(e) else e!r}",
+                                  RuntimeWarning)
+                    timings[op][b][backend] = None
+            del args
+        torch.cuda.empty_cache()
+    extra = {"torch": torch.__version__, "quick": quick, "backends": sorted(providers)}
+    return write(timings, torch.cuda.get_device_name(), extra=extra)
+
+
+__all__ = ["tune", "decide", "write", "bucket_ms", "make_inputs", "CANDIDATES"]

@@ -1,0 +1,547 @@
+"""The cuda backend (csrc/cuda) against ptqrt.reference, and the tuner (ptqrt/tune.py).
+
+Three layers run the same kernel source:
+
+* ``test_extension_*`` (CPU; needs CUDA torch and nvcc, no GPU): the extension compiles for sm_80 and
+  sm_90a, links, loads, and registers the six ``torch.ops.ptqrt_cuda`` ops with ptqrt's schemas. The
+  first build takes minutes on 2 cores; it is cached by content hash under $PTQRT_CACHE_DIR.
+* emulator tests (CPU, marked slow): the kernels, launchers and host glue compiled as C++ against
+  csrc/cuda/emu/emu.h, a SIMT emulator (warp collectives with the PTX fragment layouts, barriers,
+  cp.async that lands as late as allowed), registered as ``torch.ops.ptqrt_cuda_emu`` on CPU tensors.
+  Small odd shapes; a divergent mma, a missing barrier or wait, a wrong fragment index all fail here.
+* ``@pytest.mark.gpu``: the real extension through ptqrt's public ops with ``set_backend("cuda")``,
+  at real and odd sizes (``pytest -m gpu tests/test_cuda_backend.py``).
+
+Kernel outputs are allocated inside the ops; the allocator's free pool is filled with poisoned
+blocks of the output's size first (NaN / INT_MIN), so an unwritten element shows. In-place caches
+start from random bytes and are compared whole.
+"""
+from __future__ import annotations
+
+import fcntl
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from util import ODD_M, TOL, poison_like, rand_int8, rand_scale
+
+from ptqrt import _build, ops
+from ptqrt import reference as ref
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+EMU_NS = "ptqrt_cuda_emu"
+
+
+# ------------------------------------------------------------------------------------------ build
+def _normalized_schema(schema) -> str:
+    """Schema text without the namespace and with alias sets unnamed (ptqrt's are a2, a3...)."""
+    s = str(schema).split("::", 1)[1]
+    return re.sub(r"\((\w+)!\)", "(!)", s)
+
+
+def test_extension_builds_loads_and_registers(monkeypatch):
+    """The CUDA extension compiles (sm_80 + sm_90a), links, loads without a GPU, and registers the six
+    ops with exactly the schemas of ptqrt/ops.py."""
+    why = _build.cuda_unavailable_reason()
+    if why is not None:
+        pytest.skip(why)
+    monkeypatch.setenv("MAX_JOBS", os.environ.get("MAX_JOBS", "2"))
+    path = _build.build("cuda")
+    assert Path(path).is_file()
+    torch.ops.load_library(path)  # idempotent; build() already loaded it
+    for name in ops.OP_NAMES:
+        assert hasattr(torch.ops.ptqrt_cuda, name), f"ptqrt_cuda.{name} is not registered"
+        mine = getattr(torch.ops.ptqrt_cuda, name).default._schema
+        theirs = getattr(torch.ops.ptqrt, name).default._schema
+        assert _normalized_schema(mine) == _normalized_schema(theirs), (str(mine), str(theirs))
+
+
+def test_extension_sources_are_torch_free():
+    """Kernels and launchers (.cu, kernels/*.cuh) never include torch: nvcc then never parses ATen,
+    and the emulator can build them without CUDA torch."""
+    root = _build.csrc_dir() / "cuda"
+    for p in list(root.glob("*.cu")) + list(root.glob("kernels/*.cuh")) + [root / "launch.h"]:
+        text = p.read_text()
+        assert not re.search(r"#include\s*[<\"](torch|ATen|c10)/", text), f"{p.name} includes torch headers"
+
+
+# ------------------------------------------------------------------------------------------ emulator
+def _cuda_header_dir():
+    """An include folder with the CUDA runtime headers (cuda_runtime.h and crt/), or None."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cands = []
+    for home in filter(None, homes):
+        cands += [os.path.join(home, "include")] + sorted(glob.glob(os.path.join(home, "targets", "*", "include")))
+    cands += _build.nvidia_includes()
+    for c in cands:
+        if os.path.isfile(os.path.join(c, "cuda_runtime.h")) and os.path.isfile(os.path.join(c, "crt", "host_defines.h")):
+            return c
+    return None
+
+
+def _emu_library() -> str:
+    """Build (or reuse) the emulator library ptqrt_cuda_emu under a file lock; return its path."""
+    from torch.utils import cpp_extension
+
+    root = _build.csrc_dir() / "cuda"
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+    flags = ["-O1", "-DPTQRT_CUDA_EMU", "-Wno-unknown-pragmas"]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(repr(flags).encode() + torch.__version__.encode() + sys.version.encode())
+    out = _build.cache_root() / f"cuda-emu-{h.hexdigest()[:16]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    so, done = out / f"{EMU_NS}.so", out / "BUILD_OK"
+    with open(str(out) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (done.exists() and so.exists()):
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                os.environ.setdefault("MAX_JOBS", "2")
+                cpp_extension.load(name=EMU_NS, sources=[str(root / "emu" / "emu_kernels.cpp"),
+                                                         str(root / "emu" / "emu_host.cpp")],
+                                   build_directory=str(out), is_python_module=False, extra_cflags=flags,
+                                   extra_include_paths=[str(_build.csrc_dir()), _cuda_header_dir()])
+                done.write_text(str(so))
+            else:
+                torch.ops.load_library(str(so))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(so)
+
+
+_emu_state: dict = {}
+
+
+def _emu_ready():
+    """Build and load the emulator once per session. Without CUDA headers it skips; a compile error in
+    the kernels fails (it is a bug in them)."""
+    if _cuda_header_dir() is None:
+        pytest.skip("the CUDA emulator needs the CUDA runtime headers (cuda_runtime.h, crt/); none found")
+    if "path" not in _emu_state:
+        _emu_state["path"] = _emu_library()
+
+
+class Impl:
+    """Calls one op of the cuda backend: the real one through ptqrt's public ops (forced to "cuda"),
+    or the emulator build on CPU tensors."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.device = "cuda" if kind == "gpu" else "cpu"
+
+    def __call__(self, op: str, *args):
+        if self.kind == "gpu":
+            ops.set_backend("cuda")
+            m = args[0].shape[0]
+            assert ops.backend_for(op, "cuda", m) == "cuda", f"{op} did not dispatch to the cuda backend"
+            return getattr(ops, op)(*args)
+        return getattr(getattr(torch.ops, EMU_NS), op)(*args)
+
+    @property
+    def emu(self) -> bool:
+        return self.kind == "emu"
+
+    @property
+    def small(self) -> bool:
+        """Only the small odd shapes: in the emulator, and under compute-sanitizer
+        (PTQRT_CUDA_TEST_SMALL=1, see bench/device_check_cuda.sh)."""
+        return self.emu or os.environ.get("PTQRT_CUDA_TEST_SMALL") == "1"
+
+
+@pytest.fixture(params=[pytest.param("emu", marks=pytest.mark.slow), pytest.param("gpu", marks=pytest.mark.gpu)])
+def impl(request):
+    if request.param == "emu":
+        _emu_ready()
+    return Impl(request.param)
+
+
+def _poison_pool(shape, dtype, device, copies: int = 4) -> None:
+    """Leave `copies` freed blocks of this size full of poison in the allocator, so that an output the
+    op allocates next most likely starts as NaN / INT_MIN rather than as zeros."""
+    blocks = [poison_like(torch.empty(shape, dtype=dtype, device=device)) for _ in range(copies)]
+    del blocks
+
+
+def _rand(shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, device=device) * scale).to(dtype)
+
+
+def _lowp_close(out, r, lowp):
+    """out within max(2x the error of the same math in out's dtype, the dtype tolerance) of r, the
+    tolerance scaled by the output's magnitude."""
+    assert out.shape == r.shape and out.dtype == r.dtype
+    big = max(1.0, r.float().abs().max().item()) if r.numel() else 1.0
+    atol, rtol = TOL[out.dtype]
+    err_ref = (lowp.float() - r.float()).abs().max().item() if r.numel() else 0.0
+    assert torch.isfinite(out.float()).all(), "non-finite output (unwritten or overflowed elements)"
+    torch.testing.assert_close(out.float(), r.float(), atol=max(atol * big, 2 * err_ref), rtol=rtol)
+
+
+# Emulated runs are ~10^4 times slower than a GPU: a few odd shapes per path. The GPU adds real sizes.
+def _shapes_mk(impl):
+    base = [(0, 40)] + list(zip(ODD_M, (33, 47, 100, 17, 64, 130)))  # M = 0, 1, 2, 3, 16, 17, 127
+    return base if impl.small else base + [(4096, 4096), (1, 8192), (333, 5000)]
+
+
+# ------------------------------------------------------------------------------------------ quantize
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_per_token(impl, dtype):
+    dev = impl.device
+    for i, (m, k) in enumerate(_shapes_mk(impl)):
+        x = _rand((m, k), dtype, dev, 3.0)
+        sm = (torch.rand(k, device=dev) + 0.5).to(FLOATS[i % 3]) if i % 2 else None
+        _poison_pool((m, k), torch.int8, dev)
+        q, s = impl("quantize_per_token", x, sm)
+        q_ref, s_ref = ref.quantize_per_token(x, sm)
+        assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.shape == (m, k) and s.shape == (m,)
+        assert torch.equal(q, q_ref), f"[{m}, {k}]: codes differ at {(q != q_ref).nonzero()[:5].tolist()}"
+        assert torch.equal(s, s_ref), f"[{m}, {k}]: scales differ"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_per_tensor(impl, dtype):
+    dev = impl.device
+    for i, (m, k) in enumerate(_shapes_mk(impl)):
+        x = _rand((m, k), dtype, dev, 3.0)
+        sm = (torch.rand(k, device=dev) + 0.5).to(FLOATS[i % 3]) if i % 2 == 0 else None
+        scale = torch.tensor([0.037], device=dev)
+        _poison_pool((m, k), torch.int8, dev)
+        q = impl("quantize_per_tensor", x, scale, sm)
+        assert torch.equal(q, ref.quantize_per_tensor(x, scale, sm)), f"[{m}, {k}]"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_rounding_and_special_values(impl, dtype):
+    """Ties round to even, NaN -> 0 with a NaN scale, Inf rows, all-zero rows (scale 1), saturation;
+    K = 16 and 12 take the vector and the scalar paths."""
+    dev = impl.device
+    for k in (16, 12):
+        x = torch.zeros(5, k, dtype=torch.float32)
+        # scale = 127 / 127 = 1 exactly, so v / s are the ties themselves
+        x[0, :12] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5, 4.5, -0.0])
+        x[1] = torch.randn(k)
+        x[1, 3] = float("nan")
+        x[2] = torch.randn(k)
+        x[2, 5] = float("inf")
+        x[4] = torch.randn(k) * 1e-3  # row 3 stays all zeros
+        x = x.to(dtype).to(dev)
+        q, s = impl("quantize_per_token", x, None)
+        q_ref, s_ref = ref.quantize_per_token(x)
+        assert torch.equal(q, q_ref)
+        assert q[0, :12].tolist() == [127, 0, 2, 2, 0, -2, -2, 4, 126, -126, 4, 0]
+        assert torch.equal(s.isnan(), s_ref.isnan()) and bool(s[1].isnan())
+        assert torch.equal(s[~s.isnan()], s_ref[~s_ref.isnan()]) and s[3].item() == 1.0
+        for scale in (1.0, 1e-30):  # 1e-30: every code saturates at +-127, NaN still 0
+            st = torch.tensor([scale], device=dev)
+            assert torch.equal(impl("quantize_per_tensor", x, st, None), ref.quantize_per_tensor(x, st))
+
+
+# ------------------------------------------------------------------------------------------ w8a8_gemm
+def _w8a8_cases(impl):
+    """(M, N, K): the GEMV path (M <= 16), both tiles, K padded (K % 16 != 0), split-K on both tiles
+    (short M, long K), M = 0."""
+    cases = [(0, 33, 47), (1, 33, 47), (2, 72, 100), (3, 130, 17), (16, 72, 100), (17, 33, 47), (65, 40, 64),
+             (127, 130, 272), (1, 64, 1040), (5, 70, 2048), (33, 40, 1040), (70, 40, 1024)]
+    if not impl.small:
+        cases += [(4096, 4096, 4096), (1, 4096, 4096), (16, 11008, 4096), (333, 1000, 3000), (2, 8192, 8192)]
+    return cases
+
+
+W8A8_OUT = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
+
+
+def test_w8a8_gemm_int32_is_exact(impl):
+    dev = impl.device
+    for m, n, k in _w8a8_cases(impl):
+        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
+        _poison_pool((m, n), torch.int32, dev)
+        acc = impl("w8a8_gemm", x_q, rand_scale(1, device=dev), w_q, rand_scale(n, device=dev), None, torch.int32)
+        expect = ref.int32_matmul(x_q, w_q)
+        assert acc.dtype == torch.int32 and torch.equal(acc, expect), f"[{m}, {n}, {k}]"
+
+
+@pytest.mark.parametrize("out_dtype", W8A8_OUT[:3])
+def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
+    """The fused epilogue rounds like the reference ((acc * x_scale) * w_scale + bias, fp32, no FMA),
+    so float outputs match bit for bit too; per-token and per-tensor x_scale, bias in any float dtype."""
+    dev = impl.device
+    monkeypatch.setenv("PTQRT_EMU_SMS", "4")  # the emulated GPU is small: split-K on more shapes
+    for i, (m, n, k) in enumerate(_w8a8_cases(impl)):
+        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
+        x_scale = rand_scale(m if i % 2 else 1, device=dev)
+        w_scale = rand_scale(n, device=dev)
+        bias = None if i % 4 == 3 else _rand((n,), FLOATS[i % 3], dev)
+        _poison_pool((m, n), out_dtype, dev)
+        y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        assert y.dtype == out_dtype and y.shape == (m, n)
+        assert torch.equal(y, expect), f"[{m}, {n}, {k}]: max diff {(y.double() - expect.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("out_dtype", W8A8_OUT)
+def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
+    """The sm_90a kernel (TMA + wgmma, opt-in with PTQRT_CUDA_WGMMA=1; M > 64): N and K tails, more
+    K tiles than pipeline stages, split-K; exact like the mma.sync kernel."""
+    if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
+    monkeypatch.setenv("PTQRT_EMU_SMS", "4")
+    dev = impl.device
+    cases = [(65, 40, 64), (127, 130, 272), (130, 300, 1040), (200, 17, 100)]
+    if not impl.small:
+        cases += [(4096, 4096, 4096), (8192, 8192, 8192), (333, 1000, 3000), (2048, 28672, 8192), (100, 64, 133120)]
+    for i, (m, n, k) in enumerate(cases):
+        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
+        x_scale = rand_scale(m if i % 2 else 1, device=dev)
+        w_scale = rand_scale(n, device=dev)
+        bias = None if out_dtype == torch.int32 or i % 3 == 2 else _rand((n,), FLOATS[i % 3], dev)
+        _poison_pool((m, n), out_dtype, dev)
+        y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        assert torch.equal(y, expect), f"[{m}, {n}, {k}]: max diff {(y.double() - expect.double()).abs().max()}"
+
+
+# ------------------------------------------------------------------------------------------ w8a16_gemm
+def _w8a16_cases(impl):
+    """(M, N, K, group_size): GEMV (M <= 16), tensor-core GEMM (M > 16, split-K when short), odd K and
+    group sizes (CUDA-core fallback), M = 0."""
+    cases = [(0, 33, 64, 0), (1, 33, 64, 0), (2, 17, 48, 16), (3, 40, 47, 0), (16, 72, 256, 64), (17, 64, 128, 0),
+             (40, 130, 256, 32), (70, 33, 160, 0), (5, 33, 96, 24), (20, 24, 100, 0), (1, 40, 1024, 128)]
+    if not impl.small:
+        cases += [(1, 4096, 4096, 0), (16, 11008, 4096, 128), (512, 4096, 4096, 0), (4096, 4096, 4096, 64),
+                  (33, 1000, 3000, 0), (200, 300, 1000, 40)]
+    return cases
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_w8a16_gemm(impl, dtype, monkeypatch):
+    dev = impl.device
+    monkeypatch.setenv("PTQRT_EMU_SMS", "4")
+    for i, (m, n, k, g) in enumerate(_w8a16_cases(impl)):
+        x = _rand((m, k), dtype, dev)
+        w_q = rand_int8(n, k, device=dev)
+        w_scale = rand_scale(n, device=dev) if g == 0 else rand_scale(n * (k // g), device=dev).reshape(n, k // g)
+        bias = None if i % 3 == 2 else _rand((n,), FLOATS[i % 3], dev)
+        _poison_pool((m, n), dtype, dev)
+        y = impl("w8a16_gemm", x, w_q, w_scale, bias, g)
+        expect = ref.w8a16_gemm(x, w_q, w_scale, bias, g)
+        w_lowp = ref.dequantize_weight(w_q, w_scale, g).to(dtype)
+        lowp = x.float() @ w_lowp.float().T if dtype == torch.float32 else (x @ w_lowp.T).float()
+        if bias is not None:
+            lowp = lowp + bias.float()
+        _lowp_close(y, expect, lowp.to(dtype))
+
+
+# ------------------------------------------------------------------------------------------ kv cache
+def _kv_scales(nb, bs, h, d, dynamic, dev):
+    if dynamic:
+        return rand_scale(nb * bs * h, device=dev).reshape(nb, bs, h), rand_scale(nb * bs * h, device=dev).reshape(nb, bs, h)
+    return rand_scale(h * d, device=dev).reshape(h, d), rand_scale(h * d, device=dev).reshape(h, d)
+
+
+@pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_kv_cache_append(impl, dtype, dynamic):
+    dev = impl.device
+    cases = [(0, 2, 64, 4, 16), (5, 2, 64, 4, 16), (3, 3, 40, 3, 7), (2, 1, 130, 2, 5)]
+    if not impl.small:
+        cases += [(4096, 8, 128, 300, 16), (7, 4, 256, 9, 32)]
+    for t, h, d, nb, bs in cases:
+        k_cache, v_cache = rand_int8(nb, bs, h, d, device=dev), rand_int8(nb, bs, h, d, device=dev)
+        k_scale, v_scale = _kv_scales(nb, bs, h, d, dynamic, dev)
+        k, v = _rand((t, h, d), dtype, dev, 2.0), _rand((t, h, d), FLOATS[(FLOATS.index(dtype) + t) % 3], dev)
+        slots = torch.randperm(nb * bs, device=dev)[:t]
+        if t > 1:
+            slots[1] = -1  # padding: skipped
+        for sl in (slots, slots.to(torch.int32)):
+            mine = [c.clone() for c in (k_cache, v_cache, k_scale, v_scale)]
+            theirs = [c.clone() for c in (k_cache, v_cache, k_scale, v_scale)]
+            impl("kv_cache_append", k, v, *mine, sl)
+            ref.kv_cache_append(k, v, *theirs, sl)
+            for name, a, b in zip(("k_cache", "v_cache", "k_scale", "v_scale"), mine, theirs):
+                assert torch.equal(a, b), f"{name} differs for T={t}, H={h}, D={d}, slots {sl.dtype}"
+
+
+# ------------------------------------------------------------------------------------------ decode attention
+def _attn_cases(impl):
+    """(B, Hq, Hkv, D, num_blocks, block_size, max_blocks, seq_lens): MHA and GQA groups 2, 3 (padded to
+    4), 8, 12 (two CTAs per kv head); D not a multiple of 16 and D > 256; a length-0 sequence; enough
+    tokens for several splits."""
+    cases = [(2, 4, 2, 64, 10, 16, 4, [37, 0]), (3, 6, 2, 40, 12, 7, 5, [1, 35, 20]), (1, 12, 1, 72, 40, 16, 40, [600]),
+             (1, 2, 2, 300, 4, 16, 3, [40]), (2, 8, 1, 128, 9, 32, 4, [100, 128]), (1, 1, 1, 8, 3, 4, 3, [9])]
+    if not impl.small:
+        cases += [(8, 32, 8, 128, 600, 16, 64, [1024, 1, 0, 777, 1000, 64, 512, 333]),
+                  (64, 64, 8, 128, 2200, 16, 32, [512] * 64), (1, 28, 4, 96, 2100, 16, 2048, [32768])]
+    return cases
+
+
+@pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_kv_decode_attention(impl, dtype, dynamic):
+    dev = impl.device
+    for b, hq, hkv, d, nb, bs, maxb, lens in _attn_cases(impl):
+        k_cache, v_cache = rand_int8(nb, bs, hkv, d, device=dev), rand_int8(nb, bs, hkv, d, device=dev)
+        k_scale, v_scale = _kv_scales(nb, bs, hkv, d, dynamic, dev)
+        q = _rand((b, hq, d), dtype, dev)
+        table = torch.stack([torch.randperm(nb, device=dev)[:maxb] for _ in range(b)]).to(torch.int32)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        sm_scale = 1.0 / math.sqrt(d)
+        _poison_pool((b, hq, d), dtype, dev)
+        out = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
+        expect = ref.int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
+        # Softmax and P.V run in fp32 in both; only the final cast is low precision: the dtype tolerance.
+        _lowp_close(out, expect, expect)
+        for i, n in enumerate(lens):
+            if n == 0:
+                assert torch.equal(out[i], torch.zeros_like(out[i])), "a length-0 sequence must give zeros"
+
+
+# ------------------------------------------------------------------------------------------ unaligned storage
+def _offset_view(t: torch.Tensor, elems: int = 1) -> torch.Tensor:
+    """A contiguous copy of t that starts `elems` elements into its storage (not 16-byte aligned)."""
+    flat = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)
+    v = flat[elems:].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+def test_unaligned_inputs_take_the_safe_paths(impl):
+    """Contiguous tensors that do not start 16-byte aligned (views into a storage) must not reach the
+    vector loads: w8a8 pads a copy, w8a16 and quantize fall back to element loads, the decode kernel to
+    byte loads."""
+    dev = impl.device
+    m, n, k = 20, 40, 64
+    x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
+    xs, ws = rand_scale(m, device=dev), rand_scale(n, device=dev)
+    y = impl("w8a8_gemm", _offset_view(x_q), xs, _offset_view(w_q), ws, None, torch.float32)
+    assert torch.equal(y, ref.w8a8_gemm(x_q, xs, w_q, ws, None, torch.float32))
+    for mm in (3, 20):
+        x = _rand((mm, k), torch.float16, dev)
+        y = impl("w8a16_gemm", _offset_view(x), _offset_view(w_q, 3), ws, None, 0)
+        expect = ref.w8a16_gemm(x, w_q, ws, None, 0)
+        _lowp_close(y, expect, (x @ ref.dequantize_weight(w_q, ws).to(torch.float16).T))
+    x = _rand((5, k), torch.bfloat16, dev)
+    q, s = impl("quantize_per_token", _offset_view(x), None)
+    q_ref, s_ref = ref.quantize_per_token(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    nb, bs, h, d = 4, 8, 2, 64
+    kc, vc = rand_int8(nb, bs, h, d, device=dev), rand_int8(nb, bs, h, d, device=dev)
+    ks, vs = _kv_scales(nb, bs, h, d, True, dev)
+    q = _rand((2, 4, d), torch.float32, dev)
+    table = torch.stack([torch.randperm(nb, device=dev) for _ in range(2)]).to(torch.int32)
+    lens = torch.tensor([30, 7], dtype=torch.int32, device=dev)
+    out = impl("int8_kv_decode_attention", q, _offset_view(kc), _offset_view(vc, 5), ks, vs, table, lens, 0.125)
+    _lowp_close(out, ref.int8_kv_decode_attention(q, kc, vc, ks, vs, table, lens, 0.125),
+                ref.int8_kv_decode_attention(q, kc, vc, ks, vs, table, lens, 0.125))
+
+
+# ------------------------------------------------------------------------------------------ host checks
+def test_host_glue_refuses_bad_input_with_shapes():
+    """The C++ glue checks what guards memory (it is reachable without ptqrt's Python checks)."""
+    _emu_ready()
+    emu = getattr(torch.ops, EMU_NS)
+    x_q, w_q = rand_int8(4, 32), rand_int8(8, 48)
+    with pytest.raises(RuntimeError, match=r"x_q is \[M, K\] = \[4, 32\].*w_q is \[N, K\] = \[8, 48\]"):
+        emu.w8a8_gemm(x_q, torch.ones(4), w_q, torch.ones(8), None, torch.float16)
+    with pytest.raises(RuntimeError, match=r"x_q must be contiguous.*shape \[32, 4\]"):
+        emu.w8a8_gemm(rand_int8(4, 32).T, torch.ones(32), rand_int8(8, 4), torch.ones(8), None, torch.float16)
+    with pytest.raises(RuntimeError, match=r"w_scale must have dtype Float"):
+        emu.w8a16_gemm(torch.randn(2, 32), rand_int8(8, 32), torch.ones(8, dtype=torch.float16), None, 0)
+    with pytest.raises(RuntimeError, match=r"k_scale must be \[num_blocks, block_size, Hkv\]"):
+        emu.kv_cache_append(torch.randn(1, 2, 8), torch.randn(1, 2, 8), rand_int8(3, 4, 2, 8), rand_int8(3, 4, 2, 8),
+                            torch.ones(5), torch.ones(2, 8), torch.zeros(1, dtype=torch.int64))
+
+
+def test_kv_cache_append_skips_out_of_range_slots():
+    """A slot past the cache would write out of bounds: skipped, like a negative (padding) slot."""
+    _emu_ready()
+    emu = getattr(torch.ops, EMU_NS)
+    k_cache, v_cache = rand_int8(2, 4, 1, 16), rand_int8(2, 4, 1, 16)
+    before = (k_cache.clone(), v_cache.clone())
+    scales = [rand_scale(8).reshape(2, 4, 1) for _ in range(2)]
+    emu.kv_cache_append(torch.randn(2, 1, 16), torch.randn(2, 1, 16), k_cache, v_cache, *scales,
+                        torch.tensor([8, -3], dtype=torch.int64))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+# ------------------------------------------------------------------------------------------ tune
+def test_tune_decision_picks_fastest_and_skips_reference():
+    from ptqrt import tune
+
+    timings = {
+        "w8a8_gemm": {1: {"triton": 0.020, "cuda": 0.010, "reference": 0.001},
+                      16: {"triton": 0.012, "cuda": 0.0121},
+                      64: {"triton": None, "cuda": 0.5},            # triton failed at this size
+                      256: {"triton": float("nan"), "cuda": None}},  # nothing measurable: default
+        "kv_cache_append": {1: {"reference": 0.3}},                  # nothing else: reference it is
+    }
+    table = tune.decide(timings)
+    assert table["w8a8_gemm"] == {"1": "cuda", "16": "triton", "64": "cuda", "256": "triton"}
+    assert table["kv_cache_append"] == {"1": "reference"}
+    # Within the tie margin the incumbent default (triton) keeps the bucket.
+    assert tune.decide({"w8a16_gemm": {1: {"triton": 1.0, "cuda": 0.995}}}, tie=0.01)["w8a16_gemm"]["1"] == "triton"
+
+
+def test_tune_table_round_trip(tmp_path, monkeypatch):
+    """A table written from fake timings is what the auto chooser reads back for this GPU name."""
+    from ptqrt import dispatch_table, tune
+
+    monkeypatch.setenv("PTQRT_TABLE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch_table, "current_gpu_name", lambda: "Fake GPU 80GB")
+    timings = {op: {b: {"triton": 2.0, "cuda": 1.0 if b <= 16 else 3.0} for b in ops.M_BUCKETS} for op in ops.OP_NAMES}
+    path = tune.write(timings, "Fake GPU 80GB")
+    assert path == dispatch_table.table_path("Fake GPU 80GB") and path.is_file()
+    data = json.loads(path.read_text())
+    assert data["device"] == "Fake GPU 80GB" and set(data["ops"]) == set(ops.OP_NAMES)
+    ops.reset_dispatch_table()
+    try:
+        for op in ops.OP_NAMES:
+            assert ops._auto_chain(op, torch.device("cuda"), 1)[0] == "cuda"
+            assert ops._auto_chain(op, torch.device("cuda"), 16)[0] == "cuda"
+            assert ops._auto_chain(op, torch.device("cuda"), 17)[0] == "triton"
+            assert ops._auto_chain(op, torch.device("cuda"), 10**6)[0] == "triton"
+    finally:
+        monkeypatch.undo()
+        ops.reset_dispatch_table()
+
+
+def test_tune_without_gpu_says_so():
+    from ptqrt import tune
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        tune.tune(quick=True)
+
+
+@pytest.mark.gpu
+def test_tune_quick_on_gpu(tmp_path, monkeypatch):
+    from ptqrt import dispatch_table, tune
+
+    monkeypatch.setenv("PTQRT_TABLE_DIR", str(tmp_path))
+    path = tune.tune(ops=["quantize_per_token"], quick=True)
+    data = json.loads(Path(path).read_text())
+    assert data["device"] == torch.cuda.get_device_name()
+    assert set(data["ops"]["quantize_per_token"]) == {str(b) for b in ops.M_BUCKETS}
+    assert path == dispatch_table.table_path(torch.cuda.get_device_name())
+    ops.reset_dispatch_table()
