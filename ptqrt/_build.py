@@ -52,9 +52,12 @@ def sources(kind: str) -> list[Path]:
 
 
 def headers(kind: str) -> list[Path]:
+    """Headers that can change the `kind` build: its own folder's (recursively) and csrc/'s top level."""
     root = csrc_dir()
-    return sorted(Path(p) for pat in ("*.h", "*.cuh", "*.hpp")
-                  for p in glob.glob(str(root / "**" / pat), recursive=True))
+    pats = ("*.h", "*.cuh", "*.hpp")
+    own = [p for pat in pats for p in glob.glob(str(root / kind / "**" / pat), recursive=True)]
+    top = [p for pat in pats for p in glob.glob(str(root / pat))]
+    return sorted(Path(p) for p in own + top)
 
 
 def nvidia_includes() -> list[str]:
@@ -152,6 +155,8 @@ def build(kind: str, verbose: bool = False) -> str:
     """Build (or find) the extension and load it; return its shared library's path. Raises on failure."""
     if kind not in KINDS:
         raise ValueError(f"extension kind must be one of {KINDS}; got {kind!r}")
+    if _loaded.get(kind):  # a library registers its ops once per process: never load a second copy
+        return _loaded[kind]
     path = _aot(kind) or _jit(kind, verbose)
     _loaded[kind] = path
     return path

@@ -1,0 +1,218 @@
+// w8a16_gemm: y [M, N] = x [M, K] . (w_q [N, K] * w_scale)^T + bias, computed in fp32, returned in x.dtype.
+//
+// Weights stay int8 in memory and are dequantized in registers (int8 -> fp32, times the group's
+// scale), which is what makes the decode (small M) case fast: it reads a quarter of fp32's bytes.
+// Per channel (group_size 0) the scale is applied once to each finished dot product; per group the
+// loop runs one segment per group and scales the weight vector as it is converted, so a group never
+// has to be a multiple of the vector width (a partial vector is masked). Blocking and threading as
+// in gemm_w8a8.cpp; the mr rows of x are converted to fp32 once per tile row (zero-padded), so the
+// inner loop reads plain fp32 whatever x's dtype (fp32, bf16 or fp16).
+#include "common.h"
+
+namespace ptqrt_cpu {
+
+namespace {
+
+struct W8A16Block {
+  const float* xf;  // [mr, ldxf] fp32 rows of x, filled per tile row by the block function
+  int64_t ldxf;
+  const int8_t* w;  // [nb, K]
+  int64_t ldw;
+  const float* ws;  // per channel: [nb]; per group: [nb, G]
+  int64_t G, gsize;  // G = 0: per channel
+  int64_t K;
+  float* c;  // [mr, nr] fp32 results
+  int64_t ldc;
+};
+
+// Row stride of the fp32 copy of x: a multiple of 8 plus 8 more, so an 8-wide load that starts at
+// any k < K stays inside the row (the extra lanes are masked or multiply zero).
+int64_t xf_stride(int64_t K) { return round_up(K, 8) + 8; }
+
+template <class T>
+void convert_rows_scalar(const T* x, int64_t ldx, int64_t mr, int64_t K, float* xf, int64_t ldxf) {
+  for (int64_t i = 0; i < mr; ++i) {
+    int64_t k = 0;
+    for (; k < K; ++k) xf[i * ldxf + k] = to_f32(x[i * ldx + k]);
+    for (; k < ldxf; ++k) xf[i * ldxf + k] = 0.0f;
+  }
+}
+
+void tile_scalar(const W8A16Block& b, int64_t mr, int64_t nr) {
+  const int64_t nseg = b.G ? b.G : 1, seg = b.G ? b.gsize : b.K;
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) {
+      const float* xr = b.xf + i * b.ldxf;
+      const int8_t* wr = b.w + j * b.ldw;
+      float acc = 0.0f;
+      for (int64_t g = 0; g < nseg; ++g) {
+        const float s = b.G ? b.ws[j * b.G + g] : 1.0f;
+        for (int64_t k = g * seg; k < (g + 1) * seg; ++k) acc += xr[k] * (static_cast<float>(wr[k]) * s);
+      }
+      b.c[i * b.ldc + j] = b.G ? acc : acc * b.ws[j];
+    }
+}
+
+#if PTQRT_X86
+// 12 accumulators + 3 weight vectors; x is an FMA memory operand. A single row uses 1 x 8 instead.
+constexpr int kMR = 4, kNR = 3;
+
+template <int mr, int nr>
+PTQRT_AVX2 void tile_avx2(const W8A16Block& b) {
+  __m256 acc[mr][nr];
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) acc[i][j] = _mm256_setzero_ps();
+  const int64_t nseg = b.G ? b.G : 1, seg = b.G ? b.gsize : b.K;
+  for (int64_t g = 0; g < nseg; ++g) {
+    const int64_t k1 = (g + 1) * seg;
+    __m256 sv[nr];
+    for (int j = 0; j < nr; ++j) sv[j] = _mm256_set1_ps(b.G ? b.ws[j * b.G + g] : 1.0f);
+    int64_t k = g * seg;
+    for (; k + 8 <= k1; k += 8) {
+      __m256 wv[nr];
+      for (int j = 0; j < nr; ++j) {
+        wv[j] = load8_i8(b.w + j * b.ldw + k);
+        if (b.G) wv[j] = _mm256_mul_ps(wv[j], sv[j]);
+      }
+      for (int i = 0; i < mr; ++i) {
+        const __m256 xv = _mm256_loadu_ps(b.xf + i * b.ldxf + k);
+        for (int j = 0; j < nr; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+    if (k < k1) {  // the group's last k1 - k < 8 values; lanes past k1 are zeroed on both sides
+      const __m256 lm = lane_mask(k1 - k);
+      __m256 wv[nr];
+      for (int j = 0; j < nr; ++j) {
+        wv[j] = load8_i8_partial(b.w + j * b.ldw + k, k1 - k);
+        if (b.G) wv[j] = _mm256_and_ps(_mm256_mul_ps(wv[j], sv[j]), lm);
+      }
+      for (int i = 0; i < mr; ++i) {
+        const __m256 xv = _mm256_and_ps(_mm256_loadu_ps(b.xf + i * b.ldxf + k), lm);
+        for (int j = 0; j < nr; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) {
+      const float y = hsum(acc[i][j]);
+      b.c[i * b.ldc + j] = b.G ? y : y * b.ws[j];
+    }
+}
+
+template <class T>
+PTQRT_AVX2 void convert_rows_avx2(const T* x, int64_t ldx, int64_t mr, int64_t K, float* xf, int64_t ldxf) {
+  for (int64_t i = 0; i < mr; ++i) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(xf + i * ldxf + k, load8(x + i * ldx + k));
+    for (; k < K; ++k) xf[i * ldxf + k] = to_f32(x[i * ldx + k]);
+    for (; k < ldxf; ++k) xf[i * ldxf + k] = 0.0f;
+  }
+}
+#endif
+
+// c [mb, nb] (fp32, ldc) for rows x [mb, K] of dtype T and weight rows w [nb, K].
+template <class T>
+void block(Isa isa, const T* x, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G, int64_t gsize,
+           int64_t K, float* c, int64_t ldc, std::vector<float>& xbuf) {
+  const bool vec = PTQRT_X86 && (isa == Isa::avx2 || isa == Isa::avx512);
+  const int64_t MR = vec ? 4 : 1, NR = vec ? 3 : 1;
+  const int64_t ldxf = xf_stride(K);
+  if (static_cast<int64_t>(xbuf.size()) < MR * ldxf) xbuf.resize(MR * ldxf);
+  for (int64_t m0 = 0; m0 < mb; m0 += MR) {
+    const int64_t mr = std::min(MR, mb - m0);
+    W8A16Block b{xbuf.data(), ldxf, nullptr, K, nullptr, G, gsize, K, nullptr, ldc};
+#if PTQRT_X86
+    if (vec) {
+      using Tile = void (*)(const W8A16Block&);
+      static const Tile tiles[kMR][kNR] = {
+          {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>},
+          {tile_avx2<2, 1>, tile_avx2<2, 2>, tile_avx2<2, 3>},
+          {tile_avx2<3, 1>, tile_avx2<3, 2>, tile_avx2<3, 3>},
+          {tile_avx2<4, 1>, tile_avx2<4, 2>, tile_avx2<4, 3>},
+      };
+      convert_rows_avx2(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
+      if (mr == 1) {  // one row: eight columns, so eight FMA chains hide the FMA latency
+        static const Tile row_tiles[8] = {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>, tile_avx2<1, 4>,
+                                          tile_avx2<1, 5>, tile_avx2<1, 6>, tile_avx2<1, 7>, tile_avx2<1, 8>};
+        for (int64_t n0 = 0; n0 < nb; n0 += 8) {
+          b.w = w + n0 * K;
+          b.ws = ws + n0 * (G ? G : 1);
+          b.c = c + m0 * ldc + n0;
+          row_tiles[std::min<int64_t>(8, nb - n0) - 1](b);
+        }
+        continue;
+      }
+      for (int64_t n0 = 0; n0 < nb; n0 += NR) {
+        const int64_t nr = std::min(NR, nb - n0);
+        b.w = w + n0 * K;
+        b.ws = ws + n0 * (G ? G : 1);
+        b.c = c + m0 * ldc + n0;
+        tiles[mr - 1][nr - 1](b);
+      }
+      continue;
+    }
+#endif
+    convert_rows_scalar(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
+    for (int64_t n0 = 0; n0 < nb; ++n0) {
+      b.w = w + n0 * K;
+      b.ws = ws + n0 * (G ? G : 1);
+      b.c = c + m0 * ldc + n0;
+      tile_scalar(b, mr, 1);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
+                      const std::optional<at::Tensor>& bias, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && w_q.dim() == 2 && w_q.scalar_type() == at::kChar && x.is_contiguous() &&
+                  w_q.is_contiguous(),
+              "ptqrt_cpu.w8a16_gemm: x [M, K] float and w_q [N, K] int8 must be contiguous 2-D; got ", x.sizes(),
+              " ", x.scalar_type(), " and ", w_q.sizes(), " ", w_q.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = w_q.size(0);
+  TORCH_CHECK(w_q.size(1) == K, "ptqrt_cpu.w8a16_gemm: K differs: x ", x.sizes(), ", w_q ", w_q.sizes());
+  TORCH_CHECK(group_size >= 0 && (group_size == 0 || K % group_size == 0),
+              "ptqrt_cpu.w8a16_gemm: group_size must be 0 or divide K=", K, "; got ", group_size);
+  const int64_t G = group_size ? K / group_size : 0;
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == N * (G ? G : 1),
+              "ptqrt_cpu.w8a16_gemm: w_scale must be contiguous float32 [N]=", N, " or [N, K/group_size]=[", N, ", ",
+              G, "]; got ", w_scale.sizes(), " ", w_scale.scalar_type());
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "ptqrt_cpu.w8a16_gemm: bias must be [N]=", N);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+
+  const Isa isa = active_isa();
+  const std::vector<float> bs = f32_vector(bias);
+  const int8_t* wp = w_q.data_ptr<int8_t>();
+  const float* wsp = w_scale.data_ptr<float>();
+  const int64_t MB = 128;
+  int64_t NB = std::min<int64_t>(512, std::max<int64_t>(12, (192 * 1024) / std::max<int64_t>(K, 1) / 12 * 12));
+  const int64_t threads = at::get_num_threads();
+  while (NB > 12 && ceil_div(N, NB) * ceil_div(M, MB) < 4 * threads) NB -= 12;
+  const int64_t n_nb = ceil_div(N, NB), n_mb = ceil_div(M, MB);
+
+  dispatch_float(x.scalar_type(), "x", [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+    T* op = reinterpret_cast<T*>(out.data_ptr());
+    at::parallel_for(0, n_nb * n_mb, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> cbuf(MB * NB), xbuf;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
+        const int64_t mb = std::min(MB, M - m0), nb = std::min(NB, N - n0);
+        block(isa, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K, cbuf.data(), NB,
+              xbuf);
+        for (int64_t i = 0; i < mb; ++i)
+          for (int64_t j = 0; j < nb; ++j) {
+            float y = cbuf[i * NB + j];
+            if (!bs.empty()) y = y + bs[n0 + j];
+            op[(m0 + i) * N + n0 + j] = static_cast<T>(y);
+          }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace ptqrt_cpu

@@ -1,0 +1,348 @@
+// w8a8_gemm: y [M, N] = (x_q [M, K] . w_q [N, K]^T in exact int32) * x_scale[m] * w_scale[n] + bias[n].
+//
+// Both operands are K-contiguous, so each output is a dot product along K and the tile kernels keep
+// mr x nr of them in vector accumulators over the whole K (no int32 partials written back), then
+// reduce across lanes once. The driver cuts N into blocks of about 192 KiB of weights, which stay in
+// L2 while every row block of x streams past them, and runs (n-block, m-block) tasks on
+// at::parallel_for. Paths (isa.h): AVX-512 VNNI (vpdpbusd, 64 MACs an instruction), AVX2 (int8
+// widened to int16, vpmaddwd: exact for every int8 value, where vpmaddubsw would saturate), scalar.
+// All three return the same int32 sums; the fp32 epilogue runs in baseline code (no FMA contraction)
+// in the reference's order, (float(acc) * x_scale[m]) * w_scale[n] + bias[n], then one cast.
+#include "common.h"
+
+namespace ptqrt_cpu {
+
+namespace {
+
+// One task's worth of work: c [mb, nb] = x [mb, K] . w [nb, K]^T.
+struct W8A8Block {
+  const int8_t* x;
+  int64_t ldx;
+  const int32_t* xsum;  // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
+  const int8_t* w;
+  int64_t ldw;
+  int64_t mb, nb, K;
+  int32_t* c;
+  int64_t ldc;
+};
+using BlockFn = void (*)(const W8A8Block&);
+
+// ------------------------------------------------------------------------------------------ scalar
+void block_scalar(const W8A8Block& b) {
+  for (int64_t i = 0; i < b.mb; ++i) {
+    const int8_t* xr = b.x + i * b.ldx;
+    for (int64_t j = 0; j < b.nb; ++j) {
+      const int8_t* wr = b.w + j * b.ldw;
+      uint32_t acc = 0;  // wraps like the vector paths (defined in C++); the final sum fits in int32
+      for (int64_t k = 0; k < b.K; ++k) acc += static_cast<uint32_t>(int32_t(xr[k]) * int32_t(wr[k]));
+      b.c[i * b.ldc + j] = static_cast<int32_t>(acc);
+    }
+  }
+}
+
+#if PTQRT_X86
+// -------------------------------------------------------------------------------------------- AVX2
+// int8 widened to int16 and multiplied with vpmaddwd, which adds two int16 products
+// (|.| <= 2 * 128 * 128 = 32768) into an int32 lane: exact for every int8 value (vpmaddubsw would
+// saturate). x rows are widened once per block into a zero-padded int16 panel (K16 = K rounded up to
+// 16); weight rows are widened as they are loaded, and their last K % 16 bytes are copied to a
+// zeroed buffer so that no load reads past a row.
+//
+// The kernels name their accumulators and add into them with an asm vpaddd: with arrays of
+// accumulators GCC kept every product live and copied each sum back (a vmovdqa per product), as
+// costly as the adds themselves.
+#define PTQRT_MADD(acc, x, w)                                      \
+  do {                                                             \
+    const __m256i p_ = _mm256_madd_epi16((x), (w));                \
+    __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(p_));            \
+  } while (0)
+
+PTQRT_AVX2_INLINE __m256i widen16(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+PTQRT_AVX2_INLINE __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Weight row j's bytes [k, k + 16) as a pointer: the row itself, or a zero-padded copy of its tail.
+struct WTail {
+  alignas(16) int8_t buf[16];
+  const int8_t* at(const int8_t* row, int64_t k, int64_t K) {
+    if (k + 16 <= K) return row + k;
+    std::memset(buf, 0, 16);
+    std::memcpy(buf, row + k, static_cast<size_t>(K - k));
+    return buf;
+  }
+};
+
+// c[i][j] for 4 rows of the x panel and 2 weight rows (w1 may repeat w0 when only one is wanted).
+PTQRT_AVX2 void tile4x2_avx2(const int16_t* xw, int64_t ldxw, const int8_t* w0, const int8_t* w1, int64_t K,
+                             int32_t* c, int64_t ldc, int64_t nr) {
+  __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  const int16_t *x0 = xw, *x1 = xw + ldxw, *x2 = xw + 2 * ldxw, *x3 = xw + 3 * ldxw;
+  WTail t0, t1;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m256i v0 = widen16(t0.at(w0, k, K)), v1 = widen16(t1.at(w1, k, K));
+    __m256i x = load16(x0 + k);
+    PTQRT_MADD(a00, x, v0);
+    PTQRT_MADD(a01, x, v1);
+    x = load16(x1 + k);
+    PTQRT_MADD(a10, x, v0);
+    PTQRT_MADD(a11, x, v1);
+    x = load16(x2 + k);
+    PTQRT_MADD(a20, x, v0);
+    PTQRT_MADD(a21, x, v1);
+    x = load16(x3 + k);
+    PTQRT_MADD(a30, x, v0);
+    PTQRT_MADD(a31, x, v1);
+  }
+  c[0] = hsum(a00), c[ldc] = hsum(a10), c[2 * ldc] = hsum(a20), c[3 * ldc] = hsum(a30);
+  if (nr > 1) c[1] = hsum(a01), c[ldc + 1] = hsum(a11), c[2 * ldc + 1] = hsum(a21), c[3 * ldc + 1] = hsum(a31);
+}
+
+// One row against 4 weight rows (decode, and rows left over from the 4-row tiles).
+PTQRT_AVX2 void tile1x4_avx2(const int16_t* x0, const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                             const int8_t* w3, int64_t K, int32_t* c, int64_t nr) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  WTail t0, t1, t2, t3;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m256i x = load16(x0 + k);
+    PTQRT_MADD(a0, x, widen16(t0.at(w0, k, K)));
+    PTQRT_MADD(a1, x, widen16(t1.at(w1, k, K)));
+    PTQRT_MADD(a2, x, widen16(t2.at(w2, k, K)));
+    PTQRT_MADD(a3, x, widen16(t3.at(w3, k, K)));
+  }
+  const int32_t r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+  for (int64_t j = 0; j < nr; ++j) c[j] = r[j];
+}
+#undef PTQRT_MADD
+
+PTQRT_AVX2 void block_avx2(const W8A8Block& b) {
+  const int64_t K16 = round_up(b.K, 16);
+  thread_local std::vector<int16_t> xw;
+  if (static_cast<int64_t>(xw.size()) < 4 * K16) xw.resize(4 * K16);
+  for (int64_t m0 = 0; m0 < b.mb; m0 += 4) {
+    const int64_t mr = std::min<int64_t>(4, b.mb - m0);
+    for (int64_t i = 0; i < mr; ++i) {  // widen once here, reuse for every n tile of the block
+      const int8_t* xr = b.x + (m0 + i) * b.ldx;
+      int16_t* dst = xw.data() + i * K16;
+      int64_t k = 0;
+      for (; k + 16 <= b.K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), widen16(xr + k));
+      for (; k < b.K; ++k) dst[k] = xr[k];
+      for (; k < K16; ++k) dst[k] = 0;
+    }
+    int32_t* c = b.c + m0 * b.ldc;
+    const int8_t* w = b.w;
+    const int64_t ldw = b.ldw;
+    if (mr == 4) {
+      for (int64_t n0 = 0; n0 < b.nb; n0 += 2) {
+        const int64_t nr = std::min<int64_t>(2, b.nb - n0);
+        tile4x2_avx2(xw.data(), K16, w + n0 * ldw, w + (n0 + nr - 1) * ldw, b.K, c + n0, b.ldc, nr);
+      }
+      continue;
+    }
+    for (int64_t i = 0; i < mr; ++i)
+      for (int64_t n0 = 0; n0 < b.nb; n0 += 4) {
+        const int64_t nr = std::min<int64_t>(4, b.nb - n0);
+        auto row = [&](int64_t j) { return w + (n0 + std::min(j, nr - 1)) * ldw; };
+        tile1x4_avx2(xw.data() + i * K16, row(0), row(1), row(2), row(3), b.K, c + i * b.ldc + n0, nr);
+      }
+  }
+}
+
+// ------------------------------------------------------------------------------- AVX-512 VNNI
+// The two policies gemm_w8a8_vnni.h is instantiated with. Same operation, same argument order:
+// dpbusd(acc, u8, s8) adds, to each int32 lane, the four products u8[4l+t] * s8[4l+t] (wrapping).
+struct Vnni512Native {
+  using V = __m512i;
+  using Mask = __mmask64;
+  PTQRT_AVX512 static inline V zero() { return _mm512_setzero_si512(); }
+  PTQRT_AVX512 static inline V set1_u8(uint8_t v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+  PTQRT_AVX512 static inline V loadu(const int8_t* p) { return _mm512_loadu_si512(p); }
+  PTQRT_AVX512 static inline Mask tail_mask(int64_t n) { return n >= 64 ? ~Mask(0) : (Mask(1) << n) - 1; }
+  PTQRT_AVX512 static inline V maskz_loadu(Mask m, const int8_t* p) { return _mm512_maskz_loadu_epi8(m, p); }
+  PTQRT_AVX512 static inline V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
+  PTQRT_AVX512 static inline V dpbusd(V acc, V u8, V s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+  // Once per output over the whole K, so plain code: (_mm512_reduce_add_epi32 trips GCC 12's
+  // -Wuninitialized inside its own header.)
+  PTQRT_AVX512 static inline uint32_t reduce_add(V v) {
+    alignas(64) uint32_t t[16];
+    _mm512_store_si512(t, v);
+    uint32_t s = 0;
+    for (int l = 0; l < 16; ++l) s += t[l];
+    return s;
+  }
+};
+#endif
+
+// A portable model of the same instructions (a 64-byte register as bytes).
+struct Vnni512Emulated {
+  struct V {
+    uint8_t b[64];
+  };
+  using Mask = uint64_t;
+  static V zero() { return set1_u8(0); }
+  static V set1_u8(uint8_t v) {
+    V r;
+    std::memset(r.b, v, 64);
+    return r;
+  }
+  static V loadu(const int8_t* p) {
+    V r;
+    std::memcpy(r.b, p, 64);
+    return r;
+  }
+  static Mask tail_mask(int64_t n) { return n >= 64 ? ~Mask(0) : (Mask(1) << n) - 1; }
+  static V maskz_loadu(Mask m, const int8_t* p) {  // like the instruction, touches no masked-off byte
+    V r;
+    for (int t = 0; t < 64; ++t) r.b[t] = ((m >> t) & 1) ? static_cast<uint8_t>(p[t]) : 0;
+    return r;
+  }
+  static V xor_(V a, V b) {
+    for (int t = 0; t < 64; ++t) a.b[t] ^= b.b[t];
+    return a;
+  }
+  static V dpbusd(V acc, V u8, V s8) {
+    for (int l = 0; l < 16; ++l) {
+      uint32_t a;
+      std::memcpy(&a, acc.b + 4 * l, 4);
+      for (int t = 4 * l; t < 4 * l + 4; ++t)
+        a += static_cast<uint32_t>(int32_t(u8.b[t]) * int32_t(static_cast<int8_t>(s8.b[t])));
+      std::memcpy(acc.b + 4 * l, &a, 4);
+    }
+    return acc;
+  }
+  static uint32_t reduce_add(V v) {
+    uint32_t s = 0;
+    for (int l = 0; l < 16; ++l) {
+      uint32_t a;
+      std::memcpy(&a, v.b + 4 * l, 4);
+      s += a;
+    }
+    return s;
+  }
+};
+
+}  // namespace
+
+#if PTQRT_X86
+#define PTQRT_VNNI_NS vnni_native
+#define PTQRT_VNNI_POLICY Vnni512Native
+#define PTQRT_VNNI_TARGET PTQRT_AVX512
+#include "gemm_w8a8_vnni.h"
+#undef PTQRT_VNNI_NS
+#undef PTQRT_VNNI_POLICY
+#undef PTQRT_VNNI_TARGET
+#endif
+
+#define PTQRT_VNNI_NS vnni_emulated
+#define PTQRT_VNNI_POLICY Vnni512Emulated
+#define PTQRT_VNNI_TARGET
+#include "gemm_w8a8_vnni.h"
+#undef PTQRT_VNNI_NS
+#undef PTQRT_VNNI_POLICY
+#undef PTQRT_VNNI_TARGET
+
+namespace {
+
+BlockFn pick(Isa isa) {
+  switch (isa) {
+#if PTQRT_X86
+    case Isa::avx512: return vnni_native::block;
+    case Isa::avx2: return block_avx2;
+#endif
+    case Isa::avx512_emulated: return vnni_emulated::block;
+    default: return block_scalar;
+  }
+}
+
+template <class T>
+void epilogue(const int32_t* c, int64_t ldc, int64_t m0, int64_t n0, int64_t mb, int64_t nb, const float* xs,
+              bool per_token, const float* ws, const float* bias, T* out, int64_t N) {
+  for (int64_t i = 0; i < mb; ++i) {
+    const float s = xs[per_token ? m0 + i : 0];
+    T* o = out + (m0 + i) * N + n0;
+    for (int64_t j = 0; j < nb; ++j) {
+      float y = static_cast<float>(c[i * ldc + j]) * s;
+      y = y * ws[n0 + j];
+      if (bias) y = y + bias[n0 + j];
+      o[j] = static_cast<T>(y);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
+                     const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  TORCH_CHECK(x_q.dim() == 2 && w_q.dim() == 2 && x_q.scalar_type() == at::kChar && w_q.scalar_type() == at::kChar,
+              "ptqrt_cpu.w8a8_gemm: x_q [M, K] and w_q [N, K] must be 2-D int8; got ", x_q.sizes(), " ",
+              x_q.scalar_type(), " and ", w_q.sizes(), " ", w_q.scalar_type());
+  TORCH_CHECK(x_q.is_contiguous() && w_q.is_contiguous(), "ptqrt_cpu.w8a8_gemm: x_q and w_q must be contiguous");
+  const int64_t M = x_q.size(0), K = x_q.size(1), N = w_q.size(0);
+  TORCH_CHECK(w_q.size(1) == K, "ptqrt_cpu.w8a8_gemm: K differs: x_q ", x_q.sizes(), ", w_q ", w_q.sizes());
+  TORCH_CHECK(K <= 133143, "ptqrt_cpu.w8a8_gemm: K=", K, " exceeds 133143, past which the int32 sum can overflow");
+  const bool raw = out_dtype == at::kInt;
+  TORCH_CHECK(raw || x_scale.numel() == M || x_scale.numel() == 1, "ptqrt_cpu.w8a8_gemm: x_scale must be [M]=", M,
+              " or [1]; got ", x_scale.sizes());
+  TORCH_CHECK(raw || w_scale.numel() == N, "ptqrt_cpu.w8a8_gemm: w_scale must be [N]=", N, "; got ", w_scale.sizes());
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "ptqrt_cpu.w8a8_gemm: bias must be [N]=", N, "; got ",
+              bias->sizes());
+  at::Tensor out = at::empty({M, N}, x_q.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+
+  const Isa isa = active_isa();
+  const BlockFn fn = pick(isa);
+  const int8_t* xp = x_q.data_ptr<int8_t>();
+  const int8_t* wp = w_q.data_ptr<int8_t>();
+
+  std::vector<int32_t> xsum;
+  if (isa == Isa::avx512 || isa == Isa::avx512_emulated) {  // the u8 offset's correction, per row
+    xsum.resize(M);
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t a, int64_t e) {
+      for (int64_t m = a; m < e; ++m) {
+        int64_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += xp[m * K + k];
+        xsum[m] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(s) * 128u));
+      }
+    });
+  }
+
+  // Blocks: ~192 KiB of weights per n-block (L2-resident while the m-blocks stream by), shrunk until
+  // there are a few tasks per thread so small problems still use every core.
+  const int64_t MB = 128;
+  int64_t NB = std::min<int64_t>(512, std::max<int64_t>(16, (192 * 1024) / std::max<int64_t>(K, 1) / 16 * 16));
+  const int64_t threads = at::get_num_threads();
+  while (NB > 16 && ceil_div(N, NB) * ceil_div(M, MB) < 4 * threads) NB -= 16;
+  const int64_t n_nb = ceil_div(N, NB), n_mb = ceil_div(M, MB);
+
+  std::vector<float> xs, ws, bs;
+  if (!raw) {
+    xs = f32_vector(x_scale);
+    ws = f32_vector(w_scale);
+    bs = f32_vector(bias);
+  }
+  at::parallel_for(0, n_nb * n_mb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int32_t> cbuf(raw ? 0 : MB * NB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
+      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, wp + n0 * K, K,
+                  std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0};
+      if (raw) {
+        b.c = out.data_ptr<int32_t>() + m0 * N + n0;
+        b.ldc = N;
+        fn(b);
+        continue;
+      }
+      b.c = cbuf.data();
+      b.ldc = NB;
+      fn(b);
+      dispatch_float(out_dtype, "out_dtype", [&](auto tag) {
+        using T = decltype(tag);
+        epilogue(b.c, b.ldc, m0, n0, b.mb, b.nb, xs.data(), xs.size() != 1, ws.data(),
+                 bs.empty() ? nullptr : bs.data(), reinterpret_cast<T*>(out.data_ptr()), N);
+      });
+    }
+  });
+  return out;
+}
+
+}  // namespace ptqrt_cpu

@@ -1,0 +1,417 @@
+"""The C++ CPU backend (csrc/cpu, ops torch.ops.ptqrt_cpu.*) against ptqrt/reference.py.
+
+Every instruction-set path this CPU can run is tested, forced through PTQRT_CPU_ISA:
+  scalar, avx2, avx512 (AVX-512 VNNI; skipped on CPUs without it) and avx512-emulated (the VNNI
+  kernel's own code with each intrinsic replaced by a portable model of the instruction).
+int32 accumulators must equal the reference bit for bit; quantized int8 values too (same divisions,
+same round-half-even); float results (w8a16, attention) within tolerance.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ptqrt.ops as pops
+from ptqrt import _build
+from ptqrt import reference as ref
+
+from util import ODD_M, ODD_NK, assert_close_to_ref, rand_int8, rand_scale
+
+ISAS = ("scalar", "avx2", "avx512", "avx512-emulated")
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _library() -> str:
+    """Path of the loaded extension (loaded once per process: a second load of another build would
+    register the ptqrt_cpu namespace twice). A failed build fails the test with the compiler's log."""
+    path = _build.load("cpu")
+    if path is None:
+        path = _build.build("cpu", verbose=True)  # raises, showing why
+    return path
+
+
+@pytest.fixture(scope="module")
+def cpu_ops():
+    """The compiled backend; a failed build fails these tests (it must build wherever they run)."""
+    _library()
+    return torch.ops.ptqrt_cpu
+
+
+def _supported(cpu_ops, isa: str) -> bool:
+    best = cpu_ops.best_isa()
+    return {"scalar": True, "avx512-emulated": True, "avx2": best in ("avx2", "avx512"),
+            "avx512": best == "avx512"}[isa]
+
+
+def _force(request, cpu_ops, monkeypatch):
+    name = request.param
+    if not _supported(cpu_ops, name):
+        pytest.skip(f"this CPU has no {name} (its best path is {cpu_ops.best_isa()}); the avx512 VNNI kernel's "
+                    f"code still runs here as 'avx512-emulated'")
+    monkeypatch.setenv("PTQRT_CPU_ISA", name)
+    assert cpu_ops.active_isa() == name
+    return name
+
+
+@pytest.fixture(params=ISAS)
+def gemm_isa(request, cpu_ops, monkeypatch):
+    """Force one w8a8 path for the test; skip the ones this CPU cannot run, saying why."""
+    return _force(request, cpu_ops, monkeypatch)
+
+
+@pytest.fixture(params=ISAS[:3])
+def isa(request, cpu_ops, monkeypatch):
+    """The same for the other ops (under avx512-emulated they take the scalar path: not repeated)."""
+    return _force(request, cpu_ops, monkeypatch)
+
+
+def _dirty_heap(nbytes: int) -> None:
+    """Leave freed, poisoned memory behind so that an output the kernel forgets to write shows up as
+    garbage instead of lucky zeros (small allocations reuse freed chunks)."""
+    t = torch.full((max(nbytes, 1),), -7, dtype=torch.int8)
+    del t
+
+
+# ------------------------------------------------------------------------------------------ w8a8
+W8A8_NK = ODD_NK + ((70, 200), (9, 129), (5, 64))
+
+
+@pytest.mark.parametrize("m", (0,) + ODD_M)
+@pytest.mark.parametrize("n,k", W8A8_NK)
+def test_w8a8_int32_exact(cpu_ops, gemm_isa, m, n, k):
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    _dirty_heap(4 * m * n)
+    out = cpu_ops.w8a8_gemm(x, rand_scale(m), w, rand_scale(n), None, torch.int32)
+    assert out.dtype == torch.int32 and out.shape == (m, n)
+    assert torch.equal(out, ref.int32_matmul(x, w))
+
+
+def test_w8a8_full_int8_range_exact(cpu_ops, gemm_isa):
+    # -128 too: the AVX2 path widens to int16 (no vpmaddubsw saturation), VNNI offsets by 128.
+    x = torch.randint(-128, 128, (5, 300), dtype=torch.int8)
+    w = torch.randint(-128, 128, (7, 300), dtype=torch.int8)
+    x[0], w[0] = -128, -128
+    out = cpu_ops.w8a8_gemm(x, torch.ones(5), w, torch.ones(7), None, torch.int32)
+    assert torch.equal(out, ref.int32_matmul(x, w))
+
+
+@pytest.mark.parametrize("m", (1, 3))
+@pytest.mark.parametrize("fill", ("max", "min", "random"))
+def test_w8a8_k_at_overflow_bound(cpu_ops, gemm_isa, m, fill):
+    k, n = ref.MAX_K_INT32, 5
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    if fill != "random":  # |sum| = 127 * 127 * K, the largest the int32 accumulator must hold
+        x.fill_(127)
+        w.fill_(127 if fill == "max" else -127)
+    out = cpu_ops.w8a8_gemm(x, rand_scale(m), w, rand_scale(n), None, torch.int32)
+    assert torch.equal(out, ref.int32_matmul(x, w))
+    if fill != "random":
+        assert abs(int(out[0, 0])) == 127 * 127 * k
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("per_tensor", (False, True))
+@pytest.mark.parametrize("bias_dtype", (None, torch.float32, torch.bfloat16))
+def test_w8a8_epilogue(cpu_ops, gemm_isa, out_dtype, per_tensor, bias_dtype):
+    m, n, k = 17, 72, 100
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    xs, ws = rand_scale(1 if per_tensor else m), rand_scale(n)
+    bias = None if bias_dtype is None else torch.randn(n).to(bias_dtype)
+    _dirty_heap(4 * m * n)
+    out = cpu_ops.w8a8_gemm(x, xs, w, ws, bias, out_dtype)
+    assert out.dtype == out_dtype
+    assert_close_to_ref(out, ref.w8a8_gemm(x, xs, w, ws, bias, out_dtype))
+
+
+def test_w8a8_paths_agree_bit_for_bit(cpu_ops, monkeypatch):
+    """Every path this CPU runs gives the same bits, epilogue included (it is shared code)."""
+    m, n, k = 19, 37, 333
+    x, w, xs, ws, b = rand_int8(m, k), rand_int8(n, k), rand_scale(m), rand_scale(n), torch.randn(n)
+    outs = {}
+    for name in (i for i in ISAS if _supported(cpu_ops, i)):
+        monkeypatch.setenv("PTQRT_CPU_ISA", name)
+        outs[name] = [cpu_ops.w8a8_gemm(x, xs, w, ws, b if dt != torch.int32 else None, dt)
+                      for dt in FLOATS + (torch.int32,)]
+    first = next(iter(outs.values()))
+    for name, o in outs.items():
+        for a, b_ in zip(first, o):
+            assert torch.equal(a, b_), name
+
+
+@contextlib.contextmanager
+def _isa_env(name: str):
+    """PTQRT_CPU_ISA=name inside the block (hypothesis tests cannot take the monkeypatch fixture)."""
+    old = os.environ.get("PTQRT_CPU_ISA")
+    os.environ["PTQRT_CPU_ISA"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PTQRT_CPU_ISA"]
+        else:
+            os.environ["PTQRT_CPU_ISA"] = old
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(0, 40), n=st.integers(1, 70), k=st.integers(0, 300),
+       out_dtype=st.sampled_from(FLOATS + (torch.int32,)), isa_name=st.sampled_from(("scalar", "avx2", "avx512-emulated")))
+def test_w8a8_property(cpu_ops, m, n, k, out_dtype, isa_name):
+    if not _supported(cpu_ops, isa_name):
+        return
+    x, w, xs, ws = rand_int8(m, k), rand_int8(n, k), rand_scale(m), rand_scale(n)
+    with _isa_env(isa_name):
+        out = cpu_ops.w8a8_gemm(x, xs, w, ws, None, out_dtype)
+    expect = ref.w8a8_gemm(x, xs, w, ws, None, out_dtype)
+    if out_dtype == torch.int32:
+        assert torch.equal(out, expect)
+    else:
+        assert_close_to_ref(out, expect)
+
+
+# -------------------------------------------------------------------------------------- quantize
+def _with_specials(x: torch.Tensor) -> torch.Tensor:
+    """Row 0 holds a NaN, row 1 an inf, row 2 is all zeros (where the shape allows)."""
+    x = x.clone()
+    if x.shape[0] > 0 and x.shape[1] > 0:
+        x[0, x.shape[1] // 2] = float("nan")
+    if x.shape[0] > 1 and x.shape[1] > 0:
+        x[1, 0] = float("inf")
+    if x.shape[0] > 2:
+        x[2] = 0
+    return x
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,k", ((0, 8), (1, 47), (3, 100), (16, 17), (17, 130), (127, 33), (4, 0)))
+@pytest.mark.parametrize("smooth_dtype", (None, torch.float32, torch.bfloat16))
+def test_quantize_per_token_exact(cpu_ops, isa, dtype, m, k, smooth_dtype):
+    x = _with_specials(torch.randn(m, k) * 4).to(dtype)
+    smooth = None if smooth_dtype is None else (torch.rand(k) + 0.5).to(smooth_dtype)
+    _dirty_heap(m * k)
+    q, s = cpu_ops.quantize_per_token(x, smooth)
+    rq, rs = ref.quantize_per_token(x, smooth)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(q, rq)
+    torch.testing.assert_close(s, rs, rtol=0, atol=0, equal_nan=True)
+    if m > 0 and k > 0:
+        assert torch.isnan(s[0]) and (q[0] == 0).all()  # a NaN token: NaN scale, zeros, alone
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,k", ((0, 8), (1, 47), (17, 130), (127, 33)))
+@pytest.mark.parametrize("smooth", (False, True))
+def test_quantize_per_tensor_exact(cpu_ops, isa, dtype, m, k, smooth):
+    x = _with_specials(torch.randn(m, k)).to(dtype)
+    sm = (torch.rand(k) + 0.5) if smooth else None
+    for scale in (0.013, 1e-30, 0.0):  # 1e-30 saturates everything, 0 gives +-inf and NaN (0/0)
+        sc = torch.tensor([scale])
+        assert torch.equal(cpu_ops.quantize_per_tensor(x, sc, sm), ref.quantize_per_tensor(x, sc, sm))
+
+
+def test_quantize_ties_round_half_even(cpu_ops, isa):
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -127.5, 3.0] * 3])
+    q = cpu_ops.quantize_per_tensor(x, torch.tensor([1.0]), None)
+    assert q[0, :10].tolist() == [0, 2, 2, 0, -2, -2, 126, 127, -127, 3]
+    assert torch.equal(q, ref.quantize_per_tensor(x, torch.tensor([1.0])))
+
+
+# ------------------------------------------------------------------------------------------ w8a16
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m", (0,) + ODD_M)
+@pytest.mark.parametrize("n,k,group", ((33, 47, 0), (72, 100, 25), (130, 96, 32), (9, 64, 1), (10, 256, 128)))
+def test_w8a16(cpu_ops, isa, dtype, m, n, k, group):
+    x = torch.randn(m, k).to(dtype)
+    w = rand_int8(n, k)
+    ws = rand_scale(n * (k // group if group else 1)).reshape((n, k // group) if group else (n,))
+    bias = torch.randn(n).to(dtype)
+    _dirty_heap(4 * m * n)
+    out = cpu_ops.w8a16_gemm(x, w, ws, bias, group)
+    assert out.dtype == dtype and out.shape == (m, n)
+    expect = ref.w8a16_gemm(x, w, ws, bias, group)
+    # the same product done by torch in the low precision: its error bounds ours (at most twice)
+    lowp = torch.nn.functional.linear(x, ref.dequantize_weight(w, ws, group).to(dtype), bias)
+    assert_close_to_ref(out, expect, lowp if dtype != torch.float32 and m > 0 else None)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(0, 20), n=st.integers(1, 40), kg=st.sampled_from(((48, 0), (50, 5), (96, 32), (7, 7), (100, 0))),
+       dtype=st.sampled_from(FLOATS))
+def test_w8a16_property(cpu_ops, m, n, kg, dtype):
+    k, g = kg
+    x, w = torch.randn(m, k).to(dtype), rand_int8(n, k)
+    ws = rand_scale(n * (k // g if g else 1)).reshape((n, k // g) if g else (n,))
+    out = cpu_ops.w8a16_gemm(x, w, ws, None, g)
+    expect = ref.w8a16_gemm(x, w, ws, None, g)
+    torch.testing.assert_close(out.float(), expect.float(), atol=0.05 if dtype != torch.float32 else 1e-4, rtol=0.02)
+
+
+# -------------------------------------------------------------------------------- kv cache append
+def _kv_scales(dynamic: bool, nb: int, bs: int, h: int, d: int):
+    if dynamic:
+        return torch.full((nb, bs, h), float("nan")), torch.full((nb, bs, h), float("nan"))
+    return torch.rand(h, d) * 0.05 + 0.01, torch.rand(h, d) * 0.05 + 0.01
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("dynamic", (True, False))
+@pytest.mark.parametrize("slot_dtype", (torch.int64, torch.int32))
+@pytest.mark.parametrize("h,d", ((2, 20), (3, 64), (1, 7)))
+def test_kv_cache_append_exact(cpu_ops, isa, dtype, dynamic, slot_dtype, h, d):
+    nb, bs = 6, 4
+    slots = torch.tensor([0, 5, -1, 9, 23, 12, 3], dtype=slot_dtype)
+    k = (torch.randn(len(slots), h, d) * 2).to(dtype)
+    v = torch.randn(len(slots), h, d).to(dtype)
+    k[1, 0, 0] = float("nan")
+    ks0, vs0 = _kv_scales(dynamic, nb, bs, h, d)
+    results = []
+    for impl in (ref.kv_cache_append, cpu_ops.kv_cache_append):
+        kc = torch.full((nb, bs, h, d), -128, dtype=torch.int8)  # poison: unwritten slots must stay so
+        vc = kc.clone()
+        ks, vs = ks0.clone(), vs0.clone()
+        impl(k, v, kc, vc, ks, vs, slots)
+        results.append((kc, vc, ks, vs))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert (results[1][0].view(-1, h, d)[[1, 2, 4]] == -128).all()  # slots nobody wrote
+
+
+def test_kv_cache_append_empty_and_bad_slot(cpu_ops):
+    kc = torch.zeros(2, 4, 1, 8, dtype=torch.int8)
+    vc, ks, vs = kc.clone(), torch.ones(2, 4, 1), torch.ones(2, 4, 1)
+    cpu_ops.kv_cache_append(torch.randn(0, 1, 8), torch.randn(0, 1, 8), kc, vc, ks, vs, torch.zeros(0, dtype=torch.long))
+    assert (kc == 0).all()
+    with pytest.raises(RuntimeError, match="slots\\[1\\] = 8 is past"):
+        cpu_ops.kv_cache_append(torch.randn(2, 1, 8), torch.randn(2, 1, 8), kc, vc, ks, vs, torch.tensor([0, 8]))
+
+
+# ------------------------------------------------------------------------------ decode attention
+def _paged(b, hq, hkv, d, bs, lens, dynamic, dtype, nb=48):
+    kc, vc = rand_int8(nb, bs, hkv, d), rand_int8(nb, bs, hkv, d)
+    if dynamic:
+        ks, vs = torch.rand(nb, bs, hkv) * 0.05 + 1e-3, torch.rand(nb, bs, hkv) * 0.05 + 1e-3
+    else:
+        ks, vs = torch.rand(hkv, d) * 0.05 + 1e-3, torch.rand(hkv, d) * 0.05 + 1e-3
+    maxb = max(math.ceil(n / bs) for n in lens) + 1
+    bt = torch.stack([torch.randperm(nb)[:maxb] for _ in range(b)]).to(torch.int32)
+    q = torch.randn(b, hq, d).to(dtype)
+    return q, kc, vc, ks, vs, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("dynamic", (True, False))
+@pytest.mark.parametrize("b,hq,hkv,d,bs,lens", (
+    (3, 4, 2, 20, 4, [0, 5, 13]),      # GQA 2, odd head dim, an empty sequence
+    (2, 3, 3, 16, 16, [33, 1]),        # MHA, lengths across a block edge
+    (1, 8, 1, 72, 8, [61]),            # MQA, 8 query heads on one kv head
+    (2, 2, 1, 7, 5, [9, 17]),          # tiny head dim (vector tail only)
+    (3, 4, 2, 32, 16, [300, 0, 77]),   # long enough to be split in chunks and combined
+))
+def test_decode_attention(cpu_ops, isa, dtype, dynamic, b, hq, hkv, d, bs, lens):
+    args = _paged(b, hq, hkv, d, bs, lens, dynamic, dtype)
+    sm = d ** -0.5
+    out = cpu_ops.int8_kv_decode_attention(*args, sm)
+    expect = ref.int8_kv_decode_attention(*args, sm)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    assert_close_to_ref(out, expect)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert (out[i] == 0).all()
+
+
+def test_decode_attention_refuses_bad_block(cpu_ops):
+    q, kc, vc, ks, vs, bt, sl = _paged(1, 2, 2, 16, 4, [9], True, torch.float32)
+    bt[0, 1] = 999
+    with pytest.raises(RuntimeError, match="block_table\\[0\\]\\[1\\] = 999"):
+        cpu_ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, 0.25)
+    sl[0] = 10_000
+    with pytest.raises(RuntimeError, match="seq_lens\\[0\\]"):
+        cpu_ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, 0.25)
+
+
+# ------------------------------------------------------------------------------ ISA selection
+def test_isa_env_is_checked(cpu_ops, monkeypatch):
+    monkeypatch.setenv("PTQRT_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="PTQRT_CPU_ISA must be one of"):
+        cpu_ops.active_isa()
+    monkeypatch.setenv("PTQRT_CPU_ISA", "auto")
+    assert cpu_ops.active_isa() == cpu_ops.best_isa()
+    if cpu_ops.best_isa() != "avx512":
+        monkeypatch.setenv("PTQRT_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="cannot run"):
+            cpu_ops.w8a8_gemm(rand_int8(1, 8), torch.ones(1), rand_int8(1, 8), torch.ones(1), None, torch.int32)
+
+
+def test_avx_code_only_in_target_functions(cpu_ops):
+    """No VEX/EVEX instruction outside the functions compiled for AVX2/AVX-512 (named *_avx2, *_avx512
+    or in vnni_native): everything else, reached before the cpuid check, must run on any x86-64."""
+    import re
+    import shutil
+    import subprocess
+
+    lib = _library()
+    if shutil.which("objdump") is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs objdump and an x86-64 build")
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", lib], capture_output=True, text=True,
+                         check=True).stdout
+    func, offenders = None, set()
+    for line in dis.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            func = head.group(1)
+            continue
+        parts = line.split("\t")
+        if func and len(parts) >= 2 and re.match(r"^(v|k)[a-z]", parts[-1].strip()):
+            if not re.search(r"_avx2|_avx512|vnni_native::", func):
+                offenders.add(func)
+    assert not offenders, f"AVX instructions in baseline functions: {sorted(offenders)[:5]}"
+    assert "vpdpbusd" in dis and "vpmaddwd" in dis  # the VNNI and AVX2 kernels are really in there
+
+
+# ------------------------------------------------------------------------- the public ops path
+@pytest.mark.parametrize("backend", ("cpu", "auto"))
+def test_public_ops_use_cpu_backend(cpu_ops, backend):
+    pops.set_backend(backend)
+    m, n, k = 3, 33, 47
+    x = torch.randn(m, k)
+    for op in pops.OP_NAMES:
+        assert pops.backend_for(op, "cpu", m) == "cpu", op
+    x_q, x_s = pops.quantize_per_token(x)
+    assert torch.equal(x_q, ref.quantize_per_token(x)[0])
+    w = rand_int8(n, k)
+    ws = rand_scale(n)
+    assert torch.equal(pops.w8a8_gemm(x_q, x_s, w, ws, None, torch.int32), ref.int32_matmul(x_q, w))
+    assert_close_to_ref(pops.w8a16_gemm(x, w, ws, None, 0), ref.w8a16_gemm(x, w, ws, None, 0))
+    assert torch.equal(pops.quantize_per_tensor(x, torch.tensor([0.02])), ref.quantize_per_tensor(x, torch.tensor([0.02])))
+    q, kc, vc, ks, vs, bt, sl = _paged(2, 4, 2, 16, 4, [5, 9], True, torch.float32)
+    assert_close_to_ref(pops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, 0.25),
+                        ref.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, 0.25))
+    new_k, new_v, slots = torch.randn(2, 2, 16), torch.randn(2, 2, 16), torch.tensor([3, 17])
+    expect = [t.clone() for t in (kc, vc, ks, vs)]
+    ref.kv_cache_append(new_k, new_v, *expect, slots)
+    pops.kv_cache_append(new_k, new_v, kc, vc, ks, vs, slots)  # in place
+    for got, want in zip((kc, vc, ks, vs), expect):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("op", ("quantize_per_token", "w8a8_gemm", "w8a16_gemm", "kv_cache_append",
+                                "int8_kv_decode_attention", "quantize_per_tensor"))
+def test_opcheck_with_cpu_backend(cpu_ops, op):
+    pops.set_backend("cpu")
+    x, w = torch.randn(3, 40), rand_int8(5, 40)
+    q, kc, vc, ks, vs, bt, sl = _paged(2, 4, 2, 16, 4, [5, 9], True, torch.float32)
+    args = {
+        "quantize_per_token": (x, torch.rand(40) + 0.5),
+        "quantize_per_tensor": (x, torch.tensor([0.02]), None),
+        "w8a8_gemm": (rand_int8(3, 40), rand_scale(3), w, rand_scale(5), torch.randn(5), torch.float32),
+        "w8a16_gemm": (x, w, rand_scale(5 * 4).reshape(5, 4), None, 10),
+        "kv_cache_append": (torch.randn(2, 2, 16), torch.randn(2, 2, 16), kc, vc, ks, vs, torch.tensor([1, 6])),
+        "int8_kv_decode_attention": (q, kc, vc, ks, vs, bt, sl, 0.25),
+    }[op]
+    torch.library.opcheck(getattr(torch.ops.ptqrt, op).default, args)
