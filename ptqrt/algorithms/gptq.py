@@ -129,8 +129,9 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 0, block_s
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    # original column index of each swept position, to look up its group's scale
-    cols = perm if perm is not None else torch.arange(k, device=w.device)
+    # group of the original column at each swept position (a host list: no device sync per column)
+    order = perm.tolist() if perm is not None else range(k)
+    groups = [c // group_size for c in order] if group_size else None
     U = _hinv_upper(H, damp).to(torch.float32)
     del H
 
@@ -151,7 +152,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, group_size: int = 0, block_s
                     tail = W[:, i2:g_end] - Err1[:, :i] @ U[i1:j, i2:g_end]
                     cur = torch.cat([cur, tail], dim=1)
                 scale[:, j // group_size] = absmax_scale(cur.abs().amax(dim=1))
-            s = scale if group_size == 0 else scale[:, int(cols[j]) // group_size]
+            s = scale if group_size == 0 else scale[:, groups[j]]
             wj = W1[:, i]
             q = round_clamp_int8(wj / s)
             Q[:, j] = q
