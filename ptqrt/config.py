@@ -39,7 +39,8 @@ class PTQConfig:
     act_dtype: None (W8A16) or "int8" (W8A8). act_granularity: "per_token" (dynamic) or "per_tensor" (static, calibrated).
     kv_cache_dtype: None or "int8"; kv_granularity: "per_token" (dynamic per token-head) or "per_channel" (static).
     outliers: "none", "smooth" (SmoothQuant with smooth_alpha) or "osl" (alpha searched per layer).
-    precision_recovery: "none" or "gptq".
+    precision_recovery: "none" or "gptq"; gptq_act_order: quantize columns by decreasing Hessian
+        diagonal (GPTQ's activation order; per-group scales then come from the original weights).
     skip: module names not to quantize; each entry matches as a substring or as a regex (re.search).
     layer_policies: {regex: PTQConfig} — the first regex that matches a module's name overrides the config.
     """
@@ -54,6 +55,7 @@ class PTQConfig:
     outliers: str = "none"
     smooth_alpha: float = 0.5
     precision_recovery: str = "none"
+    gptq_act_order: bool = False
     skip: list = field(default_factory=lambda: ["lm_head"])
     layer_policies: dict = field(default_factory=dict)
 
@@ -86,6 +88,10 @@ class PTQConfig:
         if self.outliers != "none" and self.act_dtype is None:
             raise ValueError(f"PTQConfig.outliers={self.outliers!r} suppresses activation outliers and needs "
                              f"act_dtype='int8'; with act_dtype=None use outliers='none'")
+        if not isinstance(self.gptq_act_order, bool):
+            raise ValueError(f"PTQConfig.gptq_act_order={self.gptq_act_order!r} must be True or False")
+        if self.gptq_act_order and self.precision_recovery != "gptq":
+            raise ValueError("PTQConfig.gptq_act_order=True needs precision_recovery='gptq'")
         if not isinstance(self.smooth_alpha, (int, float)) or not 0.0 <= float(self.smooth_alpha) <= 1.0:
             raise ValueError(f"PTQConfig.smooth_alpha={self.smooth_alpha!r} must be a float in [0, 1]")
         if isinstance(self.skip, str):

@@ -259,7 +259,8 @@ def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Mo
                 sd = s.to(H.device, H.dtype)
                 H = H / (sd[:, None] * sd[None, :])
             g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
-            qweight = gptq.gptq_quantize(linear_weight(mod).detach().float(), H, group_size=g)
+            qweight = gptq.gptq_quantize(linear_weight(mod).detach().float(), H, group_size=g,
+                                         act_order=cfg.gptq_act_order)
         q = QuantLinear.from_float(mod, cfg, name=full, input_absmax=absmax.amax() if absmax is not None else None,
                                    qweight=qweight)
         if s is not None and full not in folded:

@@ -24,6 +24,7 @@ def test_defaults_are_w8a16_per_channel():
     (dict(outliers="smooth"), "outliers"),  # smoothing needs int8 activations
     (dict(precision_recovery="awq"), "precision_recovery"),
     (dict(smooth_alpha=1.5, act_dtype="int8"), "smooth_alpha"),
+    (dict(gptq_act_order=True), "gptq_act_order"),
     (dict(skip="("), "skip"),
     (dict(layer_policies={"a": 3}), "layer_policies"),
 ])

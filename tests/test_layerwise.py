@@ -144,13 +144,15 @@ def test_osl_beats_naive_static_on_outliers():
     assert _rel(osl(x), ref) < _rel(naive(x), ref)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("granularity", [dict(), dict(weight_granularity="per_group", group_size=16)])
-def test_gptq_no_worse_than_rtn(granularity):
+def test_gptq_no_worse_than_rtn(granularity, act_order):
     model = Stack(PreNormLayer).eval()
     x = torch.cat(_calib())
     ref = model(x)
     rtn = quantize(copy.deepcopy(model), PTQConfig(**granularity), quiet=True)
-    g = quantize(copy.deepcopy(model), PTQConfig(precision_recovery="gptq", **granularity), _calib(), quiet=True)
+    g = quantize(copy.deepcopy(model), PTQConfig(precision_recovery="gptq", gptq_act_order=act_order, **granularity),
+                 _calib(), quiet=True)
     assert _rel(g(x), ref) <= _rel(rtn(x), ref) * 1.02
     assert not torch.equal(g.layers[1].down.weight, rtn.layers[1].down.weight)
 

@@ -1,0 +1,72 @@
+"""The just-in-time build of the C++ CPU extension: file lock, stale builds, failure fallback."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ptqrt import _build
+
+LOAD = textwrap.dedent("""
+    import torch, ptqrt
+    from ptqrt import _build, ops
+    path = _build.load("cpu")
+    assert path, "the cpu extension did not load"
+    x = torch.randn(3, 40)
+    q, s = ops.quantize_per_token(x)
+    assert ops.backend_for("quantize_per_token", "cpu") == "cpu"
+    print(path)
+""")
+
+
+def _env(cache):
+    return {**os.environ, "PTQRT_CACHE_DIR": str(cache), "MAX_JOBS": "2", "PTQRT_BACKEND": "auto"}
+
+
+@pytest.mark.skipif(not _build.sources("cpu"), reason="no C++ sources")
+def test_two_processes_build_at_once_over_a_stale_half_written_build(tmp_path):
+    cache = tmp_path / "cache"
+    # A build folder as a crash mid-build leaves it: a truncated library and no completion marker.
+    stale = cache / "ext" / f"cpu-{_build._digest('cpu')}"
+    stale.mkdir(parents=True)
+    (stale / f"{_build.lib_name('cpu')}.so").write_bytes(b"\x7fELF half written")
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD], env=_env(cache), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert outs[0][0].strip() == outs[1][0].strip()
+    assert (stale / "BUILD_OK").exists()
+
+
+def test_failed_build_falls_back_to_reference_with_one_message(tmp_path):
+    bad = tmp_path / "csrc" / "cpu"
+    bad.mkdir(parents=True)
+    (bad / "broken.cpp").write_text("this is not C++;\n")
+    code = textwrap.dedent(f"""
+        import warnings, torch
+        from pathlib import Path
+        from ptqrt import _build, ops
+        _build.csrc_dir = lambda: Path({str(tmp_path / 'csrc')!r})
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            q, s = ops.quantize_per_token(torch.randn(2, 8))
+            q, s = ops.quantize_per_token(torch.randn(2, 8))
+        msgs = [str(x.message) for x in w if "extension is unavailable" in str(x.message)]
+        assert len(msgs) == 1, msgs
+        assert ops.backend_for("quantize_per_token", "cpu") == "reference"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path / "cache"), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_cuda_build_is_skipped_with_a_reason_without_nvcc(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    reason = _build.cuda_unavailable_reason()
+    assert reason and ("nvcc" in reason or "without CUDA" in reason), reason
