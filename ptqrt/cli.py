@@ -33,7 +33,14 @@ def cmd_quantize(a) -> int:
     kw = dict(MODES[a.mode])
     if a.group_size:
         kw.update(weight_granularity="per_group", group_size=a.group_size)
-    cfg = PTQConfig(skip=a.skip, **kw)
+    if a.gptq:
+        kw.update(precision_recovery="gptq")
+    if a.kv_cache:
+        kw.update(kv_cache_dtype="int8", kv_granularity=a.kv_cache)
+    try:
+        cfg = PTQConfig(skip=a.skip, outliers=a.outliers, smooth_alpha=a.smooth_alpha, **kw)
+    except ValueError as e:
+        raise SystemExit(f"ptqrt quantize: {e}") from None
     model = _hf_model(model_dir)
     calib = None
     tok = None
@@ -180,6 +187,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("out_dir")
     q.add_argument("--mode", choices=sorted(MODES), default="w8a16")
     q.add_argument("--group-size", type=int, default=0, help="per-group weights (W8A16 only), e.g. 64 or 128")
+    q.add_argument("--outliers", choices=["none", "smooth", "osl"], default="none",
+                   help="SmoothQuant or OSL before W8A8 (needs a w8a8 mode)")
+    q.add_argument("--smooth-alpha", type=float, default=0.5)
+    q.add_argument("--gptq", action="store_true", help="GPTQ rounding instead of RTN (uses calibration text)")
+    q.add_argument("--kv-cache", choices=["per_token", "per_channel"],
+                   help="int8 KV cache for decoder models: dynamic per token-head or static per channel")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="module names (substring or regex) to keep float")
     q.add_argument("--calib", help="text file, one calibration sample per line (default: sentences shipped with ptqrt)")
     q.add_argument("--max-samples", type=int, default=128)

