@@ -22,6 +22,7 @@ from .algorithms import gptq, osl, smoothquant
 from .calibrate import run_sample, to_device
 from .config import PTQConfig
 from .modules.linear import QuantLinear, linear_weight
+from .observers import MinMaxObserver
 
 OSL_MAX_TOKENS = 2048  # calibration tokens kept per group for the α search
 
@@ -102,7 +103,8 @@ class _Stats:
     """What the float pass over a block records per target linear and per input tensor."""
 
     def __init__(self):
-        self.absmax: dict[str, torch.Tensor] = {}
+        self.observers: dict[str, MinMaxObserver] = defaultdict(MinMaxObserver)
+        self.absmax: dict[str, torch.Tensor] = {}  # per input channel, filled from the observers
         self.hessian: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = defaultdict(int)
         self.xs: dict[str, list] = defaultdict(list)
@@ -145,8 +147,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
         x2 = x.detach().reshape(-1, x.shape[-1])
         if first[0]:
             st.input_key[full] = _key(x)
-        a = torch.nan_to_num(x2.float().abs(), nan=0.0, posinf=0.0).amax(0)
-        st.absmax[full] = a if full not in st.absmax else torch.maximum(st.absmax[full], a)
+        st.observers[full].update(x2)
         if cfg.precision_recovery == "gptq":
             st.hessian[full], st.tokens[full] = gptq.accumulate_hessian(st.hessian.get(full), x2, st.tokens[full])
         if cfg.outliers == "osl":
@@ -173,6 +174,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
         for h in handles:
             h.remove()
         st.alive.clear()
+    st.absmax = {n: o.channel_absmax for n, o in st.observers.items() if o.channel_absmax is not None}
     return st
 
 

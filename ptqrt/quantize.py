@@ -83,8 +83,3 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     model.ptqrt_config = config
     return model
 
-
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
