@@ -14,7 +14,7 @@ for pkg, folder in (("ptqrt.kernels", "kernels"), ("ptqrt._csrc", "csrc")):
 kwargs = dict(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"ptqrt": ["data/*.txt", "data/*.json", "data/tiny_lm/*"], "ptqrt._csrc": ["*/*.cpp", "*/*.cu", "*/*.h", "*/*.cuh", "*/*/*.h", "*/*/*.cuh", "*.h"]},
+    package_data={"ptqrt": ["data/*.txt", "data/*.json", "data/tables/*.json", "data/tiny_lm/*"], "ptqrt._csrc": ["*/*.cpp", "*/*.cu", "*/*.h", "*/*.cuh", "*/*/*.h", "*/*/*.cuh", "*.h"]},
 )
 
 if os.environ.get("PTQRT_BUILD_EXT", "0") == "1":

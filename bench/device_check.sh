@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
-# One GPU check, sized for under 6 minutes on one H100 (torch 2.11 / triton 3.6 / Python 3.12, no
-# network). Run from the repository root:   bash bench/device_check.sh [--quick]
+# One GPU check, sized for about 6 minutes on one H100 (torch 2.11 / triton 3.6 / Python 3.12, no
+# network). Run from the repository root:
+#
+#   bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--ops w8a16_gemm,...]
 #
 #   1. install the checkout (editable, no deps, no build isolation) so that ptqrt and ptqrt.kernels
 #      import; kernels/ becomes ptqrt.kernels only through setup.py's package_dir
-#   2. build the CUDA extension when csrc/cuda has sources                (the CUDA section below)
-#   3. pytest -m gpu tests/ -- every backend's GPU tests, the CUDA ones included (in parallel with
-#      pytest-xdist when present: the time goes mostly to Triton compiles)
-#   4. the GPU benchmark (python -m ptqrt.bench_gpu): every op against cuBLAS / _int_mm / SDPA
+#   2. build the CUDA extension in the background (ninja, sm_80 + sm_90a) while the Triton GPU tests
+#      run (pytest -m gpu tests/test_triton_backend.py, in parallel with pytest-xdist when present)
+#   3. the CUDA backend's GPU tests and the other GPU tests, then compute-sanitizer memcheck over the
+#      CUDA tests at small odd sizes (bench/device_check_cuda.sh)
+#   4. the GPU benchmark (python -m ptqrt.bench_gpu): every op against cuBLAS / _int_mm / SDPA, each
+#      row printed as it is measured and the JSON/CSV rewritten after each op
 #   5. a short table: stage times, test results, the targets
 #
-# Results go to bench/results/ and, when the variable OUT names a folder (the device runner's),
-# are copied there too. Each stage has its own time limit so that a hang cannot eat the others.
+# Every stage has its own time limit (so a hang cannot eat the others); the limits add up to under
+# 9 minutes. Results go to bench/results/; when the variable OUT names a folder (the device
+# runner's), the benchmark's files, the summary and one archive of all logs are copied there.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-QUICK=""
-[ "${1:-}" = "--quick" ] && QUICK="--quick"
+QUICK="" TESTS=1 BENCH=1 OPS="w8a16_gemm,int8_kv_decode_attention,quantize_per_token,w8a8_gemm,quantize_per_tensor,kv_cache_append"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK="--quick" ;;
+        --no-tests) TESTS=0 ;;
+        --no-bench) BENCH=0 ;;
+        --ops) OPS=$2; shift ;;
+        *) echo "usage: bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--ops a,b]"; exit 2 ;;
+    esac
+    shift
+done
 PY=${PYTHON:-python3}
 LOG=$(mktemp -d)
 touch "$LOG/start"
 RESULTS=bench/results
 mkdir -p "$RESULTS"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-12}
 summary=()
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the outcome
     local name=$1 limit=$2
@@ -37,6 +51,22 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the o
     summary+=("$(printf '%-14s %-14s %4ds' "$name" "$msg" $((SECONDS - t0)))")
     return "$rc"
 }
+finish() {
+    {
+        echo "=== summary"
+        printf '%s\n' "${summary[@]}"
+        for f in "$LOG"/*tests*.log; do
+            [ -f "$f" ] && printf '%-22s %s\n' "$(basename "$f" .log)" "$(grep -E "passed|failed|error|skipped" "$f" | tail -1)"
+        done
+        sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS"
+        echo "total ${SECONDS}s"
+    } | tee "$LOG/summary.txt"
+    if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+        find "$RESULTS" -name 'gpu_*' -newer "$LOG/start" -exec cp {} "$OUT"/ \;
+        cp "$LOG/summary.txt" "$OUT/"
+        tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
+    fi
+}
 
 echo "=== environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
@@ -44,7 +74,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
 
 # 1. install ------------------------------------------------------------------------------------
-if ! stage install 120 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q -e . ; then
+if ! stage install 90 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q -e . ; then
     # Fallback without an install: a sitecustomize on PYTHONPATH maps ptqrt.kernels to kernels/, as
     # setuptools' editable finder would (ptqrt itself imports from the repository root).
     SITE=$(mktemp -d)
@@ -62,36 +92,47 @@ PYEOF
     echo "pip install failed: mapping ptqrt.kernels through $SITE/sitecustomize.py"
 fi
 "$PY" -c "import ptqrt, ptqrt.kernels; print('ptqrt from', ptqrt.__file__, '| kernels:', sorted(ptqrt.kernels.OPS))" \
-    || { echo "ptqrt.kernels does not import; stopping"; exit 1; }
+    || { echo "ptqrt.kernels does not import; stopping"; finish; exit 1; }
 
-# 2. CUDA extension -----------------------------------------------------------------------------
-# >>> CUDA backend (csrc/cuda) -- this section belongs to the CUDA backend's owner, who sizes it.
-# >>> It builds the extension with the project's builder (MAX_JOBS above) when csrc/cuda has
-# >>> sources; its GPU tests run with everyone else's in stage 3 (pytest -m gpu tests/), and a
-# >>> successful build adds "cuda" to the backends the benchmark times in the same run.
+PYTEST=("$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
+
+# 2. CUDA build in the background, Triton GPU tests meanwhile ----------------------------------
 BACKENDS=triton
+BUILD_PID=""
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
-    # build (cached by content hash) + compute-sanitizer memcheck at small sizes; its GPU tests run in stage 3
-    stage cuda 330 env PTQRT_CUDA_CHECK_NO_TESTS=1 bash bench/device_check_cuda.sh && BACKENDS=triton,cuda
+    (timeout --kill-after=10 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" \
+        > "$LOG/cuda-build.log" 2>&1; echo $? > "$LOG/cuda-build.rc") &
+    BUILD_PID=$!
 fi
-# <<< end of the CUDA section
+[ "$TESTS" = 1 ] && stage triton-tests 150 "${PYTEST[@]}" "${XDIST[@]}" tests/test_triton_backend.py
+if [ -n "$BUILD_PID" ]; then
+    t0=$SECONDS
+    wait "$BUILD_PID"
+    rc=$(cat "$LOG/cuda-build.rc" 2>/dev/null || echo 1)
+    echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
+    summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
+    [ "$rc" = 0 ] && BACKENDS=triton,cuda
+fi
 
-# 3. GPU tests ----------------------------------------------------------------------------------
-XDIST=""
-"$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-stage gpu-tests 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider $XDIST tests/
+# 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
+if [ "$TESTS" = 1 ]; then
+    stage cuda-tests 120 "${PYTEST[@]}" "${XDIST[@]}" --ignore=tests/test_triton_backend.py tests/
+    [ "$BACKENDS" = triton,cuda ] && stage memcheck 100 env PTQRT_CUDA_CHECK_NO_TESTS=1 PTQRT_CUDA_NO_BUILD=1 MEMCHECK_LIMIT=85 CUDA_CHECK_LOG="$LOG" \
+        bash bench/device_check_cuda.sh
+fi
 
 # 4. benchmark ----------------------------------------------------------------------------------
-stage bench 150 "$PY" -m ptqrt.bench_gpu $QUICK --plot --out-dir "$RESULTS" --backends "$BACKENDS"
+# DEADLINE (seconds from the start): the benchmark gets what is left of it, so the summary and the
+# files still reach $OUT when the caller's own limit is near.
+left=$(( ${DEADLINE:-540} - SECONDS - 15 ))
+limit=${BENCH_LIMIT:-240}
+[ "$left" -lt "$limit" ] && limit=$left
+[ "$BENCH" = 1 ] && [ "$limit" -gt 30 ] && stage bench "$limit" "$PY" -m ptqrt.bench_gpu $QUICK --plot --out-dir "$RESULTS" \
+    --backends "$BACKENDS" --ops "$OPS"
 
 # 5. summary ------------------------------------------------------------------------------------
-if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    find "$RESULTS" -name 'gpu_*' -newer "$LOG/start" -exec cp {} "$OUT"/ \;
-    for f in "$LOG"/*.log; do cp "$f" "$OUT/log_$(basename "$f")"; done
-fi
 echo
-echo "=== summary"
-printf '%s\n' "${summary[@]}"
-grep -E "passed|failed|error" "$LOG/gpu-tests.log" | tail -1
-sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS"
-echo "total ${SECONDS}s"
+finish

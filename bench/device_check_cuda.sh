@@ -4,7 +4,7 @@
 #
 #   1. build the extension with the project's builder (ninja, sm_80 + sm_90a; cached by content hash)
 #   2. pytest -m gpu tests/test_cuda_backend.py: every op against the reference at real and odd sizes,
-#      including the sm_90a wgmma kernel (PTQRT_CUDA_WGMMA=1) when the GPU is compute capability 9.0
+#      including the sm_90a wgmma kernel (the default for M > 64 on compute capability 9.0)
 #   3. compute-sanitizer --tool memcheck over the same tests at the small odd sizes
 #      (PTQRT_CUDA_TEST_SMALL=1), one dtype per op (every kernel path: GEMV, both tiles, split-K,
 #      wgmma, fallbacks, padding), with torch's caching allocator off so that every overrun leaves
@@ -19,7 +19,7 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-LOG=${OUT:-$(mktemp -d)}
+LOG=${CUDA_CHECK_LOG:-${OUT:-$(mktemp -d)}}
 status=0
 run() {  # run NAME SECONDS CMD...
     local name=$1 limit=$2
@@ -35,7 +35,10 @@ run() {  # run NAME SECONDS CMD...
     return "$rc"
 }
 
-run build 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" || exit 1
+# PTQRT_CUDA_NO_BUILD=1: the caller built it already (a cached build only loads, but skip even that).
+if [ "${PTQRT_CUDA_NO_BUILD:-0}" != "1" ]; then
+    run build 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" || exit 1
+fi
 
 # PTQRT_CUDA_CHECK_NO_TESTS=1: the caller runs tests/test_cuda_backend.py itself (pytest -m gpu tests/).
 if [ "${PTQRT_CUDA_CHECK_NO_TESTS:-0}" != "1" ]; then
@@ -48,8 +51,8 @@ if [ "${PTQRT_CUDA_MEMCHECK:-1}" = "0" ]; then
     echo "=== cuda-memcheck skipped (PTQRT_CUDA_MEMCHECK=0)"
 elif [ -n "$SAN" ]; then
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 PTQRT_CUDA_TEST_SMALL=1 \
-        run memcheck 200 "$SAN" --tool memcheck --error-exitcode 7 --print-limit 20 \
-        "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests/test_cuda_backend.py \
+        run memcheck "${MEMCHECK_LIMIT:-200}" "$SAN" --tool memcheck --error-exitcode 7 --print-limit 20 \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_cuda_backend.py \
         -k "(dtype0 or out_dtype3 or int32 or unaligned or (w8a16 and dtype2)) and not tune"
 else
     echo "=== cuda-memcheck skipped: compute-sanitizer not found (install the CUDA toolkit's sanitizer)"

@@ -159,6 +159,8 @@ def _jobs(all_configs: bool):
                                   ("bf16", 8, False, 1), ("fp32", 4, True, 2)):
         launch = dict(kv_cache.DECODE)
         warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
+        if group > 1:
+            warps = kv_cache.DECODE_GQA_WARPS
         jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits}", kv_cache._decode_partial_kernel,
                      _rt(q_ptr=Ptr(q), kc_ptr=Ptr("i8"), vc_ptr=Ptr("i8"), ks_ptr=Ptr("fp32"), vs_ptr=Ptr("fp32"),
                          bt_ptr=Ptr("i32"), lens_ptr=Ptr("i32"), out_ptr=Ptr(q), o_part_ptr=Ptr("fp32"),

@@ -66,6 +66,43 @@ def _bench(fn: Callable[[], object], rep_ms: int = 40) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
 
 
+def _bench_graph(fn: Callable[[], object], rep_ms: int = 40) -> float:
+    """Median milliseconds of one replay of fn captured in a CUDA graph, L2 flushed before each
+    replay: the GPU time without the Python launch path (how servers run decode steps)."""
+    import triton
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up and autotuning happen outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return float(triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median"))
+
+
+GRAPHS = True  # also time every call as a CUDA-graph replay (run_gpu_bench(graphs=False) skips it)
+
+
+def _try(name: str, fn: Callable[[], object]) -> Optional[tuple]:
+    """(eager ms, graph-replay ms or None), or None after printing why it failed: one broken
+    implementation must not cost the rest of the run its numbers."""
+    try:
+        eager = _bench(fn)
+    except Exception as e:  # noqa: BLE001 - reported, and the row is left out
+        print(f"  {name}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+        return None
+    graph = None
+    if GRAPHS and torch.cuda.is_available():
+        try:
+            graph = _bench_graph(fn)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name}: graph capture failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  flush=True)
+    return eager, graph
+
+
 def measure_ceilings(device) -> dict:
     """Copy bandwidth (bytes read + written per second) and int8 / fp16 matrix peaks, on this GPU now."""
     n = 1 << 30
@@ -80,9 +117,14 @@ def measure_ceilings(device) -> dict:
     h = torch.randn(8192, 8192, device=device, dtype=torch.float16)
     hm_ms = _bench(lambda: h @ h.t())
     flops = 2 * 8192 ** 3
-    return {"copy_TBps": 2 * n / copy_ms / 1e9, "int_mm_TOPS": flops / int_ms / 1e9,
+    ceil = {"copy_TBps": 2 * n / copy_ms / 1e9, "int_mm_TOPS": flops / int_ms / 1e9,
             "int_mm_TOPS_8192x28672x8192": 2 * 8192 * 28672 * 8192 / int_big_ms / 1e9,
             "fp16_mm_TFLOPS": flops / hm_ms / 1e9}
+    # The int8 ceiling of the floor: torch._int_mm reaches less of the int8 tensor cores than cuBLAS's
+    # fp16 product reaches of the fp16 ones (a kernel of ours beats it), while the int8 rate is twice
+    # the fp16 rate on every tensor-core generation since sm_75. So: the larger of the two.
+    ceil["int8_peak_TOPS"] = max(ceil["int_mm_TOPS"], 2 * ceil["fp16_mm_TFLOPS"])
+    return ceil
 
 
 def _impls(backends: Iterable[str], device) -> dict:
@@ -106,19 +148,27 @@ def _floor_ms(bytes_moved: float, ops_count: float, peak_tops: float, ceil: dict
 
 
 def _rows_for(op, shape: dict, ours: dict, peers: dict, floor_ms: float, bytes_moved: float, ops_count: float) -> list:
-    """One row per implementation; our rows carry speedup_vs_<peer> = peer time / our time."""
+    """One row per implementation (values: _try's (eager ms, graph ms)); our rows carry
+    speedup_vs_<peer> = peer time / our time, eagerly launched, and graph_speedup_vs_<peer> as
+    CUDA-graph replays, with graph_us and graph_frac_floor."""
     rows = []
     for kind, table in (("ours", ours), ("peer", peers)):
-        for impl, ms in table.items():
-            if ms is None:
+        for impl, t in table.items():
+            if t is None:
                 continue
+            ms, gms = t
             row = dict(op=op, impl=impl, kind=kind, **shape, us=ms * 1e3, floor_us=floor_ms * 1e3,
                        frac_floor=floor_ms / ms, GBps=bytes_moved / ms / 1e6, TOPS=ops_count / ms / 1e9)
+            if gms is not None:
+                row.update(graph_us=gms * 1e3, graph_frac_floor=floor_ms / gms)
             if kind == "ours":
-                for p, pms in peers.items():
-                    if pms is not None:
-                        row[f"speedup_vs_{p}"] = pms / ms
+                for p, pt in peers.items():
+                    if pt is not None:
+                        row[f"speedup_vs_{p}"] = pt[0] / ms
+                        if gms is not None and pt[1] is not None:
+                            row[f"graph_speedup_vs_{p}"] = pt[1] / gms
             rows.append(row)
+    _print_ours(rows)
     return rows
 
 
@@ -133,16 +183,16 @@ def bench_w8a8_gemm(impls, ceil, nk_list, m_list, device):
             x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
             x_scale = torch.rand(m, device=device) * 0.01 + 1e-3
             x16 = torch.randn(m, k, device=device, dtype=torch.float16)
-            ours = {b: _bench(lambda f=f["w8a8_gemm"]: f(x_q, x_scale, w_q, w_scale, None, torch.float16))
+            ours = {b: _try(b, lambda f=f["w8a8_gemm"]: f(x_q, x_scale, w_q, w_scale, None, torch.float16))
                     for b, f in impls.items() if "w8a8_gemm" in f}
-            peers = {"fp16 F.linear": _bench(lambda: F.linear(x16, w16))}
+            peers = {"fp16 F.linear": _try("fp16 F.linear", lambda: F.linear(x16, w16))}
             if m > 16:  # torch._int_mm refuses M <= 16
-                peers["torch._int_mm"] = _bench(lambda: torch._int_mm(x_q, w_q.t()))
-                peers["_int_mm+dequant"] = _bench(
-                    lambda: (torch._int_mm(x_q, w_q.t()).float() * x_scale[:, None] * w_scale[None, :]).half())
+                peers["torch._int_mm"] = _try("torch._int_mm", lambda: torch._int_mm(x_q, w_q.t()))
+                peers["_int_mm+dequant"] = _try("_int_mm+dequant", lambda: (
+                    torch._int_mm(x_q, w_q.t()).float() * x_scale[:, None] * w_scale[None, :]).half())
             nbytes = m * k + n * k + 2 * m * n + 4 * (m + n)
             nops = 2 * m * n * k
-            floor = _floor_ms(nbytes, nops, ceil["int_mm_TOPS"], ceil)
+            floor = _floor_ms(nbytes, nops, ceil.get("int8_peak_TOPS", ceil["int_mm_TOPS"]), ceil)
             rows += _rows_for("w8a8_gemm", dict(M=m, N=n, K=k), ours, peers, floor, nbytes, nops)
     return rows
 
@@ -155,9 +205,9 @@ def bench_w8a16_gemm(impls, ceil, nk_list, m_list, device):
         w16 = torch.randn(n, k, device=device, dtype=torch.float16)
         for m in m_list:
             x16 = torch.randn(m, k, device=device, dtype=torch.float16)
-            ours = {b: _bench(lambda f=f["w8a16_gemm"]: f(x16, w_q, w_scale, None, 0))
+            ours = {b: _try(b, lambda f=f["w8a16_gemm"]: f(x16, w_q, w_scale, None, 0))
                     for b, f in impls.items() if "w8a16_gemm" in f}
-            peers = {"fp16 F.linear": _bench(lambda: F.linear(x16, w16))}
+            peers = {"fp16 F.linear": _try("fp16 F.linear", lambda: F.linear(x16, w16))}
             nbytes = n * k + 2 * m * k + 2 * m * n + 4 * n
             nops = 2 * m * n * k
             floor = _floor_ms(nbytes, nops, ceil["fp16_mm_TFLOPS"], ceil)
@@ -173,8 +223,8 @@ def bench_quantize(op, impls, ceil, mk_list, device):
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         scale = torch.tensor([0.02], device=device)
         args = (x, None) if op == "quantize_per_token" else (x, scale, None)
-        ours = {b: _bench(lambda f=f[op]: f(*args)) for b, f in impls.items() if op in f}
-        peers = {"torch eager": _bench(lambda: getattr(ref, op)(*args))}
+        ours = {b: _try(b, lambda f=f[op]: f(*args)) for b, f in impls.items() if op in f}
+        peers = {"torch eager": _try("torch eager", lambda: getattr(ref, op)(*args))}
         nbytes = 3 * m * k + (4 * m if op == "quantize_per_token" else 0)
         floor = _floor_ms(nbytes, 0, 1.0, ceil)
         rows += _rows_for(op, dict(M=m, K=k), ours, peers, floor, nbytes, 0)
@@ -193,7 +243,7 @@ def bench_kv_cache_append(impls, ceil, t_list, device):
         k = torch.randn(t, h, d, device=device, dtype=torch.float16)
         v = torch.randn_like(k)
         slots = torch.randperm(nb * bs, device=device)[:t]
-        ours = {b: _bench(lambda f=f["kv_cache_append"]: f(k, v, kc, vc, ks, vs, slots))
+        ours = {b: _try(b, lambda f=f["kv_cache_append"]: f(k, v, kc, vc, ks, vs, slots))
                 for b, f in impls.items() if "kv_cache_append" in f}
         kc16 = torch.zeros(nb * bs, h, d, dtype=torch.float16, device=device)
         vc16 = torch.zeros_like(kc16)
@@ -202,7 +252,7 @@ def bench_kv_cache_append(impls, ceil, t_list, device):
             kc16[slots] = k
             vc16[slots] = v
 
-        peers = {"fp16 cache scatter": _bench(fp16_scatter)}
+        peers = {"fp16 cache scatter": _try("fp16 cache scatter", fp16_scatter)}
         nbytes = 2 * t * h * d * 2 + 2 * t * h * d + 2 * t * h * 4 + 8 * t
         floor = _floor_ms(nbytes, 0, 1.0, ceil)
         rows += _rows_for("kv_cache_append", dict(T=t, H=h, D=d), ours, peers, floor, nbytes, 0)
@@ -225,12 +275,13 @@ def bench_decode(impls, ceil, bl_list, device):
         q = torch.randn(b, h, d, device=device, dtype=torch.float16)
         sm_scale = 1.0 / math.sqrt(d)
         args = (q, kc, vc, ks, vs, block_table, seq_lens, sm_scale)
-        ours = {be: _bench(lambda f=f["int8_kv_decode_attention"]: f(*args))
+        ours = {be: _try(be, lambda f=f["int8_kv_decode_attention"]: f(*args))
                 for be, f in impls.items() if "int8_kv_decode_attention" in f}
         k16 = torch.randn(b, h, length, d, device=device, dtype=torch.float16)
         v16 = torch.randn_like(k16)
         q4 = q[:, :, None, :]
-        peers = {"fp16 SDPA": _bench(lambda: F.scaled_dot_product_attention(q4, k16, v16, scale=sm_scale))}
+        peers = {"fp16 SDPA": _try("fp16 SDPA", lambda: F.scaled_dot_product_attention(q4, k16, v16,
+                                                                               scale=sm_scale))}
         nbytes = 2 * b * length * h * d + 2 * b * length * h * 4 + 4 * b * h * d + 4 * b * (1 + blocks_per_seq)
         floor = _floor_ms(nbytes, 0, 1.0, ceil)
         rows += _rows_for("int8_kv_decode_attention", dict(B=b, L=length, H=h, D=d), ours, peers, floor, nbytes,
@@ -239,17 +290,19 @@ def bench_decode(impls, ceil, bl_list, device):
 
 
 # ------------------------------------------------------------------------------------------ report
-def check_targets(rows: list) -> list:
-    """[{target, impl, measured, ok}] per target and backend with measured rows (worst of its shapes)."""
+def check_targets(rows: list, mode: str = "eager") -> list:
+    """[{target, impl, mode, measured, ok}] per target and backend with measured rows (worst of its
+    shapes); mode "eager" (do_bench of the Python call) or "graph" (CUDA-graph replays)."""
+    pre = "" if mode == "eager" else "graph_"
     out = []
     for op, where, against, at_least in TARGETS:
         for impl in dict.fromkeys(r["impl"] for r in rows if r["kind"] == "ours"):
-            got = [r["frac_floor"] if against == "floor" else r.get(f"speedup_vs_{against}")
+            got = [r.get(f"{pre}frac_floor") if against == "floor" else r.get(f"{pre}speedup_vs_{against}")
                    for r in rows if r["op"] == op and r["impl"] == impl and r["kind"] == "ours" and where(r)]
             got = [g for g in got if g is not None]
             if got:
                 what = "of the floor" if against == "floor" else f"x {against}"
-                out.append(dict(target=f"{op}: >= {at_least:g} {what}", impl=impl, measured=min(got),
+                out.append(dict(target=f"{op}: >= {at_least:g} {what}", impl=impl, mode=mode, measured=min(got),
                                 ok=min(got) >= at_least))
     return out
 
@@ -262,27 +315,41 @@ def _shape_str(r: dict) -> str:
 def print_header(ceil: dict, meta: dict) -> None:
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}")
     print(f"copy {ceil['copy_TBps']:.2f} TB/s   torch._int_mm {ceil['int_mm_TOPS']:.0f} TOP/s (8192^3), "
-          f"{ceil['int_mm_TOPS_8192x28672x8192']:.0f} (8192x28672x8192)   fp16 mm {ceil['fp16_mm_TFLOPS']:.0f} TFLOP/s")
+          f"{ceil['int_mm_TOPS_8192x28672x8192']:.0f} (8192x28672x8192)   fp16 mm {ceil['fp16_mm_TFLOPS']:.0f} TFLOP/s"
+          f"   int8 ceiling for the floors {ceil.get('int8_peak_TOPS', ceil['int_mm_TOPS']):.0f} TOP/s")
+
+
+def _print_ours(rows: list) -> None:
+    """Our rows of one shape, as soon as they are measured: time, floor, fraction of the floor,
+    speedup over each peer."""
+    for r in rows:
+        if r["kind"] != "ours":
+            continue
+        peers = " ".join(f"{k[len('speedup_vs_'):]}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+        graph = ""
+        if "graph_us" in r:
+            gp = " ".join(f"{v:.2f}x" for k, v in r.items() if k.startswith("graph_speedup_vs_"))
+            graph = f" | graph {r['graph_us']:8.1f} us ({100 * r['graph_frac_floor']:5.1f}%) {gp}"
+        print(f"  {r['op'][:10]:10s} {_shape_str(r):24s} {r['impl']:7s} {r['us']:9.1f} us  floor {r['floor_us']:8.1f} us "
+              f"({100 * r['frac_floor']:5.1f}%)  {peers}{graph}", flush=True)
 
 
 def print_rows(rows: list) -> None:
     """Our rows per op: time, floor, fraction of the floor, speedup over each peer."""
     for op in dict.fromkeys(r["op"] for r in rows):
         print(f"\n{op}")
-        for r in rows:
-            if r["op"] != op or r["kind"] != "ours":
-                continue
-            peers = " ".join(f"{k[len('speedup_vs_'):]}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
-            print(f"  {_shape_str(r):28s} {r['impl']:7s} {r['us']:10.1f} us  floor {r['floor_us']:9.1f} us "
-                  f"({100 * r['frac_floor']:5.1f}%)  {peers}", flush=True)
+        _print_ours([r for r in rows if r["op"] == op])
 
 
 def print_targets(rows: list) -> None:
-    targets = check_targets(rows)
-    if targets:
-        print("\ntargets (worst shape)")
-        for t in targets:
-            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:7s} {t['target']:55s} measured {t['measured']:.2f}")
+    eager = check_targets(rows, "eager")
+    graph = {(t["target"], t["impl"]): t for t in check_targets(rows, "graph")}
+    if eager:
+        print("\ntargets (worst shape)                                                  eager launch | CUDA graph")
+        for t in eager:
+            g = graph.get((t["target"], t["impl"]))
+            gs = f"{'PASS' if g['ok'] else 'MISS'} {g['measured']:.2f}" if g else "-"
+            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:7s} {t['target']:55s} {t['measured']:5.2f} | {gs}")
 
 
 def print_table(rows: list, ceil: dict, meta: dict) -> None:
@@ -296,7 +363,7 @@ def write_results(rows: list, ceil: dict, meta: dict, out_dir) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", meta["device"]).strip("_")
     stem = out / f"gpu_{slug}_{meta['time'].replace(':', '').replace('-', '')}"
-    payload = dict(meta, ceilings=ceil, targets=check_targets(rows), rows=rows)
+    payload = dict(meta, ceilings=ceil, targets=check_targets(rows) + check_targets(rows, "graph"), rows=rows)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -316,7 +383,7 @@ def plot_results(rows: list, ceil: dict, meta: dict, path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
-    peak = ceil["int_mm_TOPS"]
+    peak = ceil.get("int8_peak_TOPS", ceil["int_mm_TOPS"])
     xs = [2 ** e for e in range(-4, 14)]
     ax1.plot(xs, [min(peak, ceil["copy_TBps"] * x) for x in xs], "k-", lw=1, label="int8 roof (measured)")
     ax1.plot(xs, [min(ceil["fp16_mm_TFLOPS"], ceil["copy_TBps"] * x) for x in xs], "k--", lw=1, label="fp16 roof")
@@ -371,7 +438,8 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
     impls = _impls(backends, device)
     rows = []
     with torch.no_grad():
-        for op in ops:  # each op's table is printed as soon as it is measured
+        for op in ops:  # each row is printed as soon as it is measured, the files rewritten after each op
+            print(f"\n{op}", flush=True)
             if op == "w8a8_gemm":
                 got = bench_w8a8_gemm(impls, ceil, shapes["gemm_nk"], shapes["gemm_m"], device)
             elif op == "w8a16_gemm":
@@ -382,8 +450,8 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
                 got = bench_kv_cache_append(impls, ceil, shapes["append_t"], device)
             else:
                 got = bench_decode(impls, ceil, shapes["decode_bl"], device)
-            print_rows(got)
             rows += got
+            write_results(rows, ceil, meta, out_dir)
             torch.cuda.empty_cache()
     print_targets(rows)
     json_path, csv_path = write_results(rows, ceil, meta, out_dir)

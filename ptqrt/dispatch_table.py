@@ -1,8 +1,9 @@
 """The `auto` dispatch table: which backend runs each op per M-bucket on a given GPU.
 
 `ptqrt tune` measures every backend and writes one JSON file per GPU name into the table folder
-($PTQRT_TABLE_DIR, default ~/.cache/ptqrt/tables); without one, the default shipped in
-ptqrt/data/dispatch_default.json is used. Format: {"device": name, "ops": {op: {bucket: backend}}}.
+($PTQRT_TABLE_DIR, default ~/.cache/ptqrt/tables). Without one, a table tuned for that GPU name and
+shipped in ptqrt/data/tables/ is used, else the default ptqrt/data/dispatch_default.json.
+Format: {"device": name, "ops": {op: {bucket: backend}}}.
 """
 from __future__ import annotations
 
@@ -14,14 +15,23 @@ from pathlib import Path
 import torch
 
 DEFAULT = Path(__file__).parent / "data" / "dispatch_default.json"
+SHIPPED = Path(__file__).parent / "data" / "tables"
 
 
 def table_dir() -> Path:
     return Path(os.environ.get("PTQRT_TABLE_DIR", Path.home() / ".cache" / "ptqrt" / "tables"))
 
 
+def _file_name(device_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_") + ".json"
+
+
 def table_path(device_name: str) -> Path:
-    return table_dir() / (re.sub(r"[^A-Za-z0-9._-]+", "_", device_name).strip("_") + ".json")
+    return table_dir() / _file_name(device_name)
+
+
+def shipped_path(device_name: str) -> Path:
+    return SHIPPED / _file_name(device_name)
 
 
 def current_gpu_name() -> str | None:
@@ -31,9 +41,10 @@ def current_gpu_name() -> str | None:
 
 
 def load_table() -> dict:
-    """{op: {bucket (str): backend}} for the current GPU: tuned if present, else the shipped default."""
+    """{op: {bucket (str): backend}} for the current GPU: tuned here if present, else shipped for this
+    GPU name, else the shipped default."""
     name = current_gpu_name()
-    for path in ([table_path(name)] if name else []) + [DEFAULT]:
+    for path in ([table_path(name), shipped_path(name)] if name else []) + [DEFAULT]:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())

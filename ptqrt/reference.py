@@ -23,7 +23,9 @@ MAX_K_INT32 = 133_143
 def absmax_scale(amax: torch.Tensor) -> torch.Tensor:
     """s = amax / 127 in float32; amax == 0 gives 1 (NaN and Inf pass through)."""
     amax = amax.to(torch.float32)
-    return torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)
+    # A tensor divisor, not the Python scalar: on CUDA, torch turns division by a CPU scalar into a
+    # multiply by its reciprocal, which is not the correctly rounded quotient every kernel computes.
+    return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, QMAX))
 
 
 def round_clamp_int8(v: torch.Tensor) -> torch.Tensor:

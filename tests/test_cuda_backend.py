@@ -270,7 +270,10 @@ def _w8a8_cases(impl):
 W8A8_OUT = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
 
 
-def test_w8a8_gemm_int32_is_exact(impl):
+@pytest.mark.parametrize("wgmma", ["0", "1"])
+def test_w8a8_gemm_int32_is_exact(impl, wgmma, monkeypatch):
+    """mma.sync kernel (PTQRT_CUDA_WGMMA=0) and the default (wgmma for M > 64 on sm_90)."""
+    monkeypatch.setenv("PTQRT_CUDA_WGMMA", wgmma)
     dev = impl.device
     for m, n, k in _w8a8_cases(impl):
         x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
@@ -286,6 +289,7 @@ def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
     so float outputs match bit for bit too; per-token and per-tensor x_scale, bias in any float dtype."""
     dev = impl.device
     monkeypatch.setenv("PTQRT_EMU_SMS", "4")  # the emulated GPU is small: split-K on more shapes
+    monkeypatch.setenv("PTQRT_CUDA_WGMMA", "0")  # the mma.sync kernel; test_w8a8_gemm_sm90_wgmma the other
     for i, (m, n, k) in enumerate(_w8a8_cases(impl)):
         x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
         x_scale = rand_scale(m if i % 2 else 1, device=dev)
@@ -300,7 +304,7 @@ def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
 def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
-    """The sm_90a kernel (TMA + wgmma, opt-in with PTQRT_CUDA_WGMMA=1; M > 64): N and K tails, more
+    """The sm_90a kernel (TMA + wgmma, on by default on sm_90, PTQRT_CUDA_WGMMA=0 off; M > 64): N and K tails, more
     K tiles than pipeline stages, split-K; exact like the mma.sync kernel."""
     if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
@@ -545,3 +549,21 @@ def test_tune_quick_on_gpu(tmp_path, monkeypatch):
     assert set(data["ops"]["quantize_per_token"]) == {str(b) for b in ops.M_BUCKETS}
     assert path == dispatch_table.table_path(torch.cuda.get_device_name())
     ops.reset_dispatch_table()
+
+
+def test_shipped_table_for_a_gpu_name(tmp_path, monkeypatch):
+    """Order: the table tuned here, then one shipped for this GPU name, then the shipped default."""
+    from ptqrt import dispatch_table
+
+    monkeypatch.setenv("PTQRT_TABLE_DIR", str(tmp_path / "tuned"))
+    monkeypatch.setattr(dispatch_table, "SHIPPED", tmp_path / "shipped")
+    monkeypatch.setattr(dispatch_table, "current_gpu_name", lambda: "Fake GPU 80GB")
+    default = json.loads(dispatch_table.DEFAULT.read_text())["ops"]
+    assert dispatch_table.load_table() == default
+    shipped = {"w8a8_gemm": {"1": "cuda"}}
+    dispatch_table.SHIPPED.mkdir()
+    dispatch_table.shipped_path("Fake GPU 80GB").write_text(json.dumps({"device": "Fake GPU 80GB", "ops": shipped}))
+    assert dispatch_table.load_table() == shipped
+    tuned = {"w8a8_gemm": {"1": "triton"}}
+    dispatch_table.write_table("Fake GPU 80GB", tuned)
+    assert dispatch_table.load_table() == tuned

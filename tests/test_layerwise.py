@@ -220,12 +220,30 @@ def test_peak_memory_grows_by_about_one_layer():
 
 
 @pytest.mark.gpu
-def test_only_one_layer_on_the_device():
-    model = Stack(PreNormLayer, n=6).eval()  # on the CPU
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    quantize(model, PTQConfig(precision_recovery="gptq", **STATIC), _calib(), quiet=True, device="cuda")
+def test_only_one_layer_on_the_device(monkeypatch):
+    """device="cuda" on a CPU model: the GPU peak does not grow with the number of layers (one layer
+    and its calibration activations at a time), and the model stays on the CPU."""
+    # What runs once per process is not the model's: Triton's autotuner allocates a 256 MB buffer to
+    # flush L2 while it times configs (the fixed configs run here instead), and cuBLAS / cuSOLVER
+    # allocate their workspaces (a two-layer warm-up: the quantized forward of a layer feeds the next).
+    monkeypatch.setenv("PTQRT_TRITON_AUTOTUNE", "0")
+    cfg = PTQConfig(precision_recovery="gptq", **STATIC)
+    quantize(Stack(PreNormLayer, n=2).eval(), cfg, _calib(), quiet=True, device="cuda")
+
+    def peak(n_layers):
+        model = Stack(PreNormLayer, n=n_layers).eval()  # on the CPU
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        quantize(model, cfg, _calib(), quiet=True, device="cuda")
+        assert all(b.device.type == "cpu" for b in model.buffers())
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        return torch.cuda.max_memory_allocated() - base, model
+
+    small, _ = peak(2)
+    big, model = peak(8)
     layer_bytes = sum(p.numel() * 4 for p in model.layers[0].parameters()) + sum(
         b.numel() * b.element_size() for b in model.layers[0].buffers())
-    assert torch.cuda.max_memory_allocated() - base < 8 * layer_bytes + (1 << 20)
-    assert all(b.device.type == "cpu" for b in model.buffers())
+    # Six more layers held on the GPU would add 6 * layer_bytes; one at a time adds nothing.
+    assert big - small < 2 * layer_bytes, (small, big, layer_bytes)
+    assert big < 8 * layer_bytes + (2 << 20), (big, layer_bytes)

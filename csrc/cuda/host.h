@@ -46,11 +46,12 @@ inline size_t smem_optin() { return 227 * 1024; }
 inline bool is_sm90() { return true; }  // the emulator runs the sm_90a kernels too
 #endif
 
-// The sm_90a wgmma + TMA w8a8 kernel is opt-in (PTQRT_CUDA_WGMMA=1) until it has been validated on an
-// H100; otherwise every GPU runs the mma.sync kernel.
+// The sm_90a wgmma + TMA w8a8 kernel runs on compute capability 9.0 (M > 64; validated and measured on
+// an H100, bench/NOTES.md: about twice the mma.sync kernel's rate at M >= 512). PTQRT_CUDA_WGMMA=0 turns
+// it off (every GPU then runs the mma.sync kernel).
 inline bool wgmma_enabled() {
   const char* s = std::getenv("PTQRT_CUDA_WGMMA");
-  return s != nullptr && s[0] == '1' && is_sm90();
+  return !(s != nullptr && s[0] == '0') && is_sm90();
 }
 
 inline std::string describe(const at::Tensor& t) {

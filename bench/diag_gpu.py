@@ -1,0 +1,181 @@
+"""Where the time of one op call goes, per backend, on a CUDA device.
+
+    python bench/diag_gpu.py [--backends triton,cuda] [--cases name,...|none] [--trace] [--sweep-decode]
+
+For each case and backend it prints four numbers (microseconds):
+    bench   triton.testing.do_bench median, L2 flushed before each call (what ptqrt bench reports)
+    graph   the same call captured in a CUDA graph and replayed (launch overhead removed), median
+    host    wall time per call of 200 back-to-back calls without a sync: the launch rate; when it is
+            above `graph`, the call is bound by the CPU, not the GPU
+    kernels each CUDA kernel the call launches and its GPU time (torch.profiler), with --trace
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import torch
+
+
+def _cases(device):
+    def gemm8(m, n, k):
+        x = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        xs, ws = torch.rand(m, device=device) + 0.01, torch.rand(n, device=device) + 0.01
+        return "w8a8_gemm", (x, xs, w, ws, None, torch.float16)
+
+    def gemm16(m, n, k):
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+        return "w8a16_gemm", (x, w, torch.rand(n, device=device) + 0.01, None, 0)
+
+    def quant(m, k):
+        return "quantize_per_token", (torch.randn(m, k, device=device, dtype=torch.float16), None)
+
+    def decode(b, length, h=32, d=128, bs=16):
+        nb = b * length // bs
+        kc = torch.randint(-127, 128, (nb, bs, h, d), dtype=torch.int8, device=device)
+        vc = torch.randint(-127, 128, (nb, bs, h, d), dtype=torch.int8, device=device)
+        ks = torch.rand(nb, bs, h, device=device) * 0.02 + 1e-3
+        vs = torch.rand(nb, bs, h, device=device) * 0.02 + 1e-3
+        bt = torch.randperm(nb, device=device).to(torch.int32).reshape(b, length // bs)
+        sl = torch.full((b,), length, dtype=torch.int32, device=device)
+        q = torch.randn(b, h, d, device=device, dtype=torch.float16)
+        return "int8_kv_decode_attention", (q, kc, vc, ks, vs, bt, sl, 1.0 / math.sqrt(d))
+
+    return {
+        "w8a16_m1_4096": lambda: gemm16(1, 4096, 4096),
+        "w8a16_m16_4096": lambda: gemm16(16, 4096, 4096),
+        "w8a16_m1_28672": lambda: gemm16(1, 28672, 8192),
+        "w8a16_m128_4096": lambda: gemm16(128, 4096, 4096),
+        "w8a8_m1_4096": lambda: gemm8(1, 4096, 4096),
+        "w8a8_m512_4096": lambda: gemm8(512, 4096, 4096),
+        "w8a8_m2048_4096": lambda: gemm8(2048, 4096, 4096),
+        "quant_m1_4096": lambda: quant(1, 4096),
+        "decode_b1_4096": lambda: decode(1, 4096),
+        "decode_b16_4096": lambda: decode(16, 4096),
+        "decode_b8_32768": lambda: decode(8, 32768),
+    }
+
+
+def _graph_ms(fn) -> float:
+    import triton
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    return float(triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median"))
+
+
+def _host_us(fn, n=200) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def _kernels(fn) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.count:
+            total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            out[e.key[:70]] = (e.count / 5, total / 5)
+    return [(k, c, t) for k, (c, t) in out.items()]
+
+
+def sweep_decode(device) -> None:
+    """Triton decode attention over (BLOCK_L, num_warps, split waves): graph-replay median, us."""
+    import triton
+
+    from ptqrt.kernels import kv_cache
+
+    cases = {n: f() for n, f in _cases(device).items() if n.startswith("decode")}
+    keep = dict(kv_cache.DECODE), kv_cache.SPLIT_TARGET_WAVES
+    print("\ntriton decode sweep (graph replay, us): BLOCK_L warps waves | " + " ".join(f"{n:>16s}" for n in cases))
+    try:
+        for block_l in (16, 32, 64, 128):
+            for warps in (2, 4, 8):
+                for waves in (4, 16):
+                    kv_cache.DECODE.update(BLOCK_L=block_l, num_warps=warps)
+                    kv_cache.SPLIT_TARGET_WAVES = waves
+                    times = []
+                    for _, (_, args) in cases.items():
+                        try:
+                            times.append(_graph_ms(lambda: kv_cache.int8_kv_decode_attention(*args)) * 1e3)
+                        except Exception as e:  # noqa: BLE001
+                            times.append(float("nan"))
+                            print(f"  failed: {type(e).__name__}: {str(e)[:120]}")
+                    print(f"  {block_l:4d} {warps:2d} {waves:3d} | " + " ".join(f"{t:16.1f}" for t in times), flush=True)
+    finally:
+        kv_cache.DECODE.clear()
+        kv_cache.DECODE.update(keep[0])
+        kv_cache.SPLIT_TARGET_WAVES = keep[1]
+
+
+def main(argv=None) -> int:
+    import triton
+
+    from ptqrt import ops
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="triton,cuda")
+    ap.add_argument("--cases", default="", help="comma-separated case names; 'none' for none")
+    ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--sweep-decode", action="store_true")
+    a = ap.parse_args(argv)
+    device = torch.device("cuda")
+    cases = _cases(device)
+    names = [c for c in a.cases.split(",") if c and c != "none"] if a.cases else list(cases)
+    impls = {b: ops._provider(b, device) for b in a.backends.split(",")}
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"{'case':18s} {'backend':7s} {'bench':>8s} {'graph':>8s} {'host':>8s}")
+    with torch.no_grad():
+        for name in names:
+            op, args = cases[name]()
+            for b, table in impls.items():
+                if not table or op not in table:
+                    continue
+                fn = lambda f=table[op]: f(*args)  # noqa: E731
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    bench = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+                    try:
+                        graph = _graph_ms(fn) * 1e3
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  graph capture failed: {type(e).__name__}: {e}")
+                        graph = float("nan")
+                    host = _host_us(fn)
+                    print(f"{name:18s} {b:7s} {bench:8.1f} {graph:8.1f} {host:8.1f}", flush=True)
+                    if a.trace:
+                        for k, c, t in _kernels(fn):
+                            print(f"    {c:4.1f}x {t:8.1f} us  {k}")
+                except Exception as e:  # noqa: BLE001
+                    print(f"{name:18s} {b:7s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            del args
+            torch.cuda.empty_cache()
+        if a.sweep_decode:
+            sweep_decode(device)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
