@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -112,9 +113,21 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side ints. triton.cdiv and triton.next_power_of_2 are jit-able functions
+    whose host calls go through Triton's constexpr unwrapping: about 3 us each here, four or more per
+    launch, where these take 0.1 us."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def m_bucket(m: int) -> int:
     """Power-of-two bucket of M (capped at 8192) for autotune keys: one tuning per bucket, not per M."""
-    return min(triton.next_power_of_2(max(m, 1)), 8192)
+    return min(next_pow2(max(m, 1)), 8192)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,6 +165,28 @@ def tile_counters(device: torch.device, n: int) -> torch.Tensor:
             _retired.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _counters[key] = buf
+    return buf
+
+
+# Split partials (fp32 / int32 per split and output element) need no zeroing: every split writes its
+# own before the last one reads them. One buffer per (device, stream, thread, tag, dtype), grown on
+# demand, spares each launch an allocation: launches on one stream run in order, so one caller's
+# launches can share it, and the thread in the key keeps two threads that launch on one stream from
+# interleaving between a split kernel and the merge kernel that reads its partials.
+_scratch: dict = {}
+
+
+def scratch(device: torch.device, numel: int, dtype: torch.dtype, tag: str) -> torch.Tensor:
+    """An uninitialised buffer of at least numel elements for this stream's next launch (a fresh one
+    inside CUDA-graph capture, which must own its memory)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=dtype, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, threading.get_ident(), tag, dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+        _scratch[key] = buf
     return buf
 
 

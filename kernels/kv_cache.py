@@ -201,7 +201,7 @@ def kv_cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     nb, bs, h, d = k_cache.shape
     if t == 0 or h == 0 or d == 0:
         return
-    block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(d)
+    block_h, block_d = _common.next_pow2(h), _common.next_pow2(d)
     _kv_cache_append_kernel[(t,)](
         k, v, k_cache, v_cache, k_scale, v_scale, slots, nb * bs, h, d, k.stride(0), v.stride(0),
         DYNAMIC_K=k_scale.dim() == 3, DYNAMIC_V=v_scale.dim() == 3, BLOCK_H=block_h, BLOCK_D=block_d,
@@ -220,8 +220,8 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         return out
     group = hq // hkv
     use_dot = group > 1
-    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
-    block_d = max(16, triton.next_power_of_2(d))
+    block_g = max(16, _common.next_pow2(group)) if use_dot else 1
+    block_d = max(16, _common.next_pow2(d))
     max_blocks = block_table.shape[1]
     if _common.interpreting():
         meta = dict(INTERPRET)
@@ -236,8 +236,8 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             launch["num_warps"] = DECODE_GQA_WARPS
         dot_dtype = q.dtype
     if splits > 1:
-        o_part = torch.empty((b * hq * splits, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((b * hq * splits,), dtype=torch.float32, device=q.device)
+        o_part = _common.scratch(q.device, b * hq * splits * d, torch.float32, "decode_o")
+        lse = _common.scratch(q.device, b * hq * splits, torch.float32, "decode_lse")
     else:
         o_part = lse = out  # unused
     _decode_partial_kernel[(b, hkv, splits)](
@@ -246,7 +246,7 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         GROUP=group, BLOCK_SIZE=bs, SINGLE_SPLIT=splits == 1, DYNAMIC_K=k_scale.dim() == 3, DYNAMIC_V=v_scale.dim() == 3,
         USE_DOT=use_dot, DOT_DTYPE=_common.tl_dtype(dot_dtype), BLOCK_G=block_g, BLOCK_D=block_d, **launch)
     if splits > 1:
-        _decode_merge_kernel[(b * hq,)](o_part, lse, out, d, splits, BLOCK_S=triton.next_power_of_2(splits),
+        _decode_merge_kernel[(b * hq,)](o_part, lse, out, d, splits, BLOCK_S=_common.next_pow2(splits),
                                         BLOCK_D=block_d, num_warps=1)
     return out
 

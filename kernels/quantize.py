@@ -100,12 +100,12 @@ def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None) -
         return x_q, x_scale
     if k == 0:
         return x_q, x_scale.fill_(1.0)  # the reference's all-zero row: s = 1
-    block_k = triton.next_power_of_2(k)
+    block_k = _common.next_pow2(k)
     one_pass = block_k <= _ONE_PASS_MAX_K
     if not one_pass:
         block_k = _TWO_PASS_BLOCK_K
-    block_m = max(1, min(triton.next_power_of_2(m), 4096 // block_k))
-    grid = (triton.cdiv(m, block_m),)
+    block_m = max(1, min(_common.next_pow2(m), 4096 // block_k))
+    grid = (_common.cdiv(m, block_m),)
     _quantize_per_token_kernel[grid](
         x, smooth if smooth is not None else x, x_q, x_scale, m, k, x.stride(0), x_q.stride(0),
         HAS_SMOOTH=smooth is not None, ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_K=block_k,
@@ -120,9 +120,9 @@ def quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, smooth: Optional[t
     x_q = _common.alloc((m, k), torch.int8, x.device)
     if m == 0 or k == 0:
         return x_q
-    block_k = min(triton.next_power_of_2(k), 1024)
-    block_m = max(1, min(triton.next_power_of_2(m), 8192 // block_k))
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+    block_k = min(_common.next_pow2(k), 1024)
+    block_m = max(1, min(_common.next_pow2(m), 8192 // block_k))
+    grid = (_common.cdiv(m, block_m), _common.cdiv(k, block_k))
     _quantize_per_tensor_kernel[grid](
         x, smooth if smooth is not None else x, scale, x_q, m, k, x.stride(0), x_q.stride(0),
         HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=_warps(block_m * block_k))

@@ -248,7 +248,7 @@ def prune_gemv_configs(configs, named_args, **kwargs):
     """Split-K configs only where they can help (_common.keep_split), then fit_config."""
     n, k = named_args["N"], named_args["K"]
     sms = _common.num_sms(named_args["w_ptr"].device)
-    keep = [c for c in configs if _common.keep_split(triton.cdiv(n, c.kwargs["BLOCK_N"]), c.kwargs["SPLIT_K"], k,
+    keep = [c for c in configs if _common.keep_split(_common.cdiv(n, c.kwargs["BLOCK_N"]), c.kwargs["SPLIT_K"], k,
                                                      c.kwargs["BLOCK_K"], sms)]
     return _fit_all(keep, named_args)
 
@@ -270,7 +270,7 @@ _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=["M_BUCKET", "N", "K", "G"],
 
 def default_gemv_split(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
     """Splits (untuned launches) that bring cdiv(N, BLOCK_N) tiles up to about one wave."""
-    tiles = triton.cdiv(n, block_n)
+    tiles = _common.cdiv(n, block_n)
     s = 1
     while s < MAX_SPLIT_K and tiles * s * 2 <= sms and k >= 2 * s * block_k:
         s *= 2
@@ -298,11 +298,11 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     shape = (m, n, k, g, (k // g) if g else 1, x.stride(0), w_q.stride(0), out.stride(0), _common.m_bucket(m))
     tune = _common.autotuning(x)
     if m <= GEMV_MAX_M:
-        counters = _common.tile_counters(x.device, triton.cdiv(n, 16))
-        part = torch.empty(MAX_SPLIT_K * GEMV_MAX_M * n, dtype=torch.float32, device=x.device)
+        counters = _common.tile_counters(x.device, _common.cdiv(n, 16))
+        part = _common.scratch(x.device, MAX_SPLIT_K * GEMV_MAX_M * n, torch.float32, "gemv")
         args = head + (part, counters) + shape
         if tune:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+            grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
             _gemv_tuned[grid](*args, BLOCK_M=GEMV_MAX_M, **flags)
         else:
             if _common.interpreting():
@@ -313,12 +313,12 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
             meta.setdefault("SPLIT_K", default_gemv_split(n, k, meta["BLOCK_N"], meta["BLOCK_K"],
                                                           _common.num_sms(x.device)))
             assert meta["SPLIT_K"] <= MAX_SPLIT_K, meta
-            grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+            grid = (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
             _gemv[grid](*args, BLOCK_M=GEMV_MAX_M, num_warps=GEMV_DEFAULT.num_warps, num_stages=stages, **flags, **meta)
         return out
     args = head + shape
     if tune:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemm_tuned[_size_class(m)][grid](*args, **flags)
     else:
         if _common.interpreting():
@@ -326,6 +326,6 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         else:
             cfg = fit_config(GEMM_DEFAULT[_size_class(m)], g, x.dtype == torch.float32)
             meta, warps, stages = cfg.kwargs, cfg.num_warps, cfg.num_stages
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        grid = (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)
         _gemm[grid](*args, num_warps=warps, num_stages=stages, **flags, **meta)
     return out

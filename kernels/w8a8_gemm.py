@@ -187,7 +187,7 @@ def prune_gemv_configs(configs, named_args, **kwargs):
     """Time split-K configs only where they can help (_common.keep_split)."""
     n, k = named_args["N"], named_args["K"]
     sms = _common.num_sms(named_args["b_ptr"].device)
-    keep = [c for c in configs if _common.keep_split(triton.cdiv(n, c.kwargs["BLOCK_N"]), c.kwargs["SPLIT_K"], k,
+    keep = [c for c in configs if _common.keep_split(_common.cdiv(n, c.kwargs["BLOCK_N"]), c.kwargs["SPLIT_K"], k,
                                                      c.kwargs["BLOCK_K"], sms)]
     return keep
 
@@ -209,7 +209,7 @@ _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=["M_BUCKET", "N", "K"],
 
 def default_gemv_split(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
     """Splits (untuned launches) that bring cdiv(N, BLOCK_N) tiles up to about one wave."""
-    tiles = triton.cdiv(n, block_n)
+    tiles = _common.cdiv(n, block_n)
     s = 1
     while s < MAX_SPLIT_K and tiles * s * 2 <= sms and k >= 2 * s * block_k:
         s *= 2
@@ -235,12 +235,12 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     shape = (m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0), _common.m_bucket(m))
     tune = _common.autotuning(x_q)
     if m <= GEMV_MAX_M:
-        counters = _common.tile_counters(x_q.device, triton.cdiv(n, 16))
+        counters = _common.tile_counters(x_q.device, _common.cdiv(n, 16))
         # Partials of every split: int32 [SPLIT_K, 16, N]; uninitialised, each split writes its own.
-        part = torch.empty(MAX_SPLIT_K * GEMV_MAX_M * n, dtype=torch.int32, device=x_q.device)
+        part = _common.scratch(x_q.device, MAX_SPLIT_K * GEMV_MAX_M * n, torch.int32, "gemv")
         args = head + (part, counters) + shape
         if tune:
-            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+            grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
             _gemv_tuned[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, **flags)
         else:
             if _common.interpreting():
@@ -250,13 +250,13 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
             meta.setdefault("SPLIT_K", default_gemv_split(n, k, meta["BLOCK_N"], meta["BLOCK_K"],
                                                           _common.num_sms(x_q.device)))
             assert meta["SPLIT_K"] <= MAX_SPLIT_K, meta
-            grid = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+            grid = (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
             _gemv[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, num_warps=warps, num_stages=stages,
                         **flags, **meta)
         return out
     args = head + shape
     if tune:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemm_tuned[_size_class(m)][grid](*args, enable_fp_fusion=False, **flags)
     else:
         if _common.interpreting():
@@ -264,6 +264,6 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         else:
             cfg = GEMM_DEFAULT[_size_class(m)]
             meta, warps, stages = cfg.kwargs, cfg.num_warps, cfg.num_stages
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        grid = (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)
         _gemm[grid](*args, enable_fp_fusion=False, num_warps=warps, num_stages=stages, **flags, **meta)
     return out

@@ -195,3 +195,44 @@ def _opcheck_cases():
 def test_opcheck(i, backend):
     fn, args = _opcheck_cases()[i]
     torch.library.opcheck(fn, args)
+
+
+# ------------------------------------------------------------------------------------------ eager path
+def test_plain_eager_calls_skip_the_dispatcher_and_others_do_not(backend):
+    """A plain eager call runs the op's body directly (the dispatcher round trip costs ~35 us); under
+    a dispatch mode, with a tensor subclass (FakeTensor) or an input that needs a gradient, the call
+    goes through torch.ops.ptqrt as before, and both give the same result."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(5, 24)
+    q_plain, s_plain = ops.quantize_per_token(x)
+    with Log():
+        q_mode, s_mode = ops.quantize_per_token(x)
+    assert "ptqrt.quantize_per_token.default" in seen
+    assert torch.equal(q_plain, q_mode) and torch.equal(s_plain, s_mode)
+    with FakeTensorMode() as mode:
+        q_fake, _ = ops.quantize_per_token(mode.from_tensor(x))
+    assert q_fake.shape == (5, 24) and q_fake.dtype == torch.int8
+    xg = x.clone().requires_grad_()
+    q_grad, _ = ops.quantize_per_token(xg)  # through the op, whose output needs no grad
+    assert torch.equal(q_grad, q_plain)
+
+
+def test_plain_eager_kv_cache_append_bumps_versions(backend):
+    """In-place arguments get their version counter bumped on the direct path too, as the op does."""
+    kc, vc = rand_int8(3, 4, 2, 8), rand_int8(3, 4, 2, 8)
+    ks, vs = torch.rand(3, 4, 2), torch.rand(3, 4, 2)
+    before = [t._version for t in (kc, vc, ks, vs)]
+    ops.kv_cache_append(torch.randn(2, 2, 8), torch.randn(2, 2, 8), kc, vc, ks, vs, torch.tensor([0, 5]))
+    assert all(t._version > b for t, b in zip((kc, vc, ks, vs), before))
+    ops.kv_cache_append(torch.randn(1, 2, 8), torch.randn(1, 2, 8), k_cache=kc, v_cache=vc, k_scale=ks,
+                        v_scale=vs, slots=torch.tensor([1]))
+    assert all(t._version > b + 1 for t, b in zip((kc, vc, ks, vs), before))

@@ -538,3 +538,36 @@ def test_gpu_config(untuned, monkeypatch, mod, size, i):
         check_w8a8(m, 4096, 4096, torch.float16, True, None, "cuda", repeat=2)
     else:
         check_w8a16(m, 4096, 4096, 0, torch.float16, False, "cuda")
+
+
+# ------------------------------------------------------------------------------------------ host glue
+def test_host_int_helpers_match_triton():
+    """The launchers' plain-int cdiv / next_pow2 equal triton's (which cost ~3 us a host call)."""
+    import triton
+
+    from ptqrt.kernels import _common
+
+    for n in list(range(0, 300)) + [4095, 4096, 4097, 11008, 28672, 1 << 20, (1 << 20) + 1]:
+        assert _common.next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 2, 3, 16, 64, 128, 256):
+            assert _common.cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_scratch_buffers_are_shared_per_caller_and_grow():
+    import threading
+
+    from ptqrt.kernels import _common
+
+    dev = torch.device("cpu")
+    a = _common.scratch(dev, 100, torch.float32, "test")
+    assert a.numel() >= 100 and a.dtype == torch.float32
+    assert _common.scratch(dev, 50, torch.float32, "test").data_ptr() == a.data_ptr()  # reused
+    assert _common.scratch(dev, 50, torch.int32, "test").data_ptr() != a.data_ptr()    # per dtype
+    assert _common.scratch(dev, 50, torch.float32, "other").data_ptr() != a.data_ptr()  # per tag
+    big = _common.scratch(dev, 1000, torch.float32, "test")
+    assert big.numel() >= 1000
+    other = []
+    t = threading.Thread(target=lambda: other.append(_common.scratch(dev, 10, torch.float32, "test")))
+    t.start()
+    t.join()
+    assert other[0].data_ptr() != big.data_ptr()  # another thread never shares a caller's partials
