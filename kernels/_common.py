@@ -151,14 +151,26 @@ _counters: dict = {}
 _retired: list = []
 
 
-def tile_counters(device: torch.device, n: int) -> torch.Tensor:
+_CAPTURING = "capturing"
+
+
+def stream_key(device: torch.device):
+    """(device, current stream) for the per-stream buffers below, or _CAPTURING inside CUDA-graph
+    capture. A launcher that takes several buffers computes it once and passes it to each."""
+    if device.type != "cuda":
+        return (str(device), 0)
+    if torch.cuda.is_current_stream_capturing():
+        return _CAPTURING
+    return (str(device), torch.cuda.current_stream(device).cuda_stream)
+
+
+def tile_counters(device: torch.device, n: int, skey=None) -> torch.Tensor:
     """An int32 buffer of at least n zeros, reset to zero by each kernel that uses it."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    key = stream_key(device) if skey is None else skey
+    if key is _CAPTURING:
         # Inside CUDA-graph capture: a buffer of the graph's own pool, zeroed by a memset node at
         # each replay; not cached, since that pool's memory is reused once the graph is gone.
         return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
     buf = _counters.get(key)
     if buf is None or buf.numel() < n:
         if buf is not None:
@@ -176,13 +188,13 @@ def tile_counters(device: torch.device, n: int) -> torch.Tensor:
 _scratch: dict = {}
 
 
-def scratch(device: torch.device, numel: int, dtype: torch.dtype, tag: str) -> torch.Tensor:
+def scratch(device: torch.device, numel: int, dtype: torch.dtype, tag: str, skey=None) -> torch.Tensor:
     """An uninitialised buffer of at least numel elements for this stream's next launch (a fresh one
-    inside CUDA-graph capture, which must own its memory)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    inside CUDA-graph capture, which must own its memory). skey: stream_key(device), if known."""
+    skey = stream_key(device) if skey is None else skey
+    if skey is _CAPTURING:
         return torch.empty(numel, dtype=dtype, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream, threading.get_ident(), tag, dtype)
+    key = (*skey, threading.get_ident(), tag, dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 1), dtype=dtype, device=device)

@@ -236,8 +236,9 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             launch["num_warps"] = DECODE_GQA_WARPS
         dot_dtype = q.dtype
     if splits > 1:
-        o_part = _common.scratch(q.device, b * hq * splits * d, torch.float32, "decode_o")
-        lse = _common.scratch(q.device, b * hq * splits, torch.float32, "decode_lse")
+        skey = _common.stream_key(q.device)
+        o_part = _common.scratch(q.device, b * hq * splits * d, torch.float32, "decode_o", skey)
+        lse = _common.scratch(q.device, b * hq * splits, torch.float32, "decode_lse", skey)
     else:
         o_part = lse = out  # unused
     _decode_partial_kernel[(b, hkv, splits)](

@@ -298,8 +298,9 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     shape = (m, n, k, g, (k // g) if g else 1, x.stride(0), w_q.stride(0), out.stride(0), _common.m_bucket(m))
     tune = _common.autotuning(x)
     if m <= GEMV_MAX_M:
-        counters = _common.tile_counters(x.device, _common.cdiv(n, 16))
-        part = _common.scratch(x.device, MAX_SPLIT_K * GEMV_MAX_M * n, torch.float32, "gemv")
+        skey = _common.stream_key(x.device)  # one stream lookup for both buffers
+        counters = _common.tile_counters(x.device, _common.cdiv(n, 16), skey)
+        part = _common.scratch(x.device, MAX_SPLIT_K * GEMV_MAX_M * n, torch.float32, "gemv", skey)
         args = head + (part, counters) + shape
         if tune:
             grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731

@@ -235,9 +235,10 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     shape = (m, n, k, x_q.stride(0), w_q.stride(0), out.stride(0), _common.m_bucket(m))
     tune = _common.autotuning(x_q)
     if m <= GEMV_MAX_M:
-        counters = _common.tile_counters(x_q.device, _common.cdiv(n, 16))
+        skey = _common.stream_key(x_q.device)  # one stream lookup for both buffers
+        counters = _common.tile_counters(x_q.device, _common.cdiv(n, 16), skey)
         # Partials of every split: int32 [SPLIT_K, 16, N]; uninitialised, each split writes its own.
-        part = _common.scratch(x_q.device, MAX_SPLIT_K * GEMV_MAX_M * n, torch.int32, "gemv")
+        part = _common.scratch(x_q.device, MAX_SPLIT_K * GEMV_MAX_M * n, torch.int32, "gemv", skey)
         args = head + (part, counters) + shape
         if tune:
             grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731

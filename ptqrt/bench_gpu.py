@@ -173,12 +173,16 @@ def _rows_for(op, shape: dict, ours: dict, peers: dict, floor_ms: float, bytes_m
 
 
 # ------------------------------------------------------------------------------------------ per op
+def _weights(n: int, k: int, device) -> tuple:
+    """(w_q int8 [N, K], w_scale [N], the fp16 weight the peers multiply by) for one GEMM shape."""
+    return (torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device),
+            torch.rand(n, device=device) * 0.01 + 1e-3, torch.randn(n, k, device=device, dtype=torch.float16))
+
+
 def bench_w8a8_gemm(impls, ceil, nk_list, m_list, device):
     rows = []
     for n, k in nk_list:
-        w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
-        w_scale = torch.rand(n, device=device) * 0.01 + 1e-3
-        w16 = torch.randn(n, k, device=device, dtype=torch.float16)
+        w_q, w_scale, w16 = _weights(n, k, device)
         for m in m_list:
             x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
             x_scale = torch.rand(m, device=device) * 0.01 + 1e-3
@@ -200,9 +204,7 @@ def bench_w8a8_gemm(impls, ceil, nk_list, m_list, device):
 def bench_w8a16_gemm(impls, ceil, nk_list, m_list, device):
     rows = []
     for n, k in nk_list:
-        w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
-        w_scale = torch.rand(n, device=device) * 0.01 + 1e-3
-        w16 = torch.randn(n, k, device=device, dtype=torch.float16)
+        w_q, w_scale, w16 = _weights(n, k, device)
         for m in m_list:
             x16 = torch.randn(m, k, device=device, dtype=torch.float16)
             ours = {b: _try(b, lambda f=f["w8a16_gemm"]: f(x16, w_q, w_scale, None, 0))
