@@ -2,7 +2,15 @@
 
     python -m pytest bench/bench_cpu.py --benchmark-enable -s                    # quick subset
     PTQRT_BENCH_FULL=1 python -m pytest bench/bench_cpu.py --benchmark-enable -s # the whole sweep
+    PTQRT_BENCH_SET=targets python -m pytest ...   # only the rows and peers the targets need
     PTQRT_BENCH_THREADS=1 ... --benchmark-timer=time.process_time                # on a shared machine
+    python bench/bench_cpu.py bench/results/cpu_<host>.json   # print the targets of a (partial) JSON
+
+PTQRT_BENCH_SET picks the sweep: quick (the default), full (= PTQRT_BENCH_FULL=1), targets (every
+row a target of the CPU backend's issue is stated for, with only the peers those targets name: w8a8
+at M 1/16/128 for the three shapes against fbgemm, plus fp32 F.linear at M=128; w8a16 fp32 x at M=1;
+attention at L=4096 for B 1 and 8), or smoke (one row of each target kind at the smallest shape, to
+check the plumbing). PTQRT_BENCH_JSON overrides where the JSON goes.
 
 (The project's pytest config passes --benchmark-disable; --benchmark-enable turns timing back on.)
 On a machine shared with other work, wall-clock medians of multi-threaded runs measure the
@@ -14,8 +22,11 @@ Groups (one pytest-benchmark group per shape, so its table shows each row's rati
   w8a16  ptqrt w8a16_gemm (fp32 and bf16 activations) | fp32 F.linear | bf16 F.linear
   attn   ptqrt int8_kv_decode_attention (paged, block 16, dynamic scales) | fp32 SDPA on a dense cache
 At the end a summary prints medians, the ratios the issue asks for, and the memory floor (bytes moved
-/ the copy bandwidth measured in the same run); it is also written to bench/results/cpu_<host>.json.
-Timings are medians; nothing here asserts a timing.
+/ the copy bandwidth measured in the same run), then each target of the issue with its ratio and PASS
+or MISS (targets are stated for a 2-core AVX-512 VNNI machine: read them with the CPU model, ISA path
+and thread count printed beside them). All of it is also written to bench/results/cpu_<host>.json,
+which is rewritten (without floors, "partial": true) after every row, so a run cut short keeps what it
+measured. Timings are medians; nothing here asserts a timing.
 """
 from __future__ import annotations
 
@@ -32,11 +43,40 @@ import torch.nn.functional as F
 
 from ptqrt import _build
 
-FULL = os.environ.get("PTQRT_BENCH_FULL", "0") == "1"
-MS = (1, 16, 128) if FULL else (1, 128)
-NKS = ((4096, 4096), (11008, 4096), (4096, 11008)) if FULL else ((4096, 4096),)
-ATTN = tuple((b, l) for b in (1, 8) for l in (512, 4096)) if FULL else ((1, 4096), (8, 512))
+SETS = ("quick", "full", "targets", "smoke")
+SET = "full" if os.environ.get("PTQRT_BENCH_FULL", "0") == "1" else os.environ.get("PTQRT_BENCH_SET", "quick")
+if SET not in SETS:
+    raise ValueError(f"PTQRT_BENCH_SET must be one of {SETS}; got {SET!r}")
+FULL = SET == "full"
+ALL_MS = (1, 16, 128)
+ALL_NKS = ((4096, 4096), (11008, 4096), (4096, 11008))
+MS = {"full": ALL_MS, "targets": ALL_MS, "quick": (1, 128), "smoke": (1,)}[SET]
+NKS = ALL_NKS if SET in ("full", "targets") else ((4096, 4096),)
+ATTN = {"full": tuple((b, l) for b in (1, 8) for l in (512, 4096)), "targets": ((1, 4096), (8, 4096)),
+        "quick": ((1, 4096), (8, 512)), "smoke": ((1, 4096),)}[SET]
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
+
+# The CPU backend's issue: (kind, ours, peer, at least this speed-up, the rows it is stated for).
+TARGETS = (
+    [("w8a8", "ptqrt quant+w8a8", "fbgemm dynamic", 1.2, m, n, k) for m in ALL_MS for n, k in ALL_NKS]
+    + [("w8a8", "ptqrt quant+w8a8", "fp32 F.linear", 4.0, 128, n, k) for n, k in ALL_NKS]
+    + [("w8a16", "ptqrt w8a16 fp32 x", "fp32 F.linear", 2.0, 1, n, k) for n, k in ALL_NKS]
+    + [("attn", "ptqrt int8-KV decode", "fp32 SDPA", 1.5, b, 4096, None) for b in (1, 8)]
+)
+
+
+def _group(kind: str, a: int, b: int, c) -> str:
+    """The benchmark group of a row: (m, n, k) for the GEMMs, (batch, length) for attention."""
+    if kind == "attn":
+        return f"attn B={a} L={b} H={HEADS} D={HEAD_DIM}"
+    return f"{kind} M={a} N={b} K={c}"
+
+
+def _needed(kind: str, a: int, b: int, c, impl: str) -> bool:
+    """In the targets and smoke sets, only the implementations some target of that row compares."""
+    if SET in ("full", "quick"):
+        return True
+    return any(t[0] == kind and t[4:] == (a, b, c) and impl in t[1:3] for t in TARGETS)
 
 _results: dict = {}
 if os.environ.get("PTQRT_BENCH_THREADS"):
@@ -60,6 +100,10 @@ def _cpu_model() -> str:
 
 def _record(benchmark, group: str, name: str, nbytes: int = 0) -> None:
     _results.setdefault(group, {})[name] = {"median_s": benchmark.stats.stats.median, "bytes": nbytes}
+    try:  # keep what was measured if the run is cut short
+        _write_json(_meta(), partial=True)
+    except Exception as e:  # noqa: BLE001 -- the record matters more than its copy on disk
+        print(f"bench_cpu: could not write the partial JSON: {e}")
 
 
 def _copy_bandwidth() -> float:
@@ -78,9 +122,8 @@ def _copy_bandwidth() -> float:
 W8A8_IMPLS = ("ptqrt quant+w8a8", "ptqrt w8a8_gemm", "fbgemm dynamic", "torch._int_mm", "fp32 F.linear")
 
 
-@pytest.mark.parametrize("impl", W8A8_IMPLS)
-@pytest.mark.parametrize("n,k", NKS)
-@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A8_IMPLS
+                                          if _needed("w8a8", m, n, k, i)])
 def test_w8a8(benchmark, ops, m, n, k, impl):
     torch.manual_seed(0)
     group = f"w8a8 M={m} N={n} K={k}"
@@ -124,9 +167,8 @@ def test_w8a8(benchmark, ops, m, n, k, impl):
 W8A16_IMPLS = ("ptqrt w8a16 fp32 x", "ptqrt w8a16 bf16 x", "fp32 F.linear", "bf16 F.linear")
 
 
-@pytest.mark.parametrize("impl", W8A16_IMPLS)
-@pytest.mark.parametrize("n,k", NKS)
-@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A16_IMPLS
+                                          if _needed("w8a16", m, n, k, i)])
 def test_w8a16(benchmark, ops, m, n, k, impl):
     torch.manual_seed(0)
     group = f"w8a16 M={m} N={n} K={k}"
@@ -149,8 +191,9 @@ def test_w8a16(benchmark, ops, m, n, k, impl):
 
 
 # ------------------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("impl", ("ptqrt int8-KV decode", "fp32 SDPA"))
-@pytest.mark.parametrize("b,length", ATTN)
+@pytest.mark.parametrize("b,length,impl", [(b, length, i) for b, length in ATTN
+                                            for i in ("ptqrt int8-KV decode", "fp32 SDPA")
+                                            if _needed("attn", b, length, None, i)])
 def test_decode_attention(benchmark, ops, b, length, impl):
     torch.manual_seed(0)
     group = f"attn B={b} L={length} H={HEADS} D={HEAD_DIM}"
@@ -186,14 +229,79 @@ RATIOS = {  # (group prefix, ours, peer): the targets of the CPU backend's issue
 }
 
 
+def _json_path() -> Path:
+    if os.environ.get("PTQRT_BENCH_JSON"):
+        return Path(os.environ["PTQRT_BENCH_JSON"])
+    return Path(__file__).resolve().parent / "results" / f"cpu_{platform.node() or 'host'}.json"
+
+
+_META: dict = {}
+
+
+def _meta() -> dict:
+    """Where the numbers come from: CPU model, ISA paths, threads, the CPUs this process may use."""
+    if not _META:
+        ops = torch.ops.ptqrt_cpu
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = []
+        _META.update({"device": _cpu_model(), "isa": ops.active_isa(), "best_isa": ops.best_isa(),
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": cpus,
+                      "set": SET, "full": FULL})
+    return _META
+
+
+def targets(results: dict) -> list[dict]:
+    """Every target of the CPU backend's issue, with its ratio where both rows were measured."""
+    out = []
+    for kind, ours, peer, need, a, b, c in TARGETS:
+        group = _group(kind, a, b, c)
+        rows = results.get(group, {})
+        ratio = None
+        if ours in rows and peer in rows and rows[ours]["median_s"] > 0:
+            ratio = rows[peer]["median_s"] / rows[ours]["median_s"]
+        status = "n/a" if ratio is None else ("PASS" if ratio >= need else "MISS")
+        out.append({"group": group, "ours": ours, "peer": peer, "need": need, "ratio": ratio, "status": status})
+    return out
+
+
+def target_lines(meta: dict, tgts: list[dict]) -> list[str]:
+    """The targets table: a header saying where it was measured, one PASS/MISS line per measured target."""
+    cpus = meta.get("cpus") or []
+    lines = [f"targets (CPU backend issue; stated for a 2-core AVX-512 VNNI machine): {meta.get('device')}, "
+             f"path {meta.get('isa')} (best {meta.get('best_isa')}), {meta.get('threads')} threads on CPUs "
+             f"{','.join(map(str, cpus)) or '?'}, set {meta.get('set')}"]
+    for t in tgts:
+        if t["ratio"] is not None:
+            lines.append(f"{t['status']:<5} {t['group']:<32} {t['ours']} vs {t['peer']}: "
+                         f"{t['ratio']:.2f}x (target >= {t['need']:g}x)")
+    missing = sum(t["ratio"] is None for t in tgts)
+    n_pass = sum(t["status"] == "PASS" for t in tgts)
+    lines.append(f"targets: {n_pass} PASS, {len(tgts) - n_pass - missing} MISS, {missing} not measured "
+                 f"(of {len(tgts)}; PTQRT_BENCH_SET=targets measures all)")
+    return lines
+
+
+def _write_json(meta: dict, partial: bool, bw: float | None = None) -> Path:
+    out = _json_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({**meta, "copy_bandwidth_Bps": bw, "partial": partial,
+                               "targets": targets(_results), "results": _results}, indent=1))
+    tmp.replace(out)
+    return out
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
     yield
     if not _results:
         return
     bw = _copy_bandwidth()
-    lines = [f"device: {_cpu_model()}, ptqrt_cpu path {torch.ops.ptqrt_cpu.active_isa()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, "
+    meta = _meta()
+    lines = [f"device: {meta['device']}, ptqrt_cpu path {meta['isa']}, torch {torch.__version__}, "
+             f"{meta['threads']} threads, "
              f"copy bandwidth {bw / 1e9:.1f} GB/s",
              f"{'group':<32} {'impl':<22} {'median ms':>10} {'floor ms':>9}"]
     for group, rows in _results.items():
@@ -205,9 +313,17 @@ def _summary():
                 ratio = rows[peer]["median_s"] / rows[ours]["median_s"]
                 rows.setdefault("ratios", {})[f"{ours} vs {peer}"] = ratio
                 lines.append(f"{'':<32} speed-up of {ours} over {peer}: {ratio:.2f}x")
+    lines += target_lines(meta, targets(_results))
     print("\n" + "\n".join(lines))
-    out = Path(__file__).resolve().parent / "results" / f"cpu_{platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": _cpu_model(), "isa": torch.ops.ptqrt_cpu.active_isa(),
-                               "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "copy_bandwidth_Bps": bw, "full": FULL, "results": _results}, indent=1))
+    out = _write_json(meta, partial=False, bw=bw)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":  # print the targets of a JSON this file wrote (a partial one too)
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python bench/bench_cpu.py bench/results/cpu_<host>.json")
+    data = json.loads(Path(sys.argv[1]).read_text())
+    print("\n".join(target_lines(data, targets(data.get("results", {})))
+                    + (["(partial: the run stopped before its end)"] if data.get("partial") else [])))

@@ -2,32 +2,46 @@
 # One GPU check: 147-200 s on one H100 80GB HBM3 (measured 2026-11-26; torch 2.11 / triton 3.6 /
 # Python 3.12, no network). Run from the repository root:
 #
-#   bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--ops w8a16_gemm,...]
+#   bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--no-cpu] [--ops w8a16_gemm,...]
 #
 #   1. install the checkout (editable, no deps, no build isolation) so that ptqrt and ptqrt.kernels
-#      import; kernels/ becomes ptqrt.kernels only through setup.py's package_dir
+#      import; kernels/ becomes ptqrt.kernels only through setup.py's package_dir; then, in the
+#      background for the rest of the run, the host CPU's check (bench/cpu_host_check.sh) on two CPUs
+#      of its own (the highest-numbered, on distinct physical cores; on an AVX-512 VNNI CPU every
+#      later stage is kept off them): the CPU model and its AVX-512 / AMX flags and, on an AVX-512
+#      VNNI CPU, the cpu extension's build (MAX_JOBS=2), the CPU backend's AVX-512 tests and
+#      bench/bench_cpu.py's target rows at 2 threads (~110-130 s, predicted from the AVX2 machine of
+#      bench/NOTES.md, not yet measured here; limit CPU_LIMIT, 200 s). Without VNNI it only reports
+#      the CPU (a second). --no-cpu or SKIP_CPU=1 leaves it out
 #   2. build the CUDA extension in the background (ninja, sm_80 + sm_90a) while the Triton GPU tests
 #      run (pytest -m gpu tests/test_triton_backend.py, in parallel with pytest-xdist when present)
 #   3. the CUDA backend's GPU tests and the other GPU tests, then compute-sanitizer memcheck over the
 #      CUDA tests at small odd sizes (bench/device_check_cuda.sh)
 #   4. the GPU benchmark (python -m ptqrt.bench_gpu): every op against cuBLAS / _int_mm / SDPA, each
-#      row printed as it is measured and the JSON/CSV rewritten after each op
-#   5. a short table: stage times, test results, the targets
+#      row printed as it is measured and the JSON/CSV rewritten after each op; with the CUDA
+#      extension built, its opt-in kernel variants (bench_gpu.VARIANTS) are timed beside the defaults
+#   5. a short table: stage times, test results, the targets; then the CPU check's lines (its
+#      stages, the CPU backend's targets with PASS/MISS), after a wait of at most CPU_WAIT (60 s)
+#      for it if it is still running (then it is stopped, and keeps what it measured)
 #
 # Every stage has its own time limit (so a hang cannot eat the others); the limits add up to under
-# 9 minutes. Results go to bench/results/; when the variable OUT names a folder (the device
-# runner's), the benchmark's files, the summary and one archive of all logs are copied there.
+# 9 minutes, the wait for the CPU check included. Results go to bench/results/; when the variable
+# OUT names a folder (the device runner's), the GPU benchmark's files, the CPU benchmark's JSON
+# (cpu_<host>.json), the summary and one archive of all logs are copied there.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
+CPU=1
+[ -n "${SKIP_CPU:-}" ] && [ "${SKIP_CPU:-}" != 0 ] && CPU=0
 QUICK="" TESTS=1 BENCH=1 OPS="w8a16_gemm,int8_kv_decode_attention,quantize_per_token,w8a8_gemm,quantize_per_tensor,kv_cache_append"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK="--quick" ;;
         --no-tests) TESTS=0 ;;
         --no-bench) BENCH=0 ;;
+        --no-cpu) CPU=0 ;;
         --ops) OPS=$2; shift ;;
-        *) echo "usage: bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--ops a,b]"; exit 2 ;;
+        *) echo "usage: bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--no-cpu] [--ops a,b]"; exit 2 ;;
     esac
     shift
 done
@@ -38,6 +52,7 @@ RESULTS=bench/results
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-12}
 summary=()
+CPU_PID="" CPU_T0=0
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the outcome
     local name=$1 limit=$2
     shift 2
@@ -51,7 +66,44 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the o
     summary+=("$(printf '%-14s %-14s %4ds' "$name" "$msg" $((SECONDS - t0)))")
     return "$rc"
 }
+cpu_start() {  # the host CPU's check in the background, pinned to two CPUs that later stages keep off
+    local limit=${CPU_LIMIT:-200} cores="" rest="" pin=()
+    read -r cores rest <<<"$(bash bench/cpu_host_check.sh --pick-cores 2>/dev/null)"
+    command -v taskset >/dev/null && [ -n "$cores" ] && pin=(taskset -c "$cores")
+    CPU_T0=$SECONDS
+    timeout --kill-after=15 "$limit" "${pin[@]}" bash bench/cpu_host_check.sh ${cores:+--cores "$cores"} \
+        --limit $((limit - 10)) --log-dir "$LOG" > "$LOG/cpu_host.log" 2>&1 &
+    CPU_PID=$!
+    echo "=== cpu-host (in the background, limit ${limit}s) on CPUs ${cores:-any}; log cpu_host.log"
+    # Every later stage (children inherit this shell's CPU set) keeps off those two CPUs, where the
+    # check will benchmark (an AVX-512 VNNI CPU) and enough CPUs are left.
+    if [ ${#pin[@]} -gt 0 ] && [ -n "$rest" ] && [ "$(nproc)" -ge 8 ] && grep -qw avx512_vnni /proc/cpuinfo; then
+        taskset -pc "$rest" $$ >/dev/null 2>&1 && echo "    the GPU stages run on CPUs $rest"
+    fi
+    return 0
+}
+cpu_wait() {  # wait (bounded) for the background CPU check; stop it if it is still running
+    [ -n "$CPU_PID" ] || return 0
+    local t0=$SECONDS most=${CPU_WAIT:-60} msg=ok rc
+    local left=$(( ${DEADLINE:-540} - SECONDS - 25 ))
+    [ "$left" -lt "$most" ] && most=$left
+    kill -0 "$CPU_PID" 2>/dev/null && echo "=== cpu-host still running: waiting at most ${most}s"
+    while kill -0 "$CPU_PID" 2>/dev/null && [ $((SECONDS - t0)) -lt "$most" ]; do sleep 1; done
+    if kill -0 "$CPU_PID" 2>/dev/null; then
+        msg=STOPPED
+        kill -TERM "$CPU_PID" 2>/dev/null  # passed on by timeout: the check stops its step, writes its summary
+        local t1=$SECONDS
+        while kill -0 "$CPU_PID" 2>/dev/null && [ $((SECONDS - t1)) -lt 12 ]; do sleep 1; done
+        kill -KILL -- "-$CPU_PID" 2>/dev/null  # timeout's own process group
+    fi
+    wait "$CPU_PID"
+    rc=$?
+    if [ "$msg" = ok ] && [ "$rc" -eq 124 ]; then msg="TIMED OUT"; elif [ "$msg" = ok ] && [ "$rc" -ne 0 ]; then msg="FAILED rc=$rc"; fi
+    summary+=("$(printf '%-14s %-14s %4ds' cpu-host "$msg" $((SECONDS - t0))) waited at the end (started at ${CPU_T0}s; its own lines below)")
+    CPU_PID=""
+}
 finish() {
+    cpu_wait
     {
         echo "=== summary"
         printf '%s\n' "${summary[@]}"
@@ -59,10 +111,11 @@ finish() {
             [ -f "$f" ] && printf '%-22s %s\n' "$(basename "$f" .log)" "$(grep -E "passed|failed|error|skipped" "$f" | tail -1)"
         done
         sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS"
+        cat "$LOG/cpu_summary.txt" 2>/dev/null
         echo "total ${SECONDS}s"
     } | tee "$LOG/summary.txt"
     if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-        find "$RESULTS" -name 'gpu_*' -newer "$LOG/start" -exec cp {} "$OUT"/ \;
+        find "$RESULTS" \( -name 'gpu_*' -o -name 'cpu_*.json' \) -newer "$LOG/start" -exec cp {} "$OUT"/ \;
         cp "$LOG/summary.txt" "$OUT/"
         tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
     fi
@@ -94,6 +147,9 @@ fi
 "$PY" -c "import ptqrt, ptqrt.kernels; print('ptqrt from', ptqrt.__file__, '| kernels:', sorted(ptqrt.kernels.OPS))" \
     || { echo "ptqrt.kernels does not import; stopping"; finish; exit 1; }
 
+# 1b. the host CPU's check, in the background on two CPUs of its own ----------------------------
+[ "$CPU" = 1 ] && cpu_start
+
 PYTEST=("$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs)
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
 XDIST=()
@@ -114,7 +170,8 @@ if [ -n "$BUILD_PID" ]; then
     rc=$(cat "$LOG/cuda-build.rc" 2>/dev/null || echo 1)
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
-    [ "$rc" = 0 ] && BACKENDS=triton,cuda
+    # cuda-wgmma16: the opt-in sm_90a w8a16 kernel (PTQRT_CUDA_WGMMA_W8A16=1), timed beside the default.
+    [ "$rc" = 0 ] && BACKENDS=triton,cuda,cuda-wgmma16
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

@@ -1,7 +1,7 @@
 """GPU benchmarks behind `ptqrt bench` on a CUDA device: each ptqrt op against its peers, in one process.
 
     run_gpu_bench(ops=None, quick=False, plot=False, out_dir="bench/results", backends=("triton",))
-    python -m ptqrt.bench_gpu [--quick] [--plot] [--ops w8a8_gemm,...] [--backends triton,cuda]
+    python -m ptqrt.bench_gpu [--quick] [--plot] [--ops w8a8_gemm,...] [--backends triton,cuda,cuda-wgmma16]
 
 Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run).
 Peers, measured in the same run:
@@ -23,6 +23,7 @@ import csv
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import re
 from pathlib import Path
@@ -127,13 +128,45 @@ def measure_ceilings(device) -> dict:
     return ceil
 
 
+# Opt-in kernel variants, benchmarked beside the default kernels of their backend before they become
+# the default: name -> (backend, the ops it changes, the environment that selects it, the least M
+# at which it differs from the default).
+VARIANTS = {
+    "cuda-wgmma16": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_WGMMA_W8A16": "1"}, 17),
+}
+
+
+def _differs(impl: str, m: int) -> bool:
+    """False for a variant at an M where it runs the default kernel (nothing to time)."""
+    return impl not in VARIANTS or m >= VARIANTS[impl][3]
+
+
+def _with_env(fn: Callable, env: dict) -> Callable:
+    """fn called with `env` set (the CUDA host code reads these switches on every call)."""
+    def call(*args, **kwargs):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return call
+
+
 def _impls(backends: Iterable[str], device) -> dict:
-    """{backend: {op: callable}} for the backends that load on this device."""
+    """{backend: {op: callable}} for the backends (or VARIANTS) that load on this device."""
     from . import ops
 
     found = {}
     for name in backends:
-        impls = ops._provider(name, device)
+        base, only, env, _ = VARIANTS.get(name, (name, None, {}, 0))
+        impls = ops._provider(base, device)
+        if impls and only is not None:
+            impls = {op: _with_env(f, env) for op, f in impls.items() if op in only}
         if impls:
             found[name] = impls
         else:
@@ -188,7 +221,7 @@ def bench_w8a8_gemm(impls, ceil, nk_list, m_list, device):
             x_scale = torch.rand(m, device=device) * 0.01 + 1e-3
             x16 = torch.randn(m, k, device=device, dtype=torch.float16)
             ours = {b: _try(b, lambda f=f["w8a8_gemm"]: f(x_q, x_scale, w_q, w_scale, None, torch.float16))
-                    for b, f in impls.items() if "w8a8_gemm" in f}
+                    for b, f in impls.items() if "w8a8_gemm" in f and _differs(b, m)}
             peers = {"fp16 F.linear": _try("fp16 F.linear", lambda: F.linear(x16, w16))}
             if m > 16:  # torch._int_mm refuses M <= 16
                 peers["torch._int_mm"] = _try("torch._int_mm", lambda: torch._int_mm(x_q, w_q.t()))
@@ -208,7 +241,7 @@ def bench_w8a16_gemm(impls, ceil, nk_list, m_list, device):
         for m in m_list:
             x16 = torch.randn(m, k, device=device, dtype=torch.float16)
             ours = {b: _try(b, lambda f=f["w8a16_gemm"]: f(x16, w_q, w_scale, None, 0))
-                    for b, f in impls.items() if "w8a16_gemm" in f}
+                    for b, f in impls.items() if "w8a16_gemm" in f and _differs(b, m)}
             peers = {"fp16 F.linear": _try("fp16 F.linear", lambda: F.linear(x16, w16))}
             nbytes = n * k + 2 * m * k + 2 * m * n + 4 * n
             nops = 2 * m * n * k
@@ -332,7 +365,7 @@ def _print_ours(rows: list) -> None:
         if "graph_us" in r:
             gp = " ".join(f"{v:.2f}x" for k, v in r.items() if k.startswith("graph_speedup_vs_"))
             graph = f" | graph {r['graph_us']:8.1f} us ({100 * r['graph_frac_floor']:5.1f}%) {gp}"
-        print(f"  {r['op'][:10]:10s} {_shape_str(r):24s} {r['impl']:7s} {r['us']:9.1f} us  floor {r['floor_us']:8.1f} us "
+        print(f"  {r['op'][:10]:10s} {_shape_str(r):24s} {r['impl']:12s} {r['us']:9.1f} us  floor {r['floor_us']:8.1f} us "
               f"({100 * r['frac_floor']:5.1f}%)  {peers}{graph}", flush=True)
 
 
@@ -351,7 +384,7 @@ def print_targets(rows: list) -> None:
         for t in eager:
             g = graph.get((t["target"], t["impl"]))
             gs = f"{'PASS' if g['ok'] else 'MISS'} {g['measured']:.2f}" if g else "-"
-            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:7s} {t['target']:55s} {t['measured']:5.2f} | {gs}")
+            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:12s} {t['target']:55s} {t['measured']:5.2f} | {gs}")
 
 
 def print_table(rows: list, ceil: dict, meta: dict) -> None:
@@ -469,7 +502,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
     ap.add_argument("--plot", action="store_true", help="also draw a PNG (needs matplotlib)")
     ap.add_argument("--out-dir", default="bench/results")
-    ap.add_argument("--backends", default="triton", help="comma-separated: triton, cuda")
+    ap.add_argument("--backends", default="triton",
+                    help=f"comma-separated: triton, cuda, or an opt-in variant ({', '.join(VARIANTS)})")
     a = ap.parse_args(argv)
     run_gpu_bench([o for o in a.ops.split(",") if o] or None, a.quick, a.plot, a.out_dir,
                   tuple(b for b in a.backends.split(",") if b))

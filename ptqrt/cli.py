@@ -159,7 +159,7 @@ def cmd_eval(a) -> int:
 def cmd_tune(a) -> int:
     from . import tune
 
-    path = tune.tune(ops=a.ops, quick=a.quick)
+    path = tune.tune(ops=a.ops, quick=a.quick, mode=a.mode)
     print(f"wrote the dispatch table {path}; set_backend('auto') uses it from now on")
     return 0
 
@@ -225,6 +225,9 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="time every backend per op and M-bucket on this GPU; write the auto table")
     t.add_argument("--ops", nargs="*", help="ops to tune (default: all)")
     t.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    t.add_argument("--mode", choices=("eager", "kernel"), default="eager",
+                   help="eager: back-to-back eager calls, launch cost included (default); "
+                        "kernel: do_bench with the L2 flushed, the kernels alone (as under CUDA graphs)")
     t.set_defaults(fn=cmd_tune)
 
     bl = sub.add_parser("build", help="build the C++ (--cpu) and/or CUDA (--cuda) extension, print its path")

@@ -1,12 +1,18 @@
 """Tune the `auto` dispatch table on this GPU: time every backend of every op per M-bucket and keep the
 fastest.
 
-    tune(ops=None, quick=False) -> Path      measure, write the table, make ptqrt.ops use it now
+    tune(ops=None, quick=False, mode="eager") -> Path   measure, write the table, make ptqrt.ops use it now
     decide(timings, default="triton", tie=0.0) -> {op: {str(bucket): backend}}     the pure decision
     write(timings, device_name) -> Path      decide + dispatch_table.write_table + reset
 
-Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run) at one
-representative shape per op and bucket: M = the bucket's bound (8192 for the last, open one), N = K =
+Two ways to time, at one representative shape per op and bucket (mode=...):
+  "eager" (default)  milliseconds per call of back-to-back eager calls, host launch cost included
+                     where it exceeds the kernel's time -- how a model runs its layers without CUDA
+                     graphs; the inputs rotate over enough copies to exceed twice the L2 cache, so
+                     weights come from HBM as in a model's sequence of layers.
+  "kernel"           medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before each
+                     run): the kernels alone, as under CUDA-graph replay.
+The shapes: M = the bucket's bound (8192 for the last, open one), N = K =
 4096 for the GEMMs (2048 with quick=True), 32 query / 8 kv heads of 128 for attention over 1024-token
 sequences. The backends timed are those that load here among "triton" and "cuda"; "reference" only
 when neither does. A backend that fails at a shape simply does not win that bucket. The table goes to
@@ -16,6 +22,8 @@ reads, ``{op: {str(bucket): backend}}``, together with the raw timings.
 from __future__ import annotations
 
 import math
+import statistics
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
@@ -27,6 +35,8 @@ from . import ops as _ops
 
 CANDIDATES = ("triton", "cuda")
 LAST_BUCKET_M = 8192
+MODES = ("eager", "kernel")
+MAX_COPIES = 16
 
 
 def decide(timings: Mapping[str, Mapping[int, Mapping[str, Optional[float]]]], default: str = "triton",
@@ -116,9 +126,45 @@ def _time(fn: Callable, args: tuple, quick: bool) -> float:
                                          return_mode="median"))
 
 
-def tune(ops: Optional[Iterable[str]] = None, quick: bool = False) -> Path:
+def nbytes(args: tuple) -> int:
+    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+
+def copies_for(arg_bytes: int, l2_bytes: int) -> int:
+    """Input copies to rotate over so that one round reads more than twice the L2 cache."""
+    if arg_bytes <= 0:
+        return 1
+    return max(1, min(MAX_COPIES, math.ceil(2 * l2_bytes / arg_bytes)))
+
+
+def _time_eager(fn: Callable, arg_sets: list, quick: bool, target_ms: float = 2.0) -> float:
+    """Median milliseconds per call of back-to-back eager calls, rotating over arg_sets."""
+    for args in arg_sets:  # compiles / autotunes outside the timing
+        fn(*args)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for args in arg_sets:
+        fn(*args)
+    torch.cuda.synchronize()
+    per_call = max((time.perf_counter() - t0) * 1e3 / len(arg_sets), 1e-4)
+    calls = max(len(arg_sets), min(4000, math.ceil(target_ms / per_call)))
+    times = []
+    for _ in range(3 if quick else 7):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fn(*arg_sets[i % len(arg_sets)])
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return float(statistics.median(times))
+
+
+def tune(ops: Optional[Iterable[str]] = None, quick: bool = False, mode: str = "eager") -> Path:
     """Measure every available backend of every op (or of `ops`) per M-bucket on the current GPU,
-    write the dispatch table for this GPU and return its path. Needs a CUDA GPU."""
+    write the dispatch table for this GPU and return its path. Needs a CUDA GPU. mode: "eager"
+    (back-to-back eager calls, launch cost included) or "kernel" (do_bench, L2 flushed)."""
+    if mode not in MODES:
+        raise ValueError(f"ptqrt.tune: mode must be one of {', '.join(MODES)}; got {mode!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("ptqrt.tune needs a CUDA GPU: it times the triton and cuda kernels on the device "
                            "whose dispatch table it writes, and no CUDA device is visible")
@@ -132,26 +178,31 @@ def tune(ops: Optional[Iterable[str]] = None, quick: bool = False) -> Path:
     if not providers:
         warnings.warn("ptqrt.tune: neither the triton nor the cuda backend loads; timing the reference", RuntimeWarning)
         providers = {"reference": _ops._provider("reference", device)}
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 << 20)
     timings: dict = {}
     for op in names:
         timings[op] = {}
         for b, m in bucket_ms(quick).items():
             args = make_inputs(op, m, device, quick)
+            arg_sets = [args]
+            if mode == "eager":
+                arg_sets += [make_inputs(op, m, device, quick) for _ in range(copies_for(nbytes(args), l2) - 1)]
             timings[op][b] = {}
             for backend, impls in providers.items():
                 fn = impls.get(op)
                 if fn is None:
                     continue
                 try:
-                    timings[op][b][backend] = _time(fn, args, quick)
+                    timings[op][b][backend] = (_time_eager(fn, arg_sets, quick) if mode == "eager"
+                                               else _time(fn, args, quick))
                 except Exception as e:  # noqa: BLE001 -- a backend failing at a shape just does not win it
                     warnings.warn(f"ptqrt.tune: {backend} {op} at M={m} failed: {str(e).splitlines()[0] if str(e) else e!r}",
                                   RuntimeWarning)
                     timings[op][b][backend] = None
-            del args
+            del args, arg_sets
         torch.cuda.empty_cache()
-    extra = {"torch": torch.__version__, "quick": quick, "backends": sorted(providers)}
+    extra = {"torch": torch.__version__, "quick": quick, "mode": mode, "backends": sorted(providers)}
     return write(timings, torch.cuda.get_device_name(), extra=extra)
 
 
-__all__ = ["tune", "decide", "write", "bucket_ms", "make_inputs", "CANDIDATES"]
+__all__ = ["tune", "decide", "write", "bucket_ms", "make_inputs", "copies_for", "CANDIDATES", "MODES"]

@@ -72,6 +72,21 @@ def test_extension_sources_are_torch_free():
         assert not re.search(r"#include\s*[<\"](torch|ATen|c10)/", text), f"{p.name} includes torch headers"
 
 
+def test_generated_wgmma_wrappers_are_current():
+    """kernels/sm90_wgmma.cuh is exactly what scripts/gen_wgmma.py writes."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_wgmma", root / "scripts" / "gen_wgmma.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUT.read_text() == gen.render(), "run: python scripts/gen_wgmma.py"
+    text = gen.render()
+    for n in gen.SHAPES:  # each wrapper names all N / 2 accumulators, the 4 A registers, desc and scale
+        assert f"m64n{n}k16.f32.f16.f16" in text and f"m64n{n}k16.f32.bf16.bf16" in text
+        assert f'"+f"(d[{n // 2 - 1}])' in text and f"%{n // 2 + 5}, 0" in text
+
+
 # ------------------------------------------------------------------------------------------ emulator
 def _cuda_header_dir():
     """An include folder with the CUDA runtime headers (cuda_runtime.h and crt/), or None."""
@@ -304,16 +319,19 @@ def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
 def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
-    """The sm_90a kernel (TMA + wgmma, on by default on sm_90, PTQRT_CUDA_WGMMA=0 off; M > 64): N and K tails, more
-    K tiles than pipeline stages, split-K; exact like the mma.sync kernel."""
+    """The sm_90a kernel (TMA + wgmma, on by default on sm_90, PTQRT_CUDA_WGMMA=0 off; M > 64): 128- and 256-wide
+    tiles, N and K tails, more K tiles than pipeline stages, split-K; exact like the mma.sync kernel."""
     if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
     monkeypatch.setenv("PTQRT_EMU_SMS", "4")
     dev = impl.device
-    cases = [(65, 40, 64), (127, 130, 272), (130, 300, 1040), (200, 17, 100)]
+    # With 4 emulated SMs: 256-wide tiles, and 128-wide ones (127 x 130; 100 x 200 with split-K and more K
+    # tiles than stages) where 256-wide tiles would leave SMs idle.
+    cases = [(65, 40, 64), (127, 130, 272), (130, 300, 1040), (200, 17, 100), (100, 200, 1040)]
     if not impl.small:
-        cases += [(4096, 4096, 4096), (8192, 8192, 8192), (333, 1000, 3000), (2048, 28672, 8192), (100, 64, 133120)]
+        cases += [(4096, 4096, 4096), (8192, 8192, 8192), (333, 1000, 3000), (2048, 28672, 8192), (100, 64, 133120),
+                  (512, 4096, 4096), (512, 4096, 11008), (128, 11008, 4096)]
     for i, (m, n, k) in enumerate(cases):
         x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
         x_scale = rand_scale(m if i % 2 else 1, device=dev)
@@ -337,11 +355,11 @@ def _w8a16_cases(impl):
     return cases
 
 
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_w8a16_gemm(impl, dtype, monkeypatch):
+def _check_w8a16(impl, dtype, cases):
+    """Each (M, N, K, group_size) case against the reference, within twice the error of the same math
+    in the activation dtype; bias in each float dtype or none."""
     dev = impl.device
-    monkeypatch.setenv("PTQRT_EMU_SMS", "4")
-    for i, (m, n, k, g) in enumerate(_w8a16_cases(impl)):
+    for i, (m, n, k, g) in enumerate(cases):
         x = _rand((m, k), dtype, dev)
         w_q = rand_int8(n, k, device=dev)
         w_scale = rand_scale(n, device=dev) if g == 0 else rand_scale(n * (k // g), device=dev).reshape(n, k // g)
@@ -354,6 +372,29 @@ def test_w8a16_gemm(impl, dtype, monkeypatch):
         if bias is not None:
             lowp = lowp + bias.float()
         _lowp_close(y, expect, lowp.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_w8a16_gemm(impl, dtype, monkeypatch):
+    monkeypatch.setenv("PTQRT_EMU_SMS", "4")
+    _check_w8a16(impl, dtype, _w8a16_cases(impl))
+
+
+@pytest.mark.parametrize("dtype", FLOATS[:2])
+def test_w8a16_gemm_sm90_wgmma(impl, dtype, monkeypatch):
+    """The sm_90a kernel (TMA + wgmma, weights as the register operand; PTQRT_CUDA_WGMMA_W8A16=1, M > 16):
+    every token tile (64, 128, 256), M / N / K tails, more K tiles than pipeline stages, split-K, per-group
+    scales whose groups cross stage boundaries, bias or none."""
+    if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("PTQRT_CUDA_WGMMA_W8A16", "1")
+    monkeypatch.setenv("PTQRT_EMU_SMS", "4")
+    # (M, N, K, group_size); with 4 emulated SMs: 64-token tiles; 128 with split-K; 256 (6 tiles, 7 K tiles).
+    cases = [(17, 40, 80, 0), (65, 130, 272, 16), (130, 72, 1040, 0), (300, 300, 448, 64), (40, 17, 96, 32)]
+    if not impl.small:
+        cases += [(4096, 4096, 4096, 0), (2048, 28672, 8192, 0), (512, 4096, 4096, 128), (33, 1000, 3008, 0),
+                  (200, 11008, 4096, 0), (8192, 4096, 4096, 64)]
+    _check_w8a16(impl, dtype, cases)
 
 
 # ------------------------------------------------------------------------------------------ kv cache
@@ -527,6 +568,22 @@ def test_tune_table_round_trip(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         ops.reset_dispatch_table()
+
+
+def test_tune_eager_timing_and_copies(monkeypatch):
+    """Eager mode times back-to-back calls over rotating input copies (enough to exceed 2x the L2),
+    every copy used, compile/autotune calls outside the timing; an unknown mode is refused."""
+    from ptqrt import tune
+
+    assert tune.copies_for(16 << 20, 50 << 20) == 7 and tune.copies_for(1 << 30, 50 << 20) == 1
+    assert tune.copies_for(1, 50 << 20) == tune.MAX_COPIES and tune.copies_for(0, 50 << 20) == 1
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    seen = []
+    sets = [(torch.zeros(4) + i,) for i in range(3)]
+    ms = tune._time_eager(lambda x: seen.append(int(x[0])), sets, quick=True, target_ms=0.05)
+    assert ms > 0 and set(seen) == {0, 1, 2} and len(seen) > 2 * len(sets)
+    with pytest.raises(ValueError, match="mode must be one of eager, kernel"):
+        tune.tune(mode="graph")
 
 
 def test_tune_without_gpu_says_so():

@@ -404,6 +404,30 @@ def test_bench_gpu_code_paths(monkeypatch, tmp_path):
     assert bench_gpu.plot_results(rows, ceil, meta, tmp_path / "p.png").stat().st_size > 0
 
 
+def test_bench_gpu_variants_set_their_switch_per_call(monkeypatch):
+    """An opt-in kernel variant is its backend's ops, restricted to the ops it changes, each called with
+    its environment switch set (and the previous value restored after the call)."""
+    import os
+
+    from ptqrt import bench_gpu
+
+    seen = []
+    monkeypatch.setattr(bench_gpu, "VARIANTS", {"triton-x": ("triton", ("w8a16_gemm",), {"PTQRT_TEST_SWITCH": "1"}, 17)})
+    assert bench_gpu._differs("triton", 1) and bench_gpu._differs("triton-x", 17) and not bench_gpu._differs("triton-x", 16)
+    monkeypatch.setenv("PTQRT_TEST_SWITCH", "0")
+    impls = bench_gpu._impls(("triton-x",), torch.device("cpu"))
+    assert set(impls) == {"triton-x"} and set(impls["triton-x"]) == {"w8a16_gemm"}
+    wrapped = bench_gpu._with_env(lambda: seen.append(os.environ["PTQRT_TEST_SWITCH"]), {"PTQRT_TEST_SWITCH": "1"})
+    wrapped()
+    assert seen == ["1"] and os.environ["PTQRT_TEST_SWITCH"] == "0"
+    monkeypatch.delenv("PTQRT_TEST_SWITCH")
+    wrapped()
+    assert seen == ["1", "1"] and "PTQRT_TEST_SWITCH" not in os.environ
+    x, w_q = torch.randn(2, 32), torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    y = impls["triton-x"]["w8a16_gemm"](x, w_q, torch.rand(16) + 0.1, None, 0)
+    assert y.shape == (2, 16)
+
+
 # ------------------------------------------------------------------------------------------ compile
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():

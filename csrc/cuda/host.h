@@ -54,6 +54,14 @@ inline bool wgmma_enabled() {
   return !(s != nullptr && s[0] == '0') && is_sm90();
 }
 
+// The sm_90a w8a16 kernel (TMA + wgmma with the weights dequantized into the register operand) for
+// M > 16 on compute capability 9.0: opt-in with PTQRT_CUDA_WGMMA_W8A16=1 until it has been validated
+// and measured on an H100 (bench/NOTES.md); otherwise the mma.sync kernel runs.
+inline bool w8a16_wgmma_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_WGMMA_W8A16");
+  return s != nullptr && s[0] == '1' && is_sm90();
+}
+
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream s;
   s << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();

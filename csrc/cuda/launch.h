@@ -48,11 +48,13 @@ cudaError_t w8a8_split_reduce(DType out, const W8A8Args& args, cudaStream_t stre
 cudaError_t w8a8_gemv(DType out, const W8A8Args& args, cudaStream_t stream);
 // Tile sizes, so the host can count tiles when it picks the split factor.
 void w8a8_tile_shape(Tile tile, int* bm, int* bn, int* bk);
-// The sm_90a kernel: TMA loads and wgmma (kernels/w8a8_gemm_sm90.cuh). Only for a compute capability
-// 9.0 device; K > 0. Returns cudaErrorNotSupported when the driver offers no tensor-map encoder.
-// Same split-K contract as w8a8_gemm_mma.
-cudaError_t w8a8_gemm_sm90(DType out, const W8A8Args& args, cudaStream_t stream);
-void w8a8_sm90_tile_shape(int* bm, int* bn, int* bk);
+// The sm_90a kernel: TMA loads and wgmma (kernels/w8a8_gemm_sm90.cuh), CTA tiles 128 x `bn` (128 or
+// 256, from w8a8_sm90_tile_n). Only for a compute capability 9.0 device; K > 0. Returns
+// cudaErrorNotSupported when the driver offers no tensor-map encoder. Same split-K contract as
+// w8a8_gemm_mma.
+cudaError_t w8a8_gemm_sm90(DType out, int bn, const W8A8Args& args, cudaStream_t stream);
+int w8a8_sm90_tile_n(int M, int N, int sms);
+void w8a8_sm90_tile_shape(int* bm, int* bk);  // tile rows, K bytes per stage (any bn)
 
 // ---------------------------------------------------------------- w8a16_gemm (w8a16_*.cu)
 struct W8A16Args {
@@ -72,6 +74,14 @@ cudaError_t w8a16_gemv(DType dt, const W8A16Args& args, cudaStream_t stream);
 cudaError_t w8a16_mma(DType dt, Tile tile, const W8A16Args& args, cudaStream_t stream);
 cudaError_t w8a16_split_reduce(DType dt, const W8A16Args& args, cudaStream_t stream);
 void w8a16_tile_shape(Tile tile, int* bm, int* bn, int* bk);
+// The sm_90a kernel (kernels/w8a16_gemm_sm90.cuh): TMA loads, wgmma with the weights as the register
+// operand. Compute capability 9.0 only; dt f16/bf16, K > 0 and K % 16 == 0, x and w 16-byte aligned,
+// group_size 0 or a multiple of 16; `bt` tokens per CTA (64, 128 or 256, from
+// w8a16_sm90_tokens_per_cta). Split-K contract of w8a16_mma. cudaErrorNotSupported when the driver
+// offers no tensor-map encoder.
+cudaError_t w8a16_gemm_sm90(DType dt, int bt, const W8A16Args& args, cudaStream_t stream);
+int w8a16_sm90_tokens_per_cta(int M, int N, int sms);
+void w8a16_sm90_tile_shape(int* bn, int* bk);  // weight rows per CTA, k per stage
 // Any shape, alignment and group size (CUDA cores, fp32 FMA): odd shapes and fp32 activations.
 cudaError_t w8a16_simple(DType dt, const W8A16Args& args, cudaStream_t stream);
 

@@ -1,5 +1,6 @@
 // Host glue of w8a16_gemm: check, then pick the path -- tensor-core GEMV (M <= 16), tensor-core GEMM
-// (fp16/bf16, M > 16), or the CUDA-core kernels for fp32 activations and odd shapes.
+// (fp16/bf16, M > 16: mma.sync, or on sm_90 with PTQRT_CUDA_WGMMA_W8A16=1 the TMA + wgmma kernel),
+// or the CUDA-core kernels for fp32 activations and odd shapes.
 #include "host.h"
 #include "ops.h"
 
@@ -58,16 +59,28 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
     check_launch(op, w8a16_gemv(dt, a, stream));
   } else if (dt != DType::F32 && aligned && whole_groups) {
     const Tile tile = M <= 64 ? Tile::Small : Tile::Large;
-    int bm, bn, bk;
-    w8a16_tile_shape(tile, &bm, &bn, &bk);
+    const bool hopper = w8a16_wgmma_enabled();
+    int bm, bn, bk, bt = 0;
+    if (hopper) {
+      bt = w8a16_sm90_tokens_per_cta(a.M, a.N, sm_count());
+      bm = bt;
+      w8a16_sm90_tile_shape(&bn, &bk);
+    } else {
+      w8a16_tile_shape(tile, &bm, &bn, &bk);
+    }
     const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
-    a.splits = pick_splits(tiles, (K + bk - 1) / bk, int64_t(sm_count()) * (tile == Tile::Small ? 2 : 1));
+    // Small mma.sync tiles leave room for two CTAs per SM; the sm_90a kernel holds one, and splits only
+    // below 3/4 of a wave (a split adds a reduce pass).
+    const int64_t target = hopper ? int64_t(sm_count()) * 3 / 4 : int64_t(sm_count()) * (tile == Tile::Small ? 2 : 1);
+    a.splits = pick_splits(tiles, (K + bk - 1) / bk, target);
     at::Tensor partial;
     if (a.splits > 1) {
       partial = at::empty({a.splits, M, N}, x.options().dtype(at::kFloat));
       a.partial = partial.data_ptr<float>();
     }
-    check_launch(op, w8a16_mma(dt, tile, a, stream));
+    cudaError_t e = hopper ? w8a16_gemm_sm90(dt, bt, a, stream) : cudaErrorNotSupported;
+    if (e == cudaErrorNotSupported) e = w8a16_mma(dt, tile, a, stream);  // no tensor-map encoder: mma.sync
+    check_launch(op, e);
     if (a.splits > 1) check_launch(op, w8a16_split_reduce(dt, a, stream));
   } else {
     TORCH_CHECK((M + 63) / 64 <= 65535, "ptqrt_cuda.", op, ": M = ", M, " is too large for the fallback kernel's grid");

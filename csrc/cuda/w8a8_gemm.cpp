@@ -67,13 +67,17 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const Tile tile = M <= 64 ? Tile::Small : Tile::Large;
   const bool hopper = tile == Tile::Large && k16 > 0 && wgmma_enabled();
   int bm, bn, bk;
-  if (hopper)
-    w8a8_sm90_tile_shape(&bm, &bn, &bk);
-  else
+  if (hopper) {
+    bn = w8a8_sm90_tile_n(static_cast<int>(M), static_cast<int>(N), sm_count());
+    w8a8_sm90_tile_shape(&bm, &bk);
+  } else {
     w8a8_tile_shape(tile, &bm, &bn, &bk);
+  }
   const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
-  // Small tiles leave room for several CTAs per SM: aim for two waves' worth of them.
-  const int splits = pick_splits(tiles, (k16 + bk - 1) / bk, int64_t(sm_count()) * (tile == Tile::Small ? 2 : 1));
+  // Small mma.sync tiles leave room for two CTAs per SM: aim for two waves' worth of them. The sm_90a
+  // kernel holds one CTA per SM: split only below 3/4 of a wave (a split adds a reduce pass).
+  const int64_t target = hopper ? int64_t(sm_count()) * 3 / 4 : int64_t(sm_count()) * (tile == Tile::Small ? 2 : 1);
+  const int splits = pick_splits(tiles, (k16 + bk - 1) / bk, target);
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, M, N}, x_q.options().dtype(at::kInt));
 
@@ -90,7 +94,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   a.N = static_cast<int>(N);
   a.K = static_cast<int>(k16);
   a.splits = splits;
-  cudaError_t e = hopper ? w8a8_gemm_sm90(dt, a, stream) : cudaErrorNotSupported;
+  cudaError_t e = hopper ? w8a8_gemm_sm90(dt, bn, a, stream) : cudaErrorNotSupported;
   if (e == cudaErrorNotSupported) e = w8a8_gemm_mma(dt, tile, a, stream);  // no tensor-map encoder: mma.sync
   check_launch(op, e);
   if (splits > 1) check_launch(op, w8a8_split_reduce(dt, a, stream));

@@ -2,90 +2,59 @@
 #include "launch.h"
 #include "kernels/w8a8_gemm_sm90.cuh"
 
-#ifndef PTQRT_CUDA_EMU
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
-#endif
+#include "tma.h"
 
 namespace ptqrt {
 namespace cuda {
 namespace {
 
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// cuTensorMapEncodeTiled from the driver through the runtime, so nothing links against libcuda.
-EncodeTiled encode_tiled() {
-#ifdef PTQRT_CUDA_EMU
-  return &emu::encode_tiled;
-#else
-  static EncodeTiled fn = []() -> EncodeTiled {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-#if CUDART_VERSION >= 12050
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) != cudaSuccess)
-      return nullptr;
-#else
-    if (cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &status) != cudaSuccess) return nullptr;
-#endif
-    return status == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(p) : nullptr;
-  }();
-  return fn;
-#endif
-}
-
-// [rows, K] int8, K-contiguous (K % 16 == 0, 16-byte aligned) as boxes of box_rows x 128 bytes, written
-// to shared memory in 128-byte swizzled rows; out-of-bounds elements read as zero.
-bool make_map(CUtensorMap* map, const int8_t* base, int rows, int K, int box_rows) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K)};  // bytes between rows
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(sm90::kBK), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(base), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+template <typename OutT, int BN>
+cudaError_t launch(const W8A8Args& a, cudaStream_t stream) {
+  using C = sm90::W8A8Sm90<BN>;
+  // [rows, K] int8 (K % 16 == 0, 16-byte aligned) as boxes of rows x 128 bytes in 128-byte swizzled rows.
+  CUtensorMap tx, tw;
+  if (!make_map_2d(&tx, a.x, a.M, a.K, C::kBK, C::kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map_2d(&tw, a.w, a.N, a.K, C::kBK, C::kBN, CU_TENSOR_MAP_SWIZZLE_128B))
+    return cudaErrorNotSupported;
+  auto kernel = sm90::w8a8_gemm_sm90_kernel<OutT, BN>;
+  static bool done[64] = {};  // the shared-memory opt-in is per device
+  const cudaError_t e = opt_in_smem(kernel, C::kSmemBytes, done);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(ceil_div(a.M, C::kBM) * ceil_div(a.N, C::kBN), 1, a.splits);
+  W8A8Epilogue epi{a.x_scale, a.x_scale_stride, a.w_scale, a.bias};
+  PTQRT_LAUNCH(kernel, grid, C::kThreads, C::kSmemBytes, stream)(tx, tw, epi, static_cast<OutT*>(a.out),
+                                                                a.splits > 1 ? a.partial : nullptr, a.M, a.N, a.K);
+  return cudaGetLastError();
 }
 
 template <typename OutT>
-cudaError_t launch(const W8A8Args& a, cudaStream_t stream) {
-  CUtensorMap tx, tw;
-  if (!make_map(&tx, a.x, a.M, a.K, sm90::kBM) || !make_map(&tw, a.w, a.N, a.K, sm90::kBN)) return cudaErrorNotSupported;
-  auto kernel = sm90::w8a8_gemm_sm90_kernel<OutT>;
-  static bool done[64] = {};  // the shared-memory opt-in is per device
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev >= 64 || !done[dev]) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    if (dev < 64) done[dev] = true;
-  }
-  const dim3 grid(ceil_div(a.M, sm90::kBM) * ceil_div(a.N, sm90::kBN), 1, a.splits);
-  W8A8Epilogue epi{a.x_scale, a.x_scale_stride, a.w_scale, a.bias};
-  PTQRT_LAUNCH(kernel, grid, sm90::kThreads, sm90::kSmemBytes, stream)(tx, tw, epi, static_cast<OutT*>(a.out),
-                                                                      a.splits > 1 ? a.partial : nullptr, a.M, a.N, a.K);
-  return cudaGetLastError();
+cudaError_t launch_bn(int bn, const W8A8Args& a, cudaStream_t stream) {
+  return bn == 128 ? launch<OutT, 128>(a, stream) : bn == 256 ? launch<OutT, 256>(a, stream) : cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t w8a8_gemm_sm90(DType out, const W8A8Args& a, cudaStream_t stream) {
+cudaError_t w8a8_gemm_sm90(DType out, int bn, const W8A8Args& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
   if (a.K == 0) return cudaErrorInvalidValue;  // a tensor map needs a non-empty K; the host uses mma.sync
   switch (out) {
-    case DType::F16: return launch<__half>(a, stream);
-    case DType::BF16: return launch<__nv_bfloat16>(a, stream);
-    case DType::F32: return launch<float>(a, stream);
-    case DType::I32: return launch<int32_t>(a, stream);
+    case DType::F16: return launch_bn<__half>(bn, a, stream);
+    case DType::BF16: return launch_bn<__nv_bfloat16>(bn, a, stream);
+    case DType::F32: return launch_bn<float>(bn, a, stream);
+    case DType::I32: return launch_bn<int32_t>(bn, a, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-void w8a8_sm90_tile_shape(int* bm, int* bn, int* bk) {
-  *bm = sm90::kBM;
-  *bn = sm90::kBN;
-  *bk = sm90::kBK;
+int w8a8_sm90_tile_n(int M, int N, int sms) {
+  // 256-wide tiles (fewer B reloads per A tile) unless they leave SMs idle where 128-wide ones would not.
+  const int64_t tiles_m = ceil_div(M, sm90::W8A8Sm90<256>::kBM);
+  return tiles_m * ceil_div(N, 256) < sms && ceil_div(N, 256) < ceil_div(N, 128) ? 128 : 256;
+}
+
+void w8a8_sm90_tile_shape(int* bm, int* bk) {
+  *bm = sm90::W8A8Sm90<256>::kBM;
+  *bk = sm90::W8A8Sm90<256>::kBK;
 }
 
 }  // namespace cuda

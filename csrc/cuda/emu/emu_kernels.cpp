@@ -13,6 +13,7 @@
 #include "../decode_attention_f32.cu"
 #include "../kv_cache_kernels.cu"
 #include "../quantize_kernels.cu"
+#include "../w8a16_gemm_sm90.cu"
 #include "../w8a16_gemv.cu"
 #include "../w8a16_mma_bf16.cu"
 #include "../w8a16_mma_f16.cu"

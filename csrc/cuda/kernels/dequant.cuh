@@ -47,15 +47,22 @@ __device__ __forceinline__ void int8x4_to_pairs<__nv_bfloat16>(uint32_t q4, uint
   hi = *reinterpret_cast<uint32_t*>(&h);
 }
 
+// Four int8 -> two pairs of T, elements 0, 1 scaled by s_lo and 2, 3 by s_hi (two weight rows of one
+// fragment word, each with its own per-group scale), rounded to T.
+template <typename T>
+__device__ __forceinline__ void int8x4_scaled_rows(uint32_t q4, float s_lo, float s_hi, uint32_t& lo, uint32_t& hi) {
+  float f[4];
+  int8x4_to_float(q4, f);
+  auto l = make_pair2<T>(f[0] * s_lo, f[1] * s_lo);
+  auto h = make_pair2<T>(f[2] * s_hi, f[3] * s_hi);
+  lo = *reinterpret_cast<uint32_t*>(&l);
+  hi = *reinterpret_cast<uint32_t*>(&h);
+}
+
 // Four int8 times one scale, rounded to T (per-group dequantization: w = q * s in fp32, then cast).
 template <typename T>
 __device__ __forceinline__ void int8x4_scaled_pairs(uint32_t q4, float s, uint32_t& lo, uint32_t& hi) {
-  float f[4];
-  int8x4_to_float(q4, f);
-  auto l = make_pair2<T>(f[0] * s, f[1] * s);
-  auto h = make_pair2<T>(f[2] * s, f[3] * s);
-  lo = *reinterpret_cast<uint32_t*>(&l);
-  hi = *reinterpret_cast<uint32_t*>(&h);
+  int8x4_scaled_rows<T>(q4, s, s, lo, hi);
 }
 
 }  // namespace cuda

@@ -3,37 +3,46 @@
 //
 //   acc = x[M, K] . w[N, K]^T (exact int32);  y = (float(acc) * x_scale[m]) * w_scale[n] + bias[n]
 //
-// CTA tile 128 x 256 x 128 bytes of K, STAGES-deep ring of shared-memory stages, three warpgroups:
+// CTA tile 128 x BN x 128 bytes of K (BN 256, or 128 when 256-wide tiles leave SMs idle), a ring of
+// shared-memory stages, three warpgroups:
 //   warpgroup 0  producer: one thread waits for a free stage ("empty" barrier), announces the stage's
 //                bytes on its "full" barrier and issues two TMA box loads (x rows, w rows). TMA writes
 //                128-byte swizzled rows and zero-fills whatever lies past M, N or K.
 //   warpgroups 1, 2  consumers, rows 0-63 and 64-127 of the tile: wait "full", issue four wgmma (one per
-//                32 bytes of K) into 128 int32 accumulators per thread, keep one wgmma group in flight,
+//                32 bytes of K) into BN / 2 int32 accumulators per thread, keep one wgmma group in flight,
 //                and release the previous stage on "empty" once its group has completed.
 // setmaxnreg moves registers from the producer (which needs few) to the consumers (128 accumulators).
 // Split-K over grid z, as in the mma.sync kernel (raw int32 partials, reduced in a fixed order).
 #pragma once
 
-#include "sm90.cuh"
+#include "sm90_wgmma.cuh"
 #include "w8a8_gemm.cuh"
 
 namespace ptqrt {
 namespace cuda {
 namespace sm90 {
 
-constexpr int kBM = 128, kBN = 256, kBK = 128, kStages = 4;
-constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
-constexpr int kABytes = kBM * kBK, kBBytes = kBN * kBK, kStageBytes = kABytes + kBBytes;
-// Stages, then 2 * kStages barriers, plus slack to align the stages to 1024 bytes (the swizzle atom).
-constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
-constexpr int kGroupM = 8;
+template <int BN_>
+struct W8A8Sm90 {
+  static constexpr int kBM = 128, kBN = BN_, kBK = 128;
+  static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kABytes = kBM * kBK, kBBytes = kBN * kBK, kStageBytes = kABytes + kBBytes;
+  static constexpr int kStages = kBN == 256 ? 4 : 6;  // 192 KB of stages either way
+  // Stages, then 2 * kStages barriers, plus slack to align the stages to 1024 bytes (the swizzle atom).
+  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
+  static constexpr int kGroupM = 8;
+  static_assert(kBN == 128 || kBN == 256, "wgmma N of the generated wrappers");
+};
 
-template <typename OutT>
-__global__ void __launch_bounds__(kThreads, 1) w8a8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_x,
-                                                                     const __grid_constant__ CUtensorMap tma_w,
-                                                                     W8A8Epilogue epi, OutT* __restrict__ out,
-                                                                     int32_t* __restrict__ partial, int M, int N, int K) {
+template <typename OutT, int BN>
+__global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_x,
+                                                                const __grid_constant__ CUtensorMap tma_w,
+                                                                W8A8Epilogue epi, OutT* __restrict__ out,
+                                                                int32_t* __restrict__ partial, int M, int N, int K) {
 #ifdef PTQRT_SM90A
+  using C = W8A8Sm90<BN>;
+  constexpr int kBM = C::kBM, kBN = C::kBN, kBK = C::kBK, kStages = C::kStages, kABytes = C::kABytes,
+                kStageBytes = C::kStageBytes, kGroupM = C::kGroupM;
   PTQRT_DYNAMIC_SMEM(uint8_t, smem_raw);
   // The swizzle pattern is a function of the shared-memory address: stages must start 1024-aligned.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -50,40 +59,25 @@ __global__ void __launch_bounds__(kThreads, 1) w8a8_gemm_sm90_kernel(const __gri
   const int nk = max(0, min(kt_total, kt_begin + kt_per) - kt_begin);
 
   const int wg = threadIdx.x / 128;
-  if (threadIdx.x == 0) {
-    prefetch_tensormap(&tma_x);
-    prefetch_tensormap(&tma_w);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], 1);      // the producer's arrive.expect_tx, then the TMA bytes
-      mbar_init(&empty[s], 256);   // every consumer thread, once its wgmma reads of the stage are done
-    }
-    fence_barrier_init();
-  }
+  if (threadIdx.x == 0) init_pipeline(&tma_x, &tma_w, full, empty, kStages, 256);
   __syncthreads();
 
   if (wg == 0) {
     setmaxnreg_dec<40>();
-    if (threadIdx.x == 0) {
-      for (int it = 0; it < nk; ++it) {
-        const int s = it % kStages;
-        const uint32_t phase = (it / kStages) & 1;
-        while (!mbar_try_wait(&empty[s], phase ^ 1)) {
-        }
-        uint8_t* a = smem + s * kStageBytes;
-        mbar_arrive_expect_tx(&full[s], kStageBytes);
+    if (threadIdx.x == 0)
+      produce(nk, kStages, smem, kStageBytes, full, empty, [&](uint8_t* st, int it, uint64_t* bar) {
         const int k = (kt_begin + it) * kBK;
-        tma_load_2d(a, &tma_x, k, m0, &full[s]);
-        tma_load_2d(a + kABytes, &tma_w, k, n0, &full[s]);
-      }
-    }
+        tma_load_2d(st, &tma_x, k, m0, bar);
+        tma_load_2d(st + kABytes, &tma_w, k, n0, bar);
+      });
     return;
   }
 
   setmaxnreg_inc<232>();
   const int c = wg - 1;  // rows 64c .. 64c + 63 of the tile
-  int acc[128];
+  int acc[kBN / 2];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0;
+  for (int i = 0; i < kBN / 2; ++i) acc[i] = 0;
 
   for (int it = 0; it < nk; ++it) {
     const int s = it % kStages;
@@ -94,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1) w8a8_gemm_sm90_kernel(const __gri
     fence_operands(acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBK / 32; ++kk) wgmma_m64n256k32_s8(acc, make_desc(a + 32 * kk), make_desc(b + 32 * kk), 1);
+    for (int kk = 0; kk < kBK / 32; ++kk) wgmma_s8<kBN>(acc, make_desc(a + 32 * kk), make_desc(b + 32 * kk), 1);
     wgmma_commit();
     // Keep this stage's group in flight; the previous one is complete, so its stage can be refilled.
     wgmma_wait<1>();
@@ -107,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 1) w8a8_gemm_sm90_kernel(const __gri
   const int lane = threadIdx.x % kWarp, warp = (threadIdx.x % 128) / kWarp;
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
+  for (int j = 0; j < kBN / 8; ++j) {
     const int n = n0 + 8 * j + 2 * t;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -1,0 +1,136 @@
+"""The host CPU check (bench/cpu_host_check.sh), its hook in bench/device_check.sh, and the targets
+summary of bench/bench_cpu.py. Nothing here builds, benchmarks or needs a GPU."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK = ROOT / "bench" / "cpu_host_check.sh"
+DEVICE_CHECK = ROOT / "bench" / "device_check.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or not sys.platform.startswith("linux"),
+                                reason="the device scripts are bash on Linux")
+
+
+def _bash(*args, env=None, timeout=60):
+    return subprocess.run(["bash", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_cpu_under_test", ROOT / "bench" / "bench_cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.parametrize("script", (CHECK, DEVICE_CHECK))
+def test_scripts_parse(script):
+    r = _bash("-n", script)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("script", (CHECK, DEVICE_CHECK))
+def test_unknown_flag_prints_usage_and_does_nothing(script):
+    r = _bash(script, "--no-such-flag")
+    assert r.returncode == 2
+    assert "usage" in r.stdout
+    if script == DEVICE_CHECK:
+        assert "--no-cpu" in r.stdout
+
+
+def test_pick_cores():
+    r = _bash(CHECK, "--pick-cores")
+    assert r.returncode == 0, r.stderr
+    fields = r.stdout.split()
+    picked = [int(c) for c in fields[0].split(",")]
+    rest = [int(c) for c in fields[1].split(",")] if len(fields) > 1 else []
+    allowed = sorted(os.sched_getaffinity(0))
+    assert 1 <= len(picked) <= 2 and len(set(picked)) == len(picked)
+    assert sorted(picked + rest) == allowed
+
+
+@pytest.mark.skipif({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _flags(),
+                    reason="this CPU has AVX-512 VNNI: the check would build and benchmark")
+def test_without_vnni_reports_and_exits_at_once(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    r = _bash(CHECK, env={"OUT": str(out)}, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no AVX-512 VNNI" in r.stdout and "avx512_vnni no" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["cpu_summary.txt"]
+    # with a log folder of the caller's (bench/device_check.sh), the summary goes there, not to OUT
+    logs = tmp_path / "logs"
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    r = _bash(CHECK, "--log-dir", logs, env={"OUT": str(out2)}, timeout=30)
+    assert r.returncode == 0
+    assert "no AVX-512 VNNI" in (logs / "cpu_summary.txt").read_text()
+    assert not list(out2.iterdir())
+
+
+def test_device_check_cpu_stage_wiring():
+    """The stage starts after the install, is skippable, and is waited for in finish()."""
+    text = DEVICE_CHECK.read_text()
+    assert text.index("cpu_start\n") > text.index("stage install")
+    assert "--no-cpu) CPU=0" in text and "SKIP_CPU" in text
+    finish = text[text.index("finish() {"):]
+    assert finish.index("cpu_wait") < finish.index("=== summary")
+    assert "cpu_summary.txt" in finish
+
+
+def test_targets_and_report(tmp_path):
+    bench = _bench_module()
+    assert len(bench.TARGETS) == 9 + 3 + 3 + 2
+    g = "w8a8 M=1 N=4096 K=4096"
+    results = {
+        g: {"ptqrt quant+w8a8": {"median_s": 1.0}, "fbgemm dynamic": {"median_s": 1.3}},
+        "w8a8 M=128 N=4096 K=4096": {"ptqrt quant+w8a8": {"median_s": 1.0}, "fbgemm dynamic": {"median_s": 1.1},
+                                     "fp32 F.linear": {"median_s": 4.5}},
+        f"attn B=8 L=4096 H={bench.HEADS} D={bench.HEAD_DIM}": {"ptqrt int8-KV decode": {"median_s": 2.0},
+                                                              "fp32 SDPA": {"median_s": 2.9}},
+    }
+    got = {(t["group"], t["peer"]): t for t in bench.targets(results)}
+    assert got[(g, "fbgemm dynamic")]["status"] == "PASS"
+    assert got[(g, "fbgemm dynamic")]["ratio"] == pytest.approx(1.3)
+    assert got[("w8a8 M=128 N=4096 K=4096", "fbgemm dynamic")]["status"] == "MISS"
+    assert got[("w8a8 M=128 N=4096 K=4096", "fp32 F.linear")]["status"] == "PASS"
+    assert got[(f"attn B=8 L=4096 H={bench.HEADS} D={bench.HEAD_DIM}", "fp32 SDPA")]["status"] == "MISS"
+    assert got[("w8a16 M=1 N=4096 K=4096", "fp32 F.linear")]["status"] == "n/a"
+    meta = {"device": "Some CPU", "isa": "avx512", "best_isa": "avx512", "threads": 2, "cpus": [14, 15],
+            "set": "targets"}
+    lines = bench.target_lines(meta, bench.targets(results))
+    assert "Some CPU" in lines[0] and "path avx512" in lines[0] and "2 threads" in lines[0] and "14,15" in lines[0]
+    assert sum(l.startswith(("PASS", "MISS")) for l in lines) == 4
+    assert lines[-1].startswith("targets: 2 PASS, 2 MISS, 13 not measured")
+    # the command-line report of a (partial) JSON, as bench/cpu_host_check.sh uses it
+    path = tmp_path / "cpu_test.json"
+    path.write_text(json.dumps({**meta, "partial": True, "results": results}))
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_cpu.py"), str(path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "targets: 2 PASS, 2 MISS" in r.stdout and "partial" in r.stdout
+
+
+@pytest.mark.parametrize("name,count", (("targets", 31), ("quick", 22), ("full", 89)))
+def test_bench_sets_collect(name, count):
+    r = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_cpu.py", "--collect-only", "-q",
+                        "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PTQRT_BENCH_SET": name, "PTQRT_BENCH_FULL": "0"})
+    assert f"{count} tests collected" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
