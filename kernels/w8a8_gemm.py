@@ -163,7 +163,11 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 GEMM_CONFIGS = {
     64: [_cfg(32, 64, 256, 4, 4), _cfg(64, 64, 256, 4, 4), _cfg(64, 128, 128, 4, 4), _cfg(64, 128, 256, 4, 3)],
     256: [_cfg(64, 128, 128, 4, 4), _cfg(128, 128, 128, 8, 3), _cfg(64, 256, 128, 8, 3), _cfg(128, 64, 128, 4, 4)],
-    1024: [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 4, 4), _cfg(256, 128, 128, 8, 3)],
+    # 64-row tiles too: at M = 512 the 128 x 128 tiles of a 4096-wide N are one CTA per SM for the
+    # whole (long) K, which leaves each SM's tensor cores waiting on one CTA's loads (1.06x _int_mm
+    # at 512 x 4096 x 11008 on an H100); 64-row tiles run two CTAs per SM.
+    1024: [_cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 4, 4), _cfg(256, 128, 128, 8, 3),
+           _cfg(64, 128, 128, 4, 4), _cfg(64, 256, 128, 8, 3)],
     1 << 62: [_cfg(128, 256, 128, 8, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 4),
               _cfg(128, 128, 128, 8, 4)],
 }
