@@ -156,7 +156,8 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
 
 # 2. CUDA build in the background, Triton GPU tests meanwhile ----------------------------------
-BACKENDS=triton
+# triton-dot: the opt-in decode path for G == 1 (PTQRT_TRITON_DECODE_DOT=1), timed beside the default.
+BACKENDS=triton,triton-dot CUDA_OK=0
 BUILD_PID=""
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
     (timeout --kill-after=10 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" \
@@ -171,13 +172,13 @@ if [ -n "$BUILD_PID" ]; then
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
     # cuda-wgmma16: the opt-in sm_90a w8a16 kernel (PTQRT_CUDA_WGMMA_W8A16=1), timed beside the default.
-    [ "$rc" = 0 ] && BACKENDS=triton,cuda,cuda-wgmma16
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-dot,cuda,cuda-wgmma16
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
 if [ "$TESTS" = 1 ]; then
     stage cuda-tests 120 "${PYTEST[@]}" "${XDIST[@]}" --ignore=tests/test_triton_backend.py tests/
-    [ "$BACKENDS" = triton,cuda ] && stage memcheck 100 env PTQRT_CUDA_CHECK_NO_TESTS=1 PTQRT_CUDA_NO_BUILD=1 MEMCHECK_LIMIT=85 CUDA_CHECK_LOG="$LOG" \
+    [ "$CUDA_OK" = 1 ] && stage memcheck 100 env PTQRT_CUDA_CHECK_NO_TESTS=1 PTQRT_CUDA_NO_BUILD=1 MEMCHECK_LIMIT=85 CUDA_CHECK_LOG="$LOG" \
         bash bench/device_check_cuda.sh
 fi
 

@@ -24,9 +24,12 @@ int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq
     Dequant is folded in where it is cheapest: a dynamic K scale multiplies the score of its token,
     a dynamic V scale the probability of its token, a static K scale the query (once per program),
     a static V scale the output. G >= 2 uses tensor-core dots (query heads padded to 16, K/V
-    converted to q's dtype, exact for int8); G == 1 uses fp32 multiply-reduce.
+    converted to q's dtype, exact for int8); G == 1 uses fp32 multiply-reduce (or, opt-in with
+    PTQRT_TRITON_DECODE_DOT=1, the dot path with its one query row padded to 16).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -219,7 +222,10 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if b == 0 or hq == 0:
         return out
     group = hq // hkv
-    use_dot = group > 1
+    # GQA groups use tensor-core dots (the query heads of a group are the rows of one MMA). Without
+    # GQA the fp32 multiply-reduce path runs, unless PTQRT_TRITON_DECODE_DOT=1 (opt-in, unmeasured):
+    # the one query row padded to an MMA, so that the K / V loads feed dots and Triton pipelines them.
+    use_dot = group > 1 or os.environ.get("PTQRT_TRITON_DECODE_DOT") == "1"
     block_g = max(16, _common.next_pow2(group)) if use_dot else 1
     block_d = max(16, _common.next_pow2(d))
     max_blocks = block_table.shape[1]

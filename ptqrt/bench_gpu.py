@@ -133,6 +133,7 @@ def measure_ceilings(device) -> dict:
 # at which it differs from the default).
 VARIANTS = {
     "cuda-wgmma16": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_WGMMA_W8A16": "1"}, 17),
+    "triton-dot": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_DOT": "1"}, 0),
 }
 
 

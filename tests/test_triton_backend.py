@@ -351,6 +351,18 @@ def test_int8_kv_decode_attention(monkeypatch, case, dtype):
 
 
 @cpu_only
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_kv_decode_attention_dot_without_gqa(monkeypatch, dtype):
+    """PTQRT_TRITON_DECODE_DOT=1 runs the tensor-core path for G == 1 too (one query row padded to 16)."""
+    monkeypatch.setenv("PTQRT_TRITON_DECODE_DOT", "1")
+    i = FLOATS.index(dtype)
+    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 3 if i % 2 else 1)
+    b, hq, hkv, d, lens = DECODE_CASES[0]
+    assert hq == hkv
+    check_decode(b, hq, hkv, d, 24, 4, lens, dynamic=i != 1, dtype=dtype, device="cpu")
+
+
+@cpu_only
 def test_decode_split_heuristic_and_empty():
     assert kv_mod.num_splits(1, 32, 4096, 132) == 16  # one sequence still fills the GPU
     assert kv_mod.num_splits(64, 32, 2048, 132) == 1
@@ -496,6 +508,15 @@ def test_gpu_kv_cache(untuned):
                                     (32, 8, False, torch.bfloat16), (32, 32, False, torch.float32)):
         check_decode(4, hq, hkv, 128, 2048, 16, lens, dynamic, dtype, "cuda")
     check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")  # one long sequence, split
+
+
+@pytest.mark.gpu
+def test_gpu_decode_dot_without_gqa(untuned, monkeypatch):
+    """The opt-in tensor-core path for G == 1 (PTQRT_TRITON_DECODE_DOT=1) at real sizes."""
+    monkeypatch.setenv("PTQRT_TRITON_DECODE_DOT", "1")
+    for dynamic, dtype in ((True, torch.float16), (False, torch.bfloat16), (True, torch.float32)):
+        check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, dtype, "cuda")
+    check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")
 
 
 @pytest.mark.gpu
