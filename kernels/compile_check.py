@@ -155,20 +155,23 @@ def _jobs(all_configs: bool):
                          vs_ptr=Ptr("fp32"), slots_ptr=Ptr("i64"), NUM_SLOTS=65536, H=32, D=128, stride_kt=4096,
                          stride_vt=4096, DYNAMIC_K=dyn, DYNAMIC_V=dyn, BLOCK_H=32, BLOCK_D=128),
                      dict(num_warps=8, num_stages=3)))
-    for q, group, dyn, splits in (("fp16", 1, True, 4), ("bf16", 1, False, 1), ("fp16", 4, True, 4),
-                                  ("bf16", 8, False, 1), ("fp32", 4, True, 2)):
+    # dot: the tensor-core path (GQA; for G == 1 the opt-in PTQRT_TRITON_DECODE_DOT=1 one).
+    for q, group, dyn, splits, dot in (("fp16", 1, True, 4, False), ("bf16", 1, False, 1, False),
+                                       ("fp16", 4, True, 4, True), ("bf16", 8, False, 1, True),
+                                       ("fp32", 4, True, 2, True), ("fp16", 1, True, 4, True)):
         launch = dict(kv_cache.DECODE)
         warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
-        if group > 1:
+        if dot:
             warps = kv_cache.DECODE_GQA_WARPS
-        jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits}", kv_cache._decode_partial_kernel,
+        jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits} dot={dot}",
+                     kv_cache._decode_partial_kernel,
                      _rt(q_ptr=Ptr(q), kc_ptr=Ptr("i8"), vc_ptr=Ptr("i8"), ks_ptr=Ptr("fp32"), vs_ptr=Ptr("fp32"),
                          bt_ptr=Ptr("i32"), lens_ptr=Ptr("i32"), out_ptr=Ptr(q), o_part_ptr=Ptr("fp32"),
                          lse_ptr=Ptr("fp32"), qk_scale=0.127, HQ=32, HKV=32 // group, D=128, NUM_BLOCKS=8192,
                          MAX_BLOCKS=256, stride_qb=4096, stride_btb=256, NUM_SPLITS=splits, GROUP=group,
-                         BLOCK_SIZE=16, SINGLE_SPLIT=splits == 1, DYNAMIC_K=dyn, DYNAMIC_V=dyn, USE_DOT=group > 1,
+                         BLOCK_SIZE=16, SINGLE_SPLIT=splits == 1, DYNAMIC_K=dyn, DYNAMIC_V=dyn, USE_DOT=dot,
                          DOT_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[q],
-                         BLOCK_G=16 if group > 1 else 1, BLOCK_D=128, **launch),
+                         BLOCK_G=16 if dot else 1, BLOCK_D=128, **launch),
                      dict(num_warps=warps, num_stages=stages)))
     jobs.append(("decode_merge", kv_cache._decode_merge_kernel,
                  _rt(o_part_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), out_ptr=Ptr("bf16"), D=128, NUM_SPLITS=16,
