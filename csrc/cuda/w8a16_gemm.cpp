@@ -59,7 +59,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
     check_launch(op, w8a16_gemv(dt, a, stream));
   } else if (dt != DType::F32 && aligned && whole_groups) {
     const Tile tile = M <= 64 ? Tile::Small : Tile::Large;
-    const bool hopper = w8a16_wgmma_enabled();
+    const bool hopper = K > 0 && w8a16_wgmma_enabled();  // a tensor map needs a non-empty K
     int bm, bn, bk, bt = 0;
     if (hopper) {
       bt = w8a16_sm90_tokens_per_cta(a.M, a.N, sm_count());
