@@ -50,16 +50,5 @@ inline bool make_map_2d(CUtensorMap* map, const void* base, int64_t rows, int64_
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Sets the dynamic shared-memory opt-in of `kernel` once per device.
-template <typename Kernel>
-inline cudaError_t opt_in_smem(Kernel kernel, int bytes, bool (&done)[64]) {
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 64 && done[dev]) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e == cudaSuccess && dev < 64) done[dev] = true;
-  return e;
-}
-
 }  // namespace cuda
 }  // namespace ptqrt

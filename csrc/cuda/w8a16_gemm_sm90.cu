@@ -18,8 +18,8 @@ cudaError_t launch_tile(const W8A16Args& a, cudaStream_t stream) {
       !make_map_2d(&tw, a.w, a.N, a.K, C::BK, C::BN, CU_TENSOR_MAP_SWIZZLE_64B))
     return cudaErrorNotSupported;
   auto kernel = sm90::w8a16_gemm_sm90_kernel<T, BT>;
-  static bool done[64] = {};  // the shared-memory opt-in is per device
-  const cudaError_t e = opt_in_smem(kernel, C::kSmemBytes, done);
+  static size_t granted[64] = {};
+  const cudaError_t e = opt_in_smem(kernel, C::kSmemBytes, granted);
   if (e != cudaSuccess) return e;
   const dim3 grid(ceil_div(a.M, BT) * ceil_div(a.N, C::BN), 1, a.splits);
   PTQRT_LAUNCH(kernel, grid, C::kThreads, C::kSmemBytes, stream)(tx, tw, a.w_scale, a.bias, static_cast<T*>(a.out),

@@ -17,8 +17,8 @@ cudaError_t launch(const W8A8Args& a, cudaStream_t stream) {
       !make_map_2d(&tw, a.w, a.N, a.K, C::kBK, C::kBN, CU_TENSOR_MAP_SWIZZLE_128B))
     return cudaErrorNotSupported;
   auto kernel = sm90::w8a8_gemm_sm90_kernel<OutT, BN>;
-  static bool done[64] = {};  // the shared-memory opt-in is per device
-  const cudaError_t e = opt_in_smem(kernel, C::kSmemBytes, done);
+  static size_t granted[64] = {};
+  const cudaError_t e = opt_in_smem(kernel, C::kSmemBytes, granted);
   if (e != cudaSuccess) return e;
   const dim3 grid(ceil_div(a.M, C::kBM) * ceil_div(a.N, C::kBN), 1, a.splits);
   W8A8Epilogue epi{a.x_scale, a.x_scale_stride, a.w_scale, a.bias};

@@ -24,6 +24,20 @@
 namespace ptqrt {
 namespace cuda {
 
+// Host side of a launch: opts `kernel` in to `bytes` of dynamic shared memory on the current device
+// (needed above 48 KiB; the attribute is per device). `granted`, one static array per kernel
+// instance, remembers the largest size set on each device so far.
+template <typename Kernel>
+inline cudaError_t opt_in_smem(Kernel kernel, size_t bytes, size_t (&granted)[64]) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 64 && granted[dev] >= bytes) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (e == cudaSuccess && dev < 64) granted[dev] = bytes;
+  return e;
+}
+
 constexpr int kWarp = 32;
 constexpr float kQMax = 127.f;
 

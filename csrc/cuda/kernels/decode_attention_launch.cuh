@@ -11,20 +11,13 @@ template <typename T, int GT>
 cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = decode_attention_kernel<T, GT>;
   const size_t smem = decode_smem_bytes(GT, a.D, a.chunk);
-  if (smem > 48 * 1024) {
-    static size_t granted[64] = {};  // per device: the largest size opted in so far
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || granted[dev] < smem) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-      if (dev < 64) granted[dev] = smem;
-    }
-  }
+  static size_t granted[64] = {};
+  cudaError_t e = opt_in_smem(kernel, smem, granted);
+  if (e != cudaSuccess) return e;
   const int G = a.Hq / a.Hkv;
   const dim3 grid(a.splits, a.Hkv * ((G + GT - 1) / GT), a.B);
   PTQRT_LAUNCH(kernel, grid, kDecodeThreads, smem, stream)(a);
-  cudaError_t e = cudaGetLastError();
+  e = cudaGetLastError();
   if (e != cudaSuccess || a.splits == 1) return e;
   auto combine = decode_combine_kernel<T>;
   PTQRT_LAUNCH(combine, static_cast<unsigned>(int64_t(a.B) * a.Hq), 128, 0, stream)(a);

@@ -16,16 +16,9 @@ using W8A16Small = W8A16Tile<32, 128, 1, 4, 4, 1>;
 template <class C, typename T>
 cudaError_t launch_w8a16_tile(const W8A16Args& a, cudaStream_t stream) {
   auto kernel = w8a16_mma_kernel<C, T>;
-  if (C::SMEM_BYTES > 48 * 1024) {
-    static bool done[64] = {};  // the attribute is per device: set it on each device's first launch
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !done[dev]) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) done[dev] = true;
-    }
-  }
+  static size_t granted[64] = {};
+  const cudaError_t e = opt_in_smem(kernel, C::SMEM_BYTES, granted);
+  if (e != cudaSuccess) return e;
   const dim3 grid(ceil_div(a.M, C::BM) * ceil_div(a.N, C::BN), 1, a.splits);
   PTQRT_LAUNCH(kernel, grid, C::THREADS, C::SMEM_BYTES, stream)(static_cast<const T*>(a.x), a.w, a.w_scale, a.bias,
                                                       static_cast<T*>(a.out), a.splits > 1 ? a.partial : nullptr,

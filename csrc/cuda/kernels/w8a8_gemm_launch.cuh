@@ -18,18 +18,9 @@ using W8A8Small = W8A8Tile<32, 64, 1, 4, 5, 1>;
 template <class C, typename OutT>
 cudaError_t launch_w8a8_tile(const W8A8Args& a, cudaStream_t stream) {
   auto kernel = w8a8_gemm_kernel<C, OutT>;
-  if (C::SMEM_BYTES > 48 * 1024) {
-    // Opt in to more than 48 KiB of dynamic shared memory; the attribute is per device, so set it for
-    // each device the first time that device launches this instance.
-    static bool done[64] = {};
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev >= 64 || !done[dev]) {
-      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
-      if (e != cudaSuccess) return e;
-      if (dev < 64) done[dev] = true;
-    }
-  }
+  static size_t granted[64] = {};
+  const cudaError_t e = opt_in_smem(kernel, C::SMEM_BYTES, granted);
+  if (e != cudaSuccess) return e;
   const int tiles = ceil_div(a.M, C::BM) * ceil_div(a.N, C::BN);
   const dim3 grid(tiles, 1, a.splits);
   W8A8Epilogue epi{a.x_scale, a.x_scale_stride, a.w_scale, a.bias};
