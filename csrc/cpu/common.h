@@ -45,6 +45,11 @@ inline std::vector<float> f32_vector(const std::optional<at::Tensor>& t) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+// The first 64-byte aligned address at or after p (the buffer must have 64 bytes of slack).
+template <class T>
+T* align64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
 
 #if PTQRT_X86
 // 8 floats from p[0..8) of fp32 / bf16 / fp16 (bf16 is the top half of an fp32; F16C widens fp16).

@@ -5,7 +5,8 @@
 // reduce across lanes once. The driver cuts N into blocks of about 192 KiB of weights, which stay in
 // L2 while every row block of x streams past them, and runs (n-block, m-block) tasks on
 // at::parallel_for. Paths (isa.h): AVX-512 VNNI (vpdpbusd, 64 MACs an instruction), AVX2 (int8
-// widened to int16, vpmaddwd: exact for every int8 value, where vpmaddubsw would saturate), scalar.
+// widened to int16, vpmaddwd: exact for every int8 value, where vpmaddubsw would saturate; dot-product
+// tiles below 24 rows, an outer-product panel kernel from 24 rows up), scalar.
 // All three return the same int32 sums; the fp32 epilogue runs in baseline code (no FMA contraction)
 // in the reference's order, (float(acc) * x_scale[m]) * w_scale[n] + bias[n], then one cast.
 #include "common.h"
@@ -18,7 +19,8 @@ namespace {
 struct W8A8Block {
   const int8_t* x;
   int64_t ldx;
-  const int32_t* xsum;  // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
+  const int32_t* xsum;     // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
+  const int16_t* xpanel;   // this m-block's x as 6-row int16 groups (AVX2 panel path only)
   const int8_t* w;
   int64_t ldw;
   int64_t mb, nb, K;
@@ -115,15 +117,21 @@ PTQRT_AVX2 void tile1x4_avx2(const int16_t* x0, const int8_t* w0, const int8_t* 
 }
 #undef PTQRT_MADD
 
+#include "gemm_w8a8_avx2_panel.h"
+
 PTQRT_AVX2 void block_avx2(const W8A8Block& b) {
+  if (b.xpanel) return block_panel_avx2(b);
   const int64_t K16 = round_up(b.K, 16);
-  thread_local std::vector<int16_t> xw;
-  if (static_cast<int64_t>(xw.size()) < 4 * K16) xw.resize(4 * K16);
+  // 64-byte aligned, so no 32-byte load of a row splits a cache line (K16 keeps every row aligned):
+  // from a std::vector's 16-byte alignment half of them did, and the kernel ran 20% slower.
+  thread_local std::vector<int16_t> xw_buf;
+  if (static_cast<int64_t>(xw_buf.size()) < 4 * K16 + 32) xw_buf.resize(4 * K16 + 32);
+  int16_t* const xw = align64(xw_buf.data());
   for (int64_t m0 = 0; m0 < b.mb; m0 += 4) {
     const int64_t mr = std::min<int64_t>(4, b.mb - m0);
     for (int64_t i = 0; i < mr; ++i) {  // widen once here, reuse for every n tile of the block
       const int8_t* xr = b.x + (m0 + i) * b.ldx;
-      int16_t* dst = xw.data() + i * K16;
+      int16_t* dst = xw + i * K16;
       int64_t k = 0;
       for (; k + 16 <= b.K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), widen16(xr + k));
       for (; k < b.K; ++k) dst[k] = xr[k];
@@ -135,7 +143,7 @@ PTQRT_AVX2 void block_avx2(const W8A8Block& b) {
     if (mr == 4) {
       for (int64_t n0 = 0; n0 < b.nb; n0 += 2) {
         const int64_t nr = std::min<int64_t>(2, b.nb - n0);
-        tile4x2_avx2(xw.data(), K16, w + n0 * ldw, w + (n0 + nr - 1) * ldw, b.K, c + n0, b.ldc, nr);
+        tile4x2_avx2(xw, K16, w + n0 * ldw, w + (n0 + nr - 1) * ldw, b.K, c + n0, b.ldc, nr);
       }
       continue;
     }
@@ -143,7 +151,7 @@ PTQRT_AVX2 void block_avx2(const W8A8Block& b) {
       for (int64_t n0 = 0; n0 < b.nb; n0 += 4) {
         const int64_t nr = std::min<int64_t>(4, b.nb - n0);
         auto row = [&](int64_t j) { return w + (n0 + std::min(j, nr - 1)) * ldw; };
-        tile1x4_avx2(xw.data() + i * K16, row(0), row(1), row(2), row(3), b.K, c + i * b.ldc + n0, nr);
+        tile1x4_avx2(xw + i * K16, row(0), row(1), row(2), row(3), b.K, c + i * b.ldc + n0, nr);
       }
   }
 }
@@ -309,6 +317,10 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // Blocks: ~192 KiB of weights per n-block (L2-resident while the m-blocks stream by), shrunk until
   // there are a few tasks per thread so small problems still use every core.
   const int64_t MB = 128;
+#if PTQRT_X86
+  const std::vector<int16_t> xpanel = isa == Isa::avx2 ? pack_x_panels(xp, M, K, MB) : std::vector<int16_t>();
+  const int64_t xpanel_block = ceil_div(MB, kPanelRows) * kPanelRows * 2 * ceil_div(K, 2);
+#endif
   int64_t NB = std::min<int64_t>(512, std::max<int64_t>(16, (192 * 1024) / std::max<int64_t>(K, 1) / 16 * 16));
   const int64_t threads = at::get_num_threads();
   while (NB > 16 && ceil_div(N, NB) * ceil_div(M, MB) < 4 * threads) NB -= 16;
@@ -324,8 +336,11 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     std::vector<int32_t> cbuf(raw ? 0 : MB * NB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
-      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, wp + n0 * K, K,
+      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, wp + n0 * K, K,
                   std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0};
+#if PTQRT_X86
+      if (!xpanel.empty()) b.xpanel = xpanel.data() + (m0 / MB) * xpanel_block;
+#endif
       if (raw) {
         b.c = out.data_ptr<int32_t>() + m0 * N + n0;
         b.ldc = N;
