@@ -87,6 +87,71 @@ def cast_out(y, DTYPE: tl.constexpr):
         return y.to(DTYPE)
 
 
+
+# --- tile loops shared by the w8a8 and w8a16 kernels ---------------------------------------------
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid in grouped ordering: GROUP_M consecutive row tiles walk the
+    column tiles together, so each column of W is read by all of them while it is in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def split_k_range(pid_k, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[k_start, k_stop) of split pid_k: whole BLOCK_K tiles, the last split takes what is left."""
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    return k_start, min(K, k_start + k_per_split)
+
+
+@triton.jit
+def gemv_tiles(w_ptr, x_ptr, rbn, ram, stride_wn, stride_xm, kk, K, EVEN_K: tl.constexpr):
+    """The swap-AB GEMV's operands at K indices kk: the weight tile [BLOCK_N, BLOCK_K] (rows rbn)
+    and x^T [BLOCK_K, BLOCK_M] (rows ram), zero past K."""
+    w_ptrs = w_ptr + rbn[:, None] * stride_wn + kk[None, :]
+    x_ptrs = x_ptr + ram[None, :] * stride_xm + kk[:, None]
+    if EVEN_K:
+        w = tl.load(w_ptrs)
+        x = tl.load(x_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=kk[None, :] < K, other=0)
+        x = tl.load(x_ptrs, mask=kk[:, None] < K, other=0)
+    return w, x
+
+
+@triton.jit
+def split_k_arrive(acc, part_ptr, cnt_ptr, pid_k, pid_n, m_idx, n_idx, N, BLOCK_M: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
+    """Store split pid_k's partial tile (part: [SPLIT_K, BLOCK_M, N], acc's dtype) and count it in
+    on the tile's counter; True in the program that completes the tile, which then calls
+    split_k_sum. Every thread's partial is written before one thread publishes the tile as done
+    (release, gpu scope); the last arrival acquires, and reads the partials from L2 (.cg)."""
+    p_ptrs = part_ptr + (pid_k * BLOCK_M + m_idx).to(tl.int64) * N + n_idx
+    tl.store(p_ptrs, acc, mask=n_idx < N)
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    return done == SPLIT_K - 1
+
+
+@triton.jit
+def split_k_sum(part_ptr, cnt_ptr, pid_n, m_idx, n_idx, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """The tile's partials summed in split order (deterministic); resets the counter for the next
+    launch on this stream."""
+    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=part_ptr.dtype.element_ty)
+    for s in tl.static_range(SPLIT_K):
+        q_ptrs = part_ptr + (s * BLOCK_M + m_idx).to(tl.int64) * N + n_idx
+        total += tl.load(q_ptrs, mask=n_idx < N, other=0, cache_modifier=".cg")
+    tl.store(cnt_ptr + pid_n, 0)
+    return total
+
 def on_input_device(launcher):
     """Run launcher on its first argument's GPU: Triton launches on the *current* device, which may
     be another one (tensors on cuda:1 while cuda:0 is current)."""

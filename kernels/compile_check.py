@@ -8,7 +8,9 @@ config. This builds each kernel to a cubin with Triton's bundled ptxas (default 
 every autotune config with --all) for sm_<arch>, prints shared memory per config and flags any
 config over the architecture's limit; --sass also counts the instructions that tell whether the
 fast paths were taken (IMMA/HMMA/HGMMA tensor-core ops, I2F conversions, 16-byte loads,
-cp.async, local-memory spills). Exit status 1 if anything failed.
+cp.async, local-memory spills). --dump DIR writes each build's SASS, one instruction a line
+without addresses or encodings, so a refactor can be checked to leave the machine code unchanged
+(`diff -r` two dumps). Exit status 1 if anything failed.
 """
 from __future__ import annotations
 
@@ -192,7 +194,8 @@ def _unique(cfgs):
 _SASS_OPS = ("HGMMA", "IGMMA", "IMMA", "HMMA", "I2F", "F2I", "LDG.E.128", "LDGSTS", "UTMALDG", "STL", "LDL", "MUFU.EX2")
 
 
-def _sass_summary(cubin: bytes) -> str:
+def _sass(cubin: bytes) -> list[str]:
+    """The cubin's instructions, one a line, without addresses and encodings."""
     from triton.backends.nvidia import compiler as nv
 
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
@@ -200,9 +203,18 @@ def _sass_summary(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-    ops = Counter()
+    out = []
     for line in sass.splitlines():
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m:
+            out.append(m.group(1))
+    return out
+
+
+def _sass_summary(instrs: list[str]) -> str:
+    ops = Counter()
+    for ins in instrs:
+        m = re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", ins)
         if m:
             ops["instr"] += 1
             for op in _SASS_OPS:
@@ -219,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", action="store_true", help="count key SASS instructions per kernel")
     ap.add_argument("--quick", action="store_true", help="only the first variant of each kernel")
     ap.add_argument("--filter", default="", help="only jobs whose label contains this text")
+    ap.add_argument("--dump", metavar="DIR", help="write each build's SASS to DIR/sm_<arch>/<label>.sass")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter has nothing to compile)", file=sys.stderr)
@@ -244,7 +257,13 @@ def main(argv=None) -> int:
             smem = ck.metadata.shared
             over = smem > SMEM_LIMIT.get(arch, 232448)
             failed += over
-            extra = (" " + _sass_summary(ck.asm["cubin"])) if args.sass else ""
+            instrs = _sass(ck.asm["cubin"]) if args.sass or args.dump else []
+            if args.dump:
+                folder = os.path.join(args.dump, f"sm_{arch}")
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, re.sub(r"[^A-Za-z0-9=._-]+", "_", label) + ".sass"), "w") as f:
+                    f.write("\n".join(instrs) + "\n")
+            extra = (" " + _sass_summary(instrs)) if args.sass else ""
             print(f"{'OVER' if over else 'ok  '} sm_{arch} smem={smem:6d} {label}{extra}")
     print(f"compile_check: {failed} failed")
     return 1 if failed else 0

@@ -63,14 +63,7 @@ def _w8a8_gemm_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K,
                       PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = _common.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,20 +103,10 @@ def _w8a8_gemv_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, part_ptr, c
     rbn = (offs_n % N).to(tl.int64)
     ram = offs_m % M  # rows past M repeat row 0..; they are never stored
     offs_k = tl.arange(0, BLOCK_K)
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_stop = min(K, k_start + k_per_split)
+    k_start, k_stop = _common.split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        kk = k0 + offs_k
-        w_ptrs = b_ptr + rbn[:, None] * stride_bn + kk[None, :]  # [BLOCK_N, BLOCK_K]
-        x_ptrs = a_ptr + ram[None, :] * stride_am + kk[:, None]  # [BLOCK_K, BLOCK_M] = x^T
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=kk[None, :] < K, other=0)
-            x = tl.load(x_ptrs, mask=kk[:, None] < K, other=0)
+        w, x = _common.gemv_tiles(b_ptr, a_ptr, rbn, ram, stride_bn, stride_am, k0 + offs_k, K, EVEN_K)
         acc = tl.dot(w, x, acc=acc, out_dtype=tl.int32)
     m_idx = offs_m[None, :]
     n_idx = offs_n[:, None]
@@ -132,18 +115,8 @@ def _w8a8_gemv_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, part_ptr, c
                         PER_TOKEN, HAS_BIAS, OUT_INT32)
     else:
         # part: int32 [SPLIT_K, BLOCK_M, N]
-        p_ptrs = part_ptr + (pid_k * BLOCK_M + m_idx).to(tl.int64) * N + n_idx
-        tl.store(p_ptrs, acc, mask=n_idx < N)
-        # Every thread's partial must be written before one thread publishes the tile as done
-        # (release, gpu scope); the last arrival acquires and reads all partials from L2 (.cg).
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if done == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-            for s in tl.static_range(SPLIT_K):
-                q_ptrs = part_ptr + (s * BLOCK_M + m_idx).to(tl.int64) * N + n_idx
-                total += tl.load(q_ptrs, mask=n_idx < N, other=0, cache_modifier=".cg")
-            tl.store(cnt_ptr + pid_n, 0)  # ready for the next launch on this stream
+        if _common.split_k_arrive(acc, part_ptr, cnt_ptr, pid_k, pid_n, m_idx, n_idx, N, BLOCK_M, SPLIT_K):
+            total = _common.split_k_sum(part_ptr, cnt_ptr, pid_n, m_idx, n_idx, N, BLOCK_M, BLOCK_N, SPLIT_K)
             _epilogue_store(total, m_idx, n_idx, M, N, c_ptr, stride_cm, xs_ptr, ws_ptr, bias_ptr,
                             PER_TOKEN, HAS_BIAS, OUT_INT32)
 
