@@ -163,5 +163,14 @@ __device__ __forceinline__ void grouped_tile(int pid, int tiles_m, int tiles_n, 
   tn = (pid % per_group) / rows;
 }
 
+// Split-K over blockIdx.z: this CTA's K tiles (of bk) are [kt_begin, kt_begin + nk); splits of whole
+// tiles, the last one takes what is left (nk may be 0 when K has fewer tiles than splits).
+__device__ __forceinline__ void split_k_tiles(int K, int bk, int& kt_begin, int& nk) {
+  const int kt_total = ceil_div(K, bk);
+  const int kt_per = ceil_div(kt_total, static_cast<int>(gridDim.z));
+  kt_begin = blockIdx.z * kt_per;
+  nk = max(0, min(kt_total, kt_begin + kt_per) - kt_begin);
+}
+
 }  // namespace cuda
 }  // namespace ptqrt

@@ -73,10 +73,8 @@ __global__ void __launch_bounds__(384, 1) w8a16_gemm_sm90_kernel(const __grid_co
   int tm, tn;
   grouped_tile(blockIdx.x, tiles_m, tiles_n, 8, tm, tn);
   const int m0 = tm * BT, n0 = tn * C::BN;
-  const int kt_total = ceil_div(K, C::BK);
-  const int kt_per = ceil_div(kt_total, gridDim.z);
-  const int kt_begin = blockIdx.z * kt_per;
-  const int nk = max(0, min(kt_total, kt_begin + kt_per) - kt_begin);
+  int kt_begin, nk;
+  split_k_tiles(K, C::BK, kt_begin, nk);
 
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) init_pipeline(&tma_x, &tma_w, full, empty, C::kStages, 256);

@@ -76,10 +76,8 @@ __global__ void __launch_bounds__(C::THREADS) w8a16_mma_kernel(const T* __restri
   grouped_tile(blockIdx.x, tiles_m, tiles_n, C::GROUP_M, tm, tn);
   const int m0 = tm * C::BM, n0 = tn * C::BN;
 
-  const int kt_total = ceil_div(K, C::BK);
-  const int kt_per = ceil_div(kt_total, gridDim.z);
-  const int kt_begin = blockIdx.z * kt_per;
-  const int nk = max(0, min(kt_total, kt_begin + kt_per) - kt_begin);
+  int kt_begin, nk;
+  split_k_tiles(K, C::BK, kt_begin, nk);
   const int groups = group_size > 0 ? K / group_size : 1;
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;

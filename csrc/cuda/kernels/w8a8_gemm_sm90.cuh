@@ -53,10 +53,8 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
   int tm, tn;
   grouped_tile(blockIdx.x, tiles_m, tiles_n, kGroupM, tm, tn);
   const int m0 = tm * kBM, n0 = tn * kBN;
-  const int kt_total = ceil_div(K, kBK);
-  const int kt_per = ceil_div(kt_total, gridDim.z);
-  const int kt_begin = blockIdx.z * kt_per;
-  const int nk = max(0, min(kt_total, kt_begin + kt_per) - kt_begin);
+  int kt_begin, nk;
+  split_k_tiles(K, kBK, kt_begin, nk);
 
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) init_pipeline(&tma_x, &tma_w, full, empty, kStages, 256);
