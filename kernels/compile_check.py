@@ -157,15 +157,19 @@ def _jobs(all_configs: bool):
                          vs_ptr=Ptr("fp32"), slots_ptr=Ptr("i64"), NUM_SLOTS=65536, H=32, D=128, stride_kt=4096,
                          stride_vt=4096, DYNAMIC_K=dyn, DYNAMIC_V=dyn, BLOCK_H=32, BLOCK_D=128),
                      dict(num_warps=8, num_stages=3)))
-    # dot: the tensor-core path (GQA; for G == 1 the opt-in PTQRT_TRITON_DECODE_DOT=1 one).
-    for q, group, dyn, splits, dot in (("fp16", 1, True, 4, False), ("bf16", 1, False, 1, False),
-                                       ("fp16", 4, True, 4, True), ("bf16", 8, False, 1, True),
-                                       ("fp32", 4, True, 2, True), ("fp16", 1, True, 4, True)):
+    # dot: the tensor-core path (GQA; for G == 1 the opt-in PTQRT_TRITON_DECODE_DOT=1 one); pipe: the
+    # position loop's pipeline depth for G == 1 without dot (1 by default; PTQRT_TRITON_DECODE_PIPE).
+    for q, group, dyn, splits, dot, pipe in (("fp16", 1, True, 4, False, 1), ("bf16", 1, False, 1, False, 1),
+                                             ("fp16", 4, True, 4, True, 0), ("bf16", 8, False, 1, True, 0),
+                                             ("fp32", 4, True, 2, True, 0), ("fp16", 1, True, 4, True, 0),
+                                             ("fp16", 1, True, 4, False, 3), ("bf16", 1, False, 1, False, 4)):
         launch = dict(kv_cache.DECODE)
         warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
         if dot:
             warps = kv_cache.DECODE_GQA_WARPS
-        jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits} dot={dot}",
+        launch["PIPE_L"] = stages if dot else pipe
+        jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits} dot={dot}"
+                     + (f" pipe={pipe}" if pipe > 1 else ""),
                      kv_cache._decode_partial_kernel,
                      _rt(q_ptr=Ptr(q), kc_ptr=Ptr("i8"), vc_ptr=Ptr("i8"), ks_ptr=Ptr("fp32"), vs_ptr=Ptr("fp32"),
                          bt_ptr=Ptr("i32"), lens_ptr=Ptr("i32"), out_ptr=Ptr(q), o_part_ptr=Ptr("fp32"),

@@ -26,6 +26,10 @@ int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq
     a static V scale the output. G >= 2 uses tensor-core dots (query heads padded to 16, K/V
     converted to q's dtype, exact for int8); G == 1 uses fp32 multiply-reduce (or, opt-in with
     PTQRT_TRITON_DECODE_DOT=1, the dot path with its one query row padded to 16).
+    PIPE_L is the software-pipeline depth of the position loop (``tl.range(num_stages=PIPE_L)``).
+    Loads that feed a dot are pipelined at the launch's num_stages anyway; the G == 1 path's are not
+    unless the loop asks for it, so it runs at depth 1 (no cp.async) unless opted in with
+    PTQRT_TRITON_DECODE_PIPE=N (N stages of K / V tiles in flight through shared memory).
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
                            GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
                            DYNAMIC_K: tl.constexpr, DYNAMIC_V: tl.constexpr, USE_DOT: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_L: tl.constexpr):
+                           BLOCK_L: tl.constexpr, PIPE_L: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -103,7 +107,7 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     offs_l = tl.arange(0, BLOCK_L)
-    for l0 in range(start, stop, BLOCK_L):
+    for l0 in tl.range(start, stop, BLOCK_L, num_stages=PIPE_L):
         pos = l0 + offs_l
         l_ok = pos < stop
         blk = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + pos // BLOCK_SIZE,
@@ -114,7 +118,7 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
         kv_mask = l_ok_mem[:, None] & d_ok[None, :]
         k = tl.load(kc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0)
         # Issued together with K so that both tiles' latencies overlap (the G == 1 path has no
-        # cp.async pipeline: its loads feed no dot).
+        # cp.async pipeline at PIPE_L = 1: its loads feed no dot).
         v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0)
         if USE_DOT:
             s = tl.dot(q_dot, tl.trans(i8_to(k, DOT_DTYPE)), input_precision=PREC, out_dtype=tl.float32)
@@ -226,13 +230,16 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     # GQA the fp32 multiply-reduce path runs, unless PTQRT_TRITON_DECODE_DOT=1 (opt-in, unmeasured):
     # the one query row padded to an MMA, so that the K / V loads feed dots and Triton pipelines them.
     use_dot = group > 1 or os.environ.get("PTQRT_TRITON_DECODE_DOT") == "1"
+    pipe = os.environ.get("PTQRT_TRITON_DECODE_PIPE")  # opt-in, unmeasured: see the module doc
+    if pipe is not None and not (pipe.isdigit() and 1 <= int(pipe) <= 8):
+        raise ValueError(f"PTQRT_TRITON_DECODE_PIPE must be a pipeline depth from 1 to 8; got {pipe!r}")
     block_g = max(16, _common.next_pow2(group)) if use_dot else 1
     block_d = max(16, _common.next_pow2(d))
     max_blocks = block_table.shape[1]
     if _common.interpreting():
         meta = dict(INTERPRET)
         splits = meta.pop("NUM_SPLITS", None) or num_splits(b, hkv, max_blocks * bs, _common.num_sms(q.device))
-        launch = dict(BLOCK_L=meta["BLOCK_L"])
+        launch = dict(BLOCK_L=meta["BLOCK_L"], PIPE_L=1)  # the interpreter does not pipeline
         # The interpreter multiplies bf16 dot operands as raw bits: it gets fp32 operands.
         dot_dtype = torch.float32 if q.dtype == torch.bfloat16 else q.dtype
     else:
@@ -240,6 +247,9 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         launch = dict(DECODE)
         if use_dot:
             launch["num_warps"] = DECODE_GQA_WARPS
+        # Dot loops at the launch's depth (what an unannotated loop gets), the G == 1 loop at 1
+        # unless opted in (the same machine code as an unannotated loop in both cases).
+        launch["PIPE_L"] = launch["num_stages"] if use_dot else int(pipe or 1)
         dot_dtype = q.dtype
     if splits > 1:
         skey = _common.stream_key(q.device)

@@ -134,6 +134,7 @@ def measure_ceilings(device) -> dict:
 VARIANTS = {
     "cuda-wgmma16": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_WGMMA_W8A16": "1"}, 17),
     "triton-dot": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_DOT": "1"}, 0),
+    "triton-pipe": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_PIPE": "3"}, 0),
 }
 
 

@@ -363,6 +363,29 @@ def test_int8_kv_decode_attention_dot_without_gqa(monkeypatch, dtype):
 
 
 @cpu_only
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_kv_decode_attention_pipelined_loop(monkeypatch, dtype):
+    """PTQRT_TRITON_DECODE_PIPE=N (the G == 1 position loop software-pipelined N deep) computes the
+    same thing; under the interpreter the depth is ignored, so this checks the launch plumbing."""
+    monkeypatch.setenv("PTQRT_TRITON_DECODE_PIPE", "3")
+    i = FLOATS.index(dtype)
+    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 3 if i % 2 else 1)
+    b, hq, hkv, d, lens = DECODE_CASES[0]
+    check_decode(b, hq, hkv, d, 24, 4, lens, dynamic=i != 1, dtype=dtype, device="cpu")
+
+
+@cpu_only
+@pytest.mark.parametrize("bad", ("0", "9", "two", "-1", ""))
+def test_decode_pipe_switch_is_checked(monkeypatch, bad):
+    monkeypatch.setenv("PTQRT_TRITON_DECODE_PIPE", bad)
+    kc, vc, ks, vs = _cache(4, 4, 2, 16, True, "cpu")
+    q = torch.randn(1, 2, 16)
+    bt = torch.arange(4, dtype=torch.int32).reshape(1, 4)
+    with pytest.raises(ValueError, match="PTQRT_TRITON_DECODE_PIPE"):
+        kv_mod.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, torch.tensor([5], dtype=torch.int32), 0.25)
+
+
+@cpu_only
 def test_decode_split_heuristic_and_empty():
     assert kv_mod.num_splits(1, 32, 4096, 132) == 16  # one sequence still fills the GPU
     assert kv_mod.num_splits(64, 32, 2048, 132) == 1
@@ -515,6 +538,15 @@ def test_gpu_decode_dot_without_gqa(untuned, monkeypatch):
     """The opt-in tensor-core path for G == 1 (PTQRT_TRITON_DECODE_DOT=1) at real sizes."""
     monkeypatch.setenv("PTQRT_TRITON_DECODE_DOT", "1")
     for dynamic, dtype in ((True, torch.float16), (False, torch.bfloat16), (True, torch.float32)):
+        check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, dtype, "cuda")
+    check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_pipelined_without_gqa(untuned, monkeypatch):
+    """The opt-in software-pipelined G == 1 loop (PTQRT_TRITON_DECODE_PIPE=3 and 4) at real sizes."""
+    for pipe, dynamic, dtype in (("3", True, torch.float16), ("4", False, torch.bfloat16), ("3", True, torch.float32)):
+        monkeypatch.setenv("PTQRT_TRITON_DECODE_PIPE", pipe)
         check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, dtype, "cuda")
     check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")
 
