@@ -119,7 +119,7 @@ def _jobs(all_configs: bool):
     jobs.append(w8a8_gemv_job(gemv_cfgs[-1], 4100, "i32"))
 
     # --- w8a16
-    def w8a16_job(kernel, cfg, x, g, extra):
+    def w8a16_job(kernel, cfg, x, g, extra, prmt=False):
         cfg = w8a16_gemm.fit_config(cfg, g, x == "fp32")  # what the launcher would run
         c = dict(cfg.kwargs)
         k = 4096
@@ -130,8 +130,9 @@ def _jobs(all_configs: bool):
         args.update(M=5 if "part_ptr" in extra else 4096, N=4096, K=k, G=g, NUM_GROUPS=(k // g) if g else 1,
                     stride_xm=k, stride_wn=k, stride_cm=4096, M_BUCKET=8, HAS_BIAS=True,
                     DOT_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[x],
-                    SCALE_MODE=mode, EVEN_K=True, **c)
-        return (f"{name} {c} w{cfg.num_warps}s{cfg.num_stages} x={x} g={g}", kernel, _rt(**args), opts(cfg))
+                    SCALE_MODE=mode, EVEN_K=True, PRMT=prmt, **c)
+        return (f"{name} {c} w{cfg.num_warps}s{cfg.num_stages} x={x} g={g}" + (" prmt" if prmt else ""), kernel,
+                _rt(**args), opts(cfg))
 
     gemm16 = ([c for cs in w8a16_gemm.GEMM_CONFIGS.values() for c in cs] if all_configs
               else list(w8a16_gemm.GEMM_DEFAULT.values()))
@@ -149,6 +150,11 @@ def _jobs(all_configs: bool):
         jobs.append(w8a16_job(w8a16_gemm._w8a16_gemv_kernel, cfg, "fp16", 0, part))
     for x, g in (("bf16", 256), ("bf16", 128), ("fp16", 64), ("fp16", 48), ("fp32", 0)):
         jobs.append(w8a16_job(w8a16_gemm._w8a16_gemv_kernel, gemv16[-1], x, g, part))
+    # The opt-in PTX int8 -> fp16 conversion (PTQRT_TRITON_I8_PRMT=1): GEMV split and not, a group
+    # size that scales partial products (mode 1), and the GEMM.
+    for cfg, g in ((gemv16[0], 0), (gemv16[-1], 0), (gemv16[-1], 128)):
+        jobs.append(w8a16_job(w8a16_gemm._w8a16_gemv_kernel, cfg, "fp16", g, part, prmt=True))
+    jobs.append(w8a16_job(w8a16_gemm._w8a16_gemm_kernel, d16, "fp16", 0, {}, prmt=True))
 
     # --- kv cache
     for dyn in (True, False):

@@ -135,6 +135,7 @@ VARIANTS = {
     "cuda-wgmma16": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_WGMMA_W8A16": "1"}, 17),
     "triton-dot": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_DOT": "1"}, 0),
     "triton-pipe": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_PIPE": "3"}, 0),
+    "triton-prmt": ("triton", ("w8a16_gemm",), {"PTQRT_TRITON_I8_PRMT": "1"}, 0),
 }
 
 

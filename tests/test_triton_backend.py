@@ -267,6 +267,49 @@ def test_w8a16_gemv_split_k(monkeypatch, g):
 
 
 @cpu_only
+def test_i8_to_f16_prmt_bit_trick():
+    """The PTX of _common.i8_to_f16_prmt, modelled bit for bit (xor.b32, prmt.b32, sub.f16x2) with the
+    constants read from its source: every int8 value, in every byte position, comes out exactly, with
+    element j taken from byte j (element 2j + h of output register j in half h)."""
+    import inspect
+    import re
+
+    import numpy as np
+
+    src = inspect.getsource(_common.i8_to_f16_prmt.fn)
+    xor_mask = int(re.search(r"xor\.b32 u, \$2, (0x[0-9a-fA-F]+)", src).group(1), 16)
+    sub_c = int(re.search(r"mov\.b32 c, (0x[0-9a-fA-F]+)", src).group(1), 16)
+    perms = {int(d): (int(b, 16), int(sel, 16))
+             for d, b, sel in re.findall(r"prmt\.b32 \$(\d), u, (0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+)", src)}
+    assert set(perms) == {0, 1} and src.count("sub.f16x2 $") == 2
+
+    def prmt(a, b, sel):
+        pool = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+        assert all(((sel >> 4 * i) & 8) == 0 for i in range(4)), "sign-replicating selectors not modelled"
+        return sum(pool[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+
+    def sub_f16x2(a, c):
+        ha = np.array([a & 0xFFFF, a >> 16], dtype=np.uint16).view(np.float16)
+        hc = np.array([c & 0xFFFF, c >> 16], dtype=np.uint16).view(np.float16)
+        return [float(v) for v in (ha - hc)]
+
+    for v in range(256):
+        elems = [((v + 61 * j) % 256) - 128 for j in range(4)]  # every value in every byte lane
+        word = sum((e & 0xFF) << 8 * j for j, e in enumerate(elems))
+        u = word ^ xor_mask
+        out = [sub_f16x2(prmt(u, *perms[r]), sub_c) for r in (0, 1)]
+        assert [out[0][0], out[0][1], out[1][0], out[1][1]] == [float(e) for e in elems], (v, elems, out)
+
+
+@cpu_only
+def test_w8a16_prmt_switch_is_ignored_by_the_interpreter(monkeypatch):
+    """PTQRT_TRITON_I8_PRMT=1 selects PTX, which the interpreter cannot run: there it must not apply."""
+    monkeypatch.setenv("PTQRT_TRITON_I8_PRMT", "1")
+    check_w8a16(3, 40, 64, 0, torch.float16, bias=True, device="cpu")
+    check_w8a16(20, 40, 64, 32, torch.float16, bias=False, device="cpu")
+
+
+@cpu_only
 def test_w8a16_gemm_empty():
     y = ops.w8a16_gemm(torch.randn(0, 32), rand_int8(8, 32), rand_scale(8), None, 0)
     assert y.shape == (0, 8)
@@ -514,6 +557,16 @@ def test_gpu_w8a16_gemm(untuned, m):
     check_w8a16(m, 1024, 4096, 0, torch.float16, False, "cuda")  # split-K for M <= 16
     if m in (1, 512):
         check_w8a16(m, 4096, 4096, 128, torch.bfloat16, True, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_w8a16_prmt_conversion(untuned, monkeypatch):
+    """The opt-in PTX int8 -> fp16 conversion (PTQRT_TRITON_I8_PRMT=1): GEMV with and without split-K,
+    per channel, per group scaling partial products (mode 1) and gathered scales (mode 2), the GEMM."""
+    monkeypatch.setenv("PTQRT_TRITON_I8_PRMT", "1")
+    for m, n, k, g in ((1, 4096, 4096, 0), (3, 1024, 4096, 0), (1, 4096, 4096, 128), (5, 1000, 960, 96),
+                       (512, 4096, 4096, 0), (300, 1000, 960, 96), (64, 4096, 4096, 128)):
+        check_w8a16(m, n, k, g, torch.float16, m % 2 == 1, "cuda")
 
 
 @pytest.mark.gpu
