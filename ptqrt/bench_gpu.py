@@ -129,19 +129,23 @@ def measure_ceilings(device) -> dict:
 
 
 # Opt-in kernel variants, benchmarked beside the default kernels of their backend before they become
-# the default: name -> (backend, the ops it changes, the environment that selects it, the least M
-# at which it differs from the default).
+# the default: name -> (backend, the ops it changes, the environment that selects it, the M range
+# (lo, hi) of the GEMM rows where it is timed: where it differs from the default, or, for
+# triton-prmt, the GEMV rows its target is stated for; hi None = no bound).
 VARIANTS = {
-    "cuda-wgmma16": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_WGMMA_W8A16": "1"}, 17),
-    "triton-dot": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_DOT": "1"}, 0),
-    "triton-pipe": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_PIPE": "3"}, 0),
-    "triton-prmt": ("triton", ("w8a16_gemm",), {"PTQRT_TRITON_I8_PRMT": "1"}, 0),
+    "cuda-wgmma16": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_WGMMA_W8A16": "1"}, (17, None)),
+    "triton-dot": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_DOT": "1"}, (0, None)),
+    "triton-pipe": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_PIPE": "3"}, (0, None)),
+    "triton-prmt": ("triton", ("w8a16_gemm",), {"PTQRT_TRITON_I8_PRMT": "1"}, (0, 16)),
 }
 
 
 def _differs(impl: str, m: int) -> bool:
-    """False for a variant at an M where it runs the default kernel (nothing to time)."""
-    return impl not in VARIANTS or m >= VARIANTS[impl][3]
+    """False for a variant at an M outside its range (nothing to time, or not worth the device time)."""
+    if impl not in VARIANTS:
+        return True
+    lo, hi = VARIANTS[impl][3]
+    return m >= lo and (hi is None or m <= hi)
 
 
 def _with_env(fn: Callable, env: dict) -> Callable:

@@ -490,8 +490,10 @@ def test_bench_gpu_variants_set_their_switch_per_call(monkeypatch):
     from ptqrt import bench_gpu
 
     seen = []
-    monkeypatch.setattr(bench_gpu, "VARIANTS", {"triton-x": ("triton", ("w8a16_gemm",), {"PTQRT_TEST_SWITCH": "1"}, 17)})
+    monkeypatch.setattr(bench_gpu, "VARIANTS", {"triton-x": ("triton", ("w8a16_gemm",), {"PTQRT_TEST_SWITCH": "1"}, (17, None)),
+                                                "triton-y": ("triton", ("w8a16_gemm",), {}, (0, 16))})
     assert bench_gpu._differs("triton", 1) and bench_gpu._differs("triton-x", 17) and not bench_gpu._differs("triton-x", 16)
+    assert bench_gpu._differs("triton-y", 16) and not bench_gpu._differs("triton-y", 17)
     monkeypatch.setenv("PTQRT_TEST_SWITCH", "0")
     impls = bench_gpu._impls(("triton-x",), torch.device("cpu"))
     assert set(impls) == {"triton-x"} and set(impls["triton-x"]) == {"w8a16_gemm"}
