@@ -158,8 +158,8 @@ XDIST=()
 # 2. CUDA build in the background, Triton GPU tests meanwhile ----------------------------------
 # triton-dot / triton-pipe: the opt-in decode paths for G == 1 (PTQRT_TRITON_DECODE_DOT=1, and
 # PTQRT_TRITON_DECODE_PIPE=3: the position loop software-pipelined); triton-prmt: w8a16 with the PTX
-# int8 -> fp16 conversion (PTQRT_TRITON_I8_PRMT=1). Each timed beside the default.
-BACKENDS=triton,triton-dot,triton-pipe,triton-prmt CUDA_OK=0
+# int8 -> fp16 conversion (PTQRT_TRITON_I8_PRMT=1; triton-dot-prmt: both). Each timed beside the default.
+BACKENDS=triton,triton-dot,triton-pipe,triton-prmt,triton-dot-prmt CUDA_OK=0
 BUILD_PID=""
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
     (timeout --kill-after=10 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" \
@@ -174,7 +174,7 @@ if [ -n "$BUILD_PID" ]; then
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
     # cuda-wgmma16: the opt-in sm_90a w8a16 kernel (PTQRT_CUDA_WGMMA_W8A16=1), timed beside the default.
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-dot,triton-pipe,triton-prmt,cuda,cuda-wgmma16
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-dot,triton-pipe,triton-prmt,triton-dot-prmt,cuda,cuda-wgmma16
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

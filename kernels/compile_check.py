@@ -165,17 +165,21 @@ def _jobs(all_configs: bool):
                      dict(num_warps=8, num_stages=3)))
     # dot: the tensor-core path (GQA; for G == 1 the opt-in PTQRT_TRITON_DECODE_DOT=1 one); pipe: the
     # position loop's pipeline depth for G == 1 without dot (1 by default; PTQRT_TRITON_DECODE_PIPE).
-    for q, group, dyn, splits, dot, pipe in (("fp16", 1, True, 4, False, 1), ("bf16", 1, False, 1, False, 1),
-                                             ("fp16", 4, True, 4, True, 0), ("bf16", 8, False, 1, True, 0),
-                                             ("fp32", 4, True, 2, True, 0), ("fp16", 1, True, 4, True, 0),
-                                             ("fp16", 1, True, 4, False, 3), ("bf16", 1, False, 1, False, 4)):
+    # prmt: the dot path's K / V conversion in PTX (PTQRT_TRITON_I8_PRMT=1, fp16).
+    for q, group, dyn, splits, dot, pipe, prmt in (
+            ("fp16", 1, True, 4, False, 1, False), ("bf16", 1, False, 1, False, 1, False),
+            ("fp16", 4, True, 4, True, 0, False), ("bf16", 8, False, 1, True, 0, False),
+            ("fp32", 4, True, 2, True, 0, False), ("fp16", 1, True, 4, True, 0, False),
+            ("fp16", 1, True, 4, False, 3, False), ("bf16", 1, False, 1, False, 4, False),
+            ("fp16", 4, True, 4, True, 0, True), ("fp16", 1, False, 1, True, 0, True)):
         launch = dict(kv_cache.DECODE)
         warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
         if dot:
             warps = kv_cache.DECODE_GQA_WARPS
         launch["PIPE_L"] = stages if dot else pipe
+        launch["PRMT"] = prmt
         jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits} dot={dot}"
-                     + (f" pipe={pipe}" if pipe > 1 else ""),
+                     + (f" pipe={pipe}" if pipe > 1 else "") + (" prmt" if prmt else ""),
                      kv_cache._decode_partial_kernel,
                      _rt(q_ptr=Ptr(q), kc_ptr=Ptr("i8"), vc_ptr=Ptr("i8"), ks_ptr=Ptr("fp32"), vs_ptr=Ptr("fp32"),
                          bt_ptr=Ptr("i32"), lens_ptr=Ptr("i32"), out_ptr=Ptr(q), o_part_ptr=Ptr("fp32"),

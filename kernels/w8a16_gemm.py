@@ -175,9 +175,12 @@ def _gemv_cfg(bn, bk, split, warps, stages):
 
 
 # Memory-bound at M <= 16: deep pipelines (stages) and 8-32 KB weight tiles keep enough bytes in
-# flight per SM to reach HBM bandwidth.
+# flight per SM to reach HBM bandwidth. The 2-warp tiles convert each weight once: with 4 warps the
+# 16-wide activation side of the MMA is split between warp pairs that both convert the same weight
+# tile (SASS, sm_90: 218 vs 128 warp-instructions per KB of weights at 32 x 256; the conversion is
+# most of the loop), the same bytes in flight per SM (shared memory bounds it, not warps).
 GEMV_CONFIGS = [_gemv_cfg(bn, bk, s, w, st) for (bn, bk, w, st) in ((16, 512, 4, 4), (32, 256, 4, 4), (64, 256, 4, 3),
-                                                                     (128, 128, 8, 3))
+                                                                     (128, 128, 8, 3), (16, 512, 2, 4), (32, 256, 2, 4))
                 for s in (1, 2, 4, 8)]
 GEMV_DEFAULT = triton.Config(dict(BLOCK_N=32, BLOCK_K=256), num_warps=4, num_stages=4)  # SPLIT_K by heuristic
 

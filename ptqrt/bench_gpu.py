@@ -137,6 +137,8 @@ VARIANTS = {
     "triton-dot": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_DOT": "1"}, (0, None)),
     "triton-pipe": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_PIPE": "3"}, (0, None)),
     "triton-prmt": ("triton", ("w8a16_gemm",), {"PTQRT_TRITON_I8_PRMT": "1"}, (0, 16)),
+    "triton-dot-prmt": ("triton", ("int8_kv_decode_attention",),
+                        {"PTQRT_TRITON_DECODE_DOT": "1", "PTQRT_TRITON_I8_PRMT": "1"}, (0, None)),
 }
 
 

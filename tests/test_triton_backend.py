@@ -302,11 +302,12 @@ def test_i8_to_f16_prmt_bit_trick():
 
 
 @cpu_only
-def test_w8a16_prmt_switch_is_ignored_by_the_interpreter(monkeypatch):
+def test_prmt_switch_is_ignored_by_the_interpreter(monkeypatch):
     """PTQRT_TRITON_I8_PRMT=1 selects PTX, which the interpreter cannot run: there it must not apply."""
     monkeypatch.setenv("PTQRT_TRITON_I8_PRMT", "1")
     check_w8a16(3, 40, 64, 0, torch.float16, bias=True, device="cpu")
     check_w8a16(20, 40, 64, 32, torch.float16, bias=False, device="cpu")
+    check_decode(2, 8, 2, 32, 24, 4, (37, 5), dynamic=True, dtype=torch.float16, device="cpu")  # GQA: dot path
 
 
 @cpu_only
@@ -604,6 +605,17 @@ def test_gpu_decode_pipelined_without_gqa(untuned, monkeypatch):
         monkeypatch.setenv("PTQRT_TRITON_DECODE_PIPE", pipe)
         check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, dtype, "cuda")
     check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_prmt_conversion(untuned, monkeypatch):
+    """The dot path's K / V tiles converted in PTX (PTQRT_TRITON_I8_PRMT=1, fp16): GQA, and G == 1
+    through the opt-in dot path."""
+    monkeypatch.setenv("PTQRT_TRITON_I8_PRMT", "1")
+    for hq, hkv, dynamic in ((32, 8, True), (32, 8, False), (32, 4, True)):
+        check_decode(4, hq, hkv, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, torch.float16, "cuda")
+    monkeypatch.setenv("PTQRT_TRITON_DECODE_DOT", "1")
+    check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), True, torch.float16, "cuda")
 
 
 @pytest.mark.gpu
