@@ -1,10 +1,11 @@
-// Schemas of the ptqrt_cpu ops (the same signatures as ptqrt/ops.py and ptqrt/reference.py) and
-// their CPU kernels. Loaded either with torch.ops.load_library (just-in-time build) or imported as
-// the module ptqrt._C_cpu (ahead-of-time build), hence the empty module below.
+// The ptqrt_cpu ops: the shared schemas (op_schemas.h) plus two ISA queries, and their CPU kernels.
+// Loaded either with torch.ops.load_library (just-in-time build) or imported as the module
+// ptqrt._C_cpu (ahead-of-time build), hence the empty module below.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "op_schemas.h"
 
 namespace ptqrt_cpu {
 
@@ -27,14 +28,7 @@ std::string active_isa_name() { return isa_name(active_isa()); }
 }  // namespace ptqrt_cpu
 
 TORCH_LIBRARY(ptqrt_cpu, m) {
-  m.def("quantize_per_token(Tensor x, Tensor? smooth) -> (Tensor, Tensor)");
-  m.def("quantize_per_tensor(Tensor x, Tensor scale, Tensor? smooth) -> Tensor");
-  m.def("w8a8_gemm(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
-  m.def("w8a16_gemm(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, int group_size) -> Tensor");
-  m.def("kv_cache_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, "
-        "Tensor(d!) v_scale, Tensor slots) -> ()");
-  m.def("int8_kv_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
-        "Tensor block_table, Tensor seq_lens, float sm_scale) -> Tensor");
+  ptqrt_define_ops(m);
   m.def("best_isa() -> str", &ptqrt_cpu::best_isa_name);
   m.def("active_isa() -> str", &ptqrt_cpu::active_isa_name);
 }

@@ -1,11 +1,12 @@
-// Registers the ptqrt_cuda ops: schemas (identical to the ptqrt:: ones in ptqrt/ops.py) and their
-// CUDA implementations. Loading the library with torch.ops.load_library needs no GPU.
+// Registers the ptqrt_cuda ops: the shared schemas (op_schemas.h, the ptqrt:: ones of ptqrt/ops.py)
+// and their CUDA implementations. Loading the library with torch.ops.load_library needs no GPU.
 #ifndef PTQRT_CUDA_EMU
 #include <Python.h>
 #endif
 
 #include <torch/library.h>
 
+#include "op_schemas.h"
 #include "ops.h"
 
 // The CPU emulator build (csrc/cuda/emu) registers the same ops as ptqrt_cuda_emu on the CPU key.
@@ -20,17 +21,7 @@
 #define PTQRT_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define PTQRT_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
-PTQRT_TORCH_LIBRARY(PTQRT_CUDA_NS, m) {
-  m.def("quantize_per_token(Tensor x, Tensor? smooth=None) -> (Tensor, Tensor)");
-  m.def("quantize_per_tensor(Tensor x, Tensor scale, Tensor? smooth=None) -> Tensor");
-  m.def("w8a8_gemm(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias=None, "
-        "ScalarType out_dtype=float32) -> Tensor");
-  m.def("w8a16_gemm(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None, SymInt group_size=0) -> Tensor");
-  m.def("kv_cache_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) k_scale, "
-        "Tensor(d!) v_scale, Tensor slots) -> ()");
-  m.def("int8_kv_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
-        "Tensor block_table, Tensor seq_lens, float sm_scale) -> Tensor");
-}
+PTQRT_TORCH_LIBRARY(PTQRT_CUDA_NS, m) { ptqrt_define_ops(m); }
 
 PTQRT_TORCH_LIBRARY_IMPL(PTQRT_CUDA_NS, PTQRT_CUDA_KEY, m) {
   m.impl("quantize_per_token", &ptqrt::cuda::quantize_per_token);
