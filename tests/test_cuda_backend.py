@@ -234,6 +234,25 @@ def test_quantize_per_token(impl, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_per_token_row_lengths(impl, dtype):
+    """Every per-token kernel: rows held in registers in 1, 2 and 4 vectors a thread, the two-pass kernel
+    past that, a NaN and a tie among them (a row's max set so that some x / s lands on .5)."""
+    dev = impl.device
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    for i, units in enumerate((200, 300, 500, 800, 1024, 1025, 1500)):
+        k = units * vec
+        x = _rand((3, k), dtype, dev, 3.0)
+        x[0, 7] = float("nan")
+        x[1, 0], x[1, 5] = 127.0, 2.5  # without smoothing s = 1: 2.5 is a tie, rounds to 2
+        sm = (torch.rand(k, device=dev) + 0.5).to(FLOATS[i % 3]) if i % 2 else None
+        _poison_pool((3, k), torch.int8, dev)
+        q, s = impl("quantize_per_token", x, sm)
+        q_ref, s_ref = ref.quantize_per_token(x, sm)
+        assert torch.equal(q, q_ref), f"K={k}: codes differ at {(q != q_ref).nonzero()[:5].tolist()}"
+        torch.testing.assert_close(s, s_ref, rtol=0, atol=0, equal_nan=True, msg=f"K={k}: scales differ")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
 def test_quantize_per_tensor(impl, dtype):
     dev = impl.device
     for i, (m, k) in enumerate(_shapes_mk(impl)):

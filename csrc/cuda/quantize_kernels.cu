@@ -14,7 +14,13 @@ cudaError_t per_token(const void* x, const float* smooth, int8_t* x_q, float* x_
   // Enough threads to cover the row once, rounded to warps; short rows get one warp.
   const int threads = static_cast<int>(units >= 256 ? 256 : (units <= 32 ? 32 : (units + 31) / 32 * 32));
   const dim3 grid(static_cast<unsigned>(M));
-  auto kernel = vec ? quantize_per_token_kernel<T, V> : quantize_per_token_kernel<T, 1>;
+  // Rows of up to 4 vectors a thread stay in registers (one read of x, as the Triton kernel does);
+  // longer rows, and unaligned ones, take the two-pass kernel.
+  auto kernel = !vec ? quantize_per_token_kernel<T, 1>
+                : units <= 1 * threads ? quantize_per_token_1pass_kernel<T, V, 1>
+                : units <= 2 * threads ? quantize_per_token_1pass_kernel<T, V, 2>
+                : units <= 4 * threads ? quantize_per_token_1pass_kernel<T, V, 4>
+                : quantize_per_token_kernel<T, V>;
   PTQRT_LAUNCH(kernel, grid, threads, 0, stream)(static_cast<const T*>(x), smooth, x_q, x_scale, K);
   return cudaGetLastError();
 }

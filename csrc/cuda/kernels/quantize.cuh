@@ -58,8 +58,62 @@ __device__ __forceinline__ void store_q(int8_t* p, const int8_t (&q)[VEC]) {
   }
 }
 
-// One CTA per row: pass 1 finds the row's absmax, pass 2 re-reads the row (from L1/L2) and quantizes.
-// Re-reading beats holding the row in registers for any K and costs nothing measurable here.
+// The NaN-propagating max of `v` over the CTA (blockDim.x a multiple of 32, at most 256), in every thread.
+__device__ __forceinline__ float block_nan_max(float v) {
+  __shared__ float red[8];
+  v = warp_nan_max(v);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = blockDim.x / kWarp;
+    float a = lane < nw ? red[lane] : 0.f;
+    a = warp_nan_max(a);
+    if (lane == 0) red[0] = a;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// One CTA per row, rows of at most blockDim.x * VEC * CHUNKS elements: the row stays in registers
+// between the absmax and the quantization, so x is read once (the two-pass kernel below re-reads it
+// from L2). Chunk c of a thread is the c-th blockDim.x * VEC-wide slice: every load coalesced.
+template <typename T, int VEC, int CHUNKS>
+__global__ void __launch_bounds__(256) quantize_per_token_1pass_kernel(const T* __restrict__ x,
+                                                                       const float* __restrict__ smooth,
+                                                                       int8_t* __restrict__ x_q,
+                                                                       float* __restrict__ x_scale, int64_t K) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * K;
+  int8_t* qr = x_q + row * K;
+  float v[CHUNKS][VEC];
+  float amax = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t k = (int64_t(c) * blockDim.x + threadIdx.x) * VEC;
+    if (k < K) {
+      load_vec<T, VEC>(xr + k, v[c]);
+      divide_smooth<VEC>(smooth, k, v[c]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) amax = nan_max(amax, fabsf(v[c][j]));
+    }
+  }
+  const float s = absmax_scale(block_nan_max(amax));
+  if (threadIdx.x == 0) x_scale[row] = s;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t k = (int64_t(c) * blockDim.x + threadIdx.x) * VEC;
+    if (k < K) {
+      int8_t q[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[c][j] / s);
+      store_q<VEC>(qr + k, q);
+    }
+  }
+}
+
+// One CTA per row, any K: pass 1 finds the row's absmax, pass 2 re-reads the row (from L1/L2) and
+// quantizes.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __restrict__ x, const float* __restrict__ smooth,
                                                                  int8_t* __restrict__ x_q, float* __restrict__ x_scale,
@@ -77,19 +131,7 @@ __global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __rest
 #pragma unroll
     for (int j = 0; j < VEC; ++j) amax = nan_max(amax, fabsf(v[j]));
   }
-  __shared__ float red[8];
-  amax = warp_nan_max(amax);
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  if (lane == 0) red[warp] = amax;
-  __syncthreads();
-  if (warp == 0) {
-    const int nw = blockDim.x / kWarp;
-    float a = lane < nw ? red[lane] : 0.f;
-    a = warp_nan_max(a);
-    if (lane == 0) red[0] = a;
-  }
-  __syncthreads();
-  const float s = absmax_scale(red[0]);
+  const float s = absmax_scale(block_nan_max(amax));
   if (threadIdx.x == 0) x_scale[row] = s;
 
   for (int64_t k = int64_t(threadIdx.x) * VEC; k < K; k += step) {
