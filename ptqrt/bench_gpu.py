@@ -396,10 +396,51 @@ def print_targets(rows: list) -> None:
             print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:12s} {t['target']:55s} {t['measured']:5.2f} | {gs}")
 
 
+def compare_variants(rows: list) -> list:
+    """For each opt-in variant (VARIANTS) and op: default time / variant time over the shapes where
+    both ran, eager and CUDA-graph: [dict(variant, op, base, n, eager_min, eager_geo, eager_max,
+    graph_min, graph_geo, graph_max, worst_shape)] (> 1: the variant is faster)."""
+    out = []
+    ours = [r for r in rows if r.get("kind") == "ours"]
+    for name, (base, ops_changed, _, _) in VARIANTS.items():
+        for op in ops_changed:
+            pairs = []
+            for r in ours:
+                if r["impl"] != name or r["op"] != op:
+                    continue
+                key = _shape_str(r)
+                d = next((x for x in ours if x["impl"] == base and x["op"] == op and _shape_str(x) == key), None)
+                if d is not None:
+                    pairs.append((key, d["us"] / r["us"],
+                                  d["graph_us"] / r["graph_us"] if "graph_us" in d and "graph_us" in r else None))
+            if not pairs:
+                continue
+            row = dict(variant=name, op=op, base=base, n=len(pairs), worst_shape=min(pairs, key=lambda p: p[1])[0])
+            for mode, i in (("eager", 1), ("graph", 2)):
+                vals = [p[i] for p in pairs if p[i] is not None]
+                if vals:
+                    row.update({f"{mode}_min": min(vals), f"{mode}_max": max(vals),
+                                f"{mode}_geo": math.exp(sum(math.log(v) for v in vals) / len(vals))})
+            out.append(row)
+    return out
+
+
+def print_variants(rows: list) -> None:
+    cmp = compare_variants(rows)
+    if not cmp:
+        return
+    print("\nopt-in variants: default time / variant time (> 1: faster), min / geomean / max over shapes")
+    for c in cmp:
+        g = (f"{c['graph_min']:.2f} / {c['graph_geo']:.2f} / {c['graph_max']:.2f}" if "graph_geo" in c else "-")
+        print(f"  {c['variant']:15s} vs {c['base']:7s} {c['op']:26s} n={c['n']:2d}  eager "
+              f"{c['eager_min']:.2f} / {c['eager_geo']:.2f} / {c['eager_max']:.2f}   graph {g}   (worst: {c['worst_shape']})")
+
+
 def print_table(rows: list, ceil: dict, meta: dict) -> None:
     print_header(ceil, meta)
     print_rows(rows)
     print_targets(rows)
+    print_variants(rows)
 
 
 def write_results(rows: list, ceil: dict, meta: dict, out_dir) -> tuple:
@@ -407,7 +448,8 @@ def write_results(rows: list, ceil: dict, meta: dict, out_dir) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", meta["device"]).strip("_")
     stem = out / f"gpu_{slug}_{meta['time'].replace(':', '').replace('-', '')}"
-    payload = dict(meta, ceilings=ceil, targets=check_targets(rows) + check_targets(rows, "graph"), rows=rows)
+    payload = dict(meta, ceilings=ceil, targets=check_targets(rows) + check_targets(rows, "graph"),
+                   variants=compare_variants(rows), rows=rows)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -498,6 +540,7 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
             write_results(rows, ceil, meta, out_dir)
             torch.cuda.empty_cache()
     print_targets(rows)
+    print_variants(rows)
     json_path, csv_path = write_results(rows, ceil, meta, out_dir)
     print(f"\nwrote {json_path} and {csv_path}")
     if plot:

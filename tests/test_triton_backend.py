@@ -509,6 +509,25 @@ def test_bench_gpu_variants_set_their_switch_per_call(monkeypatch):
     assert y.shape == (2, 16)
 
 
+def test_bench_variant_comparison(monkeypatch, capsys):
+    """compare_variants: default time / variant time per shape where both ran, eager and graph."""
+    from ptqrt import bench_gpu
+
+    monkeypatch.setattr(bench_gpu, "VARIANTS", {"triton-x": ("triton", ("w8a16_gemm",), {}, (0, 16))})
+    row = lambda impl, m, us, gus=None, op="w8a16_gemm": dict(op=op, impl=impl, kind="ours", M=m, N=8, K=8, us=us,  # noqa: E731
+                                                              **({"graph_us": gus} if gus else {}))
+    rows = [row("triton", 1, 10.0, 8.0), row("triton-x", 1, 5.0, 8.0), row("triton", 16, 10.0), row("triton-x", 16, 20.0),
+            row("triton", 32, 10.0), row("cuda", 1, 1.0), dict(row("triton", 1, 1.0), kind="peer", impl="fp16"),
+            row("triton", 1, 3.0, op="w8a8_gemm")]
+    (c,) = bench_gpu.compare_variants(rows)
+    assert (c["variant"], c["op"], c["base"], c["n"]) == ("triton-x", "w8a16_gemm", "triton", 2)
+    assert c["eager_min"] == 0.5 and c["eager_max"] == 2.0 and abs(c["eager_geo"] - 1.0) < 1e-12
+    assert c["graph_min"] == c["graph_max"] == 1.0 and c["worst_shape"] == "M=16 N=8 K=8"
+    bench_gpu.print_variants(rows)
+    assert "triton-x" in capsys.readouterr().out
+    assert bench_gpu.compare_variants([row("triton", 1, 10.0)]) == []
+
+
 # ------------------------------------------------------------------------------------------ compile
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
