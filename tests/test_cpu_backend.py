@@ -93,7 +93,7 @@ def test_w8a8_int32_exact(cpu_ops, gemm_isa, m, n, k):
     assert torch.equal(out, ref.int32_matmul(x, w))
 
 
-@pytest.mark.parametrize("m", (5, 29))  # the AVX2 dot-product tiles, and its panel kernel (M >= 24)
+@pytest.mark.parametrize("m", (5, 29, 37))  # dot-product tiles; AVX2 panel (M >= 24); VNNI panel (M >= 32)
 def test_w8a8_full_int8_range_exact(cpu_ops, gemm_isa, m):
     # -128 too: the AVX2 path widens to int16 (no vpmaddubsw saturation), VNNI offsets by 128.
     x = torch.randint(-128, 128, (m, 300), dtype=torch.int8)
@@ -103,10 +103,11 @@ def test_w8a8_full_int8_range_exact(cpu_ops, gemm_isa, m):
     assert torch.equal(out, ref.int32_matmul(x, w))
 
 
-@pytest.mark.parametrize("m,n,k", ((24, 37, 5000), (29, 16, 4096), (131, 50, 2003), (40, 3, 8200)))
+@pytest.mark.parametrize("m,n,k", ((24, 37, 5000), (29, 16, 4096), (131, 50, 2003), (40, 3, 8200), (45, 70, 9001)))
 def test_w8a8_long_k_and_blocks(cpu_ops, gemm_isa, m, n, k):
-    """K over several of the AVX2 panel kernel's K chunks (4096 or fewer, ragged last one), M across
-    the driver's 128-row blocks (131: a second block of 3 rows), N with a partial 16-column panel."""
+    """K over several of the panel kernels' K chunks (4096 or fewer, ragged last one), M across the
+    driver's 128-row blocks (131: a second block of 3 rows), N with partial 16- and 32-column panels,
+    row groups cut short (6-row groups on AVX2, 8-row on VNNI)."""
     x, w = rand_int8(m, k), rand_int8(n, k)
     _dirty_heap(4 * m * n)
     out = cpu_ops.w8a8_gemm(x, rand_scale(m), w, rand_scale(n), None, torch.int32)

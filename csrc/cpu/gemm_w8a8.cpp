@@ -21,6 +21,7 @@ struct W8A8Block {
   int64_t ldx;
   const int32_t* xsum;     // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
   const int16_t* xpanel;   // this m-block's x as 6-row int16 groups (AVX2 panel path only)
+  const uint8_t* xquads;   // this m-block's x ^ 0x80 as 8-row groups of 4-byte k quads (VNNI panel path)
   const int8_t* w;
   int64_t ldw;
   int64_t mb, nb, K;
@@ -168,7 +169,19 @@ struct Vnni512Native {
   PTQRT_AVX512 static inline Mask tail_mask(int64_t n) { return n >= 64 ? ~Mask(0) : (Mask(1) << n) - 1; }
   PTQRT_AVX512 static inline V maskz_loadu(Mask m, const int8_t* p) { return _mm512_maskz_loadu_epi8(m, p); }
   PTQRT_AVX512 static inline V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
-  PTQRT_AVX512 static inline V dpbusd(V acc, V u8, V s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+  // In assembly with the accumulator tied in place ("+v"): from the intrinsic, GCC copied every
+  // accumulator of an unrolled tile to a fresh register each step (and spilled some).
+  PTQRT_AVX512 static inline V dpbusd(V acc, V u8, V s8) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+    return acc;
+  }
+  PTQRT_AVX512 static inline V bcast4(const uint8_t* p) {  // the 4 bytes at p in every 32-bit lane
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  PTQRT_AVX512 static inline V sub_i32(V a, V b) { return _mm512_sub_epi32(a, b); }
+  PTQRT_AVX512 static inline void storeu(int8_t* p, V v) { _mm512_storeu_si512(p, v); }
   // Halving adds (wrapping, like the lanes): 7 instructions where a store and 16 scalar loads and
   // adds took ~33, 16 times per 4 x 4 tile. (_mm512_reduce_add_epi32 trips GCC 12's
   // -Wuninitialized inside its own header.)
@@ -219,6 +232,22 @@ struct Vnni512Emulated {
     }
     return acc;
   }
+  static V bcast4(const uint8_t* p) {
+    V r;
+    for (int l = 0; l < 16; ++l) std::memcpy(r.b + 4 * l, p, 4);
+    return r;
+  }
+  static V sub_i32(V a, V b) {  // per 32-bit lane, wrapping
+    for (int l = 0; l < 16; ++l) {
+      uint32_t x, y;
+      std::memcpy(&x, a.b + 4 * l, 4);
+      std::memcpy(&y, b.b + 4 * l, 4);
+      x -= y;
+      std::memcpy(a.b + 4 * l, &x, 4);
+    }
+    return a;
+  }
+  static void storeu(int8_t* p, V v) { std::memcpy(p, v.b, 64); }
   static uint32_t reduce_add(V v) {
     uint32_t s = 0;
     for (int l = 0; l < 16; ++l) {
@@ -229,6 +258,37 @@ struct Vnni512Emulated {
     return s;
   }
 };
+
+// The VNNI panel path's x, once per call: each m-block (mblock rows) as 8-row groups of 4-byte k
+// quads, x ^ 0x80 (the u8 operand of vpdpbusd): [block][group][K / 4][8][4]. Rows and k past the end
+// are 0 (the packed weights are 0 there, so they add nothing). Empty below kVnniPanelMinRows: fewer
+// rows do not pay for repacking the weights (a guess: no AVX-512 machine has timed it yet).
+constexpr int64_t kVnniPanelMinRows = 32;
+std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
+  std::vector<uint8_t> xq;
+  if (M < kVnniPanelMinRows) return xq;
+  const int64_t nq = ceil_div(K, 4), per_block = ceil_div(mblock, 8) * 8 * 4 * nq, blocks = ceil_div(M, mblock);
+  xq.assign(blocks * per_block, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t rows = std::min(mblock, M - blk * mblock);
+      uint8_t* dst = xq.data() + blk * per_block;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int8_t* src = x + (blk * mblock + i) * K;
+        uint8_t* d = dst + (i / 8) * nq * 32 + (i % 8) * 4;
+        int64_t q = 0;
+        for (; 4 * q + 4 <= K; ++q) {  // a quad at a time: one 32-bit xor flips its four sign bits
+          uint32_t v;
+          std::memcpy(&v, src + 4 * q, 4);
+          v ^= 0x80808080u;
+          std::memcpy(d + q * 32, &v, 4);
+        }
+        for (int64_t k = 4 * q; k < K; ++k) d[q * 32 + k % 4] = static_cast<uint8_t>(src[k]) ^ 0x80u;
+      }
+    }
+  });
+  return xq;
+}
 
 }  // namespace
 
@@ -303,8 +363,15 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int8_t* xp = x_q.data_ptr<int8_t>();
   const int8_t* wp = w_q.data_ptr<int8_t>();
 
+  // Blocks: MB rows x ~192 KiB of weights per n-block (L2-resident while the m-blocks stream by),
+  // shrunk below until there are a few tasks per thread so small problems still use every core.
+  const int64_t MB = 128;
+  // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
+  const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
+  const std::vector<uint8_t> xquads = vnni ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
+  const int64_t xquads_block = ceil_div(MB, 8) * 8 * 4 * ceil_div(K, 4);
   std::vector<int32_t> xsum;
-  if (isa == Isa::avx512 || isa == Isa::avx512_emulated) {  // the u8 offset's correction, per row
+  if (vnni && xquads.empty()) {  // the dot-product tiles' u8 offset correction, per row
     xsum.resize(M);
     at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t a, int64_t e) {
       for (int64_t m = a; m < e; ++m) {
@@ -315,9 +382,6 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     });
   }
 
-  // Blocks: ~192 KiB of weights per n-block (L2-resident while the m-blocks stream by), shrunk until
-  // there are a few tasks per thread so small problems still use every core.
-  const int64_t MB = 128;
 #if PTQRT_X86
   const std::vector<int16_t> xpanel = isa == Isa::avx2 ? pack_x_panels(xp, M, K, MB) : std::vector<int16_t>();
   const int64_t xpanel_block = ceil_div(MB, kPanelRows) * kPanelRows * 2 * ceil_div(K, 2);
@@ -337,7 +401,8 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     std::vector<int32_t> cbuf(raw ? 0 : MB * NB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
-      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, wp + n0 * K, K,
+      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr,
+                  xquads.empty() ? nullptr : xquads.data() + (m0 / MB) * xquads_block, wp + n0 * K, K,
                   std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0};
 #if PTQRT_X86
       if (!xpanel.empty()) b.xpanel = xpanel.data() + (m0 / MB) * xpanel_block;

@@ -54,7 +54,10 @@ PTQRT_VNNI_TARGET void tile(const int8_t* x, int64_t ldx, const int32_t* xsum, c
 
 using TileFn = void (*)(const int8_t*, int64_t, const int32_t*, const int8_t*, int64_t, int64_t, int32_t*, int64_t);
 
+PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b);
+
 PTQRT_VNNI_TARGET void block(const W8A8Block& b) {
+  if (b.xquads) return block_panel(b);
   static const TileFn tiles[kMR][kNR] = {
       {tile<1, 1>, tile<1, 2>, tile<1, 3>, tile<1, 4>},
       {tile<2, 1>, tile<2, 2>, tile<2, 3>, tile<2, 4>},
@@ -67,6 +70,102 @@ PTQRT_VNNI_TARGET void block(const W8A8Block& b) {
       const int64_t nr = std::min<int64_t>(kNR, b.nb - n0);
       tiles[mr - 1][nr - 1](b.x + m0 * b.ldx, b.ldx, b.xsum + m0, b.w + n0 * b.ldw, b.ldw, b.K,
                             b.c + m0 * b.ldc + n0, b.ldc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ panel form
+// From kVnniPanelMinRows rows: lanes are output columns, as in the AVX2 panel kernel. A zmm of weights
+// holds 16 columns x one k quad (4 bytes each), x ^ 0x80 (u8) is broadcast 4 bytes at a time, and one
+// vpdpbusd adds a row's 4 products into each column's lane: an 8 x 32 tile keeps 16 accumulators,
+// reads 2 weight vectors + 8 broadcasts per 16 vpdpbusd, needs no horizontal sum and no per-load
+// xor. The offset's correction is per column: sum_k (x + 128) w - 128 sum_k w, the second term one
+// vpdpbusd of 128s against each weight vector per tile column and K chunk, subtracted up front.
+// x is packed once per call (w8a8_gemm), the weights per call 32 columns x one K chunk at a time
+// (portable byte copies, shared by the native and the emulated build, so the emulated tests cover
+// the layout the native kernel reads).
+constexpr int kVR = 8, kVC = 32;
+
+// Weight rows [0, nr) (ldw apart), k [k0, k0 + kc) -> wq [ceil(kc / 4)][32][4], zeros past nr and kc.
+inline void pack_w_quads(const int8_t* w, int64_t ldw, int64_t nr, int64_t k0, int64_t kc, int8_t* wq) {
+  const int64_t nq = ceil_div(kc, 4);
+  for (int64_t j = 0; j < kVC; ++j) {
+    const int8_t* row = w + j * ldw + k0;
+    for (int64_t q = 0; q < nq; ++q) {
+      int8_t* d = wq + q * 4 * kVC + 4 * j;
+      if (j < nr && 4 * q + 4 <= kc) {
+        std::memcpy(d, row + 4 * q, 4);
+      } else {
+        for (int t = 0; t < 4; ++t) d[t] = j < nr && 4 * q + t < kc ? row[4 * q + t] : 0;
+      }
+    }
+  }
+}
+
+// c [mr, 32] (ldc) = (add ? c : 0) + sum over nq quads of x . w, where corr0 / corr1 hold 128 * the
+// columns' weight sums over the same quads (the offset's share).
+template <int mr>
+PTQRT_VNNI_TARGET void panel(const uint8_t* xq, const int8_t* wq, int64_t nq, V corr0, V corr1, int32_t* c,
+                             int64_t ldc, bool add) {
+  V acc[mr][2];
+  const V zero = P::zero();
+  for (int i = 0; i < mr; ++i) {
+    const int8_t* ci = reinterpret_cast<const int8_t*>(c + i * ldc);
+    acc[i][0] = P::sub_i32(add ? P::loadu(ci) : zero, corr0);
+    acc[i][1] = P::sub_i32(add ? P::loadu(ci + 64) : zero, corr1);
+  }
+  for (int64_t q = 0; q < nq; ++q) {
+    const V w0 = P::loadu(wq + q * 4 * kVC), w1 = P::loadu(wq + q * 4 * kVC + 64);
+    for (int i = 0; i < mr; ++i) {
+      const V xb = P::bcast4(xq + (q * kVR + i) * 4);
+      acc[i][0] = P::dpbusd(acc[i][0], xb, w0);
+      acc[i][1] = P::dpbusd(acc[i][1], xb, w1);
+    }
+  }
+  for (int i = 0; i < mr; ++i) {
+    int8_t* ci = reinterpret_cast<int8_t*>(c + i * ldc);
+    P::storeu(ci, acc[i][0]);
+    P::storeu(ci + 64, acc[i][1]);
+  }
+}
+
+using PanelFn = void (*)(const uint8_t*, const int8_t*, int64_t, V, V, int32_t*, int64_t, bool);
+
+PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b) {
+  static const PanelFn panels[kVR] = {panel<1>, panel<2>, panel<3>, panel<4>, panel<5>, panel<6>, panel<7>, panel<8>};
+  const int64_t groups = ceil_div(b.mb, kVR), nq_all = ceil_div(b.K, 4);
+  // The groups' x of one chunk <= ~256 KiB; a multiple of 64 so only the last chunk has a ragged end.
+  const int64_t kc_max = std::clamp<int64_t>((256 * 1024) / (groups * kVR) / 64 * 64, 256, 4096);
+  thread_local std::vector<int8_t> wq_buf;
+  if (static_cast<int64_t>(wq_buf.size()) < kVC * kc_max + 64) wq_buf.resize(kVC * kc_max + 64);
+  int8_t* const wq = align64(wq_buf.data());
+  alignas(64) int32_t tile[kVR * kVC];
+  const V u128 = P::set1_u8(0x80);
+  for (int64_t k0 = 0; k0 < b.K; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, b.K - k0), nq = ceil_div(kc, 4);
+    const bool add = k0 > 0;
+    for (int64_t n0 = 0; n0 < b.nb; n0 += kVC) {
+      const int64_t nr = std::min<int64_t>(kVC, b.nb - n0);
+      pack_w_quads(b.w + n0 * b.ldw, b.ldw, nr, k0, kc, wq);
+      V corr0 = P::zero(), corr1 = P::zero();
+      for (int64_t q = 0; q < nq; ++q) {
+        corr0 = P::dpbusd(corr0, u128, P::loadu(wq + q * 4 * kVC));
+        corr1 = P::dpbusd(corr1, u128, P::loadu(wq + q * 4 * kVC + 64));
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m0 = g * kVR, mr = std::min<int64_t>(kVR, b.mb - m0);
+        const uint8_t* xg = b.xquads + (g * nq_all + k0 / 4) * 4 * kVR;
+        int32_t* c = b.c + m0 * b.ldc + n0;
+        if (nr == kVC) {
+          panels[mr - 1](xg, wq, nq, corr0, corr1, c, b.ldc, add);
+          continue;
+        }
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < nr; ++j) tile[i * kVC + j] = add ? c[i * b.ldc + j] : 0;
+        panels[mr - 1](xg, wq, nq, corr0, corr1, tile, kVC, add);
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < nr; ++j) c[i * b.ldc + j] = tile[i * kVC + j];
+      }
     }
   }
 }
