@@ -43,6 +43,18 @@ void block_scalar(const W8A8Block& b) {
   }
 }
 
+// A panel kernel's tile that reaches past the output ([mr, nr] of it inside) runs on a scratch tile
+// (ld apart): seeded from c's part (or zeros), then that part is copied back, so nothing outside the
+// output is read or written. Shared by the AVX2 and VNNI panel kernels.
+inline void scratch_in(const int32_t* c, int64_t ldc, int64_t mr, int64_t nr, bool add, int32_t* t, int64_t ld) {
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) t[i * ld + j] = add ? c[i * ldc + j] : 0;
+}
+inline void scratch_out(int32_t* c, int64_t ldc, int64_t mr, int64_t nr, const int32_t* t, int64_t ld) {
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = t[i * ld + j];
+}
+
 #if PTQRT_X86
 // -------------------------------------------------------------------------------------------- AVX2
 // int8 widened to int16 and multiplied with vpmaddwd, which adds two int16 products

@@ -171,11 +171,9 @@ PTQRT_AVX2 void block_panel_avx2(const W8A8Block& b) {
           panel6x16_avx2(xg, wp, kp, c, b.ldc, add);
           continue;
         }
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) tile[i * kPanelCols + j] = add ? c[i * b.ldc + j] : 0;
+        scratch_in(c, b.ldc, mr, nr, add, tile, kPanelCols);
         panel6x16_avx2(xg, wp, kp, tile, kPanelCols, add);
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) c[i * b.ldc + j] = tile[i * kPanelCols + j];
+        scratch_out(c, b.ldc, mr, nr, tile, kPanelCols);
       }
     }
   }

@@ -160,11 +160,9 @@ PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b) {
           panels[mr - 1](xg, wq, nq, corr0, corr1, c, b.ldc, add);
           continue;
         }
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) tile[i * kVC + j] = add ? c[i * b.ldc + j] : 0;
+        scratch_in(c, b.ldc, mr, nr, add, tile, kVC);
         panels[mr - 1](xg, wq, nq, corr0, corr1, tile, kVC, add);
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) c[i * b.ldc + j] = tile[i * kVC + j];
+        scratch_out(c, b.ldc, mr, nr, tile, kVC);
       }
     }
   }
