@@ -482,6 +482,55 @@ def test_int8_kv_decode_attention(impl, dtype, dynamic):
                 assert torch.equal(out[i], torch.zeros_like(out[i])), "a length-0 sequence must give zeros"
 
 
+def _stream_cases(impl):
+    """Cases the streaming kernel serves (1-2 query heads per kv head, D in {64, 128, 256}): partial
+    tiles, a length-0 sequence, several splits (the emulator's 8 SMs), and two it does not (a group of
+    4, D = 40) that must fall back to the default kernel."""
+    cases = [(2, 4, 4, 128, 12, 16, 6, [37, 96]), (3, 4, 2, 64, 10, 8, 8, [0, 61, 5]),
+             (1, 2, 1, 256, 6, 16, 6, [90]), (1, 2, 2, 128, 40, 16, 40, [600]), (2, 8, 2, 128, 6, 16, 4, [50, 9]),
+             (1, 2, 2, 40, 4, 16, 4, [33])]
+    if not impl.small:
+        cases += [(16, 32, 32, 128, 4200, 16, 256, [4096] * 15 + [4001]), (1, 28, 14, 128, 2100, 16, 2048, [32760]),
+                  (8, 16, 8, 64, 700, 32, 80, [2500, 1, 0, 777, 2560, 64, 512, 333]), (3, 8, 8, 256, 300, 16, 90, [1400, 17, 999])]
+    return cases
+
+
+@pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_kv_decode_attention_streaming(impl, dtype, dynamic, monkeypatch):
+    """The streaming decode kernel (kernels/decode_stream.cuh, PTQRT_CUDA_DECODE_STREAM=1) against the
+    reference, and against the default kernel where blocks are unreadable (ids past num_blocks: no
+    weight in either)."""
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")
+    dev = impl.device
+    for b, hq, hkv, d, nb, bs, maxb, lens in _stream_cases(impl):
+        k_cache, v_cache = rand_int8(nb, bs, hkv, d, device=dev), rand_int8(nb, bs, hkv, d, device=dev)
+        k_scale, v_scale = _kv_scales(nb, bs, hkv, d, dynamic, dev)
+        q = _rand((b, hq, d), dtype, dev)
+        table = torch.stack([torch.randperm(nb, device=dev)[:maxb] for _ in range(b)]).to(torch.int32)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        sm_scale = 1.0 / math.sqrt(d)
+        _poison_pool((b, hq, d), dtype, dev)
+        out = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
+        expect = ref.int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
+        _lowp_close(out, expect, expect)
+        for i, n in enumerate(lens):
+            if n == 0:
+                assert torch.equal(out[i], torch.zeros_like(out[i])), "a length-0 sequence must give zeros"
+        # Unreadable blocks: every third table entry out of range; the default kernel is the reference.
+        bad = table.clone()
+        bad[:, ::3] = nb + 5
+        bad[bad == 0] = nb + 5  # block 0 is never live here
+        if dynamic:  # the slots of row 0, which dead rows read, hold NaN: a dead row must not touch the sum
+            k_scale[0, 0].fill_(float("nan"))
+            v_scale[0, 0].fill_(float("nan"))
+        mine = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
+        monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "0")
+        theirs = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
+        monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")
+        _lowp_close(mine, theirs.float().to(dtype), theirs)
+
+
 # ------------------------------------------------------------------------------------------ unaligned storage
 def _offset_view(t: torch.Tensor, elems: int = 1) -> torch.Tensor:
     """A contiguous copy of t that starts `elems` elements into its storage (not 16-byte aligned)."""

@@ -62,6 +62,14 @@ inline bool w8a16_wgmma_enabled() {
   return s != nullptr && s[0] == '1' && is_sm90();
 }
 
+// The streaming decode kernel (kernels/decode_stream.cuh: one pass, online softmax, coalesced K / V
+// rows) for 1-2 query heads per kv head and D in {64, 128, 256}: opt-in with
+// PTQRT_CUDA_DECODE_STREAM=1 until it has been measured on a GPU (bench/NOTES.md).
+inline bool decode_stream_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_DECODE_STREAM");
+  return s != nullptr && s[0] == '1';
+}
+
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream s;
   s << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();

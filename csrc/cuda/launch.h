@@ -120,6 +120,7 @@ struct DecodeArgs {
   float sm_scale;
   int splits, chunk;          // the KV range [0, max_blocks * block_size) cut into `splits` chunks of `chunk` tokens
   bool vec;                   // k_cache and v_cache start 16-byte aligned (vector loads when D allows)
+  bool stream;                // the streaming kernel (decode_stream.cuh) where it fits; else decode_attention.cuh
 };
 // Query heads one CTA serves: the GQA group size rounded up to 1, 2, 4 or 8; a group larger than 8 is
 // served by several CTAs, each of which reads the kv head again.

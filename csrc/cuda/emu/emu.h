@@ -67,6 +67,7 @@ struct Thread {
     void* dst;
     const void* src;
     bool pred;
+    int bytes = 16;
   };
   std::vector<Copy> open;
   std::vector<std::vector<Copy>> groups;
@@ -126,9 +127,9 @@ inline void* dynamic_smem() { return g_block->smem.data(); }
 // ------------------------------------------------------------------ cp.async
 inline void land(const Thread::Copy& c) {
   if (c.pred)
-    std::memcpy(c.dst, c.src, 16);
+    std::memcpy(c.dst, c.src, c.bytes);
   else
-    std::memset(c.dst, 0, 16);
+    std::memset(c.dst, 0, c.bytes);
 }
 inline void land_groups(Thread* t, size_t keep) {
   while (t->groups.size() > keep) {
@@ -303,6 +304,26 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 }
 
 template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  if (mask != 0xffffffffu || width != 32) ptqrt::emu::fail("only full-warp shuffles are emulated");
+  auto& W = ptqrt::emu::g_block->warps[ptqrt::emu::g_thread->linear / 32];
+  const int lane = ptqrt::emu::lane_id();
+  std::memcpy(&W.in[lane][0], &v, 4);
+  std::memcpy(&W.in[lane][1], &src_lane, 4);
+  ptqrt::emu::warp_collective("shfl.idx", [](ptqrt::emu::Warp& w) {
+    for (int l = 0; l < 32; ++l) {
+      int src;
+      std::memcpy(&src, &w.in[l][1], 4);
+      w.out[l][0] = w.in[src & 31][0];
+    }
+  });
+  T r;
+  std::memcpy(&r, &W.out[lane][0], 4);
+  return r;
+}
+
+template <typename T>
 inline T __ldg(const T* p) { return *p; }
 
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
@@ -348,6 +369,11 @@ inline void cp_async16(void* dst, const void* src, bool pred) {
   if ((reinterpret_cast<uintptr_t>(dst) & 15) || (pred && (reinterpret_cast<uintptr_t>(src) & 15)))
     emu::fail("cp.async with a misaligned 16-byte address");
   emu::g_thread->open.push_back({dst, src, pred});
+}
+inline void cp_async4(void* dst, const void* src) {
+  if ((reinterpret_cast<uintptr_t>(dst) & 3) || (reinterpret_cast<uintptr_t>(src) & 3))
+    emu::fail("cp.async with a misaligned 4-byte address");
+  emu::g_thread->open.push_back({dst, src, true, 4});
 }
 inline void cp_async_commit() {
   emu::g_thread->groups.push_back(std::move(emu::g_thread->open));

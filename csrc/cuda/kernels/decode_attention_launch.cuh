@@ -3,20 +3,44 @@
 
 #include "../launch.h"
 #include "decode_attention.cuh"
+#include "decode_stream.cuh"
 
 namespace ptqrt {
 namespace cuda {
 
+template <typename T, int GT, int LPR>
+cudaError_t launch_stream(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
+  auto kernel = decode_stream_kernel<T, GT, LPR>;
+  static size_t granted[64] = {};
+  const cudaError_t e = opt_in_smem(kernel, decode_stream_smem_bytes(), granted);
+  if (e != cudaSuccess) return e;
+  PTQRT_LAUNCH(kernel, grid, kDecodeThreads, decode_stream_smem_bytes(), stream)(a);
+  return cudaSuccess;
+}
+
 template <typename T, int GT>
 cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = decode_attention_kernel<T, GT>;
-  const size_t smem = decode_smem_bytes(GT, a.D, a.chunk);
-  static size_t granted[64] = {};
-  cudaError_t e = opt_in_smem(kernel, smem, granted);
-  if (e != cudaSuccess) return e;
   const int G = a.Hq / a.Hkv;
   const dim3 grid(a.splits, a.Hkv * ((G + GT - 1) / GT), a.B);
-  PTQRT_LAUNCH(kernel, grid, kDecodeThreads, smem, stream)(a);
+  cudaError_t e = cudaSuccess;
+  bool streamed = false;
+  if constexpr (GT <= 2) {
+    if (decode_stream_fits(a, GT)) {
+      e = a.D == 64 ? launch_stream<T, GT, 4>(a, grid, stream)
+          : a.D == 128 ? launch_stream<T, GT, 8>(a, grid, stream)
+                       : launch_stream<T, GT, 16>(a, grid, stream);
+      if (e != cudaSuccess) return e;
+      streamed = true;
+    }
+  }
+  if (!streamed) {
+    auto kernel = decode_attention_kernel<T, GT>;
+    const size_t smem = decode_smem_bytes(GT, a.D, a.chunk);
+    static size_t granted[64] = {};
+    e = opt_in_smem(kernel, smem, granted);
+    if (e != cudaSuccess) return e;
+    PTQRT_LAUNCH(kernel, grid, kDecodeThreads, smem, stream)(a);
+  }
   e = cudaGetLastError();
   if (e != cudaSuccess || a.splits == 1) return e;
   auto combine = decode_combine_kernel<T>;

@@ -1,0 +1,266 @@
+// int8_kv_decode_attention, streaming form (one pass, online softmax), for 1 or 2 query heads per
+// CTA and D in {64, 128, 256} with 16-byte aligned caches. Same contract, grid, split-KV partials and
+// combine kernel as decode_attention.cuh; opt-in (PTQRT_CUDA_DECODE_STREAM=1) until measured.
+//
+// Why a second form. decode_attention.cuh gives each thread a whole K row (a warp's 16-byte load
+// touches 32 rows, 32 cache lines) and runs its three phases (scores, softmax, P.V) one after the
+// other, each with few bytes in flight; it reached 46-61% of copy bandwidth on an H100. Here:
+//   * the D / 16 lanes of a row group read one row's 16-byte slices side by side (a warp-wide copy
+//     covers 32 / (D / 16) whole rows); lane (grp, sl) owns columns [16 sl, 16 sl + 16);
+//   * each warp streams its own tiles of TILE = (32 / LPR) * U tokens through a kStreamStages-deep
+//     cp.async ring in shared memory (K, V and their dynamic scales), so two tiles are in flight
+//     while one is computed. Each lane reads back only the bytes it copied itself, so the ring needs
+//     no barrier: the thread's own cp.async.wait_group makes them visible to it;
+//   * every warp keeps its own running max, sum and accumulator (flash-decoding inside the CTA),
+//     rescaled once per tile; the warps' (m, l, acc) meet in shared memory at the end.
+// (Registers alone do not keep the loads in flight: ptxas sinks each 16-byte load next to its first
+// use to save registers, one K load at a time -- seen in the sm_90a SASS of the register version.)
+#pragma once
+
+#include "../launch.h"
+#include "dequant.cuh"
+
+namespace ptqrt {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr int kStreamStages = 3;  // tiles per warp in the ring: one computed, two in flight
+constexpr int kStreamRows = 4;    // U: rows per lane per tile
+
+// Whether the streaming kernel serves these arguments (the launcher's choice).
+__host__ __device__ inline bool decode_stream_fits(const DecodeArgs& a, int gt) {
+  return a.stream && a.vec && gt <= 2 && (a.D == 64 || a.D == 128 || a.D == 256) && a.num_blocks > 0 &&
+         a.block_size > 0;
+}
+
+// Ring bytes per warp and stage: K and V slices [U][32 lanes][16 B], then k and v scales [U][32 lanes].
+constexpr int kStreamStageBytes = kStreamRows * kWarp * (16 + 16 + 4 + 4);
+constexpr size_t decode_stream_smem_bytes() { return size_t(kDecodeWarps) * kStreamStages * kStreamStageBytes; }
+
+// Sixteen int8 (one 16-byte slice of a row) -> exact floats.
+__device__ __forceinline__ void int8x16_to_float(const uint4& raw, float (&f)[16]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float t[4];
+    int8x4_to_float(words[j], t);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[4 * j + i] = t[i];
+  }
+}
+
+// grid: (splits, Hkv * ceil(G / GT), B); block: kDecodeThreads; dynamic smem: decode_stream_smem_bytes().
+template <typename T, int GT, int LPR>
+__global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArgs a) {
+  constexpr int D = 16 * LPR;                   // head dim
+  constexpr int RPW = kWarp / LPR;              // rows one warp-wide copy covers (row groups)
+  constexpr int U = kStreamRows;
+  constexpr int TILE = RPW * U;                 // tokens per warp tile
+  static_assert(TILE <= kWarp, "one lane looks up each row of a tile");
+  PTQRT_DYNAMIC_SMEM(unsigned char, ring_all);
+  __shared__ float s_acc[kDecodeWarps][GT][D];
+  __shared__ float s_ml[kDecodeWarps][2][GT];
+
+  const int G = a.Hq / a.Hkv;
+  const int gchunks = (G + GT - 1) / GT;
+  const int split = blockIdx.x, h = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * GT, b = blockIdx.z;
+  const int gcount = min(GT, G - g0);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int grp = lane / LPR, c0 = (lane % LPR) * 16;  // row group, first column
+  unsigned char* ring = ring_all + size_t(warp) * kStreamStages * kStreamStageBytes;
+
+  int len = a.seq_lens[b];
+  len = max(0, min(len, a.max_blocks * a.block_size));
+  const int start = split * a.chunk;
+  const int n = max(0, min(len - start, a.chunk));  // tokens of this CTA
+  // This warp's tiles start at (warp + kDecodeWarps * i) * TILE; the count is warp-uniform, so every
+  // shuffle below has all 32 lanes.
+  const int first = warp * TILE, stride = kDecodeWarps * TILE;
+  const int tiles = n > first ? (n - first + stride - 1) / stride : 0;
+
+  // Copy tile i of this warp into ring stage i % kStreamStages (one cp.async group, possibly empty);
+  // returns the lane's live-row bits (bit u: row u of its group holds a token of a readable block).
+  // Dead rows copy row 0 (the cache is not empty: decode_stream_fits), which then gets no weight.
+  auto issue = [&](int i) -> uint32_t {
+    uint32_t live = 0;
+    if (i < tiles) {
+      const int t0 = first + i * stride;
+      // Lane j looks up token t0 + j's cache row once; the row groups take theirs by shuffle.
+      const int64_t mine = lane < TILE && t0 + lane < n ? kv_row(a, b, start + t0 + lane) : -1;
+      unsigned char* st = ring + (i % kStreamStages) * kStreamStageBytes;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int src = u * RPW + grp;
+        const int lo = __shfl_sync(0xffffffffu, static_cast<int>(mine & 0xffffffff), src);
+        const int hi = __shfl_sync(0xffffffffu, static_cast<int>(mine >> 32), src);
+        const int64_t row = static_cast<int64_t>((uint64_t(uint32_t(hi)) << 32) | uint32_t(lo));
+        if (row >= 0) live |= 1u << u;
+        const int64_t th = (row >= 0 ? row : 0) * a.Hkv + h;  // token-head index
+        const int slot = u * kWarp + lane;
+        cp_async16(st + 16 * slot, a.k_cache + th * D + c0, true);
+        cp_async16(st + 16 * (U * kWarp + slot), a.v_cache + th * D + c0, true);
+        float* sc = reinterpret_cast<float*>(st + 32 * U * kWarp);
+        if (a.k_dynamic) cp_async4(sc + slot, a.k_scale + th);
+        if (a.v_dynamic) cp_async4(sc + U * kWarp + slot, a.v_scale + th);
+      }
+    }
+    cp_async_commit();
+    return live;
+  };
+
+  static_assert(kStreamStages == 3, "the live-bit rotation below holds three tiles");
+  uint32_t live_cur = issue(0), live_next = issue(1);  // in flight while q is read
+
+  // q' = q * sm_scale (* static k scale) for this lane's 16 columns; heads past gcount are zero.
+  float qf[GT][16];
+  const T* q = static_cast<const T*>(a.q) + (int64_t(b) * a.Hq + int64_t(h) * G + g0) * D;
+#pragma unroll
+  for (int g = 0; g < GT; ++g)
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      // log2(e) folded in: scores are in base 2 (exp2f: one MUFU.EX2), turned back at the end.
+      float v = g < gcount ? to_float(q[g * D + c0 + i]) * (a.sm_scale * kLog2e) : 0.f;
+      if (!a.k_dynamic) v *= a.k_scale[int64_t(h) * D + c0 + i];
+      qf[g][i] = v;
+    }
+
+  float m[GT], l[GT], acc[GT][16];
+#pragma unroll
+  for (int g = 0; g < GT; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc[g][i] = 0.f;
+  }
+
+  for (int i = 0; i < tiles; ++i) {
+    cp_async_wait<1>();  // tile i has landed (tile i + 1 may still be in flight)
+    const uint32_t live_new = issue(i + 2);  // into the stage tile i - 1 left
+    const unsigned char* st = ring + (i % kStreamStages) * kStreamStageBytes;
+    const float* sc = reinterpret_cast<const float*>(st + 32 * U * kWarp);
+
+    // Scores: partial dots over 16 columns, summed over the group's LPR lanes.
+    float s[U][GT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[16];
+      int8x16_to_float(*reinterpret_cast<const uint4*>(st + 16 * (u * kWarp + lane)), kf);
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) d = fmaf(qf[g][j], kf[j], d);
+        s[u][g] = d;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float ks = a.k_dynamic ? sc[u * kWarp + lane] : 1.f;
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+#pragma unroll
+        for (int o = 1; o < LPR; o <<= 1) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], o);
+        s[u][g] = (live_cur >> u) & 1u ? s[u][g] * ks : -INFINITY;
+      }
+    }
+
+    // Online softmax: the warp's max over the tile (all groups), then rescale what came before.
+    float p[U][GT];
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      float mt = s[0][g];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mt = fmaxf(mt, s[u][g]);
+#pragma unroll
+      for (int o = LPR; o < kWarp; o <<= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+      const float mn = fmaxf(m[g], mt);
+      float ps = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        p[u][g] = mn == -INFINITY ? 0.f : exp2f(s[u][g] - mn);
+        ps += p[u][g];
+      }
+#pragma unroll
+      for (int o = LPR; o < kWarp; o <<= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+      if (mn > m[g]) {  // warp-uniform; once the max settles most tiles skip the rescale
+        const float alpha = exp2f(m[g] - mn);  // 0 while m is still -inf
+        l[g] *= alpha;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) acc[g][j] *= alpha;
+        m[g] = mn;
+      }
+      l[g] += ps;
+    }
+
+    // P.V: each lane adds its rows' 16 columns (dynamic V scales ride on p; dead rows add 0 x V).
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[16];
+      int8x16_to_float(*reinterpret_cast<const uint4*>(st + 16 * ((U + u) * kWarp + lane)), vf);
+      const float vs = !((live_cur >> u) & 1u) ? 0.f : a.v_dynamic ? sc[(U + u) * kWarp + lane] : 1.f;
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+        const float pv = p[u][g] * vs;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) acc[g][j] = fmaf(pv, vf[j], acc[g][j]);
+      }
+    }
+    live_cur = live_next;
+    live_next = live_new;
+  }
+  cp_async_wait<0>();  // nothing may land after the CTA exits
+
+  // The row groups of a warp hold the same columns for different rows: add them up.
+#pragma unroll
+  for (int g = 0; g < GT; ++g)
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int o = LPR; o < kWarp; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
+  if (grp == 0) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) s_acc[warp][g][c0 + j] = acc[g][j];
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      s_ml[warp][0][g] = m[g];
+      s_ml[warp][1][g] = l[g];
+    }
+  }
+  __syncthreads();
+
+  // Merge the warps: M = max of their maxima (over warps that saw a token), each rescaled to M.
+  const int64_t part = (int64_t(b) * a.Hq + int64_t(h) * G + g0) * a.splits + split;  // (b, head g0, split)
+  for (int i = threadIdx.x; i < gcount * D; i += kDecodeThreads) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w)
+      if (s_ml[w][1][g] > 0.f) M = fmaxf(M, s_ml[w][0][g]);
+    float L = 0.f, v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w)
+      if (s_ml[w][1][g] > 0.f) {
+        const float e = exp2f(s_ml[w][0][g] - M);
+        L += s_ml[w][1][g] * e;
+        v += s_acc[w][g][d] * e;
+      }
+    if (!a.v_dynamic) v *= a.v_scale[int64_t(h) * D + d];
+    if (a.splits == 1) {
+      T* o = static_cast<T*>(a.out);
+      o[(int64_t(b) * a.Hq + int64_t(h) * G + g0 + g) * D + d] = from_float<T>(L > 0.f ? v / L : 0.f);
+    } else {
+      a.part_acc[(part + int64_t(g) * a.splits) * D + d] = v;
+      if (d == 0) {
+        a.part_ml[(part + int64_t(g) * a.splits) * 2] = M * kLn2;  // the combine kernel's base e
+        a.part_ml[(part + int64_t(g) * a.splits) * 2 + 1] = L;
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace ptqrt
