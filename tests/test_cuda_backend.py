@@ -418,6 +418,28 @@ def test_w8a16_gemm_sm90_wgmma(impl, dtype, monkeypatch):
     _check_w8a16(impl, dtype, cases)
 
 
+@pytest.mark.parametrize("dtype", FLOATS[:2])
+def test_w8a16_gemv_ring(impl, dtype, monkeypatch):
+    """The GEMV with its weights in a per-warp cp.async ring (PTQRT_CUDA_GEMV_RING=1, M <= 16): fewer K
+    windows than warps (idle warps), more windows per warp than ring stages, K % 64 != 0 (a zero-filled
+    tail), N % 16 != 0, per-channel and per-group scales, bias or none."""
+    monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "1")
+    cases = [(1, 40, 80, 0), (3, 17, 1040, 16), (16, 72, 4160, 0), (7, 130, 2112, 64), (2, 24, 48, 0), (16, 33, 3008, 32)]
+    if not impl.small:
+        cases += [(1, 4096, 4096, 0), (1, 28672, 8192, 0), (16, 11008, 4096, 128), (5, 1000, 8192, 0)]
+    _check_w8a16(impl, dtype, cases)
+    # Same windows per warp, same MMA order per accumulator, same reduction: bit for bit the default GEMV.
+    dev = impl.device
+    for m, n, k, g in cases[:4]:
+        x, w_q = _rand((m, k), dtype, dev), rand_int8(n, k, device=dev)
+        w_scale = rand_scale(n, device=dev) if g == 0 else rand_scale(n * (k // g), device=dev).reshape(n, k // g)
+        ring = impl("w8a16_gemm", x, w_q, w_scale, None, g)
+        monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "0")
+        default = impl("w8a16_gemm", x, w_q, w_scale, None, g)
+        monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "1")
+        assert torch.equal(ring, default), f"(M, N, K, group) = {(m, n, k, g)}: the ring GEMV differs from the default"
+
+
 # ------------------------------------------------------------------------------------------ kv cache
 def _kv_scales(nb, bs, h, d, dynamic, dev):
     if dynamic:

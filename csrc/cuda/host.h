@@ -70,6 +70,13 @@ inline bool decode_stream_enabled() {
   return s != nullptr && s[0] == '1';
 }
 
+// The w8a16 GEMV (M <= 16, fp16 / bf16) with its weight loads in a per-warp cp.async ring
+// (kernels/w8a16_gemv.cuh): opt-in with PTQRT_CUDA_GEMV_RING=1 until it has been measured on a GPU.
+inline bool gemv_ring_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_GEMV_RING");
+  return s != nullptr && s[0] == '1';
+}
+
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream s;
   s << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();

@@ -67,6 +67,7 @@ struct W8A16Args {
   int M, N, K;
   int group_size;         // 0: per channel
   int splits;
+  bool ring;              // M <= 16, fp16 / bf16: the cp.async-ring GEMV (PTQRT_CUDA_GEMV_RING=1)
 };
 // M <= 16; K % 16 == 0 and x, w 16-byte aligned.
 cudaError_t w8a16_gemv(DType dt, const W8A16Args& args, cudaStream_t stream);

@@ -38,6 +38,38 @@ __device__ __forceinline__ void load_x16_pairs(const T* __restrict__ x, int m, i
   }
 }
 
+// The tensor-core GEMVs' end: add the 8 warps' partial sums (shared memory); warp 0 applies the
+// per-channel scale and bias and writes. c0,c1: (row g, cols 2t, 2t+1); c2,c3: row g + 8.
+template <typename T, int NT>
+__device__ __forceinline__ void gemv_tc_finish(const float (&acc)[NT][4], int warp, int lane, int n0,
+                                               const float* __restrict__ w_scale, const float* __restrict__ bias,
+                                               T* __restrict__ out, int M, int N, int group_size) {
+  const int g = lane >> 2, t = lane & 3;
+  __shared__ float red[kGemvWarps][NT][4][kWarp];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) red[warp][i][r][lane] = acc[i][r];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float v = 0.f;
+#pragma unroll
+      for (int q = 0; q < kGemvWarps; ++q) v += red[q][i][r][lane];
+      const int m = g + (r >= 2 ? 8 : 0);
+      const int n = n0 + i * 8 + 2 * t + (r & 1);
+      if (m < M && n < N) {
+        if (group_size == 0) v *= w_scale[n];
+        if (bias != nullptr) v += bias[n];
+        out[int64_t(m) * N + n] = from_float<T>(v);
+      }
+    }
+  }
+}
+
 // grid: ceil(N / (8 * NT)); block: 32 * kGemvWarps. K % 16 == 0; x and w 16-byte aligned;
 // group_size 0 or a multiple of 16 (a 16-byte weight chunk never straddles two groups).
 template <typename T, int NT, int UNROLL>
@@ -103,30 +135,91 @@ __global__ void __launch_bounds__(kGemvWarps * kWarp) w8a16_gemv_tc_kernel(
     }
   }
 
-  // Add the 8 warps' partial sums; warp 0 finishes. c0,c1: (row g, cols 2t, 2t+1); c2,c3: row g + 8.
-  __shared__ float red[kGemvWarps][NT][4][kWarp];
+  gemv_tc_finish<T, NT>(acc, warp, lane, n0, w_scale, bias, out, M, N, group_size);
+}
+
+// w8a16_gemv_ring_kernel: the same tensor-core GEMV (same K permutation, fragments, and the same
+// reduction of the 8 warps), with the weight loads moved into a per-warp cp.async ring of STAGES
+// windows. The kernel above issues UNROLL windows' loads, waits, computes them, and only then issues
+// the next batch: a warp has nothing in flight while it computes, and its first loads and the
+// reduction are not overlapped with anything. Here window i + STAGES - 1 is issued before window i
+// is computed, so STAGES - 1 windows per warp stay in flight all along, with no weight registers held
+// (each lane reads back only the 16-byte chunks it copied: no barrier). Tails (k past K, n past N) are
+// zero-filled by the copy. Opt-in (PTQRT_CUDA_GEMV_RING=1) until measured.
+template <int NT, int STAGES>
+constexpr size_t gemv_ring_smem_bytes() { return size_t(kGemvWarps) * STAGES * NT * kWarp * 16; }
+
+// grid: ceil(N / (8 * NT)); block: 32 * kGemvWarps; dynamic smem gemv_ring_smem_bytes<NT, STAGES>().
+// K % 16 == 0; x and w 16-byte aligned; GROUPED: group_size a multiple of 16, else 0 (per channel).
+template <typename T, int NT, int STAGES, bool GROUPED>
+__global__ void __launch_bounds__(kGemvWarps * kWarp) w8a16_gemv_ring_kernel(
+    const T* __restrict__ x, const int8_t* __restrict__ w, const float* __restrict__ w_scale,
+    const float* __restrict__ bias, T* __restrict__ out, int M, int N, int K, int group_size) {
+  PTQRT_DYNAMIC_SMEM(uint4, ring_all);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * (8 * NT);
+  const int windows = ceil_div(K, 64);
+  const int groups = group_size > 0 ? K / group_size : 1;
+  const int mine = windows > warp ? (windows - warp + kGemvWarps - 1) / kGemvWarps : 0;  // warp-uniform
+  uint4* ring = ring_all + warp * STAGES * NT * kWarp;  // [stage][i][lane]
+
+  // Window i of this warp (window warp + 8 i) into stage i % STAGES; one group per call, maybe empty.
+  auto issue = [&](int i) {
+    if (i < mine) {
+      const int k = (warp + i * kGemvWarps) * 64 + 16 * t;  // < K + 64: no overflow (K is an int)
+      uint4* st = ring + (i % STAGES) * NT * kWarp;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int n = n0 + j * 8 + g;
+        const bool ok = k < K && n < N;
+        cp_async16(st + j * kWarp + lane, ok ? w + int64_t(n) * K + k : w, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[NT][4];
 #pragma unroll
   for (int i = 0; i < NT; ++i)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) red[warp][i][r][lane] = acc[i][r];
-  __syncthreads();
-  if (warp != 0) return;
+    for (int r = 0; r < 4; ++r) acc[i][r] = 0.f;
+
 #pragma unroll
-  for (int i = 0; i < NT; ++i) {
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  for (int i = 0; i < mine; ++i) {
+    cp_async_wait<STAGES - 2>();  // window i has landed
+    issue(i + STAGES - 1);        // into the stage window i - 1 left
+    const int k = (warp + i * kGemvWarps) * 64 + 16 * t;
+    const bool ok = k < K;
+    const uint4* st = ring + (i % STAGES) * NT * kWarp;
+    uint32_t xa[8], xb[8];  // rows g and g + 8, 16 values each as pairs
+    load_x16_pairs<T>(x, ok ? g : M, M, K, k, xa);
+    load_x16_pairs<T>(x, ok ? g + 8 : M, M, K, k, xb);
+    float s[NT];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      float v = 0.f;
+    for (int j = 0; j < NT; ++j) {
+      const int n = n0 + j * 8 + g;
+      s[j] = GROUPED && ok && n < N ? w_scale[int64_t(n) * groups + k / group_size] : 1.f;
+    }
 #pragma unroll
-      for (int q = 0; q < kGemvWarps; ++q) v += red[q][i][r][lane];
-      const int m = g + (r >= 2 ? 8 : 0);
-      const int n = n0 + i * 8 + 2 * t + (r & 1);
-      if (m < M && n < N) {
-        if (group_size == 0) v *= w_scale[n];
-        if (bias != nullptr) v += bias[n];
-        out[int64_t(m) * N + n] = from_float<T>(v);
+    for (int j = 0; j < NT; ++j) {
+      const uint4 wq = st[j * kWarp + lane];
+      const uint32_t q[4] = {wq.x, wq.y, wq.z, wq.w};
+#pragma unroll
+      for (int step = 0; step < 4; ++step) {
+        const uint32_t a[4] = {xa[2 * step], xb[2 * step], xa[2 * step + 1], xb[2 * step + 1]};
+        uint32_t b0, b1;
+        if constexpr (GROUPED)
+          int8x4_scaled_pairs<T>(q[step], s[j], b0, b1);
+        else
+          int8x4_to_pairs<T>(q[step], b0, b1);
+        mma_16816<T>(acc[j], a, b0, b1);
       }
     }
   }
+  cp_async_wait<0>();
+  gemv_tc_finish<T, NT>(acc, warp, lane, n0, w_scale, bias, out, M, N, group_size);
 }
 
 // grid: ceil(N / (kGemvWarps * R)); block: 32 * kGemvWarps. Warp q owns weight rows n0 + q*R .. +R-1;
