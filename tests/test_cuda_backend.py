@@ -337,6 +337,28 @@ def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
+def test_w8a8_gemv_ring(impl, out_dtype, monkeypatch):
+    """The M <= 16 GEMV with its weights in a per-warp cp.async ring (PTQRT_CUDA_GEMV_RING=1): fewer K
+    windows than warps, more windows per warp than ring stages, K % 128 != 0 (a zero-filled tail), N % 16
+    != 0, -128 in both operands; exact, like the default GEMV."""
+    monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "1")
+    dev = impl.device
+    cases = [(1, 40, 80), (3, 17, 1040), (16, 72, 4224), (7, 130, 2096), (2, 24, 48), (16, 33, 3008)]
+    if not impl.small:
+        cases += [(1, 4096, 4096), (1, 28672, 8192), (16, 11008, 4096), (5, 1000, 8192), (9, 64, 133120)]
+    for i, (m, n, k) in enumerate(cases):
+        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
+        x_q[0, : k // 3], w_q[: n // 2, : k // 3] = -128, -128
+        x_scale = rand_scale(m if i % 2 else 1, device=dev)
+        w_scale = rand_scale(n, device=dev)
+        bias = None if i % 4 == 3 or out_dtype == torch.int32 else _rand((n,), FLOATS[i % 3], dev)
+        _poison_pool((m, n), out_dtype, dev)
+        y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        assert y.dtype == out_dtype and torch.equal(y, expect), f"[{m}, {n}, {k}]"
+
+
+@pytest.mark.parametrize("out_dtype", W8A8_OUT)
 def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
     """The sm_90a kernel (TMA + wgmma, on by default on sm_90, PTQRT_CUDA_WGMMA=0 off; M > 64): 128- and 256-wide
     tiles, N and K tails, more K tiles than pipeline stages, split-K; exact like the mma.sync kernel."""

@@ -70,8 +70,9 @@ inline bool decode_stream_enabled() {
   return s != nullptr && s[0] == '1';
 }
 
-// The w8a16 GEMV (M <= 16, fp16 / bf16) with its weight loads in a per-warp cp.async ring
-// (kernels/w8a16_gemv.cuh): opt-in with PTQRT_CUDA_GEMV_RING=1 until it has been measured on a GPU.
+// The GEMVs (w8a8_gemm and fp16 / bf16 w8a16_gemm at M <= 16) with their weight loads in a per-warp
+// cp.async ring (kernels/w8a8_gemv.cuh, w8a16_gemv.cuh): opt-in with PTQRT_CUDA_GEMV_RING=1 until
+// they have been measured on a GPU.
 inline bool gemv_ring_enabled() {
   const char* s = std::getenv("PTQRT_CUDA_GEMV_RING");
   return s != nullptr && s[0] == '1';

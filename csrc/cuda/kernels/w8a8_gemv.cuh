@@ -17,6 +17,34 @@ namespace cuda {
 
 constexpr int kW8A8GemvWarps = 8;
 
+// The GEMVs' end: add the warps' partial sums (int32: exact in any order); warp 0 applies the epilogue.
+template <typename OutT, int NT>
+__device__ __forceinline__ void w8a8_gemv_finish(const int (&acc)[NT][4], int warp, int lane, int n0,
+                                                 const W8A8Epilogue& epi, OutT* __restrict__ out, int M, int N) {
+  const int g = lane >> 2, t = lane & 3;
+  __shared__ int32_t red[kW8A8GemvWarps][NT][4][kWarp];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) red[warp][i][r][lane] = acc[i][r];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int32_t s0 = 0, s1 = 0;
+#pragma unroll
+      for (int q = 0; q < kW8A8GemvWarps; ++q) {
+        s0 += red[q][i][2 * h][lane];
+        s1 += red[q][i][2 * h + 1][lane];
+      }
+      const int m = g + 8 * h;
+      if (m < M) store_w8a8_pair<OutT>(out, epi, s0, s1, m, n0 + i * 8 + 2 * t, N);
+    }
+  }
+}
+
 // grid: ceil(N / (8 * NT)); block: 32 * kW8A8GemvWarps. K % 16 == 0, x and w 16-byte aligned.
 template <typename OutT, int NT, int UNROLL>
 __global__ void __launch_bounds__(kW8A8GemvWarps * kWarp) w8a8_gemv_kernel(const int8_t* __restrict__ x,
@@ -83,28 +111,92 @@ __global__ void __launch_bounds__(kW8A8GemvWarps * kWarp) w8a8_gemv_kernel(const
     }
   }
 
-  // Add the warps' partial sums (int32: exact in any order); warp 0 finishes.
-  __shared__ int32_t red[kW8A8GemvWarps][NT][4][kWarp];
+  w8a8_gemv_finish<OutT, NT>(acc, warp, lane, n0, epi, out, M, N);
+}
+
+// w8a8_gemv_ring_kernel: the same GEMV with each lane's 16-byte weight chunks in a per-warp cp.async
+// ring of STAGES windows (see w8a16_gemv_ring_kernel in w8a16_gemv.cuh for why): window i + STAGES - 1
+// is issued before window i is computed, so STAGES - 1 windows a warp stay in flight. Same windows
+// per warp, same MMA order, int32 sums: bit-identical to the kernel above. Opt-in
+// (PTQRT_CUDA_GEMV_RING=1) until measured.
+template <int NT, int STAGES>
+constexpr size_t w8a8_gemv_ring_smem_bytes() { return size_t(kW8A8GemvWarps) * STAGES * NT * 2 * kWarp * 16; }
+
+// grid: ceil(N / (8 * NT)); block: 32 * kW8A8GemvWarps; dynamic smem w8a8_gemv_ring_smem_bytes<NT, STAGES>().
+// K % 16 == 0, x and w 16-byte aligned.
+template <typename OutT, int NT, int STAGES>
+__global__ void __launch_bounds__(kW8A8GemvWarps * kWarp) w8a8_gemv_ring_kernel(const int8_t* __restrict__ x,
+                                                                                const int8_t* __restrict__ w,
+                                                                                W8A8Epilogue epi, OutT* __restrict__ out,
+                                                                                int M, int N, int K) {
+  PTQRT_DYNAMIC_SMEM(uint4, ring_all);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * (8 * NT);
+  const int windows = ceil_div(K, 128);
+  const int mine = windows > warp ? (windows - warp + kW8A8GemvWarps - 1) / kW8A8GemvWarps : 0;  // warp-uniform
+  uint4* ring = ring_all + warp * STAGES * NT * 2 * kWarp;  // [stage][tile i][half h][lane]
+
+  // Window i of this warp (window warp + 8 i): this thread's 32 bytes of each of its NT rows.
+  auto issue = [&](int i) {
+    if (i < mine) {
+      const int k0 = (warp + i * kW8A8GemvWarps) * 128 + 32 * t;  // < K + 128: no overflow (K is an int)
+      uint4* st = ring + (i % STAGES) * NT * 2 * kWarp;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int n = n0 + j * 8 + g;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int k = k0 + 16 * h;
+          const bool ok = n < N && k < K;
+          cp_async16(st + (2 * j + h) * kWarp + lane, ok ? w + int64_t(n) * K + k : w, ok);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  int acc[NT][4];
 #pragma unroll
   for (int i = 0; i < NT; ++i)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) red[warp][i][r][lane] = acc[i][r];
-  __syncthreads();
-  if (warp != 0) return;
+    for (int r = 0; r < 4; ++r) acc[i][r] = 0;
+
 #pragma unroll
-  for (int i = 0; i < NT; ++i) {
+  for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  for (int i = 0; i < mine; ++i) {
+    cp_async_wait<STAGES - 2>();  // window i has landed
+    issue(i + STAGES - 1);        // into the stage window i - 1 left
+    const int k0 = (warp + i * kW8A8GemvWarps) * 128 + 32 * t;
+    const uint4* st = ring + (i % STAGES) * NT * 2 * kWarp;
+    uint32_t xa[8], xb[8];  // 32 bytes of rows g and g + 8
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      int32_t s0 = 0, s1 = 0;
+      const int k = k0 + 16 * h;
+      const uint4 a = (g < M && k < K) ? *reinterpret_cast<const uint4*>(x + int64_t(g) * K + k) : make_uint4(0u, 0u, 0u, 0u);
+      const uint4 b = (g + 8 < M && k < K) ? *reinterpret_cast<const uint4*>(x + int64_t(g + 8) * K + k)
+                                           : make_uint4(0u, 0u, 0u, 0u);
+      xa[4 * h] = a.x; xa[4 * h + 1] = a.y; xa[4 * h + 2] = a.z; xa[4 * h + 3] = a.w;
+      xb[4 * h] = b.x; xb[4 * h + 1] = b.y; xb[4 * h + 2] = b.z; xb[4 * h + 3] = b.w;
+    }
+    uint4 wq[NT][2];
 #pragma unroll
-      for (int q = 0; q < kW8A8GemvWarps; ++q) {
-        s0 += red[q][i][2 * h][lane];
-        s1 += red[q][i][2 * h + 1][lane];
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wq[j][h] = st[(2 * j + h) * kWarp + lane];
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      // bytes 8 step .. +3 are logical k 4t..4t+3, bytes 8 step + 4 .. +7 logical k 16+4t..16+4t+3
+      const uint32_t a[4] = {xa[2 * step], xb[2 * step], xa[2 * step + 1], xb[2 * step + 1]};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint4& q = wq[j][step >> 1];
+        mma_s8_16832(acc[j], a, (step & 1) ? q.z : q.x, (step & 1) ? q.w : q.y);
       }
-      const int m = g + 8 * h;
-      if (m < M) store_w8a8_pair<OutT>(out, epi, s0, s1, m, n0 + i * 8 + 2 * t, N);
     }
   }
+  cp_async_wait<0>();
+  w8a8_gemv_finish<OutT, NT>(acc, warp, lane, n0, epi, out, M, N);
 }
 
 }  // namespace cuda
