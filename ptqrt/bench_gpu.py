@@ -38,13 +38,15 @@ DECODE_BL = ((1, 4096), (16, 4096), (64, 2048), (8, 32768))
 DECODE_HEADS, DECODE_D, DECODE_BLOCK = 32, 128, 16
 QUANT_MK = ((1, 4096), (16, 4096), (2048, 4096), (8192, 8192))
 APPEND_T = (16, 4096)
+# w8a8_gemm at M = N = K = 8192 too (the CUDA backend's rate target), in full and quick runs alike.
+GEMM_SQUARE = ((8192, 8192, 8192),)
 QUICK = dict(gemm_nk=((4096, 4096), (28672, 8192)), gemm_m=(1, 16, 2048), decode_bl=((1, 4096), (16, 4096)),
              quant_mk=((8192, 8192),), append_t=(4096,))
 ALL_OPS = ("w8a8_gemm", "w8a16_gemm", "int8_kv_decode_attention", "quantize_per_token", "quantize_per_tensor",
            "kv_cache_append")
 
 # The issue's targets on one H100: (op, where, against, at least). "against" is a peer's name (the
-# speedup over it) or "floor" (the fraction of the bytes/FLOP floor).
+# speedup over it), "floor" (the fraction of the bytes/FLOP floor) or "TOP/s" (the achieved rate).
 TARGETS = (
     ("w8a8_gemm", lambda r: r["M"] >= 2048, "torch._int_mm", 1.2),
     ("w8a8_gemm", lambda r: r["M"] >= 2048, "fp16 F.linear", 1.5),
@@ -54,7 +56,10 @@ TARGETS = (
     ("int8_kv_decode_attention", lambda r: (r["B"], r["L"]) in ((16, 4096), (8, 32768)), "fp16 SDPA", 1.8),
     ("int8_kv_decode_attention", lambda r: (r["B"], r["L"]) == (1, 4096), "fp16 SDPA", 2.0),
     ("quantize_per_token", lambda r: (r["M"], r["K"]) == (8192, 8192), "floor", 0.85),
+    ("w8a8_gemm", lambda r: (r["M"], r["N"], r["K"]) == (8192, 8192, 8192), "TOP/s", 1300),
 )
+# The CUDA backend's other target: each op at least as fast as its Triton twin within 5%, every shape.
+TWIN_TARGET = ("cuda", "triton", 0.95)
 
 
 def _bench(fn: Callable[[], object], rep_ms: int = 40) -> float:
@@ -343,13 +348,43 @@ def check_targets(rows: list, mode: str = "eager") -> list:
     out = []
     for op, where, against, at_least in TARGETS:
         for impl in dict.fromkeys(r["impl"] for r in rows if r["kind"] == "ours"):
-            got = [r.get(f"{pre}frac_floor") if against == "floor" else r.get(f"{pre}speedup_vs_{against}")
+            got = [_target_value(r, against, pre)
                    for r in rows if r["op"] == op and r["impl"] == impl and r["kind"] == "ours" and where(r)]
             got = [g for g in got if g is not None]
             if got:
-                what = "of the floor" if against == "floor" else f"x {against}"
+                what = {"floor": "of the floor", "TOP/s": "TOP/s"}.get(against, f"x {against}")
                 out.append(dict(target=f"{op}: >= {at_least:g} {what}", impl=impl, mode=mode, measured=min(got),
                                 ok=min(got) >= at_least))
+    return out
+
+
+def _target_value(r: dict, against: str, pre: str):
+    if against == "floor":
+        return r.get(f"{pre}frac_floor")
+    if against == "TOP/s":
+        return r["TOPS"] if not pre else (r["TOPS"] * r["us"] / r["graph_us"] if "graph_us" in r else None)
+    return r.get(f"{pre}speedup_vs_{against}")
+
+
+def check_twins(rows: list, mode: str = "eager") -> list:
+    """The CUDA backend against its Triton twin: per op, [dict(target, impl, mode, measured, ok,
+    worst_shape)] with measured = min over the shapes both ran of triton time / cuda time."""
+    ours, base, at_least = TWIN_TARGET
+    key = "us" if mode == "eager" else "graph_us"
+    out = []
+    mine = [r for r in rows if r.get("kind") == "ours"]
+    for op in dict.fromkeys(r["op"] for r in mine):
+        pairs = []
+        for r in mine:
+            if r["op"] != op or r["impl"] != ours or key not in r:
+                continue
+            t = next((x for x in mine if x["op"] == op and x["impl"] == base and _shape_str(x) == _shape_str(r)), None)
+            if t is not None and key in t:
+                pairs.append((t[key] / r[key], _shape_str(r)))
+        if pairs:
+            worst = min(pairs)
+            out.append(dict(target=f"{op}: {ours} >= {at_least:g}x {base} at every shape", impl=ours, mode=mode,
+                            measured=worst[0], ok=worst[0] >= at_least, worst_shape=worst[1]))
     return out
 
 
@@ -388,14 +423,15 @@ def print_rows(rows: list) -> None:
 
 
 def print_targets(rows: list) -> None:
-    eager = check_targets(rows, "eager")
-    graph = {(t["target"], t["impl"]): t for t in check_targets(rows, "graph")}
+    eager = check_targets(rows, "eager") + check_twins(rows, "eager")
+    graph = {(t["target"], t["impl"]): t for t in check_targets(rows, "graph") + check_twins(rows, "graph")}
     if eager:
         print("\ntargets (worst shape)                                                  eager launch | CUDA graph")
         for t in eager:
             g = graph.get((t["target"], t["impl"]))
             gs = f"{'PASS' if g['ok'] else 'MISS'} {g['measured']:.2f}" if g else "-"
-            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:12s} {t['target']:55s} {t['measured']:5.2f} | {gs}")
+            worst = f"  (worst: {t['worst_shape']})" if "worst_shape" in t else ""
+            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['impl']:12s} {t['target']:55s} {t['measured']:5.2f} | {gs}{worst}")
 
 
 def compare_variants(rows: list) -> list:
@@ -450,7 +486,8 @@ def write_results(rows: list, ceil: dict, meta: dict, out_dir) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", meta["device"]).strip("_")
     stem = out / f"gpu_{slug}_{meta['time'].replace(':', '').replace('-', '')}"
-    payload = dict(meta, ceilings=ceil, targets=check_targets(rows) + check_targets(rows, "graph"),
+    payload = dict(meta, ceilings=ceil, targets=check_targets(rows) + check_targets(rows, "graph")
+                   + check_twins(rows) + check_twins(rows, "graph"),
                    variants=compare_variants(rows), rows=rows)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -530,6 +567,8 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
             print(f"\n{op}", flush=True)
             if op == "w8a8_gemm":
                 got = bench_w8a8_gemm(impls, ceil, shapes["gemm_nk"], shapes["gemm_m"], device)
+                for m, n, k in GEMM_SQUARE:
+                    got += bench_w8a8_gemm(impls, ceil, ((n, k),), (m,), device)
             elif op == "w8a16_gemm":
                 got = bench_w8a16_gemm(impls, ceil, shapes["gemm_nk"], shapes["gemm_m"], device)
             elif op in ("quantize_per_token", "quantize_per_tensor"):

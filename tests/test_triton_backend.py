@@ -509,6 +509,35 @@ def test_bench_gpu_variants_set_their_switch_per_call(monkeypatch):
     assert y.shape == (2, 16)
 
 
+def test_bench_cuda_targets(capsys):
+    """The CUDA backend's targets: triton time / cuda time at every shape both ran (worst shape named,
+    eager and graph), and the TOP/s rate at M = N = K = 8192."""
+    from ptqrt import bench_gpu
+
+    def row(impl, m, us, gus=None, op="w8a8_gemm", n=8, k=8):
+        r = dict(op=op, impl=impl, kind="ours", M=m, N=n, K=k, us=us, TOPS=2 * m * n * k / us / 1e6)
+        return dict(r, graph_us=gus) if gus else r
+
+    rows = [row("triton", 1, 10.0, 9.0), row("cuda", 1, 10.4, 8.0), row("triton", 16, 10.0, 5.0), row("cuda", 16, 9.0, 6.0),
+            row("cuda", 32, 1.0), row("triton", 1, 4.0, op="w8a16_gemm"), row("cuda", 1, 4.0, op="w8a16_gemm"),
+            dict(row("triton", 1, 1.0), kind="peer", impl="fp16"),
+            row("cuda", 8192, 800.0, 700.0, n=8192, k=8192), row("triton", 8192, 1000.0, n=8192, k=8192)]
+    eager = {t["target"].split(":")[0]: t for t in bench_gpu.check_twins(rows)}
+    assert eager["w8a8_gemm"]["measured"] == 10.0 / 10.4 and eager["w8a8_gemm"]["ok"]
+    assert eager["w8a8_gemm"]["worst_shape"] == "M=1 N=8 K=8" and eager["w8a16_gemm"]["measured"] == 1.0
+    (g,) = [t for t in bench_gpu.check_twins(rows, "graph") if t["target"].startswith("w8a8")]
+    assert g["measured"] == 5.0 / 6.0 and not g["ok"] and g["worst_shape"] == "M=16 N=8 K=8"
+    rate = {t["impl"]: t for t in bench_gpu.check_targets(rows) if "TOP/s" in t["target"]}
+    assert set(rate) == {"cuda", "triton"}
+    assert abs(rate["cuda"]["measured"] - 2 * 8192 ** 3 / 800e-6 / 1e12) < 1e-6 and rate["cuda"]["ok"]  # 1374 TOP/s
+    assert abs(rate["triton"]["measured"] - 1099.5) < 0.1 and not rate["triton"]["ok"]
+    (gr,) = [t for t in bench_gpu.check_targets(rows, "graph") if "TOP/s" in t["target"]]
+    assert gr["impl"] == "cuda" and abs(gr["measured"] - rate["cuda"]["measured"] * 800.0 / 700.0) < 1e-6
+    bench_gpu.print_targets(rows)
+    out = capsys.readouterr().out
+    assert "w8a8_gemm: cuda >= 0.95x triton at every shape" in out and "(worst: M=1 N=8 K=8)" in out
+
+
 def test_bench_variant_comparison(monkeypatch, capsys):
     """compare_variants: default time / variant time per shape where both ran, eager and graph."""
     from ptqrt import bench_gpu
