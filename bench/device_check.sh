@@ -175,8 +175,10 @@ if [ -n "$BUILD_PID" ]; then
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
     # cuda-wgmma16: the opt-in sm_90a w8a16 kernel (PTQRT_CUDA_WGMMA_W8A16=1); cuda-stream: the
     # streaming decode kernel (PTQRT_CUDA_DECODE_STREAM=1); cuda-ring: the w8a8 and w8a16 GEMVs with
-    # their weights in a cp.async ring (PTQRT_CUDA_GEMV_RING=1, M <= 16). Each timed beside the default.
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-dot,triton-pipe,triton-prmt,triton-dot-prmt,cuda,cuda-wgmma16,cuda-stream,cuda-ring
+    # their weights in a cp.async ring (PTQRT_CUDA_GEMV_RING=1, M <= 16); cuda-cluster: the sm_90a w8a8
+    # GEMM in CTA pairs sharing the weight tile by TMA multicast (PTQRT_CUDA_WGMMA_CLUSTER=1, M > 64).
+    # Each timed beside the default.
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-dot,triton-pipe,triton-prmt,triton-dot-prmt,cuda,cuda-wgmma16,cuda-stream,cuda-ring,cuda-cluster
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

@@ -337,6 +337,33 @@ def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
+def test_w8a8_gemm_sm90_cluster(impl, out_dtype, monkeypatch):
+    """The sm_90a kernel in clusters of two CTAs sharing each weight tile by TMA multicast
+    (PTQRT_CUDA_WGMMA_CLUSTER=1; 256-wide tiles): an odd number of M tiles (the pair's second CTA past
+    M), N tails, split-K, more K tiles than stages; exact like the others."""
+    if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
+    monkeypatch.setenv("PTQRT_CUDA_WGMMA_CLUSTER", "1")
+    monkeypatch.setenv("PTQRT_EMU_SMS", "4")
+    # With 4 emulated SMs all take 256-wide tiles; 130 x 100 x 1040 splits K (2 tiles, 9 K tiles).
+    cases = [(130, 100, 1040), (300, 300, 448), (65, 40, 640), (200, 17, 100)]
+    if not impl.small:
+        cases += [(8192, 8192, 8192), (4096, 4096, 4096), (2048, 28672, 8192), (333, 1000, 3000), (100, 64, 133120),
+                  (8192, 4096, 4096)]
+    dev = impl.device
+    for i, (m, n, k) in enumerate(cases):
+        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
+        x_scale = rand_scale(m if i % 2 else 1, device=dev)
+        w_scale = rand_scale(n, device=dev)
+        bias = None if i % 3 == 2 or out_dtype == torch.int32 else _rand((n,), FLOATS[i % 3], dev)
+        _poison_pool((m, n), out_dtype, dev)
+        y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        assert y.dtype == out_dtype and torch.equal(y, expect), f"[{m}, {n}, {k}]"
+
+
+@pytest.mark.parametrize("out_dtype", W8A8_OUT)
 def test_w8a8_gemv_ring(impl, out_dtype, monkeypatch):
     """The M <= 16 GEMV with its weights in a per-warp cp.async ring (PTQRT_CUDA_GEMV_RING=1): fewer K
     windows than warps, more windows per warp than ring stages, K % 128 != 0 (a zero-filled tail), N % 16

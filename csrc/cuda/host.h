@@ -54,6 +54,13 @@ inline bool wgmma_enabled() {
   return !(s != nullptr && s[0] == '0') && is_sm90();
 }
 
+// The sm_90a w8a8 kernel in clusters of two CTAs that share each weight tile through TMA multicast
+// (256-wide tiles): opt-in with PTQRT_CUDA_WGMMA_CLUSTER=1 until it has been measured on an H100.
+inline int wgmma_cluster_size() {
+  const char* s = std::getenv("PTQRT_CUDA_WGMMA_CLUSTER");
+  return s != nullptr && s[0] == '1' ? 2 : 1;
+}
+
 // The sm_90a w8a16 kernel (TMA + wgmma with the weights dequantized into the register operand) for
 // M > 16 on compute capability 9.0: opt-in with PTQRT_CUDA_WGMMA_W8A16=1 until it has been validated
 // and measured on an H100 (bench/NOTES.md); otherwise the mma.sync kernel runs.

@@ -39,6 +39,7 @@ struct W8A8Args {
   int M, N, K;
   int splits;             // split-K factor (grid z)
   bool ring = false;      // M <= 16: the cp.async-ring GEMV (PTQRT_CUDA_GEMV_RING=1)
+  int cluster = 1;        // sm_90a, 256-wide tiles: CTAs per cluster sharing the w tile (1 or 2)
 };
 // The int8 tensor-core GEMM (mma.sync m16n8k32). With splits > 1 it writes raw int32 partial sums
 // to args.partial and w8a8_split_reduce applies the epilogue.

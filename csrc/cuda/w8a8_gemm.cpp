@@ -95,6 +95,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   a.N = static_cast<int>(N);
   a.K = static_cast<int>(k16);
   a.splits = splits;
+  a.cluster = hopper && bn == 256 ? wgmma_cluster_size() : 1;
   cudaError_t e = hopper ? w8a8_gemm_sm90(dt, bn, a, stream) : cudaErrorNotSupported;
   if (e == cudaErrorNotSupported) e = w8a8_gemm_mma(dt, tile, a, stream);  // no tensor-map encoder: mma.sync
   check_launch(op, e);
