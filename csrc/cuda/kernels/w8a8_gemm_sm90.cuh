@@ -21,7 +21,7 @@
 // it, so every consumer warp releases each stage on the "empty" barrier of both CTAs (per warp, not
 // per thread: 16 arrivals), and the producer drains the last rounds before it exits (a CTA must not
 // exit while its peer may still arrive on its barriers). At 128 x 256 x 128 bytes per stage the
-// single-CTA kernel reads 48 KB from L2 per 8.4 M int8 MACs; pairs read 32 KB a CTA.
+// single-CTA kernel reads 48 KB from L2 per 4.2 M int8 MACs; pairs read 32 KB a CTA.
 #pragma once
 
 #include "sm90_wgmma.cuh"
