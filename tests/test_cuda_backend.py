@@ -532,25 +532,33 @@ def _attn_cases(impl):
     return cases
 
 
+def _check_decode(impl, case, dtype, dynamic) -> tuple:
+    """One (B, Hq, Hkv, D, num_blocks, block_size, max_blocks, seq_lens) case against the reference;
+    returns the op's arguments."""
+    dev = impl.device
+    b, hq, hkv, d, nb, bs, maxb, lens = case
+    k_cache, v_cache = rand_int8(nb, bs, hkv, d, device=dev), rand_int8(nb, bs, hkv, d, device=dev)
+    k_scale, v_scale = _kv_scales(nb, bs, hkv, d, dynamic, dev)
+    q = _rand((b, hq, d), dtype, dev)
+    table = torch.stack([torch.randperm(nb, device=dev)[:maxb] for _ in range(b)]).to(torch.int32)
+    args = (q, k_cache, v_cache, k_scale, v_scale, table, torch.tensor(lens, dtype=torch.int32, device=dev),
+            1.0 / math.sqrt(d))
+    _poison_pool((b, hq, d), dtype, dev)
+    out = impl("int8_kv_decode_attention", *args)
+    expect = ref.int8_kv_decode_attention(*args)
+    # Softmax and P.V run in fp32 in both; only the final cast is low precision: the dtype tolerance.
+    _lowp_close(out, expect, expect)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i])), "a length-0 sequence must give zeros"
+    return args
+
+
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_kv_decode_attention(impl, dtype, dynamic):
-    dev = impl.device
-    for b, hq, hkv, d, nb, bs, maxb, lens in _attn_cases(impl):
-        k_cache, v_cache = rand_int8(nb, bs, hkv, d, device=dev), rand_int8(nb, bs, hkv, d, device=dev)
-        k_scale, v_scale = _kv_scales(nb, bs, hkv, d, dynamic, dev)
-        q = _rand((b, hq, d), dtype, dev)
-        table = torch.stack([torch.randperm(nb, device=dev)[:maxb] for _ in range(b)]).to(torch.int32)
-        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-        sm_scale = 1.0 / math.sqrt(d)
-        _poison_pool((b, hq, d), dtype, dev)
-        out = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
-        expect = ref.int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
-        # Softmax and P.V run in fp32 in both; only the final cast is low precision: the dtype tolerance.
-        _lowp_close(out, expect, expect)
-        for i, n in enumerate(lens):
-            if n == 0:
-                assert torch.equal(out[i], torch.zeros_like(out[i])), "a length-0 sequence must give zeros"
+    for case in _attn_cases(impl):
+        _check_decode(impl, case, dtype, dynamic)
 
 
 def _stream_cases(impl):
@@ -573,21 +581,9 @@ def test_int8_kv_decode_attention_streaming(impl, dtype, dynamic, monkeypatch):
     reference, and against the default kernel where blocks are unreadable (ids past num_blocks: no
     weight in either)."""
     monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")
-    dev = impl.device
-    for b, hq, hkv, d, nb, bs, maxb, lens in _stream_cases(impl):
-        k_cache, v_cache = rand_int8(nb, bs, hkv, d, device=dev), rand_int8(nb, bs, hkv, d, device=dev)
-        k_scale, v_scale = _kv_scales(nb, bs, hkv, d, dynamic, dev)
-        q = _rand((b, hq, d), dtype, dev)
-        table = torch.stack([torch.randperm(nb, device=dev)[:maxb] for _ in range(b)]).to(torch.int32)
-        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-        sm_scale = 1.0 / math.sqrt(d)
-        _poison_pool((b, hq, d), dtype, dev)
-        out = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
-        expect = ref.int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale)
-        _lowp_close(out, expect, expect)
-        for i, n in enumerate(lens):
-            if n == 0:
-                assert torch.equal(out[i], torch.zeros_like(out[i])), "a length-0 sequence must give zeros"
+    for case in _stream_cases(impl):
+        q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale = _check_decode(impl, case, dtype, dynamic)
+        nb = k_cache.shape[0]
         # Unreadable blocks: every third table entry out of range; the default kernel is the reference.
         bad = table.clone()
         bad[:, ::3] = nb + 5

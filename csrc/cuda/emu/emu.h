@@ -78,7 +78,7 @@ struct Warp {
   uint64_t gen = 0;
   const char* op = nullptr;
   const void* addr[32];
-  uint32_t in[32][12];   // per lane: A fragment 0-3, B 4-5, C 6-9 (or one shuffled word)
+  uint32_t in[32][12];   // per lane: A fragment 0-3, B 4-5, C 6-9 (or a shuffled word and its lane operand)
   uint32_t out[32][12];
 };
 
@@ -344,39 +344,38 @@ inline Launch<Kernel> launcher(Kernel kernel, dim3 grid, dim3 block, size_t smem
 
 inline void __syncthreads() { ptqrt::emu::syncthreads(); }
 
-template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+namespace ptqrt {
+namespace emu {
+// A full-warp 32-bit shuffle: lane l receives the value of lane src(l, arg of lane l).
+template <typename T, typename F>
+inline T shuffle(unsigned mask, T v, int arg, int width, const char* op, F src) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
-  if (mask != 0xffffffffu || width != 32) ptqrt::emu::fail("only full-warp shuffles are emulated");
-  auto& W = ptqrt::emu::g_block->warps[ptqrt::emu::g_thread->linear / 32];
-  const int lane = ptqrt::emu::lane_id();
+  if (mask != 0xffffffffu || width != 32) fail("only full-warp shuffles are emulated");
+  Warp& W = g_block->warps[g_thread->linear / 32];
+  const int lane = lane_id();
   std::memcpy(&W.in[lane][0], &v, 4);
-  ptqrt::emu::warp_collective("shfl.xor", [lane_mask](ptqrt::emu::Warp& w) {
-    for (int l = 0; l < 32; ++l) w.out[l][0] = w.in[l ^ lane_mask][0];
-  });
-  T r;
-  std::memcpy(&r, &W.out[lane][0], 4);
-  return r;
-}
-
-template <typename T>
-inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
-  static_assert(sizeof(T) == 4, "32-bit shuffles only");
-  if (mask != 0xffffffffu || width != 32) ptqrt::emu::fail("only full-warp shuffles are emulated");
-  auto& W = ptqrt::emu::g_block->warps[ptqrt::emu::g_thread->linear / 32];
-  const int lane = ptqrt::emu::lane_id();
-  std::memcpy(&W.in[lane][0], &v, 4);
-  std::memcpy(&W.in[lane][1], &src_lane, 4);
-  ptqrt::emu::warp_collective("shfl.idx", [](ptqrt::emu::Warp& w) {
+  std::memcpy(&W.in[lane][1], &arg, 4);
+  warp_collective(op, [src](Warp& w) {
     for (int l = 0; l < 32; ++l) {
-      int src;
-      std::memcpy(&src, &w.in[l][1], 4);
-      w.out[l][0] = w.in[src & 31][0];
+      int a;
+      std::memcpy(&a, &w.in[l][1], 4);
+      w.out[l][0] = w.in[src(l, a)][0];
     }
   });
   T r;
   std::memcpy(&r, &W.out[lane][0], 4);
   return r;
+}
+}  // namespace emu
+}  // namespace ptqrt
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return ptqrt::emu::shuffle(mask, v, lane_mask, width, "shfl.xor", [](int l, int a) { return (l ^ a) & 31; });
+}
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  return ptqrt::emu::shuffle(mask, v, src_lane, width, "shfl.idx", [](int, int a) { return a & 31; });
 }
 
 template <typename T>

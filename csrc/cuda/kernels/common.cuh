@@ -150,6 +150,29 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The CTA's WARPS warps' partial sums acc[NT][4] (one per lane) added up through shared memory, in
+// warp order from zero; warp 0 gets the sums back in acc and true, the other warps false.
+template <typename A, int WARPS, int NT>
+__device__ __forceinline__ bool sum_over_warps(A (&acc)[NT][4], int warp, int lane) {
+  __shared__ A red[WARPS][NT][4][kWarp];
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) red[warp][i][r][lane] = acc[i][r];
+  __syncthreads();
+  if (warp != 0) return false;
+#pragma unroll
+  for (int i = 0; i < NT; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      A v = 0;
+#pragma unroll
+      for (int q = 0; q < WARPS; ++q) v += red[q][i][r][lane];
+      acc[i][r] = v;
+    }
+  return true;
+}
+
 // ------------------------------------------------------------------ async copies and tensor-core ops
 // Under PTQRT_CUDA_EMU (the CPU emulator in csrc/cuda/emu, used by the CPU tests) these come from
 // emu/emu.h instead, with the same signatures and the PTX-specified fragment layouts.

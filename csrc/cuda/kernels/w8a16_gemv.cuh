@@ -38,27 +38,19 @@ __device__ __forceinline__ void load_x16_pairs(const T* __restrict__ x, int m, i
   }
 }
 
-// The tensor-core GEMVs' end: add the 8 warps' partial sums (shared memory); warp 0 applies the
-// per-channel scale and bias and writes. c0,c1: (row g, cols 2t, 2t+1); c2,c3: row g + 8.
+// The tensor-core GEMVs' end: add the 8 warps' partial sums; warp 0 applies the per-channel scale and
+// bias and writes. c0,c1: (row g, cols 2t, 2t+1); c2,c3: row g + 8.
 template <typename T, int NT>
-__device__ __forceinline__ void gemv_tc_finish(const float (&acc)[NT][4], int warp, int lane, int n0,
+__device__ __forceinline__ void gemv_tc_finish(float (&acc)[NT][4], int warp, int lane, int n0,
                                                const float* __restrict__ w_scale, const float* __restrict__ bias,
                                                T* __restrict__ out, int M, int N, int group_size) {
+  if (!sum_over_warps<float, kGemvWarps>(acc, warp, lane)) return;
   const int g = lane >> 2, t = lane & 3;
-  __shared__ float red[kGemvWarps][NT][4][kWarp];
-#pragma unroll
-  for (int i = 0; i < NT; ++i)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) red[warp][i][r][lane] = acc[i][r];
-  __syncthreads();
-  if (warp != 0) return;
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      float v = 0.f;
-#pragma unroll
-      for (int q = 0; q < kGemvWarps; ++q) v += red[q][i][r][lane];
+      float v = acc[i][r];
       const int m = g + (r >= 2 ? 8 : 0);
       const int n = n0 + i * 8 + 2 * t + (r & 1);
       if (m < M && n < N) {

@@ -19,30 +19,15 @@ constexpr int kW8A8GemvWarps = 8;
 
 // The GEMVs' end: add the warps' partial sums (int32: exact in any order); warp 0 applies the epilogue.
 template <typename OutT, int NT>
-__device__ __forceinline__ void w8a8_gemv_finish(const int (&acc)[NT][4], int warp, int lane, int n0,
+__device__ __forceinline__ void w8a8_gemv_finish(int (&acc)[NT][4], int warp, int lane, int n0,
                                                  const W8A8Epilogue& epi, OutT* __restrict__ out, int M, int N) {
+  if (!sum_over_warps<int, kW8A8GemvWarps>(acc, warp, lane)) return;
   const int g = lane >> 2, t = lane & 3;
-  __shared__ int32_t red[kW8A8GemvWarps][NT][4][kWarp];
 #pragma unroll
   for (int i = 0; i < NT; ++i)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) red[warp][i][r][lane] = acc[i][r];
-  __syncthreads();
-  if (warp != 0) return;
-#pragma unroll
-  for (int i = 0; i < NT; ++i) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int32_t s0 = 0, s1 = 0;
-#pragma unroll
-      for (int q = 0; q < kW8A8GemvWarps; ++q) {
-        s0 += red[q][i][2 * h][lane];
-        s1 += red[q][i][2 * h + 1][lane];
-      }
-      const int m = g + 8 * h;
-      if (m < M) store_w8a8_pair<OutT>(out, epi, s0, s1, m, n0 + i * 8 + 2 * t, N);
-    }
-  }
+    for (int h = 0; h < 2; ++h)
+      if (g + 8 * h < M) store_w8a8_pair<OutT>(out, epi, acc[i][2 * h], acc[i][2 * h + 1], g + 8 * h, n0 + i * 8 + 2 * t, N);
 }
 
 // grid: ceil(N / (8 * NT)); block: 32 * kW8A8GemvWarps. K % 16 == 0, x and w 16-byte aligned.
