@@ -317,23 +317,31 @@ def test_w8a8_gemm_int32_is_exact(impl, wgmma, monkeypatch):
         assert acc.dtype == torch.int32 and torch.equal(acc, expect), f"[{m}, {n}, {k}]"
 
 
-@pytest.mark.parametrize("out_dtype", W8A8_OUT[:3])
-def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
-    """The fused epilogue rounds like the reference ((acc * x_scale) * w_scale + bias, fp32, no FMA),
-    so float outputs match bit for bit too; per-token and per-tensor x_scale, bias in any float dtype."""
+def _check_w8a8_exact(impl, out_dtype, cases, extremes=False):
+    """Each (M, N, K) case equal to the reference bit for bit: per-token and per-tensor x_scale, bias in
+    each float dtype or none (never with int32 output); extremes: -128 in both operands."""
     dev = impl.device
-    monkeypatch.setenv("PTQRT_EMU_SMS", "4")  # the emulated GPU is small: split-K on more shapes
-    monkeypatch.setenv("PTQRT_CUDA_WGMMA", "0")  # the mma.sync kernel; test_w8a8_gemm_sm90_wgmma the other
-    for i, (m, n, k) in enumerate(_w8a8_cases(impl)):
+    for i, (m, n, k) in enumerate(cases):
         x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
+        if extremes:
+            x_q[0, : k // 3], w_q[: n // 2, : k // 3] = -128, -128
         x_scale = rand_scale(m if i % 2 else 1, device=dev)
         w_scale = rand_scale(n, device=dev)
-        bias = None if i % 4 == 3 else _rand((n,), FLOATS[i % 3], dev)
+        bias = None if out_dtype == torch.int32 or i % 3 == 2 else _rand((n,), FLOATS[i % 3], dev)
         _poison_pool((m, n), out_dtype, dev)
         y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
         expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
         assert y.dtype == out_dtype and y.shape == (m, n)
         assert torch.equal(y, expect), f"[{m}, {n}, {k}]: max diff {(y.double() - expect.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("out_dtype", W8A8_OUT[:3])
+def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
+    """The fused epilogue rounds like the reference ((acc * x_scale) * w_scale + bias, fp32, no FMA),
+    so float outputs match bit for bit too; per-token and per-tensor x_scale, bias in any float dtype."""
+    monkeypatch.setenv("PTQRT_EMU_SMS", "4")  # the emulated GPU is small: split-K on more shapes
+    monkeypatch.setenv("PTQRT_CUDA_WGMMA", "0")  # the mma.sync kernel; test_w8a8_gemm_sm90_wgmma the other
+    _check_w8a8_exact(impl, out_dtype, _w8a8_cases(impl))
 
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
@@ -351,16 +359,7 @@ def test_w8a8_gemm_sm90_cluster(impl, out_dtype, monkeypatch):
     if not impl.small:
         cases += [(8192, 8192, 8192), (4096, 4096, 4096), (2048, 28672, 8192), (333, 1000, 3000), (100, 64, 133120),
                   (8192, 4096, 4096)]
-    dev = impl.device
-    for i, (m, n, k) in enumerate(cases):
-        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
-        x_scale = rand_scale(m if i % 2 else 1, device=dev)
-        w_scale = rand_scale(n, device=dev)
-        bias = None if i % 3 == 2 or out_dtype == torch.int32 else _rand((n,), FLOATS[i % 3], dev)
-        _poison_pool((m, n), out_dtype, dev)
-        y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        assert y.dtype == out_dtype and torch.equal(y, expect), f"[{m}, {n}, {k}]"
+    _check_w8a8_exact(impl, out_dtype, cases)
 
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
@@ -369,20 +368,10 @@ def test_w8a8_gemv_ring(impl, out_dtype, monkeypatch):
     windows than warps, more windows per warp than ring stages, K % 128 != 0 (a zero-filled tail), N % 16
     != 0, -128 in both operands; exact, like the default GEMV."""
     monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "1")
-    dev = impl.device
     cases = [(1, 40, 80), (3, 17, 1040), (16, 72, 4224), (7, 130, 2096), (2, 24, 48), (16, 33, 3008)]
     if not impl.small:
         cases += [(1, 4096, 4096), (1, 28672, 8192), (16, 11008, 4096), (5, 1000, 8192), (9, 64, 133120)]
-    for i, (m, n, k) in enumerate(cases):
-        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
-        x_q[0, : k // 3], w_q[: n // 2, : k // 3] = -128, -128
-        x_scale = rand_scale(m if i % 2 else 1, device=dev)
-        w_scale = rand_scale(n, device=dev)
-        bias = None if i % 4 == 3 or out_dtype == torch.int32 else _rand((n,), FLOATS[i % 3], dev)
-        _poison_pool((m, n), out_dtype, dev)
-        y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        assert y.dtype == out_dtype and torch.equal(y, expect), f"[{m}, {n}, {k}]"
+    _check_w8a8_exact(impl, out_dtype, cases, extremes=True)
 
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
@@ -393,22 +382,13 @@ def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
     monkeypatch.setenv("PTQRT_EMU_SMS", "4")
-    dev = impl.device
     # With 4 emulated SMs: 256-wide tiles, and 128-wide ones (127 x 130; 100 x 200 with split-K and more K
     # tiles than stages) where 256-wide tiles would leave SMs idle.
     cases = [(65, 40, 64), (127, 130, 272), (130, 300, 1040), (200, 17, 100), (100, 200, 1040)]
     if not impl.small:
         cases += [(4096, 4096, 4096), (8192, 8192, 8192), (333, 1000, 3000), (2048, 28672, 8192), (100, 64, 133120),
                   (512, 4096, 4096), (512, 4096, 11008), (128, 11008, 4096)]
-    for i, (m, n, k) in enumerate(cases):
-        x_q, w_q = rand_int8(m, k, device=dev), rand_int8(n, k, device=dev)
-        x_scale = rand_scale(m if i % 2 else 1, device=dev)
-        w_scale = rand_scale(n, device=dev)
-        bias = None if out_dtype == torch.int32 or i % 3 == 2 else _rand((n,), FLOATS[i % 3], dev)
-        _poison_pool((m, n), out_dtype, dev)
-        y = impl("w8a8_gemm", x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        expect = ref.w8a8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        assert torch.equal(y, expect), f"[{m}, {n}, {k}]: max diff {(y.double() - expect.double()).abs().max()}"
+    _check_w8a8_exact(impl, out_dtype, cases)
 
 
 # ------------------------------------------------------------------------------------------ w8a16_gemm
