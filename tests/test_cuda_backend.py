@@ -542,15 +542,16 @@ def test_int8_kv_decode_attention(impl, dtype, dynamic):
 
 
 def _stream_cases(impl):
-    """Cases the streaming kernel serves (1-2 query heads per kv head, D in {64, 128, 256}): partial
-    tiles, a length-0 sequence, several splits (the emulator's 8 SMs), and two it does not (a group of
-    4, D = 40) that must fall back to the default kernel."""
+    """Cases the streaming kernel serves (1-2 query heads per kv head with D in {64, 128, 256}, groups of
+    3-4 with D in {64, 128}): partial tiles, a length-0 sequence, several splits (the emulator's 8 SMs),
+    and two it does not (a group of 8, D = 40) that must fall back to the default kernel."""
     cases = [(2, 4, 4, 128, 12, 16, 6, [37, 96]), (3, 4, 2, 64, 10, 8, 8, [0, 61, 5]),
              (1, 2, 1, 256, 6, 16, 6, [90]), (1, 2, 2, 128, 40, 16, 40, [600]), (2, 8, 2, 128, 6, 16, 4, [50, 9]),
-             (1, 2, 2, 40, 4, 16, 4, [33])]
+             (2, 6, 2, 64, 10, 8, 8, [0, 61]), (1, 16, 2, 128, 6, 16, 4, [45]), (1, 2, 2, 40, 4, 16, 4, [33])]
     if not impl.small:
         cases += [(16, 32, 32, 128, 4200, 16, 256, [4096] * 15 + [4001]), (1, 28, 14, 128, 2100, 16, 2048, [32760]),
-                  (8, 16, 8, 64, 700, 32, 80, [2500, 1, 0, 777, 2560, 64, 512, 333]), (3, 8, 8, 256, 300, 16, 90, [1400, 17, 999])]
+                  (8, 16, 8, 64, 700, 32, 80, [2500, 1, 0, 777, 2560, 64, 512, 333]), (3, 8, 8, 256, 300, 16, 90, [1400, 17, 999]),
+                  (4, 32, 8, 128, 1100, 16, 256, [4096, 3000, 1, 4095]), (2, 12, 4, 64, 600, 16, 300, [4700, 33])]
     return cases
 
 

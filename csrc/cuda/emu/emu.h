@@ -425,11 +425,13 @@ inline void cp_async16(void* dst, const void* src, bool pred) {
     emu::fail("cp.async with a misaligned 16-byte address");
   emu::g_thread->open.push_back({dst, src, pred});
 }
-inline void cp_async4(void* dst, const void* src) {
-  if ((reinterpret_cast<uintptr_t>(dst) & 3) || (reinterpret_cast<uintptr_t>(src) & 3))
-    emu::fail("cp.async with a misaligned 4-byte address");
-  emu::g_thread->open.push_back({dst, src, true, 4});
+inline void cp_async_small(void* dst, const void* src, int bytes) {
+  if ((reinterpret_cast<uintptr_t>(dst) % bytes) || (reinterpret_cast<uintptr_t>(src) % bytes))
+    emu::fail("cp.async with a misaligned " + std::to_string(bytes) + "-byte address");
+  emu::g_thread->open.push_back({dst, src, true, bytes});
 }
+inline void cp_async4(void* dst, const void* src) { cp_async_small(dst, src, 4); }
+inline void cp_async8(void* dst, const void* src) { cp_async_small(dst, src, 8); }
 inline void cp_async_commit() {
   emu::g_thread->groups.push_back(std::move(emu::g_thread->open));
   emu::g_thread->open.clear();

@@ -11,10 +11,11 @@ namespace cuda {
 template <typename T, int GT, int LPR>
 cudaError_t launch_stream(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
   auto kernel = decode_stream_kernel<T, GT, LPR>;
+  constexpr size_t smem = decode_stream_smem_bytes(decode_stream_cols(GT));
   static size_t granted[64] = {};
-  const cudaError_t e = opt_in_smem(kernel, decode_stream_smem_bytes(), granted);
+  const cudaError_t e = opt_in_smem(kernel, smem, granted);
   if (e != cudaSuccess) return e;
-  PTQRT_LAUNCH(kernel, grid, kDecodeThreads, decode_stream_smem_bytes(), stream)(a);
+  PTQRT_LAUNCH(kernel, grid, kDecodeThreads, smem, stream)(a);
   return cudaSuccess;
 }
 
@@ -24,14 +25,16 @@ cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {
   const dim3 grid(a.splits, a.Hkv * ((G + GT - 1) / GT), a.B);
   cudaError_t e = cudaSuccess;
   bool streamed = false;
-  if constexpr (GT <= 2) {
-    if (decode_stream_fits(a, GT)) {
+  if (decode_stream_fits(a, GT)) {  // LPR = D / columns a lane
+    if constexpr (GT <= 2) {
       e = a.D == 64 ? launch_stream<T, GT, 4>(a, grid, stream)
           : a.D == 128 ? launch_stream<T, GT, 8>(a, grid, stream)
                        : launch_stream<T, GT, 16>(a, grid, stream);
-      if (e != cudaSuccess) return e;
-      streamed = true;
+    } else if constexpr (GT == 4) {
+      e = a.D == 64 ? launch_stream<T, GT, 8>(a, grid, stream) : launch_stream<T, GT, 16>(a, grid, stream);
     }
+    if (e != cudaSuccess) return e;
+    streamed = true;
   }
   if (!streamed) {
     auto kernel = decode_attention_kernel<T, GT>;

@@ -1,12 +1,14 @@
 // int8_kv_decode_attention, streaming form (one pass, online softmax), for 1 or 2 query heads per
-// CTA and D in {64, 128, 256} with 16-byte aligned caches. Same contract, grid, split-KV partials and
-// combine kernel as decode_attention.cuh; opt-in (PTQRT_CUDA_DECODE_STREAM=1) until measured.
+// CTA with D in {64, 128, 256} (16 columns a lane), or 4 (GQA groups of 3-4) with D in {64, 128} (8
+// columns a lane, to keep q' and the accumulators of 4 heads in registers); 16-byte aligned caches.
+// Same contract, grid, split-KV partials and combine kernel as decode_attention.cuh; opt-in
+// (PTQRT_CUDA_DECODE_STREAM=1) until measured.
 //
 // Why a second form. decode_attention.cuh gives each thread a whole K row (a warp's 16-byte load
 // touches 32 rows, 32 cache lines) and runs its three phases (scores, softmax, P.V) one after the
 // other, each with few bytes in flight; it reached 46-61% of copy bandwidth on an H100. Here:
-//   * the D / 16 lanes of a row group read one row's 16-byte slices side by side (a warp-wide copy
-//     covers 32 / (D / 16) whole rows); lane (grp, sl) owns columns [16 sl, 16 sl + 16);
+//   * the D / COLS lanes of a row group read one row's COLS-byte slices side by side (a warp-wide copy
+//     covers 32 / (D / COLS) whole rows); lane (grp, sl) owns columns [COLS sl, COLS sl + COLS);
 //   * each warp streams its own tiles of TILE = (32 / LPR) * U tokens through a kStreamStages-deep
 //     cp.async ring in shared memory (K, V and their dynamic scales), so two tiles are in flight
 //     while one is computed. Each lane reads back only the bytes it copied itself, so the ring needs
@@ -27,21 +29,36 @@ constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 constexpr int kStreamStages = 3;  // tiles per warp in the ring: one computed, two in flight
 constexpr int kStreamRows = 4;    // U: rows per lane per tile
 
+// Columns a lane owns for `gt` query heads per CTA (0: the streaming kernel does not serve them).
+__host__ __device__ constexpr int decode_stream_cols(int gt) { return gt <= 2 ? 16 : gt == 4 ? 8 : 0; }
+
 // Whether the streaming kernel serves these arguments (the launcher's choice).
 __host__ __device__ inline bool decode_stream_fits(const DecodeArgs& a, int gt) {
-  return a.stream && a.vec && gt <= 2 && (a.D == 64 || a.D == 128 || a.D == 256) && a.num_blocks > 0 &&
-         a.block_size > 0;
+  const int cols = decode_stream_cols(gt);
+  const bool d_ok = cols == 16 ? (a.D == 64 || a.D == 128 || a.D == 256) : cols == 8 && (a.D == 64 || a.D == 128);
+  return a.stream && a.vec && d_ok && a.num_blocks > 0 && a.block_size > 0;
 }
 
-// Ring bytes per warp and stage: K and V slices [U][32 lanes][16 B], then k and v scales [U][32 lanes].
-constexpr int kStreamStageBytes = kStreamRows * kWarp * (16 + 16 + 4 + 4);
-constexpr size_t decode_stream_smem_bytes() { return size_t(kDecodeWarps) * kStreamStages * kStreamStageBytes; }
+// Ring bytes per warp and stage: K and V slices [U][32 lanes][COLS B], then k and v scales [U][32 lanes].
+__host__ __device__ constexpr int stream_stage_bytes(int cols) { return kStreamRows * kWarp * (2 * cols + 4 + 4); }
+__host__ __device__ constexpr size_t decode_stream_smem_bytes(int cols) {
+  return size_t(kDecodeWarps) * kStreamStages * stream_stage_bytes(cols);
+}
 
-// Sixteen int8 (one 16-byte slice of a row) -> exact floats.
-__device__ __forceinline__ void int8x16_to_float(const uint4& raw, float (&f)[16]) {
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+// COLS int8 (one slice of a row, 16 or 8 bytes of shared memory) -> exact floats.
+template <int COLS>
+__device__ __forceinline__ void int8_slice_to_float(const unsigned char* p, float (&f)[COLS]) {
+  uint32_t words[COLS / 4];
+  if constexpr (COLS == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    words[0] = raw.x, words[1] = raw.y, words[2] = raw.z, words[3] = raw.w;
+  } else {
+    static_assert(COLS == 8, "16- or 8-byte slices");
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    words[0] = raw.x, words[1] = raw.y;
+  }
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < COLS / 4; ++j) {
     float t[4];
     int8x4_to_float(words[j], t);
 #pragma unroll
@@ -49,10 +66,11 @@ __device__ __forceinline__ void int8x16_to_float(const uint4& raw, float (&f)[16
   }
 }
 
-// grid: (splits, Hkv * ceil(G / GT), B); block: kDecodeThreads; dynamic smem: decode_stream_smem_bytes().
-template <typename T, int GT, int LPR>
+// grid: (splits, Hkv * ceil(G / GT), B); block: kDecodeThreads; dynamic smem: decode_stream_smem_bytes(COLS).
+template <typename T, int GT, int LPR, int COLS = decode_stream_cols(GT)>
 __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArgs a) {
-  constexpr int D = 16 * LPR;                   // head dim
+  constexpr int D = COLS * LPR;                 // head dim
+  constexpr int kStageBytes = stream_stage_bytes(COLS);
   constexpr int RPW = kWarp / LPR;              // rows one warp-wide copy covers (row groups)
   constexpr int U = kStreamRows;
   constexpr int TILE = RPW * U;                 // tokens per warp tile
@@ -66,8 +84,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
   const int split = blockIdx.x, h = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * GT, b = blockIdx.z;
   const int gcount = min(GT, G - g0);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int grp = lane / LPR, c0 = (lane % LPR) * 16;  // row group, first column
-  unsigned char* ring = ring_all + size_t(warp) * kStreamStages * kStreamStageBytes;
+  const int grp = lane / LPR, c0 = (lane % LPR) * COLS;  // row group, first column
+  unsigned char* ring = ring_all + size_t(warp) * kStreamStages * kStageBytes;
 
   int len = a.seq_lens[b];
   len = max(0, min(len, a.max_blocks * a.block_size));
@@ -87,7 +105,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
       const int t0 = first + i * stride;
       // Lane j looks up token t0 + j's cache row once; the row groups take theirs by shuffle.
       const int64_t mine = lane < TILE && t0 + lane < n ? kv_row(a, b, start + t0 + lane) : -1;
-      unsigned char* st = ring + (i % kStreamStages) * kStreamStageBytes;
+      unsigned char* st = ring + (i % kStreamStages) * kStageBytes;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int src = u * RPW + grp;
@@ -97,9 +115,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
         if (row >= 0) live |= 1u << u;
         const int64_t th = (row >= 0 ? row : 0) * a.Hkv + h;  // token-head index
         const int slot = u * kWarp + lane;
-        cp_async16(st + 16 * slot, a.k_cache + th * D + c0, true);
-        cp_async16(st + 16 * (U * kWarp + slot), a.v_cache + th * D + c0, true);
-        float* sc = reinterpret_cast<float*>(st + 32 * U * kWarp);
+        if constexpr (COLS == 16) {
+          cp_async16(st + COLS * slot, a.k_cache + th * D + c0, true);
+          cp_async16(st + COLS * (U * kWarp + slot), a.v_cache + th * D + c0, true);
+        } else {
+          cp_async8(st + COLS * slot, a.k_cache + th * D + c0);
+          cp_async8(st + COLS * (U * kWarp + slot), a.v_cache + th * D + c0);
+        }
+        float* sc = reinterpret_cast<float*>(st + 2 * COLS * U * kWarp);
         if (a.k_dynamic) cp_async4(sc + slot, a.k_scale + th);
         if (a.v_dynamic) cp_async4(sc + U * kWarp + slot, a.v_scale + th);
       }
@@ -112,44 +135,44 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
   uint32_t live_cur = issue(0), live_next = issue(1);  // in flight while q is read
 
   // q' = q * sm_scale (* static k scale) for this lane's 16 columns; heads past gcount are zero.
-  float qf[GT][16];
+  float qf[GT][COLS];
   const T* q = static_cast<const T*>(a.q) + (int64_t(b) * a.Hq + int64_t(h) * G + g0) * D;
 #pragma unroll
   for (int g = 0; g < GT; ++g)
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < COLS; ++i) {
       // log2(e) folded in: scores are in base 2 (exp2f: one MUFU.EX2), turned back at the end.
       float v = g < gcount ? to_float(q[g * D + c0 + i]) * (a.sm_scale * kLog2e) : 0.f;
       if (!a.k_dynamic) v *= a.k_scale[int64_t(h) * D + c0 + i];
       qf[g][i] = v;
     }
 
-  float m[GT], l[GT], acc[GT][16];
+  float m[GT], l[GT], acc[GT][COLS];
 #pragma unroll
   for (int g = 0; g < GT; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) acc[g][i] = 0.f;
+    for (int i = 0; i < COLS; ++i) acc[g][i] = 0.f;
   }
 
   for (int i = 0; i < tiles; ++i) {
     cp_async_wait<1>();  // tile i has landed (tile i + 1 may still be in flight)
     const uint32_t live_new = issue(i + 2);  // into the stage tile i - 1 left
-    const unsigned char* st = ring + (i % kStreamStages) * kStreamStageBytes;
-    const float* sc = reinterpret_cast<const float*>(st + 32 * U * kWarp);
+    const unsigned char* st = ring + (i % kStreamStages) * kStageBytes;
+    const float* sc = reinterpret_cast<const float*>(st + 2 * COLS * U * kWarp);
 
     // Scores: partial dots over 16 columns, summed over the group's LPR lanes.
     float s[U][GT];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float kf[16];
-      int8x16_to_float(*reinterpret_cast<const uint4*>(st + 16 * (u * kWarp + lane)), kf);
+      float kf[COLS];
+      int8_slice_to_float<COLS>(st + COLS * (u * kWarp + lane), kf);
 #pragma unroll
       for (int g = 0; g < GT; ++g) {
         float d = 0.f;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) d = fmaf(qf[g][j], kf[j], d);
+        for (int j = 0; j < COLS; ++j) d = fmaf(qf[g][j], kf[j], d);
         s[u][g] = d;
       }
     }
@@ -186,7 +209,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
         const float alpha = exp2f(m[g] - mn);  // 0 while m is still -inf
         l[g] *= alpha;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) acc[g][j] *= alpha;
+        for (int j = 0; j < COLS; ++j) acc[g][j] *= alpha;
         m[g] = mn;
       }
       l[g] += ps;
@@ -195,14 +218,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
     // P.V: each lane adds its rows' 16 columns (dynamic V scales ride on p; dead rows add 0 x V).
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float vf[16];
-      int8x16_to_float(*reinterpret_cast<const uint4*>(st + 16 * ((U + u) * kWarp + lane)), vf);
+      float vf[COLS];
+      int8_slice_to_float<COLS>(st + COLS * ((U + u) * kWarp + lane), vf);
       const float vs = !((live_cur >> u) & 1u) ? 0.f : a.v_dynamic ? sc[(U + u) * kWarp + lane] : 1.f;
 #pragma unroll
       for (int g = 0; g < GT; ++g) {
         const float pv = p[u][g] * vs;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) acc[g][j] = fmaf(pv, vf[j], acc[g][j]);
+        for (int j = 0; j < COLS; ++j) acc[g][j] = fmaf(pv, vf[j], acc[g][j]);
       }
     }
     live_cur = live_next;
@@ -214,14 +237,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
 #pragma unroll
   for (int g = 0; g < GT; ++g)
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < COLS; ++j)
 #pragma unroll
       for (int o = LPR; o < kWarp; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
   if (grp == 0) {
 #pragma unroll
     for (int g = 0; g < GT; ++g)
 #pragma unroll
-      for (int j = 0; j < 16; ++j) s_acc[warp][g][c0 + j] = acc[g][j];
+      for (int j = 0; j < COLS; ++j) s_acc[warp][g][c0 + j] = acc[g][j];
   }
   if (lane == 0) {
 #pragma unroll
