@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
   static_assert(kStreamStages == 3, "the live-bit rotation below holds three tiles");
   uint32_t live_cur = issue(0), live_next = issue(1);  // in flight while q is read
 
-  // q' = q * sm_scale (* static k scale) for this lane's 16 columns; heads past gcount are zero.
+  // q' = q * sm_scale (* static k scale) for this lane's COLS columns; heads past gcount are zero.
   float qf[GT][COLS];
   const T* q = static_cast<const T*>(a.q) + (int64_t(b) * a.Hq + int64_t(h) * G + g0) * D;
 #pragma unroll
