@@ -55,6 +55,14 @@ inline void scratch_out(int32_t* c, int64_t ldc, int64_t mr, int64_t nr, const i
     for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = t[i * ld + j];
 }
 
+// Software prefetch distance of the 1-row (decode) tiles, AVX2 and VNNI: bytes ahead in each weight
+// row (rows of a block are contiguous, so near a row's end it runs into the next rows). A 4 KiB row
+// is one page, and the hardware prefetchers start afresh at every page. M = 1, 2 threads, same
+// process, interleaved A/B on the Zen 3 box (bench/NOTES.md): 1.07-1.14x at 11008 x 4096 and
+// 4096 x 11008 (DRAM), 1.01-1.05x at 4096 x 4096 (L3) for 256-512 bytes; the 4-row tiles (M >= 4)
+// gained 1.00-1.03x, so only the 1-row tiles prefetch. (VNNI: the same reasoning, not measured.)
+constexpr int64_t kDecodePrefetch = 512;
+
 #if PTQRT_X86
 // -------------------------------------------------------------------------------------------- AVX2
 // int8 widened to int16 and multiplied with vpmaddwd, which adds two int16 products
@@ -113,12 +121,6 @@ PTQRT_AVX2 void tile4x2_avx2(const int16_t* xw, int64_t ldxw, const int8_t* w0, 
   if (nr > 1) c[1] = hsum(a01), c[ldc + 1] = hsum(a11), c[2 * ldc + 1] = hsum(a21), c[3 * ldc + 1] = hsum(a31);
 }
 
-// Software prefetch distance of the decode tiles, in bytes ahead in each weight row (rows of a block are
-// contiguous, so near a row's end it runs into the next rows). Each row of 4 KiB is one page, and the
-// hardware prefetchers start afresh at every page: M = 1, 2 threads, same process, interleaved A/B on
-// this Zen 3 box: 1.07-1.14x at 11008 x 4096 and 4096 x 11008 (DRAM), 1.01-1.05x at 4096 x 4096 (L3)
-// for 256-512 bytes; no gain for the 4-row tiles (M >= 4: 1.00-1.03x), so only here.
-constexpr int64_t kDecodePrefetch = 512;
 
 // One or two rows of the x panel against 4 weight rows (decode, and rows left over from the 4-row
 // tiles): each weight vector loaded once for both x rows.
@@ -210,6 +212,7 @@ struct Vnni512Native {
   PTQRT_AVX512 static inline V zero() { return _mm512_setzero_si512(); }
   PTQRT_AVX512 static inline V set1_u8(uint8_t v) { return _mm512_set1_epi8(static_cast<char>(v)); }
   PTQRT_AVX512 static inline V loadu(const int8_t* p) { return _mm512_loadu_si512(p); }
+  PTQRT_AVX512 static inline void prefetch(const int8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   PTQRT_AVX512 static inline Mask tail_mask(int64_t n) { return n >= 64 ? ~Mask(0) : (Mask(1) << n) - 1; }
   PTQRT_AVX512 static inline V maskz_loadu(Mask m, const int8_t* p) { return _mm512_maskz_loadu_epi8(m, p); }
   PTQRT_AVX512 static inline V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
@@ -251,6 +254,7 @@ struct Vnni512Emulated {
     std::memset(r.b, v, 64);
     return r;
   }
+  static void prefetch(const int8_t*) {}  // a hint: nothing to emulate
   static V loadu(const int8_t* p) {
     V r;
     std::memcpy(r.b, p, 64);
