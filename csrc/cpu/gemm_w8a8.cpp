@@ -212,7 +212,9 @@ struct Vnni512Native {
   PTQRT_AVX512 static inline V zero() { return _mm512_setzero_si512(); }
   PTQRT_AVX512 static inline V set1_u8(uint8_t v) { return _mm512_set1_epi8(static_cast<char>(v)); }
   PTQRT_AVX512 static inline V loadu(const int8_t* p) { return _mm512_loadu_si512(p); }
-  PTQRT_AVX512 static inline void prefetch(const int8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  PTQRT_AVX512 static inline void prefetch(const int8_t* p) {
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  }
   PTQRT_AVX512 static inline Mask tail_mask(int64_t n) { return n >= 64 ? ~Mask(0) : (Mask(1) << n) - 1; }
   PTQRT_AVX512 static inline V maskz_loadu(Mask m, const int8_t* p) { return _mm512_maskz_loadu_epi8(m, p); }
   PTQRT_AVX512 static inline V xor_(V a, V b) { return _mm512_xor_si512(a, b); }

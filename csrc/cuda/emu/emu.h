@@ -308,7 +308,8 @@ struct Launch {
   unsigned cluster_x = 1;  // CTAs per cluster along x (grid.x a multiple of it)
   template <class... Args>
   void operator()(Args... args) const {
-    if (cluster_x == 0 || grid.x % cluster_x != 0) throw std::runtime_error("ptqrt CUDA emulator: grid.x is not a multiple of the cluster");
+    if (cluster_x == 0 || grid.x % cluster_x != 0)
+      throw std::runtime_error("ptqrt CUDA emulator: grid.x is not a multiple of the cluster");
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x0 = 0; x0 < grid.x; x0 += cluster_x) {
