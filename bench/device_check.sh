@@ -183,7 +183,7 @@ fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
 if [ "$TESTS" = 1 ]; then
-    stage cuda-tests 120 "${PYTEST[@]}" "${XDIST[@]}" --ignore=tests/test_triton_backend.py tests/
+    stage cuda-tests 150 "${PYTEST[@]}" "${XDIST[@]}" --ignore=tests/test_triton_backend.py tests/
     [ "$CUDA_OK" = 1 ] && stage memcheck 100 env PTQRT_CUDA_CHECK_NO_TESTS=1 PTQRT_CUDA_NO_BUILD=1 MEMCHECK_LIMIT=85 CUDA_CHECK_LOG="$LOG" \
         bash bench/device_check_cuda.sh
 fi
