@@ -55,25 +55,6 @@ inline void scratch_out(int32_t* c, int64_t ldc, int64_t mr, int64_t nr, const i
     for (int64_t j = 0; j < nr; ++j) c[i * ldc + j] = t[i * ld + j];
 }
 
-// Software prefetch distance of the 1- and 2-row (decode) tiles, AVX2 and VNNI: bytes ahead in each
-// weight row, and near a row's end the start of the row the next tile reads (a 4 KiB row is one page,
-// and the hardware prefetchers start afresh at every page). M = 1, 2 threads, the Zen 3 box, the
-// variants interleaved in one process (bench/NOTES.md), against no prefetch: 1.19-1.28x at
-// 11008 x 4096, 1.18-1.21x at 4096 x 11008 (from DRAM), 0.97-1.01x at 4096 x 4096 (L3-resident);
-// prefetching only within the same row gave 0.98-1.10x. The 4-row tiles (M >= 4) gained 1.00-1.03x,
-// so only these prefetch. (VNNI: the same reasoning, not measured.)
-constexpr int64_t kDecodePrefetch = 512;
-// A prefetch of the byte `off` past p (integer arithmetic: the address may lie past the weights, where
-// a prefetch is harmless but forming the pointer would not be).
-inline void prefetch_at(const int8_t* p, int64_t off) {
-#if PTQRT_X86
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(off);
-  _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
-#else
-  (void)p, (void)off;
-#endif
-}
-
 #if PTQRT_X86
 // -------------------------------------------------------------------------------------------- AVX2
 // int8 widened to int16 and multiplied with vpmaddwd, which adds two int16 products
@@ -132,37 +113,38 @@ PTQRT_AVX2 void tile4x2_avx2(const int16_t* xw, int64_t ldxw, const int8_t* w0, 
   if (nr > 1) c[1] = hsum(a01), c[ldc + 1] = hsum(a11), c[2 * ldc + 1] = hsum(a21), c[3 * ldc + 1] = hsum(a31);
 }
 
-
 // One or two rows of the x panel against 4 weight rows (decode, and rows left over from the 4-row
 // tiles): each weight vector loaded once for both x rows.
 template <int R>
 PTQRT_AVX2 void tile_rx4_avx2(const int16_t* xw, int64_t ldxw, const int8_t* w0, const int8_t* w1, const int8_t* w2,
-                              const int8_t* w3, int64_t ldw, int64_t K, int32_t* c, int64_t ldc, int64_t nr) {
+                              const int8_t* w3, int64_t K, int32_t* c, int64_t ldc, int64_t nr) {
   static_assert(R == 1 || R == 2, "1 or 2 x rows (8 accumulators + 2 x + 1 weight + 1 product: 12 of 16 ymm)");
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
   const int16_t* x1 = xw + (R > 1 ? ldxw : 0);
-  WTail t0, t1, t2, t3;
-  const int8_t* rows[4] = {w0, w1, w2, w3};
-  for (int64_t k = 0; k < K; k += 16) {
-    {  // near the row's end, the start of the row 4 further on: the next tile's (rows ldw apart)
-      const int64_t kp = k + kDecodePrefetch;
-      prefetch_at(rows[(k >> 4) & 3], kp < K ? kp : 4 * ldw + (kp - K));
-    }
-    const __m256i x = load16(xw + k);
-    const __m256i y = R > 1 ? load16(x1 + k) : x;
-    __m256i v = widen16(t0.at(w0, k, K));
-    PTQRT_MADD(a0, x, v);
-    if (R > 1) PTQRT_MADD(b0, y, v);
-    v = widen16(t1.at(w1, k, K));
-    PTQRT_MADD(a1, x, v);
-    if (R > 1) PTQRT_MADD(b1, y, v);
-    v = widen16(t2.at(w2, k, K));
-    PTQRT_MADD(a2, x, v);
-    if (R > 1) PTQRT_MADD(b2, y, v);
-    v = widen16(t3.at(w3, k, K));
-    PTQRT_MADD(a3, x, v);
-    if (R > 1) PTQRT_MADD(b3, y, v);
+#define PTQRT_RX4_STEP(p0, p1, p2, p3)                    \
+  do {                                                    \
+    const __m256i x = load16(xw + k);                     \
+    const __m256i y = R > 1 ? load16(x1 + k) : x;         \
+    __m256i v = widen16(p0);                              \
+    PTQRT_MADD(a0, x, v);                                 \
+    if (R > 1) PTQRT_MADD(b0, y, v);                      \
+    v = widen16(p1);                                      \
+    PTQRT_MADD(a1, x, v);                                 \
+    if (R > 1) PTQRT_MADD(b1, y, v);                      \
+    v = widen16(p2);                                      \
+    PTQRT_MADD(a2, x, v);                                 \
+    if (R > 1) PTQRT_MADD(b2, y, v);                      \
+    v = widen16(p3);                                      \
+    PTQRT_MADD(a3, x, v);                                 \
+    if (R > 1) PTQRT_MADD(b3, y, v);                      \
+  } while (0)
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) PTQRT_RX4_STEP(w0 + k, w1 + k, w2 + k, w3 + k);
+  if (k < K) {  // the last K % 16 bytes of each row, from zero-padded copies (no read past a row)
+    WTail t0, t1, t2, t3;
+    PTQRT_RX4_STEP(t0.at(w0, k, K), t1.at(w1, k, K), t2.at(w2, k, K), t3.at(w3, k, K));
   }
+#undef PTQRT_RX4_STEP
   const int32_t r[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
   for (int64_t j = 0; j < nr; ++j) c[j] = r[j];
   if (R > 1) {
@@ -210,9 +192,9 @@ PTQRT_AVX2 void block_avx2(const W8A8Block& b) {
         auto row = [&](int64_t j) { return w + (n0 + std::min(j, nr - 1)) * ldw; };
         int32_t* ci = c + i * b.ldc + n0;
         if (i + 1 < mr)
-          tile_rx4_avx2<2>(xw + i * K16, K16, row(0), row(1), row(2), row(3), ldw, b.K, ci, b.ldc, nr);
+          tile_rx4_avx2<2>(xw + i * K16, K16, row(0), row(1), row(2), row(3), b.K, ci, b.ldc, nr);
         else
-          tile_rx4_avx2<1>(xw + i * K16, K16, row(0), row(1), row(2), row(3), ldw, b.K, ci, b.ldc, nr);
+          tile_rx4_avx2<1>(xw + i * K16, K16, row(0), row(1), row(2), row(3), b.K, ci, b.ldc, nr);
       }
   }
 }
@@ -226,7 +208,6 @@ struct Vnni512Native {
   PTQRT_AVX512 static inline V zero() { return _mm512_setzero_si512(); }
   PTQRT_AVX512 static inline V set1_u8(uint8_t v) { return _mm512_set1_epi8(static_cast<char>(v)); }
   PTQRT_AVX512 static inline V loadu(const int8_t* p) { return _mm512_loadu_si512(p); }
-  static inline void prefetch(const int8_t* p, int64_t off) { prefetch_at(p, off); }
   PTQRT_AVX512 static inline Mask tail_mask(int64_t n) { return n >= 64 ? ~Mask(0) : (Mask(1) << n) - 1; }
   PTQRT_AVX512 static inline V maskz_loadu(Mask m, const int8_t* p) { return _mm512_maskz_loadu_epi8(m, p); }
   PTQRT_AVX512 static inline V xor_(V a, V b) { return _mm512_xor_si512(a, b); }
@@ -268,7 +249,6 @@ struct Vnni512Emulated {
     std::memset(r.b, v, 64);
     return r;
   }
-  static void prefetch(const int8_t*, int64_t) {}  // a hint: nothing to emulate
   static V loadu(const int8_t* p) {
     V r;
     std::memcpy(r.b, p, 64);

@@ -29,12 +29,6 @@ PTQRT_VNNI_TARGET void tile(const int8_t* x, int64_t ldx, const int32_t* xsum, c
   const V flip = P::set1_u8(0x80);
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    // One row (decode): prefetch each weight row kDecodePrefetch bytes ahead, near its end the start
-    // of the row kNR further on, which the next tile reads (see the AVX2 decode tiles).
-    if constexpr (mr == 1) {
-      const int64_t kp = k + kDecodePrefetch;
-      for (int j = 0; j < nr; ++j) P::prefetch(w + j * ldw, kp < K ? kp : kNR * ldw + (kp - K));
-    }
     V wu[nr];
     for (int j = 0; j < nr; ++j) wu[j] = P::xor_(P::loadu(w + j * ldw + k), flip);
     for (int i = 0; i < mr; ++i) {
