@@ -102,14 +102,7 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, M, N, K, G, NUM_GRO
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        x_ptrs = x_ptr + ram[:, None] * stride_xm + kk[None, :]
-        w_ptrs = w_ptr + rbn[None, :] * stride_wn + kk[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            x = tl.load(x_ptrs, mask=kk[None, :] < K, other=0.0)
-            w = tl.load(w_ptrs, mask=kk[:, None] < K, other=0)
+        x, w = _common.gemm_tiles(x_ptr, w_ptr, ram, rbn, stride_xm, stride_wn, kk, K, EVEN_K)
         acc = _dequant_dot(x, w, s_ptr, rbn, kk, G, NUM_GROUPS, K, acc, k0, False, SCALE_MODE, DOT_DTYPE, PRMT)
     _epilogue_store(acc, offs_m[:, None], offs_n[None, :], M, N, c_ptr, stride_cm, s_ptr, bias_ptr,
                     SCALE_MODE, HAS_BIAS)
