@@ -141,33 +141,19 @@ def split_k_range(pid_k, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def gemm_tiles(x_ptr, w_ptr, ram, rbn, stride_xm, stride_wn, kk, K, EVEN_K: tl.constexpr):
-    """The GEMM's operands at K indices kk: x [BLOCK_M, BLOCK_K] (rows ram) and the [BLOCK_K, BLOCK_N]
-    view of W^T (rows rbn), zero past K (gemv_tiles has the same loads with the roles swapped)."""
-    x_ptrs = x_ptr + ram[:, None] * stride_xm + kk[None, :]
-    w_ptrs = w_ptr + rbn[None, :] * stride_wn + kk[:, None]
+def dot_operands(a_ptr, b_ptr, ra, rb, stride_a, stride_b, kk, K, EVEN_K: tl.constexpr):
+    """Both operands of a dot at K indices kk, zero past K: A [rows ra, BLOCK_K] and the [BLOCK_K, rows
+    rb] view of B^T, from row-major A and B with unit K stride. The GEMMs pass (x, w) and get x and
+    W^T; the swap-AB GEMVs pass (w, x) and get W and x^T."""
+    a_ptrs = a_ptr + ra[:, None] * stride_a + kk[None, :]
+    b_ptrs = b_ptr + rb[None, :] * stride_b + kk[:, None]
     if EVEN_K:
-        x = tl.load(x_ptrs)
-        w = tl.load(w_ptrs)
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
     else:
-        x = tl.load(x_ptrs, mask=kk[None, :] < K, other=0.0)
-        w = tl.load(w_ptrs, mask=kk[:, None] < K, other=0)
-    return x, w
-
-
-@triton.jit
-def gemv_tiles(w_ptr, x_ptr, rbn, ram, stride_wn, stride_xm, kk, K, EVEN_K: tl.constexpr):
-    """The swap-AB GEMV's operands at K indices kk: the weight tile [BLOCK_N, BLOCK_K] (rows rbn)
-    and x^T [BLOCK_K, BLOCK_M] (rows ram), zero past K."""
-    w_ptrs = w_ptr + rbn[:, None] * stride_wn + kk[None, :]
-    x_ptrs = x_ptr + ram[None, :] * stride_xm + kk[:, None]
-    if EVEN_K:
-        w = tl.load(w_ptrs)
-        x = tl.load(x_ptrs)
-    else:
-        w = tl.load(w_ptrs, mask=kk[None, :] < K, other=0)
-        x = tl.load(x_ptrs, mask=kk[:, None] < K, other=0)
-    return w, x
+        a = tl.load(a_ptrs, mask=kk[None, :] < K, other=0)
+        b = tl.load(b_ptrs, mask=kk[:, None] < K, other=0)
+    return a, b
 
 
 @triton.jit

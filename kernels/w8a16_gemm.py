@@ -102,7 +102,7 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, M, N, K, G, NUM_GRO
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        x, w = _common.gemm_tiles(x_ptr, w_ptr, ram, rbn, stride_xm, stride_wn, kk, K, EVEN_K)
+        x, w = _common.dot_operands(x_ptr, w_ptr, ram, rbn, stride_xm, stride_wn, kk, K, EVEN_K)
         acc = _dequant_dot(x, w, s_ptr, rbn, kk, G, NUM_GROUPS, K, acc, k0, False, SCALE_MODE, DOT_DTYPE, PRMT)
     _epilogue_store(acc, offs_m[:, None], offs_n[None, :], M, N, c_ptr, stride_cm, s_ptr, bias_ptr,
                     SCALE_MODE, HAS_BIAS)
@@ -125,7 +125,7 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, part_ptr, cnt_ptr, 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         kk = k0 + offs_k
-        w, x = _common.gemv_tiles(w_ptr, x_ptr, rbn, ram, stride_wn, stride_xm, kk, K, EVEN_K)
+        w, x = _common.dot_operands(w_ptr, x_ptr, rbn, ram, stride_wn, stride_xm, kk, K, EVEN_K)
         acc = _dequant_dot(x, w, s_ptr, rbn, kk, G, NUM_GROUPS, K, acc, k0, True, SCALE_MODE, DOT_DTYPE, PRMT)
     m_idx = offs_m[None, :]
     n_idx = offs_n[:, None]

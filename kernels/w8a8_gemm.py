@@ -106,7 +106,7 @@ def _w8a8_gemv_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, part_ptr, c
     k_start, k_stop = _common.split_k_range(pid_k, K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        w, x = _common.gemv_tiles(b_ptr, a_ptr, rbn, ram, stride_bn, stride_am, k0 + offs_k, K, EVEN_K)
+        w, x = _common.dot_operands(b_ptr, a_ptr, rbn, ram, stride_bn, stride_am, k0 + offs_k, K, EVEN_K)
         acc = tl.dot(w, x, acc=acc, out_dtype=tl.int32)
     m_idx = offs_m[None, :]
     n_idx = offs_n[:, None]
