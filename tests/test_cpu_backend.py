@@ -157,6 +157,76 @@ def test_w8a8_paths_agree_bit_for_bit(cpu_ops, monkeypatch):
             assert torch.equal(a, b_), name
 
 
+# ------------------------------------------------------------------- packed-weight cache (AVX2)
+@contextlib.contextmanager
+def _pack_budget(cpu_ops, nbytes: int):
+    """The packed-weight cache's budget inside the block (setting it drops every entry)."""
+    old = cpu_ops.pack_cache_set_budget(nbytes)
+    try:
+        yield
+    finally:
+        cpu_ops.pack_cache_set_budget(old)
+
+
+@pytest.fixture
+def avx2(cpu_ops, monkeypatch):
+    if not _supported(cpu_ops, "avx2"):
+        pytest.skip(f"this CPU has no avx2 (its best path is {cpu_ops.best_isa()})")
+    monkeypatch.setenv("PTQRT_CPU_ISA", "avx2")
+
+
+@pytest.mark.parametrize("cached", (True, False))
+@pytest.mark.parametrize("m,n,k", ((3, 17, 33), (4, 16, 1), (5, 1, 2), (7, 33, 3), (16, 15, 513), (17, 40, 4111),
+                                   (23, 70, 200), (24, 37, 5000), (29, 16, 4096), (127, 33, 17), (131, 50, 2003)))
+def test_w8a8_avx2_panels_cached_and_repacked(cpu_ops, avx2, cached, m, n, k):
+    """The AVX2 panel kernel reads the weights either from the cache's whole-weight panel-order copy
+    (M >= 3) or from per-call repacked chunks (M >= 24, nothing cached); every row count 1-6 of the
+    last row group, partial 16-column panels, odd K, several K chunks, -128 in both operands."""
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    x[0, 0], w[0, 0], w[-1, -1] = -128, -128, -128
+    with _pack_budget(cpu_ops, (1 << 30) if cached else 0):
+        for _ in range(2):  # the first call packs (when cached), the second reads the copy
+            _dirty_heap(4 * m * n)
+            out = cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32)
+            assert torch.equal(out, ref.int32_matmul(x, w))
+        entries = cpu_ops.pack_cache_info()[0]
+        assert entries == (1 if cached else 0)
+
+
+def test_pack_cache_follows_the_weight(cpu_ops, avx2):
+    """In-place writes repack, freed weights free their copy, a full budget or an inference tensor
+    is simply not cached; every result stays exact."""
+    m, n, k = 16, 40, 200
+    x = rand_int8(m, k)
+
+    def run(w):
+        out = cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32)
+        assert torch.equal(out, ref.int32_matmul(x, w))
+
+    with _pack_budget(cpu_ops, 1 << 30):
+        w = rand_int8(n, k)
+        run(w)
+        entries, held, _ = cpu_ops.pack_cache_info()
+        assert entries == 1 and held >= n * k
+        w.neg_()  # the same storage, a new version: the stale copy must not be used
+        run(w)
+        w[3:5].copy_(rand_int8(2, k))  # a write through a view bumps the same version counter
+        run(w)
+        w2 = w.clone()
+        run(w2)
+        assert cpu_ops.pack_cache_info()[0] == 2
+        del w, w2
+        assert cpu_ops.pack_cache_info()[:2] == [0, 0]
+        with torch.inference_mode():
+            wi = rand_int8(n, k)
+        run(wi)
+        assert cpu_ops.pack_cache_info()[0] == 0
+    with _pack_budget(cpu_ops, n * k // 2):  # too small for the copy: runs uncached
+        run(rand_int8(n, k))
+        assert cpu_ops.pack_cache_info()[:2] == [0, 0]
+
+
 @contextlib.contextmanager
 def _isa_env(name: str):
     """PTQRT_CPU_ISA=name inside the block (hypothesis tests cannot take the monkeypatch fixture)."""

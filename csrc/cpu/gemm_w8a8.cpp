@@ -5,11 +5,13 @@
 // reduce across lanes once. The driver cuts N into blocks of about 192 KiB of weights, which stay in
 // L2 while every row block of x streams past them, and runs (n-block, m-block) tasks on
 // at::parallel_for. Paths (isa.h): AVX-512 VNNI (vpdpbusd, 64 MACs an instruction), AVX2 (int8
-// widened to int16, vpmaddwd: exact for every int8 value, where vpmaddubsw would saturate; dot-product
-// tiles below 24 rows, an outer-product panel kernel from 24 rows up), scalar.
+// widened to int16, vpmaddwd: exact for every int8 value, where vpmaddubsw would saturate; an
+// outer-product panel kernel from 3 rows up on the weights' cached panel-order copy (pack_cache.h),
+// or from 24 rows up repacking them per call when nothing is cached; dot-product tiles below), scalar.
 // All three return the same int32 sums; the fp32 epilogue runs in baseline code (no FMA contraction)
 // in the reference's order, (float(acc) * x_scale[m]) * w_scale[n] + bias[n], then one cast.
 #include "common.h"
+#include "pack_cache.h"
 
 namespace ptqrt_cpu {
 
@@ -21,6 +23,7 @@ struct W8A8Block {
   int64_t ldx;
   const int32_t* xsum;     // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
   const int16_t* xpanel;   // this m-block's x as 6-row int16 groups (AVX2 panel path only)
+  const int8_t* wpanels;   // this n-block's weights in panel order, cached (AVX2 panel path), or null
   const uint8_t* xquads;   // this m-block's x ^ 0x80 as 8-row groups of 4-byte k quads (VNNI panel path)
   const int8_t* w;
   int64_t ldw;
@@ -425,7 +428,16 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   }
 
 #if PTQRT_X86
-  const std::vector<int16_t> xpanel = isa == Isa::avx2 ? pack_x_panels(xp, M, K, MB) : std::vector<int16_t>();
+  // AVX2: the panel kernel from kPackedMinRows rows with the weights' cached panel-order copy, from
+  // kPanelMinRows repacking them per call; the dot-product tiles below.
+  at::Tensor wpanels;
+  if (isa == Isa::avx2 && M >= kPackedMinRows)
+    wpanels = packed_weight(w_q, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& w, int8_t* dst) {
+      pack_w_panels_avx2(w.data_ptr<int8_t>(), N, K, dst);
+    });
+  const int64_t wpanel_stride = ceil_div(K, 2) * 2 * kPanelCols;
+  const bool panel = isa == Isa::avx2 && (wpanels.defined() || M >= kPanelMinRows);
+  const std::vector<int16_t> xpanel = panel ? pack_x_panels(xp, M, K, MB) : std::vector<int16_t>();
   const int64_t xpanel_block = ceil_div(MB, kPanelRows) * kPanelRows * 2 * ceil_div(K, 2);
 #endif
   int64_t NB = std::min<int64_t>(512, std::max<int64_t>(16, (192 * 1024) / std::max<int64_t>(K, 1) / 16 * 16));
@@ -443,11 +455,12 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     std::vector<int32_t> cbuf(raw ? 0 : MB * NB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
-      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr,
+      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, nullptr,
                   xquads.empty() ? nullptr : xquads.data() + (m0 / MB) * xquads_block, wp + n0 * K, K,
                   std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0};
 #if PTQRT_X86
       if (!xpanel.empty()) b.xpanel = xpanel.data() + (m0 / MB) * xpanel_block;
+      if (wpanels.defined()) b.wpanels = wpanels.data_ptr<int8_t>() + (n0 / kPanelCols) * wpanel_stride;
 #endif
       if (raw) {
         b.c = out.data_ptr<int32_t>() + m0 * N + n0;

@@ -1,26 +1,28 @@
-// The AVX2 w8a8 kernel for M >= kPanelMinRows: an outer-product (panel) kernel, included once by
-// gemm_w8a8.cpp inside its anonymous namespace (it uses W8A8Block and the helpers defined there).
+// The AVX2 w8a8 panel (outer-product) kernel, included once by gemm_w8a8.cpp inside its anonymous
+// namespace (it uses W8A8Block and the helpers defined there).
 //
 // Why a second formulation. The dot-product tiles (K along the lanes, a horizontal sum per output)
 // need a fresh x or w vector for every vpmaddwd and widen every weight vector with a shuffle, and
 // measured 45-60 GMAC/s on one Zen 3 core, while vpmaddwd + vpaddd on registers run at ~80. Here
 // the lanes are output columns instead: for one pair of k, a vector holds 8 columns' two weights
 // (int16), each x row contributes one broadcast 32-bit (two int16) value, and one vpmaddwd adds
-// the row's two products into each column's int32 lane. A 6 x 16 tile keeps 12 accumulators, reads
-// 2 weight vectors + 6 broadcasts per 12 vpmaddwd, and needs no horizontal sum.
+// the row's two products into each column's int32 lane. An R x 16 tile (R <= 6) keeps 2R
+// accumulators, reads 2 weight vectors (16 bytes each, widened to int16 by the load) and R
+// broadcasts per 2R vpmaddwd, and needs no horizontal sum: 72-77 GMAC/s on one Zen 3 core.
 //
-// It needs the weights in that order, so they are repacked per call into an L1/L2-resident buffer
-// (16 columns x one K chunk at a time, widened to int16 on the way: a byte-to-int16 widen and an
-// 8 x 8 transpose of 32-bit units per 8 rows x 16 k), and x, once per call, into 6-row interleaved
-// int16 groups. The repack costs one pass over the weights per call and m-block, which the 6-row
-// reuse pays for from about 24 rows up (4096 x 4096, against the dot-product tiles, same run, one
-// and two Zen 3 cores: 0.66-0.99x at M = 4-10, 0.9-1.0x at 12-20 where the 6-row groups also
-// waste up to 4 rows, 1.0-1.15x at 24-32, 1.1-1.3x at 64-128). Every int8 value, -128 included, is
-// exact: int16 products of int8 values, two per int32 lane, wrapping adds.
+// The weights must be in panel order, [16-column panel][k pair][16][2] int8. Either the packed-weight
+// cache (pack_cache.h) holds the whole weight in that order (packed once, on the first call), and the
+// kernel runs from M >= kPackedMinRows; or, without a cached copy, each block repacks 16 columns x one
+// K chunk at a time into an L1-resident buffer (8 x 8 transposes of 2-byte units), which the row
+// reuse pays for from kPanelMinRows rows up, and fewer rows take the dot-product tiles. x is packed
+// once per call into 6-row interleaved int16 groups. Every int8 value, -128 included, is exact: int16
+// products of int8 values, two per int32 lane, wrapping adds.
 #pragma once
 
 constexpr int kPanelRows = 6, kPanelCols = 16;
-constexpr int64_t kPanelMinRows = 24;
+constexpr int64_t kPanelMinRows = 24;   // repacking per call (no cached copy)
+constexpr int64_t kPackedMinRows = 3;   // with the cached packed weights
+constexpr int kPanelLayout = 1;         // this layout's tag in the packed-weight cache
 
 // x [mb, K] (ldx) columns [k0, k0 + kc) -> xp [ceil(mb / 6)][kp][6][2] int16, zeros past mb and kc.
 // (Baseline code, no AVX: it runs once per call, a small part of the work.)
@@ -44,46 +46,38 @@ inline void pack_x_panel(const int8_t* x, int64_t ldx, int64_t mb, int64_t k0, i
   }
 }
 
-// 8 x 8 transpose of 32-bit units across r[0..8).
-PTQRT_AVX2_INLINE void transpose8x8_epi32(__m256i r[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i + 0] = _mm256_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2x128_si256(u[i], u[4 + i], 0x20);
-    r[4 + i] = _mm256_permute2x128_si256(u[i], u[4 + i], 0x31);
-  }
-}
-
-// Weight rows [0, nr) (nr <= 16, ldw apart), columns [k0, k0 + kc) -> wp [kp][16][2] int16: for
+// Weight rows [0, nr) (nr <= 16, ldw apart), columns [k0, k0 + kc) -> wp [kp][16][2] int8: for
 // k pair p, the two weights of column j at wp[p * 32 + 2 * j]. Zeros past nr and kc.
-PTQRT_AVX2 void pack_w_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, int64_t k0, int64_t kc, int16_t* wp) {
+PTQRT_AVX2 void pack_w_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, int64_t k0, int64_t kc, int8_t* wp) {
   const int64_t kp = ceil_div(kc, 2);
-  for (int h = 0; h < 2; ++h) {  // columns [8h, 8h + 8): the low or high vector of each k pair
+  for (int h = 0; h < 2; ++h) {  // columns [8h, 8h + 8): bytes [16h, 16h + 16) of each k pair
     const int64_t rows = std::clamp<int64_t>(nr - 8 * h, 0, 8);
     const int8_t* base = w + 8 * h * ldw + k0;
     int64_t k = 0;
     if (rows == 8) {
-      for (; k + 16 <= kc; k += 16) {
-        __m256i r[8];
-        for (int i = 0; i < 8; ++i)
-          r[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + i * ldw + k)));
-        transpose8x8_epi32(r);  // r[q]: the 8 columns' pair k/2 + q
-        for (int q = 0; q < 8; ++q)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(wp + (k / 2 + q) * 2 * kPanelCols + 16 * h), r[q]);
+      for (; k + 16 <= kc; k += 16) {  // 8 rows x 8 k pairs: an 8 x 8 transpose of 2-byte units
+        __m128i r[8], t[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + i * ldw + k));
+        for (int i = 0; i < 4; ++i) {
+          t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+          t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 2; ++i) {  // r[4i + q']: rows 0-3 (i = 0) or 4-7 (i = 1), pairs 2q', 2q' + 1
+          r[4 * i + 0] = _mm_unpacklo_epi32(t[4 * i + 0], t[4 * i + 2]);
+          r[4 * i + 1] = _mm_unpackhi_epi32(t[4 * i + 0], t[4 * i + 2]);
+          r[4 * i + 2] = _mm_unpacklo_epi32(t[4 * i + 1], t[4 * i + 3]);
+          r[4 * i + 3] = _mm_unpackhi_epi32(t[4 * i + 1], t[4 * i + 3]);
+        }
+        for (int q = 0; q < 4; ++q) {  // pairs 2q and 2q + 1 of all 8 rows
+          int8_t* d = wp + (k / 2 + 2 * q) * 2 * kPanelCols + 16 * h;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_unpacklo_epi64(r[q], r[4 + q]));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * kPanelCols), _mm_unpackhi_epi64(r[q], r[4 + q]));
+        }
       }
     }
     for (int64_t p = k / 2; p < kp; ++p)
       for (int64_t j = 0; j < 8; ++j) {
-        int16_t* d = wp + p * 2 * kPanelCols + 2 * (8 * h + j);
+        int8_t* d = wp + p * 2 * kPanelCols + 2 * (8 * h + j);
         const int8_t* src = base + j * ldw;
         d[0] = j < rows ? src[2 * p] : 0;
         d[1] = j < rows && 2 * p + 1 < kc ? src[2 * p + 1] : 0;
@@ -91,7 +85,17 @@ PTQRT_AVX2 void pack_w_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, int6
   }
 }
 
-// c [6, 16] (ldc) = (add ? c : 0) + xp-group . wp over kp pairs of k. Written in assembly: from
+// The whole weight [N, K] in panel order for the packed-weight cache: [ceil(N / 16)][kp][16][2].
+inline int64_t packed_panel_bytes(int64_t N, int64_t K) { return ceil_div(N, kPanelCols) * ceil_div(K, 2) * 2 * kPanelCols; }
+PTQRT_AVX2 void pack_w_panels_avx2(const int8_t* w, int64_t N, int64_t K, int8_t* dst) {
+  const int64_t panels = ceil_div(N, kPanelCols), stride = ceil_div(K, 2) * 2 * kPanelCols;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      pack_w_panel_avx2(w + p * kPanelCols * K, K, std::min<int64_t>(kPanelCols, N - p * kPanelCols), 0, K, dst + p * stride);
+  });
+}
+
+// c [R, 16] (ldc) = (add ? c : 0) + xp-group . wp over kp pairs of k. Written in assembly: from
 // intrinsics GCC kept fewer than the 12 accumulators in registers and spilled the rest every step.
 #define PTQRT_PANEL_ROW(i, lo, hi)                     \
   "vpbroadcastd " #i "*4(%[x]), %%ymm14\n\t"           \
@@ -99,43 +103,72 @@ PTQRT_AVX2 void pack_w_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, int6
   "vpaddd %%ymm15, %[" #lo "], %[" #lo "]\n\t"         \
   "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n\t"             \
   "vpaddd %%ymm14, %[" #hi "], %[" #hi "]\n\t"
+#define PTQRT_PANEL_W "vpmovsxbw (%[w]), %%ymm12\n\t" "vpmovsxbw 16(%[w]), %%ymm13\n\t"
+#define PTQRT_PANEL_OPERANDS                                                                                  \
+  : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21),    \
+    [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51)     \
+  : [w] "r"(wp + p * 2 * kPanelCols), [x] "r"(xp + p * 2 * kPanelRows)                                       \
+  : "xmm12", "xmm13", "xmm14", "xmm15", "memory"
 
-PTQRT_AVX2 void panel6x16_avx2(const int16_t* xp, const int16_t* wp, int64_t kp, int32_t* c, int64_t ldc, bool add) {
+template <int R>
+PTQRT_AVX2 void panel_rx16_avx2(const int16_t* xp, const int8_t* wp, int64_t kp, int32_t* c, int64_t ldc, bool add) {
+  static_assert(R >= 1 && R <= kPanelRows, "1 to 6 rows (2R accumulators + 4 scratch of the 16 ymm)");
   __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-#define PTQRT_PANEL_LD(i, h) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (i) * ldc + 8 * (h)))
-  if (add) {
-    c00 = PTQRT_PANEL_LD(0, 0), c01 = PTQRT_PANEL_LD(0, 1), c10 = PTQRT_PANEL_LD(1, 0);
-    c11 = PTQRT_PANEL_LD(1, 1), c20 = PTQRT_PANEL_LD(2, 0), c21 = PTQRT_PANEL_LD(2, 1);
-    c30 = PTQRT_PANEL_LD(3, 0), c31 = PTQRT_PANEL_LD(3, 1), c40 = PTQRT_PANEL_LD(4, 0);
-    c41 = PTQRT_PANEL_LD(4, 1), c50 = PTQRT_PANEL_LD(5, 0), c51 = PTQRT_PANEL_LD(5, 1);
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
-  }
+  c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
+  // Named accumulators only (no array, no address taken): anything else keeps them in memory.
+#define PTQRT_PANEL_LD(i, h, v) \
+  if (add && (i) < R) v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (i) * ldc + 8 * (h)));
+  PTQRT_PANEL_LD(0, 0, c00) PTQRT_PANEL_LD(0, 1, c01) PTQRT_PANEL_LD(1, 0, c10) PTQRT_PANEL_LD(1, 1, c11)
+  PTQRT_PANEL_LD(2, 0, c20) PTQRT_PANEL_LD(2, 1, c21) PTQRT_PANEL_LD(3, 0, c30) PTQRT_PANEL_LD(3, 1, c31)
+  PTQRT_PANEL_LD(4, 0, c40) PTQRT_PANEL_LD(4, 1, c41) PTQRT_PANEL_LD(5, 0, c50) PTQRT_PANEL_LD(5, 1, c51)
 #undef PTQRT_PANEL_LD
   for (int64_t p = 0; p < kp; ++p) {
-    __asm__ volatile(
-        "vmovdqu (%[w]), %%ymm12\n\t"
-        "vmovdqu 32(%[w]), %%ymm13\n\t"
-        PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11) PTQRT_PANEL_ROW(2, c20, c21)
-        PTQRT_PANEL_ROW(3, c30, c31) PTQRT_PANEL_ROW(4, c40, c41) PTQRT_PANEL_ROW(5, c50, c51)
-        : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21),
-          [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51)
-        : [w] "r"(wp + p * 2 * kPanelCols), [x] "r"(xp + p * 2 * kPanelRows)
-        : "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+    if constexpr (R == 6)
+      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
+                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_ROW(3, c30, c31) PTQRT_PANEL_ROW(4, c40, c41)
+                       PTQRT_PANEL_ROW(5, c50, c51) PTQRT_PANEL_OPERANDS);
+    else if constexpr (R == 5)
+      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
+                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_ROW(3, c30, c31) PTQRT_PANEL_ROW(4, c40, c41)
+                       PTQRT_PANEL_OPERANDS);
+    else if constexpr (R == 4)
+      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
+                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_ROW(3, c30, c31) PTQRT_PANEL_OPERANDS);
+    else if constexpr (R == 3)
+      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
+                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_OPERANDS);
+    else if constexpr (R == 2)
+      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11) PTQRT_PANEL_OPERANDS);
+    else
+      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_OPERANDS);
   }
-#define PTQRT_PANEL_ST(i, h, v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (i) * ldc + 8 * (h)), v)
-  PTQRT_PANEL_ST(0, 0, c00), PTQRT_PANEL_ST(0, 1, c01), PTQRT_PANEL_ST(1, 0, c10), PTQRT_PANEL_ST(1, 1, c11);
-  PTQRT_PANEL_ST(2, 0, c20), PTQRT_PANEL_ST(2, 1, c21), PTQRT_PANEL_ST(3, 0, c30), PTQRT_PANEL_ST(3, 1, c31);
-  PTQRT_PANEL_ST(4, 0, c40), PTQRT_PANEL_ST(4, 1, c41), PTQRT_PANEL_ST(5, 0, c50), PTQRT_PANEL_ST(5, 1, c51);
+#define PTQRT_PANEL_ST(i, h, v) \
+  if ((i) < R) _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (i) * ldc + 8 * (h)), v);
+  PTQRT_PANEL_ST(0, 0, c00) PTQRT_PANEL_ST(0, 1, c01) PTQRT_PANEL_ST(1, 0, c10) PTQRT_PANEL_ST(1, 1, c11)
+  PTQRT_PANEL_ST(2, 0, c20) PTQRT_PANEL_ST(2, 1, c21) PTQRT_PANEL_ST(3, 0, c30) PTQRT_PANEL_ST(3, 1, c31)
+  PTQRT_PANEL_ST(4, 0, c40) PTQRT_PANEL_ST(4, 1, c41) PTQRT_PANEL_ST(5, 0, c50) PTQRT_PANEL_ST(5, 1, c51)
 #undef PTQRT_PANEL_ST
 }
 #undef PTQRT_PANEL_ROW
+#undef PTQRT_PANEL_W
+#undef PTQRT_PANEL_OPERANDS
+
+PTQRT_AVX2 void panel_avx2(int64_t rows, const int16_t* xp, const int8_t* wp, int64_t kp, int32_t* c, int64_t ldc,
+                           bool add) {
+  switch (rows) {
+    case 6: return panel_rx16_avx2<6>(xp, wp, kp, c, ldc, add);
+    case 5: return panel_rx16_avx2<5>(xp, wp, kp, c, ldc, add);
+    case 4: return panel_rx16_avx2<4>(xp, wp, kp, c, ldc, add);
+    case 3: return panel_rx16_avx2<3>(xp, wp, kp, c, ldc, add);
+    case 2: return panel_rx16_avx2<2>(xp, wp, kp, c, ldc, add);
+    default: return panel_rx16_avx2<1>(xp, wp, kp, c, ldc, add);
+  }
+}
 
 // x for the panel kernel, once per call: each m-block of the driver (mblock rows) as 6-row groups
-// over the whole K, [block][group][kp][6][2] int16. Returns the panel (empty if M < kPanelMinRows).
+// over the whole K, [block][group][kp][6][2] int16.
 inline std::vector<int16_t> pack_x_panels(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
   std::vector<int16_t> xp;
-  if (M < kPanelMinRows) return xp;
   const int64_t per_block = ceil_div(mblock, kPanelRows) * kPanelRows * 2 * ceil_div(K, 2);
   const int64_t blocks = ceil_div(M, mblock);
   xp.resize(blocks * per_block);
@@ -146,33 +179,43 @@ inline std::vector<int16_t> pack_x_panels(const int8_t* x, int64_t M, int64_t K,
   return xp;
 }
 
-// The block through panels: K in chunks, 16 columns at a time repacked (one chunk of them stays in
-// L1 / L2 while every 6-row group of the block runs against it). Partial tiles (rows past mb,
-// columns past nb) go through a 6 x 16 scratch tile, so nothing outside c's [mb, nb] is touched.
+// The block through panels: K in chunks; per chunk, 16 columns at a time (from the cached packed
+// weights, or repacked into an L1-resident buffer) against every 6-row group of the block (the last
+// group's rows past mb are not computed). A panel cut short by nb goes through a 6 x 16 scratch
+// tile, so nothing outside c's [mb, nb] is touched.
 PTQRT_AVX2 void block_panel_avx2(const W8A8Block& b) {
   const int64_t groups = ceil_div(b.mb, kPanelRows), kp_all = ceil_div(b.K, 2);
   // The groups' x of one chunk <= ~256 KiB; a multiple of 16 so only the last chunk has a ragged end.
   const int64_t kc_max = std::clamp<int64_t>((128 * 1024) / (groups * kPanelRows) / 16 * 16, 256, 4096);
-  thread_local std::vector<int16_t> wp_buf;  // 64-byte aligned: no 32-byte weight load splits a line
-  if (static_cast<int64_t>(wp_buf.size()) < kPanelCols * kc_max + 32) wp_buf.resize(kPanelCols * kc_max + 32);
-  int16_t* const wp = align64(wp_buf.data());
+  int8_t* wbuf = nullptr;
+  if (!b.wpanels) {
+    thread_local std::vector<int8_t> wp_buf;  // 64-byte aligned: no 32-byte weight load splits a line
+    if (static_cast<int64_t>(wp_buf.size()) < kPanelCols * kc_max + 64) wp_buf.resize(kPanelCols * kc_max + 64);
+    wbuf = align64(wp_buf.data());
+  }
   alignas(32) int32_t tile[kPanelRows * kPanelCols];
   for (int64_t k0 = 0; k0 < b.K; k0 += kc_max) {
     const int64_t kc = std::min(kc_max, b.K - k0), kp = ceil_div(kc, 2);
     const bool add = k0 > 0;
     for (int64_t n0 = 0; n0 < b.nb; n0 += kPanelCols) {
       const int64_t nr = std::min<int64_t>(kPanelCols, b.nb - n0);
-      pack_w_panel_avx2(b.w + n0 * b.ldw, b.ldw, nr, k0, kc, wp);
+      const int8_t* wp;
+      if (b.wpanels) {
+        wp = b.wpanels + ((n0 / kPanelCols) * kp_all + k0 / 2) * 2 * kPanelCols;
+      } else {
+        pack_w_panel_avx2(b.w + n0 * b.ldw, b.ldw, nr, k0, kc, wbuf);
+        wp = wbuf;
+      }
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m0 = g * kPanelRows, mr = std::min<int64_t>(kPanelRows, b.mb - m0);
         const int16_t* xg = b.xpanel + (g * kp_all + k0 / 2) * 2 * kPanelRows;
         int32_t* c = b.c + m0 * b.ldc + n0;
-        if (mr == kPanelRows && nr == kPanelCols) {
-          panel6x16_avx2(xg, wp, kp, c, b.ldc, add);
+        if (nr == kPanelCols) {
+          panel_avx2(mr, xg, wp, kp, c, b.ldc, add);
           continue;
         }
         scratch_in(c, b.ldc, mr, nr, add, tile, kPanelCols);
-        panel6x16_avx2(xg, wp, kp, tile, kPanelCols, add);
+        panel_avx2(mr, xg, wp, kp, tile, kPanelCols, add);
         scratch_out(c, b.ldc, mr, nr, tile, kPanelCols);
       }
     }

@@ -1,4 +1,5 @@
-// The ptqrt_cpu ops: the shared schemas (op_schemas.h) plus two ISA queries, and their CPU kernels.
+// The ptqrt_cpu ops: the shared schemas (op_schemas.h) plus two ISA queries and the packed-weight
+// cache's controls (pack_cache.h), and their CPU kernels.
 // Loaded either with torch.ops.load_library (just-in-time build) or imported as the module
 // ptqrt._C_cpu (ahead-of-time build), hence the empty module below.
 #include <Python.h>
@@ -6,6 +7,7 @@
 
 #include "common.h"
 #include "op_schemas.h"
+#include "pack_cache.h"
 
 namespace ptqrt_cpu {
 
@@ -31,6 +33,9 @@ TORCH_LIBRARY(ptqrt_cpu, m) {
   ptqrt_define_ops(m);
   m.def("best_isa() -> str", &ptqrt_cpu::best_isa_name);
   m.def("active_isa() -> str", &ptqrt_cpu::active_isa_name);
+  m.def("pack_cache_info() -> int[]", &ptqrt_cpu::pack_cache_info);
+  m.def("pack_cache_clear() -> ()", &ptqrt_cpu::pack_cache_clear);
+  m.def("pack_cache_set_budget(int bytes) -> int", &ptqrt_cpu::pack_cache_set_budget);
 }
 
 TORCH_LIBRARY_IMPL(ptqrt_cpu, CPU, m) {

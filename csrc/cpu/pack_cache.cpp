@@ -1,0 +1,124 @@
+// The packed-weight cache (see pack_cache.h).
+#include "pack_cache.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/core/Storage.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unistd.h>
+
+namespace ptqrt_cpu {
+namespace {
+
+struct Entry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const c10::StorageImpl* storage_raw;
+  int64_t version;
+  std::vector<int64_t> sizes;
+  at::Tensor data;
+  int64_t bytes;
+};
+
+int64_t default_budget() {
+  if (const char* env = std::getenv("PTQRT_CPU_PACK_MB")) {
+    char* end = nullptr;
+    const long long mb = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && mb >= 0, "PTQRT_CPU_PACK_MB must be a whole number of MiB >= 0; got '",
+                env, "'");
+    return static_cast<int64_t>(mb) << 20;
+  }
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return int64_t(4) << 30;
+  return static_cast<int64_t>(pages) * page / 4;
+}
+
+struct Cache {
+  std::mutex mu;
+  std::map<std::pair<const void*, int>, Entry> entries;
+  int64_t bytes = 0;
+  int64_t budget = -1;  // read from the environment on first use
+  uint32_t lookups = 0;
+
+  void sweep() {  // drop the entries of freed weights
+    for (auto it = entries.begin(); it != entries.end();) {
+      if (it->second.storage.expired()) {
+        bytes -= it->second.bytes;
+        it = entries.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: no teardown order against torch's allocator
+  return *c;
+}
+
+bool same_weight(const Entry& e, const at::Tensor& w) {
+  const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
+  if (e.storage_raw != impl || e.sizes != w.sizes().vec()) return false;
+  if (e.version != static_cast<int64_t>(w._version())) return false;
+  const auto alive = e.storage.lock();  // expired or replaced by another storage at the same address
+  return alive.get() == impl;
+}
+
+}  // namespace
+
+at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
+                         const std::function<void(const at::Tensor& w, int8_t* dst)>& pack) {
+  if (w.is_inference() || !w.has_storage()) return at::Tensor();
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (c.budget < 0) c.budget = default_budget();
+  if (c.budget == 0) return at::Tensor();
+  if (++c.lookups % 256 == 0) c.sweep();
+  const auto key = std::make_pair(static_cast<const void*>(w.data_ptr()), layout);
+  auto it = c.entries.find(key);
+  if (it != c.entries.end()) {
+    if (same_weight(it->second, w) && it->second.bytes == bytes) return it->second.data;
+    c.bytes -= it->second.bytes;  // stale: the weight was written in place or freed
+    c.entries.erase(it);
+  }
+  c.sweep();
+  if (c.bytes + bytes > c.budget) return at::Tensor();
+  at::Tensor data = at::empty({bytes}, w.options().dtype(at::kChar));
+  pack(w, data.data_ptr<int8_t>());
+  c.entries.emplace(key, Entry{w.storage().getWeakStorageImpl(), w.storage().unsafeGetStorageImpl(),
+                               static_cast<int64_t>(w._version()), w.sizes().vec(), data, bytes});
+  c.bytes += bytes;
+  return data;
+}
+
+std::vector<int64_t> pack_cache_info() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (c.budget < 0) c.budget = default_budget();
+  c.sweep();
+  return {static_cast<int64_t>(c.entries.size()), c.bytes, c.budget};
+}
+
+void pack_cache_clear() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.entries.clear();
+  c.bytes = 0;
+}
+
+int64_t pack_cache_set_budget(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "ptqrt_cpu.pack_cache_set_budget: the budget must be >= 0 bytes; got ", bytes);
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const int64_t old = c.budget < 0 ? default_budget() : c.budget;
+  c.entries.clear();
+  c.bytes = 0;
+  c.budget = bytes;
+  return old;
+}
+
+}  // namespace ptqrt_cpu

@@ -1,0 +1,33 @@
+// Weights in a kernel's packed layout, kept between calls (the issue's "packed weights prepared once
+// at load time"): the first w8a8_gemm call with a weight packs it, later calls with the same weight
+// reuse the copy. The ops keep their [N, K] contract, so the cache is keyed by the weight itself.
+//
+// An entry is valid while its weight's storage is alive (a weak reference), at the same address,
+// with the same shape and the same version counter (an in-place write to the weight bumps it, so
+// the next call repacks). Entries of freed weights are dropped at the next insert and every 256
+// lookups. Inference tensors track no version, so they are never cached (their calls repack as
+// before). The copies take memory beside the weights: at most a budget of bytes, from
+// PTQRT_CPU_PACK_MB (MiB; 0 turns the cache off), by default a quarter of physical memory; a weight
+// that does not fit is simply not cached.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace ptqrt_cpu {
+
+// The packed copy of w (contiguous) in `layout` (a kernel's tag; `bytes` long, written by `pack`),
+// or an undefined tensor when it is not cached (budget, inference tensor). Thread-safe.
+at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
+                         const std::function<void(const at::Tensor& w, int8_t* dst)>& pack);
+
+// {entries, bytes held, budget in bytes}.
+std::vector<int64_t> pack_cache_info();
+void pack_cache_clear();
+// Sets the budget (bytes, >= 0), drops every entry, returns the previous budget.
+int64_t pack_cache_set_budget(int64_t bytes);
+
+}  // namespace ptqrt_cpu
