@@ -176,12 +176,15 @@ def avx2(cpu_ops, monkeypatch):
 
 
 @pytest.mark.parametrize("cached", (True, False))
-@pytest.mark.parametrize("m,n,k", ((3, 17, 33), (4, 16, 1), (5, 1, 2), (7, 33, 3), (16, 15, 513), (17, 40, 4111),
+@pytest.mark.parametrize("m,n,k", ((1, 100, 33), (1, 16, 1), (1, 7, 4111), (2, 85, 4111), (2, 200, 17), (2, 3, 2),
+                                   (129, 70, 300), (130, 33, 65), (3, 17, 33), (4, 16, 1), (5, 1, 2), (7, 33, 3), (16, 15, 513), (17, 40, 4111),
                                    (23, 70, 200), (24, 37, 5000), (29, 16, 4096), (127, 33, 17), (131, 50, 2003)))
 def test_w8a8_avx2_panels_cached_and_repacked(cpu_ops, avx2, cached, m, n, k):
-    """The AVX2 panel kernel reads the weights either from the cache's whole-weight panel-order copy
-    (M >= 3) or from per-call repacked chunks (M >= 24, nothing cached); every row count 1-6 of the
-    last row group, partial 16-column panels, odd K, several K chunks, -128 in both operands."""
+    """The AVX2 kernels on the cache's whole-weight panel-order copy (the streaming GEMV for M <= 2 and
+    for a last m-block of 1-2 rows, 4 or 2 panels at a time and then one; the panel kernel from 3
+    rows) or on per-call repacked chunks (M >= 24, nothing cached; M <= 2 then takes the dot-product
+    tiles); every row count 1-6 of the last row group, partial 16-column panels, odd K, several K
+    chunks, -128 in both operands."""
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
     x[0, 0], w[0, 0], w[-1, -1] = -128, -128, -128

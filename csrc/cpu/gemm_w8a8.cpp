@@ -160,6 +160,7 @@ PTQRT_AVX2 void tile_rx4_avx2(const int16_t* xw, int64_t ldxw, const int8_t* w0,
 #include "gemm_w8a8_avx2_panel.h"
 
 PTQRT_AVX2 void block_avx2(const W8A8Block& b) {
+  if (b.wpanels && b.mb < kPackedMinRows) return block_gemv_avx2(b);
   if (b.xpanel) return block_panel_avx2(b);
   const int64_t K16 = round_up(b.K, 16);
   // 64-byte aligned, so no 32-byte load of a row splits a cache line (K16 keeps every row aligned):
@@ -428,10 +429,11 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   }
 
 #if PTQRT_X86
-  // AVX2: the panel kernel from kPackedMinRows rows with the weights' cached panel-order copy, from
-  // kPanelMinRows repacking them per call; the dot-product tiles below.
+  // AVX2: with the weights' cached panel-order copy, the streaming GEMV below kPackedMinRows rows and
+  // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
+  // weights per call) and the dot-product tiles below.
   at::Tensor wpanels;
-  if (isa == Isa::avx2 && M >= kPackedMinRows)
+  if (isa == Isa::avx2)
     wpanels = packed_weight(w_q, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& w, int8_t* dst) {
       pack_w_panels_avx2(w.data_ptr<int8_t>(), N, K, dst);
     });
@@ -443,6 +445,10 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   int64_t NB = std::min<int64_t>(512, std::max<int64_t>(16, (192 * 1024) / std::max<int64_t>(K, 1) / 16 * 16));
   const int64_t threads = at::get_num_threads();
   while (NB > 16 && ceil_div(N, NB) * ceil_div(M, MB) < 4 * threads) NB -= 16;
+#if PTQRT_X86
+  // The GEMV streams 4 panels at a time over the whole K (nothing to keep in L2): 4 n-blocks a thread.
+  if (wpanels.defined() && M < kPackedMinRows) NB = std::max<int64_t>(64, round_up(ceil_div(N, 4 * threads), 64));
+#endif
   const int64_t n_nb = ceil_div(N, NB), n_mb = ceil_div(M, MB);
 
   std::vector<float> xs, ws, bs;
