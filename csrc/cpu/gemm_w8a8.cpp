@@ -24,6 +24,8 @@ struct W8A8Block {
   const int32_t* xsum;     // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
   const int16_t* xpanel;   // this m-block's x as 6-row int16 groups (AVX2 panel path only)
   const int8_t* wpanels;   // this n-block's weights in panel order, cached (AVX2 panel path), or null
+  const int8_t* wquads;    // this n-block's weights as 32-column quads, cached (VNNI panel path), or null
+  const int32_t* wcorr;    // with wquads: 128 * sum_k w of this n-block's columns
   const uint8_t* xquads;   // this m-block's x ^ 0x80 as 8-row groups of 4-byte k quads (VNNI panel path)
   const int8_t* w;
   int64_t ldw;
@@ -307,12 +309,14 @@ struct Vnni512Emulated {
 
 // The VNNI panel path's x, once per call: each m-block (mblock rows) as 8-row groups of 4-byte k
 // quads, x ^ 0x80 (the u8 operand of vpdpbusd): [block][group][K / 4][8][4]. Rows and k past the end
-// are 0 (the packed weights are 0 there, so they add nothing). Empty below kVnniPanelMinRows: fewer
-// rows do not pay for repacking the weights (a guess: no AVX-512 machine has timed it yet).
-constexpr int64_t kVnniPanelMinRows = 32;
+// are 0 (the packed weights are 0 there, so they add nothing). The panel path runs from
+// kVnniPanelMinRows rows when it repacks the weights per call, from kVnniPackedMinRows on the
+// weights' cached copy: both guesses (the AVX2 kernels' crossovers were 24 and 3 on Zen 3), since no
+// AVX-512 machine has timed them yet.
+constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 4;
+constexpr int kVnniLayout = 2;  // the VNNI quads' tag in the packed-weight cache
 std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
   std::vector<uint8_t> xq;
-  if (M < kVnniPanelMinRows) return xq;
   const int64_t nq = ceil_div(K, 4), per_block = ceil_div(mblock, 8) * 8 * 4 * nq, blocks = ceil_div(M, mblock);
   xq.assign(blocks * per_block, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -403,6 +407,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
               bias->sizes());
   at::Tensor out = at::empty({M, N}, x_q.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
+  if (K == 0 && raw) return out.zero_();  // (the float path's epilogue runs on zero sums)
 
   const Isa isa = active_isa();
   const BlockFn fn = pick(isa);
@@ -414,7 +419,15 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int64_t MB = 128;
   // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
-  const std::vector<uint8_t> xquads = vnni ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
+  at::Tensor wquads;  // VNNI: the weights' cached quads (the same portable packing for both builds)
+  if (vnni && K > 0 && M >= kVnniPackedMinRows)
+    wquads = packed_weight(w_q, kVnniLayout, vnni_emulated::packed_quads_bytes(N, K),
+                           [&](const at::Tensor& w, int8_t* dst) {
+                             vnni_emulated::pack_w_quads_all(w.data_ptr<int8_t>(), N, K, dst);
+                           });
+  const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
+  const bool vnni_panel = vnni && (wquads.defined() || M >= kVnniPanelMinRows);
+  const std::vector<uint8_t> xquads = vnni_panel ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
   const int64_t xquads_block = ceil_div(MB, 8) * 8 * 4 * ceil_div(K, 4);
   std::vector<int32_t> xsum;
   if (vnni && xquads.empty()) {  // the dot-product tiles' u8 offset correction, per row
@@ -433,7 +446,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
   // weights per call) and the dot-product tiles below.
   at::Tensor wpanels;
-  if (isa == Isa::avx2)
+  if (isa == Isa::avx2 && K > 0)
     wpanels = packed_weight(w_q, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& w, int8_t* dst) {
       pack_w_panels_avx2(w.data_ptr<int8_t>(), N, K, dst);
     });
@@ -449,6 +462,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // The GEMV streams 4 panels at a time over the whole K (nothing to keep in L2): 4 n-blocks a thread.
   if (wpanels.defined() && M < kPackedMinRows) NB = std::max<int64_t>(64, round_up(ceil_div(N, 4 * threads), 64));
 #endif
+  if (wquads.defined()) NB = round_up(NB, 32);  // n-blocks start on the cached 32-column panels
   const int64_t n_nb = ceil_div(N, NB), n_mb = ceil_div(M, MB);
 
   std::vector<float> xs, ws, bs;
@@ -461,13 +475,17 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     std::vector<int32_t> cbuf(raw ? 0 : MB * NB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
-      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, nullptr,
+      W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, nullptr, nullptr, nullptr,
                   xquads.empty() ? nullptr : xquads.data() + (m0 / MB) * xquads_block, wp + n0 * K, K,
                   std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0};
 #if PTQRT_X86
       if (!xpanel.empty()) b.xpanel = xpanel.data() + (m0 / MB) * xpanel_block;
       if (wpanels.defined()) b.wpanels = wpanels.data_ptr<int8_t>() + (n0 / kPanelCols) * wpanel_stride;
 #endif
+      if (wquads.defined()) {
+        b.wquads = wquads.data_ptr<int8_t>() + (n0 / 32) * wquads_stride;
+        b.wcorr = reinterpret_cast<const int32_t*>(wquads.data_ptr<int8_t>() + ceil_div(N, 32) * wquads_stride) + n0;
+      }
       if (raw) {
         b.c = out.data_ptr<int32_t>() + m0 * N + n0;
         b.ldc = N;

@@ -81,9 +81,11 @@ PTQRT_VNNI_TARGET void block(const W8A8Block& b) {
 // reads 2 weight vectors + 8 broadcasts per 16 vpdpbusd, needs no horizontal sum and no per-load
 // xor. The offset's correction is per column: sum_k (x + 128) w - 128 sum_k w, the second term one
 // vpdpbusd of 128s against each weight vector per tile column and K chunk, subtracted up front.
-// x is packed once per call (w8a8_gemm), the weights per call 32 columns x one K chunk at a time
-// (portable byte copies, shared by the native and the emulated build, so the emulated tests cover
-// the layout the native kernel reads).
+// x is packed once per call (w8a8_gemm). The weights come from the packed-weight cache
+// (pack_cache.h: the whole weight in that order plus each column's 128 * sum_k w over all of K,
+// packed on the weight's first call), or, with nothing cached, are repacked per call 32 columns x
+// one K chunk at a time. Both are portable byte copies, shared by the native and the emulated build,
+// so the emulated tests cover the layout the native kernel reads.
 constexpr int kVR = 8, kVC = 32;
 
 // Weight rows [0, nr) (ldw apart), k [k0, k0 + kc) -> wq [ceil(kc / 4)][32][4], zeros past nr and kc.
@@ -100,6 +102,29 @@ inline void pack_w_quads(const int8_t* w, int64_t ldw, int64_t nr, int64_t k0, i
       }
     }
   }
+}
+
+// The whole weight for the cache: [ceil(N / 32)][ceil(K / 4)][32][4], then int32 [ceil(N / 32) * 32]
+// with 128 * sum_k w per column (wrapping; 0 past N).
+inline int64_t packed_quads_bytes(int64_t N, int64_t K) {
+  const int64_t panels = ceil_div(N, kVC);
+  return panels * ceil_div(K, 4) * 4 * kVC + panels * kVC * 4;
+}
+inline void pack_w_quads_all(const int8_t* w, int64_t N, int64_t K, int8_t* dst) {
+  const int64_t panels = ceil_div(N, kVC), stride = ceil_div(K, 4) * 4 * kVC;
+  int32_t* corr = reinterpret_cast<int32_t*>(dst + panels * stride);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t nr = std::min<int64_t>(kVC, N - p * kVC);
+      pack_w_quads(w + p * kVC * K, K, nr, 0, K, dst + p * stride);
+      for (int64_t j = 0; j < kVC; ++j) {
+        uint32_t s = 0;
+        if (j < nr)
+          for (int64_t k = 0; k < K; ++k) s += static_cast<uint32_t>(int32_t(w[(p * kVC + j) * K + k]) * 128);
+        corr[p * kVC + j] = static_cast<int32_t>(s);
+      }
+    }
+  });
 }
 
 // c [mr, 32] (ldc) = (add ? c : 0) + sum over nq quads of x . w, where corr0 / corr1 hold 128 * the
@@ -136,9 +161,12 @@ PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b) {
   const int64_t groups = ceil_div(b.mb, kVR), nq_all = ceil_div(b.K, 4);
   // The groups' x of one chunk <= ~256 KiB; a multiple of 64 so only the last chunk has a ragged end.
   const int64_t kc_max = std::clamp<int64_t>((256 * 1024) / (groups * kVR) / 64 * 64, 256, 4096);
-  thread_local std::vector<int8_t> wq_buf;
-  if (static_cast<int64_t>(wq_buf.size()) < kVC * kc_max + 64) wq_buf.resize(kVC * kc_max + 64);
-  int8_t* const wq = align64(wq_buf.data());
+  int8_t* wbuf = nullptr;
+  if (!b.wquads) {
+    thread_local std::vector<int8_t> wq_buf;
+    if (static_cast<int64_t>(wq_buf.size()) < kVC * kc_max + 64) wq_buf.resize(kVC * kc_max + 64);
+    wbuf = align64(wq_buf.data());
+  }
   alignas(64) int32_t tile[kVR * kVC];
   const V u128 = P::set1_u8(0x80);
   for (int64_t k0 = 0; k0 < b.K; k0 += kc_max) {
@@ -146,11 +174,21 @@ PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b) {
     const bool add = k0 > 0;
     for (int64_t n0 = 0; n0 < b.nb; n0 += kVC) {
       const int64_t nr = std::min<int64_t>(kVC, b.nb - n0);
-      pack_w_quads(b.w + n0 * b.ldw, b.ldw, nr, k0, kc, wq);
+      const int8_t* wq;
       V corr0 = P::zero(), corr1 = P::zero();
-      for (int64_t q = 0; q < nq; ++q) {
-        corr0 = P::dpbusd(corr0, u128, P::loadu(wq + q * 4 * kVC));
-        corr1 = P::dpbusd(corr1, u128, P::loadu(wq + q * 4 * kVC + 64));
+      if (b.wquads) {  // cached: the whole K's correction, taken once (with the first chunk)
+        wq = b.wquads + ((n0 / kVC) * nq_all + k0 / 4) * 4 * kVC;
+        if (k0 == 0) {
+          corr0 = P::loadu(reinterpret_cast<const int8_t*>(b.wcorr + n0));
+          corr1 = P::loadu(reinterpret_cast<const int8_t*>(b.wcorr + n0 + 16));
+        }
+      } else {
+        pack_w_quads(b.w + n0 * b.ldw, b.ldw, nr, k0, kc, wbuf);
+        wq = wbuf;
+        for (int64_t q = 0; q < nq; ++q) {
+          corr0 = P::dpbusd(corr0, u128, P::loadu(wq + q * 4 * kVC));
+          corr1 = P::dpbusd(corr1, u128, P::loadu(wq + q * 4 * kVC + 64));
+        }
       }
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m0 = g * kVR, mr = std::min<int64_t>(kVR, b.mb - m0);

@@ -1,6 +1,7 @@
-// Weights in a kernel's packed layout, kept between calls (the issue's "packed weights prepared once
-// at load time"): the first w8a8_gemm call with a weight packs it, later calls with the same weight
-// reuse the copy. The ops keep their [N, K] contract, so the cache is keyed by the weight itself.
+// Weights in a kernel's packed layout, kept between calls ("packed weights prepared once at load
+// time"): the first w8a8_gemm call with a weight packs it, later calls with the same weight reuse
+// the copy (AVX2: 16-column panels of k pairs; VNNI: 32-column panels of k quads plus each column's
+// offset correction). The ops keep their [N, K] contract, so the cache is keyed by the weight itself.
 //
 // An entry is valid while its weight's storage is alive (a weak reference), at the same address,
 // with the same shape and the same version counter (an in-place write to the weight bumps it, so
