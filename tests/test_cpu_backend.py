@@ -476,6 +476,32 @@ def test_avx_code_only_in_target_functions(cpu_ops):
     assert "vpdpbusd" in dis and "vpmaddwd" in dis  # the VNNI and AVX2 kernels are really in there
 
 
+def test_pack_cache_threads(cpu_ops, panel_isa):
+    """Python threads calling with their own and with shared weights at once (first calls pack under
+    the cache's lock while others read): every result exact."""
+    import threading
+    shared = [rand_int8(48, 300) for _ in range(3)]
+    errors = []
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        for i in range(6):
+            w = shared[i % 3] if i % 2 else torch.randint(-128, 128, (40 + seed, 300), dtype=torch.int8, generator=g)
+            m = (1, 2, 5, 16)[(i + seed) % 4]
+            x = torch.randint(-128, 128, (m, 300), dtype=torch.int8, generator=g)
+            out = cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(w.shape[0]), None, torch.int32)
+            if not torch.equal(out, ref.int32_matmul(x, w)):
+                errors.append((seed, i))
+
+    with _pack_budget(cpu_ops, 1 << 30):
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
 # ------------------------------------------------------------------------- the public ops path
 @pytest.mark.parametrize("backend", ("cpu", "auto"))
 def test_public_ops_use_cpu_backend(cpu_ops, backend):
