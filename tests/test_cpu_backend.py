@@ -476,6 +476,22 @@ def test_avx_code_only_in_target_functions(cpu_ops):
     assert "vpdpbusd" in dis and "vpmaddwd" in dis  # the VNNI and AVX2 kernels are really in there
 
 
+def test_pack_cache_budget_from_environment(cpu_ops):
+    """PTQRT_CPU_PACK_MB sets the budget (read once per process); a malformed value is refused loudly."""
+    import subprocess
+    import sys
+    code = (f"import torch; torch.ops.load_library({_library()!r}); x = torch.ones(4, 8, dtype=torch.int8); "
+            "torch.ops.ptqrt_cpu.w8a8_gemm(x, torch.ones(4), x, torch.ones(4), None, torch.int32); "
+            "print(torch.ops.ptqrt_cpu.pack_cache_info())")
+    env = dict(os.environ, PTQRT_CPU_PACK_MB="12")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1].endswith(f", {12 << 20}]")
+    env["PTQRT_CPU_PACK_MB"] = "12MB"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "PTQRT_CPU_PACK_MB must be a whole number of MiB" in run.stderr
+
+
 def test_pack_cache_threads(cpu_ops, panel_isa):
     """Python threads calling with their own and with shared weights at once (first calls pack under
     the cache's lock while others read): every result exact."""

@@ -5,6 +5,7 @@
 #include <c10/core/Storage.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -32,8 +33,16 @@ int64_t default_budget() {
     return static_cast<int64_t>(mb) << 20;
   }
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page <= 0) return int64_t(4) << 30;
-  return static_cast<int64_t>(pages) * page / 4;
+  int64_t mem = pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : int64_t(16) << 30;
+  // A container's memory limit, where it is lower (cgroup v2, then v1; "max" or a huge value: none).
+  for (const char* path : {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    if (FILE* f = std::fopen(path, "r")) {
+      long long limit = 0;
+      if (std::fscanf(f, "%lld", &limit) == 1 && limit > 0 && limit < mem) mem = limit;
+      std::fclose(f);
+    }
+  }
+  return mem / 4;
 }
 
 struct Cache {
@@ -42,6 +51,7 @@ struct Cache {
   int64_t bytes = 0;
   int64_t budget = -1;  // read from the environment on first use
   uint32_t lookups = 0;
+  uint64_t generation = 0;  // bumped when everything is dropped (clear, new budget)
 
   void sweep() {  // drop the entries of freed weights
     for (auto it = entries.begin(); it != entries.end();) {
@@ -74,21 +84,43 @@ at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
                          const std::function<void(const at::Tensor& w, int8_t* dst)>& pack) {
   if (w.is_inference() || !w.has_storage()) return at::Tensor();
   Cache& c = cache();
-  std::lock_guard<std::mutex> lock(c.mu);
-  if (c.budget < 0) c.budget = default_budget();
-  if (c.budget == 0) return at::Tensor();
-  if (++c.lookups % 256 == 0) c.sweep();
   const auto key = std::make_pair(static_cast<const void*>(w.data_ptr()), layout);
+  uint64_t generation;
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (c.budget < 0) c.budget = default_budget();
+    if (c.budget == 0) return at::Tensor();
+    if (++c.lookups % 256 == 0) c.sweep();
+    auto it = c.entries.find(key);
+    if (it != c.entries.end()) {
+      if (same_weight(it->second, w) && it->second.bytes == bytes) return it->second.data;
+      c.bytes -= it->second.bytes;  // stale: the weight was written in place or freed
+      c.entries.erase(it);
+    }
+    c.sweep();
+    if (c.bytes + bytes > c.budget) return at::Tensor();
+    c.bytes += bytes;  // reserved while packing
+    generation = c.generation;
+  }
+  // Packed outside the lock (it runs at::parallel_for, and other weights' lookups need not wait).
+  at::Tensor data;
+  try {
+    data = at::empty({bytes}, w.options().dtype(at::kChar));
+    pack(w, data.data_ptr<int8_t>());
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (c.generation == generation) c.bytes -= bytes;
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (c.generation != generation) return data;  // cleared meanwhile (the reservation went with it)
+  c.bytes -= bytes;
   auto it = c.entries.find(key);
   if (it != c.entries.end()) {
-    if (same_weight(it->second, w) && it->second.bytes == bytes) return it->second.data;
-    c.bytes -= it->second.bytes;  // stale: the weight was written in place or freed
+    if (same_weight(it->second, w) && it->second.bytes == bytes) return it->second.data;  // packed twice
+    c.bytes -= it->second.bytes;
     c.entries.erase(it);
   }
-  c.sweep();
-  if (c.bytes + bytes > c.budget) return at::Tensor();
-  at::Tensor data = at::empty({bytes}, w.options().dtype(at::kChar));
-  pack(w, data.data_ptr<int8_t>());
   c.entries.emplace(key, Entry{w.storage().getWeakStorageImpl(), w.storage().unsafeGetStorageImpl(),
                                static_cast<int64_t>(w._version()), w.sizes().vec(), data, bytes});
   c.bytes += bytes;
@@ -108,6 +140,7 @@ void pack_cache_clear() {
   std::lock_guard<std::mutex> lock(c.mu);
   c.entries.clear();
   c.bytes = 0;
+  ++c.generation;
 }
 
 int64_t pack_cache_set_budget(int64_t bytes) {
@@ -117,6 +150,7 @@ int64_t pack_cache_set_budget(int64_t bytes) {
   const int64_t old = c.budget < 0 ? default_budget() : c.budget;
   c.entries.clear();
   c.bytes = 0;
+  ++c.generation;
   c.budget = bytes;
   return old;
 }

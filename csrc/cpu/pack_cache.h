@@ -8,8 +8,8 @@
 // the next call repacks). Entries of freed weights are dropped at the next insert and every 256
 // lookups. Inference tensors track no version, so they are never cached (their calls repack as
 // before). The copies take memory beside the weights: at most a budget of bytes, from
-// PTQRT_CPU_PACK_MB (MiB; 0 turns the cache off), by default a quarter of physical memory; a weight
-// that does not fit is simply not cached.
+// PTQRT_CPU_PACK_MB (MiB; 0 turns the cache off), by default a quarter of physical memory (or of the
+// container's cgroup limit, where lower); a weight that does not fit is simply not cached.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,7 +21,8 @@
 namespace ptqrt_cpu {
 
 // The packed copy of w (contiguous) in `layout` (a kernel's tag; `bytes` long, written by `pack`),
-// or an undefined tensor when it is not cached (budget, inference tensor). Thread-safe.
+// or an undefined tensor when it is not cached (budget, inference tensor). Thread-safe; the packing
+// itself runs outside the lock.
 at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
                          const std::function<void(const at::Tensor& w, int8_t* dst)>& pack);
 
