@@ -472,7 +472,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     bs = f32_vector(bias);
   }
   at::parallel_for(0, n_nb * n_mb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<int32_t> cbuf(raw ? 0 : MB * NB);
+    std::vector<int32_t> cbuf(raw ? 0 : std::min(MB, M) * NB);  // the epilogue's int32 tile
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
       W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, nullptr, nullptr, nullptr,
