@@ -8,9 +8,9 @@ __version__ = "0.1.0"
 from . import ops  # noqa: E402  (registers the torch.library ops)
 from .config import PTQConfig  # noqa: E402
 from .format import FormatError, load_quantized, save_quantized  # noqa: E402
-from .modules.linear import QuantLinear  # noqa: E402
+from .modules.linear import QuantLinear, prepack  # noqa: E402
 from .ops import get_backend, set_backend  # noqa: E402
 from .quantize import quantize  # noqa: E402
 
 __all__ = ["PTQConfig", "quantize", "save_quantized", "load_quantized", "set_backend", "get_backend",
-           "QuantLinear", "FormatError", "ops", "__version__"]
+           "QuantLinear", "prepack", "FormatError", "ops", "__version__"]

@@ -518,6 +518,36 @@ def test_pack_cache_threads(cpu_ops, panel_isa):
     assert not errors
 
 
+def test_prepack_model(cpu_ops):
+    """ptqrt.prepack packs a quantized model's W8A8 weights at load time (the same copies the first
+    calls would make, so the outputs do not change), and nothing where the cpu backend does not run them."""
+    import ptqrt
+    from models import tiny_net
+
+    if cpu_ops.best_isa() == "scalar":
+        pytest.skip("the scalar path packs nothing")
+    ids = torch.randint(0, 37, (2, 9))
+    with _pack_budget(cpu_ops, 1 << 30):
+        model = ptqrt.quantize(tiny_net(), ptqrt.PTQConfig(act_dtype="int8"), calib_data=None)
+        n_w8a8 = sum(isinstance(m, ptqrt.QuantLinear) and m.mode != "W8A16" for m in model.modules())
+        assert n_w8a8 == 4
+        with torch.no_grad():
+            before = model(ids)
+        ptqrt.set_backend("reference")
+        assert ptqrt.prepack(model) == 0
+        ptqrt.set_backend("auto")
+        cpu_ops.pack_cache_clear()
+        assert ptqrt.prepack(model) == n_w8a8
+        assert cpu_ops.pack_cache_info()[0] == n_w8a8
+        with torch.no_grad():
+            assert torch.equal(model(ids), before)
+        assert cpu_ops.pack_cache_info()[0] == n_w8a8  # the calls used the prepacked copies
+    with _pack_budget(cpu_ops, 0):
+        assert ptqrt.prepack(model) == 0
+    with pytest.raises(RuntimeError, match="contiguous 2-D int8 CPU tensor"):
+        cpu_ops.pack_weight(torch.zeros(4, 4))
+
+
 # ------------------------------------------------------------------------- the public ops path
 @pytest.mark.parametrize("backend", ("cpu", "auto"))
 def test_public_ops_use_cpu_backend(cpu_ops, backend):

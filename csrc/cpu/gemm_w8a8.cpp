@@ -505,4 +505,26 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   return out;
 }
 
+// The packed copy w8a8_gemm would make on a weight's first call, made now (at load time): true when
+// the cache holds one for the path this CPU runs (false: scalar path, budget, inference tensor).
+bool pack_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "ptqrt_cpu.pack_weight: w_q must be a contiguous 2-D int8 CPU tensor [N, K]; got ", w.sizes(), " ",
+              w.scalar_type(), " on ", w.device(), w.is_contiguous() ? "" : " (not contiguous)");
+  const int64_t N = w.size(0), K = w.size(1);
+  if (N == 0 || K == 0) return false;
+  const Isa isa = active_isa();
+  if (isa == Isa::avx512 || isa == Isa::avx512_emulated)
+    return packed_weight(w, kVnniLayout, vnni_emulated::packed_quads_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
+             vnni_emulated::pack_w_quads_all(t.data_ptr<int8_t>(), N, K, dst);
+           }).defined();
+#if PTQRT_X86
+  if (isa == Isa::avx2)
+    return packed_weight(w, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
+             pack_w_panels_avx2(t.data_ptr<int8_t>(), N, K, dst);
+           }).defined();
+#endif
+  return false;
+}
+
 }  // namespace ptqrt_cpu

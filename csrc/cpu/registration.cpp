@@ -23,6 +23,8 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
                                     const at::Tensor& k_scale, const at::Tensor& v_scale,
                                     const at::Tensor& block_table, const at::Tensor& seq_lens, double sm_scale);
 
+bool pack_weight(const at::Tensor& w);
+
 // The path auto picks on this CPU, and the one the next call takes (PTQRT_CPU_ISA honoured).
 std::string best_isa_name() { return isa_name(best_isa()); }
 std::string active_isa_name() { return isa_name(active_isa()); }
@@ -36,6 +38,7 @@ TORCH_LIBRARY(ptqrt_cpu, m) {
   m.def("pack_cache_info() -> int[]", &ptqrt_cpu::pack_cache_info);
   m.def("pack_cache_clear() -> ()", &ptqrt_cpu::pack_cache_clear);
   m.def("pack_cache_set_budget(int bytes) -> int", &ptqrt_cpu::pack_cache_set_budget);
+  m.def("pack_weight(Tensor w_q) -> bool", &ptqrt_cpu::pack_weight);
 }
 
 TORCH_LIBRARY_IMPL(ptqrt_cpu, CPU, m) {

@@ -137,3 +137,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}{g}, bias={self.bias is not None}"
+
+
+def prepack(model: nn.Module) -> int:
+    """Packs the W8A8 QuantLinear weights of `model` that live on the CPU into the `cpu` backend's
+    kernel layout now (at load time), instead of on each weight's first call; call it after the
+    weights are loaded. Returns how many weights the backend's cache now holds packed: 0 where
+    another backend runs them (`set_backend`), the extension is unavailable, the CPU takes the scalar
+    path, or the cache is off (`PTQRT_CPU_PACK_MB=0`) or full."""
+    if ops.get_backend() not in ("auto", "cpu"):
+        return 0
+    from .. import _build
+    if _build.load("cpu") is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.mode != "W8A16" and module.weight.device.type == "cpu":
+            count += bool(torch.ops.ptqrt_cpu.pack_weight(module.weight))
+    return count
