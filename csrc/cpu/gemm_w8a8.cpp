@@ -362,6 +362,21 @@ std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t
 
 namespace {
 
+// The weights' cached copies (pack_cache.h), packed on first use: VNNI quads (the same portable
+// packing for the native and the emulated build) and AVX2 panels. Undefined when not cached.
+at::Tensor cached_quads(const at::Tensor& w, int64_t N, int64_t K) {
+  return packed_weight(w, kVnniLayout, vnni_emulated::packed_quads_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
+    vnni_emulated::pack_w_quads_all(t.data_ptr<int8_t>(), N, K, dst);
+  });
+}
+#if PTQRT_X86
+at::Tensor cached_panels(const at::Tensor& w, int64_t N, int64_t K) {
+  return packed_weight(w, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
+    pack_w_panels_avx2(t.data_ptr<int8_t>(), N, K, dst);
+  });
+}
+#endif
+
 BlockFn pick(Isa isa) {
   switch (isa) {
 #if PTQRT_X86
@@ -419,12 +434,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int64_t MB = 128;
   // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
-  at::Tensor wquads;  // VNNI: the weights' cached quads (the same portable packing for both builds)
-  if (vnni && K > 0 && M >= kVnniPackedMinRows)
-    wquads = packed_weight(w_q, kVnniLayout, vnni_emulated::packed_quads_bytes(N, K),
-                           [&](const at::Tensor& w, int8_t* dst) {
-                             vnni_emulated::pack_w_quads_all(w.data_ptr<int8_t>(), N, K, dst);
-                           });
+  const at::Tensor wquads = vnni && K > 0 && M >= kVnniPackedMinRows ? cached_quads(w_q, N, K) : at::Tensor();
   const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
   const bool vnni_panel = vnni && (wquads.defined() || M >= kVnniPanelMinRows);
   const std::vector<uint8_t> xquads = vnni_panel ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
@@ -445,11 +455,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // AVX2: with the weights' cached panel-order copy, the streaming GEMV below kPackedMinRows rows and
   // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
   // weights per call) and the dot-product tiles below.
-  at::Tensor wpanels;
-  if (isa == Isa::avx2 && K > 0)
-    wpanels = packed_weight(w_q, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& w, int8_t* dst) {
-      pack_w_panels_avx2(w.data_ptr<int8_t>(), N, K, dst);
-    });
+  const at::Tensor wpanels = isa == Isa::avx2 && K > 0 ? cached_panels(w_q, N, K) : at::Tensor();
   const int64_t wpanel_stride = ceil_div(K, 2) * 2 * kPanelCols;
   const bool panel = isa == Isa::avx2 && (wpanels.defined() || M >= kPanelMinRows);
   const std::vector<int16_t> xpanel = panel ? pack_x_panels(xp, M, K, MB) : std::vector<int16_t>();
@@ -514,15 +520,9 @@ bool pack_weight(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
   if (N == 0 || K == 0) return false;
   const Isa isa = active_isa();
-  if (isa == Isa::avx512 || isa == Isa::avx512_emulated)
-    return packed_weight(w, kVnniLayout, vnni_emulated::packed_quads_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
-             vnni_emulated::pack_w_quads_all(t.data_ptr<int8_t>(), N, K, dst);
-           }).defined();
+  if (isa == Isa::avx512 || isa == Isa::avx512_emulated) return cached_quads(w, N, K).defined();
 #if PTQRT_X86
-  if (isa == Isa::avx2)
-    return packed_weight(w, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
-             pack_w_panels_avx2(t.data_ptr<int8_t>(), N, K, dst);
-           }).defined();
+  if (isa == Isa::avx2) return cached_panels(w, N, K).defined();
 #endif
   return false;
 }
