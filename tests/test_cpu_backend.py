@@ -342,6 +342,23 @@ def test_w8a16(cpu_ops, isa, dtype, m, n, k, group):
     assert_close_to_ref(out, expect, lowp if dtype != torch.float32 and m > 0 else None)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,n,k,group", ((64, 40, 1104, 48), (131, 33, 1104, 0), (70, 16, 1000, 25), (64, 70, 600, 8),
+                                         (200, 17, 513, 0)))
+def test_w8a16_panels(cpu_ops, isa, dtype, m, n, k, group):
+    """From 64 rows the AVX2 path dequantizes 16 columns x one K chunk at a time into an fp32 panel:
+    several K chunks (a chunk boundary inside a group), groups of 8 k at a time or one k at a time
+    (a group size not a multiple of 8), partial panels, a second m-block of a few rows."""
+    x = torch.randn(m, k).to(dtype)
+    w = rand_int8(n, k)
+    ws = rand_scale(n * (k // group if group else 1)).reshape((n, k // group) if group else (n,))
+    bias = torch.randn(n).to(dtype)
+    _dirty_heap(4 * m * n)
+    out = cpu_ops.w8a16_gemm(x, w, ws, bias, group)
+    lowp = torch.nn.functional.linear(x, ref.dequantize_weight(w, ws, group).to(dtype), bias)
+    assert_close_to_ref(out, ref.w8a16_gemm(x, w, ws, bias, group), lowp if dtype != torch.float32 else None)
+
+
 @settings(max_examples=15, deadline=None)
 @given(m=st.integers(0, 20), n=st.integers(1, 40), kg=st.sampled_from(((48, 0), (50, 5), (96, 32), (7, 7), (100, 0))),
        dtype=st.sampled_from(FLOATS))

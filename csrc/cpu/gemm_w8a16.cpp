@@ -6,7 +6,9 @@
 // loop runs one segment per group and scales the weight vector as it is converted, so a group never
 // has to be a multiple of the vector width (a partial vector is masked). Blocking and threading as
 // in gemm_w8a8.cpp; the mr rows of x are converted to fp32 once per tile row (zero-padded), so the
-// inner loop reads plain fp32 whatever x's dtype (fp32, bf16 or fp16).
+// inner loop reads plain fp32 whatever x's dtype (fp32, bf16 or fp16). From kW8A16PanelMinRows rows
+// (compute-bound: each weight meets many rows) the AVX2 path is an fp32 outer-product kernel on
+// weights dequantized once per block, 16 columns x one K chunk at a time (see block_panel_avx2).
 #include "common.h"
 
 namespace ptqrt_cpu {
@@ -97,6 +99,168 @@ PTQRT_AVX2 void tile_avx2(const W8A16Block& b) {
       const float y = hsum(acc[i][j]);
       b.c[i * b.ldc + j] = b.G ? y : y * b.ws[j];
     }
+}
+
+// From kW8A16PanelMinRows rows: an outer-product (panel) kernel, as in w8a8's AVX2 path. Per K
+// chunk, 16 columns of weights are dequantized once (scale applied) into fp32 [kc][16], and every
+// 6-row group of x (packed once per block as fp32 [group][K][6]) runs against them: 12 accumulators,
+// per k 2 weight loads + 6 broadcasts per 12 FMAs, no horizontal sums. The dot-product tiles above
+// convert each weight vector once per 4 rows and reduce every output across lanes.
+constexpr int kPR = 6, kPC = 16;
+constexpr int64_t kW8A16PanelMinRows = 64;
+
+// x rows [mb, K] (ldx) -> xp [ceil(mb / 6)][K][6] fp32, zeros past mb.
+template <class T>
+void pack_x_rows6(const T* x, int64_t ldx, int64_t mb, int64_t K, float* xp) {
+  for (int64_t g = 0; g < ceil_div(mb, kPR); ++g) {
+    const int64_t rows = std::min<int64_t>(kPR, mb - g * kPR);
+    const T* src = x + g * kPR * ldx;
+    float* d = xp + g * K * kPR;
+    for (int64_t k = 0; k < K; ++k, d += kPR)  // written in order; the rows past mb stay 0
+      for (int64_t i = 0; i < kPR; ++i) d[i] = i < rows ? to_f32(src[i * ldx + k]) : 0.0f;
+  }
+}
+
+// 8 x 8 transpose of floats across r[0..8).
+PTQRT_AVX2_INLINE void transpose8x8_ps(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
+// Weight rows [0, nr) (nr <= 16), k [k0, k0 + kc) -> wp [kc][16] fp32, w * its channel's or group's
+// scale, zeros past nr. 8 rows x 8 k at a time (convert, scale, transpose) where the 8 k share a group.
+PTQRT_AVX2 void dequant_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, const float* ws, int64_t G,
+                                   int64_t gsize, int64_t k0, int64_t kc, float* wp) {
+  int64_t kv = 0;
+  if (nr == kPC && k0 % 8 == 0 && (!G || gsize % 8 == 0)) {
+    for (; kv + 8 <= kc; kv += 8)
+      for (int h = 0; h < 2; ++h) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) {
+          const int64_t j = 8 * h + i;
+          const float sc = G ? ws[j * G + (k0 + kv) / gsize] : ws[j];
+          r[i] = _mm256_mul_ps(load8_i8(w + j * ldw + k0 + kv), _mm256_set1_ps(sc));
+        }
+        transpose8x8_ps(r);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(wp + (kv + q) * kPC + 8 * h, r[q]);
+      }
+  }
+  for (int64_t j = 0; j < kPC; ++j)
+    for (int64_t k = kv; k < kc; ++k)
+      wp[k * kPC + j] = j < nr ? static_cast<float>(w[j * ldw + k0 + k]) * (G ? ws[j * G + (k0 + k) / gsize] : ws[j])
+                               : 0.0f;
+}
+
+#define PTQRT_FPANEL_ROW(i, lo, hi)                    \
+  "vbroadcastss " #i "*4(%[x]), %%ymm14\n\t"           \
+  "vfmadd231ps %%ymm14, %%ymm12, %[" #lo "]\n\t"       \
+  "vfmadd231ps %%ymm14, %%ymm13, %[" #hi "]\n\t"
+#define PTQRT_FPANEL_W "vmovups (%[w]), %%ymm12\n\t" "vmovups 32(%[w]), %%ymm13\n\t"
+#define PTQRT_FPANEL_OPERANDS                                                                              \
+  : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21), \
+    [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51)  \
+  : [w] "r"(wp + k * kPC), [x] "r"(xp + k * kPR)                                                          \
+  : "xmm12", "xmm13", "xmm14", "memory"
+
+// c [R, 16] (ldc) = (add ? c : 0) + xp-group . wp over kc values of k (assembly: named accumulators).
+template <int R>
+PTQRT_AVX2 void fpanel_rx16_avx2(const float* xp, const float* wp, int64_t kc, float* c, int64_t ldc, bool add) {
+  static_assert(R >= 1 && R <= kPR, "1 to 6 rows");
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+#define PTQRT_FPANEL_LD(i, h, v) if (add && (i) < R) v = _mm256_loadu_ps(c + (i) * ldc + 8 * (h));
+  PTQRT_FPANEL_LD(0, 0, c00) PTQRT_FPANEL_LD(0, 1, c01) PTQRT_FPANEL_LD(1, 0, c10) PTQRT_FPANEL_LD(1, 1, c11)
+  PTQRT_FPANEL_LD(2, 0, c20) PTQRT_FPANEL_LD(2, 1, c21) PTQRT_FPANEL_LD(3, 0, c30) PTQRT_FPANEL_LD(3, 1, c31)
+  PTQRT_FPANEL_LD(4, 0, c40) PTQRT_FPANEL_LD(4, 1, c41) PTQRT_FPANEL_LD(5, 0, c50) PTQRT_FPANEL_LD(5, 1, c51)
+#undef PTQRT_FPANEL_LD
+  for (int64_t k = 0; k < kc; ++k) {
+    if constexpr (R == 6)
+      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
+                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_ROW(3, c30, c31) PTQRT_FPANEL_ROW(4, c40, c41)
+                       PTQRT_FPANEL_ROW(5, c50, c51) PTQRT_FPANEL_OPERANDS);
+    else if constexpr (R == 5)
+      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
+                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_ROW(3, c30, c31) PTQRT_FPANEL_ROW(4, c40, c41)
+                       PTQRT_FPANEL_OPERANDS);
+    else if constexpr (R == 4)
+      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
+                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_ROW(3, c30, c31) PTQRT_FPANEL_OPERANDS);
+    else if constexpr (R == 3)
+      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
+                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_OPERANDS);
+    else if constexpr (R == 2)
+      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
+                       PTQRT_FPANEL_OPERANDS);
+    else
+      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_OPERANDS);
+  }
+#define PTQRT_FPANEL_ST(i, h, v) if ((i) < R) _mm256_storeu_ps(c + (i) * ldc + 8 * (h), v);
+  PTQRT_FPANEL_ST(0, 0, c00) PTQRT_FPANEL_ST(0, 1, c01) PTQRT_FPANEL_ST(1, 0, c10) PTQRT_FPANEL_ST(1, 1, c11)
+  PTQRT_FPANEL_ST(2, 0, c20) PTQRT_FPANEL_ST(2, 1, c21) PTQRT_FPANEL_ST(3, 0, c30) PTQRT_FPANEL_ST(3, 1, c31)
+  PTQRT_FPANEL_ST(4, 0, c40) PTQRT_FPANEL_ST(4, 1, c41) PTQRT_FPANEL_ST(5, 0, c50) PTQRT_FPANEL_ST(5, 1, c51)
+#undef PTQRT_FPANEL_ST
+}
+#undef PTQRT_FPANEL_ROW
+#undef PTQRT_FPANEL_W
+#undef PTQRT_FPANEL_OPERANDS
+
+PTQRT_AVX2 void fpanel_avx2(int64_t rows, const float* xp, const float* wp, int64_t kc, float* c, int64_t ldc,
+                            bool add) {
+  switch (rows) {
+    case 6: return fpanel_rx16_avx2<6>(xp, wp, kc, c, ldc, add);
+    case 5: return fpanel_rx16_avx2<5>(xp, wp, kc, c, ldc, add);
+    case 4: return fpanel_rx16_avx2<4>(xp, wp, kc, c, ldc, add);
+    case 3: return fpanel_rx16_avx2<3>(xp, wp, kc, c, ldc, add);
+    case 2: return fpanel_rx16_avx2<2>(xp, wp, kc, c, ldc, add);
+    default: return fpanel_rx16_avx2<1>(xp, wp, kc, c, ldc, add);
+  }
+}
+
+// c [mb, nb] (fp32, ldc) through panels: x packed once per call (xp), K in chunks (the groups' x of one chunk
+// ~256 KiB, L2), per chunk 16 columns dequantized at a time; a panel cut short by nb runs on a scratch
+// tile so nothing outside c's [mb, nb] is written.
+PTQRT_AVX2 void block_panel_avx2(const float* xp, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
+                                 int64_t gsize, int64_t K, float* c, int64_t ldc, std::vector<float>& wbuf) {
+  const int64_t groups = ceil_div(mb, kPR);
+  const int64_t kc_max = std::clamp<int64_t>((256 * 1024) / (groups * kPR * 4) / 8 * 8, 64, 4096);
+  if (static_cast<int64_t>(wbuf.size()) < kPC * kc_max + 16) wbuf.resize(kPC * kc_max + 16);
+  float* const wp = align64(wbuf.data());
+  alignas(32) float tile[kPR * kPC];
+  for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, K - k0);
+    const bool add = k0 > 0;
+    for (int64_t n0 = 0; n0 < nb; n0 += kPC) {
+      const int64_t nr = std::min<int64_t>(kPC, nb - n0);
+      dequant_panel_avx2(w + n0 * K, K, nr, ws + n0 * (G ? G : 1), G, gsize, k0, kc, wp);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m0 = g * kPR, mr = std::min<int64_t>(kPR, mb - m0);
+        const float* xg = xp + (g * K + k0) * kPR;
+        float* cg = c + m0 * ldc + n0;
+        if (nr == kPC) {
+          fpanel_avx2(mr, xg, wp, kc, cg, ldc, add);
+          continue;
+        }
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < nr; ++j) tile[i * kPC + j] = add ? cg[i * ldc + j] : 0.0f;
+        fpanel_avx2(mr, xg, wp, kc, tile, kPC, add);
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < nr; ++j) cg[i * ldc + j] = tile[i * kPC + j];
+      }
+    }
+  }
 }
 
 template <class T>
@@ -190,19 +354,47 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   int64_t NB = std::min<int64_t>(512, std::max<int64_t>(12, (192 * 1024) / std::max<int64_t>(K, 1) / 12 * 12));
   const int64_t threads = at::get_num_threads();
   while (NB > 12 && ceil_div(N, NB) * ceil_div(M, MB) < 4 * threads) NB -= 12;
+#if PTQRT_X86
+  if ((isa == Isa::avx2 || isa == Isa::avx512) && M >= kW8A16PanelMinRows) NB = round_up(NB, kPC);  // whole panels
+#endif
   const int64_t n_nb = ceil_div(N, NB), n_mb = ceil_div(M, MB);
 
   dispatch_float(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     T* op = reinterpret_cast<T*>(out.data_ptr());
+    // From kW8A16PanelMinRows rows (AVX2 code): the panel kernel, with x packed once per call as
+    // 6-row fp32 groups, [m-block][group][K][6].
+    std::vector<float> xpanel;
+    int64_t xblock = 0;
+#if PTQRT_X86
+    if ((isa == Isa::avx2 || isa == Isa::avx512) && M >= kW8A16PanelMinRows) {
+      const int64_t gpb = ceil_div(MB, kPR);  // groups per m-block
+      xblock = gpb * kPR * K;
+      xpanel.resize(n_mb * xblock);
+      at::parallel_for(0, n_mb * gpb, 1, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t m0 = (g / gpb) * MB + (g % gpb) * kPR;
+          if (m0 >= M) continue;  // a group past the last m-block's rows: never read
+          pack_x_rows6(xp + m0 * K, K, std::min<int64_t>(kPR, M - m0), K,
+                       xpanel.data() + (g / gpb) * xblock + (g % gpb) * kPR * K);
+        }
+      });
+    }
+#endif
     at::parallel_for(0, n_nb * n_mb, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> cbuf(MB * NB), xbuf;
+      std::vector<float> cbuf(std::min(MB, M) * NB), xbuf;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
         const int64_t mb = std::min(MB, M - m0), nb = std::min(NB, N - n0);
-        block(isa, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K, cbuf.data(), NB,
-              xbuf);
+#if PTQRT_X86
+        if (!xpanel.empty())
+          block_panel_avx2(xpanel.data() + (m0 / MB) * xblock, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G,
+                           group_size, K, cbuf.data(), NB, xbuf);
+        else
+#endif
+          block(isa, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K, cbuf.data(), NB,
+                xbuf);
         for (int64_t i = 0; i < mb; ++i)
           for (int64_t j = 0; j < nb; ++j) {
             float y = cbuf[i * NB + j];
