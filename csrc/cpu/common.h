@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
@@ -52,6 +53,41 @@ T* align64(T* p) {
 }
 
 #if PTQRT_X86
+// The panel (outer-product) kernels' shared skeleton (w8a8 and w8a16, AVX2): an R x 16 tile, R <= 6,
+// in 12 named accumulators c00..c51 (row i, 8-column half h: ci0 / ci1; named, never an array or an
+// address, or GCC keeps them in memory), one asm statement per step for each row count, built from
+// the kernel's own weight-load (W), per-row (ROW(i, lo, hi)) and operand-list (OPS) macros.
+#define PTQRT_PANEL_FOR_EACH_ACC(F) \
+  F(0, 0, c00) F(0, 1, c01) F(1, 0, c10) F(1, 1, c11) F(2, 0, c20) F(2, 1, c21) \
+  F(3, 0, c30) F(3, 1, c31) F(4, 0, c40) F(4, 1, c41) F(5, 0, c50) F(5, 1, c51)
+#define PTQRT_PANEL_ASM(R, W, ROW, OPS)                                                                \
+  if constexpr (R == 6)                                                                                \
+    __asm__ volatile(W ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41) \
+                         ROW(5, c50, c51) OPS);                                                        \
+  else if constexpr (R == 5)                                                                           \
+    __asm__ volatile(W ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41) OPS); \
+  else if constexpr (R == 4)                                                                           \
+    __asm__ volatile(W ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) OPS);       \
+  else if constexpr (R == 3)                                                                           \
+    __asm__ volatile(W ROW(0, c00, c01) ROW(1, c10, c11) ROW(2, c20, c21) OPS);                        \
+  else if constexpr (R == 2)                                                                           \
+    __asm__ volatile(W ROW(0, c00, c01) ROW(1, c10, c11) OPS);                                         \
+  else                                                                                                 \
+    __asm__ volatile(W ROW(0, c00, c01) OPS)
+
+// Calls f(std::integral_constant<int, R>{}) with R = rows (1 to 6): a panel kernel's row count at run time.
+template <class F>
+inline void dispatch_panel_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
+
 // 8 floats from p[0..8) of fp32 / bf16 / fp16 (bf16 is the top half of an fp32; F16C widens fp16).
 PTQRT_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 PTQRT_AVX2_INLINE __m256 load8(const c10::BFloat16* p) {

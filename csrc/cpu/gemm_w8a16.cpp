@@ -182,35 +182,13 @@ PTQRT_AVX2 void fpanel_rx16_avx2(const float* xp, const float* wp, int64_t kc, f
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
 #define PTQRT_FPANEL_LD(i, h, v) if (add && (i) < R) v = _mm256_loadu_ps(c + (i) * ldc + 8 * (h));
-  PTQRT_FPANEL_LD(0, 0, c00) PTQRT_FPANEL_LD(0, 1, c01) PTQRT_FPANEL_LD(1, 0, c10) PTQRT_FPANEL_LD(1, 1, c11)
-  PTQRT_FPANEL_LD(2, 0, c20) PTQRT_FPANEL_LD(2, 1, c21) PTQRT_FPANEL_LD(3, 0, c30) PTQRT_FPANEL_LD(3, 1, c31)
-  PTQRT_FPANEL_LD(4, 0, c40) PTQRT_FPANEL_LD(4, 1, c41) PTQRT_FPANEL_LD(5, 0, c50) PTQRT_FPANEL_LD(5, 1, c51)
+  PTQRT_PANEL_FOR_EACH_ACC(PTQRT_FPANEL_LD)
 #undef PTQRT_FPANEL_LD
   for (int64_t k = 0; k < kc; ++k) {
-    if constexpr (R == 6)
-      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
-                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_ROW(3, c30, c31) PTQRT_FPANEL_ROW(4, c40, c41)
-                       PTQRT_FPANEL_ROW(5, c50, c51) PTQRT_FPANEL_OPERANDS);
-    else if constexpr (R == 5)
-      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
-                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_ROW(3, c30, c31) PTQRT_FPANEL_ROW(4, c40, c41)
-                       PTQRT_FPANEL_OPERANDS);
-    else if constexpr (R == 4)
-      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
-                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_ROW(3, c30, c31) PTQRT_FPANEL_OPERANDS);
-    else if constexpr (R == 3)
-      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
-                       PTQRT_FPANEL_ROW(2, c20, c21) PTQRT_FPANEL_OPERANDS);
-    else if constexpr (R == 2)
-      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_ROW(1, c10, c11)
-                       PTQRT_FPANEL_OPERANDS);
-    else
-      __asm__ volatile(PTQRT_FPANEL_W PTQRT_FPANEL_ROW(0, c00, c01) PTQRT_FPANEL_OPERANDS);
+    PTQRT_PANEL_ASM(R, PTQRT_FPANEL_W, PTQRT_FPANEL_ROW, PTQRT_FPANEL_OPERANDS);
   }
 #define PTQRT_FPANEL_ST(i, h, v) if ((i) < R) _mm256_storeu_ps(c + (i) * ldc + 8 * (h), v);
-  PTQRT_FPANEL_ST(0, 0, c00) PTQRT_FPANEL_ST(0, 1, c01) PTQRT_FPANEL_ST(1, 0, c10) PTQRT_FPANEL_ST(1, 1, c11)
-  PTQRT_FPANEL_ST(2, 0, c20) PTQRT_FPANEL_ST(2, 1, c21) PTQRT_FPANEL_ST(3, 0, c30) PTQRT_FPANEL_ST(3, 1, c31)
-  PTQRT_FPANEL_ST(4, 0, c40) PTQRT_FPANEL_ST(4, 1, c41) PTQRT_FPANEL_ST(5, 0, c50) PTQRT_FPANEL_ST(5, 1, c51)
+  PTQRT_PANEL_FOR_EACH_ACC(PTQRT_FPANEL_ST)
 #undef PTQRT_FPANEL_ST
 }
 #undef PTQRT_FPANEL_ROW
@@ -219,14 +197,7 @@ PTQRT_AVX2 void fpanel_rx16_avx2(const float* xp, const float* wp, int64_t kc, f
 
 PTQRT_AVX2 void fpanel_avx2(int64_t rows, const float* xp, const float* wp, int64_t kc, float* c, int64_t ldc,
                             bool add) {
-  switch (rows) {
-    case 6: return fpanel_rx16_avx2<6>(xp, wp, kc, c, ldc, add);
-    case 5: return fpanel_rx16_avx2<5>(xp, wp, kc, c, ldc, add);
-    case 4: return fpanel_rx16_avx2<4>(xp, wp, kc, c, ldc, add);
-    case 3: return fpanel_rx16_avx2<3>(xp, wp, kc, c, ldc, add);
-    case 2: return fpanel_rx16_avx2<2>(xp, wp, kc, c, ldc, add);
-    default: return fpanel_rx16_avx2<1>(xp, wp, kc, c, ldc, add);
-  }
+  dispatch_panel_rows(rows, [&](auto r) { fpanel_rx16_avx2<decltype(r)::value>(xp, wp, kc, c, ldc, add); });
 }
 
 // c [mb, nb] (fp32, ldc) through panels: x packed once per call (xp), K in chunks (the groups' x of one chunk

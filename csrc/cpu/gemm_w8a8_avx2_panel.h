@@ -115,38 +115,16 @@ PTQRT_AVX2 void panel_rx16_avx2(const int16_t* xp, const int8_t* wp, int64_t kp,
   static_assert(R >= 1 && R <= kPanelRows, "1 to 6 rows (2R accumulators + 4 scratch of the 16 ymm)");
   __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
-  // Named accumulators only (no array, no address taken): anything else keeps them in memory.
 #define PTQRT_PANEL_LD(i, h, v) \
   if (add && (i) < R) v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + (i) * ldc + 8 * (h)));
-  PTQRT_PANEL_LD(0, 0, c00) PTQRT_PANEL_LD(0, 1, c01) PTQRT_PANEL_LD(1, 0, c10) PTQRT_PANEL_LD(1, 1, c11)
-  PTQRT_PANEL_LD(2, 0, c20) PTQRT_PANEL_LD(2, 1, c21) PTQRT_PANEL_LD(3, 0, c30) PTQRT_PANEL_LD(3, 1, c31)
-  PTQRT_PANEL_LD(4, 0, c40) PTQRT_PANEL_LD(4, 1, c41) PTQRT_PANEL_LD(5, 0, c50) PTQRT_PANEL_LD(5, 1, c51)
+  PTQRT_PANEL_FOR_EACH_ACC(PTQRT_PANEL_LD)
 #undef PTQRT_PANEL_LD
   for (int64_t p = 0; p < kp; ++p) {
-    if constexpr (R == 6)
-      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
-                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_ROW(3, c30, c31) PTQRT_PANEL_ROW(4, c40, c41)
-                       PTQRT_PANEL_ROW(5, c50, c51) PTQRT_PANEL_OPERANDS);
-    else if constexpr (R == 5)
-      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
-                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_ROW(3, c30, c31) PTQRT_PANEL_ROW(4, c40, c41)
-                       PTQRT_PANEL_OPERANDS);
-    else if constexpr (R == 4)
-      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
-                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_ROW(3, c30, c31) PTQRT_PANEL_OPERANDS);
-    else if constexpr (R == 3)
-      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11)
-                       PTQRT_PANEL_ROW(2, c20, c21) PTQRT_PANEL_OPERANDS);
-    else if constexpr (R == 2)
-      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_ROW(1, c10, c11) PTQRT_PANEL_OPERANDS);
-    else
-      __asm__ volatile(PTQRT_PANEL_W PTQRT_PANEL_ROW(0, c00, c01) PTQRT_PANEL_OPERANDS);
+    PTQRT_PANEL_ASM(R, PTQRT_PANEL_W, PTQRT_PANEL_ROW, PTQRT_PANEL_OPERANDS);
   }
 #define PTQRT_PANEL_ST(i, h, v) \
   if ((i) < R) _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (i) * ldc + 8 * (h)), v);
-  PTQRT_PANEL_ST(0, 0, c00) PTQRT_PANEL_ST(0, 1, c01) PTQRT_PANEL_ST(1, 0, c10) PTQRT_PANEL_ST(1, 1, c11)
-  PTQRT_PANEL_ST(2, 0, c20) PTQRT_PANEL_ST(2, 1, c21) PTQRT_PANEL_ST(3, 0, c30) PTQRT_PANEL_ST(3, 1, c31)
-  PTQRT_PANEL_ST(4, 0, c40) PTQRT_PANEL_ST(4, 1, c41) PTQRT_PANEL_ST(5, 0, c50) PTQRT_PANEL_ST(5, 1, c51)
+  PTQRT_PANEL_FOR_EACH_ACC(PTQRT_PANEL_ST)
 #undef PTQRT_PANEL_ST
 }
 #undef PTQRT_PANEL_ROW
@@ -155,14 +133,7 @@ PTQRT_AVX2 void panel_rx16_avx2(const int16_t* xp, const int8_t* wp, int64_t kp,
 
 PTQRT_AVX2 void panel_avx2(int64_t rows, const int16_t* xp, const int8_t* wp, int64_t kp, int32_t* c, int64_t ldc,
                            bool add) {
-  switch (rows) {
-    case 6: return panel_rx16_avx2<6>(xp, wp, kp, c, ldc, add);
-    case 5: return panel_rx16_avx2<5>(xp, wp, kp, c, ldc, add);
-    case 4: return panel_rx16_avx2<4>(xp, wp, kp, c, ldc, add);
-    case 3: return panel_rx16_avx2<3>(xp, wp, kp, c, ldc, add);
-    case 2: return panel_rx16_avx2<2>(xp, wp, kp, c, ldc, add);
-    default: return panel_rx16_avx2<1>(xp, wp, kp, c, ldc, add);
-  }
+  dispatch_panel_rows(rows, [&](auto r) { panel_rx16_avx2<decltype(r)::value>(xp, wp, kp, c, ldc, add); });
 }
 
 // M <= 2 on the cached panels (decode): S panels side by side, so S weight streams run at once, each
