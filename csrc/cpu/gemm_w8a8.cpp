@@ -82,6 +82,18 @@ PTQRT_AVX2_INLINE __m256i widen16(const int8_t* p) {
 }
 PTQRT_AVX2_INLINE __m256i load16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+// rows x rows [ldx apart, K int8 each] -> dst rows K16 apart as int16, zeros in [K, K16).
+PTQRT_AVX2 void widen_rows_avx2(const int8_t* x, int64_t ldx, int64_t rows, int64_t K, int64_t K16, int16_t* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int8_t* xr = x + i * ldx;
+    int16_t* d = dst + i * K16;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k), widen16(xr + k));
+    for (; k < K; ++k) d[k] = xr[k];
+    for (; k < K16; ++k) d[k] = 0;
+  }
+}
+
 // Weight row j's bytes [k, k + 16) as a pointer: the row itself, or a zero-padded copy of its tail.
 struct WTail {
   alignas(16) int8_t buf[16];
@@ -172,14 +184,7 @@ PTQRT_AVX2 void block_avx2(const W8A8Block& b) {
   int16_t* const xw = align64(xw_buf.data());
   for (int64_t m0 = 0; m0 < b.mb; m0 += 4) {
     const int64_t mr = std::min<int64_t>(4, b.mb - m0);
-    for (int64_t i = 0; i < mr; ++i) {  // widen once here, reuse for every n tile of the block
-      const int8_t* xr = b.x + (m0 + i) * b.ldx;
-      int16_t* dst = xw + i * K16;
-      int64_t k = 0;
-      for (; k + 16 <= b.K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), widen16(xr + k));
-      for (; k < b.K; ++k) dst[k] = xr[k];
-      for (; k < K16; ++k) dst[k] = 0;
-    }
+    widen_rows_avx2(b.x + m0 * b.ldx, b.ldx, mr, b.K, K16, xw);  // once here, for every n tile of the block
     int32_t* c = b.c + m0 * b.ldc;
     const int8_t* w = b.w;
     const int64_t ldw = b.ldw;
@@ -457,7 +462,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // weights per call) and the dot-product tiles below.
   const at::Tensor wpanels = isa == Isa::avx2 && K > 0 ? cached_panels(w_q, N, K) : at::Tensor();
   const int64_t wpanel_stride = ceil_div(K, 2) * 2 * kPanelCols;
-  const bool panel = isa == Isa::avx2 && (wpanels.defined() || M >= kPanelMinRows);
+  const bool panel = isa == Isa::avx2 && ((wpanels.defined() && M >= kPackedMinRows) || M >= kPanelMinRows);
   const std::vector<int16_t> xpanel = panel ? pack_x_panels(xp, M, K, MB) : std::vector<int16_t>();
   const int64_t xpanel_block = ceil_div(MB, kPanelRows) * kPanelRows * 2 * ceil_div(K, 2);
 #endif

@@ -141,8 +141,8 @@ PTQRT_AVX2 void panel_avx2(int64_t rows, const int16_t* xp, const int8_t* wp, in
 // prefetched 1 KiB ahead. One Zen 3 core, from DRAM: 1 stream 17-20 GB/s, 4 streams 28-30. Two rows
 // take 2 panels at a time (3 spilled an accumulator: 0.8x at 4096 x 4096).
 template <int R, int S>
-PTQRT_AVX2 void gemv_panels_avx2(const int16_t* xg, const int8_t* wp, int64_t pstride, int64_t kp, int32_t* c,
-                                 int64_t ldc) {
+PTQRT_AVX2 void gemv_panels_avx2(const int16_t* xw, int64_t ldxw, const int8_t* wp, int64_t pstride, int64_t kp,
+                                 int32_t* c, int64_t ldc) {
   static_assert(R * S * 2 <= 12, "2RS accumulators + 2 x + weight + product within the 16 ymm");
   __m256i acc[R][S][2];
   for (int r = 0; r < R; ++r)
@@ -154,7 +154,7 @@ PTQRT_AVX2 void gemv_panels_avx2(const int16_t* xg, const int8_t* wp, int64_t ps
     __m256i xb[R];
     for (int r = 0; r < R; ++r) {
       int32_t v;
-      std::memcpy(&v, xg + (p * kPanelRows + r) * 2, 4);
+      std::memcpy(&v, xw + r * ldxw + 2 * p, 4);
       xb[r] = _mm256_set1_epi32(v);
     }
     for (int s = 0; s < S; ++s) {
@@ -173,27 +173,31 @@ PTQRT_AVX2 void gemv_panels_avx2(const int16_t* xg, const int8_t* wp, int64_t ps
     }
 }
 
-// The block for M <= 2 from the cached panels (b.xpanel holds x as one 6-row group).
+// The block for M <= 2 from the cached panels; its 1-2 rows of x are widened here (int16, K rounded
+// up to 16 with zeros), not packed as a 6-row group.
 PTQRT_AVX2 void block_gemv_avx2(const W8A8Block& b) {
-  const int64_t kp = ceil_div(b.K, 2), pstride = kp * 2 * kPanelCols;
+  const int64_t kp = ceil_div(b.K, 2), pstride = kp * 2 * kPanelCols, K16 = round_up(b.K, 16);
+  thread_local std::vector<int16_t> xw_buf;
+  if (static_cast<int64_t>(xw_buf.size()) < 2 * K16 + 32) xw_buf.resize(2 * K16 + 32);
+  int16_t* const xw = align64(xw_buf.data());
+  widen_rows_avx2(b.x, b.ldx, b.mb, b.K, K16, xw);
   const int64_t full = b.nb / kPanelCols;  // whole panels; the last one may be cut short
+  const int8_t* const w = b.wpanels;
   int64_t p = 0;
   if (b.mb == 1) {
-    for (; p + 4 <= full; p += 4)
-      gemv_panels_avx2<1, 4>(b.xpanel, b.wpanels + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
-    for (; p < full; ++p) gemv_panels_avx2<1, 1>(b.xpanel, b.wpanels + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
+    for (; p + 4 <= full; p += 4) gemv_panels_avx2<1, 4>(xw, K16, w + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
+    for (; p < full; ++p) gemv_panels_avx2<1, 1>(xw, K16, w + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
   } else {
-    for (; p + 2 <= full; p += 2)
-      gemv_panels_avx2<2, 2>(b.xpanel, b.wpanels + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
-    for (; p < full; ++p) gemv_panels_avx2<2, 1>(b.xpanel, b.wpanels + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
+    for (; p + 2 <= full; p += 2) gemv_panels_avx2<2, 2>(xw, K16, w + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
+    for (; p < full; ++p) gemv_panels_avx2<2, 1>(xw, K16, w + p * pstride, pstride, kp, b.c + p * kPanelCols, b.ldc);
   }
   const int64_t nr = b.nb - full * kPanelCols;
   if (nr > 0) {  // through a scratch tile: nothing past c's [mb, nb] is written
     alignas(32) int32_t tile[2 * kPanelCols];
     if (b.mb == 1)
-      gemv_panels_avx2<1, 1>(b.xpanel, b.wpanels + full * pstride, pstride, kp, tile, kPanelCols);
+      gemv_panels_avx2<1, 1>(xw, K16, w + full * pstride, pstride, kp, tile, kPanelCols);
     else
-      gemv_panels_avx2<2, 1>(b.xpanel, b.wpanels + full * pstride, pstride, kp, tile, kPanelCols);
+      gemv_panels_avx2<2, 1>(xw, K16, w + full * pstride, pstride, kp, tile, kPanelCols);
     scratch_out(b.c + full * kPanelCols, b.ldc, b.mb, nr, tile, kPanelCols);
   }
 }
