@@ -103,11 +103,13 @@ def test_w8a8_full_int8_range_exact(cpu_ops, gemm_isa, m):
     assert torch.equal(out, ref.int32_matmul(x, w))
 
 
-@pytest.mark.parametrize("m,n,k", ((24, 37, 5000), (29, 16, 4096), (131, 50, 2003), (40, 3, 8200), (45, 70, 9001)))
+@pytest.mark.parametrize("m,n,k", ((24, 37, 5000), (29, 16, 4096), (131, 50, 2003), (40, 3, 8200), (45, 70, 9001),
+                                   (301, 70, 100)))
 def test_w8a8_long_k_and_blocks(cpu_ops, gemm_isa, m, n, k):
     """K over several of the panel kernels' K chunks (4096 or fewer, ragged last one), M across the
-    driver's 128-row blocks (131: a second block of 3 rows), N with partial 16- and 32-column panels,
-    row groups cut short (6-row groups on AVX2, 8-row on VNNI)."""
+    driver's equal m-blocks of at most 128 rows (131: 66 + 65; 301: 101 + 101 + 99, neither a multiple
+    of 6 nor of 8), N with partial 16- and 32-column panels, row groups cut short (6-row groups on
+    AVX2, 8-row on VNNI)."""
     x, w = rand_int8(m, k), rand_int8(n, k)
     _dirty_heap(4 * m * n)
     out = cpu_ops.w8a8_gemm(x, rand_scale(m), w, rand_scale(n), None, torch.int32)
@@ -197,8 +199,7 @@ def panel_isa(request, cpu_ops, monkeypatch):
                                    (127, 33, 17), (131, 50, 2003)))
 def test_w8a8_panels_cached_and_repacked(cpu_ops, panel_isa, cached, m, n, k):
     """The kernels on the cache's whole-weight copy or on per-call repacked chunks. AVX2: cached, the
-    streaming GEMV for M <= 2 and for a last m-block of 1-2 rows (4 or 2 panels at a time, then one)
-    and the panel kernel from 3 rows; uncached, the panel kernel from 24 rows (dot-product tiles
+    streaming GEMV for M <= 2 (4 or 2 panels at a time, then one) and the panel kernel from 3 rows; uncached, the panel kernel from 24 rows (dot-product tiles
     below). VNNI: the panel kernel from 4 rows cached, 32 uncached, with the offset's correction
     precomputed over the whole K (cached) or per K chunk. Every row count of the last row group,
     partial panels, odd K, several K chunks, -128 in both operands."""
@@ -348,11 +349,12 @@ def test_w8a16(cpu_ops, isa, dtype, m, n, k, group):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("m,n,k,group", ((64, 40, 1104, 48), (131, 33, 1104, 0), (70, 16, 1000, 25), (64, 70, 600, 8),
-                                         (200, 17, 513, 0)))
+                                         (200, 17, 513, 0), (301, 40, 48, 16)))
 def test_w8a16_panels(cpu_ops, isa, dtype, m, n, k, group):
     """From 64 rows the AVX2 path dequantizes 16 columns x one K chunk at a time into an fp32 panel:
     several K chunks (a chunk boundary inside a group), groups of 8 k at a time or one k at a time
-    (a group size not a multiple of 8), partial panels, a second m-block of a few rows."""
+    (a group size not a multiple of 8), partial panels, two and three m-blocks (rows not a multiple
+    of the 6-row groups)."""
     _check_w8a16(cpu_ops, dtype, m, n, k, group)
 
 

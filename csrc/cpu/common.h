@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -46,6 +47,63 @@ inline std::vector<float> f32_vector(const std::optional<at::Tensor>& t) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+// A GEMM driver's tasks: n_mb m-blocks of MB rows and n_nb n-blocks of NB columns (the last of each
+// may be shorter), task t = (n-block t / n_mb, m-block t % n_mb).
+struct Blocking {
+  int64_t MB, NB, n_mb, n_nb;
+};
+
+// Blocks of equal size that split evenly over the threads. at::parallel_for gives each thread one
+// contiguous run of ceil(tasks / threads) tasks, so 9 equal tasks on 2 threads take as long as 10
+// (MiniLM's 384-row layers were 9 tasks: 128-row m-blocks x 3 n-blocks). m-blocks: as few as keep
+// each within mb_max rows, equal in size. n-blocks: the fewest (each at most nb_max, a multiple of
+// unit) whose busiest thread does within 2% of an even share of rows x columns; failing that, the
+// most even split among the first 256 counts tried.
+inline Blocking balanced_blocks(int64_t M, int64_t N, int64_t mb_max, int64_t nb_max, int64_t unit,
+                                int64_t threads) {
+  Blocking b;
+  b.n_mb = ceil_div(M, mb_max);
+  b.MB = ceil_div(M, b.n_mb);
+  threads = std::max<int64_t>(threads, 1);
+  nb_max = std::max(unit, nb_max / unit * unit);
+  const double even = static_cast<double>(M) * N / threads;
+  double best = -1;
+  int64_t last_nb = -1;
+  for (int64_t c = ceil_div(N, nb_max), tried = 0; tried < 256; ++c, ++tried) {
+    const int64_t NB = round_up(ceil_div(N, c), unit);
+    if (NB == last_nb) continue;
+    last_nb = NB;
+    const int64_t n_nb = ceil_div(N, NB), tasks = n_nb * b.n_mb, run = ceil_div(tasks, std::min(threads, tasks));
+    double busiest = 0;
+    for (int64_t t0 = 0; t0 < tasks; t0 += run) {
+      double load = 0;
+      for (int64_t t = t0; t < std::min(tasks, t0 + run); ++t)
+        load += static_cast<double>(std::min(b.MB, M - (t % b.n_mb) * b.MB)) * std::min(NB, N - (t / b.n_mb) * NB);
+      busiest = std::max(busiest, load);
+    }
+    if (best < 0 || busiest < best) {
+      best = busiest;
+      b.NB = NB;
+      b.n_nb = n_nb;
+    }
+    if (busiest <= 1.02 * even || NB == unit) break;
+  }
+  return b;
+}
+
+// n values left uninitialised, for packed copies that are written in full before they are read (a
+// std::vector would zero them first: one more pass over the data, single-threaded, on every call).
+template <class T>
+class Uninit {
+ public:
+  explicit Uninit(int64_t n = 0) : p_(n > 0 ? new T[n] : nullptr) {}
+  T* data() const { return p_.get(); }
+  bool empty() const { return !p_; }
+
+ private:
+  std::unique_ptr<T[]> p_;
+};
+
 // The first 64-byte aligned address at or after p (the buffer must have 64 bytes of slack).
 template <class T>
 T* align64(T* p) {
@@ -55,7 +113,7 @@ T* align64(T* p) {
 #if PTQRT_X86
 // The panel (outer-product) kernels' shared skeleton (w8a8 and w8a16, AVX2): an R x 16 tile, R <= 6,
 // in 12 named accumulators c00..c51 (row i, 8-column half h: ci0 / ci1; named, never an array or an
-// address, or GCC keeps them in memory), one asm statement per step for each row count, built from
+// address, or GCC keeps them in memory), one asm statement (the whole k loop) for each row count, built from
 // the kernel's own weight-load (W), per-row (ROW(i, lo, hi)) and operand-list (OPS) macros.
 #define PTQRT_PANEL_FOR_EACH_ACC(F) \
   F(0, 0, c00) F(0, 1, c01) F(1, 0, c10) F(1, 1, c11) F(2, 0, c20) F(2, 1, c21) \
@@ -74,6 +132,14 @@ T* align64(T* p) {
     __asm__ volatile(W ROW(0, c00, c01) ROW(1, c10, c11) OPS);                                         \
   else                                                                                                 \
     __asm__ volatile(W ROW(0, c00, c01) OPS)
+
+// The k loop inside the asm statement: W starts with HEAD, OPS with TAIL (pointers %[w] and %[x] step
+// by WSTEP and XSTEP bytes, %[n] steps count down to 0; n > 0). The head is aligned to 64 bytes:
+// with the loop in C++ around a one-step asm, where the compiler put the loop head moved the int8
+// kernel's speed by ~10% between builds that changed nothing near it (one core, 128 x 4096 x 4096).
+#define PTQRT_PANEL_LOOP_HEAD ".p2align 6\n1:\n\t"
+#define PTQRT_PANEL_LOOP_TAIL(WSTEP, XSTEP) \
+  "add $" #WSTEP ", %[w]\n\t" "add $" #XSTEP ", %[x]\n\t" "dec %[n]\n\t" "jnz 1b\n\t"
 
 // Calls f(std::integral_constant<int, R>{}) with R = rows (1 to 6): a panel kernel's row count at run time.
 template <class F>

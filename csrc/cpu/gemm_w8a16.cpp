@@ -116,7 +116,7 @@ void pack_x_rows6(const T* x, int64_t ldx, int64_t mb, int64_t K, float* xp) {
     const int64_t rows = std::min<int64_t>(kPR, mb - g * kPR);
     const T* src = x + g * kPR * ldx;
     float* d = xp + g * K * kPR;
-    for (int64_t k = 0; k < K; ++k, d += kPR)  // written in order; the rows past mb stay 0
+    for (int64_t k = 0; k < K; ++k, d += kPR)  // written in order; the rows past mb as 0
       for (int64_t i = 0; i < kPR; ++i) d[i] = i < rows ? to_f32(src[i * ldx + k]) : 0.0f;
   }
 }
@@ -168,12 +168,14 @@ PTQRT_AVX2 void dequant_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, con
   "vbroadcastss " #i "*4(%[x]), %%ymm14\n\t"           \
   "vfmadd231ps %%ymm14, %%ymm12, %[" #lo "]\n\t"       \
   "vfmadd231ps %%ymm14, %%ymm13, %[" #hi "]\n\t"
-#define PTQRT_FPANEL_W "vmovups (%[w]), %%ymm12\n\t" "vmovups 32(%[w]), %%ymm13\n\t"
+#define PTQRT_FPANEL_W PTQRT_PANEL_LOOP_HEAD "vmovups (%[w]), %%ymm12\n\t" "vmovups 32(%[w]), %%ymm13\n\t"
 #define PTQRT_FPANEL_OPERANDS                                                                              \
+  PTQRT_PANEL_LOOP_TAIL(64, 24)                                                                            \
   : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21), \
-    [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51)  \
-  : [w] "r"(wp + k * kPC), [x] "r"(xp + k * kPR)                                                          \
-  : "xmm12", "xmm13", "xmm14", "memory"
+    [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51), \
+    [w] "+r"(w), [x] "+r"(x), [n] "+r"(n)                                                                 \
+  :                                                                                                        \
+  : "xmm12", "xmm13", "xmm14", "memory", "cc"
 
 // c [R, 16] (ldc) = (add ? c : 0) + xp-group . wp over kc values of k (assembly: named accumulators).
 template <int R>
@@ -184,7 +186,11 @@ PTQRT_AVX2 void fpanel_rx16_avx2(const float* xp, const float* wp, int64_t kc, f
 #define PTQRT_FPANEL_LD(i, h, v) if (add && (i) < R) v = _mm256_loadu_ps(c + (i) * ldc + 8 * (h));
   PTQRT_PANEL_FOR_EACH_ACC(PTQRT_FPANEL_LD)
 #undef PTQRT_FPANEL_LD
-  for (int64_t k = 0; k < kc; ++k) {
+  static_assert(kPC * 4 == 64 && kPR * 4 == 24, "the asm's per-step strides");
+  if (kc > 0) {
+    const float* w = wp;
+    const float* x = xp;
+    int64_t n = kc;
     PTQRT_PANEL_ASM(R, PTQRT_FPANEL_W, PTQRT_FPANEL_ROW, PTQRT_FPANEL_OPERANDS);
   }
 #define PTQRT_FPANEL_ST(i, h, v) if ((i) < R) _mm256_storeu_ps(c + (i) * ldc + 8 * (h), v);
@@ -321,14 +327,15 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   const std::vector<float> bs = f32_vector(bias);
   const int8_t* wp = w_q.data_ptr<int8_t>();
   const float* wsp = w_scale.data_ptr<float>();
-  const int64_t MB = 128;
-  int64_t NB = std::min<int64_t>(512, std::max<int64_t>(12, (192 * 1024) / std::max<int64_t>(K, 1) / 12 * 12));
-  const int64_t threads = at::get_num_threads();
-  while (NB > 12 && ceil_div(N, NB) * ceil_div(M, MB) < 4 * threads) NB -= 12;
+  // Blocks of up to 128 rows x ~192 KiB of weights, equal and split evenly over the threads; whole
+  // 16-column panels for the panel kernel, else multiples of the dot tiles' 12 columns.
+  bool panel = false;
 #if PTQRT_X86
-  if ((isa == Isa::avx2 || isa == Isa::avx512) && M >= kW8A16PanelMinRows) NB = round_up(NB, kPC);  // whole panels
+  panel = (isa == Isa::avx2 || isa == Isa::avx512) && M >= kW8A16PanelMinRows;
 #endif
-  const int64_t n_nb = ceil_div(N, NB), n_mb = ceil_div(M, MB);
+  const Blocking bl = balanced_blocks(M, N, 128, std::min<int64_t>(512, (192 * 1024) / std::max<int64_t>(K, 1)),
+                                      panel ? 16 : 12, at::get_num_threads());
+  const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
 
   dispatch_float(x.scalar_type(), "x", [&](auto tag) {
     using T = decltype(tag);
@@ -336,13 +343,13 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
     T* op = reinterpret_cast<T*>(out.data_ptr());
     // From kW8A16PanelMinRows rows (AVX2 code): the panel kernel, with x packed once per call as
     // 6-row fp32 groups, [m-block][group][K][6].
-    std::vector<float> xpanel;
+    Uninit<float> xpanel;
     int64_t xblock = 0;
 #if PTQRT_X86
-    if ((isa == Isa::avx2 || isa == Isa::avx512) && M >= kW8A16PanelMinRows) {
+    if (panel) {
       const int64_t gpb = ceil_div(MB, kPR);  // groups per m-block
       xblock = gpb * kPR * K;
-      xpanel.resize(n_mb * xblock);
+      xpanel = Uninit<float>(n_mb * xblock);
       at::parallel_for(0, n_mb * gpb, 1, [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t m0 = (g / gpb) * MB + (g % gpb) * kPR;

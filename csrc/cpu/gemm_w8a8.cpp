@@ -434,14 +434,34 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int8_t* xp = x_q.data_ptr<int8_t>();
   const int8_t* wp = w_q.data_ptr<int8_t>();
 
-  // Blocks: MB rows x ~192 KiB of weights per n-block (L2-resident while the m-blocks stream by),
-  // shrunk below until there are a few tasks per thread so small problems still use every core.
-  const int64_t MB = 128;
   // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
   const at::Tensor wquads = vnni && K > 0 && M >= kVnniPackedMinRows ? cached_quads(w_q, N, K) : at::Tensor();
   const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
   const bool vnni_panel = vnni && (wquads.defined() || M >= kVnniPanelMinRows);
+#if PTQRT_X86
+  // AVX2: with the weights' cached panel-order copy, the streaming GEMV below kPackedMinRows rows and
+  // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
+  // weights per call) and the dot-product tiles below.
+  const at::Tensor wpanels = isa == Isa::avx2 && K > 0 ? cached_panels(w_q, N, K) : at::Tensor();
+  const int64_t wpanel_stride = ceil_div(K, 2) * 2 * kPanelCols;
+  const bool panel = isa == Isa::avx2 && ((wpanels.defined() && M >= kPackedMinRows) || M >= kPanelMinRows);
+#endif
+
+  // Blocks: up to 128 rows x ~192 KiB of weights per n-block (L2-resident while the m-blocks stream
+  // by), equal in size and split evenly over the threads (n-blocks start on the cached 32-column
+  // panels of the VNNI path).
+  const int64_t threads = at::get_num_threads();
+  Blocking bl = balanced_blocks(M, N, 128, std::min<int64_t>(512, (192 * 1024) / std::max<int64_t>(K, 1)),
+                                wquads.defined() ? 32 : 16, threads);
+#if PTQRT_X86
+  // The GEMV streams 4 panels at a time over the whole K (nothing to keep in L2): 4 n-blocks a thread.
+  if (wpanels.defined() && M < kPackedMinRows) {
+    bl.NB = std::max<int64_t>(64, round_up(ceil_div(N, 4 * threads), 64));
+    bl.n_nb = ceil_div(N, bl.NB);
+  }
+#endif
+  const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
   const std::vector<uint8_t> xquads = vnni_panel ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
   const int64_t xquads_block = ceil_div(MB, 8) * 8 * 4 * ceil_div(K, 4);
   std::vector<int32_t> xsum;
@@ -455,26 +475,10 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
       }
     });
   }
-
 #if PTQRT_X86
-  // AVX2: with the weights' cached panel-order copy, the streaming GEMV below kPackedMinRows rows and
-  // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
-  // weights per call) and the dot-product tiles below.
-  const at::Tensor wpanels = isa == Isa::avx2 && K > 0 ? cached_panels(w_q, N, K) : at::Tensor();
-  const int64_t wpanel_stride = ceil_div(K, 2) * 2 * kPanelCols;
-  const bool panel = isa == Isa::avx2 && ((wpanels.defined() && M >= kPackedMinRows) || M >= kPanelMinRows);
-  const std::vector<int16_t> xpanel = panel ? pack_x_panels(xp, M, K, MB) : std::vector<int16_t>();
+  const Uninit<int16_t> xpanel = panel ? pack_x_panels_avx2(xp, M, K, MB) : Uninit<int16_t>();
   const int64_t xpanel_block = ceil_div(MB, kPanelRows) * kPanelRows * 2 * ceil_div(K, 2);
 #endif
-  int64_t NB = std::min<int64_t>(512, std::max<int64_t>(16, (192 * 1024) / std::max<int64_t>(K, 1) / 16 * 16));
-  const int64_t threads = at::get_num_threads();
-  while (NB > 16 && ceil_div(N, NB) * ceil_div(M, MB) < 4 * threads) NB -= 16;
-#if PTQRT_X86
-  // The GEMV streams 4 panels at a time over the whole K (nothing to keep in L2): 4 n-blocks a thread.
-  if (wpanels.defined() && M < kPackedMinRows) NB = std::max<int64_t>(64, round_up(ceil_div(N, 4 * threads), 64));
-#endif
-  if (wquads.defined()) NB = round_up(NB, 32);  // n-blocks start on the cached 32-column panels
-  const int64_t n_nb = ceil_div(N, NB), n_mb = ceil_div(M, MB);
 
   std::vector<float> xs, ws, bs;
   if (!raw) {
