@@ -325,6 +325,26 @@ def test_quantize_ties_round_half_even(cpu_ops, isa):
     assert torch.equal(q, ref.quantize_per_tensor(x, torch.tensor([1.0])))
 
 
+@pytest.mark.parametrize("smooth", (False, True))
+def test_quantize_near_ties_inexact_reciprocal(cpu_ops, isa, smooth):
+    """x / s on, or an ulp either side of, every n + 1/2 for scales whose reciprocal is inexact: a
+    multiply by 1 / s in place of the division flips some of them (checked: a version that divided
+    only where x * (1 / s) fell within 2^-12 of n + 1/2 passed, one that never divided failed)."""
+    k = 3 * 254
+    sm = (torch.rand(k) + 0.5) if smooth else None
+    for s in (0.1, 0.013, 3.7, 1 / 3, 7e-5, 1e-30):
+        halves = (torch.arange(-127, 127, dtype=torch.float64) + 0.5).repeat(3)
+        x = (halves * s * (sm.double() if smooth else 1)).float()
+        x[254:508] = torch.nextafter(x[254:508], torch.tensor(float("inf")))
+        x[508:] = torch.nextafter(x[508:], torch.tensor(float("-inf")))
+        sc = torch.tensor([s], dtype=torch.float32)
+        assert torch.equal(cpu_ops.quantize_per_tensor(x[None], sc, sm), ref.quantize_per_tensor(x[None], sc, sm))
+        rows = torch.stack([x, torch.cat([x[:-1], torch.tensor([127 * s])])])  # the second's scale ~ s
+        q, scale = cpu_ops.quantize_per_token(rows, sm)
+        rq, rscale = ref.quantize_per_token(rows, sm)
+        assert torch.equal(q, rq) and torch.equal(scale, rscale)
+
+
 # ------------------------------------------------------------------------------------------ w8a16
 def _check_w8a16(cpu_ops, dtype, m, n, k, group):
     x = torch.randn(m, k).to(dtype)
