@@ -13,6 +13,7 @@ itself) so that ``set_backend`` can choose between them at run time; see DESIGN.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import warnings
@@ -99,7 +100,7 @@ def _auto_chain(op: str, device: torch.device, m: int) -> list[str]:
 
 
 def bucket(m: int) -> int:
-    return next(b for b in M_BUCKETS if m <= b)
+    return M_BUCKETS[bisect.bisect_left(M_BUCKETS, m)]
 
 
 def resolve(op: str, device: torch.device, m: int = 1) -> tuple[str, Callable]:
@@ -245,12 +246,16 @@ def _(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale):
 
 
 # ----------------------------------------------------------------------------- plain eager calls
+def plain_eager_mode() -> bool:
+    """Not compiling or tracing, and no torch-function or dispatch mode active."""
+    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack())
+
+
 def _plain_eager(args, kwargs) -> bool:
-    """True for a call that the dispatcher would only pass through: not compiling or tracing, no
-    torch-function or dispatch mode active, every tensor argument a plain tensor (no FakeTensor or
-    other subclass) and none that needs a gradient."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() \
-            or torch._C._len_torch_dispatch_stack():
+    """True for a call that the dispatcher would only pass through: `plain_eager_mode()`, every
+    tensor argument a plain tensor (no FakeTensor or other subclass) and none that needs a gradient."""
+    if not plain_eager_mode():
         return False
     grad = torch.is_grad_enabled()
     for a in (*args, *kwargs.values()):

@@ -111,6 +111,52 @@ def test_m_zero_and_3d_inputs():
 
 
 @pytest.mark.parametrize("name", ["w8a16", "w8a8_dynamic", "w8a8_static"])
+def test_repeat_calls_go_direct_until_the_module_changes(name, monkeypatch):
+    """Once the public ops accepted a call, plain eager calls like it (same x dtype and device, same
+    backend setting) run the backend directly, with the same result. A new x dtype, converting the
+    module (.double()), replacing a buffer, or a dispatch mode sends the call through the ops and
+    their checks again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+    for op in ("quantize_per_token", "quantize_per_tensor", "w8a8_gemm", "w8a16_gemm"):
+        orig = getattr(ptqrt.ops, op)
+        monkeypatch.setattr(ptqrt.ops, op, lambda *a, _o=orig, _n=op: (calls.append(_n), _o(*a))[1])
+
+    def fresh():
+        return quantize(nn.Sequential(nn.Linear(24, 16)), CONFIGS[name], [torch.randn(4, 24)], quiet=True)[0]
+
+    q, x = fresh(), torch.randn(3, 24)
+    y = q(x)
+    assert calls
+    calls.clear()
+    for _ in range(2):
+        assert torch.equal(q(x), y) and torch.equal(q(x.reshape(3, 1, 24)).reshape(3, 16), y)
+    assert calls == []
+    with pytest.raises(TypeError, match="dtype"):
+        q(x.double())  # a new key: the ops' checks refuse float64
+    q.double()  # float64 scales and bias now: refused by the ops, not run by the kernels
+    with pytest.raises(TypeError, match="dtype"):
+        q(x)
+    q = fresh()
+    q(x)
+    q.weight_scale = q.weight_scale.half()
+    with pytest.raises(TypeError, match="w_scale"):
+        q(x)
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, seen = fresh(), []
+    y = q(x)
+    with Log():
+        assert torch.equal(q(x), y)
+    assert any(s.startswith("ptqrt.") for s in seen)
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w8a8_dynamic", "w8a8_static"])
 def test_torch_compile_without_graph_breaks(name):
     model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
     q = quantize(model, CONFIGS[name], [torch.randn(4, 32)], quiet=True)

@@ -57,6 +57,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device) if mode == "W8A8" else None)
         self.register_buffer("smooth_scale", torch.ones(in_features, dtype=torch.float32, device=device) if has_smooth else None)
+        self._checked: set = set()  # _direct_key()s of calls the public ops accepted
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -105,15 +106,55 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if self.mode == "W8A16":
-            y = ops.w8a16_gemm(x2, self.weight, self.weight_scale, self.bias, self.group_size)
-        elif self.mode == "W8A8_DYNAMIC":
-            x_q, x_scale = ops.quantize_per_token(x2, self.smooth_scale)
-            y = ops.w8a8_gemm(x_q, x_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        key = self._direct_key(x2)
+        if key is not None and key in self._checked:
+            run = ops.resolve  # the backends' own callables: the public ops checked these tensors before
         else:
-            x_q = ops.quantize_per_tensor(x2, self.input_scale, self.smooth_scale)
-            y = ops.w8a8_gemm(x_q, self.input_scale, self.weight, self.weight_scale, self.bias, x.dtype)
+            run = None
+        b = self._buffers
+        w, ws, bias, smooth = b["weight"], b["weight_scale"], b["bias"], b["smooth_scale"]
+        m, dev = x2.shape[0], x2.device
+        if self.mode == "W8A16":
+            fn = run("w8a16_gemm", dev, m)[1] if run else ops.w8a16_gemm
+            y = fn(x2, w, ws, bias, self.group_size)
+        elif self.mode == "W8A8_DYNAMIC":
+            x_q, x_scale = (run("quantize_per_token", dev, m)[1] if run else ops.quantize_per_token)(x2, smooth)
+            y = (run("w8a8_gemm", dev, m)[1] if run else ops.w8a8_gemm)(x_q, x_scale, w, ws, bias, x.dtype)
+        else:
+            s = b["input_scale"]
+            x_q = (run("quantize_per_tensor", dev, m)[1] if run else ops.quantize_per_tensor)(x2, s, smooth)
+            y = (run("w8a8_gemm", dev, m)[1] if run else ops.w8a8_gemm)(x_q, s, w, ws, bias, x.dtype)
+        if run is None and key is not None:
+            self._checked.add(key)
         return y.reshape(*lead, self.out_features)
+
+    def _direct_key(self, x2: torch.Tensor) -> Optional[tuple]:
+        """What the ops' input checks depend on that can change between calls: x's dtype and device,
+        and the backend setting (shapes are fixed at construction and x's K is checked above; this
+        module's own tensors are covered by clearing `_checked` when they are moved, converted or
+        replaced). After the public ops accepted one call with a key, plain eager calls with the same
+        key call the backend directly (~15 us less a forward on the CPU). None where the call must go
+        through the ops: compiling, tracing, a torch-function or dispatch mode, a tensor subclass, or
+        a gradient to track."""
+        if type(x2) is not torch.Tensor or not ops.plain_eager_mode():
+            return None
+        if torch.is_grad_enabled() and (x2.requires_grad or any(
+                t is not None and t.requires_grad for t in self._buffers.values())):
+            return None
+        return (x2.dtype, x2.device, ops.get_backend())
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(), ...: the tensors' dtype or device may change
+        self._checked.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setstate__(self, state) -> None:  # unpickling a module saved before `_checked` existed
+        super().__setstate__(state)
+        self.__dict__.setdefault("_checked", set())
+
+    def __setattr__(self, name: str, value) -> None:  # a buffer replaced: checked again on the next call
+        if name in self.__dict__.get("_buffers", ()):
+            self.__dict__.get("_checked", set()).clear()
+        super().__setattr__(name, value)
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [N, K] as the kernels see it (smoothing factors divided back out)."""
