@@ -247,9 +247,9 @@ def _(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale):
 
 # ----------------------------------------------------------------------------- plain eager calls
 def plain_eager_mode() -> bool:
-    """Not compiling or tracing, and no torch-function or dispatch mode active."""
-    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._len_torch_dispatch_stack())
+    """Not compiling or tracing (dynamo, torch.jit.trace), and no torch-function or dispatch mode active."""
+    return not (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+                or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack())
 
 
 def _plain_eager(args, kwargs) -> bool:

@@ -196,11 +196,12 @@ def panel_isa(request, cpu_ops, monkeypatch):
 @pytest.mark.parametrize("m,n,k", ((1, 100, 33), (1, 16, 1), (1, 7, 4111), (2, 85, 4111), (2, 200, 17), (2, 3, 2),
                                    (129, 70, 300), (130, 33, 65), (3, 17, 33), (4, 16, 1), (5, 1, 2), (7, 33, 3),
                                    (16, 15, 513), (17, 40, 4111), (23, 70, 200), (24, 37, 5000), (29, 16, 4096),
-                                   (127, 33, 17), (131, 50, 2003)))
+                                   (127, 33, 17), (131, 50, 2003), (16130, 5, 20)))
 def test_w8a8_panels_cached_and_repacked(cpu_ops, panel_isa, cached, m, n, k):
     """The kernels on the cache's whole-weight copy or on per-call repacked chunks. AVX2: cached, the
-    streaming GEMV for M <= 2 (4 or 2 panels at a time, then one) and the panel kernel from 3 rows; uncached, the panel kernel from 24 rows (dot-product tiles
-    below). VNNI: the panel kernel from 4 rows cached, 32 uncached, with the offset's correction
+    streaming GEMV for M <= 2 and for a last m-block of 1-2 rows (4 or 2 panels at a time, then one;
+    16130 rows end in a block of 2) and the panel kernel from 3 rows; uncached, the panel kernel from
+    24 rows (dot-product tiles below). VNNI: the panel kernel from 4 rows cached, 32 uncached, with the offset's correction
     precomputed over the whole K (cached) or per K chunk. Every row count of the last row group,
     partial panels, odd K, several K chunks, -128 in both operands."""
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8)

@@ -113,9 +113,10 @@ def test_m_zero_and_3d_inputs():
 @pytest.mark.parametrize("name", ["w8a16", "w8a8_dynamic", "w8a8_static"])
 def test_repeat_calls_go_direct_until_the_module_changes(name, monkeypatch):
     """Once the public ops accepted a call, plain eager calls like it (same x dtype and device, same
-    backend setting) run the backend directly, with the same result. A new x dtype, converting the
-    module (.double()), replacing a buffer, or a dispatch mode sends the call through the ops and
-    their checks again."""
+    backend setting, the same module tensors with the same dtypes and devices) run the backend
+    directly, with the same result. A new x dtype, converting the module (.double()), a buffer
+    replaced or changed in any of the ways below, torch.jit.trace, or a dispatch mode sends the call
+    through the ops and their checks again."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls = []
@@ -138,11 +139,24 @@ def test_repeat_calls_go_direct_until_the_module_changes(name, monkeypatch):
     q.double()  # float64 scales and bias now: refused by the ops, not run by the kernels
     with pytest.raises(TypeError, match="dtype"):
         q(x)
+    replace = (lambda q, t: setattr(q, "weight_scale", t), lambda q, t: q.register_buffer("weight_scale", t),
+               lambda q, t: q._buffers.__setitem__("weight_scale", t),
+               lambda q, t: setattr(q.weight_scale, "data", t))
+    for how in replace:
+        q = fresh()
+        q(x)
+        how(q, q.weight_scale.half())
+        with pytest.raises(TypeError, match="w_scale"):
+            q(x)
     q = fresh()
     q(x)
-    q.weight_scale = q.weight_scale.half()
     with pytest.raises(TypeError, match="w_scale"):
-        q(x)
+        torch.func.functional_call(q, {"weight_scale": q.weight_scale.double()}, (x,))
+    q = fresh()
+    y = q(x)
+    traced = torch.jit.trace(q, x)  # checks the trace against a second run: both through the ops
+    assert any(n.kind().startswith("ptqrt::") for n in traced.graph.nodes())
+    assert torch.equal(traced(x), y)
 
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

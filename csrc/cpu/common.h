@@ -53,12 +53,14 @@ struct Blocking {
   int64_t MB, NB, n_mb, n_nb;
 };
 
-// Blocks of equal size that split evenly over the threads. at::parallel_for gives each thread one
-// contiguous run of ceil(tasks / threads) tasks, so 9 equal tasks on 2 threads take as long as 10
-// (MiniLM's 384-row layers were 9 tasks: 128-row m-blocks x 3 n-blocks). m-blocks: as few as keep
-// each within mb_max rows, equal in size. n-blocks: the fewest (each at most nb_max, a multiple of
-// unit) whose busiest thread does within 2% of an even share of rows x columns; failing that, the
-// most even split among the first 256 counts tried.
+// Blocks that split evenly over the threads. at::parallel_for gives each thread one contiguous run
+// of ceil(tasks / threads) tasks, so 9 equal tasks on 2 threads take as long as 10 (MiniLM's 384-row
+// layers were 9 tasks: 128-row m-blocks x 3 n-blocks). m-blocks: as few as keep each within mb_max
+// rows, MB = ceil(M / n_mb) each (the last up to n_mb - 1 rows shorter: 16130 rows are 126 x 128 + 2).
+// n-blocks: NB = ceil(N / count) rounded up to a multiple of unit, for the smallest count from
+// ceil(N / nb_max) up whose busiest thread does within 2% of an even share of rows x columns, or
+// NB = unit; failing both within 256 counts, the most even of those tried (per-task overhead is not
+// weighed, so with many threads it may pick narrow blocks for a small gain).
 inline Blocking balanced_blocks(int64_t M, int64_t N, int64_t mb_max, int64_t nb_max, int64_t unit,
                                 int64_t threads) {
   Blocking b;
@@ -134,7 +136,8 @@ T* align64(T* p) {
     __asm__ volatile(W ROW(0, c00, c01) OPS)
 
 // The k loop inside the asm statement: W starts with HEAD, OPS with TAIL (pointers %[w] and %[x] step
-// by WSTEP and XSTEP bytes, %[n] steps count down to 0; n > 0). The head is aligned to 64 bytes:
+// by WSTEP and XSTEP bytes, %[n] steps count down to 0; n > 0). The head is aligned to 64 bytes (the
+// padding NOPs run once a call):
 // with the loop in C++ around a one-step asm, where the compiler put the loop head moved the int8
 // kernel's speed by ~10% between builds that changed nothing near it (one core, 128 x 4096 x 4096).
 #define PTQRT_PANEL_LOOP_HEAD ".p2align 6\n1:\n\t"

@@ -116,7 +116,7 @@ void pack_x_rows6(const T* x, int64_t ldx, int64_t mb, int64_t K, float* xp) {
     const int64_t rows = std::min<int64_t>(kPR, mb - g * kPR);
     const T* src = x + g * kPR * ldx;
     float* d = xp + g * K * kPR;
-    for (int64_t k = 0; k < K; ++k, d += kPR)  // written in order; the rows past mb as 0
+    for (int64_t k = 0; k < K; ++k, d += kPR)  // written in order; rows past mb get zeros
       for (int64_t i = 0; i < kPR; ++i) d[i] = i < rows ? to_f32(src[i * ldx + k]) : 0.0f;
   }
 }
@@ -327,7 +327,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   const std::vector<float> bs = f32_vector(bias);
   const int8_t* wp = w_q.data_ptr<int8_t>();
   const float* wsp = w_scale.data_ptr<float>();
-  // Blocks of up to 128 rows x ~192 KiB of weights, equal and split evenly over the threads; whole
+  // Blocks of up to 128 rows x ~192 KiB of weights, split evenly over the threads; whole
   // 16-column panels for the panel kernel, else multiples of the dot tiles' 12 columns.
   bool panel = false;
 #if PTQRT_X86

@@ -449,7 +449,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
 #endif
 
   // Blocks: up to 128 rows x ~192 KiB of weights per n-block (L2-resident while the m-blocks stream
-  // by), equal in size and split evenly over the threads (n-blocks start on the cached 32-column
+  // by), split evenly over the threads (balanced_blocks; n-blocks start on the cached 32-column
   // panels of the VNNI path).
   const int64_t threads = at::get_num_threads();
   Blocking bl = balanced_blocks(M, N, 128, std::min<int64_t>(512, (192 * 1024) / std::max<int64_t>(K, 1)),

@@ -125,36 +125,29 @@ class QuantLinear(nn.Module):
             x_q = (run("quantize_per_tensor", dev, m)[1] if run else ops.quantize_per_tensor)(x2, s, smooth)
             y = (run("w8a8_gemm", dev, m)[1] if run else ops.w8a8_gemm)(x_q, s, w, ws, bias, x.dtype)
         if run is None and key is not None:
+            if len(self._checked) >= 16:  # buffers swapped call after call (functional_call): keep it bounded
+                self._checked.clear()
             self._checked.add(key)
         return y.reshape(*lead, self.out_features)
 
     def _direct_key(self, x2: torch.Tensor) -> Optional[tuple]:
-        """What the ops' input checks depend on that can change between calls: x's dtype and device,
-        and the backend setting (shapes are fixed at construction and x's K is checked above; this
-        module's own tensors are covered by clearing `_checked` when they are moved, converted or
-        replaced). After the public ops accepted one call with a key, plain eager calls with the same
-        key call the backend directly (~15 us less a forward on the CPU). None where the call must go
-        through the ops: compiling, tracing, a torch-function or dispatch mode, a tensor subclass, or
-        a gradient to track."""
+        """Everything the ops' input checks read that can change between calls: x's dtype and device,
+        the backend setting, and each of this module's tensors (which tensor, its dtype, its device;
+        shapes are fixed at construction and x's K is checked above). After the public ops accepted
+        one call with a key, plain eager calls with the same key call the backend directly (~17-20 us
+        less a forward on the CPU). None where the call must go through the ops: compiling, tracing,
+        a torch-function or dispatch mode, a tensor subclass, or a gradient to track."""
         if type(x2) is not torch.Tensor or not ops.plain_eager_mode():
             return None
-        if torch.is_grad_enabled() and (x2.requires_grad or any(
-                t is not None and t.requires_grad for t in self._buffers.values())):
+        tensors = tuple(self._buffers.values())
+        if torch.is_grad_enabled() and (x2.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
             return None
-        return (x2.dtype, x2.device, ops.get_backend())
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(), ...: the tensors' dtype or device may change
-        self._checked.clear()
-        return super()._apply(fn, *args, **kwargs)
+        return (x2.dtype, x2.device, ops.get_backend(), self.mode, self.group_size) + tuple(
+            None if t is None else (id(t), t.dtype, t.device) for t in tensors)
 
     def __setstate__(self, state) -> None:  # unpickling a module saved before `_checked` existed
         super().__setstate__(state)
         self.__dict__.setdefault("_checked", set())
-
-    def __setattr__(self, name: str, value) -> None:  # a buffer replaced: checked again on the next call
-        if name in self.__dict__.get("_buffers", ()):
-            self.__dict__.get("_checked", set()).clear()
-        super().__setattr__(name, value)
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [N, K] as the kernels see it (smoothing factors divided back out)."""
