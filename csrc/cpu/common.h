@@ -136,10 +136,10 @@ T* align64(T* p) {
     __asm__ volatile(W ROW(0, c00, c01) OPS)
 
 // The k loop inside the asm statement: W starts with HEAD, OPS with TAIL (pointers %[w] and %[x] step
-// by WSTEP and XSTEP bytes, %[n] steps count down to 0; n > 0). The head is aligned to 64 bytes (the
-// padding NOPs run once a call):
-// with the loop in C++ around a one-step asm, where the compiler put the loop head moved the int8
-// kernel's speed by ~10% between builds that changed nothing near it (one core, 128 x 4096 x 4096).
+// by WSTEP and XSTEP bytes, %[n] steps count down to 0; n > 0). The head is aligned to 64 bytes (its
+// padding NOPs run once a call). With the loop in C++ around a one-step asm, where the compiler put
+// the loop head moved the int8 kernel's speed by ~10% between builds that changed nothing near it
+// (one core, 128 x 4096 x 4096).
 #define PTQRT_PANEL_LOOP_HEAD ".p2align 6\n1:\n\t"
 #define PTQRT_PANEL_LOOP_TAIL(WSTEP, XSTEP) \
   "add $" #WSTEP ", %[w]\n\t" "add $" #XSTEP ", %[x]\n\t" "dec %[n]\n\t" "jnz 1b\n\t"

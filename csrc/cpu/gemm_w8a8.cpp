@@ -434,7 +434,8 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int8_t* xp = x_q.data_ptr<int8_t>();
   const int8_t* wp = w_q.data_ptr<int8_t>();
 
-  // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
+  // VNNI: the panel kernel on the cached 32-column quads from kVnniPackedMinRows rows (or repacking
+  // per call from kVnniPanelMinRows), the dot-product tiles below.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
   const at::Tensor wquads = vnni && K > 0 && M >= kVnniPackedMinRows ? cached_quads(w_q, N, K) : at::Tensor();
   const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
@@ -462,6 +463,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   }
 #endif
   const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
+  // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
   const std::vector<uint8_t> xquads = vnni_panel ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
   const int64_t xquads_block = ceil_div(MB, 8) * 8 * 4 * ceil_div(K, 4);
   std::vector<int32_t> xsum;
