@@ -249,6 +249,33 @@ def test_pack_cache_follows_the_weight(cpu_ops, avx2):
         assert cpu_ops.pack_cache_info()[:2] == [0, 0]
 
 
+def test_pack_weight_snapshots_inference_tensors(cpu_ops, panel_isa):
+    """A call never caches an inference tensor (no version counter shows its in-place writes);
+    pack_weight (ptqrt.prepack) packs one as a snapshot, which calls then use as is: a write inside
+    inference mode shows once the weight is packed again (afresh on every pack_weight)."""
+    m, n, k = 16, 40, 200
+    x = rand_int8(m, k)
+
+    def gemm(w):
+        return cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32)
+
+    with _pack_budget(cpu_ops, 1 << 30):
+        with torch.inference_mode():
+            w = rand_int8(n, k)
+        assert torch.equal(gemm(w), ref.int32_matmul(x, w))
+        assert cpu_ops.pack_cache_info()[0] == 0
+        assert cpu_ops.pack_weight(w) and cpu_ops.pack_cache_info()[0] == 1
+        assert torch.equal(gemm(w), ref.int32_matmul(x, w))
+        before = w.clone()
+        with torch.inference_mode():
+            w.neg_()
+        assert torch.equal(gemm(w), ref.int32_matmul(x, before))  # the snapshot, as documented
+        assert cpu_ops.pack_weight(w) and cpu_ops.pack_cache_info()[0] == 1
+        assert torch.equal(gemm(w), ref.int32_matmul(x, w))
+        del w
+        assert cpu_ops.pack_cache_info()[:2] == [0, 0]
+
+
 @contextlib.contextmanager
 def _isa_env(name: str):
     """PTQRT_CPU_ISA=name inside the block (hypothesis tests cannot take the monkeypatch fixture)."""
@@ -579,6 +606,13 @@ def test_prepack_model(cpu_ops):
         with torch.no_grad():
             assert torch.equal(model(ids), before)
         assert cpu_ops.pack_cache_info()[0] == n_w8a8  # the calls used the prepacked copies
+        with torch.inference_mode():  # weights made as inference tensors: calls alone never cache them
+            model_i = ptqrt.quantize(tiny_net(), ptqrt.PTQConfig(act_dtype="int8"), calib_data=None)
+            before_i = model_i(ids)
+        cpu_ops.pack_cache_clear()
+        assert ptqrt.prepack(model_i) == n_w8a8
+        with torch.inference_mode():
+            assert torch.equal(model_i(ids), before_i)
     with _pack_budget(cpu_ops, 0):
         assert ptqrt.prepack(model) == 0
     with pytest.raises(RuntimeError, match="contiguous 2-D int8 CPU tensor"):

@@ -369,16 +369,17 @@ namespace {
 
 // The weights' cached copies (pack_cache.h), packed on first use: VNNI quads (the same portable
 // packing for the native and the emulated build) and AVX2 panels. Undefined when not cached.
-at::Tensor cached_quads(const at::Tensor& w, int64_t N, int64_t K) {
+// snapshot: pack_weight's (see packed_weight).
+at::Tensor cached_quads(const at::Tensor& w, int64_t N, int64_t K, bool snapshot = false) {
   return packed_weight(w, kVnniLayout, vnni_emulated::packed_quads_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
     vnni_emulated::pack_w_quads_all(t.data_ptr<int8_t>(), N, K, dst);
-  });
+  }, snapshot);
 }
 #if PTQRT_X86
-at::Tensor cached_panels(const at::Tensor& w, int64_t N, int64_t K) {
+at::Tensor cached_panels(const at::Tensor& w, int64_t N, int64_t K, bool snapshot = false) {
   return packed_weight(w, kPanelLayout, packed_panel_bytes(N, K), [&](const at::Tensor& t, int8_t* dst) {
     pack_w_panels_avx2(t.data_ptr<int8_t>(), N, K, dst);
-  });
+  }, snapshot);
 }
 #endif
 
@@ -523,7 +524,8 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
 }
 
 // The packed copy w8a8_gemm would make on a weight's first call, made now (at load time): true when
-// the cache holds one for the path this CPU runs (false: scalar path, budget, inference tensor).
+// the cache holds one for the path this CPU runs (false: scalar path, budget). An inference tensor,
+// which a call would not cache, is packed as a snapshot (afresh on every pack_weight).
 bool pack_weight(const at::Tensor& w) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
               "ptqrt_cpu.pack_weight: w_q must be a contiguous 2-D int8 CPU tensor [N, K]; got ", w.sizes(), " ",
@@ -531,9 +533,9 @@ bool pack_weight(const at::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
   if (N == 0 || K == 0) return false;
   const Isa isa = active_isa();
-  if (isa == Isa::avx512 || isa == Isa::avx512_emulated) return cached_quads(w, N, K).defined();
+  if (isa == Isa::avx512 || isa == Isa::avx512_emulated) return cached_quads(w, N, K, true).defined();
 #if PTQRT_X86
-  if (isa == Isa::avx2) return cached_panels(w, N, K).defined();
+  if (isa == Isa::avx2) return cached_panels(w, N, K, true).defined();
 #endif
   return false;
 }

@@ -18,7 +18,7 @@ namespace {
 struct Entry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   const c10::StorageImpl* storage_raw;
-  int64_t version;
+  int64_t version;  // -1: an inference tensor's snapshot (no version counter to compare)
   std::vector<int64_t> sizes;
   at::Tensor data;
   int64_t bytes;
@@ -73,7 +73,7 @@ Cache& cache() {
 bool same_weight(const Entry& e, const at::Tensor& w) {
   const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
   if (e.storage_raw != impl || e.sizes != w.sizes().vec()) return false;
-  if (e.version != static_cast<int64_t>(w._version())) return false;
+  if (e.version != (w.is_inference() ? -1 : static_cast<int64_t>(w._version()))) return false;
   const auto alive = e.storage.lock();  // expired or replaced by another storage at the same address
   return alive.get() == impl;
 }
@@ -81,8 +81,9 @@ bool same_weight(const Entry& e, const at::Tensor& w) {
 }  // namespace
 
 at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
-                         const std::function<void(const at::Tensor& w, int8_t* dst)>& pack) {
-  if (w.is_inference() || !w.has_storage()) return at::Tensor();
+                         const std::function<void(const at::Tensor& w, int8_t* dst)>& pack, bool snapshot) {
+  if (!w.has_storage()) return at::Tensor();
+  const bool inference = w.is_inference();
   Cache& c = cache();
   const auto key = std::make_pair(static_cast<const void*>(w.data_ptr()), layout);
   uint64_t generation;
@@ -93,10 +94,11 @@ at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
     if (++c.lookups % 256 == 0) c.sweep();
     auto it = c.entries.find(key);
     if (it != c.entries.end()) {
-      if (same_weight(it->second, w) && it->second.bytes == bytes) return it->second.data;
-      c.bytes -= it->second.bytes;  // stale: the weight was written in place or freed
+      if (same_weight(it->second, w) && it->second.bytes == bytes && !(inference && snapshot)) return it->second.data;
+      c.bytes -= it->second.bytes;  // stale (the weight was written in place or freed), or a snapshot retaken
       c.entries.erase(it);
     }
+    if (inference && !snapshot) return at::Tensor();  // no version to check later: only pack_weight packs these
     c.sweep();
     if (c.bytes + bytes > c.budget) return at::Tensor();
     c.bytes += bytes;  // reserved while packing
@@ -117,12 +119,12 @@ at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
   c.bytes -= bytes;
   auto it = c.entries.find(key);
   if (it != c.entries.end()) {
-    if (same_weight(it->second, w) && it->second.bytes == bytes) return it->second.data;  // packed twice
+    if (same_weight(it->second, w) && it->second.bytes == bytes && !inference) return it->second.data;  // packed twice
     c.bytes -= it->second.bytes;
     c.entries.erase(it);
   }
   c.entries.emplace(key, Entry{w.storage().getWeakStorageImpl(), w.storage().unsafeGetStorageImpl(),
-                               static_cast<int64_t>(w._version()), w.sizes().vec(), data, bytes});
+                               inference ? -1 : static_cast<int64_t>(w._version()), w.sizes().vec(), data, bytes});
   c.bytes += bytes;
   return data;
 }

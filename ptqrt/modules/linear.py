@@ -176,9 +176,11 @@ class QuantLinear(nn.Module):
 def prepack(model: nn.Module) -> int:
     """Packs the W8A8 QuantLinear weights of `model` that live on the CPU into the `cpu` backend's
     kernel layout now (at load time), instead of on each weight's first call; call it after the
-    weights are loaded. Returns how many weights the backend's cache now holds packed: 0 where
-    another backend runs them (`set_backend`), the extension is unavailable, the CPU takes the scalar
-    path, or the cache is off (`PTQRT_CPU_PACK_MB=0`) or full."""
+    weights are loaded. Weights made under `torch.inference_mode()` (which calls never cache: they
+    have no version counter to show an in-place write) are packed too, as snapshots: write one in
+    place afterwards and call `prepack` again. Returns how many weights the backend's cache now
+    holds packed: 0 where another backend runs them (`set_backend`), the extension is unavailable,
+    the CPU takes the scalar path, or the cache is off (`PTQRT_CPU_PACK_MB=0`) or full."""
     if ops.get_backend() not in ("auto", "cpu"):
         return 0
     from .. import _build
