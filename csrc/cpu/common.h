@@ -143,6 +143,15 @@ T* align64(T* p) {
 #define PTQRT_PANEL_LOOP_HEAD ".p2align 6\n1:\n\t"
 #define PTQRT_PANEL_LOOP_TAIL(WSTEP, XSTEP) \
   "add $" #WSTEP ", %[w]\n\t" "add $" #XSTEP ", %[x]\n\t" "dec %[n]\n\t" "jnz 1b\n\t"
+// The OPS of both panel kernels: the loop's tail, the 12 accumulators and the three loop registers
+// in place, ymm12-15 as the kernels' scratch.
+#define PTQRT_PANEL_LOOP_OPERANDS(WSTEP, XSTEP)                                                            \
+  PTQRT_PANEL_LOOP_TAIL(WSTEP, XSTEP)                                                                      \
+  : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21), \
+    [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51), \
+    [w] "+r"(w), [x] "+r"(x), [n] "+r"(n)                                                                 \
+  :                                                                                                        \
+  : "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc"
 
 // Calls f(std::integral_constant<int, R>{}) with R = rows (1 to 6): a panel kernel's row count at run time.
 template <class F>

@@ -169,13 +169,7 @@ PTQRT_AVX2 void dequant_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, con
   "vfmadd231ps %%ymm14, %%ymm12, %[" #lo "]\n\t"       \
   "vfmadd231ps %%ymm14, %%ymm13, %[" #hi "]\n\t"
 #define PTQRT_FPANEL_W PTQRT_PANEL_LOOP_HEAD "vmovups (%[w]), %%ymm12\n\t" "vmovups 32(%[w]), %%ymm13\n\t"
-#define PTQRT_FPANEL_OPERANDS                                                                              \
-  PTQRT_PANEL_LOOP_TAIL(64, 24)                                                                            \
-  : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21), \
-    [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51), \
-    [w] "+r"(w), [x] "+r"(x), [n] "+r"(n)                                                                 \
-  :                                                                                                        \
-  : "xmm12", "xmm13", "xmm14", "memory", "cc"
+#define PTQRT_FPANEL_OPERANDS PTQRT_PANEL_LOOP_OPERANDS(64, 24)
 
 // c [R, 16] (ldc) = (add ? c : 0) + xp-group . wp over kc values of k (assembly: named accumulators).
 template <int R>

@@ -125,13 +125,7 @@ PTQRT_AVX2 void pack_w_panels_avx2(const int8_t* w, int64_t N, int64_t K, int8_t
   "vpmaddwd %%ymm14, %%ymm13, %%ymm14\n\t"             \
   "vpaddd %%ymm14, %[" #hi "], %[" #hi "]\n\t"
 #define PTQRT_PANEL_W PTQRT_PANEL_LOOP_HEAD "vpmovsxbw (%[w]), %%ymm12\n\t" "vpmovsxbw 16(%[w]), %%ymm13\n\t"
-#define PTQRT_PANEL_OPERANDS                                                                                  \
-  PTQRT_PANEL_LOOP_TAIL(32, 24)                                                                               \
-  : [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21),    \
-    [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51),    \
-    [w] "+r"(w), [x] "+r"(x), [n] "+r"(n)                                                                    \
-  :                                                                                                           \
-  : "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc"
+#define PTQRT_PANEL_OPERANDS PTQRT_PANEL_LOOP_OPERANDS(32, 24)
 
 template <int R>
 PTQRT_AVX2 void panel_rx16_avx2(const int16_t* xp, const int8_t* wp, int64_t kp, int32_t* c, int64_t ldc, bool add) {
