@@ -64,20 +64,23 @@ def calib_batches(n=4, seed=1):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the ptqrt ops the cache runs (whatever backend `auto` picks underneath)."""
+    """Counts the ptqrt ops the cache runs (whatever backend `auto` picks underneath): the backend
+    function `ops.resolve` hands out, which both the public ops and the store's direct calls run."""
     n = {"decode": 0, "append": 0}
-    dec, app = ops.int8_kv_decode_attention, ops.kv_cache_append
+    names = {"int8_kv_decode_attention": "decode", "kv_cache_append": "append"}
+    real = ops.resolve
 
-    def decode(*a, **k):
-        n["decode"] += 1
-        return dec(*a, **k)
+    def resolve(op, device, m=1):
+        backend, fn = real(op, device, m)
+        if op not in names:
+            return backend, fn
 
-    def append(*a, **k):
-        n["append"] += 1
-        return app(*a, **k)
+        def counted(*a, **k):
+            n[names[op]] += 1
+            return fn(*a, **k)
+        return backend, counted
 
-    monkeypatch.setattr(ops, "int8_kv_decode_attention", decode)
-    monkeypatch.setattr(ops, "kv_cache_append", append)
+    monkeypatch.setattr(ops, "resolve", resolve)
     return n
 
 
@@ -496,3 +499,76 @@ def test_signature_of_cache_kwarg_is_handled():
     cache = Int8KVCache(model)
     model(torch.ones(1, 3, dtype=torch.long), **{hf._cache_kwarg(model): cache})
     assert cache.get_seq_length() == 3
+
+
+def test_paged_store_repeat_steps_go_direct(monkeypatch):
+    """After the public ops accepted a decode step's append and attention, the store's like steps call
+    the backend directly (same cache contents and outputs as through the ops, in-place writes still
+    bump the caches' versions); growing the cache, a new dtype or a dispatch mode goes through the
+    ops' checks again."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+    for op in ("kv_cache_append", "int8_kv_decode_attention"):
+        orig = getattr(ops, op)
+        monkeypatch.setattr(ops, op, lambda *a, _o=orig, _n=op: (calls.append(_n), _o(*a))[1])
+    torch.manual_seed(0)
+    direct = PagedInt8KV(2, 2, 8, "cpu", block_size=4)
+    checked = PagedInt8KV(2, 2, 8, "cpu", block_size=4)
+    checked._key = lambda *a: None  # every call through the ops
+    prompt = torch.randn(2, 3, 2, 8)
+    for st in (direct, checked):
+        st.append(prompt, prompt * 0.5)
+    for step in range(12):  # 3 + 12 tokens: the cache grows from 1 block column to 2, then 4
+        k, v, q = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 4, 8)
+        calls.clear()
+        cols, version = direct.cols, direct.k_cache._version
+        direct.append(k, v)
+        out = direct.decode(q, 0.3)
+        grew = direct.cols != cols
+        if step == 0 or grew:
+            assert calls == ["kv_cache_append", "int8_kv_decode_attention"], (step, calls)
+        else:
+            assert calls == [], (step, calls)
+            assert direct.k_cache._version > version
+        checked.append(k, v)
+        assert torch.equal(out, checked.decode(q, 0.3))
+        assert torch.equal(direct.k_cache, checked.k_cache) and torch.equal(direct.v_scale, checked.v_scale)
+        assert direct.lens.tolist() == checked.lens.tolist() == [4 + step] * 2
+        assert torch.equal(direct.seq_lens, checked.seq_lens)
+    expect = int8_kv_decode_attention(q, direct.k_cache, direct.v_cache, direct.k_scale, direct.v_scale,
+                                      direct.block_table(), direct.seq_lens, 0.3)
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with Log():
+        direct.append(k, v)
+        assert torch.equal(direct.decode(q, 0.3), out2 := direct.decode(q, 0.3)) and out2.shape == q.shape
+    assert [s for s in seen if s.startswith("ptqrt.")] == ["ptqrt.kv_cache_append.default"] + \
+        ["ptqrt.int8_kv_decode_attention.default"] * 2
+    calls.clear()
+    direct.decode(q.half(), 0.3)  # a new q dtype: through the op once
+    assert calls == ["int8_kv_decode_attention"]
+
+
+def test_paged_store_checks_its_inputs():
+    st = PagedInt8KV(2, 2, 8, "cpu", block_size=4)
+    with pytest.raises(ValueError, match=r"\[B, T, Hkv, D\]"):
+        st.append(torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4))  # same numel, wrong head split
+    with pytest.raises(ValueError, match="device"):
+        st.append(torch.randn(2, 1, 2, 8, device="meta"), torch.randn(2, 1, 2, 8, device="meta"))
+    with pytest.raises(ValueError, match="keep"):
+        st.append(torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8), torch.ones(2, 2, dtype=torch.bool))
+    st.append(torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))
+    st.decode(torch.randn(2, 4, 8), 0.3)  # accepted: later steps like it go direct
+    with pytest.raises(TypeError, match="q must have dtype"):
+        st.decode(torch.randn(2, 4, 8).double(), 0.3)
+    with pytest.raises(ValueError, match="sm_scale"):
+        st.decode(torch.randn(2, 4, 8), 0.0)
+    assert st.lens.tolist() == [1, 1]

@@ -125,6 +125,7 @@ struct Task {
 struct Scratch {
   std::vector<float> scores;  // [H*G, n]
   std::vector<int64_t> tok;   // [n] slot of each position
+  std::vector<float> vrow;    // [4, D8] widened V rows (AVX2, G > 1)
 };
 
 // tok[i] = slot of position l0 + i, walking the block table (no division per position).
@@ -186,20 +187,33 @@ PTQRT_AVX2_INLINE __m256 row8(const int8_t* r, int64_t d, int64_t D) {
   return d + 8 <= D ? load8_i8(r + d) : load8_i8_partial(r + d, D - d);
 }
 
-// out[g * ldo + r] = dot(q_g, k_r) for r < nrow (1..4) and GC query heads starting at qf.
+// acc[g][r] += q_g[d, d + 8) * kv[r] for the GC query heads at qf (rows ldq apart).
+template <int GC>
+PTQRT_AVX2_INLINE void qk_step(__m256 (&acc)[GC][4], const __m256 (&kv)[4], const float* qf, int64_t ldq, int64_t d) {
+  for (int g = 0; g < GC; ++g) {
+    const __m256 q = _mm256_loadu_ps(qf + g * ldq + d);  // zero-padded past D
+    for (int r = 0; r < 4; ++r) acc[g][r] = _mm256_fmadd_ps(q, kv[r], acc[g][r]);
+  }
+}
+
+// out[g * ldo + r] = dot(q_g, k_r) for r < nrow (1..4) and GC query heads starting at qf. The main
+// loop has no partial loads: with them inside, GCC kept the accumulators on the stack (a store of
+// each per 8 channels).
 template <int GC>
 PTQRT_AVX2 void qk4_avx2(const int8_t* const* kr, int nrow, const float* qf, int64_t ldq, int64_t D, float* out,
                     int64_t ldo) {
   __m256 acc[GC][4];
   for (int g = 0; g < GC; ++g)
     for (int r = 0; r < 4; ++r) acc[g][r] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; d += 8) {
-    __m256 kv[4];
-    for (int r = 0; r < 4; ++r) kv[r] = row8(kr[r], d, D);
-    for (int g = 0; g < GC; ++g) {
-      const __m256 q = _mm256_loadu_ps(qf + g * ldq + d);  // zero-padded past D
-      for (int r = 0; r < 4; ++r) acc[g][r] = _mm256_fmadd_ps(q, kv[r], acc[g][r]);
-    }
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 kv[4] = {load8_i8(kr[0] + d), load8_i8(kr[1] + d), load8_i8(kr[2] + d), load8_i8(kr[3] + d)};
+    qk_step<GC>(acc, kv, qf, ldq, d);
+  }
+  if (d < D) {
+    const __m256 kv[4] = {load8_i8_partial(kr[0] + d, D - d), load8_i8_partial(kr[1] + d, D - d),
+                          load8_i8_partial(kr[2] + d, D - d), load8_i8_partial(kr[3] + d, D - d)};
+    qk_step<GC>(acc, kv, qf, ldq, d);
   }
   for (int g = 0; g < GC; ++g) {  // four horizontal sums at once
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[g][0], acc[g][1]), _mm256_hadd_ps(acc[g][2], acc[g][3]));
@@ -232,8 +246,9 @@ PTQRT_AVX2 std::pair<float, float> exp_avx2(float* sc, int64_t n) {
   return {mx, sum};
 }
 
+// vrow: scratch of 4 * D8 floats (the widened V rows when G > 1).
 PTQRT_AVX2 void chunk_avx2(const Attn& a, const int64_t* tok, int64_t n, const float* qf, float* sc, float* m,
-                           float* s, float* acc) {
+                           float* s, float* acc, float* vrow) {
   const int64_t D = a.D, D8 = a.D8, G = a.G, H = a.H, HG = H * G;
   for (int64_t i = 0; i < n; i += 4) {
     const int nrow = static_cast<int>(std::min<int64_t>(4, n - i));
@@ -262,14 +277,25 @@ PTQRT_AVX2 void chunk_avx2(const Attn& a, const int64_t* tok, int64_t n, const f
         vr[r] = a.vc + row * D;
         f[r] = r < nrow ? (a.v_dyn ? a.vs[row] : 1.0f) : 0.0f;  // a repeated row weighs 0
       }
+      if (G > 1)  // widen the four rows once for the group's G query heads
+        for (int r = 0; r < 4; ++r)
+          for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(vrow + r * D8 + d, row8(vr[r], d, D));
       for (int64_t g = 0; g < G; ++g) {
         const float* p = sc + (h * G + g) * n + i;
         __m256 pr[4];
         for (int r = 0; r < 4; ++r) pr[r] = _mm256_set1_ps(r < nrow ? p[r] * f[r] : 0.0f);
         float* o = acc + (h * G + g) * D8;
+        if (G == 1) {
+          for (int64_t d = 0; d < D; d += 8) {
+            __m256 x = _mm256_loadu_ps(o + d);
+            for (int r = 0; r < 4; ++r) x = _mm256_fmadd_ps(pr[r], row8(vr[r], d, D), x);
+            _mm256_storeu_ps(o + d, x);
+          }
+          continue;
+        }
         for (int64_t d = 0; d < D; d += 8) {
           __m256 x = _mm256_loadu_ps(o + d);
-          for (int r = 0; r < 4; ++r) x = _mm256_fmadd_ps(pr[r], row8(vr[r], d, D), x);
+          for (int r = 0; r < 4; ++r) x = _mm256_fmadd_ps(pr[r], _mm256_loadu_ps(vrow + r * D8 + d), x);
           _mm256_storeu_ps(o + d, x);
         }
       }
@@ -356,7 +382,8 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
       const float* qb = qf.data() + tk.b * HG * D8;
 #if PTQRT_X86
       if (isa == Isa::avx2 || isa == Isa::avx512) {
-        chunk_avx2(a, sc.tok.data(), tk.n, qb, sc.scores.data(), m, m + HG, acc);
+        if (sc.vrow.empty()) sc.vrow.resize(4 * D8);
+        chunk_avx2(a, sc.tok.data(), tk.n, qb, sc.scores.data(), m, m + HG, acc, sc.vrow.data());
         continue;
       }
 #endif

@@ -114,10 +114,17 @@ class PagedInt8KV:
             self.k_scale = k_scale.to(self.device, torch.float32).contiguous()
             self.v_scale = v_scale.to(self.device, torch.float32).contiguous()
         self.cols = 0
+        self._gen = 0  # bumped whenever the cache or scale tensors are replaced
+        self._accepted: set = set()  # keys of calls the public ops accepted (see _call)
         self._alloc(1)
-        self.lens = torch.zeros(batch, dtype=torch.int64)  # host copy: slots and growth are planned here
+        self._n = [0] * batch  # tokens stored per sequence, on the host: slots and growth are planned here
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._table: Optional[torch.Tensor] = None
+
+    @property
+    def lens(self) -> torch.Tensor:
+        """Tokens stored per sequence, int64 [B] on the host (``seq_lens`` is the device copy)."""
+        return torch.tensor(self._n, dtype=torch.int64)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, cols: int) -> None:
@@ -134,6 +141,7 @@ class PagedInt8KV:
                 ks[:n], vs[:n] = self.k_scale, self.v_scale
             self.k_scale, self.v_scale = ks, vs
         self.k_cache, self.v_cache, self.cols = k, v, cols
+        self._gen += 1
 
     def _ensure(self, max_len: int) -> None:
         need = max(1, -(-max_len // self.block_size))
@@ -145,54 +153,105 @@ class PagedInt8KV:
         return ((pos // self.block_size) * self.batch + b) * self.block_size + pos % self.block_size
 
     def block_table(self) -> torch.Tensor:
-        cols = max(1, -(-int(self.lens.max()) // self.block_size)) if self.batch else 1
+        cols = max(1, -(-max(self._n, default=0) // self.block_size))
         if self._table is None or self._table.shape[1] != cols:
             t = torch.arange(cols)[None, :] * self.batch + torch.arange(self.batch)[:, None]
-            self._table = t.to(torch.int32).to(self.device)
+            self._table = self._to_device(t, torch.int32)
         return self._table
+
+    def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """Small host values (a list or a host tensor) as a new tensor on the cache's device. To a GPU
+        they go from pinned memory without waiting: a copy from pageable memory would make the host
+        wait for the GPU's queue at every layer of every decode step."""
+        if self.device.type == "cuda":
+            host = torch.tensor(values, dtype=dtype) if isinstance(values, list) else values.to(dtype)
+            return host.pin_memory().to(self.device, non_blocking=True)
+        if isinstance(values, list):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        return values.to(self.device, dtype, copy=True)
+
+    def _call(self, op: str, key: Optional[tuple], *args):
+        """ops.<op>(*args). Every tensor but the caller's k, v or q is this store's own, made with
+        the dtypes and shapes the ops require; `key` names everything else the ops' checks read (the
+        caller's tensors' dtypes, device and shape, the backend setting, which cache tensors). After
+        the public op accepted a call with a key, plain eager calls with the same key call the
+        backend's function directly (the public op's checks cost more than a small step's kernels);
+        None (compiling, tracing, a mode, a subclass, a gradient to track) always takes the op."""
+        if key is None or key not in self._accepted:
+            out = getattr(ops, op)(*args)
+            if key is not None:
+                if len(self._accepted) >= 16:
+                    self._accepted.clear()
+                self._accepted.add(key)
+            return out
+        out = ops.resolve(op, self.device, args[0].shape[0])[1](*args)
+        if op == "kv_cache_append":  # as the op does for the tensors it writes
+            for t in args[2:6]:
+                torch.autograd.graph.increment_version(t)
+        return out
+
+    def _key(self, op: str, *tensors: torch.Tensor) -> Optional[tuple]:
+        if not ops._plain_eager(tensors, {}):
+            return None
+        return (op, ops.get_backend(), self._gen) + tuple((t.dtype, t.device, tuple(t.shape)) for t in tensors)
 
     # ------------------------------------------------------------------ write / read
     def append(self, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
-        """Quantize and store new tokens. k, v: [B, T, Hkv, D] float (any strides); keep: host bool
-        [B, T], False for padding tokens, which are not stored (None: keep all)."""
+        """Quantize and store new tokens. k, v: [B, T, Hkv, D] float (any strides) on the cache's
+        device; keep: host bool [B, T], False for padding tokens, which are not stored (None: keep all)."""
+        want = (self.batch, k.shape[1] if k.dim() == 4 else -1, self.heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != want:
+                raise ValueError(f"PagedInt8KV.append: {name} must be [B, T, Hkv, D] = [{self.batch}, T, "
+                                 f"{self.heads}, {self.head_dim}]; got {tuple(x.shape)}")
+        if k.device != self.device or v.device != self.device:
+            raise ValueError(f"PagedInt8KV.append: k and v must be on the cache's device {self.device}; "
+                             f"got {k.device} and {v.device}")
         b, t = k.shape[:2]
         if t == 0:
             return
-        if keep is None:
-            if t == 1:  # the decode step: plain Python, no small host tensors
-                lens = self.lens.tolist()
-                bs = self.block_size
-                slots = torch.tensor([((n // bs) * self.batch + i) * bs + n % bs for i, n in enumerate(lens)],
-                                     dtype=torch.int64)
-            else:
-                pos = self.lens[:, None] + torch.arange(t)[None, :]
-                slots = self._slots(torch.arange(b)[:, None], pos)
-            counts = torch.full((b,), t, dtype=torch.int64)
+        bs = self.block_size
+        if keep is None and t == 1:  # the decode step: plain Python ints, no small host tensors
+            slots = [((n // bs) * b + i) * bs + n % bs for i, n in enumerate(self._n)]
+            new = [n + 1 for n in self._n]
         else:
-            keep = keep.to(torch.bool)
-            pos = self.lens[:, None] + keep.to(torch.int64).cumsum(1) - 1
-            slots = torch.where(keep, self._slots(torch.arange(b)[:, None], pos.clamp(min=0)), -1)
-            counts = keep.sum(1)
-        new_lens = self.lens + counts
-        self._ensure(int(new_lens.max()))
+            lens = self.lens
+            if keep is None:
+                pos = lens[:, None] + torch.arange(t)[None, :]
+                slots = self._slots(torch.arange(b)[:, None], pos)
+                counts = torch.full((b,), t, dtype=torch.int64)
+            else:
+                keep = keep.to(torch.bool)
+                if tuple(keep.shape) != (b, t):
+                    raise ValueError(f"PagedInt8KV.append: keep must be [B, T] = [{b}, {t}]; got {tuple(keep.shape)}")
+                pos = lens[:, None] + keep.to(torch.int64).cumsum(1) - 1
+                slots = torch.where(keep, self._slots(torch.arange(b)[:, None], pos.clamp(min=0)), -1)
+                counts = keep.sum(1)
+            slots = slots.reshape(-1).tolist()
+            new = (lens + counts).tolist()
+        self._ensure(max(new, default=0))
         kf = k.reshape(b * t, self.heads, self.head_dim).contiguous()
         vf = v.reshape(b * t, self.heads, self.head_dim).contiguous()
-        ops.kv_cache_append(kf, vf, self.k_cache, self.v_cache, self.k_scale, self.v_scale,
-                            slots.reshape(-1).to(self.device))
-        self.lens = new_lens
-        self.seq_lens = new_lens.to(torch.int32).to(self.device)
+        slots_t = self._to_device(slots, torch.int64)
+        self._call("kv_cache_append", self._key("kv_cache_append", kf, vf), kf, vf, self.k_cache, self.v_cache,
+                   self.k_scale, self.v_scale, slots_t)
+        self._n = new
+        self.seq_lens = self._to_device(new, torch.int32)
 
     def decode(self, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """One decode step: q [B, Hq, D] -> [B, Hq, D] in q.dtype, attending over every stored token."""
-        return ops.int8_kv_decode_attention(q.contiguous(), self.k_cache, self.v_cache, self.k_scale, self.v_scale,
-                                            self.block_table(), self.seq_lens, float(sm_scale))
+        q = q.contiguous()
+        sm_scale = float(sm_scale)
+        key = self._key("int8_kv_decode_attention", q) if sm_scale > 0 else None
+        return self._call("int8_kv_decode_attention", key, q, self.k_cache, self.v_cache, self.k_scale, self.v_scale,
+                          self.block_table(), self.seq_lens, sm_scale)
 
     def dequantize(self, valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (K, V), each [B, L, Hkv, D]. valid: host bool [B, L] saying which positions hold a
         stored token (the i-th True of row b is stored token i); other positions are 0. None: L = the
         longest sequence, every row left-aligned."""
         if valid is None:
-            length = int(self.lens.max()) if self.batch else 0
+            length = max(self._n, default=0)
             valid = torch.arange(length)[None, :] < self.lens[:, None]
             pos = torch.arange(length)[None, :].expand(self.batch, length)
         else:
@@ -224,14 +283,15 @@ class PagedInt8KV:
         if not self.static:
             self.k_scale, self.v_scale = pick(self.k_scale), pick(self.v_scale)
         self.batch = nb
-        self.lens = self.lens[host]
-        self.seq_lens = self.lens.to(torch.int32).to(self.device)
+        self._n = [self._n[i] for i in host.tolist()]
+        self.seq_lens = self._to_device(self._n, torch.int32)
         self._table = None
+        self._gen += 1
 
     def drop_last(self, counts: torch.Tensor) -> None:
         """Forget the last counts[b] stored tokens of each sequence (host int64 [B])."""
-        self.lens = (self.lens - counts.to(torch.int64)).clamp(min=0)
-        self.seq_lens = self.lens.to(torch.int32).to(self.device)
+        self._n = (self.lens - counts.to(torch.int64)).clamp(min=0).tolist()
+        self.seq_lens = self._to_device(self._n, torch.int32)
 
     def nbytes(self) -> int:
         n = self.k_cache.numel() * 2
