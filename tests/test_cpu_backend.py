@@ -475,9 +475,12 @@ def _paged(b, hq, hkv, d, bs, lens, dynamic, dtype, nb=48):
 @pytest.mark.parametrize("b,hq,hkv,d,bs,lens", (
     (3, 4, 2, 20, 4, [0, 5, 13]),      # GQA 2, odd head dim, an empty sequence
     (2, 3, 3, 16, 16, [33, 1]),        # MHA, lengths across a block edge
+    (2, 3, 3, 20, 4, [11, 6]),         # MHA, odd head dim, four-row groups cut short
     (1, 8, 1, 72, 8, [61]),            # MQA, 8 query heads on one kv head
     (2, 2, 1, 7, 5, [9, 17]),          # tiny head dim (vector tail only)
     (3, 4, 2, 32, 16, [300, 0, 77]),   # long enough to be split in chunks and combined
+    (2, 6, 2, 44, 8, [45, 70]),        # GQA 3 (2 + 1 heads a tile), 32 + 8 + 4 channels, odd lengths
+    (1, 7, 1, 24, 16, [129]),          # GQA 7 (4 + 2 + 1), head dim below one 32-channel tile
 ))
 def test_decode_attention(cpu_ops, isa, dtype, dynamic, b, hq, hkv, d, bs, lens):
     args = _paged(b, hq, hkv, d, bs, lens, dynamic, dtype)

@@ -125,7 +125,6 @@ struct Task {
 struct Scratch {
   std::vector<float> scores;  // [H*G, n]
   std::vector<int64_t> tok;   // [n] slot of each position
-  std::vector<float> vrow;    // [4, D8] widened V rows (AVX2, G > 1)
 };
 
 // tok[i] = slot of position l0 + i, walking the block table (no division per position).
@@ -180,12 +179,10 @@ void chunk_scalar(const Attn& a, const int64_t* tok, int64_t n, const float* qf,
 
 #if PTQRT_X86
 // ------------------------------------------------------------------------------------------- AVX2
-// Positions go four at a time: each 8-wide slice of four int8 rows is widened once and used by every
-// query head of the group (QK), or folded into the output with one load/store of the accumulator
-// per four rows (PV). A head dim that is not a multiple of 8 ends in a zero-filled partial load.
-PTQRT_AVX2_INLINE __m256 row8(const int8_t* r, int64_t d, int64_t D) {
-  return d + 8 <= D ? load8_i8(r + d) : load8_i8_partial(r + d, D - d);
-}
+// QK: positions four at a time, each 8-wide slice of four K rows widened once for two query heads
+// of the group. PV: with one query head per kv head (MHA), four V rows folded into the output per
+// load/store of it; with several (GQA), register tiles of query heads x channels summed over a block
+// of positions. A head dim that is not a multiple of 8 ends in a zero-filled partial load.
 
 // acc[g][r] += q_g[d, d + 8) * kv[r] for the GC query heads at qf (rows ldq apart).
 template <int GC>
@@ -246,9 +243,85 @@ PTQRT_AVX2 std::pair<float, float> exp_avx2(float* sc, int64_t n) {
   return {mx, sum};
 }
 
-// vrow: scratch of 4 * D8 floats (the widened V rows when G > 1).
+// acc[g][d, d + 8 * NC) += sum_i p[g][i] * v_i[d, d + 8 * NC) for the GC query heads of one kv head,
+// over every position i < n of the chunk (v_i: that head's V row of position i). The sums stay in
+// registers across the positions, each V slice is widened once for the GC heads, and P positions go
+// into P sets of sums (each FMA chain then waits on one FMA per P positions: with GC * NC = 4 sums a
+// set, P = 2 keeps the FMA units busy). Partial: a last slice of rem < 8 channels (NC = 1).
+constexpr int64_t kPvBlock = 32;  // positions per PV block
+
+template <int GC, int NC, bool Partial>
+PTQRT_AVX2_INLINE void pv_step(__m256 (&o)[GC][NC], const int8_t* v, int64_t rem, const float* p, int64_t ldp) {
+  __m256 vv[NC];
+  for (int c = 0; c < NC; ++c) vv[c] = Partial ? load8_i8_partial(v, rem) : load8_i8(v + 8 * c);
+  for (int g = 0; g < GC; ++g) {
+    const __m256 w = _mm256_broadcast_ss(p + g * ldp);
+    for (int c = 0; c < NC; ++c) o[g][c] = _mm256_fmadd_ps(w, vv[c], o[g][c]);
+  }
+}
+
+template <int GC, int NC, int P, bool Partial>
+PTQRT_AVX2 void pv_tile(const int8_t* vc, const int64_t* tok, int64_t n, int64_t row, int64_t off,
+                        int64_t rem, const float* p, int64_t ldp, float* acc, int64_t D8) {
+  __m256 o[P][GC][NC];
+  for (int q = 0; q < P; ++q)
+    for (int g = 0; g < GC; ++g)
+      for (int c = 0; c < NC; ++c) o[q][g][c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + P <= n; i += P)
+    for (int q = 0; q < P; ++q) pv_step<GC, NC, Partial>(o[q], vc + tok[i + q] * row + off, rem, p + i + q, ldp);
+  for (; i < n; ++i) pv_step<GC, NC, Partial>(o[0], vc + tok[i] * row + off, rem, p + i, ldp);
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < NC; ++c) {
+      __m256 t = o[0][g][c];
+      for (int q = 1; q < P; ++q) t = _mm256_add_ps(t, o[q][g][c]);
+      float* x = acc + g * D8 + 8 * c;
+      _mm256_storeu_ps(x, _mm256_add_ps(_mm256_loadu_ps(x), t));
+    }
+}
+
+// pv_tile over every channel of query heads [g0, g0 + GC) of kv head h.
+// o[0, D) += sum_r w[r] * v_r over four V rows (MHA). Named values and a main loop without partial
+// loads: written as loops over arrays, GCC kept the weights and row pointers on the stack.
+PTQRT_AVX2 void pv4_avx2(const int8_t* const* vr, const float* w, int64_t D, float* o) {
+  const __m256 p0 = _mm256_set1_ps(w[0]), p1 = _mm256_set1_ps(w[1]), p2 = _mm256_set1_ps(w[2]),
+               p3 = _mm256_set1_ps(w[3]);
+  const int8_t *v0 = vr[0], *v1 = vr[1], *v2 = vr[2], *v3 = vr[3];
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 x = _mm256_loadu_ps(o + d);
+    x = _mm256_fmadd_ps(p0, load8_i8(v0 + d), x);
+    x = _mm256_fmadd_ps(p1, load8_i8(v1 + d), x);
+    x = _mm256_fmadd_ps(p2, load8_i8(v2 + d), x);
+    x = _mm256_fmadd_ps(p3, load8_i8(v3 + d), x);
+    _mm256_storeu_ps(o + d, x);
+  }
+  if (d < D) {  // o is D8 wide and zero past D; the partial loads give zeros there
+    __m256 x = _mm256_loadu_ps(o + d);
+    x = _mm256_fmadd_ps(p0, load8_i8_partial(v0 + d, D - d), x);
+    x = _mm256_fmadd_ps(p1, load8_i8_partial(v1 + d, D - d), x);
+    x = _mm256_fmadd_ps(p2, load8_i8_partial(v2 + d, D - d), x);
+    x = _mm256_fmadd_ps(p3, load8_i8_partial(v3 + d, D - d), x);
+    _mm256_storeu_ps(o + d, x);
+  }
+}
+
+// n positions; scores rows ldp apart.
+template <int GC, int NC, int P>
+PTQRT_AVX2_INLINE void pv_heads(const Attn& a, const int64_t* tok, int64_t n, int64_t ldp, int64_t h, int64_t g0,
+                                const float* sc, float* acc) {
+  const int64_t D = a.D, D8 = a.D8, row = a.H * D;
+  const float* p = sc + (h * a.G + g0) * ldp;
+  float* o = acc + (h * a.G + g0) * D8;
+  int64_t d = 0;
+  for (; d + 8 * NC <= D; d += 8 * NC)
+    pv_tile<GC, NC, P, false>(a.vc, tok, n, row, h * D + d, 0, p, ldp, o + d, D8);
+  for (; d + 8 <= D; d += 8) pv_tile<GC, 1, 2, false>(a.vc, tok, n, row, h * D + d, 0, p, ldp, o + d, D8);
+  if (d < D) pv_tile<GC, 1, 2, true>(a.vc, tok, n, row, h * D + d, D - d, p, ldp, o + d, D8);
+}
+
 PTQRT_AVX2 void chunk_avx2(const Attn& a, const int64_t* tok, int64_t n, const float* qf, float* sc, float* m,
-                           float* s, float* acc, float* vrow) {
+                           float* s, float* acc) {
   const int64_t D = a.D, D8 = a.D8, G = a.G, H = a.H, HG = H * G;
   for (int64_t i = 0; i < n; i += 4) {
     const int nrow = static_cast<int>(std::min<int64_t>(4, n - i));
@@ -267,38 +340,39 @@ PTQRT_AVX2 void chunk_avx2(const Attn& a, const int64_t* tok, int64_t n, const f
     }
   }
   for (int64_t hg = 0; hg < HG; ++hg) std::tie(m[hg], s[hg]) = exp_avx2(sc + hg * n, n);
-  for (int64_t i = 0; i < n; i += 4) {
-    const int nrow = static_cast<int>(std::min<int64_t>(4, n - i));
+  if (G == 1) {  // MHA: each V row meets one query, so the widening decides; four rows a pass
+    for (int64_t i = 0; i < n; i += 4) {
+      const int nrow = static_cast<int>(std::min<int64_t>(4, n - i));
+      for (int64_t h = 0; h < H; ++h) {
+        const int8_t* vr[4];
+        float w[4];
+        for (int r = 0; r < 4; ++r) {
+          const int64_t row = tok[i + std::min(r, nrow - 1)] * H + h;
+          vr[r] = a.vc + row * D;  // a repeated row (r >= nrow) weighs 0
+          w[r] = r < nrow ? sc[h * n + i + r] * (a.v_dyn ? a.vs[row] : 1.0f) : 0.0f;
+        }
+        pv4_avx2(vr, w, D, acc + h * D8);
+      }
+    }
+    return;
+  }
+  if (a.v_dyn)  // the weights take the dynamic V scale (s, the softmax denominator, does not)
+    for (int64_t hg = 0; hg < HG; ++hg) {
+      float* w = sc + hg * n;
+      const float* vs = a.vs + hg / G;
+      for (int64_t i = 0; i < n; ++i) w[i] *= vs[tok[i] * H];
+    }
+  // GQA: register tiles of GC query heads x 8 * NC channels (pv_tile). Blocks of positions, every
+  // head inside: one position's heads share its rows' pages, so a block touches few pages however
+  // long the chunk (a walk over the whole chunk per head would touch a new page per position where
+  // Hkv * D >= 4 KiB).
+  for (int64_t i0 = 0; i0 < n; i0 += kPvBlock) {
+    const int64_t nb = std::min(kPvBlock, n - i0);
     for (int64_t h = 0; h < H; ++h) {
-      const int8_t* vr[4];
-      float f[4];
-      for (int r = 0; r < 4; ++r) {
-        const int64_t row = tok[i + std::min(r, nrow - 1)] * H + h;
-        vr[r] = a.vc + row * D;
-        f[r] = r < nrow ? (a.v_dyn ? a.vs[row] : 1.0f) : 0.0f;  // a repeated row weighs 0
-      }
-      if (G > 1)  // widen the four rows once for the group's G query heads
-        for (int r = 0; r < 4; ++r)
-          for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(vrow + r * D8 + d, row8(vr[r], d, D));
-      for (int64_t g = 0; g < G; ++g) {
-        const float* p = sc + (h * G + g) * n + i;
-        __m256 pr[4];
-        for (int r = 0; r < 4; ++r) pr[r] = _mm256_set1_ps(r < nrow ? p[r] * f[r] : 0.0f);
-        float* o = acc + (h * G + g) * D8;
-        if (G == 1) {
-          for (int64_t d = 0; d < D; d += 8) {
-            __m256 x = _mm256_loadu_ps(o + d);
-            for (int r = 0; r < 4; ++r) x = _mm256_fmadd_ps(pr[r], row8(vr[r], d, D), x);
-            _mm256_storeu_ps(o + d, x);
-          }
-          continue;
-        }
-        for (int64_t d = 0; d < D; d += 8) {
-          __m256 x = _mm256_loadu_ps(o + d);
-          for (int r = 0; r < 4; ++r) x = _mm256_fmadd_ps(pr[r], _mm256_loadu_ps(vrow + r * D8 + d), x);
-          _mm256_storeu_ps(o + d, x);
-        }
-      }
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4) pv_heads<4, 2, 1>(a, tok + i0, nb, n, h, g, sc + i0, acc);
+      for (; g + 2 <= G; g += 2) pv_heads<2, 4, 1>(a, tok + i0, nb, n, h, g, sc + i0, acc);
+      for (; g < G; ++g) pv_heads<1, 4, 2>(a, tok + i0, nb, n, h, g, sc + i0, acc);
     }
   }
 }
@@ -382,8 +456,7 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
       const float* qb = qf.data() + tk.b * HG * D8;
 #if PTQRT_X86
       if (isa == Isa::avx2 || isa == Isa::avx512) {
-        if (sc.vrow.empty()) sc.vrow.resize(4 * D8);
-        chunk_avx2(a, sc.tok.data(), tk.n, qb, sc.scores.data(), m, m + HG, acc, sc.vrow.data());
+        chunk_avx2(a, sc.tok.data(), tk.n, qb, sc.scores.data(), m, m + HG, acc);
         continue;
       }
 #endif
