@@ -20,7 +20,9 @@ Groups (one pytest-benchmark group per shape, so its table shows each row's rati
   w8a8   ptqrt quantize_per_token + w8a8_gemm (fp32 out) | w8a8_gemm alone | torch fbgemm dynamic
          int8 Linear (quantize_dynamic) | torch._int_mm (int8 in, int32 out) | fp32 F.linear
   w8a16  ptqrt w8a16_gemm (fp32 and bf16 activations) | fp32 F.linear | bf16 F.linear
-  attn   ptqrt int8_kv_decode_attention (paged, block 16, dynamic scales) | fp32 SDPA on a dense cache
+  attn   ptqrt int8_kv_decode_attention (paged, block 16, dynamic scales) | fp32 SDPA on a dense cache;
+         32 heads of 128, and in the quick and full sets also 32 query heads on 8 kv heads (GQA, no
+         target; SDPA with enable_gqa)
 At the end a summary prints medians, the ratios the issue asks for, and the memory floor (bytes moved
 / the copy bandwidth measured in the same run), then each target of the issue with its ratio and PASS
 or MISS (targets are stated for a 2-core AVX-512 VNNI machine: read them with the CPU model, ISA path
@@ -55,6 +57,9 @@ NKS = ALL_NKS if SET in ("full", "targets") else ((4096, 4096),)
 ATTN = {"full": tuple((b, l) for b in (1, 8) for l in (512, 4096)), "targets": ((1, 4096), (8, 4096)),
         "quick": ((1, 4096), (8, 512)), "smoke": ((1, 4096),)}[SET]
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
+# GQA rows (no target: for the record): 32 query heads on 8 kv heads, as Llama-3-8B.
+GQA_KV_HEADS = 8
+ATTN_GQA = {"full": ATTN, "quick": ((1, 4096),)}.get(SET, ())
 
 # The CPU backend's issue: (kind, ours, peer, at least this speed-up, the rows it is stated for).
 TARGETS = (
@@ -191,29 +196,33 @@ def test_w8a16(benchmark, ops, m, n, k, impl):
 
 
 # ------------------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("b,length,impl", [(b, length, i) for b, length in ATTN
-                                            for i in ("ptqrt int8-KV decode", "fp32 SDPA")
-                                            if _needed("attn", b, length, None, i)])
-def test_decode_attention(benchmark, ops, b, length, impl):
+@pytest.mark.parametrize("b,length,kv_heads,impl",
+                         [(b, length, HEADS, i) for b, length in ATTN for i in ("ptqrt int8-KV decode", "fp32 SDPA")
+                          if _needed("attn", b, length, None, i)]
+                         + [(b, length, GQA_KV_HEADS, i) for b, length in ATTN_GQA
+                            for i in ("ptqrt int8-KV decode", "fp32 SDPA")])
+def test_decode_attention(benchmark, ops, b, length, kv_heads, impl):
     torch.manual_seed(0)
-    group = f"attn B={b} L={length} H={HEADS} D={HEAD_DIM}"
+    group = _group("attn", b, length, None) if kv_heads == HEADS else \
+        f"attn B={b} L={length} H={HEADS}/{kv_heads} D={HEAD_DIM}"
     benchmark.group = group
     q = torch.randn(b, HEADS, HEAD_DIM)
     sm = HEAD_DIM ** -0.5
     if impl.startswith("ptqrt"):
         nblk = b * length // BLOCK
-        kc = torch.randint(-127, 128, (nblk, BLOCK, HEADS, HEAD_DIM), dtype=torch.int8)
-        vc = torch.randint(-127, 128, (nblk, BLOCK, HEADS, HEAD_DIM), dtype=torch.int8)
-        ks, vs = torch.rand(nblk, BLOCK, HEADS) * 0.02, torch.rand(nblk, BLOCK, HEADS) * 0.02
+        kc = torch.randint(-127, 128, (nblk, BLOCK, kv_heads, HEAD_DIM), dtype=torch.int8)
+        vc = torch.randint(-127, 128, (nblk, BLOCK, kv_heads, HEAD_DIM), dtype=torch.int8)
+        ks, vs = torch.rand(nblk, BLOCK, kv_heads) * 0.02, torch.rand(nblk, BLOCK, kv_heads) * 0.02
         bt = torch.randperm(nblk, dtype=torch.int32).reshape(b, length // BLOCK)
         sl = torch.full((b,), length, dtype=torch.int32)
         fn = lambda: ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, sm)  # noqa: E731
         nbytes = 2 * kc.numel() + 2 * ks.numel() * 4
     else:
-        k = torch.randn(b, HEADS, length, HEAD_DIM)
-        v = torch.randn(b, HEADS, length, HEAD_DIM)
+        k = torch.randn(b, kv_heads, length, HEAD_DIM)
+        v = torch.randn(b, kv_heads, length, HEAD_DIM)
         q4 = q[:, :, None, :]
-        fn = lambda: F.scaled_dot_product_attention(q4, k, v, scale=sm)  # noqa: E731
+        gqa = {"enable_gqa": True} if kv_heads != HEADS else {}
+        fn = lambda: F.scaled_dot_product_attention(q4, k, v, scale=sm, **gqa)  # noqa: E731
         nbytes = 2 * k.numel() * 4
     with torch.inference_mode():
         benchmark(fn)
