@@ -115,9 +115,9 @@ def _aot(kind: str) -> Optional[str]:
 
 
 def _jit(kind: str, verbose: bool) -> str:
-    """Build (or reuse) the extension in the cache under a file lock; return the library's path."""
-    from torch.utils import cpp_extension
-
+    """Build (or reuse) the extension in the cache under a file lock; return the library's path.
+    torch.utils.cpp_extension is imported only to build: on a machine without CUDA its import logs a
+    warning, which a run that only loads a finished CPU build should not print."""
     srcs = sources(kind)
     if not srcs:
         raise FileNotFoundError(f"no sources under {csrc_dir() / kind}")
@@ -126,6 +126,8 @@ def _jit(kind: str, verbose: bool) -> str:
         if why:
             raise RuntimeError(f"the CUDA extension cannot be built: {why}")
         if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+            from torch.utils import cpp_extension
+
             os.environ["CUDA_HOME"] = "/usr/local/cuda"
             cpp_extension.CUDA_HOME = "/usr/local/cuda"
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
@@ -140,6 +142,8 @@ def _jit(kind: str, verbose: bool) -> str:
                 shutil.rmtree(build_dir, ignore_errors=True)  # stale or half-written: start clean
                 build_dir.mkdir(parents=True)
                 os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+                from torch.utils import cpp_extension
+
                 cpp_extension.load(name=lib_name(kind), sources=[str(s) for s in srcs],
                                    build_directory=str(build_dir), is_python_module=False,
                                    verbose=verbose, **_flags(kind))

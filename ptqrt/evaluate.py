@@ -59,21 +59,36 @@ def decode_perplexity(model, ids: torch.Tensor, windows: int = 4, seq_len: int =
     for w in range(windows):
         x = torch.cat([torch.tensor([tiny_lm.BOS_ID]), ids[w * span: w * span + seq_len]])[None]
         out = model(input_ids=x[:, :prompt], use_cache=True)
-        cache = out.past_key_values
+        cache = _returned_cache(out)
         logits = out.logits[:, -1]
         for t in range(prompt, x.shape[1]):
             nll -= torch.log_softmax(logits.float(), -1)[0, x[0, t]].item()
             count += 1
-            out = model(input_ids=x[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            out = model(input_ids=x[:, t:t + 1], use_cache=True, **{_cache_kwarg(model): cache})
+            cache, logits = _returned_cache(out), out.logits[:, -1]
     return math.exp(nll / count)
+
+
+def _cache_kwarg(model) -> str:
+    """The name forward takes the cache by: transformers 5.2x renamed past_key_values to cache."""
+    from .integrations.hf import _cache_kwarg as name
+
+    return name(model)
+
+
+def _returned_cache(out):
+    """The cache a forward/generate output carries, under either name (no deprecation message)."""
+    for name in ("cache", "past_key_values"):
+        if name in out.keys():
+            return out[name]
+    return None
 
 
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, new_tokens: int = 64) -> torch.Tensor:
     out = model.generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=tiny_lm.EOS_ID, return_dict_in_generate=True)
-    return out.sequences[0, prompt.shape[1]:], out.past_key_values
+    return out.sequences[0, prompt.shape[1]:], _returned_cache(out)
 
 
 def configs():
@@ -96,9 +111,6 @@ def run(quick: bool = False, only: Optional[list[str]] = None, quiet: bool = Fal
     import warnings
 
     from . import quantize
-
-    # transformers 5.2x renames past_key_values to cache with a FutureWarning; both work in 5.17-5.24
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
 
     model, _, decode_fn, heldout = tiny_lm.load_tiny_lm()
     if quick:
