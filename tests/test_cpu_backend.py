@@ -481,6 +481,7 @@ def _paged(b, hq, hkv, d, bs, lens, dynamic, dtype, nb=48):
     (3, 4, 2, 32, 16, [300, 0, 77]),   # long enough to be split in chunks and combined
     (2, 6, 2, 44, 8, [45, 70]),        # GQA 3 (2 + 1 heads a tile), 32 + 8 + 4 channels, odd lengths
     (1, 7, 1, 24, 16, [129]),          # GQA 7 (4 + 2 + 1), head dim below one 32-channel tile
+    (2, 8, 2, 20, 4, [37, 70]),        # GQA 4, 16 + 4 channels (a partial slice in the 4-head tile)
 ))
 def test_decode_attention(cpu_ops, isa, dtype, dynamic, b, hq, hkv, d, bs, lens):
     args = _paged(b, hq, hkv, d, bs, lens, dynamic, dtype)

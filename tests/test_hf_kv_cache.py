@@ -485,6 +485,10 @@ def test_paged_store_static_scales():
     k = torch.randn(2, 6, 2, 8) * 0.1
     st.append(k, k, torch.tensor([[1, 1, 0, 1, 1, 1], [1] * 6], dtype=torch.bool))
     assert st.lens.tolist() == [5, 6] and st.k_scale is not None and st.k_scale.shape == (2, 8)
+    ks_given = ks.clone()
+    ks.mul_(2)  # the store holds its own copy of the scales it was given
+    ks = ks_given
+    assert torch.equal(st.k_scale, ks)
     dk, _ = st.dequantize()
     torch.testing.assert_close(dk[1], torch.round(k[1] / ks) * ks)
     torch.testing.assert_close(dk[0, :5], torch.round(k[0, [0, 1, 3, 4, 5]] / ks) * ks)
@@ -501,11 +505,12 @@ def test_signature_of_cache_kwarg_is_handled():
     assert cache.get_seq_length() == 3
 
 
-def test_paged_store_repeat_steps_go_direct(monkeypatch):
+@pytest.mark.parametrize("static", (False, True))
+def test_paged_store_repeat_steps_go_direct(monkeypatch, static):
     """After the public ops accepted a decode step's append and attention, the store's like steps call
     the backend directly (same cache contents and outputs as through the ops, in-place writes still
-    bump the caches' versions); growing the cache, a new dtype or a dispatch mode goes through the
-    ops' checks again."""
+    bump the caches' versions), beam-search reorders included; growing the cache, a new batch size, a
+    new dtype or a dispatch mode goes through the ops' checks again."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls = []
@@ -513,8 +518,9 @@ def test_paged_store_repeat_steps_go_direct(monkeypatch):
         orig = getattr(ops, op)
         monkeypatch.setattr(ops, op, lambda *a, _o=orig, _n=op: (calls.append(_n), _o(*a))[1])
     torch.manual_seed(0)
-    direct = PagedInt8KV(2, 2, 8, "cpu", block_size=4)
-    checked = PagedInt8KV(2, 2, 8, "cpu", block_size=4)
+    scales = dict(k_scale=torch.rand(2, 8) * 0.02 + 0.01, v_scale=torch.rand(2, 8) * 0.02 + 0.01) if static else {}
+    direct = PagedInt8KV(2, 2, 8, "cpu", block_size=4, **scales)
+    checked = PagedInt8KV(2, 2, 8, "cpu", block_size=4, **scales)
     checked._key = lambda *a: None  # every call through the ops
     prompt = torch.randn(2, 3, 2, 8)
     for st in (direct, checked):
@@ -522,11 +528,13 @@ def test_paged_store_repeat_steps_go_direct(monkeypatch):
     for step in range(12):  # 3 + 12 tokens: the cache grows from 1 block column to 2, then 4
         k, v, q = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8), torch.randn(2, 4, 8)
         calls.clear()
+        if step in (5, 9):  # a beam-search reorder: same batch size, same columns
+            for st in (direct, checked):
+                st.select(torch.tensor([1, 1]))
         cols, version = direct.cols, direct.k_cache._version
         direct.append(k, v)
         out = direct.decode(q, 0.3)
-        grew = direct.cols != cols
-        if step == 0 or grew:
+        if step == 0 or direct.cols != cols:
             assert calls == ["kv_cache_append", "int8_kv_decode_attention"], (step, calls)
         else:
             assert calls == [], (step, calls)
@@ -539,7 +547,6 @@ def test_paged_store_repeat_steps_go_direct(monkeypatch):
     expect = int8_kv_decode_attention(q, direct.k_cache, direct.v_cache, direct.k_scale, direct.v_scale,
                                       direct.block_table(), direct.seq_lens, 0.3)
     torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
-
 
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -555,6 +562,14 @@ def test_paged_store_repeat_steps_go_direct(monkeypatch):
     calls.clear()
     direct.decode(q.half(), 0.3)  # a new q dtype: through the op once
     assert calls == ["int8_kv_decode_attention"]
+    calls.clear()
+    direct.drop_last(torch.tensor([2, 0]))  # lengths change, shapes do not: still direct
+    direct.decode(q, 0.3)
+    assert calls == [] and direct.lens.tolist() == [14, 16]
+    direct.select(torch.tensor([0]))  # batch 2 -> 1: through the ops once
+    direct.append(k[:1], v[:1])
+    direct.decode(q[:1], 0.3)
+    assert calls == ["kv_cache_append", "int8_kv_decode_attention"]
 
 
 def test_paged_store_checks_its_inputs():
@@ -572,3 +587,18 @@ def test_paged_store_checks_its_inputs():
     with pytest.raises(ValueError, match="sm_scale"):
         st.decode(torch.randn(2, 4, 8), 0.0)
     assert st.lens.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="non-negative"):
+        st.drop_last(torch.tensor([1, -1]))
+    with pytest.raises(TypeError, match="tensors"):
+        st.append([[0.0]], torch.randn(2, 1, 2, 8))
+    with pytest.raises(ValueError, match="k .2, 1, 2, 8., v .2, 2, 2, 8."):
+        st.append(torch.randn(2, 1, 2, 8), torch.randn(2, 2, 2, 8))
+
+
+def test_paged_store_device_as_tensors_report_it():
+    """A store made with "cpu:0" (or "cuda") takes tensors whose .device reads "cpu" ("cuda:0")."""
+    st = PagedInt8KV(1, 2, 8, "cpu:0", block_size=4)
+    k = torch.randn(1, 5, 2, 8)
+    st.append(k, k)
+    assert st.device == k.device and st.lens.tolist() == [5]
+    assert st.decode(torch.randn(1, 2, 8), 0.3).shape == (1, 2, 8)

@@ -243,15 +243,12 @@ PTQRT_AVX2 std::pair<float, float> exp_avx2(float* sc, int64_t n) {
   return {mx, sum};
 }
 
-// acc[g][d, d + 8 * NC) += sum_i p[g][i] * v_i[d, d + 8 * NC) for the GC query heads of one kv head,
-// over every position i < n of the chunk (v_i: that head's V row of position i). The sums stay in
-// registers across the positions, each V slice is widened once for the GC heads, and P positions go
-// into P sets of sums (each FMA chain then waits on one FMA per P positions: with GC * NC = 4 sums a
-// set, P = 2 keeps the FMA units busy). Partial: a last slice of rem < 8 channels (NC = 1).
 constexpr int64_t kPvBlock = 32;  // positions per PV block
 
+// One position of pv_tile: o[g][c] += p[g * ldp] * v[8c, 8c + 8) (Partial: v[0, rem), zeros after).
 template <int GC, int NC, bool Partial>
 PTQRT_AVX2_INLINE void pv_step(__m256 (&o)[GC][NC], const int8_t* v, int64_t rem, const float* p, int64_t ldp) {
+  static_assert(!Partial || NC == 1, "a partial slice is the last one");
   __m256 vv[NC];
   for (int c = 0; c < NC; ++c) vv[c] = Partial ? load8_i8_partial(v, rem) : load8_i8(v + 8 * c);
   for (int g = 0; g < GC; ++g) {
@@ -260,6 +257,12 @@ PTQRT_AVX2_INLINE void pv_step(__m256 (&o)[GC][NC], const int8_t* v, int64_t rem
   }
 }
 
+// acc[g][d, d + 8 * NC) += sum_i p[g][i] * v_i[d, d + 8 * NC) for the GC query heads of one kv head,
+// over positions i < n (one block; v_i: that head's V row of position i, at vc + tok[i] * row + off;
+// p[g][i] at p + g * ldp + i). The sums stay in registers across the positions, each V slice is
+// widened once for the GC heads, and P positions go into P sets of sums (each FMA chain then waits
+// on one FMA per P positions: with GC * NC = 4 sums a set, P = 2 keeps the FMA units busy).
+// Partial: a last slice of rem < 8 channels (NC = 1).
 template <int GC, int NC, int P, bool Partial>
 PTQRT_AVX2 void pv_tile(const int8_t* vc, const int64_t* tok, int64_t n, int64_t row, int64_t off,
                         int64_t rem, const float* p, int64_t ldp, float* acc, int64_t D8) {
@@ -280,7 +283,6 @@ PTQRT_AVX2 void pv_tile(const int8_t* vc, const int64_t* tok, int64_t n, int64_t
     }
 }
 
-// pv_tile over every channel of query heads [g0, g0 + GC) of kv head h.
 // o[0, D) += sum_r w[r] * v_r over four V rows (MHA). Named values and a main loop without partial
 // loads: written as loops over arrays, GCC kept the weights and row pointers on the stack.
 PTQRT_AVX2 void pv4_avx2(const int8_t* const* vr, const float* w, int64_t D, float* o) {
@@ -296,7 +298,7 @@ PTQRT_AVX2 void pv4_avx2(const int8_t* const* vr, const float* w, int64_t D, flo
     x = _mm256_fmadd_ps(p3, load8_i8(v3 + d), x);
     _mm256_storeu_ps(o + d, x);
   }
-  if (d < D) {  // o is D8 wide and zero past D; the partial loads give zeros there
+  if (d < D) {  // o is D8 wide; the partial loads give zeros past D (lanes the combine never reads)
     __m256 x = _mm256_loadu_ps(o + d);
     x = _mm256_fmadd_ps(p0, load8_i8_partial(v0 + d, D - d), x);
     x = _mm256_fmadd_ps(p1, load8_i8_partial(v1 + d, D - d), x);
@@ -306,7 +308,8 @@ PTQRT_AVX2 void pv4_avx2(const int8_t* const* vr, const float* w, int64_t D, flo
   }
 }
 
-// n positions; scores rows ldp apart.
+// pv_tile over every channel of query heads [g0, g0 + GC) of kv head h: n positions, scores rows
+// ldp apart.
 template <int GC, int NC, int P>
 PTQRT_AVX2_INLINE void pv_heads(const Attn& a, const int64_t* tok, int64_t n, int64_t ldp, int64_t h, int64_t g0,
                                 const float* sc, float* acc) {

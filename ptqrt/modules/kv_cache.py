@@ -104,17 +104,17 @@ class PagedInt8KV:
         if (k_scale is None) != (v_scale is None):
             raise ValueError("PagedInt8KV: give both static scales or neither")
         self.batch, self.heads, self.head_dim, self.block_size = batch, num_kv_heads, head_dim, block_size
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # as tensors report it: "cuda" -> "cuda:0"
         self.static = k_scale is not None
         if self.static:
             for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
                 if tuple(s.shape) != (num_kv_heads, head_dim):
                     raise ValueError(f"PagedInt8KV: static {name} must be [Hkv, D] = {(num_kv_heads, head_dim)}; "
                                      f"got {tuple(s.shape)}")
-            self.k_scale = k_scale.to(self.device, torch.float32).contiguous()
-            self.v_scale = v_scale.to(self.device, torch.float32).contiguous()
+            # Own copies: the caller's (a KVCacheQuant's buffers) may change or need grad later.
+            self.k_scale = k_scale.detach().to(self.device, torch.float32, copy=True).contiguous()
+            self.v_scale = v_scale.detach().to(self.device, torch.float32, copy=True).contiguous()
         self.cols = 0
-        self._gen = 0  # bumped whenever the cache or scale tensors are replaced
         self._accepted: set = set()  # keys of calls the public ops accepted (see _call)
         self._alloc(1)
         self._n = [0] * batch  # tokens stored per sequence, on the host: slots and growth are planned here
@@ -123,7 +123,8 @@ class PagedInt8KV:
 
     @property
     def lens(self) -> torch.Tensor:
-        """Tokens stored per sequence, int64 [B] on the host (``seq_lens`` is the device copy)."""
+        """Tokens stored per sequence: a new int64 [B] host tensor each read (``seq_lens`` is the
+        device copy the kernels read)."""
         return torch.tensor(self._n, dtype=torch.int64)
 
     # ------------------------------------------------------------------ storage
@@ -141,7 +142,6 @@ class PagedInt8KV:
                 ks[:n], vs[:n] = self.k_scale, self.v_scale
             self.k_scale, self.v_scale = ks, vs
         self.k_cache, self.v_cache, self.cols = k, v, cols
-        self._gen += 1
 
     def _ensure(self, max_len: int) -> None:
         need = max(1, -(-max_len // self.block_size))
@@ -160,23 +160,25 @@ class PagedInt8KV:
         return self._table
 
     def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
-        """Small host values (a list or a host tensor) as a new tensor on the cache's device. To a GPU
-        they go from pinned memory without waiting: a copy from pageable memory would make the host
-        wait for the GPU's queue at every layer of every decode step."""
+        """Small host values (a list, or a host tensor the caller no longer needs) as a tensor on the
+        cache's device. To a GPU they go from pinned memory without waiting (on the current stream): a
+        copy from pageable memory would make the host wait for the GPU's queue at every layer of every
+        decode step."""
         if self.device.type == "cuda":
             host = torch.tensor(values, dtype=dtype) if isinstance(values, list) else values.to(dtype)
             return host.pin_memory().to(self.device, non_blocking=True)
         if isinstance(values, list):
             return torch.tensor(values, dtype=dtype, device=self.device)
-        return values.to(self.device, dtype, copy=True)
+        return values.to(self.device, dtype)
 
     def _call(self, op: str, key: Optional[tuple], *args):
-        """ops.<op>(*args). Every tensor but the caller's k, v or q is this store's own, made with
-        the dtypes and shapes the ops require; `key` names everything else the ops' checks read (the
-        caller's tensors' dtypes, device and shape, the backend setting, which cache tensors). After
-        the public op accepted a call with a key, plain eager calls with the same key call the
-        backend's function directly (the public op's checks cost more than a small step's kernels);
-        None (compiling, tracing, a mode, a subclass, a gradient to track) always takes the op."""
+        """ops.<op>(*args). Every tensor but the caller's k, v or q is this store's own, made on its
+        device, contiguous, with the dtypes the ops require and shapes that follow from the batch size
+        and the block columns; `key` names everything else the ops' checks read (the caller's tensors'
+        dtypes, device and shape, the backend setting, batch size and columns). After the public op
+        accepted a call with a key, plain eager calls with the same key call the backend's function
+        directly (the public op's checks cost more than a small step's kernels); None (compiling,
+        tracing, a mode, a subclass, a caller's tensor that needs grad) always takes the op."""
         if key is None or key not in self._accepted:
             out = getattr(ops, op)(*args)
             if key is not None:
@@ -193,17 +195,20 @@ class PagedInt8KV:
     def _key(self, op: str, *tensors: torch.Tensor) -> Optional[tuple]:
         if not ops._plain_eager(tensors, {}):
             return None
-        return (op, ops.get_backend(), self._gen) + tuple((t.dtype, t.device, tuple(t.shape)) for t in tensors)
+        return (op, ops.get_backend(), self.batch, self.cols) + tuple((t.dtype, t.device, tuple(t.shape))
+                                                                      for t in tensors)
 
     # ------------------------------------------------------------------ write / read
     def append(self, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] = None) -> None:
         """Quantize and store new tokens. k, v: [B, T, Hkv, D] float (any strides) on the cache's
         device; keep: host bool [B, T], False for padding tokens, which are not stored (None: keep all)."""
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"PagedInt8KV.append: k and v must be tensors; got {type(k).__name__} and "
+                            f"{type(v).__name__}")
         want = (self.batch, k.shape[1] if k.dim() == 4 else -1, self.heads, self.head_dim)
-        for name, x in (("k", k), ("v", v)):
-            if tuple(x.shape) != want:
-                raise ValueError(f"PagedInt8KV.append: {name} must be [B, T, Hkv, D] = [{self.batch}, T, "
-                                 f"{self.heads}, {self.head_dim}]; got {tuple(x.shape)}")
+        if tuple(k.shape) != want or v.shape != k.shape:
+            raise ValueError(f"PagedInt8KV.append: k and v must both be [B, T, Hkv, D] = [{self.batch}, T, "
+                             f"{self.heads}, {self.head_dim}]; got k {tuple(k.shape)}, v {tuple(v.shape)}")
         if k.device != self.device or v.device != self.device:
             raise ValueError(f"PagedInt8KV.append: k and v must be on the cache's device {self.device}; "
                              f"got {k.device} and {v.device}")
@@ -227,7 +232,7 @@ class PagedInt8KV:
                 pos = lens[:, None] + keep.to(torch.int64).cumsum(1) - 1
                 slots = torch.where(keep, self._slots(torch.arange(b)[:, None], pos.clamp(min=0)), -1)
                 counts = keep.sum(1)
-            slots = slots.reshape(-1).tolist()
+            slots = slots.reshape(-1)
             new = (lens + counts).tolist()
         self._ensure(max(new, default=0))
         kf = k.reshape(b * t, self.heads, self.head_dim).contiguous()
@@ -286,10 +291,13 @@ class PagedInt8KV:
         self._n = [self._n[i] for i in host.tolist()]
         self.seq_lens = self._to_device(self._n, torch.int32)
         self._table = None
-        self._gen += 1
 
     def drop_last(self, counts: torch.Tensor) -> None:
-        """Forget the last counts[b] stored tokens of each sequence (host int64 [B])."""
+        """Forget the last counts[b] >= 0 stored tokens of each sequence (host int64 [B])."""
+        counts = torch.as_tensor(counts)
+        if tuple(counts.shape) != (self.batch,) or bool((counts < 0).any()):
+            raise ValueError(f"PagedInt8KV.drop_last: counts must be [B] = [{self.batch}] non-negative ints; "
+                             f"got {counts.tolist()}")
         self._n = (self.lens - counts.to(torch.int64)).clamp(min=0).tolist()
         self.seq_lens = self._to_device(self._n, torch.int32)
 
