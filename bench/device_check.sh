@@ -20,6 +20,9 @@
 #   4. the GPU benchmark (python -m ptqrt.bench_gpu): every op against cuBLAS / _int_mm / SDPA, each
 #      row printed as it is measured and the JSON/CSV rewritten after each op; with the CUDA
 #      extension built, its opt-in kernel variants (bench_gpu.VARIANTS) are timed beside the defaults
+#   4b. with at least 45 s left before DEADLINE and transformers installed: bench/bench_decode.py on
+#      the GPU (the tiny Llama's eager greedy decode, fp16 against each quantized form: the host work
+#      around the kernels)
 #   5. a short table: stage times, test results, the targets; then the CPU check's lines (its
 #      stages, the CPU backend's targets with PASS/MISS), after a wait of at most CPU_WAIT (60 s)
 #      for it if it is still running (then it is stopped, and keeps what it measured)
@@ -111,11 +114,13 @@ finish() {
             [ -f "$f" ] && printf '%-22s %s\n' "$(basename "$f" .log)" "$(grep -E "passed|failed|error|skipped" "$f" | tail -1)"
         done
         sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS"
+        sed -n '/^tiny Llama greedy decode/,/^wrote/p' "$LOG/decode.log" 2>/dev/null | grep -v '^wrote'
         cat "$LOG/cpu_summary.txt" 2>/dev/null
         echo "total ${SECONDS}s"
     } | tee "$LOG/summary.txt"
     if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-        find "$RESULTS" \( -name 'gpu_*' -o -name 'cpu_*.json' \) -newer "$LOG/start" -exec cp {} "$OUT"/ \;
+        find "$RESULTS" \( -name 'gpu_*' -o -name 'cpu_*.json' -o -name 'decode_*.json' \) -newer "$LOG/start" \
+            -exec cp {} "$OUT"/ \;
         cp "$LOG/summary.txt" "$OUT/"
         tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
     fi
@@ -196,6 +201,12 @@ limit=${BENCH_LIMIT:-240}
 [ "$left" -lt "$limit" ] && limit=$left
 [ "$BENCH" = 1 ] && [ "$limit" -gt 30 ] && stage bench "$limit" "$PY" -m ptqrt.bench_gpu $QUICK --plot --out-dir "$RESULTS" \
     --backends "$BACKENDS" --ops "$OPS"
+# 4b. end-to-end eager decode of the tiny Llama (host work around the kernels: QuantLinear, the int8
+# KV cache's store), only with what is left before DEADLINE (at least 45 s; at most 60)
+left=$(( ${DEADLINE:-540} - SECONDS - 15 ))
+[ "$left" -gt 60 ] && left=60
+[ "$BENCH" = 1 ] && [ "$left" -ge 45 ] && "$PY" -c "import transformers" 2>/dev/null && stage decode "$left" "$PY" bench/bench_decode.py --device cuda --tokens 32 \
+    --rounds 3 --json "$RESULTS/decode_cuda_$(hostname 2>/dev/null || echo host).json"
 
 # 5. summary ------------------------------------------------------------------------------------
 echo

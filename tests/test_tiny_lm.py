@@ -95,3 +95,31 @@ def test_greedy_generation_is_deterministic_and_matches_forward(lm):
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
     assert torch.equal(a, seq)
     assert len(dec(a[0, prompt.shape[1]:])) > 0
+
+
+def test_bench_decode_script(tmp_path, monkeypatch):
+    """bench/bench_decode.py end to end at its smallest: every form timed, ratios to the float model,
+    the JSON written; the int8 KV forms really decode through the paged store."""
+    import importlib.util
+
+    from ptqrt.modules import kv_cache
+
+    spec = importlib.util.spec_from_file_location("bench_decode_under_test",
+                                                  os.path.join(os.path.dirname(__file__), "..", "bench",
+                                                               "bench_decode.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    decodes = []
+    real = kv_cache.PagedInt8KV.decode
+    monkeypatch.setattr(kv_cache.PagedInt8KV, "decode", lambda self, *a: (decodes.append(1), real(self, *a))[1])
+    out = tmp_path / "decode.json"
+    assert bench.main(["--tokens", "3", "--rounds", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["forms"]) == ["fp32", "W8A16", "W8A8 dynamic", "W8A8 dynamic + int8 KV", "int8 KV"]
+    assert res["forms"]["fp32"]["vs_float"] == 1.0
+    for r in res["forms"].values():
+        assert len(r["ms"]) == 2 and 0 < r["min_ms"] <= r["median_ms"]
+    # two int8 KV forms x (warm-up + 2 rounds) x (3 - 1 decode steps) x 4 layers
+    assert len(decodes) == 2 * 3 * 2 * 4
+    with pytest.raises(SystemExit):
+        bench.main(["--tokens", "0"])
