@@ -602,3 +602,59 @@ def test_paged_store_device_as_tensors_report_it():
     st.append(k, k)
     assert st.device == k.device and st.lens.tolist() == [5]
     assert st.decode(torch.randn(1, 2, 8), 0.3).shape == (1, 2, 8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("static", (False, True))
+def test_paged_store_random_histories(seed, static):
+    """Random sequences of prefills with padding, decode steps, reorders (repeats, batch changes) and
+    drops against a model of the store kept in Python: what dequantize() returns matches the float
+    history within half a quantization step, and decode() matches attention over it."""
+    g = torch.Generator().manual_seed(seed)
+    hkv, d, bs = 2, 8, 4
+    b = int(torch.randint(1, 4, (1,), generator=g))
+    scales = dict(k_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01,
+                  v_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01) if static else {}
+    st = PagedInt8KV(b, hkv, d, "cpu", block_size=bs, **scales)
+    hist = [[] for _ in range(b)]  # float (k, v) of each stored token, [Hkv, D] each, per sequence
+    for _ in range(25):
+        op = int(torch.randint(0, 5, (1,), generator=g))
+        if op == 0:  # several tokens, some of them padding
+            t = int(torch.randint(1, 6, (1,), generator=g))
+            k, v = torch.rand(b, t, hkv, d, generator=g) - 0.5, torch.rand(b, t, hkv, d, generator=g) - 0.5
+            keep = torch.rand(b, t, generator=g) < 0.7
+            st.append(k, v, keep)
+            for i in range(b):
+                hist[i] += [(k[i, j], v[i, j]) for j in range(t) if keep[i, j]]
+        elif op in (1, 2):  # a decode step
+            k, v = torch.rand(b, 1, hkv, d, generator=g) - 0.5, torch.rand(b, 1, hkv, d, generator=g) - 0.5
+            st.append(k, v)
+            for i in range(b):
+                hist[i].append((k[i, 0], v[i, 0]))
+        elif op == 3:  # reorder: beams, repeats, a new batch size
+            nb = int(torch.randint(1, 4, (1,), generator=g))
+            index = torch.randint(0, b, (nb,), generator=g)
+            st.select(index)
+            hist, b = [list(hist[i]) for i in index.tolist()], nb
+        else:
+            counts = torch.randint(0, 3, (b,), generator=g)
+            st.drop_last(counts)
+            hist = [h[:max(0, len(h) - int(c))] for h, c in zip(hist, counts)]
+        assert st.lens.tolist() == [len(h) for h in hist]
+        dk, dv = st.dequantize()  # [B, L, Hkv, D], left-aligned
+        for i, h in enumerate(hist):
+            for j, (k, v) in enumerate(h):
+                for got, want, s in ((dk[i, j], k, st.k_scale), (dv[i, j], v, st.v_scale)):
+                    step = s if static else want.abs().amax(-1, keepdim=True) / 127
+                    assert ((got - want).abs() <= step / 2 + 1e-6).all()
+        q = torch.rand(b, 2 * hkv, d, generator=g) - 0.5
+        out = st.decode(q, 0.5)
+        for i, h in enumerate(hist):
+            n = len(h)
+            if n == 0:
+                assert (out[i] == 0).all()
+                continue
+            kk = dk[i, :n].repeat_interleave(2, dim=1)  # [L, Hq, D]
+            vv = dv[i, :n].repeat_interleave(2, dim=1)
+            p = torch.softmax(torch.einsum("hd,lhd->hl", q[i], kk) * 0.5, dim=-1)
+            torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", p, vv), rtol=1e-4, atol=1e-5)
