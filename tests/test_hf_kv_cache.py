@@ -604,18 +604,21 @@ def test_paged_store_device_as_tensors_report_it():
     assert st.decode(torch.randn(1, 2, 8), 0.3).shape == (1, 2, 8)
 
 
+@pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=pytest.mark.gpu)))
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("static", (False, True))
-def test_paged_store_random_histories(seed, static):
+def test_paged_store_random_histories(seed, static, device):
     """Random sequences of prefills with padding, decode steps, reorders (repeats, batch changes) and
     drops against a model of the store kept in Python: what dequantize() returns matches the float
-    history within half a quantization step, and decode() matches attention over it."""
+    history within half a quantization step, and decode() matches attention over it. On a GPU the
+    store's lengths and slots reach the device through pinned memory without waiting."""
+    tol = dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-4)
     g = torch.Generator().manual_seed(seed)
     hkv, d, bs = 2, 8, 4
     b = int(torch.randint(1, 4, (1,), generator=g))
     scales = dict(k_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01,
                   v_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01) if static else {}
-    st = PagedInt8KV(b, hkv, d, "cpu", block_size=bs, **scales)
+    st = PagedInt8KV(b, hkv, d, device, block_size=bs, **scales)
     hist = [[] for _ in range(b)]  # float (k, v) of each stored token, [Hkv, D] each, per sequence
     for _ in range(25):
         op = int(torch.randint(0, 5, (1,), generator=g))
@@ -623,12 +626,12 @@ def test_paged_store_random_histories(seed, static):
             t = int(torch.randint(1, 6, (1,), generator=g))
             k, v = torch.rand(b, t, hkv, d, generator=g) - 0.5, torch.rand(b, t, hkv, d, generator=g) - 0.5
             keep = torch.rand(b, t, generator=g) < 0.7
-            st.append(k, v, keep)
+            st.append(k.to(device), v.to(device), keep)
             for i in range(b):
                 hist[i] += [(k[i, j], v[i, j]) for j in range(t) if keep[i, j]]
         elif op in (1, 2):  # a decode step
             k, v = torch.rand(b, 1, hkv, d, generator=g) - 0.5, torch.rand(b, 1, hkv, d, generator=g) - 0.5
-            st.append(k, v)
+            st.append(k.to(device), v.to(device))
             for i in range(b):
                 hist[i].append((k[i, 0], v[i, 0]))
         elif op == 3:  # reorder: beams, repeats, a new batch size
@@ -641,14 +644,15 @@ def test_paged_store_random_histories(seed, static):
             st.drop_last(counts)
             hist = [h[:max(0, len(h) - int(c))] for h, c in zip(hist, counts)]
         assert st.lens.tolist() == [len(h) for h in hist]
-        dk, dv = st.dequantize()  # [B, L, Hkv, D], left-aligned
+        dk, dv = (t.cpu() for t in st.dequantize())  # [B, L, Hkv, D], left-aligned
+        ks, vs = (None, None) if not static else (st.k_scale.cpu(), st.v_scale.cpu())
         for i, h in enumerate(hist):
             for j, (k, v) in enumerate(h):
-                for got, want, s in ((dk[i, j], k, st.k_scale), (dv[i, j], v, st.v_scale)):
+                for got, want, s in ((dk[i, j], k, ks), (dv[i, j], v, vs)):
                     step = s if static else want.abs().amax(-1, keepdim=True) / 127
                     assert ((got - want).abs() <= step / 2 + 1e-6).all()
         q = torch.rand(b, 2 * hkv, d, generator=g) - 0.5
-        out = st.decode(q, 0.5)
+        out = st.decode(q.to(device), 0.5).cpu()
         for i, h in enumerate(hist):
             n = len(h)
             if n == 0:
@@ -657,4 +661,23 @@ def test_paged_store_random_histories(seed, static):
             kk = dk[i, :n].repeat_interleave(2, dim=1)  # [L, Hq, D]
             vv = dv[i, :n].repeat_interleave(2, dim=1)
             p = torch.softmax(torch.einsum("hd,lhd->hl", q[i], kk) * 0.5, dim=-1)
-            torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", p, vv), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", p, vv), **tol)
+
+
+@pytest.mark.gpu
+def test_generate_on_gpu(calls):
+    """generate() on a CUDA model with the int8 KV cache: every decode step reads the paged cache
+    through the GPU backends, and the logits stay within the CPU test's tolerance of float."""
+    model = make_model("llama").to("cuda")
+    apply_int8_kv_cache(model, "per_token")
+    n_layers = model.config.num_hidden_layers
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5)).to("cuda")
+    new = 8
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, min_new_tokens=new)
+    cache = returned_cache(out)
+    assert isinstance(cache, Int8KVCache) and cache.layers[0].store.device == torch.device("cuda", 0)
+    assert calls["decode"] == (new - 1) * n_layers and calls["append"] == new * n_layers
+    errs = step_errors(out, float_logits(model, out.sequences), 7)
+    assert max(errs[1:]) < TOL["per_token"], errs
+    assert max(errs[1:]) > 1e-6, "decode steps match float exactly: the int8 cache was not read"
