@@ -90,7 +90,8 @@ class Int8KVLayer(CacheLayerMixin):
                                  f"D={self.quant.head_dim}")
             if self.quant.is_static:
                 ks, vs = self.quant.k_scale, self.quant.v_scale
-        self.store = PagedInt8KV(b, h, d, key_states.device, self.owner.block_size, ks, vs)
+        self.store = PagedInt8KV(b, h, d, key_states.device, self.owner.block_size, ks, vs,
+                                 reserve=self.owner.max_length or 0)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -204,21 +205,27 @@ class Int8KVLayer(CacheLayerMixin):
 class Int8KVCache(Cache):
     """transformers Cache whose layers store K/V as paged int8 (ptqrt.modules.kv_cache.PagedInt8KV).
 
-    Int8KVCache(model, block_size=16). Layers with a KVCacheQuant child (see apply_int8_kv_cache) use
-    its granularity and static scales; other layers use dynamic per-token-head scales. Usable as
+    Int8KVCache(model, block_size=16, max_length=None). Layers with a KVCacheQuant child (see
+    apply_int8_kv_cache) use its granularity and static scales; other layers use dynamic
+    per-token-head scales. max_length: tokens a sequence will hold at most, if known (generate passes
+    its own); each layer then allocates that much at its first write instead of growing by doubling
+    (longer sequences still grow). Usable as
     ``past_key_values=`` / ``cache=`` of forward and generate. On a model not wired by
     apply_int8_kv_cache it still works (keys/values are stored int8 and handed back dequantized),
     but decode runs the model's own attention and padding tokens are stored like any other.
     Beam search (reorder_cache), batch_select_indices, batch_repeat_interleave and crop are supported.
     """
 
-    def __init__(self, model: nn.Module, block_size: int = 16) -> None:
+    def __init__(self, model: nn.Module, block_size: int = 16, max_length: Optional[int] = None) -> None:
         config = getattr(model, "config", None)
         if config is None or not isinstance(model, nn.Module):
             raise TypeError(f"Int8KVCache needs a transformers model; got {type(model).__name__}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"Int8KVCache: block_size must be a positive int; got {block_size!r}")
-        self.block_size = block_size
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length <= 0):
+            raise ValueError(f"Int8KVCache: max_length must be a positive int or None; got {max_length!r}")
+        self.block_size, self.max_length = block_size, max_length
         self._config = config
         self._quants = {m.layer_idx: m for m in model.modules() if isinstance(m, KVCacheQuant)}
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -230,7 +237,7 @@ class Int8KVCache(Cache):
         return Int8KVLayer(self, idx, self._quants.get(idx))
 
     def __repr__(self) -> str:
-        return f"Int8KVCache(block_size={self.block_size}, layers={self.layers})"
+        return f"Int8KVCache(block_size={self.block_size}, max_length={self.max_length}, layers={self.layers})"
 
     # ------------------------------------------------------------------ Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -576,9 +583,12 @@ def _prepare_cache_for_generation(self, *args, **kwargs):
     """generate() step 7, wrapped: where transformers made a DynamicCache, make an Int8KVCache."""
     fn = type(self)._prepare_cache_for_generation
     try:
-        model_kwargs = inspect.signature(fn).bind(self, *args, **kwargs).arguments.get("model_kwargs")
+        bound = inspect.signature(fn).bind(self, *args, **kwargs).arguments
     except TypeError:
-        model_kwargs = None
+        bound = {}
+    model_kwargs = bound.get("model_kwargs")
+    length = bound.get("max_cache_length")  # tokens the cache will hold at most (max_length - 1)
+    length = length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
     if not isinstance(model_kwargs, dict):
         return fn(self, *args, **kwargs)
     user = any(model_kwargs.get(n) is not None for n in CACHE_NAMES)
@@ -587,7 +597,7 @@ def _prepare_cache_for_generation(self, *args, **kwargs):
         for n in CACHE_NAMES:
             c = model_kwargs.get(n)
             if type(c) is DynamicCache and not getattr(c, "offloading", False):
-                model_kwargs[n] = Int8KVCache(self)
+                model_kwargs[n] = Int8KVCache(self, max_length=length)
     return out
 
 

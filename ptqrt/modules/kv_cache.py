@@ -93,14 +93,19 @@ class KVCacheQuant(nn.Module):
 class PagedInt8KV:
     """Paged int8 K/V of one attention layer for a batch of B sequences (see the module docstring).
 
-    Storage grows on demand, doubling its block columns. With static scales (k_scale/v_scale given,
+    Storage starts with room for `reserve` tokens a sequence (at least one block) and grows on demand,
+    doubling its block columns: a caller that knows how long its sequences get (generate's max length)
+    saves both the copies and up to half of the memory. With static scales (k_scale/v_scale given,
     float32 [Hkv, D]) only int8 values are stored; otherwise a float32 scale per (slot, kv head).
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, device, block_size: int = 16,
-                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
+                 k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+                 reserve: int = 0) -> None:
         if block_size <= 0:
             raise ValueError(f"PagedInt8KV: block_size must be positive; got {block_size}")
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+            raise ValueError(f"PagedInt8KV: reserve must be a non-negative int (tokens); got {reserve!r}")
         if (k_scale is None) != (v_scale is None):
             raise ValueError("PagedInt8KV: give both static scales or neither")
         self.batch, self.heads, self.head_dim, self.block_size = batch, num_kv_heads, head_dim, block_size
@@ -116,7 +121,7 @@ class PagedInt8KV:
             self.v_scale = v_scale.detach().to(self.device, torch.float32, copy=True).contiguous()
         self.cols = 0
         self._accepted: set = set()  # keys of calls the public ops accepted (see _call)
-        self._alloc(1)
+        self._alloc(max(1, -(-reserve // block_size)))
         self._n = [0] * batch  # tokens stored per sequence, on the host: slots and growth are planned here
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._table: Optional[torch.Tensor] = None
