@@ -683,9 +683,10 @@ def test_generate_on_gpu(calls):
     assert max(errs[1:]) > 1e-6, "decode steps match float exactly: the int8 cache was not read"
 
 
-def test_generate_reserves_its_max_length(monkeypatch):
-    """generate() hands the cache its max length (prompt + new tokens - 1): each layer allocates that
-    once; a cache made without it grows by doubling (here to 4 block columns for 35 tokens)."""
+def test_generate_caps_growth_at_its_max_length(monkeypatch):
+    """generate() hands the cache its max length (prompt + new tokens - 1): each layer's storage grows
+    by doubling but stops there (35 tokens: 2 block columns for the prompt, then 3, not 4); a cache
+    made without it grows to 4; a sequence longer than the cap still grows."""
     model = make_model("llama")
     apply_int8_kv_cache(model, "per_token")
     allocs = []
@@ -694,18 +695,22 @@ def test_generate_reserves_its_max_length(monkeypatch):
     ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     cache = returned_cache(model.generate(ids, **kw))
+    n_layers = model.config.num_hidden_layers
     assert cache.max_length == 35 and cache.get_seq_length() == 35
-    assert allocs == [3] * model.config.num_hidden_layers  # ceil(35 / 16), once per layer
+    assert sorted(allocs) == sorted([1, 2, 3] * n_layers)  # one block, the 30-token prompt, then 33 tokens
     assert all(layer.store.cols == 3 for layer in cache.layers)
     allocs.clear()
     mine = Int8KVCache(model)
     out = model.generate(ids, **{hf._cache_kwarg(model): mine}, **kw)
     assert returned_cache(out) is mine and mine.max_length is None
-    assert sorted(allocs) == sorted([1, 2, 4] * model.config.num_hidden_layers)  # one block, 30, then 33 tokens
-    assert all(layer.store.cols == 4 for layer in mine.layers)
+    assert sorted(allocs) == sorted([1, 2, 4] * n_layers)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="max_length"):
             Int8KVCache(model, max_length=bad)
-    with pytest.raises(ValueError, match="reserve"):
-        PagedInt8KV(1, 2, 8, "cpu", reserve=-1)
-    assert PagedInt8KV(1, 2, 8, "cpu", block_size=4, reserve=9).cols == 3
+        with pytest.raises(ValueError, match="max_tokens"):
+            PagedInt8KV(1, 2, 8, "cpu", max_tokens=bad)
+    st = PagedInt8KV(1, 2, 8, "cpu", block_size=4, max_tokens=9)  # cap: 3 columns
+    for n, cols in ((4, 1), (5, 2), (9, 3), (10, 3), (13, 4), (17, 5)):  # past the cap: as needed
+        t = n - int(st.lens.item())
+        st.append(torch.randn(1, t, 2, 8), torch.randn(1, t, 2, 8))
+        assert st.cols == cols, (n, st.cols)

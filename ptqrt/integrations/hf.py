@@ -91,7 +91,7 @@ class Int8KVLayer(CacheLayerMixin):
             if self.quant.is_static:
                 ks, vs = self.quant.k_scale, self.quant.v_scale
         self.store = PagedInt8KV(b, h, d, key_states.device, self.owner.block_size, ks, vs,
-                                 reserve=self.owner.max_length or 0)
+                                 max_tokens=self.owner.max_length)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -208,8 +208,8 @@ class Int8KVCache(Cache):
     Int8KVCache(model, block_size=16, max_length=None). Layers with a KVCacheQuant child (see
     apply_int8_kv_cache) use its granularity and static scales; other layers use dynamic
     per-token-head scales. max_length: tokens a sequence will hold at most, if known (generate passes
-    its own); each layer then allocates that much at its first write instead of growing by doubling
-    (longer sequences still grow). Usable as
+    its own): each layer's storage, which grows by doubling, then stops growing there instead of
+    ending with up to twice what it holds (a longer sequence still grows). Usable as
     ``past_key_values=`` / ``cache=`` of forward and generate. On a model not wired by
     apply_int8_kv_cache it still works (keys/values are stored int8 and handed back dequantized),
     but decode runs the model's own attention and padding tokens are stored like any other.

@@ -93,19 +93,22 @@ class KVCacheQuant(nn.Module):
 class PagedInt8KV:
     """Paged int8 K/V of one attention layer for a batch of B sequences (see the module docstring).
 
-    Storage starts with room for `reserve` tokens a sequence (at least one block) and grows on demand,
-    doubling its block columns: a caller that knows how long its sequences get (generate's max length)
-    saves both the copies and up to half of the memory. With static scales (k_scale/v_scale given,
-    float32 [Hkv, D]) only int8 values are stored; otherwise a float32 scale per (slot, kv head).
+    Storage grows on demand, doubling its block columns, but never past `max_tokens` a sequence when
+    that is given (the longest a sequence is expected to get, e.g. generate's max length; one that
+    grows longer still grows): doubling alone can end with nearly twice the memory the sequences
+    need. With static scales (k_scale/v_scale given, float32 [Hkv, D]) only int8 values are stored;
+    otherwise a float32 scale per (slot, kv head).
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, device, block_size: int = 16,
                  k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-                 reserve: int = 0) -> None:
+                 max_tokens: Optional[int] = None) -> None:
         if block_size <= 0:
             raise ValueError(f"PagedInt8KV: block_size must be positive; got {block_size}")
-        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
-            raise ValueError(f"PagedInt8KV: reserve must be a non-negative int (tokens); got {reserve!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens <= 0):
+            raise ValueError(f"PagedInt8KV: max_tokens must be a positive int or None; got {max_tokens!r}")
+        self.max_cols = None if max_tokens is None else -(-max_tokens // block_size)
         if (k_scale is None) != (v_scale is None):
             raise ValueError("PagedInt8KV: give both static scales or neither")
         self.batch, self.heads, self.head_dim, self.block_size = batch, num_kv_heads, head_dim, block_size
@@ -121,7 +124,7 @@ class PagedInt8KV:
             self.v_scale = v_scale.detach().to(self.device, torch.float32, copy=True).contiguous()
         self.cols = 0
         self._accepted: set = set()  # keys of calls the public ops accepted (see _call)
-        self._alloc(max(1, -(-reserve // block_size)))
+        self._alloc(1)
         self._n = [0] * batch  # tokens stored per sequence, on the host: slots and growth are planned here
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._table: Optional[torch.Tensor] = None
@@ -151,7 +154,8 @@ class PagedInt8KV:
     def _ensure(self, max_len: int) -> None:
         need = max(1, -(-max_len // self.block_size))
         if need > self.cols:
-            self._alloc(max(need, 2 * self.cols))
+            grown = 2 * self.cols if self.max_cols is None else min(2 * self.cols, self.max_cols)
+            self._alloc(max(need, grown))
 
     def _slots(self, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Flat slot (block * block_size + offset) of stored token `pos` of sequence `b` (int64, host)."""
