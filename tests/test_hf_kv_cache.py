@@ -686,7 +686,7 @@ def test_generate_on_gpu(calls):
 def test_generate_caps_growth_at_its_max_length(monkeypatch):
     """generate() hands the cache its max length (prompt + new tokens - 1): each layer's storage grows
     by doubling but stops there (35 tokens: 2 block columns for the prompt, then 3, not 4); a cache
-    made without it grows to 4; a sequence longer than the cap still grows."""
+    made without it grows to 4; a sequence longer than the cap still grows, by doubling."""
     model = make_model("llama")
     apply_int8_kv_cache(model, "per_token")
     allocs = []
@@ -710,7 +710,7 @@ def test_generate_caps_growth_at_its_max_length(monkeypatch):
         with pytest.raises(ValueError, match="max_tokens"):
             PagedInt8KV(1, 2, 8, "cpu", max_tokens=bad)
     st = PagedInt8KV(1, 2, 8, "cpu", block_size=4, max_tokens=9)  # cap: 3 columns
-    for n, cols in ((4, 1), (5, 2), (9, 3), (10, 3), (13, 4), (17, 5)):  # past the cap: as needed
+    for n, cols in ((4, 1), (5, 2), (9, 3), (10, 3), (13, 6), (17, 6)):  # past the cap: doubling again
         t = n - int(st.lens.item())
         st.append(torch.randn(1, t, 2, 8), torch.randn(1, t, 2, 8))
         assert st.cols == cols, (n, st.cols)

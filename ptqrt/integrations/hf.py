@@ -207,9 +207,10 @@ class Int8KVCache(Cache):
 
     Int8KVCache(model, block_size=16, max_length=None). Layers with a KVCacheQuant child (see
     apply_int8_kv_cache) use its granularity and static scales; other layers use dynamic
-    per-token-head scales. max_length: tokens a sequence will hold at most, if known (generate passes
-    its own): each layer's storage, which grows by doubling, then stops growing there instead of
-    ending with up to twice what it holds (a longer sequence still grows). Usable as
+    per-token-head scales. max_length: tokens a sequence is expected to hold at most, if known
+    (generate passes its own): each layer's storage, which grows by doubling, then stops a doubling
+    at it (in whole blocks) instead of ending with up to twice what it holds; a longer sequence
+    (a cache reused by a later generate, prompt-lookup candidates) grows by doubling again. Usable as
     ``past_key_values=`` / ``cache=`` of forward and generate. On a model not wired by
     apply_int8_kv_cache it still works (keys/values are stored int8 and handed back dequantized),
     but decode runs the model's own attention and padding tokens are stored like any other.

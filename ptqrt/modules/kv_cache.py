@@ -93,10 +93,10 @@ class KVCacheQuant(nn.Module):
 class PagedInt8KV:
     """Paged int8 K/V of one attention layer for a batch of B sequences (see the module docstring).
 
-    Storage grows on demand, doubling its block columns, but never past `max_tokens` a sequence when
-    that is given (the longest a sequence is expected to get, e.g. generate's max length; one that
-    grows longer still grows): doubling alone can end with nearly twice the memory the sequences
-    need. With static scales (k_scale/v_scale given, float32 [Hkv, D]) only int8 values are stored;
+    Storage grows on demand, doubling its block columns; when `max_tokens` is given (the longest a
+    sequence is expected to get, e.g. generate's max length), a doubling that would pass it stops at
+    it (in whole blocks), since doubling alone can end with nearly twice the memory the sequences
+    need; a sequence that still gets longer grows by doubling again. With static scales (k_scale/v_scale given, float32 [Hkv, D]) only int8 values are stored;
     otherwise a float32 scale per (slot, kv head).
     """
 
@@ -154,7 +154,10 @@ class PagedInt8KV:
     def _ensure(self, max_len: int) -> None:
         need = max(1, -(-max_len // self.block_size))
         if need > self.cols:
-            grown = 2 * self.cols if self.max_cols is None else min(2 * self.cols, self.max_cols)
+            # Doubling, up to the cap while below it; past the cap (a sequence longer than expected)
+            # doubling again, so that growth stays a few copies rather than one per block.
+            capped = self.max_cols is not None and self.cols < self.max_cols
+            grown = min(2 * self.cols, self.max_cols) if capped else 2 * self.cols
             self._alloc(max(need, grown))
 
     def _slots(self, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
