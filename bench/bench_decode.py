@@ -65,20 +65,26 @@ def device_name(device: torch.device) -> str:
         return platform.processor() or "CPU"
 
 
-def run(device: str = "cpu", tokens: int = 64, rounds: int = 5) -> dict:
+def build(dev: torch.device) -> dict:
+    """{form name: model}: the tiny Llama in fp16 (GPU) or fp32 (CPU), then each quantized form."""
     import warnings
 
-    import transformers
-
-    dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     base, _, _, _ = load_tiny_lm(dtype=dtype, device=dev)
-    float_name = "fp16" if dtype == torch.float16 else "fp32"
-    models = {float_name: base}
+    models = {"fp16" if dtype == torch.float16 else "fp32": base}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no nn.Linear left to quantize" for the KV-only form
         for name, cfg in FORMS:
             models[name] = quantize(copy.deepcopy(base), cfg, quiet=True)
+    return models
+
+
+def run(device: str = "cpu", tokens: int = 64, rounds: int = 5) -> dict:
+    import transformers
+
+    dev = torch.device(device)
+    models = build(dev)
+    float_name = next(iter(models))
     if dev.type == "cpu":  # the cpu backend's packed weights, made now rather than in the first round
         for m in models.values():
             prepack(m)

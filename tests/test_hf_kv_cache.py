@@ -606,8 +606,8 @@ def test_paged_store_device_as_tensors_report_it():
 
 @pytest.mark.parametrize("device", ("cpu", pytest.param("cuda", marks=pytest.mark.gpu)))
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("static", (False, True))
-def test_paged_store_random_histories(seed, static, device):
+@pytest.mark.parametrize("static,max_tokens", ((False, None), (True, None), (False, 6)))
+def test_paged_store_random_histories(seed, static, max_tokens, device):
     """Random sequences of prefills with padding, decode steps, reorders (repeats, batch changes) and
     drops against a model of the store kept in Python: what dequantize() returns matches the float
     history within half a quantization step, and decode() matches attention over it. On a GPU the
@@ -618,7 +618,7 @@ def test_paged_store_random_histories(seed, static, device):
     b = int(torch.randint(1, 4, (1,), generator=g))
     scales = dict(k_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01,
                   v_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01) if static else {}
-    st = PagedInt8KV(b, hkv, d, device, block_size=bs, **scales)
+    st = PagedInt8KV(b, hkv, d, device, block_size=bs, max_tokens=max_tokens, **scales)
     hist = [[] for _ in range(b)]  # float (k, v) of each stored token, [Hkv, D] each, per sequence
     for _ in range(25):
         op = int(torch.randint(0, 5, (1,), generator=g))

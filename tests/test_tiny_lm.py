@@ -121,5 +121,15 @@ def test_bench_decode_script(tmp_path, monkeypatch):
         assert len(r["ms"]) == 2 and 0 < r["min_ms"] <= r["median_ms"]
     # two int8 KV forms x (warm-up + 2 rounds) x (3 - 1 decode steps) x 4 layers
     assert len(decodes) == 2 * 3 * 2 * 4
+    from ptqrt.modules.kv_cache import KVCacheQuant
+    from ptqrt.modules.linear import QuantLinear
+
+    models = bench.build(torch.device("cpu"))  # what each form is: the right modules in the model
+    modes = {name: {m.mode for m in model.modules() if isinstance(m, QuantLinear)} for name, model in models.items()}
+    kv = {name: any(isinstance(m, KVCacheQuant) for m in model.modules()) for name, model in models.items()}
+    assert modes == {"fp32": set(), "W8A16": {"W8A16"}, "W8A8 dynamic": {"W8A8_DYNAMIC"},
+                     "W8A8 dynamic + int8 KV": {"W8A8_DYNAMIC"}, "int8 KV": set()}
+    assert kv == {"fp32": False, "W8A16": False, "W8A8 dynamic": False, "W8A8 dynamic + int8 KV": True,
+                  "int8 KV": True}
     with pytest.raises(SystemExit):
         bench.main(["--tokens", "0"])
