@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from ptqrt import PTQConfig, prepack, quantize  # noqa: E402
+from ptqrt.bench import cpu_name  # noqa: E402
 from ptqrt.tiny_lm import encode, load_tiny_lm  # noqa: E402
 
 FORMS = (
@@ -56,13 +57,7 @@ def ms_per_token(model, ids: torch.Tensor, tokens: int) -> float:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "CPU"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def build(dev: torch.device) -> dict:

@@ -54,6 +54,9 @@ def calib_windows(n: int = 16, seq_len: int = 128) -> list[dict]:
 @torch.no_grad()
 def decode_perplexity(model, ids: torch.Tensor, windows: int = 4, seq_len: int = 128, prompt: int = 16) -> float:
     """exp(mean NLL) of bytes predicted one decode step at a time (after a `prompt`-byte prefill)."""
+    from .integrations import hf
+
+    cache_kw = hf._cache_kwarg(model)  # transformers 5.2x renamed past_key_values to cache
     nll, count = 0.0, 0
     span = (ids.numel() - seq_len) // max(1, windows)
     for w in range(windows):
@@ -64,24 +67,16 @@ def decode_perplexity(model, ids: torch.Tensor, windows: int = 4, seq_len: int =
         for t in range(prompt, x.shape[1]):
             nll -= torch.log_softmax(logits.float(), -1)[0, x[0, t]].item()
             count += 1
-            out = model(input_ids=x[:, t:t + 1], use_cache=True, **{_cache_kwarg(model): cache})
+            out = model(input_ids=x[:, t:t + 1], use_cache=True, **{cache_kw: cache})
             cache, logits = _returned_cache(out), out.logits[:, -1]
     return math.exp(nll / count)
 
 
-def _cache_kwarg(model) -> str:
-    """The name forward takes the cache by: transformers 5.2x renamed past_key_values to cache."""
-    from .integrations.hf import _cache_kwarg as name
-
-    return name(model)
-
-
 def _returned_cache(out):
     """The cache a forward/generate output carries, under either name (no deprecation message)."""
-    for name in ("cache", "past_key_values"):
-        if name in out.keys():
-            return out[name]
-    return None
+    from .integrations.hf import CACHE_NAMES
+
+    return next((out[name] for name in CACHE_NAMES if name in out.keys()), None)
 
 
 @torch.no_grad()

@@ -286,8 +286,19 @@ class _EagerOp(CustomOpDef):
 
 for _op in (quantize_per_token, quantize_per_tensor, w8a8_gemm, w8a16_gemm, kv_cache_append, int8_kv_decode_attention):
     _op.__class__ = _EagerOp
-kv_cache_append._ptqrt_mutated = ((2, "k_cache"), (3, "v_cache"), (4, "k_scale"), (5, "v_scale"))
+# (position, name) of the arguments each op writes in place
+MUTATED_ARGS = {"kv_cache_append": ((2, "k_cache"), (3, "v_cache"), (4, "k_scale"), (5, "v_scale"))}
+kv_cache_append._ptqrt_mutated = MUTATED_ARGS["kv_cache_append"]
 del _op
+
+
+def remember(accepted: set, key, limit: int = 16) -> None:
+    """Add `key` to a caller's set of keys of calls the public ops accepted (the callers that then
+    call a backend directly: QuantLinear, the paged KV store). Emptied when full: a caller whose
+    tensors change call after call (torch.func.functional_call) keeps it bounded."""
+    if len(accepted) >= limit:
+        accepted.clear()
+    accepted.add(key)
 
 
 def backend_for(op: str, device="cpu", m: int = 1) -> str:

@@ -194,14 +194,11 @@ class PagedInt8KV:
         if key is None or key not in self._accepted:
             out = getattr(ops, op)(*args)
             if key is not None:
-                if len(self._accepted) >= 16:
-                    self._accepted.clear()
-                self._accepted.add(key)
+                ops.remember(self._accepted, key)
             return out
         out = ops.resolve(op, self.device, args[0].shape[0])[1](*args)
-        if op == "kv_cache_append":  # as the op does for the tensors it writes
-            for t in args[2:6]:
-                torch.autograd.graph.increment_version(t)
+        for pos, _ in ops.MUTATED_ARGS.get(op, ()):  # as the op does for the tensors it writes
+            torch.autograd.graph.increment_version(args[pos])
         return out
 
     def _key(self, op: str, *tensors: torch.Tensor) -> Optional[tuple]:
