@@ -23,6 +23,8 @@
 #   4b. with at least 45 s left before DEADLINE and transformers installed: bench/bench_decode.py on
 #      the GPU (the tiny Llama's eager greedy decode, fp16 against each quantized form: the host work
 #      around the kernels)
+#   4c. with at least 90 s left before DEADLINE: `ptqrt tune` (eager mode), the table written to
+#      bench/results/tables/<GPU>.json (PTQRT_TABLE_DIR), for ptqrt/data/tables once reviewed
 #   5. a short table: stage times, test results, the targets; then the CPU check's lines (its
 #      stages, the CPU backend's targets with PASS/MISS), after a wait of at most CPU_WAIT (60 s)
 #      for it if it is still running (then it is stopped, and keeps what it measured)
@@ -119,7 +121,8 @@ finish() {
         echo "total ${SECONDS}s"
     } | tee "$LOG/summary.txt"
     if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-        find "$RESULTS" \( -name 'gpu_*' -o -name 'cpu_*.json' -o -name 'decode_*.json' \) -newer "$LOG/start" \
+        find "$RESULTS" \( -name 'gpu_*' -o -name 'cpu_*.json' -o -name 'decode_*.json' -o -path '*/tables/*.json' \) \
+            -newer "$LOG/start" \
             -exec cp {} "$OUT"/ \;
         cp "$LOG/summary.txt" "$OUT/"
         tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
@@ -209,6 +212,13 @@ left=$(( ${DEADLINE:-540} - SECONDS - 30 ))
 [ "$BENCH" = 1 ] && [ "$left" -ge 45 ] && "$PY" -c "import transformers" 2>/dev/null && stage decode "$left" \
     env PTQRT_NO_BUILD=1 "$PY" bench/bench_decode.py --device cuda --tokens 32 --rounds 3 \
     --json "$RESULTS/decode_cuda_$(hostname 2>/dev/null || echo host).json"
+
+# 4c. `ptqrt tune` (eager mode: launch cost counted) with what is still left before DEADLINE (at
+# least 90 s; at most 150): the auto table for this GPU, into bench/results/tables (and $OUT)
+left=$(( ${DEADLINE:-540} - SECONDS - 30 ))
+[ "$left" -gt 150 ] && left=150
+[ "$BENCH" = 1 ] && [ "$left" -ge 90 ] && stage tune "$left" env PTQRT_NO_BUILD=1 PTQRT_TABLE_DIR="$RESULTS/tables" \
+    "$PY" -m ptqrt tune
 
 # 5. summary ------------------------------------------------------------------------------------
 echo
