@@ -164,10 +164,7 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
 
 # 2. CUDA build in the background, Triton GPU tests meanwhile ----------------------------------
-# triton-dot / triton-pipe: the opt-in decode paths for G == 1 (PTQRT_TRITON_DECODE_DOT=1, and
-# PTQRT_TRITON_DECODE_PIPE=3: the position loop software-pipelined); triton-prmt: w8a16 with the PTX
-# int8 -> fp16 conversion (PTQRT_TRITON_I8_PRMT=1; triton-dot-prmt: both). Each timed beside the default.
-BACKENDS=triton,triton-dot,triton-pipe,triton-prmt,triton-dot-prmt CUDA_OK=0
+BACKENDS=triton CUDA_OK=0
 BUILD_PID=""
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
     (timeout --kill-after=10 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" \
@@ -181,12 +178,9 @@ if [ -n "$BUILD_PID" ]; then
     rc=$(cat "$LOG/cuda-build.rc" 2>/dev/null || echo 1)
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
-    # cuda-wgmma16: the opt-in sm_90a w8a16 kernel (PTQRT_CUDA_WGMMA_W8A16=1); cuda-stream: the
-    # streaming decode kernel (PTQRT_CUDA_DECODE_STREAM=1); cuda-ring: the w8a8 and w8a16 GEMVs with
-    # their weights in a cp.async ring (PTQRT_CUDA_GEMV_RING=1, M <= 16); cuda-cluster: the sm_90a w8a8
-    # GEMM in CTA pairs sharing the weight tile by TMA multicast (PTQRT_CUDA_WGMMA_CLUSTER=1, M > 64).
-    # Each timed beside the default.
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-dot,triton-pipe,triton-prmt,triton-dot-prmt,cuda,cuda-wgmma16,cuda-stream,cuda-ring,cuda-cluster
+    # cuda-ring: the w8a8 GEMV (M <= 16) with its weights in a cp.async ring (PTQRT_CUDA_GEMV_RING=1;
+    # the w8a16 GEMV's ring is the default), timed beside the default (bench_gpu.VARIANTS).
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,cuda,cuda-ring
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

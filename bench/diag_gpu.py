@@ -1,6 +1,7 @@
 """Where the time of one op call goes, per backend, on a CUDA device.
 
     python bench/diag_gpu.py [--backends triton,cuda] [--cases name,...|none] [--trace] [--sweep-decode]
+                             [--profile N]
 
 For each case and backend it prints four numbers (microseconds):
     bench   triton.testing.do_bench median, L2 flushed before each call (what ptqrt bench reports)
@@ -8,6 +9,8 @@ For each case and backend it prints four numbers (microseconds):
     host    wall time per call of 200 back-to-back calls without a sync: the launch rate; when it is
             above `graph`, the call is bound by the CPU, not the GPU
     kernels each CUDA kernel the call launches and its GPU time (torch.profiler), with --trace
+With --profile N: the N Python functions with the most own time over 200 calls (cProfile), to see
+where a CPU-bound call's host time goes.
 """
 from __future__ import annotations
 
@@ -50,7 +53,11 @@ def _cases(device):
         "w8a16_m16_4096": lambda: gemm16(16, 4096, 4096),
         "w8a16_m1_28672": lambda: gemm16(1, 28672, 8192),
         "w8a16_m128_4096": lambda: gemm16(128, 4096, 4096),
+        "w8a16_m1_4096x11008": lambda: gemm16(1, 4096, 11008),
         "w8a8_m1_4096": lambda: gemm8(1, 4096, 4096),
+        "w8a8_m1_11008": lambda: gemm8(1, 11008, 4096),
+        "w8a8_m16_4096x11008": lambda: gemm8(16, 4096, 11008),
+        "w8a8_m512_4096x11008": lambda: gemm8(512, 4096, 11008),
         "w8a8_m512_4096": lambda: gemm8(512, 4096, 4096),
         "w8a8_m2048_4096": lambda: gemm8(2048, 4096, 4096),
         "quant_m1_4096": lambda: quant(1, 4096),
@@ -100,6 +107,25 @@ def _kernels(fn) -> list:
     return [(k, c, t) for k, (c, t) in out.items()]
 
 
+def _profile(fn, top: int, n: int = 200) -> None:
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    print(f"    {'own us/call':>11s} {'cum us/call':>11s} {'calls/call':>10s}  function")
+    for (file, line, name), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{os.path.basename(file)}:{line}" if line else file
+        print(f"    {tottime / n * 1e6:11.1f} {cumtime / n * 1e6:11.1f} {ncalls / n:10.1f}  {name} ({where})")
+
+
 def sweep_decode(device) -> None:
     """Triton decode attention over (BLOCK_L, num_warps, split waves): graph-replay median, us."""
     import triton
@@ -139,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="", help="comma-separated case names; 'none' for none")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--sweep-decode", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="print the N functions with the most own host time per call (cProfile)")
     a = ap.parse_args(argv)
     device = torch.device("cuda")
     cases = _cases(device)
@@ -164,6 +192,8 @@ def main(argv=None) -> int:
                         graph = float("nan")
                     host = _host_us(fn)
                     print(f"{name:18s} {b:7s} {bench:8.1f} {graph:8.1f} {host:8.1f}", flush=True)
+                    if a.profile:
+                        _profile(fn, a.profile)
                     if a.trace:
                         for k, c, t in _kernels(fn):
                             print(f"    {c:4.1f}x {t:8.1f} us  {k}")

@@ -114,13 +114,27 @@ def _aot(kind: str) -> Optional[str]:
         return None
 
 
-def _jit(kind: str, verbose: bool) -> str:
+def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
     """Build (or reuse) the extension in the cache under a file lock; return the library's path.
-    torch.utils.cpp_extension is imported only to build: on a machine without CUDA its import logs a
-    warning, which a run that only loads a finished CPU build should not print."""
+    allow_build=False only loads a finished build of these sources (PTQRT_NO_BUILD=1) and raises if
+    there is none. torch.utils.cpp_extension is imported only to build: on a machine without CUDA its
+    import logs a warning, which a run that only loads a finished CPU build should not print."""
     srcs = sources(kind)
     if not srcs:
         raise FileNotFoundError(f"no sources under {csrc_dir() / kind}")
+    if not allow_build:
+        build_dir = cache_root() / f"{kind}-{_digest(kind)}"
+        so = build_dir / f"{lib_name(kind)}.so"
+        if not ((build_dir / "BUILD_OK").exists() and so.exists()):
+            raise RuntimeError(f"PTQRT_NO_BUILD=1 forbids a just-in-time build, and {build_dir} holds no "
+                               "finished build of these sources")
+        with open(str(build_dir) + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a builder may be rewriting it
+            try:
+                torch.ops.load_library(str(so))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return str(so)
     if kind == "cuda":
         why = cuda_unavailable_reason()
         if why:
@@ -169,18 +183,17 @@ def build(kind: str, verbose: bool = False) -> str:
 def load(kind: str) -> Optional[str]:
     """Path of the loaded extension, building it on first use; None (said once) if it cannot be had.
 
-    PTQRT_NO_BUILD=1 never builds just in time (ahead-of-time builds still load)."""
+    PTQRT_NO_BUILD=1 never builds just in time: ahead-of-time builds and finished just-in-time builds
+    of the same sources in the cache still load."""
     if kind in _loaded:
         return _loaded[kind]
     path = None
     try:
         path = _aot(kind)
         if path is None and sources(kind):
-            if os.environ.get("PTQRT_NO_BUILD", "0") == "1":
-                raise RuntimeError("PTQRT_NO_BUILD=1 forbids a just-in-time build")
             if kind == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("no CUDA device is visible")
-            path = _jit(kind, verbose=False)
+            path = _jit(kind, verbose=False, allow_build=os.environ.get("PTQRT_NO_BUILD", "0") != "1")
     except Exception as e:  # noqa: BLE001 -- any build failure means: fall back, say why once
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"ptqrt: the {kind} extension is unavailable ({first}); falling back to the next "

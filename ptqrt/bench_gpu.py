@@ -135,18 +135,9 @@ def measure_ceilings(device) -> dict:
 
 # Opt-in kernel variants, benchmarked beside the default kernels of their backend before they become
 # the default: name -> (backend, the ops it changes, the environment that selects it, the M range
-# (lo, hi) of the GEMM rows where it is timed: where it differs from the default, or, for
-# triton-prmt, the GEMV rows its target is stated for; hi None = no bound).
+# (lo, hi) of the GEMM rows where it is timed: where it differs from the default; hi None = no bound).
 VARIANTS = {
-    "cuda-wgmma16": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_WGMMA_W8A16": "1"}, (17, None)),
-    "cuda-stream": ("cuda", ("int8_kv_decode_attention",), {"PTQRT_CUDA_DECODE_STREAM": "1"}, (0, None)),
-    "cuda-ring": ("cuda", ("w8a16_gemm", "w8a8_gemm"), {"PTQRT_CUDA_GEMV_RING": "1"}, (0, 16)),
-    "cuda-cluster": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_WGMMA_CLUSTER": "1"}, (65, None)),
-    "triton-dot": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_DOT": "1"}, (0, None)),
-    "triton-pipe": ("triton", ("int8_kv_decode_attention",), {"PTQRT_TRITON_DECODE_PIPE": "3"}, (0, None)),
-    "triton-prmt": ("triton", ("w8a16_gemm",), {"PTQRT_TRITON_I8_PRMT": "1"}, (0, 16)),
-    "triton-dot-prmt": ("triton", ("int8_kv_decode_attention",),
-                        {"PTQRT_TRITON_DECODE_DOT": "1", "PTQRT_TRITON_I8_PRMT": "1"}, (0, None)),
+    "cuda-ring": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_GEMV_RING": "1"}, (0, 16)),
 }
 
 

@@ -38,6 +38,13 @@ def test_two_processes_build_at_once_over_a_stale_half_written_build(tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert outs[0][0].strip() == outs[1][0].strip()
     assert (stale / "BUILD_OK").exists()
+    # PTQRT_NO_BUILD=1 still loads that finished build; over an empty cache it falls back, saying why.
+    env = {**_env(cache), "PTQRT_NO_BUILD": "1"}
+    out = subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == outs[0][0].strip(), out.stderr[-3000:]
+    env = {**_env(tmp_path / "empty"), "PTQRT_NO_BUILD": "1"}
+    out = subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "holds no finished build" in out.stderr, out.stderr[-3000:]
 
 
 def test_failed_build_falls_back_to_reference_with_one_message(tmp_path):

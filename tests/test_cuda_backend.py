@@ -421,15 +421,21 @@ def _check_w8a16(impl, dtype, cases):
         _lowp_close(y, expect, lowp.to(dtype))
 
 
+@pytest.mark.parametrize("fallback", (False, True), ids=("default", "fallback"))
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_w8a16_gemm(impl, dtype, monkeypatch):
+def test_w8a16_gemm(impl, dtype, fallback, monkeypatch):
+    """The default kernels, and with the sm_90a wgmma kernel and the ring GEMV switched off (the
+    mma.sync kernel and the register-staged GEMV: what other GPUs run, and the switches' fallbacks)."""
     monkeypatch.setenv("PTQRT_EMU_SMS", "4")
+    if fallback:
+        monkeypatch.setenv("PTQRT_CUDA_WGMMA_W8A16", "0")
+        monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "0")
     _check_w8a16(impl, dtype, _w8a16_cases(impl))
 
 
 @pytest.mark.parametrize("dtype", FLOATS[:2])
 def test_w8a16_gemm_sm90_wgmma(impl, dtype, monkeypatch):
-    """The sm_90a kernel (TMA + wgmma, weights as the register operand; PTQRT_CUDA_WGMMA_W8A16=1, M > 16):
+    """The sm_90a kernel (TMA + wgmma, weights as the register operand; the default on sm_90, M > 16):
     every token tile (64, 128, 256), M / N / K tails, more K tiles than pipeline stages, split-K, per-group
     scales whose groups cross stage boundaries, bias or none."""
     if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
@@ -448,7 +454,7 @@ def test_w8a16_gemm_sm90_wgmma(impl, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", FLOATS[:2])
 def test_w8a16_gemv_ring(impl, dtype, monkeypatch):
-    """The GEMV with its weights in a per-warp cp.async ring (PTQRT_CUDA_GEMV_RING=1, M <= 16): fewer K
+    """The GEMV with its weights in a per-warp cp.async ring (the default; PTQRT_CUDA_GEMV_RING, M <= 16): fewer K
     windows than warps (idle warps), more windows per warp than ring stages, K % 64 != 0 (a zero-filled
     tail), N % 16 != 0, per-channel and per-group scales, bias or none."""
     monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "1")
@@ -534,9 +540,13 @@ def _check_decode(impl, case, dtype, dynamic) -> tuple:
     return args
 
 
+@pytest.mark.parametrize("stream", ("1", "0"), ids=("default", "two-phase"))
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_int8_kv_decode_attention(impl, dtype, dynamic):
+def test_int8_kv_decode_attention(impl, dtype, dynamic, stream, monkeypatch):
+    """The default kernels, and with the streaming kernel switched off (PTQRT_CUDA_DECODE_STREAM=0:
+    the two-phase kernel for every group size)."""
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", stream)
     for case in _attn_cases(impl):
         _check_decode(impl, case, dtype, dynamic)
 
@@ -559,7 +569,7 @@ def _stream_cases(impl):
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_kv_decode_attention_streaming(impl, dtype, dynamic, monkeypatch):
-    """The streaming decode kernel (kernels/decode_stream.cuh, PTQRT_CUDA_DECODE_STREAM=1) against the
+    """The streaming decode kernel (kernels/decode_stream.cuh, the default; PTQRT_CUDA_DECODE_STREAM) against the
     reference, and against the default kernel where blocks are unreadable (ids past num_blocks: no
     weight in either)."""
     monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")

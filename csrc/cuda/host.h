@@ -62,27 +62,29 @@ inline int wgmma_cluster_size() {
 }
 
 // The sm_90a w8a16 kernel (TMA + wgmma with the weights dequantized into the register operand) for
-// M > 16 on compute capability 9.0: opt-in with PTQRT_CUDA_WGMMA_W8A16=1 until it has been validated
-// and measured on an H100 (bench/NOTES.md); otherwise the mma.sync kernel runs.
+// M > 16 on compute capability 9.0 (measured on an H100, bench/NOTES.md: 1.02-3.9x the mma.sync
+// kernel, 2.6x geomean over the benchmark's shapes). PTQRT_CUDA_WGMMA_W8A16=0 turns it off (the
+// mma.sync kernel then runs, as it does on every other GPU).
 inline bool w8a16_wgmma_enabled() {
   const char* s = std::getenv("PTQRT_CUDA_WGMMA_W8A16");
-  return s != nullptr && s[0] == '1' && is_sm90();
+  return !(s != nullptr && s[0] == '0') && is_sm90();
 }
 
 // The streaming decode kernel (kernels/decode_stream.cuh: one pass, online softmax, coalesced K / V
-// rows) for 1-2 query heads per kv head and D in {64, 128, 256}: opt-in with
-// PTQRT_CUDA_DECODE_STREAM=1 until it has been measured on a GPU (bench/NOTES.md).
+// rows) for 1-2 query heads per kv head and D in {64, 128, 256} (measured on an H100,
+// bench/NOTES.md: 1.3-1.9x the two-phase kernel). PTQRT_CUDA_DECODE_STREAM=0 turns it off.
 inline bool decode_stream_enabled() {
   const char* s = std::getenv("PTQRT_CUDA_DECODE_STREAM");
-  return s != nullptr && s[0] == '1';
+  return !(s != nullptr && s[0] == '0');
 }
 
 // The GEMVs (w8a8_gemm and fp16 / bf16 w8a16_gemm at M <= 16) with their weight loads in a per-warp
-// cp.async ring (kernels/w8a8_gemv.cuh, w8a16_gemv.cuh): opt-in with PTQRT_CUDA_GEMV_RING=1 until
-// they have been measured on a GPU.
-inline bool gemv_ring_enabled() {
+// cp.async ring (kernels/w8a8_gemv.cuh, w8a16_gemv.cuh). The w8a16 one is the default (measured on an
+// H100, bench/NOTES.md: 1.01-1.44x the register-staged GEMV); the w8a8 one is opt-in until measured.
+// PTQRT_CUDA_GEMV_RING=1: both; =0: neither.
+inline bool gemv_ring_enabled(bool by_default) {
   const char* s = std::getenv("PTQRT_CUDA_GEMV_RING");
-  return s != nullptr && s[0] == '1';
+  return s == nullptr || s[0] == 0 ? by_default : s[0] == '1';
 }
 
 inline std::string describe(const at::Tensor& t) {

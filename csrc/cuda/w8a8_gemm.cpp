@@ -60,7 +60,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     W8A8Args g{x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), x_scale.data_ptr<float>(), x_scale.size(0) == 1 ? 0 : 1,
                w_scale.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), nullptr,
                static_cast<int>(M), static_cast<int>(N), static_cast<int>(k16), 1};
-    g.ring = gemv_ring_enabled();
+    g.ring = gemv_ring_enabled(false);
     check_launch(op, w8a8_gemv(dt, g, stream));
     return out;
   }

@@ -70,11 +70,13 @@ struct ClusterLaunch {
 #endif
 
 // Host side of a launch: opts `kernel` in to `bytes` of dynamic shared memory on the current device
-// (needed above 48 KiB; the attribute is per device). `granted`, one static array per kernel
-// instance, remembers the largest size set on each device so far.
+// (needed when its static plus dynamic shared memory exceed 48 KiB, so any dynamic size may need it:
+// 48 KiB of ring plus an 8 KiB static reduction buffer failed to launch without it; the attribute is
+// per device). `granted`, one static array per kernel instance, remembers the largest size set on
+// each device so far, so the attribute is set once.
 template <typename Kernel>
 inline cudaError_t opt_in_smem(Kernel kernel, size_t bytes, size_t (&granted)[64]) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
+  if (bytes == 0) return cudaSuccess;
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev < 64 && granted[dev] >= bytes) return cudaSuccess;
