@@ -303,6 +303,8 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
                 calls = [_with_hidden(c, _hidden(layer(*to_device(c[0], dev), **to_device(c[1], dev))))
                          for c in calls]
             layer.to(home)
+            for n in mine:  # the float modules QuantLinears replaced went to dev with the layer
+                targets[n][0].to(home)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     rest = {n: t for n, t in targets.items() if n not in done}
