@@ -32,7 +32,8 @@
 # Every stage has its own time limit (so a hang cannot eat the others); the limits add up to under
 # 9 minutes, the wait for the CPU check included. Results go to bench/results/; when the variable
 # OUT names a folder (the device runner's), the GPU benchmark's files, the CPU benchmark's JSON
-# (cpu_<host>.json), the summary and one archive of all logs are copied there.
+# (cpu_<host>.json), the decode benchmark's and the tuned table's JSON and one archive of all logs
+# (the summary included) are copied there: 7 files, under the device runner's 8 with the caller's log.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -124,7 +125,7 @@ finish() {
         find "$RESULTS" \( -name 'gpu_*' -o -name 'cpu_*.json' -o -name 'decode_*.json' -o -path '*/tables/*.json' \) \
             -newer "$LOG/start" \
             -exec cp {} "$OUT"/ \;
-        cp "$LOG/summary.txt" "$OUT/"
+        # (the device runner brings back at most 8 files: the summary travels in logs.tgz and stdout)
         tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null
     fi
 }
@@ -178,9 +179,8 @@ if [ -n "$BUILD_PID" ]; then
     rc=$(cat "$LOG/cuda-build.rc" 2>/dev/null || echo 1)
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
-    # cuda-ring: the w8a8 GEMV (M <= 16) with its weights in a cp.async ring (PTQRT_CUDA_GEMV_RING=1;
-    # the w8a16 GEMV's ring is the default), timed beside the default (bench_gpu.VARIANTS).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,cuda,cuda-ring
+    # Opt-in variants (bench_gpu.VARIANTS), when there are any, go here beside cuda, e.g. cuda,cuda-xyz.
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,cuda
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

@@ -52,35 +52,6 @@ def i8_to(w, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def i8_to_f16_prmt(w):
-    """Exact int8 -> fp16 in PTX, four bytes per xor, two byte permutes and two packed subtractions
-    (Triton's lowering of i8_to's splice costs about five instructions a byte, which bounds the
-    memory-bound kernels' issue rate). With u = w ^ 0x80 = w + 128 per byte, prmt places each u byte
-    under the fp16 exponent byte 0x64 (0x64uu = 1024 + u), and sub.f16x2 takes 1152 = 1024 + 128 off
-    both halves: w exactly. $2 holds four consecutive int8 elements (element j in byte j); $0 gets
-    elements 0, 1 and $1 elements 2, 3 (element 2j in the low half). GPU only: the interpreter runs
-    no PTX (callers pass PRMT=False there)."""
-    return tl.inline_asm_elementwise(
-        asm="{\n.reg .b32 u, c;\n"
-            "xor.b32 u, $2, 0x80808080;\n"
-            "mov.b32 c, 0x64806480;\n"
-            "prmt.b32 $0, u, 0x64646464, 0x4140;\n"
-            "prmt.b32 $1, u, 0x64646464, 0x4342;\n"
-            "sub.f16x2 $0, $0, c;\n"
-            "sub.f16x2 $1, $1, c;\n}",
-        constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def i8_to_dot(w, DTYPE: tl.constexpr, PRMT: tl.constexpr):
-    """i8_to for a dot operand: the PTX byte-permute conversion when PRMT and DTYPE is fp16."""
-    if PRMT and DTYPE == tl.float16:
-        return i8_to_f16_prmt(w)
-    else:
-        return i8_to(w, DTYPE)
-
-
-@triton.jit
 def absmax_scale(amax):
     """s = amax / 127 (correctly rounded, as torch divides), 1 where amax == 0; NaN/Inf pass."""
     return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))

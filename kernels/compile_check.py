@@ -119,7 +119,7 @@ def _jobs(all_configs: bool):
     jobs.append(w8a8_gemv_job(gemv_cfgs[-1], 4100, "i32"))
 
     # --- w8a16
-    def w8a16_job(kernel, cfg, x, g, extra, prmt=False):
+    def w8a16_job(kernel, cfg, x, g, extra):
         cfg = w8a16_gemm.fit_config(cfg, g, x == "fp32")  # what the launcher would run
         c = dict(cfg.kwargs)
         k = 4096
@@ -130,8 +130,8 @@ def _jobs(all_configs: bool):
         args.update(M=5 if "part_ptr" in extra else 4096, N=4096, K=k, G=g, NUM_GROUPS=(k // g) if g else 1,
                     stride_xm=k, stride_wn=k, stride_cm=4096, M_BUCKET=8, HAS_BIAS=True,
                     DOT_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[x],
-                    SCALE_MODE=mode, EVEN_K=True, PRMT=prmt, **c)
-        return (f"{name} {c} w{cfg.num_warps}s{cfg.num_stages} x={x} g={g}" + (" prmt" if prmt else ""), kernel,
+                    SCALE_MODE=mode, EVEN_K=True, **c)
+        return (f"{name} {c} w{cfg.num_warps}s{cfg.num_stages} x={x} g={g}", kernel,
                 _rt(**args), opts(cfg))
 
     gemm16 = ([c for cs in w8a16_gemm.GEMM_CONFIGS.values() for c in cs] if all_configs
@@ -150,11 +150,6 @@ def _jobs(all_configs: bool):
         jobs.append(w8a16_job(w8a16_gemm._w8a16_gemv_kernel, cfg, "fp16", 0, part))
     for x, g in (("bf16", 256), ("bf16", 128), ("fp16", 64), ("fp16", 48), ("fp32", 0)):
         jobs.append(w8a16_job(w8a16_gemm._w8a16_gemv_kernel, gemv16[-1], x, g, part))
-    # The opt-in PTX int8 -> fp16 conversion (PTQRT_TRITON_I8_PRMT=1): GEMV split and not, a group
-    # size that scales partial products (mode 1), and the GEMM.
-    for cfg, g in ((gemv16[0], 0), (gemv16[-1], 0), (gemv16[-1], 128)):
-        jobs.append(w8a16_job(w8a16_gemm._w8a16_gemv_kernel, cfg, "fp16", g, part, prmt=True))
-    jobs.append(w8a16_job(w8a16_gemm._w8a16_gemm_kernel, d16, "fp16", 0, {}, prmt=True))
 
     # --- kv cache
     for dyn in (True, False):
@@ -163,23 +158,16 @@ def _jobs(all_configs: bool):
                          vs_ptr=Ptr("fp32"), slots_ptr=Ptr("i64"), NUM_SLOTS=65536, H=32, D=128, stride_kt=4096,
                          stride_vt=4096, DYNAMIC_K=dyn, DYNAMIC_V=dyn, BLOCK_H=32, BLOCK_D=128),
                      dict(num_warps=8, num_stages=3)))
-    # dot: the tensor-core path (GQA; for G == 1 the opt-in PTQRT_TRITON_DECODE_DOT=1 one); pipe: the
-    # position loop's pipeline depth for G == 1 without dot (1 by default; PTQRT_TRITON_DECODE_PIPE).
-    # prmt: the dot path's K / V conversion in PTX (PTQRT_TRITON_I8_PRMT=1, fp16).
-    for q, group, dyn, splits, dot, pipe, prmt in (
-            ("fp16", 1, True, 4, False, 1, False), ("bf16", 1, False, 1, False, 1, False),
-            ("fp16", 4, True, 4, True, 0, False), ("bf16", 8, False, 1, True, 0, False),
-            ("fp32", 4, True, 2, True, 0, False), ("fp16", 1, True, 4, True, 0, False),
-            ("fp16", 1, True, 4, False, 3, False), ("bf16", 1, False, 1, False, 4, False),
-            ("fp16", 4, True, 4, True, 0, True), ("fp16", 1, False, 1, True, 0, True)):
+    # dot: the tensor-core path (GQA, G > 1), pipelined at the launch's depth; G == 1 at depth 1.
+    for q, group, dyn, splits in (("fp16", 1, True, 4), ("bf16", 1, False, 1), ("fp16", 4, True, 4),
+                                  ("bf16", 8, False, 1), ("fp32", 4, True, 2)):
+        dot = group > 1
         launch = dict(kv_cache.DECODE)
         warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
         if dot:
             warps = kv_cache.DECODE_GQA_WARPS
-        launch["PIPE_L"] = stages if dot else pipe
-        launch["PRMT"] = prmt
-        jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits} dot={dot}"
-                     + (f" pipe={pipe}" if pipe > 1 else "") + (" prmt" if prmt else ""),
+        launch["PIPE_L"] = stages if dot else 1
+        jobs.append((f"decode_partial q={q} G={group} dynamic={dyn} splits={splits} dot={dot}",
                      kv_cache._decode_partial_kernel,
                      _rt(q_ptr=Ptr(q), kc_ptr=Ptr("i8"), vc_ptr=Ptr("i8"), ks_ptr=Ptr("fp32"), vs_ptr=Ptr("fp32"),
                          bt_ptr=Ptr("i32"), lens_ptr=Ptr("i32"), out_ptr=Ptr(q), o_part_ptr=Ptr("fp32"),

@@ -24,24 +24,21 @@ int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq
     Dequant is folded in where it is cheapest: a dynamic K scale multiplies the score of its token,
     a dynamic V scale the probability of its token, a static K scale the query (once per program),
     a static V scale the output. G >= 2 uses tensor-core dots (query heads padded to 16, K/V
-    converted to q's dtype, exact for int8); G == 1 uses fp32 multiply-reduce (or, opt-in with
-    PTQRT_TRITON_DECODE_DOT=1, the dot path with its one query row padded to 16).
-    PIPE_L is the software-pipeline depth of the position loop (``tl.range(num_stages=PIPE_L)``).
-    Loads that feed a dot are pipelined at the launch's num_stages anyway; the G == 1 path's are not
-    unless the loop asks for it, so it runs at depth 1 (no cp.async) unless opted in with
-    PTQRT_TRITON_DECODE_PIPE=N (N stages of K / V tiles in flight through shared memory).
-    PTQRT_TRITON_I8_PRMT=1 converts the dot path's fp16 K / V tiles with _common.i8_to_f16_prmt.
+    converted to q's dtype, exact for int8); G == 1 uses fp32 multiply-reduce (on an H100 the dot
+    path with its one query row padded to 16 ran 0.73-0.90x, and the G == 1 loop pipelined 3 deep
+    through shared memory 0.64-0.93x: bench/NOTES.md).
+    PIPE_L is the software-pipeline depth of the position loop (``tl.range(num_stages=PIPE_L)``):
+    the launch's num_stages for the dot path, 1 (no cp.async) for G == 1, the machine code of an
+    unannotated loop either way.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import absmax_scale, cast_out, i8_to, i8_to_dot, nan_max_abs, to_int8
+from ._common import absmax_scale, cast_out, i8_to, nan_max_abs, to_int8
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the softmax runs on exp2
 
@@ -81,7 +78,7 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
                            GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
                            DYNAMIC_K: tl.constexpr, DYNAMIC_V: tl.constexpr, USE_DOT: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_L: tl.constexpr, PIPE_L: tl.constexpr, PRMT: tl.constexpr):
+                           BLOCK_L: tl.constexpr, PIPE_L: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -122,7 +119,7 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
         # cp.async pipeline at PIPE_L = 1: its loads feed no dot).
         v = tl.load(vc_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0)
         if USE_DOT:
-            s = tl.dot(q_dot, tl.trans(i8_to_dot(k, DOT_DTYPE, PRMT)), input_precision=PREC, out_dtype=tl.float32)
+            s = tl.dot(q_dot, tl.trans(i8_to(k, DOT_DTYPE)), input_precision=PREC, out_dtype=tl.float32)
         else:
             s = tl.sum(q * i8_to(k, tl.float32), axis=1)[None, :]  # GROUP == 1: q is [1, BLOCK_D]
         if DYNAMIC_K:
@@ -140,7 +137,7 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
             vsc = tl.load(vs_ptr + row * HKV + hk, mask=l_ok_mem, other=0.0)
             p = p * vsc[None, :]
         if USE_DOT:
-            pv = tl.dot(p.to(DOT_DTYPE), i8_to_dot(v, DOT_DTYPE, PRMT), input_precision=PREC, out_dtype=tl.float32)
+            pv = tl.dot(p.to(DOT_DTYPE), i8_to(v, DOT_DTYPE), input_precision=PREC, out_dtype=tl.float32)
         else:
             pv = tl.sum(tl.sum(p, axis=0)[:, None] * i8_to(v, tl.float32), axis=0)[None, :]
         acc = acc * alpha[:, None] + pv
@@ -227,16 +224,9 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if b == 0 or hq == 0:
         return out
     group = hq // hkv
-    # GQA groups use tensor-core dots (the query heads of a group are the rows of one MMA). Without
-    # GQA the fp32 multiply-reduce path runs, unless PTQRT_TRITON_DECODE_DOT=1 (opt-in, unmeasured):
-    # the one query row padded to an MMA, so that the K / V loads feed dots and Triton pipelines them.
-    use_dot = group > 1 or os.environ.get("PTQRT_TRITON_DECODE_DOT") == "1"
-    pipe = os.environ.get("PTQRT_TRITON_DECODE_PIPE")  # opt-in, unmeasured: see the module doc
-    if pipe is not None and not (pipe.isdigit() and 1 <= int(pipe) <= 8):
-        raise ValueError(f"PTQRT_TRITON_DECODE_PIPE must be a pipeline depth from 1 to 8; got {pipe!r}")
-    # PTQRT_TRITON_I8_PRMT=1 (opt-in, unmeasured): the dot path's fp16 K / V tiles converted in PTX.
-    prmt = (use_dot and q.dtype == torch.float16 and os.environ.get("PTQRT_TRITON_I8_PRMT") == "1"
-            and not _common.interpreting())
+    # GQA groups use tensor-core dots (the query heads of a group are the rows of one MMA); without
+    # GQA the fp32 multiply-reduce path runs.
+    use_dot = group > 1
     block_g = max(16, _common.next_pow2(group)) if use_dot else 1
     block_d = max(16, _common.next_pow2(d))
     max_blocks = block_table.shape[1]
@@ -252,8 +242,8 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         if use_dot:
             launch["num_warps"] = DECODE_GQA_WARPS
         # Dot loops at the launch's depth (what an unannotated loop gets), the G == 1 loop at 1
-        # unless opted in (the same machine code as an unannotated loop in both cases).
-        launch["PIPE_L"] = launch["num_stages"] if use_dot else int(pipe or 1)
+        # (the same machine code as an unannotated loop in both cases).
+        launch["PIPE_L"] = launch["num_stages"] if use_dot else 1
         dot_dtype = q.dtype
     if splits > 1:
         skey = _common.stream_key(q.device)
@@ -265,7 +255,7 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, out, o_part, lse,
         float(sm_scale) * LOG2E, hq, hkv, d, nb, max_blocks, q.stride(0), block_table.stride(0), splits,
         GROUP=group, BLOCK_SIZE=bs, SINGLE_SPLIT=splits == 1, DYNAMIC_K=k_scale.dim() == 3, DYNAMIC_V=v_scale.dim() == 3,
-        USE_DOT=use_dot, DOT_DTYPE=_common.tl_dtype(dot_dtype), BLOCK_G=block_g, BLOCK_D=block_d, PRMT=prmt, **launch)
+        USE_DOT=use_dot, DOT_DTYPE=_common.tl_dtype(dot_dtype), BLOCK_G=block_g, BLOCK_D=block_d, **launch)
     if splits > 1:
         _decode_merge_kernel[(b * hq,)](o_part, lse, out, d, splits, BLOCK_S=_common.next_pow2(splits),
                                         BLOCK_D=block_d, num_warps=1)

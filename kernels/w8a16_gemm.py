@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import cast_out, i8_to, i8_to_dot
+from ._common import cast_out, i8_to
 
 GEMV_MAX_M = 16
 MAX_SPLIT_K = 8
@@ -39,7 +39,7 @@ MAX_SPLIT_K = 8
 
 @triton.jit
 def _dequant_dot(x, w, s_ptr, rows, kk, G, NUM_GROUPS, K, acc, k0,
-                 W_IS_A: tl.constexpr, SCALE_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRMT: tl.constexpr):
+                 W_IS_A: tl.constexpr, SCALE_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """acc += dot of x and the dequantized weight tile w (int8).
 
     W_IS_A: w is [BLOCK_N, BLOCK_K] and x is x^T [BLOCK_K, BLOCK_M] (GEMV, swap-AB); otherwise x is
@@ -61,7 +61,7 @@ def _dequant_dot(x, w, s_ptr, rows, kk, G, NUM_GROUPS, K, acc, k0,
         s = tl.load(s_ptr + rows * NUM_GROUPS + k0 // G)
         wd = (i8_to(w, tl.float32) * s[None, :]).to(DOT_DTYPE)
     else:
-        wd = i8_to_dot(w, DOT_DTYPE, PRMT)
+        wd = i8_to(w, DOT_DTYPE)
     if SCALE_MODE == 1 and W_IS_A:
         # GEMV: weights stay exact integers in the dot; the [BLOCK_N, 16] partial takes the scale.
         s = tl.load(s_ptr + rows * NUM_GROUPS + k0 // G)
@@ -89,7 +89,7 @@ def _epilogue_store(acc, m_idx, n_idx, M, N, c_ptr, stride_cm, s_ptr, bias_ptr,
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _w8a16_gemm_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, M, N, K, G, NUM_GROUPS,
                        stride_xm, stride_wn, stride_cm, M_BUCKET,
-                       HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRMT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GROUP_M: tl.constexpr, SCALE_MODE: tl.constexpr, EVEN_K: tl.constexpr):
     pid_m, pid_n = _common.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -103,7 +103,7 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, M, N, K, G, NUM_GRO
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         x, w = _common.dot_operands(x_ptr, w_ptr, ram, rbn, stride_xm, stride_wn, kk, K, EVEN_K)
-        acc = _dequant_dot(x, w, s_ptr, rbn, kk, G, NUM_GROUPS, K, acc, k0, False, SCALE_MODE, DOT_DTYPE, PRMT)
+        acc = _dequant_dot(x, w, s_ptr, rbn, kk, G, NUM_GROUPS, K, acc, k0, False, SCALE_MODE, DOT_DTYPE)
     _epilogue_store(acc, offs_m[:, None], offs_n[None, :], M, N, c_ptr, stride_cm, s_ptr, bias_ptr,
                     SCALE_MODE, HAS_BIAS)
 
@@ -111,7 +111,7 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, M, N, K, G, NUM_GRO
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _w8a16_gemv_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, K, G, NUM_GROUPS,
                        stride_xm, stride_wn, stride_cm, M_BUCKET,
-                       HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRMT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr, SCALE_MODE: tl.constexpr, EVEN_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -126,7 +126,7 @@ def _w8a16_gemv_kernel(x_ptr, w_ptr, c_ptr, s_ptr, bias_ptr, part_ptr, cnt_ptr, 
     for k0 in range(k_start, k_stop, BLOCK_K):
         kk = k0 + offs_k
         w, x = _common.dot_operands(w_ptr, x_ptr, rbn, ram, stride_wn, stride_xm, kk, K, EVEN_K)
-        acc = _dequant_dot(x, w, s_ptr, rbn, kk, G, NUM_GROUPS, K, acc, k0, True, SCALE_MODE, DOT_DTYPE, PRMT)
+        acc = _dequant_dot(x, w, s_ptr, rbn, kk, G, NUM_GROUPS, K, acc, k0, True, SCALE_MODE, DOT_DTYPE)
     m_idx = offs_m[None, :]
     n_idx = offs_n[:, None]
     if SPLIT_K == 1:
@@ -265,9 +265,7 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     g = int(group_size)
     # The interpreter multiplies bf16 dot operands as their raw uint16 bits: it gets fp32 operands.
     dot_dtype = torch.float32 if (x.dtype == torch.bfloat16 and _common.interpreting()) else x.dtype
-    # PTQRT_TRITON_I8_PRMT=1 (opt-in, unmeasured): fp16 weight tiles converted by _common.i8_to_f16_prmt.
-    prmt = x.dtype == torch.float16 and os.environ.get("PTQRT_TRITON_I8_PRMT") == "1" and not _common.interpreting()
-    flags = dict(HAS_BIAS=bias is not None, DOT_DTYPE=_common.tl_dtype(dot_dtype), PRMT=prmt)
+    flags = dict(HAS_BIAS=bias is not None, DOT_DTYPE=_common.tl_dtype(dot_dtype))
     bias_arg = bias if bias is not None else w_scale
     head = (x, w_q, out, w_scale, bias_arg)
     shape = (m, n, k, g, (k // g) if g else 1, x.stride(0), w_q.stride(0), out.stride(0), _common.m_bucket(m))

@@ -1,7 +1,7 @@
 """GPU benchmarks behind `ptqrt bench` on a CUDA device: each ptqrt op against its peers, in one process.
 
     run_gpu_bench(ops=None, quick=False, plot=False, out_dir="bench/results", backends=("triton",))
-    python -m ptqrt.bench_gpu [--quick] [--plot] [--ops w8a8_gemm,...] [--backends triton,cuda,cuda-wgmma16]
+    python -m ptqrt.bench_gpu [--quick] [--plot] [--ops w8a8_gemm,...] [--backends triton,cuda,<variant>]
 
 Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run).
 Peers, measured in the same run:
@@ -136,9 +136,9 @@ def measure_ceilings(device) -> dict:
 # Opt-in kernel variants, benchmarked beside the default kernels of their backend before they become
 # the default: name -> (backend, the ops it changes, the environment that selects it, the M range
 # (lo, hi) of the GEMM rows where it is timed: where it differs from the default; hi None = no bound).
-VARIANTS = {
-    "cuda-ring": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_GEMV_RING": "1"}, (0, 16)),
-}
+# None at present: the last ones were measured on an H100 and either became the default or were
+# removed (bench/NOTES.md, "H100, version 2").
+VARIANTS: dict = {}
 
 
 def _differs(impl: str, m: int) -> bool:
@@ -588,7 +588,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", action="store_true", help="also draw a PNG (needs matplotlib)")
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--backends", default="triton",
-                    help=f"comma-separated: triton, cuda, or an opt-in variant ({', '.join(VARIANTS)})")
+                    help="comma-separated: triton, cuda, or an opt-in variant ("
+                         f"{', '.join(VARIANTS) or 'none at present'})")
     a = ap.parse_args(argv)
     run_gpu_bench([o for o in a.ops.split(",") if o] or None, a.quick, a.plot, a.out_dir,
                   tuple(b for b in a.backends.split(",") if b))

@@ -345,28 +345,10 @@ def test_w8a8_gemm_epilogue_is_exact(impl, out_dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
-def test_w8a8_gemm_sm90_cluster(impl, out_dtype, monkeypatch):
-    """The sm_90a kernel in clusters of two CTAs sharing each weight tile by TMA multicast
-    (PTQRT_CUDA_WGMMA_CLUSTER=1; 256-wide tiles): an odd number of M tiles (the pair's second CTA past
-    M), N tails, split-K, more K tiles than stages; exact like the others."""
-    if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
-    monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
-    monkeypatch.setenv("PTQRT_CUDA_WGMMA_CLUSTER", "1")
-    monkeypatch.setenv("PTQRT_EMU_SMS", "4")
-    # With 4 emulated SMs all take 256-wide tiles; 130 x 100 x 1040 splits K (2 tiles, 9 K tiles).
-    cases = [(130, 100, 1040), (300, 300, 448), (65, 40, 640), (200, 17, 100)]
-    if not impl.small:
-        cases += [(8192, 8192, 8192), (2048, 28672, 8192), (333, 1000, 3000), (100, 64, 133120)]
-    _check_w8a8_exact(impl, out_dtype, cases)
-
-
-@pytest.mark.parametrize("out_dtype", W8A8_OUT)
-def test_w8a8_gemv_ring(impl, out_dtype, monkeypatch):
-    """The M <= 16 GEMV with its weights in a per-warp cp.async ring (PTQRT_CUDA_GEMV_RING=1): fewer K
-    windows than warps, more windows per warp than ring stages, K % 128 != 0 (a zero-filled tail), N % 16
-    != 0, -128 in both operands; exact, like the default GEMV."""
-    monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "1")
+def test_w8a8_gemv_odd_shapes(impl, out_dtype):
+    """The M <= 16 GEMV: fewer K windows than warps, more windows per warp than a warp's loads in
+    flight, K % 128 != 0 (a zero-filled tail), N % 16 != 0, K at the overflow bound, -128 in both
+    operands; exact."""
     cases = [(1, 40, 80), (3, 17, 1040), (16, 72, 4224), (7, 130, 2096), (2, 24, 48), (16, 33, 3008)]
     if not impl.small:
         cases += [(1, 4096, 4096), (1, 28672, 8192), (16, 11008, 4096), (5, 1000, 8192), (9, 64, 133120)]

@@ -267,50 +267,6 @@ def test_w8a16_gemv_split_k(monkeypatch, g):
 
 
 @cpu_only
-def test_i8_to_f16_prmt_bit_trick():
-    """The PTX of _common.i8_to_f16_prmt, modelled bit for bit (xor.b32, prmt.b32, sub.f16x2) with the
-    constants read from its source: every int8 value, in every byte position, comes out exactly, with
-    element j taken from byte j (element 2j + h of output register j in half h)."""
-    import inspect
-    import re
-
-    import numpy as np
-
-    src = inspect.getsource(_common.i8_to_f16_prmt.fn)
-    xor_mask = int(re.search(r"xor\.b32 u, \$2, (0x[0-9a-fA-F]+)", src).group(1), 16)
-    sub_c = int(re.search(r"mov\.b32 c, (0x[0-9a-fA-F]+)", src).group(1), 16)
-    perms = {int(d): (int(b, 16), int(sel, 16))
-             for d, b, sel in re.findall(r"prmt\.b32 \$(\d), u, (0x[0-9a-fA-F]+), (0x[0-9a-fA-F]+)", src)}
-    assert set(perms) == {0, 1} and src.count("sub.f16x2 $") == 2
-
-    def prmt(a, b, sel):
-        pool = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
-        assert all(((sel >> 4 * i) & 8) == 0 for i in range(4)), "sign-replicating selectors not modelled"
-        return sum(pool[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
-
-    def sub_f16x2(a, c):
-        ha = np.array([a & 0xFFFF, a >> 16], dtype=np.uint16).view(np.float16)
-        hc = np.array([c & 0xFFFF, c >> 16], dtype=np.uint16).view(np.float16)
-        return [float(v) for v in (ha - hc)]
-
-    for v in range(256):
-        elems = [((v + 61 * j) % 256) - 128 for j in range(4)]  # every value in every byte lane
-        word = sum((e & 0xFF) << 8 * j for j, e in enumerate(elems))
-        u = word ^ xor_mask
-        out = [sub_f16x2(prmt(u, *perms[r]), sub_c) for r in (0, 1)]
-        assert [out[0][0], out[0][1], out[1][0], out[1][1]] == [float(e) for e in elems], (v, elems, out)
-
-
-@cpu_only
-def test_prmt_switch_is_ignored_by_the_interpreter(monkeypatch):
-    """PTQRT_TRITON_I8_PRMT=1 selects PTX, which the interpreter cannot run: there it must not apply."""
-    monkeypatch.setenv("PTQRT_TRITON_I8_PRMT", "1")
-    check_w8a16(3, 40, 64, 0, torch.float16, bias=True, device="cpu")
-    check_w8a16(20, 40, 64, 32, torch.float16, bias=False, device="cpu")
-    check_decode(2, 8, 2, 32, 24, 4, (37, 5), dynamic=True, dtype=torch.float16, device="cpu")  # GQA: dot path
-
-
-@cpu_only
 def test_w8a16_gemm_empty():
     y = ops.w8a16_gemm(torch.randn(0, 32), rand_int8(8, 32), rand_scale(8), None, 0)
     assert y.shape == (0, 8)
@@ -392,41 +348,6 @@ def test_int8_kv_decode_attention(monkeypatch, case, dtype):
     monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 3 if i % 2 else 1)  # each path meets both
     b, hq, hkv, d, lens = DECODE_CASES[case]
     check_decode(b, hq, hkv, d, 24, 4, lens, dynamic=(i // 2) % 2 == 0, dtype=dtype, device="cpu")
-
-
-@cpu_only
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_int8_kv_decode_attention_dot_without_gqa(monkeypatch, dtype):
-    """PTQRT_TRITON_DECODE_DOT=1 runs the tensor-core path for G == 1 too (one query row padded to 16)."""
-    monkeypatch.setenv("PTQRT_TRITON_DECODE_DOT", "1")
-    i = FLOATS.index(dtype)
-    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 3 if i % 2 else 1)
-    b, hq, hkv, d, lens = DECODE_CASES[0]
-    assert hq == hkv
-    check_decode(b, hq, hkv, d, 24, 4, lens, dynamic=i != 1, dtype=dtype, device="cpu")
-
-
-@cpu_only
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_int8_kv_decode_attention_pipelined_loop(monkeypatch, dtype):
-    """PTQRT_TRITON_DECODE_PIPE=N (the G == 1 position loop software-pipelined N deep) computes the
-    same thing; under the interpreter the depth is ignored, so this checks the launch plumbing."""
-    monkeypatch.setenv("PTQRT_TRITON_DECODE_PIPE", "3")
-    i = FLOATS.index(dtype)
-    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 3 if i % 2 else 1)
-    b, hq, hkv, d, lens = DECODE_CASES[0]
-    check_decode(b, hq, hkv, d, 24, 4, lens, dynamic=i != 1, dtype=dtype, device="cpu")
-
-
-@cpu_only
-@pytest.mark.parametrize("bad", ("0", "9", "two", "-1", ""))
-def test_decode_pipe_switch_is_checked(monkeypatch, bad):
-    monkeypatch.setenv("PTQRT_TRITON_DECODE_PIPE", bad)
-    kc, vc, ks, vs = _cache(4, 4, 2, 16, True, "cpu")
-    q = torch.randn(1, 2, 16)
-    bt = torch.arange(4, dtype=torch.int32).reshape(1, 4)
-    with pytest.raises(ValueError, match="PTQRT_TRITON_DECODE_PIPE"):
-        kv_mod.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, torch.tensor([5], dtype=torch.int32), 0.25)
 
 
 @cpu_only
@@ -611,16 +532,6 @@ def test_gpu_w8a16_gemm(untuned, m):
 
 
 @pytest.mark.gpu
-def test_gpu_w8a16_prmt_conversion(untuned, monkeypatch):
-    """The opt-in PTX int8 -> fp16 conversion (PTQRT_TRITON_I8_PRMT=1): GEMV with and without split-K,
-    per channel, per group scaling partial products (mode 1) and gathered scales (mode 2), the GEMM."""
-    monkeypatch.setenv("PTQRT_TRITON_I8_PRMT", "1")
-    for m, n, k, g in ((1, 4096, 4096, 0), (3, 1024, 4096, 0), (1, 4096, 4096, 128), (5, 1000, 960, 96),
-                       (512, 4096, 4096, 0), (300, 1000, 960, 96), (64, 4096, 4096, 128)):
-        check_w8a16(m, n, k, g, torch.float16, m % 2 == 1, "cuda")
-
-
-@pytest.mark.gpu
 def test_gpu_w8a16_gemm_fp32_and_odd_groups(untuned):
     check_w8a16(3, 1000, 960, 96, torch.float32, True, "cuda")
     check_w8a16(300, 1000, 960, 96, torch.float16, True, "cuda")
@@ -635,35 +546,6 @@ def test_gpu_kv_cache(untuned):
                                     (32, 8, False, torch.bfloat16), (32, 32, False, torch.float32)):
         check_decode(4, hq, hkv, 128, 2048, 16, lens, dynamic, dtype, "cuda")
     check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")  # one long sequence, split
-
-
-@pytest.mark.gpu
-def test_gpu_decode_dot_without_gqa(untuned, monkeypatch):
-    """The opt-in tensor-core path for G == 1 (PTQRT_TRITON_DECODE_DOT=1) at real sizes."""
-    monkeypatch.setenv("PTQRT_TRITON_DECODE_DOT", "1")
-    for dynamic, dtype in ((True, torch.float16), (False, torch.bfloat16), (True, torch.float32)):
-        check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, dtype, "cuda")
-    check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")
-
-
-@pytest.mark.gpu
-def test_gpu_decode_pipelined_without_gqa(untuned, monkeypatch):
-    """The opt-in software-pipelined G == 1 loop (PTQRT_TRITON_DECODE_PIPE=3 and 4) at real sizes."""
-    for pipe, dynamic, dtype in (("3", True, torch.float16), ("4", False, torch.bfloat16), ("3", True, torch.float32)):
-        monkeypatch.setenv("PTQRT_TRITON_DECODE_PIPE", pipe)
-        check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, dtype, "cuda")
-    check_decode(1, 32, 32, 128, 2048, 16, (32000,), True, torch.float16, "cuda")
-
-
-@pytest.mark.gpu
-def test_gpu_decode_prmt_conversion(untuned, monkeypatch):
-    """The dot path's K / V tiles converted in PTX (PTQRT_TRITON_I8_PRMT=1, fp16): GQA, and G == 1
-    through the opt-in dot path."""
-    monkeypatch.setenv("PTQRT_TRITON_I8_PRMT", "1")
-    for hq, hkv, dynamic in ((32, 8, True), (32, 8, False), (32, 4, True)):
-        check_decode(4, hq, hkv, 128, 2048, 16, (4096, 0, 1, 1000), dynamic, torch.float16, "cuda")
-    monkeypatch.setenv("PTQRT_TRITON_DECODE_DOT", "1")
-    check_decode(4, 32, 32, 128, 2048, 16, (4096, 0, 1, 1000), True, torch.float16, "cuda")
 
 
 @pytest.mark.gpu

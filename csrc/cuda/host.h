@@ -54,13 +54,6 @@ inline bool wgmma_enabled() {
   return !(s != nullptr && s[0] == '0') && is_sm90();
 }
 
-// The sm_90a w8a8 kernel in clusters of two CTAs that share each weight tile through TMA multicast
-// (256-wide tiles): opt-in with PTQRT_CUDA_WGMMA_CLUSTER=1 until it has been measured on an H100.
-inline int wgmma_cluster_size() {
-  const char* s = std::getenv("PTQRT_CUDA_WGMMA_CLUSTER");
-  return s != nullptr && s[0] == '1' ? 2 : 1;
-}
-
 // The sm_90a w8a16 kernel (TMA + wgmma with the weights dequantized into the register operand) for
 // M > 16 on compute capability 9.0 (measured on an H100, bench/NOTES.md: 1.02-3.9x the mma.sync
 // kernel, 2.6x geomean over the benchmark's shapes). PTQRT_CUDA_WGMMA_W8A16=0 turns it off (the
@@ -78,13 +71,13 @@ inline bool decode_stream_enabled() {
   return !(s != nullptr && s[0] == '0');
 }
 
-// The GEMVs (w8a8_gemm and fp16 / bf16 w8a16_gemm at M <= 16) with their weight loads in a per-warp
-// cp.async ring (kernels/w8a8_gemv.cuh, w8a16_gemv.cuh). The w8a16 one is the default (measured on an
-// H100, bench/NOTES.md: 1.01-1.44x the register-staged GEMV); the w8a8 one is opt-in until measured.
-// PTQRT_CUDA_GEMV_RING=1: both; =0: neither.
-inline bool gemv_ring_enabled(bool by_default) {
+// The fp16 / bf16 w8a16_gemm GEMV (M <= 16) with its weight loads in a per-warp cp.async ring
+// (kernels/w8a16_gemv.cuh; measured on an H100, bench/NOTES.md: 1.01-1.44x the register-staged GEMV).
+// PTQRT_CUDA_GEMV_RING=0 turns it off. (The w8a8 GEMV's ring ran 0.58-0.82x its register-staged
+// GEMV there and was removed.)
+inline bool gemv_ring_enabled() {
   const char* s = std::getenv("PTQRT_CUDA_GEMV_RING");
-  return s == nullptr || s[0] == 0 ? by_default : s[0] == '1';
+  return !(s != nullptr && s[0] == '0');
 }
 
 inline std::string describe(const at::Tensor& t) {

@@ -38,8 +38,6 @@ struct W8A8Args {
   int32_t* partial;       // [splits, M, N] int32 when splits > 1, else null
   int M, N, K;
   int splits;             // split-K factor (grid z)
-  bool ring = false;      // M <= 16: the cp.async-ring GEMV (PTQRT_CUDA_GEMV_RING=1)
-  int cluster = 1;        // sm_90a, 256-wide tiles: CTAs per cluster sharing the w tile (1 or 2)
 };
 // The int8 tensor-core GEMM (mma.sync m16n8k32). With splits > 1 it writes raw int32 partial sums
 // to args.partial and w8a8_split_reduce applies the epilogue.
@@ -69,7 +67,7 @@ struct W8A16Args {
   int M, N, K;
   int group_size;         // 0: per channel
   int splits;
-  bool ring;              // M <= 16, fp16 / bf16: the cp.async-ring GEMV (PTQRT_CUDA_GEMV_RING=1)
+  bool ring;              // M <= 16, fp16 / bf16: the cp.async-ring GEMV (PTQRT_CUDA_GEMV_RING=0: off)
 };
 // M <= 16; K % 16 == 0 and x, w 16-byte aligned.
 cudaError_t w8a16_gemv(DType dt, const W8A16Args& args, cudaStream_t stream);

@@ -50,7 +50,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   a.K = static_cast<int>(K);
   a.group_size = static_cast<int>(group_size);
   a.splits = 1;
-  a.ring = gemv_ring_enabled(true);
+  a.ring = gemv_ring_enabled();
   const cudaStream_t stream = current_stream();
   const DType dt = to_dtype(x.scalar_type());
 

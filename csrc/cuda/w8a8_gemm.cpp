@@ -60,7 +60,6 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     W8A8Args g{x.data_ptr<int8_t>(), w.data_ptr<int8_t>(), x_scale.data_ptr<float>(), x_scale.size(0) == 1 ? 0 : 1,
                w_scale.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr(), nullptr,
                static_cast<int>(M), static_cast<int>(N), static_cast<int>(k16), 1};
-    g.ring = gemv_ring_enabled(false);
     check_launch(op, w8a8_gemv(dt, g, stream));
     return out;
   }
@@ -95,7 +94,6 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   a.N = static_cast<int>(N);
   a.K = static_cast<int>(k16);
   a.splits = splits;
-  a.cluster = hopper && bn == 256 ? wgmma_cluster_size() : 1;
   cudaError_t e = hopper ? w8a8_gemm_sm90(dt, bn, a, stream) : cudaErrorNotSupported;
   if (e == cudaErrorNotSupported) e = w8a8_gemm_mma(dt, tile, a, stream);  // no tensor-map encoder: mma.sync
   check_launch(op, e);

@@ -8,36 +8,28 @@ namespace ptqrt {
 namespace cuda {
 namespace {
 
-template <typename OutT, int BN, int CL = 1>
+template <typename OutT, int BN>
 cudaError_t launch(const W8A8Args& a, cudaStream_t stream) {
   using C = sm90::W8A8Sm90<BN>;
-  // [rows, K] int8 (K % 16 == 0, 16-byte aligned) as boxes of rows x 128 bytes in 128-byte swizzled rows;
-  // in clusters each CTA loads (and multicasts) 1 / CL of the w tile's rows.
+  // [rows, K] int8 (K % 16 == 0, 16-byte aligned) as boxes of rows x 128 bytes in 128-byte swizzled rows.
   CUtensorMap tx, tw;
   if (!make_map_2d(&tx, a.x, a.M, a.K, C::kBK, C::kBM, CU_TENSOR_MAP_SWIZZLE_128B) ||
-      !make_map_2d(&tw, a.w, a.N, a.K, C::kBK, C::kBN / CL, CU_TENSOR_MAP_SWIZZLE_128B))
+      !make_map_2d(&tw, a.w, a.N, a.K, C::kBK, C::kBN, CU_TENSOR_MAP_SWIZZLE_128B))
     return cudaErrorNotSupported;
-  auto kernel = sm90::w8a8_gemm_sm90_kernel<OutT, BN, CL>;
+  auto kernel = sm90::w8a8_gemm_sm90_kernel<OutT, BN>;
   static size_t granted[64] = {};
   const cudaError_t e = opt_in_smem(kernel, C::kSmemBytes, granted);
   if (e != cudaSuccess) return e;
-  // Clusters take CL adjacent M tiles: the M tile count rounds up to a multiple of CL.
-  const dim3 grid(ceil_div(ceil_div(a.M, C::kBM), CL) * CL * ceil_div(a.N, C::kBN), 1, a.splits);
+  const dim3 grid(ceil_div(a.M, C::kBM) * ceil_div(a.N, C::kBN), 1, a.splits);
   W8A8Epilogue epi{a.x_scale, a.x_scale_stride, a.w_scale, a.bias};
   int32_t* partial = a.splits > 1 ? a.partial : nullptr;
-  if constexpr (CL == 1) {
-    PTQRT_LAUNCH(kernel, grid, C::kThreads, C::kSmemBytes, stream)(tx, tw, epi, static_cast<OutT*>(a.out), partial,
-                                                                  a.M, a.N, a.K);
-    return cudaGetLastError();
-  } else {
-    return PTQRT_LAUNCH_CLUSTER(kernel, grid, C::kThreads, C::kSmemBytes, stream, CL)(
-        tx, tw, epi, static_cast<OutT*>(a.out), partial, a.M, a.N, a.K);
-  }
+  PTQRT_LAUNCH(kernel, grid, C::kThreads, C::kSmemBytes, stream)(tx, tw, epi, static_cast<OutT*>(a.out), partial,
+                                                                a.M, a.N, a.K);
+  return cudaGetLastError();
 }
 
 template <typename OutT>
 cudaError_t launch_bn(int bn, const W8A8Args& a, cudaStream_t stream) {
-  if (bn == 256 && a.cluster == 2) return launch<OutT, 256, 2>(a, stream);
   return bn == 128 ? launch<OutT, 128>(a, stream) : bn == 256 ? launch<OutT, 256>(a, stream) : cudaErrorInvalidValue;
 }
 

@@ -278,18 +278,6 @@ inline void tma_box(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t*
 inline void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
   tma_box(dst, map, c0, c1, bar, -1);
 }
-inline void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar, uint16_t mask) {
-  tma_box(dst, map, c0, c1, bar, mask);
-}
-inline uint32_t cluster_ctarank() { return static_cast<uint32_t>(emu::g_block->cluster_rank); }
-inline void cluster_sync() { emu::cluster_barrier(); }
-// mbarrier.arrive (release, cluster scope) on the barrier at bar's offset in CTA `rank` of the cluster.
-inline void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-  emu::Mbar& m = emu::mbar_at(bar, static_cast<int>(rank));
-  if (--m.pending < 0) emu::fail("mbarrier arrived more often than its count");
-  ++emu::g_block->events;
-  emu::mbar_try_complete(m);
-}
 inline void wgmma_fence() {}
 template <int N>
 inline void fence_operands(int (&)[N]) {}

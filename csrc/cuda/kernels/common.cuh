@@ -13,66 +13,21 @@
 
 // kernel<<<grid, block, smem, stream>>>, spelled so that the emulator can run the same launchers.
 // `kernel` must be a single token (bind template instances to a variable first).
-// PTQRT_LAUNCH_CLUSTER(kernel, grid, block, smem, stream, cx)(args...): the same in thread block
-// clusters of cx CTAs along x (grid.x a multiple of cx); it returns the launch's cudaError_t.
 #ifdef PTQRT_CUDA_EMU
 #define PTQRT_LAUNCH(kernel, grid, block, smem, stream) ::ptqrt::emu::launcher(kernel, grid, block, smem)
-#define PTQRT_LAUNCH_CLUSTER(kernel, grid, block, smem, stream, cx) \
-  ::ptqrt::cuda::emu_cluster_launch(::ptqrt::emu::launcher(kernel, grid, block, smem, cx))
 #define PTQRT_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(::ptqrt::emu::dynamic_smem())
 #else
 #define PTQRT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
-#define PTQRT_LAUNCH_CLUSTER(kernel, grid, block, smem, stream, cx) \
-  ::ptqrt::cuda::ClusterLaunch<decltype(kernel)>{kernel, grid, block, smem, stream, cx}
 #define PTQRT_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
 #endif
 
 namespace ptqrt {
 namespace cuda {
 
-#ifdef PTQRT_CUDA_EMU
-template <class L>
-struct EmuClusterLaunch {
-  L launch;
-  template <class... Args>
-  cudaError_t operator()(Args... args) const {
-    launch(args...);
-    return cudaSuccess;
-  }
-};
-template <class L>
-inline EmuClusterLaunch<L> emu_cluster_launch(L launch) { return EmuClusterLaunch<L>{launch}; }
-#else
-template <class Kernel>
-struct ClusterLaunch {
-  Kernel kernel;
-  dim3 grid, block;
-  size_t smem;
-  cudaStream_t stream;
-  unsigned cx;
-  template <class... Args>
-  cudaError_t operator()(Args... args) const {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cx;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, kernel, args...);
-  }
-};
-#endif
-
 // Host side of a launch: opts `kernel` in to `bytes` of dynamic shared memory on the current device
 // (needed when its static plus dynamic shared memory exceed 48 KiB, so any dynamic size may need it:
-// 48 KiB of ring plus an 8 KiB static reduction buffer failed to launch without it; the attribute is
-// per device). `granted`, one static array per kernel instance, remembers the largest size set on
+// a 48 KiB ring beside an 8 KiB static reduction buffer once failed to launch for want of it; the
+// attribute is per device). `granted`, one static array per kernel instance, remembers the largest size set on
 // each device so far, so the attribute is set once.
 template <typename Kernel>
 inline cudaError_t opt_in_smem(Kernel kernel, size_t bytes, size_t (&granted)[64]) {

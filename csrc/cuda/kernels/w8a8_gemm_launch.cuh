@@ -38,18 +38,8 @@ cudaError_t run_w8a8(Tile tile, const W8A8Args& a, cudaStream_t stream) {
 // has 8 independent 16-byte weight loads outstanding; N = 4096 gives 256 CTAs of 8 warps.
 template <typename OutT>
 cudaError_t run_w8a8_gemv(const W8A8Args& a, cudaStream_t stream) {
-  constexpr int kTiles = 2, kUnroll = 2, kStages = 3;
+  constexpr int kTiles = 2, kUnroll = 2;
   W8A8Epilogue epi{a.x_scale, a.x_scale_stride, a.w_scale, a.bias};
-  if (a.ring) {  // 3 windows a warp in the ring (2 in flight, 4 KB), 48 KB a CTA
-    auto kernel = w8a8_gemv_ring_kernel<OutT, kTiles, kStages>;
-    constexpr size_t smem = w8a8_gemv_ring_smem_bytes<kTiles, kStages>();
-    static size_t granted[64] = {};
-    const cudaError_t e = opt_in_smem(kernel, smem, granted);
-    if (e != cudaSuccess) return e;
-    PTQRT_LAUNCH(kernel, dim3(ceil_div(a.N, 8 * kTiles)), kW8A8GemvWarps * kWarp, smem, stream)(
-        a.x, a.w, epi, static_cast<OutT*>(a.out), a.M, a.N, a.K);
-    return cudaGetLastError();
-  }
   auto kernel = w8a8_gemv_kernel<OutT, kTiles, kUnroll>;
   PTQRT_LAUNCH(kernel, dim3(ceil_div(a.N, 8 * kTiles)), kW8A8GemvWarps * kWarp, 0, stream)(
       a.x, a.w, epi, static_cast<OutT*>(a.out), a.M, a.N, a.K);

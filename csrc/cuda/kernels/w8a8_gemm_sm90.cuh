@@ -13,15 +13,8 @@
 //                and release the previous stage on "empty" once its group has completed.
 // setmaxnreg moves registers from the producer (which needs few) to the consumers (128 accumulators).
 // Split-K over grid z, as in the mma.sync kernel (raw int32 partials, reduced in a fixed order).
-//
-// CL = 2 (opt-in, PTQRT_CUDA_WGMMA_CLUSTER=1): clusters of two CTAs on the same N tile and adjacent M
-// tiles, so the weight tile is read from L2 once per pair: each CTA's producer loads its own x tile
-// and one half of the w tile, multicast into both CTAs' stage (each "full" barrier then counts its x
-// box and both halves). A stage may be refilled only when the consumers of both CTAs are done with
-// it, so every consumer warp releases each stage on the "empty" barrier of both CTAs (per warp, not
-// per thread: 16 arrivals), and the producer drains the last rounds before it exits (a CTA must not
-// exit while its peer may still arrive on its barriers). At 128 x 256 x 128 bytes per stage the
-// single-CTA kernel reads 48 KB from L2 per 4.2 M int8 MACs; pairs read 32 KB a CTA.
+// (Pairs of CTAs sharing the w tile by TMA multicast ran 0.66-1.01x this kernel on an H100 and were
+// removed: bench/NOTES.md.)
 #pragma once
 
 #include "sm90_wgmma.cuh"
@@ -43,7 +36,7 @@ struct W8A8Sm90 {
   static_assert(kBN == 128 || kBN == 256, "wgmma N of the generated wrappers");
 };
 
-template <typename OutT, int BN, int CL = 1>
+template <typename OutT, int BN>
 __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_x,
                                                                 const __grid_constant__ CUtensorMap tma_w,
                                                                 W8A8Epilogue epi, OutT* __restrict__ out,
@@ -58,52 +51,25 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
 
-  static_assert(CL == 1 || CL == 2, "clusters of 1 or 2 CTAs (the peer is rank ^ 1)");
   const int tiles_m = ceil_div(M, kBM), tiles_n = ceil_div(N, kBN);
   int tm, tn;
-  uint32_t rank = 0;
-  if constexpr (CL == 1) {
-    grouped_tile(blockIdx.x, tiles_m, tiles_n, kGroupM, tm, tn);
-  } else {
-    rank = cluster_ctarank();  // the pair takes M tiles 2c and 2c + 1 (the second past M when tiles_m is odd)
-    grouped_tile(blockIdx.x / CL, ceil_div(tiles_m, CL), tiles_n, kGroupM / CL, tm, tn);
-    tm = tm * CL + static_cast<int>(rank);
-  }
+  grouped_tile(blockIdx.x, tiles_m, tiles_n, kGroupM, tm, tn);
   const int m0 = tm * kBM, n0 = tn * kBN;
   int kt_begin, nk;
   split_k_tiles(K, kBK, kt_begin, nk);
 
   const int wg = threadIdx.x / 128;
-  if constexpr (CL == 1) {
-    if (threadIdx.x == 0) init_pipeline(&tma_x, &tma_w, full, empty, kStages, 256);
-    __syncthreads();
-  } else {
-    if (threadIdx.x == 0) init_pipeline(&tma_x, &tma_w, full, empty, kStages, 8 * CL);  // 8 consumer warps a CTA
-    cluster_sync();  // the peer's barriers are initialized before anything arrives on them
-  }
+  if (threadIdx.x == 0) init_pipeline(&tma_x, &tma_w, full, empty, kStages, 256);
+  __syncthreads();
 
   if (wg == 0) {
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
-      if constexpr (CL == 1) {
-        produce(nk, kStages, smem, kStageBytes, full, empty, [&](uint8_t* st, int it, uint64_t* bar) {
-          const int k = (kt_begin + it) * kBK;
-          tma_load_2d(st, &tma_x, k, m0, bar);
-          tma_load_2d(st + kABytes, &tma_w, k, n0, bar);
-        });
-      } else {
-        constexpr int kHalfRows = kBN / CL;
-        produce(nk, kStages, smem, kStageBytes, full, empty, [&](uint8_t* st, int it, uint64_t* bar) {
-          const int k = (kt_begin + it) * kBK;
-          tma_load_2d(st, &tma_x, k, m0, bar);
-          tma_load_2d_multicast(st + kABytes + rank * kHalfRows * kBK, &tma_w, k, n0 + rank * kHalfRows, bar,
-                                static_cast<uint16_t>((1u << CL) - 1));
-        });
-        // Drain: wait for the release of each stage's last round (both CTAs' consumers arrive here).
-        for (int it = nk; it < nk + kStages; ++it)
-          while (!mbar_try_wait(&empty[it % kStages], ((it / kStages) & 1) ^ 1)) {
-          }
-      }
+      produce(nk, kStages, smem, kStageBytes, full, empty, [&](uint8_t* st, int it, uint64_t* bar) {
+        const int k = (kt_begin + it) * kBK;
+        tma_load_2d(st, &tma_x, k, m0, bar);
+        tma_load_2d(st + kABytes, &tma_w, k, n0, bar);
+      });
     }
     return;
   }
@@ -128,23 +94,10 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
     // Keep this stage's group in flight; the previous one is complete, so its stage can be refilled.
     wgmma_wait<1>();
     fence_operands(acc);
-    if constexpr (CL == 1) {
-      if (it > 0) mbar_arrive(&empty[(it - 1) % kStages]);
-    } else {
-      if (it > 0 && threadIdx.x % kWarp == 0) {  // this CTA's barrier, then the peer's
-        mbar_arrive(&empty[(it - 1) % kStages]);
-        mbar_arrive_cluster(&empty[(it - 1) % kStages], rank ^ 1u);
-      }
-    }
+    if (it > 0) mbar_arrive(&empty[(it - 1) % kStages]);
   }
   wgmma_wait<0>();
   fence_operands(acc);
-  if constexpr (CL > 1) {  // the last stage too: the producers drain every round before they exit
-    if (nk > 0 && threadIdx.x % kWarp == 0) {
-      mbar_arrive(&empty[(nk - 1) % kStages]);
-      mbar_arrive_cluster(&empty[(nk - 1) % kStages], rank ^ 1u);
-    }
-  }
 
   const int lane = threadIdx.x % kWarp, warp = (threadIdx.x % 128) / kWarp;
   const int g = lane >> 2, t = lane & 3;
