@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check: 147-200 s on one H100 80GB HBM3 (measured 2026-11-26; torch 2.11 / triton 3.6 /
-# Python 3.12, no network). Run from the repository root:
+# One GPU check: 238 s on one H100 80GB HBM3 (2026-11-27, with 8 kernel variants timed and the tune
+# stage; torch 2.11 / triton 3.6 / Python 3.12, no network). Run from the repository root:
 #
 #   bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--no-cpu] [--ops w8a16_gemm,...]
 #
@@ -19,11 +19,13 @@
 #      CUDA tests at small odd sizes (bench/device_check_cuda.sh)
 #   4. the GPU benchmark (python -m ptqrt.bench_gpu): every op against cuBLAS / _int_mm / SDPA, each
 #      row printed as it is measured and the JSON/CSV rewritten after each op; with the CUDA
-#      extension built, its opt-in kernel variants (bench_gpu.VARIANTS) are timed beside the defaults
+#      extension built, the opt-in kernel variants named in BACKENDS below (see bench_gpu.VARIANTS)
+#      are timed beside the defaults
 #   4b. with at least 45 s left before DEADLINE and transformers installed: bench/bench_decode.py on
 #      the GPU (the tiny Llama's eager greedy decode, fp16 against each quantized form: the host work
 #      around the kernels)
-#   4c. with at least 90 s left before DEADLINE: `ptqrt tune` (eager mode), the table written to
+#   4c. with the CUDA extension built and at least 90 s left before DEADLINE: `ptqrt tune` (eager
+#      mode; all ops), the table written to
 #      bench/results/tables/<GPU>.json (PTQRT_TABLE_DIR), for ptqrt/data/tables once reviewed
 #   5. a short table: stage times, test results, the targets; then the CPU check's lines (its
 #      stages, the CPU backend's targets with PASS/MISS), after a wait of at most CPU_WAIT (60 s)
@@ -179,8 +181,10 @@ if [ -n "$BUILD_PID" ]; then
     rc=$(cat "$LOG/cuda-build.rc" 2>/dev/null || echo 1)
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
-    # Opt-in variants (bench_gpu.VARIANTS), when there are any, go here beside cuda, e.g. cuda,cuda-xyz.
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,cuda
+    # cuda-stream-gqa: the streaming decode for GQA groups too (PTQRT_CUDA_DECODE_STREAM=1; the
+    # default without GQA); cuda-append-vec: kv_cache_append 4 values a lane (PTQRT_CUDA_APPEND_VEC=1);
+    # cuda-quant1: quantize_per_token with the row kept in registers (PTQRT_CUDA_QUANT_1PASS=1).
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,cuda,cuda-stream-gqa,cuda-append-vec,cuda-quant1
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
@@ -211,7 +215,7 @@ left=$(( ${DEADLINE:-540} - SECONDS - 30 ))
 # least 90 s; at most 150): the auto table for this GPU, into bench/results/tables (and $OUT)
 left=$(( ${DEADLINE:-540} - SECONDS - 30 ))
 [ "$left" -gt 150 ] && left=150
-[ "$BENCH" = 1 ] && [ "$left" -ge 90 ] && stage tune "$left" env PTQRT_NO_BUILD=1 PTQRT_TABLE_DIR="$RESULTS/tables" \
+[ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ] && [ "$left" -ge 90 ] && stage tune "$left" env PTQRT_NO_BUILD=1 PTQRT_TABLE_DIR="$RESULTS/tables" \
     "$PY" -m ptqrt tune
 
 # 5. summary ------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ partials in split order, so results are deterministic.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch

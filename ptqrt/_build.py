@@ -125,16 +125,24 @@ def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
     if not allow_build:
         build_dir = cache_root() / f"{kind}-{_digest(kind)}"
         so = build_dir / f"{lib_name(kind)}.so"
-        if not ((build_dir / "BUILD_OK").exists() and so.exists()):
-            raise RuntimeError(f"PTQRT_NO_BUILD=1 forbids a just-in-time build, and {build_dir} holds no "
-                               "finished build of these sources")
-        with open(str(build_dir) + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a builder may be rewriting it
+
+        def load_finished() -> str:
+            if not ((build_dir / "BUILD_OK").exists() and so.exists()):
+                raise RuntimeError(f"PTQRT_NO_BUILD=1 forbids a just-in-time build, and {build_dir} holds no "
+                                   "finished build of these sources")
+            torch.ops.load_library(str(so))
+            return str(so)
+
+        try:
+            lock = open(str(build_dir) + ".lock", "w")
+        except OSError:  # a read-only cache: nobody builds there either
+            return load_finished()
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a build in progress finishes first
             try:
-                torch.ops.load_library(str(so))
+                return load_finished()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        return str(so)
     if kind == "cuda":
         why = cuda_unavailable_reason()
         if why:

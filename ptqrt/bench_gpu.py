@@ -36,14 +36,22 @@ GEMM_NK = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192))
 GEMM_M = (1, 16, 32, 128, 512, 2048, 8192)
 DECODE_BL = ((1, 4096), (16, 4096), (64, 2048), (8, 32768))
 DECODE_HEADS, DECODE_D, DECODE_BLOCK = 32, 128, 16
+# GQA rows besides (32 query heads over 8 kv heads, as in Llama 3): (B, L, kv heads); no target.
+DECODE_GQA = ((1, 4096, 8), (16, 4096, 8))
 QUANT_MK = ((1, 4096), (16, 4096), (2048, 4096), (8192, 8192))
 APPEND_T = (16, 4096)
 # w8a8_gemm at M = N = K = 8192 too (the CUDA backend's rate target), in full and quick runs alike.
 GEMM_SQUARE = ((8192, 8192, 8192),)
-QUICK = dict(gemm_nk=((4096, 4096), (28672, 8192)), gemm_m=(1, 16, 2048), decode_bl=((1, 4096), (16, 4096)),
+QUICK = dict(gemm_nk=((4096, 4096), (28672, 8192)), gemm_m=(1, 16, 2048),
+             decode_bl=((1, 4096), (16, 4096), (16, 4096, 8)),
              quant_mk=((8192, 8192),), append_t=(4096,))
 ALL_OPS = ("w8a8_gemm", "w8a16_gemm", "int8_kv_decode_attention", "quantize_per_token", "quantize_per_tensor",
            "kv_cache_append")
+
+def _mha(r: dict) -> bool:
+    """A decode row without GQA (the targets are stated for 32 heads of 128)."""
+    return r.get("HKV", r["H"]) == r["H"]
+
 
 # The issue's targets on one H100: (op, where, against, at least). "against" is a peer's name (the
 # speedup over it), "floor" (the fraction of the bytes/FLOP floor) or "TOP/s" (the achieved rate).
@@ -53,8 +61,8 @@ TARGETS = (
     ("w8a8_gemm", lambda r: r["M"] == 512, "torch._int_mm", 1.25),
     ("w8a8_gemm", lambda r: r["M"] <= 16, "fp16 F.linear", 1.8),
     ("w8a16_gemm", lambda r: r["M"] == 1 and (r["N"], r["K"]) in ((28672, 8192), (4096, 4096)), "floor", 0.85),
-    ("int8_kv_decode_attention", lambda r: (r["B"], r["L"]) in ((16, 4096), (8, 32768)), "fp16 SDPA", 1.8),
-    ("int8_kv_decode_attention", lambda r: (r["B"], r["L"]) == (1, 4096), "fp16 SDPA", 2.0),
+    ("int8_kv_decode_attention", lambda r: _mha(r) and (r["B"], r["L"]) in ((16, 4096), (8, 32768)), "fp16 SDPA", 1.8),
+    ("int8_kv_decode_attention", lambda r: _mha(r) and (r["B"], r["L"]) == (1, 4096), "fp16 SDPA", 2.0),
     ("quantize_per_token", lambda r: (r["M"], r["K"]) == (8192, 8192), "floor", 0.85),
     ("w8a8_gemm", lambda r: (r["M"], r["N"], r["K"]) == (8192, 8192, 8192), "TOP/s", 1300),
 )
@@ -136,9 +144,16 @@ def measure_ceilings(device) -> dict:
 # Opt-in kernel variants, benchmarked beside the default kernels of their backend before they become
 # the default: name -> (backend, the ops it changes, the environment that selects it, the M range
 # (lo, hi) of the GEMM rows where it is timed: where it differs from the default; hi None = no bound).
-# None at present: the last ones were measured on an H100 and either became the default or were
-# removed (bench/NOTES.md, "H100, version 2").
-VARIANTS: dict = {}
+# (The ones before these were measured on an H100 and became the default or were removed:
+# bench/NOTES.md, "H100, version 2".)
+VARIANTS = {
+    # the streaming CUDA decode for GQA groups too (the default without GQA; measured there only)
+    "cuda-stream-gqa": ("cuda", ("int8_kv_decode_attention",), {"PTQRT_CUDA_DECODE_STREAM": "1"}, (0, None)),
+    # kv_cache_append 4 values a lane, each row read once (the default reads it twice, a byte a lane)
+    "cuda-append-vec": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_VEC": "1"}, (0, None)),
+    # quantize_per_token with the row kept in registers (the default since this run: the two-pass kernel)
+    "cuda-quant1": ("cuda", ("quantize_per_token",), {"PTQRT_CUDA_QUANT_1PASS": "1"}, (0, None)),
+}
 
 
 def _differs(impl: str, m: int) -> bool:
@@ -304,8 +319,10 @@ def bench_kv_cache_append(impls, ceil, t_list, device):
 
 def bench_decode(impls, ceil, bl_list, device):
     rows = []
-    h, d, bs = DECODE_HEADS, DECODE_D, DECODE_BLOCK
-    for b, length in bl_list:
+    hq, d, bs = DECODE_HEADS, DECODE_D, DECODE_BLOCK
+    for shape in bl_list:
+        b, length = shape[:2]
+        h = shape[2] if len(shape) > 2 else hq  # kv heads
         blocks_per_seq = length // bs
         nb = b * blocks_per_seq
         kc = torch.randint(-127, 128, (nb, bs, h, d), dtype=torch.int8, device=device)
@@ -315,7 +332,7 @@ def bench_decode(impls, ceil, bl_list, device):
         # Paged as a server would leave it: each sequence's blocks scattered over the pool.
         block_table = torch.randperm(nb, device=device, dtype=torch.int64).to(torch.int32).reshape(b, blocks_per_seq)
         seq_lens = torch.full((b,), length, dtype=torch.int32, device=device)
-        q = torch.randn(b, h, d, device=device, dtype=torch.float16)
+        q = torch.randn(b, hq, d, device=device, dtype=torch.float16)
         sm_scale = 1.0 / math.sqrt(d)
         args = (q, kc, vc, ks, vs, block_table, seq_lens, sm_scale)
         ours = {be: _try(be, lambda f=f["int8_kv_decode_attention"]: f(*args))
@@ -323,12 +340,13 @@ def bench_decode(impls, ceil, bl_list, device):
         k16 = torch.randn(b, h, length, d, device=device, dtype=torch.float16)
         v16 = torch.randn_like(k16)
         q4 = q[:, :, None, :]
+        gqa = dict(enable_gqa=True) if h != hq else {}
         peers = {"fp16 SDPA": _try("fp16 SDPA", lambda: F.scaled_dot_product_attention(q4, k16, v16,
-                                                                               scale=sm_scale))}
-        nbytes = 2 * b * length * h * d + 2 * b * length * h * 4 + 4 * b * h * d + 4 * b * (1 + blocks_per_seq)
+                                                                               scale=sm_scale, **gqa))}
+        nbytes = 2 * b * length * h * d + 2 * b * length * h * 4 + 4 * b * hq * d + 4 * b * (1 + blocks_per_seq)
         floor = _floor_ms(nbytes, 0, 1.0, ceil)
-        rows += _rows_for("int8_kv_decode_attention", dict(B=b, L=length, H=h, D=d), ours, peers, floor, nbytes,
-                          4 * b * h * length * d)
+        rows += _rows_for("int8_kv_decode_attention", dict(B=b, L=length, H=hq, HKV=h, D=d), ours, peers, floor,
+                          nbytes, 4 * b * hq * length * d)
     return rows
 
 
@@ -381,7 +399,7 @@ def check_twins(rows: list, mode: str = "eager") -> list:
 
 
 def _shape_str(r: dict) -> str:
-    keys = [k for k in ("M", "N", "K", "B", "L", "T") if k in r]
+    keys = [k for k in ("M", "N", "K", "B", "L", "HKV", "T") if k in r]
     return " ".join(f"{k}={r[k]}" for k in keys)
 
 
@@ -543,7 +561,7 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
     unknown = set(ops) - set(ALL_OPS)
     if unknown:
         raise ValueError(f"ptqrt bench: unknown ops {sorted(unknown)}; choose from {', '.join(ALL_OPS)}")
-    shapes = QUICK if quick else dict(gemm_nk=GEMM_NK, gemm_m=GEMM_M, decode_bl=DECODE_BL, quant_mk=QUANT_MK,
+    shapes = QUICK if quick else dict(gemm_nk=GEMM_NK, gemm_m=GEMM_M, decode_bl=DECODE_BL + DECODE_GQA, quant_mk=QUANT_MK,
                                       append_t=APPEND_T)
     meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), quick=quick, backends=list(backends),

@@ -233,10 +233,16 @@ def test_quantize_per_token(impl, dtype):
         assert torch.equal(s, s_ref), f"[{m}, {k}]: scales differ"
 
 
+@pytest.mark.parametrize("one_pass", (None, "1"), ids=("default", "one-pass"))
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_quantize_per_token_row_lengths(impl, dtype):
-    """Every per-token kernel: rows held in registers in 1, 2 and 4 vectors a thread, the two-pass kernel
-    past that, a NaN and a tie among them (a row's max set so that some x / s lands on .5)."""
+def test_quantize_per_token_row_lengths(impl, dtype, one_pass, monkeypatch):
+    """Every per-token kernel: the two-pass kernel (the default), and with PTQRT_CUDA_QUANT_1PASS=1 rows
+    held in registers in 1, 2 and 4 vectors a thread, the two-pass kernel past that; a NaN and a tie
+    among them (a row's max set so that some x / s lands on .5)."""
+    if one_pass is None:
+        monkeypatch.delenv("PTQRT_CUDA_QUANT_1PASS", raising=False)
+    else:
+        monkeypatch.setenv("PTQRT_CUDA_QUANT_1PASS", one_pass)
     dev = impl.device
     vec = 16 // torch.tensor([], dtype=dtype).element_size()
     for i, units in enumerate((200, 300, 500, 800, 1024, 1025, 1500)):
@@ -445,7 +451,8 @@ def test_w8a16_gemv_ring(impl, dtype, monkeypatch):
     if not impl.small:
         cases += [(1, 4096, 4096, 0), (1, 28672, 8192, 0), (16, 11008, 4096, 128), (5, 1000, 8192, 0)]
     _check_w8a16(impl, dtype, cases)
-    # Same windows per warp, same MMA order per accumulator, same reduction: bit for bit the default GEMV.
+    # Same windows per warp, same MMA order per accumulator, same reduction: bit for bit the
+    # register-staged GEMV (PTQRT_CUDA_GEMV_RING=0).
     dev = impl.device
     for m, n, k, g in cases[:4]:
         x, w_q = _rand((m, k), dtype, dev), rand_int8(n, k, device=dev)
@@ -454,7 +461,7 @@ def test_w8a16_gemv_ring(impl, dtype, monkeypatch):
         monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "0")
         default = impl("w8a16_gemm", x, w_q, w_scale, None, g)
         monkeypatch.setenv("PTQRT_CUDA_GEMV_RING", "1")
-        assert torch.equal(ring, default), f"(M, N, K, group) = {(m, n, k, g)}: the ring GEMV differs from the default"
+        assert torch.equal(ring, default), f"(M, N, K, group) = {(m, n, k, g)}: the ring GEMV differs from the other"
 
 
 # ------------------------------------------------------------------------------------------ kv cache
@@ -466,15 +473,26 @@ def _kv_scales(nb, bs, h, d, dynamic, dev):
 
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_kv_cache_append(impl, dtype, dynamic):
+@pytest.mark.parametrize("vec", (None, "1"), ids=("default", "vec4"))
+def test_kv_cache_append(impl, dtype, dynamic, vec, monkeypatch):
+    """Against the reference, bit for bit; with PTQRT_CUDA_APPEND_VEC=1 the 4-wide kernel where it
+    applies (D % 4 == 0 up to 512: 1, 2 and 4 chunks a lane, a partial chunk) and the one-byte kernel
+    elsewhere (D = 130, D = 520, a source that starts off its 4-value alignment)."""
+    if vec is None:
+        monkeypatch.delenv("PTQRT_CUDA_APPEND_VEC", raising=False)
+    else:
+        monkeypatch.setenv("PTQRT_CUDA_APPEND_VEC", vec)
     dev = impl.device
-    cases = [(0, 2, 64, 4, 16), (5, 2, 64, 4, 16), (3, 3, 40, 3, 7), (2, 1, 130, 2, 5)]
+    cases = [(0, 2, 64, 4, 16), (5, 2, 64, 4, 16), (3, 3, 40, 3, 7), (2, 1, 130, 2, 5), (3, 2, 384, 3, 4),
+             (2, 1, 520, 2, 3), (4, 2, 256, 3, 4, "offset")]
     if not impl.small:
-        cases += [(4096, 8, 128, 300, 16), (7, 4, 256, 9, 32)]
-    for t, h, d, nb, bs in cases:
+        cases += [(4096, 8, 128, 300, 16), (7, 4, 256, 9, 32), (300, 32, 128, 40, 16, "offset")]
+    for t, h, d, nb, bs, *offset in cases:
         k_cache, v_cache = rand_int8(nb, bs, h, d, device=dev), rand_int8(nb, bs, h, d, device=dev)
         k_scale, v_scale = _kv_scales(nb, bs, h, d, dynamic, dev)
         k, v = _rand((t, h, d), dtype, dev, 2.0), _rand((t, h, d), FLOATS[(FLOATS.index(dtype) + t) % 3], dev)
+        if offset:
+            k = _offset_view(k)
         slots = torch.randperm(nb * bs, device=dev)[:t]
         if t > 1:
             slots[1] = -1  # padding: skipped
@@ -522,13 +540,16 @@ def _check_decode(impl, case, dtype, dynamic) -> tuple:
     return args
 
 
-@pytest.mark.parametrize("stream", ("1", "0"), ids=("default", "two-phase"))
+@pytest.mark.parametrize("stream", (None, "0"), ids=("default", "two-phase"))
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_kv_decode_attention(impl, dtype, dynamic, stream, monkeypatch):
-    """The default kernels, and with the streaming kernel switched off (PTQRT_CUDA_DECODE_STREAM=0:
-    the two-phase kernel for every group size)."""
-    monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", stream)
+    """The default kernels (streaming without GQA, two-phase with it), and with the streaming kernel
+    switched off (PTQRT_CUDA_DECODE_STREAM=0: the two-phase kernel for every group size)."""
+    if stream is None:
+        monkeypatch.delenv("PTQRT_CUDA_DECODE_STREAM", raising=False)
+    else:
+        monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", stream)
     for case in _attn_cases(impl):
         _check_decode(impl, case, dtype, dynamic)
 
@@ -536,7 +557,7 @@ def test_int8_kv_decode_attention(impl, dtype, dynamic, stream, monkeypatch):
 def _stream_cases(impl):
     """Cases the streaming kernel serves (1-2 query heads per kv head with D in {64, 128, 256}, groups of
     3-4 with D in {64, 128}): partial tiles, a length-0 sequence, several splits (the emulator's 8 SMs),
-    and two it does not (a group of 8, D = 40) that must fall back to the default kernel."""
+    and two it does not (a group of 8, D = 40) that must fall back to the two-phase kernel."""
     cases = [(2, 4, 4, 128, 12, 16, 6, [37, 96]), (3, 4, 2, 64, 10, 8, 8, [0, 61, 5]),
              (1, 2, 1, 256, 6, 16, 6, [90]), (1, 2, 2, 128, 40, 16, 40, [600]), (2, 8, 2, 128, 6, 16, 4, [50, 9]),
              (2, 6, 2, 64, 10, 8, 8, [0, 61]), (1, 16, 2, 128, 6, 16, 4, [45]), (1, 2, 2, 40, 4, 16, 4, [33]),
@@ -551,14 +572,14 @@ def _stream_cases(impl):
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_kv_decode_attention_streaming(impl, dtype, dynamic, monkeypatch):
-    """The streaming decode kernel (kernels/decode_stream.cuh, the default; PTQRT_CUDA_DECODE_STREAM) against the
-    reference, and against the default kernel where blocks are unreadable (ids past num_blocks: no
+    """The streaming decode kernel (kernels/decode_stream.cuh; PTQRT_CUDA_DECODE_STREAM=1: every group it
+    serves) against the reference, and against the two-phase kernel where blocks are unreadable (ids past num_blocks: no
     weight in either)."""
     monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")
     for case in _stream_cases(impl):
         q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale = _check_decode(impl, case, dtype, dynamic)
         nb = k_cache.shape[0]
-        # Unreadable blocks: every third table entry out of range; the default kernel is the reference.
+        # Unreadable blocks: every third table entry out of range; the two-phase kernel is the reference.
         bad = table.clone()
         bad[:, ::3] = nb + 5
         bad[bad == 0] = nb + 5  # block 0 is never live here

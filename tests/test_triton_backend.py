@@ -386,8 +386,12 @@ def test_bench_gpu_code_paths(monkeypatch, tmp_path):
     rows += bench_gpu.bench_w8a16_gemm(impls, ceil, ((32, 64),), (2,), "cpu")
     rows += bench_gpu.bench_quantize("quantize_per_token", impls, ceil, ((2048, 16),), "cpu")
     rows += bench_gpu.bench_kv_cache_append(impls, ceil, (8,), "cpu")
-    rows += bench_gpu.bench_decode(impls, ceil, ((1, 32),), "cpu")
+    rows += bench_gpu.bench_decode(impls, ceil, ((1, 32), (1, 32, 1)), "cpu")  # MHA, and GQA (2 over 1)
     ours = [r for r in rows if r["kind"] == "ours"]
+    mha, gqa = [r for r in ours if r["op"] == "int8_kv_decode_attention"]
+    assert (mha["HKV"], gqa["HKV"], gqa["H"]) == (2, 1, 2) and bench_gpu._mha(mha) and not bench_gpu._mha(gqa)
+    assert bench_gpu._shape_str(mha) != bench_gpu._shape_str(gqa)  # twins and variants pair like with like
+    assert any(r["kind"] == "peer" and r.get("HKV") == 1 for r in rows)  # SDPA with enable_gqa
     assert {r["op"] for r in ours} == {"w8a8_gemm", "w8a16_gemm", "quantize_per_token", "kv_cache_append",
                                        "int8_kv_decode_attention"}
     m17 = next(r for r in ours if r["op"] == "w8a8_gemm" and r["M"] == 17)

@@ -67,7 +67,7 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
   a.max_blocks = static_cast<int>(max_blocks);
   a.sm_scale = static_cast<float>(sm_scale);
   a.vec = aligned16(k_cache) && aligned16(v_cache);
-  a.stream = decode_stream_enabled();
+  a.stream = decode_stream_enabled(Hq / Hkv);
 
   // Split the KV range so that about two waves of CTAs run, each on >= 64 tokens, none on more than a
   // chunk's worth of scores in shared memory. seq_lens stay on the device (no sync, graph-safe), so

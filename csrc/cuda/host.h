@@ -64,20 +64,39 @@ inline bool w8a16_wgmma_enabled() {
 }
 
 // The streaming decode kernel (kernels/decode_stream.cuh: one pass, online softmax, coalesced K / V
-// rows) for 1-2 query heads per kv head and D in {64, 128, 256} (measured on an H100,
-// bench/NOTES.md: 1.3-1.9x the two-phase kernel). PTQRT_CUDA_DECODE_STREAM=0 turns it off.
-inline bool decode_stream_enabled() {
+// rows) serves 1-2 query heads per kv head with D in {64, 128, 256} and groups of 3-4 with D in
+// {64, 128}. Measured on an H100 without GQA only (bench/NOTES.md: 1.3-1.9x the two-phase kernel),
+// so by default it runs without GQA; PTQRT_CUDA_DECODE_STREAM=1 runs it wherever it applies (GQA
+// groups too, unmeasured), =0 nowhere.
+inline bool decode_stream_enabled(int64_t group) {
   const char* s = std::getenv("PTQRT_CUDA_DECODE_STREAM");
-  return !(s != nullptr && s[0] == '0');
+  if (s != nullptr && s[0] == '0') return false;
+  if (s != nullptr && s[0] == '1') return true;
+  return group == 1;
 }
 
 // The fp16 / bf16 w8a16_gemm GEMV (M <= 16) with its weight loads in a per-warp cp.async ring
 // (kernels/w8a16_gemv.cuh; measured on an H100, bench/NOTES.md: 1.01-1.44x the register-staged GEMV).
-// PTQRT_CUDA_GEMV_RING=0 turns it off. (The w8a8 GEMV's ring ran 0.58-0.82x its register-staged
-// GEMV there and was removed.)
+// PTQRT_CUDA_GEMV_RING=0 turns it off. (The w8a8 GEMV's ring ran 0.58x its register-staged GEMV
+// there, geomean over the shapes, and was removed.)
 inline bool gemv_ring_enabled() {
   const char* s = std::getenv("PTQRT_CUDA_GEMV_RING");
   return !(s != nullptr && s[0] == '0');
+}
+
+// quantize_per_token with rows of up to 4 16-byte vectors a thread kept in registers (one read of x):
+// opt-in with PTQRT_CUDA_QUANT_1PASS=1 (it ran slower than the two-pass kernel on an H100; timed beside
+// it again in the next device check).
+inline bool quant_one_pass_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_QUANT_1PASS");
+  return s != nullptr && s[0] == '1';
+}
+
+// kv_cache_append with 4 values a lane, the row read once (kernels/kv_cache.cuh): opt-in with
+// PTQRT_CUDA_APPEND_VEC=1 until measured on a GPU.
+inline bool append_vec4_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_APPEND_VEC");
+  return s != nullptr && s[0] == '1';
 }
 
 inline std::string describe(const at::Tensor& t) {

@@ -37,6 +37,14 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   a.H = static_cast<int>(H);
   a.D = static_cast<int>(D);
   a.num_slots = nb * bs;
+  if (append_vec4_enabled() && D % 4 == 0 && D <= 512) {
+    // 4 values a lane: the sources aligned to 4 of their values, the caches to 4 bytes, a static
+    // scale to 16 bytes (rows of D % 4 == 0 values keep every row so).
+    auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    a.vec4 = aligned(k.data_ptr(), 4 * k.element_size()) && aligned(v.data_ptr(), 4 * v.element_size()) &&
+             aligned(a.kv[0].cache, 4) && aligned(a.kv[1].cache, 4) && (k_dyn || aligned(a.kv[0].scale, 16)) &&
+             (v_dyn || aligned(a.kv[1].scale, 16));
+  }
   const cudaStream_t stream = current_stream();
   if (k.scalar_type() == v.scalar_type()) {
     a.streams = 2;

@@ -4,12 +4,42 @@
 
 namespace ptqrt {
 namespace cuda {
+namespace {
+
+template <typename T, int CHUNKS>
+cudaError_t launch_vec4_n(dim3 grid, int threads, const KvAppendArgs& a, cudaStream_t stream) {
+  auto kernel = kv_cache_append_vec4_kernel<T, CHUNKS>;
+  PTQRT_LAUNCH(kernel, grid, threads, 0, stream)(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_vec4(int chunks, dim3 grid, int threads, const KvAppendArgs& a, cudaStream_t stream) {
+  switch (chunks) {
+    case 1: return launch_vec4_n<T, 1>(grid, threads, a, stream);
+    case 2: return launch_vec4_n<T, 2>(grid, threads, a, stream);
+    case 3:
+    case 4: return launch_vec4_n<T, 4>(grid, threads, a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
 
 cudaError_t launch_kv_cache_append(DType dt, const KvAppendArgs& a, cudaStream_t stream) {
   const int64_t units = int64_t(a.T) * a.H;
   if (units == 0 || a.D == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>((units + kAppendWarps - 1) / kAppendWarps), a.streams);
   const int threads = kAppendWarps * kWarp;
+  if (a.vec4) {  // D % 4 == 0, D <= 512, aligned (the host checked)
+    const int chunks = (a.D + 4 * kWarp - 1) / (4 * kWarp);
+    switch (dt) {
+      case DType::F16: return launch_vec4<__half>(chunks, grid, threads, a, stream);
+      case DType::BF16: return launch_vec4<__nv_bfloat16>(chunks, grid, threads, a, stream);
+      case DType::F32: return launch_vec4<float>(chunks, grid, threads, a, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   auto f16 = kv_cache_append_kernel<__half>;
   auto bf16 = kv_cache_append_kernel<__nv_bfloat16>;
   auto f32 = kv_cache_append_kernel<float>;

@@ -18,8 +18,9 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, I32 = 3 };
 // ---------------------------------------------------------------- quantize (quantize_kernels.cu)
 // x [M, K] of `dt`; smooth [K] float32 or null; x_q int8 [M, K]; x_scale float32 [M].
 // vec: x, smooth, x_q rows are 16-byte aligned and K is a multiple of 16 (vector loads allowed).
+// one_pass: rows of up to 4 vectors a thread kept in registers (PTQRT_CUDA_QUANT_1PASS=1).
 cudaError_t launch_quantize_per_token(DType dt, const void* x, const float* smooth, int8_t* x_q, float* x_scale,
-                               int64_t M, int64_t K, bool vec, cudaStream_t stream);
+                               int64_t M, int64_t K, bool vec, bool one_pass, cudaStream_t stream);
 // x [M, K] of `dt`; scale: one float32 on the device; smooth [K] float32 or null; x_q int8 [M, K].
 cudaError_t launch_quantize_per_tensor(DType dt, const void* x, const float* scale, const float* smooth, int8_t* x_q,
                                 int64_t M, int64_t K, bool vec, cudaStream_t stream);
@@ -100,6 +101,7 @@ struct KvAppendArgs {
   bool slots_i64;
   int T, H, D;
   int64_t num_slots;        // num_blocks * block_size: slots at or past it are skipped (never written)
+  bool vec4 = false;        // the 4-wide kernel (PTQRT_CUDA_APPEND_VEC=1; D % 4 == 0, D <= 512, aligned)
 };
 cudaError_t launch_kv_cache_append(DType dt, const KvAppendArgs& args, cudaStream_t stream);
 

@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, const
   check_launch(op, launch_quantize_per_token(to_dtype(x.scalar_type()), x.data_ptr(),
                                                    sm.defined() ? sm.data_ptr<float>() : nullptr,
                                                    x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), M, K, vec,
-                                                   current_stream()));
+                                                   quant_one_pass_enabled(), current_stream()));
   return {x_q, x_scale};
 }
 

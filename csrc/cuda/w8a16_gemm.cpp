@@ -1,5 +1,5 @@
 // Host glue of w8a16_gemm: check, then pick the path -- tensor-core GEMV (M <= 16), tensor-core GEMM
-// (fp16/bf16, M > 16: mma.sync, or on sm_90 with PTQRT_CUDA_WGMMA_W8A16=1 the TMA + wgmma kernel),
+// (fp16/bf16, M > 16: on sm_90 the TMA + wgmma kernel unless PTQRT_CUDA_WGMMA_W8A16=0, else mma.sync),
 // or the CUDA-core kernels for fp32 activations and odd shapes.
 #include "host.h"
 #include "ops.h"

@@ -16,27 +16,100 @@ namespace cuda {
 
 constexpr int kAppendWarps = 4;
 
+// The (token, head) row this warp appends: its index in the source, its head, and its row in the cache
+// (slot * H + head); false past the last row or for a skipped slot (negative, or past the cache).
+struct AppendRow {
+  int64_t unit, row;
+  int h;
+};
+__device__ __forceinline__ bool append_row(const KvAppendArgs& a, AppendRow& r) {
+  r.unit = int64_t(blockIdx.x) * kAppendWarps + threadIdx.x / kWarp;
+  if (r.unit >= int64_t(a.T) * a.H) return false;
+  const int t = static_cast<int>(r.unit / a.H);
+  r.h = static_cast<int>(r.unit % a.H);
+  const int64_t slot = a.slots_i64 ? static_cast<const int64_t*>(a.slots)[t] : static_cast<const int32_t*>(a.slots)[t];
+  if (slot < 0 || slot >= a.num_slots) return false;
+  r.row = slot * a.H + r.h;
+  return true;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_kernel(KvAppendArgs a) {
   const KvStream s = blockIdx.y == 0 ? a.kv[0] : a.kv[1];  // no dynamic index into the parameter space
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t unit = int64_t(blockIdx.x) * kAppendWarps + warp;  // (token, head)
-  if (unit >= int64_t(a.T) * a.H) return;
-  const int t = static_cast<int>(unit / a.H), h = static_cast<int>(unit % a.H);
-  const int64_t slot = a.slots_i64 ? static_cast<const int64_t*>(a.slots)[t] : static_cast<const int32_t*>(a.slots)[t];
-  if (slot < 0 || slot >= a.num_slots) return;
-
-  const T* src = static_cast<const T*>(s.src) + unit * a.D;
-  int8_t* dst = s.cache + (slot * a.H + h) * a.D;
+  const int lane = threadIdx.x % kWarp;
+  AppendRow r;
+  if (!append_row(a, r)) return;
+  const T* src = static_cast<const T*>(s.src) + r.unit * a.D;
+  int8_t* dst = s.cache + r.row * a.D;
   if (s.dynamic) {
     float amax = 0.f;
     for (int d = lane; d < a.D; d += kWarp) amax = nan_max(amax, fabsf(to_float(src[d])));
     const float sc = absmax_scale(warp_nan_max(amax));
-    if (lane == 0) s.scale[slot * a.H + h] = sc;
+    if (lane == 0) s.scale[r.row] = sc;
     for (int d = lane; d < a.D; d += kWarp) dst[d] = round_clamp_int8(to_float(src[d]) / sc);
   } else {
-    const float* sc = s.scale + int64_t(h) * a.D;
+    const float* sc = s.scale + int64_t(r.h) * a.D;
     for (int d = lane; d < a.D; d += kWarp) dst[d] = round_clamp_int8(to_float(src[d]) / sc[d]);
+  }
+}
+
+// The same, 4 consecutive values a lane (one 8- or 16-byte load, one 4-byte store, the row kept in
+// registers between the absmax and the quantization: x is read once), for D % 4 == 0 and
+// D <= 128 * CHUNKS, with src, the cache and a static scale aligned to 4 values. The kernel above
+// reads each row twice with 2-byte loads and writes single bytes: on an H100 it ran 94 us at 4096
+// tokens of 32 x 128 (fp16 k and v), against Triton's 45 and a 34 us floor. Same arithmetic per
+// value: bit-identical. Opt-in (PTQRT_CUDA_APPEND_VEC=1) until measured.
+template <typename T, int CHUNKS>
+__global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_vec4_kernel(KvAppendArgs a) {
+  struct alignas(4 * sizeof(T)) Src4 {
+    T v[4];
+  };
+  struct alignas(4) Q4 {
+    int8_t q[4];
+  };
+  struct alignas(16) Scale4 {
+    float s[4];
+  };
+  const KvStream s = blockIdx.y == 0 ? a.kv[0] : a.kv[1];
+  const int lane = threadIdx.x % kWarp;
+  AppendRow r;
+  if (!append_row(a, r)) return;
+  const T* src = static_cast<const T*>(s.src) + r.unit * a.D;
+  int8_t* dst = s.cache + r.row * a.D;
+  float v[CHUNKS][4];
+  float amax = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int d = (c * kWarp + lane) * 4;
+    if (d < a.D) {
+      const Src4 r = *reinterpret_cast<const Src4*>(src + d);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        v[c][j] = to_float(r.v[j]);
+        amax = nan_max(amax, fabsf(v[c][j]));
+      }
+    }
+  }
+  float sc = 1.f;
+  if (s.dynamic) {
+    sc = absmax_scale(warp_nan_max(amax));
+    if (lane == 0) s.scale[r.row] = sc;
+  }
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int d = (c * kWarp + lane) * 4;
+    if (d < a.D) {
+      Q4 q;
+      if (s.dynamic) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) q.q[j] = round_clamp_int8(v[c][j] / sc);
+      } else {
+        const Scale4 st = *reinterpret_cast<const Scale4*>(s.scale + int64_t(r.h) * a.D + d);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) q.q[j] = round_clamp_int8(v[c][j] / st.s[j]);
+      }
+      *reinterpret_cast<Q4*>(dst + d) = q;
+    }
   }
 }
 

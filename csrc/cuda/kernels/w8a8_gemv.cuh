@@ -17,7 +17,7 @@ namespace cuda {
 
 constexpr int kW8A8GemvWarps = 8;
 
-// The GEMVs' end: add the warps' partial sums (int32: exact in any order); warp 0 applies the epilogue.
+// The GEMV's end: add the warps' partial sums (int32: exact in any order); warp 0 applies the epilogue.
 template <typename OutT, int NT>
 __device__ __forceinline__ void w8a8_gemv_finish(int (&acc)[NT][4], int warp, int lane, int n0,
                                                  const W8A8Epilogue& epi, OutT* __restrict__ out, int M, int N) {
