@@ -167,7 +167,7 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
 
 # 2. CUDA build in the background, Triton GPU tests meanwhile ----------------------------------
-BACKENDS=triton CUDA_OK=0
+BACKENDS=triton,triton-cached CUDA_OK=0
 BUILD_PID=""
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
     (timeout --kill-after=10 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" \
@@ -183,8 +183,9 @@ if [ -n "$BUILD_PID" ]; then
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
     # cuda-stream-gqa: the streaming decode for GQA groups too (PTQRT_CUDA_DECODE_STREAM=1; the
     # default without GQA); cuda-append-vec: kv_cache_append 4 values a lane (PTQRT_CUDA_APPEND_VEC=1);
-    # cuda-quant1: quantize_per_token with the row kept in registers (PTQRT_CUDA_QUANT_1PASS=1).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,cuda,cuda-stream-gqa,cuda-append-vec,cuda-quant1
+    # cuda-quant1: quantize_per_token with the row kept in registers (PTQRT_CUDA_QUANT_1PASS=1);
+    # triton-cached: the Triton GEMMs past the autotuner's per-call Python (PTQRT_TRITON_LAUNCH_CACHE=1).
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,cuda,cuda-stream-gqa,cuda-append-vec,cuda-quant1
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

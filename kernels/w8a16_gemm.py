@@ -276,7 +276,8 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         args = head + (part, counters) + shape
         if tune:
             grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-            _gemv_tuned[grid](*args, BLOCK_M=GEMV_MAX_M, **flags)
+            key = (x.device.index, shape[-1], n, k, g, x.dtype, bias_arg.dtype)
+            _common.tuned_launch(_gemv_tuned, grid, args, key, BLOCK_M=GEMV_MAX_M, **flags)
         else:
             if _common.interpreting():
                 meta, stages = dict(INTERPRET["gemv"]), 1
@@ -292,7 +293,8 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     args = head + shape
     if tune:
         grid = lambda meta: (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemm_tuned[_size_class(m)][grid](*args, **flags)
+        key = (x.device.index, shape[-1], n, k, g, x.dtype, bias_arg.dtype)
+        _common.tuned_launch(_gemm_tuned[_size_class(m)], grid, args, key, **flags)
     else:
         if _common.interpreting():
             meta, warps, stages = INTERPRET["gemm"], 4, 1

@@ -219,7 +219,8 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         args = head + (part, counters) + shape
         if tune:
             grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-            _gemv_tuned[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, **flags)
+            key = (x_q.device.index, shape[-1], n, k, out.dtype, bias_arg.dtype)
+            _common.tuned_launch(_gemv_tuned, grid, args, key, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, **flags)
         else:
             if _common.interpreting():
                 meta, warps, stages = dict(INTERPRET["gemv"]), 4, 1
@@ -235,7 +236,8 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
     args = head + shape
     if tune:
         grid = lambda meta: (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemm_tuned[_size_class(m)][grid](*args, enable_fp_fusion=False, **flags)
+        key = (x_q.device.index, shape[-1], n, k, out.dtype, bias_arg.dtype)
+        _common.tuned_launch(_gemm_tuned[_size_class(m)], grid, args, key, enable_fp_fusion=False, **flags)
     else:
         if _common.interpreting():
             meta, warps, stages = INTERPRET["gemm"], 4, 1

@@ -649,3 +649,53 @@ def test_scratch_buffers_are_shared_per_caller_and_grow():
     t.start()
     t.join()
     assert other[0].data_ptr() != big.data_ptr()  # another thread never shares a caller's partials
+
+
+@cpu_only
+@pytest.mark.parametrize("op", ("w8a8", "w8a16"))
+@pytest.mark.parametrize("m", (3, 40))
+def test_launch_cache_passes_what_the_wrappers_chose(monkeypatch, op, m):
+    """PTQRT_TRITON_LAUNCH_CACHE=1: after a key's first call through triton.autotune and
+    triton.heuristics, later calls launch the kernel itself with the same arguments, config and
+    heuristic values (here the autotuned paths run with timing and launch stubbed out); a new key
+    (another K, another out dtype) goes through the wrappers again."""
+    monkeypatch.setattr(_common, "autotuning", lambda t: True)
+    monkeypatch.setattr(_common, "num_sms", lambda device: 132)
+    mod = w8a8_mod if op == "w8a8" else w8a16_mod
+    tuned = mod._gemv_tuned if m <= mod.GEMV_MAX_M else mod._gemm_tuned[mod._size_class(m)]
+    kernel = _common._jit_of(tuned)
+    assert kernel is not tuned
+    calls = []
+    monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, **kw: calls.append((a, kw)))
+    # A deterministic "fastest" config, different from the first one listed
+    monkeypatch.setattr(tuned, "_bench", lambda *a, config, **kw: -config.kwargs["BLOCK_K"] - config.num_stages)
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(_common, "_LAUNCHES", {})
+
+    def call(k=64, out_dtype=torch.float16):
+        if op == "w8a8":
+            x_q, w_q = rand_int8(m, k), rand_int8(24, k)
+            w8a8_mod.w8a8_gemm(x_q, rand_scale(m), w_q, rand_scale(24), None, out_dtype)
+        else:
+            w8a16_mod.w8a16_gemm(torch.randn(m, k, dtype=out_dtype), rand_int8(24, k), rand_scale(24), None, 0)
+
+    def signature(c):  # tensors by shape and dtype (fresh ones each call), everything else by value
+        a, kw = c
+        return ([(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in a],
+                {k: v for k, v in kw.items()})
+
+    monkeypatch.delenv("PTQRT_TRITON_LAUNCH_CACHE", raising=False)
+    call()
+    wrapped = signature(calls[-1])
+    monkeypatch.setenv("PTQRT_TRITON_LAUNCH_CACHE", "1")
+    monkeypatch.setattr(tuned, "cache", {})
+    call()  # first call of the key: through the wrappers
+    assert signature(calls[-1]) == wrapped and len(_common._LAUNCHES) == 1
+    with monkeypatch.context() as mp:
+        mp.setattr(tuned, "_bench", lambda *a, **kw: pytest.fail("the cached call re-ran the autotuner"))
+        mp.setattr(tuned, "run", lambda *a, **kw: pytest.fail("the cached call went through the autotuner"))
+        call()
+    assert signature(calls[-1]) == wrapped  # the same config and heuristic values, directly
+    assert {"EVEN_K", "num_warps", "num_stages"} <= set(calls[-1][1])
+    call(k=96, out_dtype=torch.bfloat16)  # another key: the wrappers again, then kept
+    assert len(_common._LAUNCHES) == 2
