@@ -74,7 +74,8 @@ def build(dev: torch.device) -> dict:
     return models
 
 
-def run(device: str = "cpu", tokens: int = 64, rounds: int = 5) -> dict:
+def run(device: str = "cpu", tokens: int = 64, rounds: int = 5, keep: str = "") -> dict:
+    """Times per form; with keep = a form's name, res["_kept"] = (that model, the prompt ids)."""
     import transformers
 
     dev = torch.device(device)
@@ -94,10 +95,51 @@ def run(device: str = "cpu", tokens: int = 64, rounds: int = 5) -> dict:
     ref = statistics.median(times[float_name])
     rows = {name: {"min_ms": min(ts), "median_ms": statistics.median(ts), "ms": ts,
                    "vs_float": statistics.median(ts) / ref} for name, ts in times.items()}
-    return {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "tokens": tokens, "rounds": rounds, "prompt_tokens": int(ids.shape[1]), "float": float_name,
-            "forms": rows}
+    res = {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
+           "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+           "tokens": tokens, "rounds": rounds, "prompt_tokens": int(ids.shape[1]), "float": float_name,
+           "forms": rows}
+    if keep in models:
+        res["_kept"] = (models[keep], ids)
+    return res
+
+
+def profile(model, ids: torch.Tensor, tokens: int, top: int = 15) -> list[str]:
+    """Where one generate's host time goes, per generated token (cProfile, own time), and on a GPU
+    every call that waited for it (torch.cuda.set_sync_debug_mode: a synchronizing call in a decode
+    step stalls the host once per call, however fast the kernels are)."""
+    import cProfile
+    import pstats
+    import warnings
+
+    prof = cProfile.Profile()
+    syncs: dict[str, int] = {}
+    cuda = ids.device.type == "cuda"
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.synchronize(ids.device)
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            prof.enable()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            prof.disable()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).name}:{w.lineno}"
+            syncs[where] = syncs.get(where, 0) + 1
+    out = [f"{'own us/tok':>10} {'cum us/tok':>10} {'calls/tok':>9}  function"]
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    for (file, line, name), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{Path(file).name}:{line}" if line else file
+        out.append(f"{tottime / tokens * 1e6:10.1f} {cumtime / tokens * 1e6:10.1f} {ncalls / tokens:9.1f}  {name} ({where})")
+    if cuda:
+        out.append("calls that waited for the GPU (sync debug mode), per generate: "
+                   + (", ".join(f"{k} x{v}" for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])) or "none"))
+    return out
 
 
 def lines(res: dict) -> list[str]:
@@ -117,6 +159,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", default="", help="where to write the results (default bench/results/...)")
+    ap.add_argument("--profile", default="", metavar="FORM",
+                    help="then profile one generate of this form (e.g. 'int8 KV'): host time per token by "
+                         "function, and on a GPU the calls that waited for it")
     a = ap.parse_args(argv)
     if a.tokens < 1 or a.rounds < 1:
         ap.error("--tokens and --rounds must be at least 1")
@@ -124,8 +169,14 @@ def main(argv=None) -> int:
         ap.error("--device cuda: no CUDA device is visible")
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = run(a.device, a.tokens, a.rounds)
+    if a.profile and a.profile not in ("fp16", "fp32", *(n for n, _ in FORMS)):
+        ap.error(f"--profile: no form {a.profile!r}; choose from {', '.join(n for n, _ in FORMS)} or the float one")
+    res = run(a.device, a.tokens, a.rounds, keep=a.profile)
     print("\n".join(lines(res)))
+    if a.profile:
+        model, ids = res.pop("_kept")
+        print(f"\nprofile of one generate of {a.profile!r} ({a.tokens} tokens):")
+        print("\n".join(profile(model, ids, a.tokens)))
     path = Path(a.json) if a.json else ROOT / "bench" / "results" / f"decode_{a.device}_{platform.node() or 'host'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
