@@ -38,6 +38,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -96,21 +97,6 @@ struct Block {
   std::function<void()> body;
   ucontext_t sched;
   std::string error;
-  struct Cluster* cluster = nullptr;  // the thread block cluster this CTA runs in (a cluster of 1 by default)
-  int cluster_rank = 0;
-};
-
-// A thread block cluster: its CTAs run together (their threads interleaved), so that one may wait on
-// another's barriers; barrier.cluster over all of their live threads.
-struct Cluster {
-  std::vector<Block*> blocks;
-  int arrived = 0;
-  uint64_t gen = 0;
-  int live() const {
-    int n = 0;
-    for (const Block* b : blocks) n += b->live;
-    return n;
-  }
 };
 
 inline Block* g_block = nullptr;
@@ -204,20 +190,6 @@ inline int lane_id() { return g_thread->linear % 32; }
 // ------------------------------------------------------------------ running a grid
 inline void (*g_exit_hook)() = nullptr;  // emu_sm90.h: no wgmma may be left in flight at exit
 
-// barrier.cluster.arrive + wait: every live thread of every CTA of the cluster.
-inline void cluster_barrier() {
-  Cluster* c = g_block->cluster;
-  ++c->arrived;
-  ++g_block->events;
-  if (c->arrived == c->live()) {
-    c->arrived = 0;
-    ++c->gen;
-    return;
-  }
-  const uint64_t gen = c->gen;
-  while (c->gen == gen) yield();
-}
-
 inline void thread_entry() {
   Thread* t = g_thread;
   g_block->body();
@@ -233,71 +205,63 @@ inline void thread_entry() {
     b->bar_arrived = 0;
     ++b->bar_gen;
   }
-  Cluster* c = b->cluster;
-  if (c->arrived > 0 && c->arrived == c->live()) {
-    c->arrived = 0;
-    ++c->gen;
-  }
   swapcontext(&t->ctx, &b->sched);
 }
 
-// Runs the CTAs of one cluster to completion, their threads interleaved round-robin.
-inline void run_cluster(std::vector<Block>& bs) {
-  Cluster cluster;
-  for (size_t r = 0; r < bs.size(); ++r) {
-    Block& b = bs[r];
-    b.cluster = &cluster;
-    b.cluster_rank = static_cast<int>(r);
-    cluster.blocks.push_back(&b);
-    const int n = b.nthreads;
-    if (n % 32 != 0) throw std::runtime_error("ptqrt CUDA emulator: block size must be a multiple of 32");
-    b.threads.assign(n, Thread{});
-    b.warps.assign(n / 32, Warp{});
-    b.live = n;
+inline void run_block(Block& b) {
+  g_block = &b;
+  const int n = b.nthreads;
+  if (n % 32 != 0) throw std::runtime_error("ptqrt CUDA emulator: block size must be a multiple of 32");
+  b.threads.assign(n, Thread{});
+  b.warps.assign(n / 32, Warp{});
+  b.live = n;
+  for (int i = 0; i < n; ++i) {
+    Thread& t = b.threads[i];
+    t.linear = i;
+    t.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
+    t.stack = stack_for(i);
+    getcontext(&t.ctx);
+    t.ctx.uc_stack.ss_sp = t.stack;
+    t.ctx.uc_stack.ss_size = kStackBytes;
+    t.ctx.uc_link = &b.sched;
+    makecontext(&t.ctx, reinterpret_cast<void (*)()>(&thread_entry), 0);
+  }
+  int remaining = n;
+  while (remaining > 0) {
+    const uint64_t before = b.events;
     for (int i = 0; i < n; ++i) {
       Thread& t = b.threads[i];
-      t.linear = i;
-      t.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
-      t.stack = stack_for(static_cast<int>(r) * n + i);
-      getcontext(&t.ctx);
-      t.ctx.uc_stack.ss_sp = t.stack;
-      t.ctx.uc_stack.ss_size = kStackBytes;
-      t.ctx.uc_link = &b.sched;
-      makecontext(&t.ctx, reinterpret_cast<void (*)()>(&thread_entry), 0);
+      if (t.done) continue;
+      g_thread = &t;
+      swapcontext(&b.sched, &t.ctx);
+      if (!b.error.empty()) throw std::runtime_error(b.error);
     }
-  }
-  auto events = [&] {
-    uint64_t e = 0;
-    for (const Block& b : bs) e += b.events;
-    return e;
-  };
-  int remaining = 1;
-  while (remaining > 0) {
-    const uint64_t before = events();
-    for (Block& b : bs)
-      for (Thread& t : b.threads) {
-        if (t.done) continue;
-        g_block = &b;
-        g_thread = &t;
-        swapcontext(&b.sched, &t.ctx);
-        if (!b.error.empty()) throw std::runtime_error(b.error);
-      }
     remaining = 0;
-    for (const Block& b : bs)
-      for (const Thread& t : b.threads) remaining += t.done ? 0 : 1;
-    if (remaining > 0 && events() == before) {
+    for (const Thread& t : b.threads) remaining += t.done ? 0 : 1;
+    if (remaining > 0 && b.events == before) {
       std::ostringstream s;
-      const Block& b = bs[0];
-      s << "ptqrt CUDA emulator: deadlock in block (" << b.bid.x << "," << b.bid.y << "," << b.bid.z << ")";
-      if (bs.size() > 1) s << " and the rest of its cluster of " << bs.size();
-      s << ": " << remaining << " threads wait (barrier arrivals " << b.bar_arrived << " of " << b.live << ")";
-      for (const Block& c : bs)
-        for (const Warp& w : c.warps)
-          if (w.arrived) s << "; a warp waits in " << w.op << " with " << w.arrived << " lanes";
+      s << "ptqrt CUDA emulator: deadlock in block (" << b.bid.x << "," << b.bid.y << "," << b.bid.z << "): "
+        << remaining << " threads wait (barrier arrivals " << b.bar_arrived << " of " << b.live << ")";
+      for (const Warp& w : b.warps)
+        if (w.arrived) s << "; a warp waits in " << w.op << " with " << w.arrived << " lanes";
       throw std::runtime_error(s.str());
     }
   }
   g_thread = nullptr;
+}
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), per kernel: a
+// launch with more than 48 KiB of dynamic shared memory needs it on hardware, so it fails here without
+// it. (Static shared memory counts toward that limit too; the emulator does not see its size.)
+inline std::map<const void*, size_t>& smem_granted() {
+  static std::map<const void*, size_t> granted;
+  return granted;
+}
+template <class Kernel>
+inline cudaError_t func_set_attribute(Kernel kernel, cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize)
+    smem_granted()[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
 }
 
 template <class Kernel>
@@ -305,33 +269,34 @@ struct Launch {
   Kernel kernel;
   dim3 grid, block;
   size_t smem;
-  unsigned cluster_x = 1;  // CTAs per cluster along x (grid.x a multiple of it)
   template <class... Args>
   void operator()(Args... args) const {
-    if (cluster_x == 0 || grid.x % cluster_x != 0)
-      throw std::runtime_error("ptqrt CUDA emulator: grid.x is not a multiple of the cluster");
+    if (smem > 48 * 1024) {
+      const auto it = smem_granted().find(reinterpret_cast<const void*>(kernel));
+      if (it == smem_granted().end() || it->second < smem)
+        throw std::runtime_error("ptqrt CUDA emulator: a launch with " + std::to_string(smem) +
+                                 " bytes of dynamic shared memory (above 48 KiB) without cudaFuncSetAttribute("
+                                 "cudaFuncAttributeMaxDynamicSharedMemorySize) for that kernel");
+    }
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x0 = 0; x0 < grid.x; x0 += cluster_x) {
-          std::vector<Block> bs(cluster_x);
-          for (unsigned r = 0; r < cluster_x; ++r) {
-            Block& b = bs[r];
-            b.bid = make_uint3(x0 + r, y, z);
-            b.bdim = block;
-            b.gdim = grid;
-            b.nthreads = static_cast<int>(block.x * block.y * block.z);
-            b.smem.assign(smem, 0xff);
-            auto k = kernel;
-            b.body = [k, args...]() { k(args...); };
-          }
-          run_cluster(bs);
+        for (unsigned x = 0; x < grid.x; ++x) {
+          Block b;
+          b.bid = make_uint3(x, y, z);
+          b.bdim = block;
+          b.gdim = grid;
+          b.nthreads = static_cast<int>(block.x * block.y * block.z);
+          b.smem.assign(smem, 0xff);
+          auto k = kernel;
+          b.body = [k, args...]() { k(args...); };
+          run_block(b);
         }
     g_block = nullptr;
   }
 };
 template <class Kernel>
-inline Launch<Kernel> launcher(Kernel kernel, dim3 grid, dim3 block, size_t smem, unsigned cluster_x = 1) {
-  return Launch<Kernel>{kernel, grid, block, smem, cluster_x};
+inline Launch<Kernel> launcher(Kernel kernel, dim3 grid, dim3 block, size_t smem) {
+  return Launch<Kernel>{kernel, grid, block, smem};
 }
 
 }  // namespace emu
@@ -414,7 +379,7 @@ inline cudaError_t get_device(int* d) {
 }  // namespace emu
 }  // namespace ptqrt
 #define cudaGetLastError() (cudaSuccess)
-#define cudaFuncSetAttribute(...) (cudaSuccess)
+#define cudaFuncSetAttribute(kernel, attr, value) ::ptqrt::emu::func_set_attribute(kernel, attr, value)
 #define cudaGetDevice(p) ::ptqrt::emu::get_device(p)
 
 // ------------------------------------------------------------------ the PTX operations of common.cuh

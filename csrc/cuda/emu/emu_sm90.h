@@ -54,7 +54,8 @@ struct Sm90State {
   std::vector<WarpGroup> wgs;
 };
 
-inline Sm90State& sm90_state(Block* b = g_block) {
+inline Sm90State& sm90_state() {
+  Block* b = g_block;
   if (!b->sm90) {
     auto st = std::make_shared<Sm90State>();
     st->wgs.resize((b->nthreads + 127) / 128);
@@ -70,17 +71,9 @@ inline uint32_t smem_offset(const void* p) {
   return static_cast<uint32_t>(q - base);
 }
 
-// The mbarrier at `p` (an address in this CTA's shared memory), or at the same offset in the shared
-// memory of CTA `rank` of the cluster (mapa).
-inline Mbar& mbar_at(const void* p, int rank = -1) {
-  Block* b = g_block;
-  if (rank >= 0) {
-    if (rank >= static_cast<int>(b->cluster->blocks.size())) fail("mbarrier of a CTA rank outside the cluster");
-    b = b->cluster->blocks[rank];
-    // On hardware the CTA's shared memory is gone (or another CTA's) once all of its threads exit.
-    if (b->live == 0) fail("mbarrier operation on a CTA of the cluster that has exited");
-  }
-  auto& bars = sm90_state(b).bars;
+// The mbarrier at `p` (an address in this CTA's shared memory).
+inline Mbar& mbar_at(const void* p) {
+  auto& bars = sm90_state().bars;
   auto it = bars.find(smem_offset(p));
   if (it == bars.end()) fail("mbarrier used before mbarrier.init");
   return it->second;
@@ -244,10 +237,8 @@ inline bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
   return false;
 }
 inline void prefetch_tensormap(const CUtensorMap*) {}
-// The box lands in the shared memory of each CTA of the cluster whose bit is set in `mask` (bit -1:
-// this CTA only), at dst's offset, and completes the transaction bytes of the barrier at bar's offset
-// in that CTA.
-inline void tma_box(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar, int mask) {
+// The box lands in this CTA's shared memory at dst and completes bar's transaction bytes.
+inline void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
   emu::TensorMap2D t;
   std::memcpy(&t, map, sizeof(t));
   const uint32_t off0 = emu::smem_offset(dst);
@@ -255,28 +246,19 @@ inline void tma_box(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t*
   if (t.swizzle_bytes == 64 && (off0 & 511)) emu::fail("TMA destination of a 64-byte swizzled box is not 512-byte aligned");
   if (off0 & 127) emu::fail("TMA destination is not 128-byte aligned");
   if (off0 + t.box0 * t.box1 > emu::g_block->smem.size()) emu::fail("TMA box past the end of shared memory");
-  const auto& blocks = emu::g_block->cluster->blocks;
-  if (mask >= 0 && (mask == 0 || mask >> blocks.size())) emu::fail("TMA multicast mask names CTAs outside the cluster");
-  for (int rank = 0; rank < static_cast<int>(blocks.size()); ++rank) {
-    if (mask < 0 ? blocks[rank] != emu::g_block : !((mask >> rank) & 1)) continue;
-    emu::Block* b = blocks[rank];
-    for (uint32_t r = 0; r < t.box1; ++r)
-      for (uint32_t e = 0; e < t.box0; ++e) {
-        const int64_t x = int64_t(c0) + e, y = int64_t(c1) + r;
-        const bool in = x >= 0 && y >= 0 && uint64_t(x) < t.dim0 && uint64_t(y) < t.dim1;
-        uint32_t off = off0 + r * t.box0 + e;
-        if (t.swizzle_bytes == 128) off ^= ((off >> 7) & 7) << 4;
-        if (t.swizzle_bytes == 64) off ^= ((off >> 7) & 3) << 4;
-        b->smem[off] = in ? t.base[uint64_t(y) * t.stride1 + uint64_t(x)] : 0;
-      }
-    emu::Mbar& m = emu::mbar_at(bar, rank);
-    m.tx -= int64_t(t.box0) * t.box1;
-    ++emu::g_block->events;
-    emu::mbar_try_complete(m);
-  }
-}
-inline void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
-  tma_box(dst, map, c0, c1, bar, -1);
+  for (uint32_t r = 0; r < t.box1; ++r)
+    for (uint32_t e = 0; e < t.box0; ++e) {
+      const int64_t x = int64_t(c0) + e, y = int64_t(c1) + r;
+      const bool in = x >= 0 && y >= 0 && uint64_t(x) < t.dim0 && uint64_t(y) < t.dim1;
+      uint32_t off = off0 + r * t.box0 + e;
+      if (t.swizzle_bytes == 128) off ^= ((off >> 7) & 7) << 4;
+      if (t.swizzle_bytes == 64) off ^= ((off >> 7) & 3) << 4;
+      emu::g_block->smem[off] = in ? t.base[uint64_t(y) * t.stride1 + uint64_t(x)] : 0;
+    }
+  emu::Mbar& m = emu::mbar_at(bar);
+  m.tx -= int64_t(t.box0) * t.box1;
+  ++emu::g_block->events;
+  emu::mbar_try_complete(m);
 }
 inline void wgmma_fence() {}
 template <int N>
