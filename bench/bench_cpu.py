@@ -125,11 +125,15 @@ def _copy_bandwidth() -> float:
 
 # ------------------------------------------------------------------------------------------ w8a8
 W8A8_IMPLS = ("ptqrt quant+w8a8", "ptqrt w8a8_gemm", "fbgemm dynamic", "torch._int_mm", "fp32 F.linear")
+# A diagnosis row on AVX-512 VNNI CPUs: quantize + w8a8 at M = 16 with the dot-product tiles instead of the
+# panel kernel (PTQRT_CPU_VNNI_PANEL_ROWS past M), beside the default.
+DOT_TILES = "ptqrt quant+w8a8 dot tiles"
 
 
 @pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A8_IMPLS
-                                          if _needed("w8a8", m, n, k, i)])
-def test_w8a8(benchmark, ops, m, n, k, impl):
+                                          if _needed("w8a8", m, n, k, i)]
+                         + [(16, n, k, DOT_TILES) for n, k in NKS if 16 in MS and SET in ("full", "targets")])
+def test_w8a8(benchmark, ops, m, n, k, impl, monkeypatch):
     torch.manual_seed(0)
     group = f"w8a8 M={m} N={n} K={k}"
     benchmark.group = group
@@ -138,7 +142,11 @@ def test_w8a8(benchmark, ops, m, n, k, impl):
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     w_s = torch.rand(n) * 0.01
     x_q, x_s = ops.quantize_per_token(x, None)
-    if impl == "ptqrt quant+w8a8":
+    if impl == DOT_TILES:
+        if ops.active_isa() not in ("avx512", "avx512-emulated"):
+            pytest.skip("the dot-tile row is a diagnosis of the AVX-512 VNNI path")
+        monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", str(m + 1))
+    if impl in ("ptqrt quant+w8a8", DOT_TILES):
         def fn():
             q, s = ops.quantize_per_token(x, None)
             return ops.w8a8_gemm(q, s, w_q, w_s, None, torch.float32)

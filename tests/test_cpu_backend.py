@@ -168,6 +168,32 @@ def test_w8a8_paths_agree_bit_for_bit(cpu_ops, monkeypatch):
             assert torch.equal(a, b_), name
 
 
+@pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
+def test_vnni_panel_rows_knob(cpu_ops, monkeypatch, isa):
+    """PTQRT_CPU_VNNI_PANEL_ROWS moves the VNNI path's panel / dot-tile crossover (a diagnosis knob,
+    read on every call): the same bits either side of it; a bad value is refused, naming it."""
+    if not _supported(cpu_ops, isa):
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+    x, w, xs, ws = rand_int8(16, 300), rand_int8(40, 300), rand_scale(16), rand_scale(40)
+    outs = []
+    for rows in ("", "1", "17", "100"):
+        monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", rows)
+        outs.append(cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert torch.equal(outs[0], ref.w8a8_gemm(x, xs, w, ws, None, torch.int32))
+    # It takes effect: the panel kernel caches the weights' quads, the dot tiles read w as it is.
+    for rows, cached in (("17", 0), ("16", 1)):
+        with _pack_budget(cpu_ops, 1 << 30):  # (a new budget empties the cache)
+            monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", rows)
+            cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32)
+            assert cpu_ops.pack_cache_info()[0] == cached, rows
+    for bad in ("0", "-3", "many", "4x"):
+        monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", bad)
+        with pytest.raises(RuntimeError, match="PTQRT_CPU_VNNI_PANEL_ROWS"):
+            cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32)
+
+
 # ------------------------------------------------------------------- packed-weight cache (AVX2)
 @contextlib.contextmanager
 def _pack_budget(cpu_ops, nbytes: int):

@@ -10,6 +10,8 @@
 // or from 24 rows up repacking them per call when nothing is cached; dot-product tiles below), scalar.
 // All three return the same int32 sums; the fp32 epilogue runs in baseline code (no FMA contraction)
 // in the reference's order, (float(acc) * x_scale[m]) * w_scale[n] + bias[n], then one cast.
+#include <cstdlib>
+
 #include "common.h"
 #include "pack_cache.h"
 
@@ -319,6 +321,18 @@ struct Vnni512Emulated {
 // weights' cached copy: both guesses (the AVX2 kernels' crossovers were 24 and 3 on Zen 3), since no
 // AVX-512 machine has timed them yet.
 constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 4;
+// PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: on the one AVX-512
+// machine measured, the panel kernel ran M = 16 at 0.41-0.62x fbgemm on 45 MB weights and 1.13x on
+// 16 MB ones; bench_cpu.py times M = 16 with the dot tiles beside it). Read on every call.
+int64_t vnni_rows(int64_t dflt) {
+  const char* s = std::getenv("PTQRT_CPU_VNNI_PANEL_ROWS");
+  if (s == nullptr || *s == '\0') return dflt;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  TORCH_CHECK(end != s && *end == '\0' && v >= 1, "PTQRT_CPU_VNNI_PANEL_ROWS must be a whole number of rows >= 1; got '",
+              s, "'");
+  return v;
+}
 constexpr int kVnniLayout = 2;  // the VNNI quads' tag in the packed-weight cache
 std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
   std::vector<uint8_t> xq;
@@ -438,9 +452,10 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // VNNI: the panel kernel on the cached 32-column quads from kVnniPackedMinRows rows (or repacking
   // per call from kVnniPanelMinRows), the dot-product tiles below.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
-  const at::Tensor wquads = vnni && K > 0 && M >= kVnniPackedMinRows ? cached_quads(w_q, N, K) : at::Tensor();
+  const at::Tensor wquads =
+      vnni && K > 0 && M >= vnni_rows(kVnniPackedMinRows) ? cached_quads(w_q, N, K) : at::Tensor();
   const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
-  const bool vnni_panel = vnni && (wquads.defined() || M >= kVnniPanelMinRows);
+  const bool vnni_panel = vnni && (wquads.defined() || M >= vnni_rows(kVnniPanelMinRows));
 #if PTQRT_X86
   // AVX2: with the weights' cached panel-order copy, the streaming GEMV below kPackedMinRows rows and
   // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
