@@ -376,6 +376,11 @@ def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
         cases += [(4096, 4096, 4096), (8192, 8192, 8192), (333, 1000, 3000), (2048, 28672, 8192), (100, 64, 133120),
                   (512, 4096, 4096), (512, 4096, 11008), (128, 11008, 4096)]
     _check_w8a8_exact(impl, out_dtype, cases)
+    # PTQRT_CUDA_TILE_WAVES=1: the width by rounds of CTAs (here 130 x 1100 and 300 x 300 go 128-wide and
+    # 300 x 1300 256-wide on 4 SMs; the real GPU adds 512 x 11008, 128-wide, and 128 x 28672, 256-wide).
+    monkeypatch.setenv("PTQRT_CUDA_TILE_WAVES", "1")
+    waves = [(130, 1100, 320), (300, 300, 448), (300, 1300, 200)]
+    _check_w8a8_exact(impl, out_dtype, waves if impl.small else waves + [(512, 11008, 4096), (128, 28672, 1024)])
 
 
 # ------------------------------------------------------------------------------------------ w8a16_gemm

@@ -84,6 +84,13 @@ inline bool gemv_ring_enabled() {
   return !(s != nullptr && s[0] == '0');
 }
 
+// The sm_90a w8a8 GEMM's tile width chosen by rounds of CTAs (w8a8_sm90_tile_n): opt-in with
+// PTQRT_CUDA_TILE_WAVES=1 until measured.
+inline bool tile_waves_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_TILE_WAVES");
+  return s != nullptr && s[0] == '1';
+}
+
 // quantize_per_token with rows of up to 4 16-byte vectors a thread kept in registers (one read of x):
 // opt-in with PTQRT_CUDA_QUANT_1PASS=1 (it ran slower than the two-pass kernel on an H100; timed beside
 // it again in the next device check).

@@ -54,7 +54,7 @@ void w8a8_tile_shape(Tile tile, int* bm, int* bn, int* bk);
 // cudaErrorNotSupported when the driver offers no tensor-map encoder. Same split-K contract as
 // w8a8_gemm_mma.
 cudaError_t w8a8_gemm_sm90(DType out, int bn, const W8A8Args& args, cudaStream_t stream);
-int w8a8_sm90_tile_n(int M, int N, int sms);
+int w8a8_sm90_tile_n(int M, int N, int sms, bool waves = false);
 void w8a8_sm90_tile_shape(int* bm, int* bk);  // tile rows, K bytes per stage (any bn)
 
 // ---------------------------------------------------------------- w8a16_gemm (w8a16_*.cu)

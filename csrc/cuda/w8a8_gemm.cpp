@@ -68,7 +68,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const bool hopper = tile == Tile::Large && k16 > 0 && wgmma_enabled();
   int bm, bn, bk;
   if (hopper) {
-    bn = w8a8_sm90_tile_n(static_cast<int>(M), static_cast<int>(N), sm_count());
+    bn = w8a8_sm90_tile_n(static_cast<int>(M), static_cast<int>(N), sm_count(), tile_waves_enabled());
     w8a8_sm90_tile_shape(&bm, &bk);
   } else {
     w8a8_tile_shape(tile, &bm, &bn, &bk);
