@@ -186,8 +186,9 @@ if [ -n "$BUILD_PID" ]; then
     # default without GQA); cuda-append-vec: kv_cache_append 4 values a lane (PTQRT_CUDA_APPEND_VEC=1);
     # cuda-quant1: quantize_per_token with the row kept in registers (PTQRT_CUDA_QUANT_1PASS=1);
     # triton-cached: the Triton GEMMs past the autotuner's per-call Python (PTQRT_TRITON_LAUNCH_CACHE=1);
-    # cuda-waves: the sm_90a w8a8 tile width by rounds of CTAs (PTQRT_CUDA_TILE_WAVES=1).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,cuda,cuda-waves,cuda-stream-gqa,cuda-append-vec,cuda-quant1
+    # cuda-waves: the sm_90a w8a8 tile width by rounds of CTAs (PTQRT_CUDA_TILE_WAVES=1); cuda-gemv-wide:
+    # the w8a16 ring GEMV with 32 columns a CTA at M > 4 (PTQRT_CUDA_GEMV_WIDE=1).
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,cuda,cuda-waves,cuda-gemv-wide,cuda-stream-gqa,cuda-append-vec,cuda-quant1
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

@@ -153,6 +153,8 @@ VARIANTS = {
     "cuda-append-vec": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_VEC": "1"}, (0, None)),
     # quantize_per_token with the row kept in registers (the default since this run: the two-pass kernel)
     "cuda-quant1": ("cuda", ("quantize_per_token",), {"PTQRT_CUDA_QUANT_1PASS": "1"}, (0, None)),
+    # the w8a16 ring GEMV with 32 columns a CTA at M > 4 (x read from L2 half as often)
+    "cuda-gemv-wide": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_GEMV_WIDE": "1"}, (5, 16)),
     # the sm_90a w8a8 tile width by rounds of CTAs (M 65-1024: 512 x 11008 and 512 x 28672 go 128-wide)
     "cuda-waves": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_TILE_WAVES": "1"}, (65, 1024)),
     # the Triton GEMMs launched without the autotuner's and heuristics' per-call Python after a key's

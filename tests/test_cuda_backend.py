@@ -469,6 +469,29 @@ def test_w8a16_gemv_ring(impl, dtype, monkeypatch):
         assert torch.equal(ring, default), f"(M, N, K, group) = {(m, n, k, g)}: the ring GEMV differs from the other"
 
 
+@pytest.mark.parametrize("dtype", FLOATS[:2])
+def test_w8a16_gemv_wide(impl, dtype, monkeypatch):
+    """PTQRT_CUDA_GEMV_WIDE=1: the ring GEMV with 32 columns a CTA where M > 4 and N leaves two CTAs per
+    SM (the emulator's 8 SMs: N >= 512): the reference, and bit for bit the 16-column GEMV (the same
+    windows, MMA order and reduction per column); M <= 4 and small N keep 16 columns."""
+    monkeypatch.setenv("PTQRT_EMU_SMS", "8")
+    cases = [(5, 520, 320, 0), (16, 600, 1088, 64), (8, 530, 4160, 0), (16, 512, 96, 32), (4, 700, 256, 0),
+             (16, 100, 256, 0)]
+    if not impl.small:
+        cases += [(16, 28672, 8192, 0), (16, 11008, 4096, 128), (9, 4096, 11008, 0)]
+    monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "1")
+    _check_w8a16(impl, dtype, cases)
+    dev = impl.device
+    for m, n, k, g in cases[:4]:
+        x, w_q = _rand((m, k), dtype, dev), rand_int8(n, k, device=dev)
+        w_scale = rand_scale(n, device=dev) if g == 0 else rand_scale(n * (k // g), device=dev).reshape(n, k // g)
+        monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "1")
+        wide = impl("w8a16_gemm", x, w_q, w_scale, None, g)
+        monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "0")
+        narrow = impl("w8a16_gemm", x, w_q, w_scale, None, g)
+        assert torch.equal(wide, narrow), f"(M, N, K, group) = {(m, n, k, g)}: 32 columns a CTA differ from 16"
+
+
 # ------------------------------------------------------------------------------------------ kv cache
 def _kv_scales(nb, bs, h, d, dynamic, dev):
     if dynamic:

@@ -84,6 +84,13 @@ inline bool gemv_ring_enabled() {
   return !(s != nullptr && s[0] == '0');
 }
 
+// The fp16 / bf16 w8a16 ring GEMV with 32 output columns a CTA where M > 4 and N leaves two CTAs per
+// SM (w8a16_gemm.cpp): opt-in with PTQRT_CUDA_GEMV_WIDE=1 until measured.
+inline bool gemv_wide_enabled() {
+  const char* s = std::getenv("PTQRT_CUDA_GEMV_WIDE");
+  return s != nullptr && s[0] == '1';
+}
+
 // The sm_90a w8a8 GEMM's tile width chosen by rounds of CTAs (w8a8_sm90_tile_n): opt-in with
 // PTQRT_CUDA_TILE_WAVES=1 until measured.
 inline bool tile_waves_enabled() {

@@ -69,6 +69,7 @@ struct W8A16Args {
   int group_size;         // 0: per channel
   int splits;
   bool ring;              // M <= 16, fp16 / bf16: the cp.async-ring GEMV (PTQRT_CUDA_GEMV_RING=0: off)
+  bool wide = false;      // the ring GEMV with 32 columns a CTA instead of 16 (PTQRT_CUDA_GEMV_WIDE=1)
 };
 // M <= 16; K % 16 == 0 and x, w 16-byte aligned.
 cudaError_t w8a16_gemv(DType dt, const W8A16Args& args, cudaStream_t stream);
