@@ -17,7 +17,7 @@
 #      parametrizations, skipped on other CPUs, and the tests that walk every path this CPU runs)
 #   3. bench/bench_cpu.py with 2 threads (PTQRT_BENCH_THREADS=2), set "targets" by default: every row
 #      a target of the CPU backend's issue is stated for, with only the peers the targets compare
-#      (about 31 benchmarks, ~1 s each); "smoke" (one row of each target kind) on a CPU without VNNI;
+#      (about 31 benchmarks and 3 AVX-512 diagnosis rows, ~1 s each); "smoke" (one row of each target kind) on a CPU without VNNI;
 #      --set or CPU_HOST_BENCH_SET picks another
 #
 # Every step runs pinned (taskset) to two CPUs on distinct physical cores, by default the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check: 238 s on one H100 80GB HBM3 (2026-11-27, with 8 kernel variants timed and the tune
-# stage; torch 2.11 / triton 3.6 / Python 3.12, no network). Run from the repository root:
+# stage; more variants since, so expect ~270-320 s; torch 2.11 / triton 3.6 / Python 3.12, no
+# network). Run from the repository root:
 #
 #   bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--no-cpu] [--ops w8a16_gemm,...]
 #
@@ -119,8 +120,9 @@ finish() {
         for f in "$LOG"/*tests*.log; do
             [ -f "$f" ] && printf '%-22s %s\n' "$(basename "$f" .log)" "$(grep -E "passed|failed|error|skipped" "$f" | tail -1)"
         done
-        sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS"
+        sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS|FAIL"
         sed -n '/^tiny Llama greedy decode/,/^wrote/p' "$LOG/decode.log" 2>/dev/null | grep -v '^wrote'
+        grep -h "waited for the GPU" "$LOG/decode.log" 2>/dev/null
         cat "$LOG/cpu_summary.txt" 2>/dev/null
         echo "total ${SECONDS}s"
     } | tee "$LOG/summary.txt"

@@ -282,6 +282,7 @@ def keep_split(tiles: int, split: int, k: int, block_k: int, sms: int) -> bool:
 # directly with the config and heuristic values those wrappers chose then.
 _LAUNCHES: dict = {}
 _LAUNCHES_MAX = 4096
+_LAUNCHES_LOCK = threading.Lock()  # a miss reads the autotuner's best_config, which any call rewrites
 
 
 def launch_cache_enabled() -> bool:
@@ -316,19 +317,20 @@ def tuned_launch(tuned, grid, args: tuple, key: tuple, **kwargs) -> None:
     if meta is not None:
         _jit_of(tuned)[grid](*args, **kwargs, **meta)
         return
-    tuned[grid](*args, **kwargs)
-    cfg = tuned.best_config
-    if cfg.pre_hook is not None:
-        return
-    meta = dict(cfg.all_kwargs())
-    heur = tuned.fn
-    if hasattr(heur, "values") and hasattr(heur, "arg_names"):  # triton.heuristics, in its order
-        named = {**dict(zip(heur.arg_names, args)), **kwargs, **meta}
-        for name, f in heur.values.items():
-            meta[name] = named[name] = f(named)
-    if len(_LAUNCHES) >= _LAUNCHES_MAX:
-        _LAUNCHES.clear()
-    _LAUNCHES[full] = meta
+    with _LAUNCHES_LOCK:  # (misses are rare: a lock costs nothing in steady state)
+        tuned[grid](*args, **kwargs)
+        cfg = tuned.best_config
+        if cfg.pre_hook is not None:
+            return
+        meta = dict(cfg.all_kwargs())
+        heur = tuned.fn
+        if hasattr(heur, "values") and hasattr(heur, "arg_names"):  # triton.heuristics, in its order
+            named = {**dict(zip(heur.arg_names, args)), **kwargs, **meta}
+            for name, f in heur.values.items():
+                meta[name] = named[name] = f(named)
+        if len(_LAUNCHES) >= _LAUNCHES_MAX:
+            _LAUNCHES.clear()
+        _LAUNCHES[full] = meta
 
 
 def bench_fn(fn, quantiles):

@@ -210,6 +210,40 @@ def _floor_ms(bytes_moved: float, ops_count: float, peak_tops: float, ceil: dict
     return max(t_mem, t_ops)
 
 
+# Each variant's output against its default's, per shape (what a timing alone would not show):
+# bit for bit, except where the variant adds in another order (then within REL_TOL of the largest value).
+REL_TOL = {"int8_kv_decode_attention": 2e-3}
+_MISMATCHES: list = []
+
+
+def _check_variants(op: str, shape: dict, impls: dict, call: Callable) -> None:
+    """call(fn) -> the tensors fn's call produces (for an in-place op, the ones it writes, on copies);
+    a variant that fails, or whose tensors differ from its default's, is recorded in _MISMATCHES."""
+    for name, (base, ops_changed, _, _) in VARIANTS.items():
+        if op not in ops_changed or name not in impls or op not in impls.get(base, {}):
+            continue
+        m = shape.get("M")
+        if m is not None and not _differs(name, m):
+            continue
+        why = None
+        try:
+            mine, theirs = call(impls[name][op]), call(impls[base][op])
+            for a, b in zip(mine, theirs):
+                if torch.equal(a, b):
+                    continue
+                tol = REL_TOL.get(op)
+                big = max(1.0, float(b.float().abs().max()))
+                diff = float((a.float() - b.float()).abs().max())
+                if tol is None or not diff <= tol * big:
+                    why = f"max |difference| {diff:.3g} (largest value {big:.3g})"
+                    break
+        except Exception as e:  # noqa: BLE001 -- reported, like a failed timing
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if why is not None:
+            _MISMATCHES.append(dict(variant=name, base=base, op=op, shape=_shape_str(shape), why=why))
+            print(f"  MISMATCH {name} vs {base} {op} {_shape_str(shape)}: {why}", flush=True)
+
+
 def _rows_for(op, shape: dict, ours: dict, peers: dict, floor_ms: float, bytes_moved: float, ops_count: float) -> list:
     """One row per implementation (values: _try's (eager ms, graph ms)); our rows carry
     speedup_vs_<peer> = peer time / our time, eagerly launched, and graph_speedup_vs_<peer> as
@@ -252,6 +286,8 @@ def bench_w8a8_gemm(impls, ceil, nk_list, m_list, device):
             x16 = torch.randn(m, k, device=device, dtype=torch.float16)
             ours = {b: _try(b, lambda f=f["w8a8_gemm"]: f(x_q, x_scale, w_q, w_scale, None, torch.float16))
                     for b, f in impls.items() if "w8a8_gemm" in f and _differs(b, m)}
+            _check_variants("w8a8_gemm", dict(M=m, N=n, K=k), impls,
+                            lambda f: (f(x_q, x_scale, w_q, w_scale, None, torch.float16),))
             peers = {"fp16 F.linear": _try("fp16 F.linear", lambda: F.linear(x16, w16))}
             if m > 16:  # torch._int_mm refuses M <= 16
                 peers["torch._int_mm"] = _try("torch._int_mm", lambda: torch._int_mm(x_q, w_q.t()))
@@ -272,6 +308,7 @@ def bench_w8a16_gemm(impls, ceil, nk_list, m_list, device):
             x16 = torch.randn(m, k, device=device, dtype=torch.float16)
             ours = {b: _try(b, lambda f=f["w8a16_gemm"]: f(x16, w_q, w_scale, None, 0))
                     for b, f in impls.items() if "w8a16_gemm" in f and _differs(b, m)}
+            _check_variants("w8a16_gemm", dict(M=m, N=n, K=k), impls, lambda f: (f(x16, w_q, w_scale, None, 0),))
             peers = {"fp16 F.linear": _try("fp16 F.linear", lambda: F.linear(x16, w16))}
             nbytes = n * k + 2 * m * k + 2 * m * n + 4 * n
             nops = 2 * m * n * k
@@ -289,6 +326,8 @@ def bench_quantize(op, impls, ceil, mk_list, device):
         scale = torch.tensor([0.02], device=device)
         args = (x, None) if op == "quantize_per_token" else (x, scale, None)
         ours = {b: _try(b, lambda f=f[op]: f(*args)) for b, f in impls.items() if op in f}
+        _check_variants(op, dict(M=m, K=k), impls, lambda f: tuple(f(*args)) if op == "quantize_per_token"
+                        else (f(*args),))
         peers = {"torch eager": _try("torch eager", lambda: getattr(ref, op)(*args))}
         nbytes = 3 * m * k + (4 * m if op == "quantize_per_token" else 0)
         floor = _floor_ms(nbytes, 0, 1.0, ceil)
@@ -310,6 +349,13 @@ def bench_kv_cache_append(impls, ceil, t_list, device):
         slots = torch.randperm(nb * bs, device=device)[:t]
         ours = {b: _try(b, lambda f=f["kv_cache_append"]: f(k, v, kc, vc, ks, vs, slots))
                 for b, f in impls.items() if "kv_cache_append" in f}
+
+        def written(f):  # the caches and scales an append writes, from copies
+            state = [c.clone() for c in (kc, vc, ks, vs)]
+            f(k, v, *state, slots)
+            return tuple(state)
+
+        _check_variants("kv_cache_append", dict(T=t), impls, written)
         kc16 = torch.zeros(nb * bs, h, d, dtype=torch.float16, device=device)
         vc16 = torch.zeros_like(kc16)
 
@@ -342,6 +388,7 @@ def bench_decode(impls, ceil, bl_list, device):
         q = torch.randn(b, hq, d, device=device, dtype=torch.float16)
         sm_scale = 1.0 / math.sqrt(d)
         args = (q, kc, vc, ks, vs, block_table, seq_lens, sm_scale)
+        _check_variants("int8_kv_decode_attention", dict(B=b, L=length, HKV=h), impls, lambda f: (f(*args),))
         ours = {be: _try(be, lambda f=f["int8_kv_decode_attention"]: f(*args))
                 for be, f in impls.items() if "int8_kv_decode_attention" in f}
         k16 = torch.randn(b, h, length, d, device=device, dtype=torch.float16)
@@ -442,8 +489,11 @@ def print_rows(rows: list) -> None:
 def print_targets(rows: list) -> None:
     eager = check_targets(rows, "eager") + check_twins(rows, "eager")
     graph = {(t["target"], t["impl"]): t for t in check_targets(rows, "graph") + check_twins(rows, "graph")}
-    if eager:
+    if eager or _MISMATCHES:
         print("\ntargets (worst shape)                                                  eager launch | CUDA graph")
+        for mm in _MISMATCHES:  # a variant that computes something else is no candidate at any speed
+            print(f"  FAIL  {mm['variant']:12s} {mm['op']}: output differs from {mm['base']} at {mm['shape']}: "
+                  f"{mm['why']}")
         for t in eager:
             g = graph.get((t["target"], t["impl"]))
             gs = f"{'PASS' if g['ok'] else 'MISS'} {g['measured']:.2f}" if g else "-"
@@ -505,7 +555,7 @@ def write_results(rows: list, ceil: dict, meta: dict, out_dir) -> tuple:
     stem = out / f"gpu_{slug}_{meta['time'].replace(':', '').replace('-', '')}"
     payload = dict(meta, ceilings=ceil, targets=check_targets(rows) + check_targets(rows, "graph")
                    + check_twins(rows) + check_twins(rows, "graph"),
-                   variants=compare_variants(rows), rows=rows)
+                   variants=compare_variants(rows), variant_mismatches=list(_MISMATCHES), rows=rows)
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
@@ -579,6 +629,7 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
     print_header(ceil, meta)
     impls = _impls(backends, device)
     rows = []
+    _MISMATCHES.clear()
     with torch.no_grad():
         for op in ops:  # each row is printed as soon as it is measured, the files rewritten after each op
             print(f"\n{op}", flush=True)

@@ -128,7 +128,7 @@ def test_targets_and_report(tmp_path):
     assert "targets: 2 PASS, 2 MISS" in r.stdout and "partial" in r.stdout
 
 
-@pytest.mark.parametrize("name,count", (("targets", 31), ("quick", 24), ("full", 97)))
+@pytest.mark.parametrize("name,count", (("targets", 34), ("quick", 24), ("full", 100)))
 def test_bench_sets_collect(name, count):
     r = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_cpu.py", "--collect-only", "-q",
                         "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -482,7 +482,8 @@ def test_w8a16_gemv_wide(impl, dtype, monkeypatch):
     monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "1")
     _check_w8a16(impl, dtype, cases)
     dev = impl.device
-    for m, n, k, g in cases[:4]:
+    # (on a GPU the wide path needs N >= 64 x its SMs: the real sizes)
+    for m, n, k, g in cases[:4] if impl.small else cases[-3:]:
         x, w_q = _rand((m, k), dtype, dev), rand_int8(n, k, device=dev)
         w_scale = rand_scale(n, device=dev) if g == 0 else rand_scale(n * (k // g), device=dev).reshape(n, k // g)
         monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "1")

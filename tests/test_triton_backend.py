@@ -482,6 +482,37 @@ def test_bench_variant_comparison(monkeypatch, capsys):
     assert bench_gpu.compare_variants([row("triton", 1, 10.0)]) == []
 
 
+def test_bench_checks_variant_outputs(monkeypatch, capsys):
+    """_check_variants: a variant's output against its default's, per shape (bit for bit, or within the
+    op's REL_TOL); a difference or a failure becomes a FAIL line in the targets table, the agreeing
+    one and variants of other ops or outside their M range are not reported."""
+    from ptqrt import bench_gpu
+
+    monkeypatch.setattr(bench_gpu, "VARIANTS", {"x-same": ("x", ("w8a16_gemm",), {}, (0, 16)),
+                                                "x-off": ("x", ("w8a16_gemm",), {}, (0, 16)),
+                                                "x-late": ("x", ("w8a16_gemm",), {}, (32, None)),
+                                                "x-boom": ("x", ("w8a16_gemm",), {}, (0, None)),
+                                                "x-near": ("x", ("int8_kv_decode_attention",), {}, (0, None))})
+    monkeypatch.setattr(bench_gpu, "_MISMATCHES", [])
+    one = torch.ones(4)
+
+    def boom():
+        raise RuntimeError("launch failed\nmore")
+
+    impls = {"x": {"w8a16_gemm": lambda: one, "int8_kv_decode_attention": lambda: one},
+             "x-same": {"w8a16_gemm": lambda: one.clone()}, "x-off": {"w8a16_gemm": lambda: one + 1},
+             "x-late": {"w8a16_gemm": lambda: one + 1}, "x-boom": {"w8a16_gemm": boom},
+             "x-near": {"int8_kv_decode_attention": lambda: one * (1 + 1e-3)}}
+    bench_gpu._check_variants("w8a16_gemm", dict(M=1, N=4, K=4), impls, lambda f: (f(),))
+    bench_gpu._check_variants("int8_kv_decode_attention", dict(B=1, L=4, HKV=1), impls, lambda f: (f(),))
+    got = {m["variant"]: m["why"] for m in bench_gpu._MISMATCHES}
+    assert set(got) == {"x-off", "x-boom"} and got["x-boom"] == "RuntimeError: launch failed"
+    assert "max |difference| 1" in got["x-off"]
+    bench_gpu.print_targets([])
+    out = capsys.readouterr().out
+    assert "FAIL  x-off" in out and "output differs from x at M=1 N=4 K=4" in out
+
+
 # ------------------------------------------------------------------------------------------ compile
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
@@ -657,8 +688,13 @@ def test_scratch_buffers_are_shared_per_caller_and_grow():
 def test_launch_cache_passes_what_the_wrappers_chose(monkeypatch, op, m):
     """PTQRT_TRITON_LAUNCH_CACHE=1: after a key's first call through triton.autotune and
     triton.heuristics, later calls launch the kernel itself with the same arguments, config and
-    heuristic values (here the autotuned paths run with timing and launch stubbed out); a new key
-    (another K, another out dtype) goes through the wrappers again."""
+    heuristic values (here the autotuned paths run with timing and launch stubbed out). Each part of
+    the key alone -- K (across EVEN_K), the group size (SCALE_MODE), the activation / output dtype,
+    the bias dtype, the M bucket -- leads to what a fresh pass through the wrappers picks for it (the
+    stub's "fastest" config depends on every int and dtype the autotuner sees, so a part missing
+    from the key would reuse another key's config)."""
+    import zlib
+
     monkeypatch.setattr(_common, "autotuning", lambda t: True)
     monkeypatch.setattr(_common, "num_sms", lambda device: 132)
     mod = w8a8_mod if op == "w8a8" else w8a16_mod
@@ -667,35 +703,50 @@ def test_launch_cache_passes_what_the_wrappers_chose(monkeypatch, op, m):
     assert kernel is not tuned
     calls = []
     monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, **kw: calls.append((a, kw)))
-    # A deterministic "fastest" config, different from the first one listed
-    monkeypatch.setattr(tuned, "_bench", lambda *a, config, **kw: -config.kwargs["BLOCK_K"] - config.num_stages)
-    monkeypatch.setattr(tuned, "cache", {})
+
+    def fake_bench(*a, config, **kw):  # deterministic, and different for any other int or dtype
+        seen = [str(x.dtype) if isinstance(x, torch.Tensor) else x for x in a if isinstance(x, (int, torch.Tensor))]
+        return zlib.crc32(repr((seen, sorted(config.all_kwargs().items()))).encode())
+
+    monkeypatch.setattr(tuned, "_bench", fake_bench)
     monkeypatch.setattr(_common, "_LAUNCHES", {})
 
-    def call(k=64, out_dtype=torch.float16):
+    def call(k=64, dtype=torch.float16, g=0, bias=None, mm=m):
+        w_s = rand_scale(24) if g == 0 else rand_scale(24 * (k // g)).reshape(24, k // g)
+        b = None if bias is None else torch.randn(24).to(bias)
         if op == "w8a8":
-            x_q, w_q = rand_int8(m, k), rand_int8(24, k)
-            w8a8_mod.w8a8_gemm(x_q, rand_scale(m), w_q, rand_scale(24), None, out_dtype)
+            mod.w8a8_gemm(rand_int8(mm, k), rand_scale(mm), rand_int8(24, k), rand_scale(24), b, dtype)
         else:
-            w8a16_mod.w8a16_gemm(torch.randn(m, k, dtype=out_dtype), rand_int8(24, k), rand_scale(24), None, 0)
+            mod.w8a16_gemm(torch.randn(mm, k, dtype=dtype), rand_int8(24, k), w_s, b, g)
+        return calls[-1]
 
     def signature(c):  # tensors by shape and dtype (fresh ones each call), everything else by value
         a, kw = c
-        return ([(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in a],
-                {k: v for k, v in kw.items()})
+        return [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in a], dict(kw)
 
-    monkeypatch.delenv("PTQRT_TRITON_LAUNCH_CACHE", raising=False)
-    call()
-    wrapped = signature(calls[-1])
-    monkeypatch.setenv("PTQRT_TRITON_LAUNCH_CACHE", "1")
+    def wrapped(**v):  # what the wrappers pick for v, from a fresh autotuner
+        monkeypatch.delenv("PTQRT_TRITON_LAUNCH_CACHE", raising=False)
+        monkeypatch.setattr(tuned, "cache", {})
+        out = signature(call(**v))
+        monkeypatch.setenv("PTQRT_TRITON_LAUNCH_CACHE", "1")
+        return out
+
+    base = wrapped()
     monkeypatch.setattr(tuned, "cache", {})
-    call()  # first call of the key: through the wrappers
-    assert signature(calls[-1]) == wrapped and len(_common._LAUNCHES) == 1
+    assert signature(call()) == base and len(_common._LAUNCHES) == 1  # the key's first call: through them
     with monkeypatch.context() as mp:
         mp.setattr(tuned, "_bench", lambda *a, **kw: pytest.fail("the cached call re-ran the autotuner"))
         mp.setattr(tuned, "run", lambda *a, **kw: pytest.fail("the cached call went through the autotuner"))
-        call()
-    assert signature(calls[-1]) == wrapped  # the same config and heuristic values, directly
+        assert signature(call()) == base  # the same config and heuristic values, directly
     assert {"EVEN_K", "num_warps", "num_stages"} <= set(calls[-1][1])
-    call(k=96, out_dtype=torch.bfloat16)  # another key: the wrappers again, then kept
-    assert len(_common._LAUNCHES) == 2
+    variations = [dict(k=80), dict(k=96), dict(dtype=torch.bfloat16), dict(bias=torch.float16),
+                  dict(bias=torch.float32), dict(mm=5 if m < 16 else 20)]  # another M bucket, same kernel
+    if op == "w8a16":
+        variations += [dict(g=16), dict(g=32)]
+    for v in variations:
+        expect = wrapped(**v)
+        before = len(_common._LAUNCHES)
+        with monkeypatch.context() as mp:  # the cache keeps the base key's choice, the stub's state
+            mp.setattr(tuned, "cache", dict(tuned.cache))
+            assert signature(call(**v)) == expect, v
+        assert len(_common._LAUNCHES) == before + 1, f"{v}: the launch key does not tell it from the others"
