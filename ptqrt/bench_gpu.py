@@ -212,7 +212,7 @@ def _floor_ms(bytes_moved: float, ops_count: float, peak_tops: float, ceil: dict
 
 # Each variant's output against its default's, per shape (what a timing alone would not show):
 # bit for bit, except where the variant adds in another order (then within REL_TOL of the largest value).
-REL_TOL = {"int8_kv_decode_attention": 2e-3}
+REL_TOL = {"int8_kv_decode_attention": 1e-2}  # fp16 outputs summed in another order: a few ulps
 _MISMATCHES: list = []
 
 

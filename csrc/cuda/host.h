@@ -46,72 +46,54 @@ inline size_t smem_optin() { return 227 * 1024; }
 inline bool is_sm90() { return true; }  // the emulator runs the sm_90a kernels too
 #endif
 
+// An environment switch read on every call: "1..." on, "0..." off, unset or anything else `dflt`.
+inline bool env_switch(const char* name, bool dflt) {
+  const char* s = std::getenv(name);
+  if (s != nullptr && s[0] == '1') return true;
+  if (s != nullptr && s[0] == '0') return false;
+  return dflt;
+}
+
 // The sm_90a wgmma + TMA w8a8 kernel runs on compute capability 9.0 (M > 64; validated and measured on
 // an H100, bench/NOTES.md: about twice the mma.sync kernel's rate at M >= 512). PTQRT_CUDA_WGMMA=0 turns
 // it off (every GPU then runs the mma.sync kernel).
-inline bool wgmma_enabled() {
-  const char* s = std::getenv("PTQRT_CUDA_WGMMA");
-  return !(s != nullptr && s[0] == '0') && is_sm90();
-}
+inline bool wgmma_enabled() { return env_switch("PTQRT_CUDA_WGMMA", true) && is_sm90(); }
 
 // The sm_90a w8a16 kernel (TMA + wgmma with the weights dequantized into the register operand) for
 // M > 16 on compute capability 9.0 (measured on an H100, bench/NOTES.md: 1.02-3.9x the mma.sync
 // kernel, 2.6x geomean over the benchmark's shapes). PTQRT_CUDA_WGMMA_W8A16=0 turns it off (the
 // mma.sync kernel then runs, as it does on every other GPU).
-inline bool w8a16_wgmma_enabled() {
-  const char* s = std::getenv("PTQRT_CUDA_WGMMA_W8A16");
-  return !(s != nullptr && s[0] == '0') && is_sm90();
-}
+inline bool w8a16_wgmma_enabled() { return env_switch("PTQRT_CUDA_WGMMA_W8A16", true) && is_sm90(); }
 
 // The streaming decode kernel (kernels/decode_stream.cuh: one pass, online softmax, coalesced K / V
 // rows) serves 1-2 query heads per kv head with D in {64, 128, 256} and groups of 3-4 with D in
 // {64, 128}. Measured on an H100 without GQA only (bench/NOTES.md: 1.3-1.9x the two-phase kernel),
 // so by default it runs without GQA; PTQRT_CUDA_DECODE_STREAM=1 runs it wherever it applies (GQA
 // groups too, unmeasured), =0 nowhere.
-inline bool decode_stream_enabled(int64_t group) {
-  const char* s = std::getenv("PTQRT_CUDA_DECODE_STREAM");
-  if (s != nullptr && s[0] == '0') return false;
-  if (s != nullptr && s[0] == '1') return true;
-  return group == 1;
-}
+inline bool decode_stream_enabled(int64_t group) { return env_switch("PTQRT_CUDA_DECODE_STREAM", group == 1); }
 
 // The fp16 / bf16 w8a16_gemm GEMV (M <= 16) with its weight loads in a per-warp cp.async ring
 // (kernels/w8a16_gemv.cuh; measured on an H100, bench/NOTES.md: 1.01-1.44x the register-staged GEMV).
 // PTQRT_CUDA_GEMV_RING=0 turns it off. (The w8a8 GEMV's ring ran 0.58x its register-staged GEMV
 // there, geomean over the shapes, and was removed.)
-inline bool gemv_ring_enabled() {
-  const char* s = std::getenv("PTQRT_CUDA_GEMV_RING");
-  return !(s != nullptr && s[0] == '0');
-}
+inline bool gemv_ring_enabled() { return env_switch("PTQRT_CUDA_GEMV_RING", true); }
 
 // The fp16 / bf16 w8a16 ring GEMV with 32 output columns a CTA where M > 4 and N leaves two CTAs per
 // SM (w8a16_gemm.cpp): opt-in with PTQRT_CUDA_GEMV_WIDE=1 until measured.
-inline bool gemv_wide_enabled() {
-  const char* s = std::getenv("PTQRT_CUDA_GEMV_WIDE");
-  return s != nullptr && s[0] == '1';
-}
+inline bool gemv_wide_enabled() { return env_switch("PTQRT_CUDA_GEMV_WIDE", false); }
 
 // The sm_90a w8a8 GEMM's tile width chosen by rounds of CTAs (w8a8_sm90_tile_n): opt-in with
 // PTQRT_CUDA_TILE_WAVES=1 until measured.
-inline bool tile_waves_enabled() {
-  const char* s = std::getenv("PTQRT_CUDA_TILE_WAVES");
-  return s != nullptr && s[0] == '1';
-}
+inline bool tile_waves_enabled() { return env_switch("PTQRT_CUDA_TILE_WAVES", false); }
 
 // quantize_per_token with rows of up to 4 16-byte vectors a thread kept in registers (one read of x):
 // opt-in with PTQRT_CUDA_QUANT_1PASS=1 (it ran slower than the two-pass kernel on an H100; timed beside
 // it again in the next device check).
-inline bool quant_one_pass_enabled() {
-  const char* s = std::getenv("PTQRT_CUDA_QUANT_1PASS");
-  return s != nullptr && s[0] == '1';
-}
+inline bool quant_one_pass_enabled() { return env_switch("PTQRT_CUDA_QUANT_1PASS", false); }
 
 // kv_cache_append with 4 values a lane, the row read once (kernels/kv_cache.cuh): opt-in with
 // PTQRT_CUDA_APPEND_VEC=1 until measured on a GPU.
-inline bool append_vec4_enabled() {
-  const char* s = std::getenv("PTQRT_CUDA_APPEND_VEC");
-  return s != nullptr && s[0] == '1';
-}
+inline bool append_vec4_enabled() { return env_switch("PTQRT_CUDA_APPEND_VEC", false); }
 
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream s;
