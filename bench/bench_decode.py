@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from ptqrt import PTQConfig, prepack, quantize  # noqa: E402
-from ptqrt.bench import cpu_name  # noqa: E402
+from ptqrt.bench import cpu_name, profile_lines  # noqa: E402
 from ptqrt.tiny_lm import encode, load_tiny_lm  # noqa: E402
 
 FORMS = (
@@ -109,7 +109,6 @@ def profile(model, ids: torch.Tensor, tokens: int, top: int = 15) -> list[str]:
     every call that waited for it (torch.cuda.set_sync_debug_mode: a synchronizing call in a decode
     step stalls the host once per call, however fast the kernels are)."""
     import cProfile
-    import pstats
     import warnings
 
     prof = cProfile.Profile()
@@ -131,11 +130,7 @@ def profile(model, ids: torch.Tensor, tokens: int, top: int = 15) -> list[str]:
         if "synchroniz" in str(w.message):
             where = f"{Path(w.filename).name}:{w.lineno}"
             syncs[where] = syncs.get(where, 0) + 1
-    out = [f"{'own us/tok':>10} {'cum us/tok':>10} {'calls/tok':>9}  function"]
-    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    for (file, line, name), (_, ncalls, tottime, cumtime, _) in rows:
-        where = f"{Path(file).name}:{line}" if line else file
-        out.append(f"{tottime / tokens * 1e6:10.1f} {cumtime / tokens * 1e6:10.1f} {ncalls / tokens:9.1f}  {name} ({where})")
+    out = profile_lines(prof, tokens, top, "tok")
     if cuda:
         out.append("calls that waited for the GPU (sync debug mode), per generate: "
                    + (", ".join(f"{k} x{v}" for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])) or "none"))

@@ -109,7 +109,8 @@ def _kernels(fn) -> list:
 
 def _profile(fn, top: int, n: int = 200) -> None:
     import cProfile
-    import pstats
+
+    from ptqrt.bench import profile_lines
 
     torch.cuda.synchronize()
     prof = cProfile.Profile()
@@ -118,12 +119,8 @@ def _profile(fn, top: int, n: int = 200) -> None:
         fn()
     prof.disable()
     torch.cuda.synchronize()
-    stats = pstats.Stats(prof)
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    print(f"    {'own us/call':>11s} {'cum us/call':>11s} {'calls/call':>10s}  function")
-    for (file, line, name), (_, ncalls, tottime, cumtime, _) in rows:
-        where = f"{os.path.basename(file)}:{line}" if line else file
-        print(f"    {tottime / n * 1e6:11.1f} {cumtime / n * 1e6:11.1f} {ncalls / n:10.1f}  {name} ({where})")
+    for line in profile_lines(prof, n, top):
+        print("    " + line)
 
 
 def sweep_decode(device) -> None:

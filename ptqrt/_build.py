@@ -122,58 +122,48 @@ def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
     srcs = sources(kind)
     if not srcs:
         raise FileNotFoundError(f"no sources under {csrc_dir() / kind}")
-    if not allow_build:
-        build_dir = cache_root() / f"{kind}-{_digest(kind)}"
-        so = build_dir / f"{lib_name(kind)}.so"
-
-        def load_finished() -> str:
-            if not ((build_dir / "BUILD_OK").exists() and so.exists()):
-                raise RuntimeError(f"PTQRT_NO_BUILD=1 forbids a just-in-time build, and {build_dir} holds no "
-                                   "finished build of these sources")
-            torch.ops.load_library(str(so))
-            return str(so)
-
-        try:
-            lock = open(str(build_dir) + ".lock", "w")
-        except OSError:  # a read-only cache: nobody builds there either
-            return load_finished()
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a build in progress finishes first
-            try:
-                return load_finished()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-    if kind == "cuda":
-        why = cuda_unavailable_reason()
-        if why:
-            raise RuntimeError(f"the CUDA extension cannot be built: {why}")
-        if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
-            from torch.utils import cpp_extension
-
-            os.environ["CUDA_HOME"] = "/usr/local/cuda"
-            cpp_extension.CUDA_HOME = "/usr/local/cuda"
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     build_dir = cache_root() / f"{kind}-{_digest(kind)}"
-    build_dir.parent.mkdir(parents=True, exist_ok=True)
-    so = build_dir / f"{lib_name(kind)}.so"
-    done = build_dir / "BUILD_OK"
-    with open(str(build_dir) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then reuse its result
-        try:
-            if not (done.exists() and so.exists()):
-                shutil.rmtree(build_dir, ignore_errors=True)  # stale or half-written: start clean
-                build_dir.mkdir(parents=True)
-                os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+    so, done = build_dir / f"{lib_name(kind)}.so", build_dir / "BUILD_OK"
+    if allow_build:
+        if kind == "cuda":
+            why = cuda_unavailable_reason()
+            if why:
+                raise RuntimeError(f"the CUDA extension cannot be built: {why}")
+            if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
                 from torch.utils import cpp_extension
 
-                cpp_extension.load(name=lib_name(kind), sources=[str(s) for s in srcs],
-                                   build_directory=str(build_dir), is_python_module=False,
-                                   verbose=verbose, **_flags(kind))
-                done.write_text(str(so))
-            else:
-                torch.ops.load_library(str(so))
-        finally:
+                os.environ["CUDA_HOME"] = "/usr/local/cuda"
+                cpp_extension.CUDA_HOME = "/usr/local/cuda"
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        build_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = open(str(build_dir) + ".lock", "w")
+    except OSError:
+        if allow_build:
+            raise
+        lock = None  # a read-only (or absent) cache: nobody builds there either
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then reuse its result
+        if done.exists() and so.exists():
+            torch.ops.load_library(str(so))
+        elif not allow_build:
+            raise RuntimeError(f"PTQRT_NO_BUILD=1 forbids a just-in-time build, and {build_dir} holds no "
+                               "finished build of these sources")
+        else:
+            shutil.rmtree(build_dir, ignore_errors=True)  # stale or half-written: start clean
+            build_dir.mkdir(parents=True)
+            os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
+            from torch.utils import cpp_extension
+
+            cpp_extension.load(name=lib_name(kind), sources=[str(s) for s in srcs],
+                               build_directory=str(build_dir), is_python_module=False,
+                               verbose=verbose, **_flags(kind))
+            done.write_text(str(so))
+    finally:
+        if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
     return str(so)
 
 

@@ -34,6 +34,19 @@ def median_ms(fn: Callable, warmup: int = 2, repeats: int = 10, max_seconds: flo
     return statistics.median(times)
 
 
+def profile_lines(prof, per: int, top: int, unit: str = "call") -> list[str]:
+    """The `top` functions with the most own time in a cProfile.Profile, per `unit` (prof covered
+    `per` of them): own and cumulative microseconds and calls per unit, and where each function is."""
+    import pstats
+
+    out = [f"{'own us/' + unit:>12} {'cum us/' + unit:>12} {'calls/' + unit:>11}  function"]
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    for (file, line, name), (_, ncalls, tottime, cumtime, _) in rows:
+        where = f"{Path(file).name}:{line}" if line else file
+        out.append(f"{tottime / per * 1e6:12.1f} {cumtime / per * 1e6:12.1f} {ncalls / per:11.1f}  {name} ({where})")
+    return out
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

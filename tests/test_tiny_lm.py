@@ -137,6 +137,7 @@ def test_bench_decode_script(tmp_path, monkeypatch):
         bench.main(["--profile", "no such form"])
     # --profile: one more generate of the named form, host time per token by function
     ids = bench.encode(bench.PROMPT, bos=True)[None]
-    rows = bench.profile(models["int8 KV"], ids, 2, top=40)
-    assert rows[0].split()[:2] == ["own", "us/tok"] and len(rows) == 41
+    rows = bench.profile(models["int8 KV"], ids, 2, top=10_000)  # every function (the order varies)
+    assert rows[0].split()[:2] == ["own", "us/tok"] and 20 < len(rows) < 10_001
     assert any("int8_kv_decode_attention" in r for r in rows)  # the store's kernel, seen by the profiler
+    assert len(bench.profile(models["int8 KV"], ids, 2, top=5)) == 6

@@ -323,10 +323,10 @@ struct Vnni512Emulated {
 constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 4;
 // PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: on the one AVX-512
 // machine measured, the panel kernel ran M = 16 at 0.41-0.62x fbgemm on 45 MB weights and 1.13x on
-// 16 MB ones; bench_cpu.py times M = 16 with the dot tiles beside it). Read on every call.
-int64_t vnni_rows(int64_t dflt) {
+// 16 MB ones; bench_cpu.py times M = 16 with the dot tiles beside it). Read on every call; 0: unset.
+int64_t vnni_rows_override() {
   const char* s = std::getenv("PTQRT_CPU_VNNI_PANEL_ROWS");
-  if (s == nullptr || *s == '\0') return dflt;
+  if (s == nullptr || *s == '\0') return 0;
   char* end = nullptr;
   const long long v = std::strtoll(s, &end, 10);
   TORCH_CHECK(end != s && *end == '\0' && v >= 1, "PTQRT_CPU_VNNI_PANEL_ROWS must be a whole number of rows >= 1; got '",
@@ -452,10 +452,11 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // VNNI: the panel kernel on the cached 32-column quads from kVnniPackedMinRows rows (or repacking
   // per call from kVnniPanelMinRows), the dot-product tiles below.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
+  const int64_t rows_knob = vnni ? vnni_rows_override() : 0;
   const at::Tensor wquads =
-      vnni && K > 0 && M >= vnni_rows(kVnniPackedMinRows) ? cached_quads(w_q, N, K) : at::Tensor();
+      vnni && K > 0 && M >= (rows_knob ? rows_knob : kVnniPackedMinRows) ? cached_quads(w_q, N, K) : at::Tensor();
   const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
-  const bool vnni_panel = vnni && (wquads.defined() || M >= vnni_rows(kVnniPanelMinRows));
+  const bool vnni_panel = vnni && (wquads.defined() || M >= (rows_knob ? rows_knob : kVnniPanelMinRows));
 #if PTQRT_X86
   // AVX2: with the weights' cached panel-order copy, the streaming GEMV below kPackedMinRows rows and
   // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
