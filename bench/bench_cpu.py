@@ -23,6 +23,12 @@ Groups (one pytest-benchmark group per shape, so its table shows each row's rati
   attn   ptqrt int8_kv_decode_attention (paged, block 16, dynamic scales) | fp32 SDPA on a dense cache;
          32 heads of 128, and in the quick and full sets also 32 query heads on 8 kv heads (GQA, no
          target; SDPA with enable_gqa)
+  diagnosis (AVX-512 VNNI CPUs, targets and full sets): "ptqrt quant+w8a8" with one cpu-backend knob
+         set, beside the default: dot tiles and one pass at M=16, quads at M=1, the AMX tile kernel
+         at M=16 and 128 where the CPU has AMX (see DIAGNOSIS)
+  paired (last): every target's two rows, and each diagnosis row against the default, timed once more
+         alternately in the same seconds (see paired_times), so a change of load between two rows
+         cannot make their ratio; printed beside the target's own ratio, which decides PASS / MISS
 At the end a summary prints medians, the ratios the issue asks for, and the memory floor (bytes moved
 / the copy bandwidth measured in the same run), then each target of the issue with its ratio and PASS
 or MISS (targets are stated for a 2-core AVX-512 VNNI machine: read them with the CPU model, ISA path
@@ -32,10 +38,14 @@ measured. Timings are medians; nothing here asserts a timing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,52 +135,94 @@ def _copy_bandwidth() -> float:
 
 # ------------------------------------------------------------------------------------------ w8a8
 W8A8_IMPLS = ("ptqrt quant+w8a8", "ptqrt w8a8_gemm", "fbgemm dynamic", "torch._int_mm", "fp32 F.linear")
-# A diagnosis row on AVX-512 VNNI CPUs: quantize + w8a8 at M = 16 with the dot-product tiles instead of the
-# panel kernel (PTQRT_CPU_VNNI_PANEL_ROWS past M), beside the default.
+# Diagnosis rows on AVX-512 VNNI CPUs, beside the default "ptqrt quant+w8a8" (each the same op with one
+# environment setting of the cpu backend):
+#   dot tiles  M = 16: the dot-product tiles instead of the panel kernel (the crossover past M)
+#   one pass   M = 16: the panel kernel's one-pass form for blocks of 9-16 rows (opt-in)
+#   quads      M = 1: the panel kernel on the cached quads instead of the dot tiles on w as it is
+#   amx        M = 16, 128: the AMX-INT8 tile kernel on the cached quads (CPUs with AMX; opt-in)
 DOT_TILES = "ptqrt quant+w8a8 dot tiles"
+ONE_PASS = "ptqrt quant+w8a8 one pass"
+QUADS = "ptqrt quant+w8a8 quads"
+AMX = "ptqrt quant+w8a8 amx"
+DIAGNOSIS = {DOT_TILES: ((16,), lambda m: {"PTQRT_CPU_VNNI_PANEL_ROWS": str(m + 1)}),
+             ONE_PASS: ((16,), lambda m: {"PTQRT_CPU_VNNI_ONE_PASS": "1"}),
+             QUADS: ((1,), lambda m: {"PTQRT_CPU_VNNI_PANEL_ROWS": "1"}),
+             AMX: ((16, 128), lambda m: {"PTQRT_CPU_AMX": "1"})}
+DIAG_ROWS = [(m, n, k, impl) for impl, (ms, _) in DIAGNOSIS.items() for m in ms for n, k in NKS
+             if m in MS and SET in ("full", "targets")]
+_AMX_PROBE: list = []
 
 
-@pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A8_IMPLS
-                                          if _needed("w8a8", m, n, k, i)]
-                         + [(16, n, k, DOT_TILES) for n, k in NKS if 16 in MS and SET in ("full", "targets")])
-def test_w8a8(benchmark, ops, m, n, k, impl, monkeypatch):
+def _amx_probe(ops) -> str:
+    """'' when the AMX tile kernel ran exactly in a child process (so a fault there cannot end this
+    benchmark's run), else why not. Once per run."""
+    if not _AMX_PROBE:
+        if not ops.has_amx():
+            _AMX_PROBE.append("this CPU (or its OS) offers no AMX-INT8 tiles")
+        else:
+            code = ("import torch; from ptqrt import _build; _build.load('cpu'); o = torch.ops.ptqrt_cpu; "
+                    "x = torch.randint(-128, 128, (40, 300), dtype=torch.int8); "
+                    "w = torch.randint(-128, 128, (70, 300), dtype=torch.int8); "
+                    "y = o.w8a8_gemm(x, torch.ones(40), w, torch.ones(70), None, torch.int32); "
+                    "assert torch.equal(y, (x.long() @ w.long().t()).int()); print('amx ok')")
+            root = Path(__file__).resolve().parent.parent
+            env = {**os.environ, "PTQRT_CPU_AMX": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            try:
+                r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+                ok = r.returncode == 0 and "amx ok" in r.stdout
+                _AMX_PROBE.append("" if ok else f"the AMX probe failed (rc {r.returncode}): "
+                                  f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            except subprocess.TimeoutExpired:
+                _AMX_PROBE.append("the AMX probe timed out")
+    return _AMX_PROBE[0]
+
+
+def w8a8_case(ops, m: int, n: int, k: int, impl: str):
+    """(fn, bytes it moves at least, environment it runs under) for one w8a8 row."""
     torch.manual_seed(0)
-    group = f"w8a8 M={m} N={n} K={k}"
-    benchmark.group = group
     x = torch.randn(m, k)
     w = torch.randn(n, k) * 0.02
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     w_s = torch.rand(n) * 0.01
     x_q, x_s = ops.quantize_per_token(x, None)
-    if impl == DOT_TILES:
+    env = {}
+    if impl in DIAGNOSIS:
         if ops.active_isa() not in ("avx512", "avx512-emulated"):
-            pytest.skip("the dot-tile row is a diagnosis of the AVX-512 VNNI path")
-        monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", str(m + 1))
-    if impl in ("ptqrt quant+w8a8", DOT_TILES):
+            pytest.skip(f"the {impl!r} row is a diagnosis of the AVX-512 VNNI path")
+        if impl == AMX and _amx_probe(ops):
+            pytest.skip(_amx_probe(ops))
+        env = DIAGNOSIS[impl][1](m)
+    if impl == "ptqrt quant+w8a8" or impl in DIAGNOSIS:
         def fn():
             q, s = ops.quantize_per_token(x, None)
             return ops.w8a8_gemm(q, s, w_q, w_s, None, torch.float32)
-        nbytes = n * k + m * k * 5 + m * n * 4
-    elif impl == "ptqrt w8a8_gemm":
-        fn = lambda: ops.w8a8_gemm(x_q, x_s, w_q, w_s, None, torch.float32)  # noqa: E731
-        nbytes = n * k + m * k + m * n * 4
-    elif impl == "fbgemm dynamic":
+        return fn, n * k + m * k * 5 + m * n * 4, env
+    if impl == "ptqrt w8a8_gemm":
+        return (lambda: ops.w8a8_gemm(x_q, x_s, w_q, w_s, None, torch.float32)), n * k + m * k + m * n * 4, env
+    if impl == "fbgemm dynamic":
         lin = torch.nn.Linear(k, n, bias=False)
         lin.weight.data.copy_(w)
         qlin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-        fn = lambda: qlin(x)  # noqa: E731
-        nbytes = n * k + m * k * 4 + m * n * 4
-    elif impl == "torch._int_mm":
+        return (lambda: qlin(x)), n * k + m * k * 4 + m * n * 4, env
+    if impl == "torch._int_mm":
         wt = w_q.t()
         try:
             torch._int_mm(x_q, wt)
         except RuntimeError as e:
             pytest.skip(f"torch._int_mm refuses M={m} here: {str(e).splitlines()[0]}")
-        fn = lambda: torch._int_mm(x_q, wt)  # noqa: E731
-        nbytes = n * k + m * k + m * n * 4
-    else:
-        fn = lambda: F.linear(x, w)  # noqa: E731
-        nbytes = n * k * 4 + m * k * 4 + m * n * 4
+        return (lambda: torch._int_mm(x_q, wt)), n * k + m * k + m * n * 4, env
+    return (lambda: F.linear(x, w)), n * k * 4 + m * k * 4 + m * n * 4, env
+
+
+@pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A8_IMPLS
+                                          if _needed("w8a8", m, n, k, i)] + DIAG_ROWS)
+def test_w8a8(benchmark, ops, m, n, k, impl, monkeypatch):
+    group = f"w8a8 M={m} N={n} K={k}"
+    benchmark.group = group
+    fn, nbytes, env = w8a8_case(ops, m, n, k, impl)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with torch.inference_mode():
         benchmark(fn)
     _record(benchmark, group, impl, nbytes)
@@ -180,40 +232,34 @@ def test_w8a8(benchmark, ops, m, n, k, impl, monkeypatch):
 W8A16_IMPLS = ("ptqrt w8a16 fp32 x", "ptqrt w8a16 bf16 x", "fp32 F.linear", "bf16 F.linear")
 
 
-@pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A16_IMPLS
-                                          if _needed("w8a16", m, n, k, i)])
-def test_w8a16(benchmark, ops, m, n, k, impl):
+def w8a16_case(ops, m: int, n: int, k: int, impl: str):
     torch.manual_seed(0)
-    group = f"w8a16 M={m} N={n} K={k}"
-    benchmark.group = group
     x = torch.randn(m, k)
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     w_s = torch.rand(n) * 0.01
     if impl.startswith("ptqrt"):
         xx = x if "fp32" in impl else x.bfloat16()
-        fn = lambda: ops.w8a16_gemm(xx, w_q, w_s, None, 0)  # noqa: E731
         nbytes = n * k + m * k * xx.element_size() + m * n * xx.element_size()
-    else:
-        dt = torch.float32 if impl.startswith("fp32") else torch.bfloat16
-        xx, w = x.to(dt), (w_q.float() * w_s[:, None]).to(dt)
-        fn = lambda: F.linear(xx, w)  # noqa: E731
-        nbytes = n * k * w.element_size() + (m * k + m * n) * xx.element_size()
+        return (lambda: ops.w8a16_gemm(xx, w_q, w_s, None, 0)), nbytes, {}
+    dt = torch.float32 if impl.startswith("fp32") else torch.bfloat16
+    xx, w = x.to(dt), (w_q.float() * w_s[:, None]).to(dt)
+    return (lambda: F.linear(xx, w)), n * k * w.element_size() + (m * k + m * n) * xx.element_size(), {}
+
+
+@pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A16_IMPLS
+                                          if _needed("w8a16", m, n, k, i)])
+def test_w8a16(benchmark, ops, m, n, k, impl):
+    group = f"w8a16 M={m} N={n} K={k}"
+    benchmark.group = group
+    fn, nbytes, _ = w8a16_case(ops, m, n, k, impl)
     with torch.inference_mode():
         benchmark(fn)
     _record(benchmark, group, impl, nbytes)
 
 
 # ------------------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("b,length,kv_heads,impl",
-                         [(b, length, HEADS, i) for b, length in ATTN for i in ("ptqrt int8-KV decode", "fp32 SDPA")
-                          if _needed("attn", b, length, None, i)]
-                         + [(b, length, GQA_KV_HEADS, i) for b, length in ATTN_GQA
-                            for i in ("ptqrt int8-KV decode", "fp32 SDPA")])
-def test_decode_attention(benchmark, ops, b, length, kv_heads, impl):
+def attn_case(ops, b: int, length: int, kv_heads: int, impl: str):
     torch.manual_seed(0)
-    group = _group("attn", b, length, None) if kv_heads == HEADS else \
-        f"attn B={b} L={length} H={HEADS}/{kv_heads} D={HEAD_DIM}"
-    benchmark.group = group
     q = torch.randn(b, HEADS, HEAD_DIM)
     sm = HEAD_DIM ** -0.5
     if impl.startswith("ptqrt"):
@@ -224,17 +270,114 @@ def test_decode_attention(benchmark, ops, b, length, kv_heads, impl):
         bt = torch.randperm(nblk, dtype=torch.int32).reshape(b, length // BLOCK)
         sl = torch.full((b,), length, dtype=torch.int32)
         fn = lambda: ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, sm)  # noqa: E731
-        nbytes = 2 * kc.numel() + 2 * ks.numel() * 4
-    else:
-        k = torch.randn(b, kv_heads, length, HEAD_DIM)
-        v = torch.randn(b, kv_heads, length, HEAD_DIM)
-        q4 = q[:, :, None, :]
-        gqa = {"enable_gqa": True} if kv_heads != HEADS else {}
-        fn = lambda: F.scaled_dot_product_attention(q4, k, v, scale=sm, **gqa)  # noqa: E731
-        nbytes = 2 * k.numel() * 4
+        return fn, 2 * kc.numel() + 2 * ks.numel() * 4, {}
+    k = torch.randn(b, kv_heads, length, HEAD_DIM)
+    v = torch.randn(b, kv_heads, length, HEAD_DIM)
+    q4 = q[:, :, None, :]
+    gqa = {"enable_gqa": True} if kv_heads != HEADS else {}
+    return (lambda: F.scaled_dot_product_attention(q4, k, v, scale=sm, **gqa)), 2 * k.numel() * 4, {}
+
+
+@pytest.mark.parametrize("b,length,kv_heads,impl",
+                         [(b, length, HEADS, i) for b, length in ATTN for i in ("ptqrt int8-KV decode", "fp32 SDPA")
+                          if _needed("attn", b, length, None, i)]
+                         + [(b, length, GQA_KV_HEADS, i) for b, length in ATTN_GQA
+                            for i in ("ptqrt int8-KV decode", "fp32 SDPA")])
+def test_decode_attention(benchmark, ops, b, length, kv_heads, impl):
+    group = _group("attn", b, length, None) if kv_heads == HEADS else \
+        f"attn B={b} L={length} H={HEADS}/{kv_heads} D={HEAD_DIM}"
+    benchmark.group = group
+    fn, nbytes, _ = attn_case(ops, b, length, kv_heads, impl)
     with torch.inference_mode():
         benchmark(fn)
     _record(benchmark, group, impl, nbytes)
+
+
+# ---------------------------------------------------------------------------------------- paired
+# pytest-benchmark times each row on its own, one after the other: on a host shared with other work
+# (the GPU machine's CPU check runs beside compiles and GPU tests) the load can change between a row
+# and its peer, and their ratio with it. So every target's two rows (and each diagnosis row against
+# the default) are timed once more, alternating: samples a, b, b, a, a, b, ... of at least
+# PAIR_SAMPLE_S each, every sample after one untimed call (whatever the other side evicted from the
+# caches comes back outside the timing, as in pytest-benchmark's steady state). The paired ratio is
+# the peer's median over ours, printed beside each target's; the targets' PASS / MISS stays the
+# pytest-benchmark ratio's, as the issue states them.
+PAIR_SAMPLE_S, PAIR_ROUNDS = 0.02, 7
+
+
+def _pairs() -> list[tuple]:
+    """(kind, ours, peer, row args) for every target and diagnosis row this set measures."""
+    out = []
+    for kind, ours, peer, _, a, b, c in TARGETS:
+        if kind == "w8a8" and a in MS and (b, c) in NKS and _needed(kind, a, b, c, ours) and _needed(kind, a, b, c, peer):
+            out.append((kind, ours, peer, (a, b, c)))
+        elif kind == "w8a16" and a in MS and (b, c) in NKS:
+            out.append((kind, ours, peer, (a, b, c)))
+        elif kind == "attn" and (a, b) in ATTN:
+            out.append((kind, ours, peer, (a, b, HEADS)))
+    return out + [("w8a8", impl, "ptqrt quant+w8a8", (m, n, k)) for m, n, k, impl in DIAG_ROWS]
+
+
+@contextlib.contextmanager
+def _environ(env: dict):
+    old = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def paired_times(a, b, rounds: int = PAIR_ROUNDS, sample_s: float = PAIR_SAMPLE_S) -> tuple[list, list]:
+    """Seconds per call of a and of b, `rounds` samples each, taken alternately (a, b, b, a, ...).
+    a and b are (fn, env) pairs; a sample is one untimed call and then enough timed calls to last
+    sample_s (counted from one call of each, after a first call that may pack or warm up)."""
+    def one(side, calls):
+        fn, env = side
+        with _environ(env):
+            fn()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            return (time.perf_counter() - t) / calls
+
+    calls = [max(1, math.ceil(sample_s / max(one(side, 1), 1e-9))) for side in (a, b)]
+    times: tuple[list, list] = ([], [])
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[i].append(one((a, b)[i], calls[i]))
+    return times
+
+
+_paired: dict = {}
+_CASES = {"w8a8": lambda ops, args, impl: w8a8_case(ops, *args, impl),
+          "w8a16": lambda ops, args, impl: w8a16_case(ops, *args, impl),
+          "attn": lambda ops, args, impl: attn_case(ops, *args, impl)}
+
+
+@pytest.mark.parametrize("kind,ours,peer,args", _pairs(), ids=lambda v: str(v).replace(" ", "_"))
+def test_paired(request, ops, kind, ours, peer, args):
+    if request.config.getoption("benchmark_disable", False) and not request.config.getoption("benchmark_enable", False):
+        pytest.skip("the paired timing runs with --benchmark-enable")
+    group = _group(kind, *args) if kind != "attn" else _group("attn", args[0], args[1], None)
+    rows = _results.get(group, {})
+    if ours not in rows or peer not in rows:
+        pytest.skip(f"{group}: {ours if ours not in rows else peer} was not measured in this run")
+    fa, _, env_a = _CASES[kind](ops, args, ours)
+    fb, _, env_b = _CASES[kind](ops, args, peer)
+    with torch.inference_mode():
+        ta, tb = paired_times((fa, env_a), (fb, env_b))
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    _paired.setdefault(group, {})[f"{ours} vs {peer}"] = {"ratio": mb / ma, "ours_median_s": ma, "peer_median_s": mb,
+                                                          "rounds": len(ta)}
+    try:
+        _write_json(_meta(), partial=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"bench_cpu: could not write the partial JSON: {e}")
 
 
 # --------------------------------------------------------------------------------------- summary
@@ -269,8 +412,9 @@ def _meta() -> dict:
     return _META
 
 
-def targets(results: dict) -> list[dict]:
-    """Every target of the CPU backend's issue, with its ratio where both rows were measured."""
+def targets(results: dict, paired: dict | None = None) -> list[dict]:
+    """Every target of the CPU backend's issue, with its ratio where both rows were measured (and the
+    paired timing's ratio where that ran)."""
     out = []
     for kind, ours, peer, need, a, b, c in TARGETS:
         group = _group(kind, a, b, c)
@@ -279,20 +423,29 @@ def targets(results: dict) -> list[dict]:
         if ours in rows and peer in rows and rows[ours]["median_s"] > 0:
             ratio = rows[peer]["median_s"] / rows[ours]["median_s"]
         status = "n/a" if ratio is None else ("PASS" if ratio >= need else "MISS")
-        out.append({"group": group, "ours": ours, "peer": peer, "need": need, "ratio": ratio, "status": status})
+        pr = (paired or {}).get(group, {}).get(f"{ours} vs {peer}")
+        out.append({"group": group, "ours": ours, "peer": peer, "need": need, "ratio": ratio, "status": status,
+                    "paired": pr["ratio"] if pr else None})
     return out
 
 
-def target_lines(meta: dict, tgts: list[dict]) -> list[str]:
-    """The targets table: a header saying where it was measured, one PASS/MISS line per measured target."""
+def target_lines(meta: dict, tgts: list[dict], paired: dict | None = None) -> list[str]:
+    """The targets table: a header saying where it was measured, one PASS/MISS line per measured target,
+    a line per diagnosis row timed against the default (paired), then the count."""
     cpus = meta.get("cpus") or []
     lines = [f"targets (CPU backend issue; stated for a 2-core AVX-512 VNNI machine): {meta.get('device')}, "
              f"path {meta.get('isa')} (best {meta.get('best_isa')}), {meta.get('threads')} threads on CPUs "
              f"{','.join(map(str, cpus)) or '?'}, set {meta.get('set')}"]
     for t in tgts:
         if t["ratio"] is not None:
+            pr = "" if t.get("paired") is None else f"; paired {t['paired']:.2f}x"
             lines.append(f"{t['status']:<5} {t['group']:<32} {t['ours']} vs {t['peer']}: "
-                         f"{t['ratio']:.2f}x (target >= {t['need']:g}x)")
+                         f"{t['ratio']:.2f}x (target >= {t['need']:g}x{pr})")
+    for group, pairs in (paired or {}).items():
+        for name, pr in pairs.items():
+            variant, default = name.split(" vs ")
+            if variant in DIAGNOSIS:  # > 1: the variant is faster than the default
+                lines.append(f"diagnosis {group:<32} {variant}: {pr['ratio']:.2f}x the default's speed (paired)")
     missing = sum(t["ratio"] is None for t in tgts)
     n_pass = sum(t["status"] == "PASS" for t in tgts)
     lines.append(f"targets: {n_pass} PASS, {len(tgts) - n_pass - missing} MISS, {missing} not measured "
@@ -305,7 +458,8 @@ def _write_json(meta: dict, partial: bool, bw: float | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({**meta, "copy_bandwidth_Bps": bw, "partial": partial,
-                               "targets": targets(_results), "results": _results}, indent=1))
+                               "targets": targets(_results, _paired), "results": _results, "paired": _paired},
+                              indent=1))
     tmp.replace(out)
     return out
 
@@ -330,7 +484,7 @@ def _summary():
                 ratio = rows[peer]["median_s"] / rows[ours]["median_s"]
                 rows.setdefault("ratios", {})[f"{ours} vs {peer}"] = ratio
                 lines.append(f"{'':<32} speed-up of {ours} over {peer}: {ratio:.2f}x")
-    lines += target_lines(meta, targets(_results))
+    lines += target_lines(meta, targets(_results, _paired), _paired)
     print("\n" + "\n".join(lines))
     out = _write_json(meta, partial=False, bw=bw)
     print(f"wrote {out}")
@@ -342,5 +496,5 @@ if __name__ == "__main__":  # print the targets of a JSON this file wrote (a par
     if len(sys.argv) != 2:
         sys.exit("usage: python bench/bench_cpu.py bench/results/cpu_<host>.json")
     data = json.loads(Path(sys.argv[1]).read_text())
-    print("\n".join(target_lines(data, targets(data.get("results", {})))
+    print("\n".join(target_lines(data, targets(data.get("results", {}), data.get("paired")), data.get("paired"))
                     + (["(partial: the run stopped before its end)"] if data.get("partial") else [])))

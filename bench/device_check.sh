@@ -11,8 +11,8 @@
 #      of its own (the highest-numbered, on distinct physical cores; on an AVX-512 VNNI CPU every
 #      later stage is kept off them): the CPU model and its AVX-512 / AMX flags and, on an AVX-512
 #      VNNI CPU, the cpu extension's build (MAX_JOBS=2), the CPU backend's AVX-512 tests and
-#      bench/bench_cpu.py's target rows at 2 threads (~110-130 s, predicted from the AVX2 machine of
-#      bench/NOTES.md, not yet measured here; limit CPU_LIMIT, 200 s). Without VNNI it only reports
+#      bench/bench_cpu.py's target rows at 2 threads (it finished inside its 200 s there on
+#      2026-11-27; since then 12 diagnosis rows and 32 paired timings, ~40-50 s more: limit CPU_LIMIT, 240 s). Without VNNI it only reports
 #      the CPU (a second). --no-cpu or SKIP_CPU=1 leaves it out
 #   2. build the CUDA extension in the background (ninja, sm_80 + sm_90a) while the Triton GPU tests
 #      run (pytest -m gpu tests/test_triton_backend.py, in parallel with pytest-xdist when present)
@@ -77,7 +77,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the o
     return "$rc"
 }
 cpu_start() {  # the host CPU's check in the background, pinned to two CPUs that later stages keep off
-    local limit=${CPU_LIMIT:-200} cores="" rest="" pin=()
+    local limit=${CPU_LIMIT:-240} cores="" rest="" pin=()
     read -r cores rest <<<"$(bash bench/cpu_host_check.sh --pick-cores 2>/dev/null)"
     command -v taskset >/dev/null && [ -n "$cores" ] && pin=(taskset -c "$cores")
     CPU_T0=$SECONDS

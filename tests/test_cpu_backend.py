@@ -194,6 +194,87 @@ def test_vnni_panel_rows_knob(cpu_ops, monkeypatch, isa):
             cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32)
 
 
+@pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
+@pytest.mark.parametrize("cached", (True, False))
+@pytest.mark.parametrize("m,n,k", ((9, 32, 4), (16, 64, 4096), (12, 45, 333), (16, 17, 5000), (13, 1, 9001),
+                                   (10, 100, 1), (15, 31, 4111)))
+def test_vnni_one_pass(cpu_ops, monkeypatch, isa, cached, m, n, k):
+    """PTQRT_CPU_VNNI_ONE_PASS=1: m-blocks of 9-16 rows take the panel kernel's one-pass form (every
+    16-column half of a panel with all rows) on the cached quads or on per-call repacked ones (the
+    rows knob sends the uncached call to the panel path): exact against the reference and the same
+    bits as the default form, with partial halves (1, 13-17, 31 columns), several K chunks, ragged K,
+    -128 in both operands. Any value but '0' / '1' is refused, naming the variable."""
+    if not _supported(cpu_ops, isa):
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+    monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", "4")
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    x[0, 0], x[-1, -1], w[0, 0], w[-1, -1] = -128, -128, -128, -128
+    outs = []
+    with _pack_budget(cpu_ops, (1 << 30) if cached else 0):
+        for switch in ("0", "1", "1"):  # (cached: the first call with the switch on reads the copy already made)
+            monkeypatch.setenv("PTQRT_CPU_VNNI_ONE_PASS", switch)
+            _dirty_heap(4 * m * n)
+            outs.append(cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32))
+        assert cpu_ops.pack_cache_info()[0] == int(cached)
+    expect = ref.int32_matmul(x, w)
+    for o in outs:
+        assert torch.equal(o, expect)
+    for bad in ("2", "on", "yes", " 1"):
+        monkeypatch.setenv("PTQRT_CPU_VNNI_ONE_PASS", bad)
+        with pytest.raises(RuntimeError, match="PTQRT_CPU_VNNI_ONE_PASS"):
+            cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32)
+
+
+@pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
+@pytest.mark.parametrize("m,n,k", ((1, 32, 64), (4, 100, 33), (16, 64, 4096), (17, 45, 333), (33, 17, 130),
+                                   (5, 1, 9001), (131, 50, 65), (32, 96, 4111)))
+def test_amx_tile_kernel(cpu_ops, monkeypatch, isa, m, n, k):
+    """PTQRT_CPU_AMX=1: the VNNI path's calls on cached quads run the AMX-INT8 tile kernel (natively
+    where the CPU and OS offer AMX, else emulated under avx512-emulated): exact against the reference
+    and the same bits as the default kernels, epilogue included; one and two 16-row tiles, partial
+    row tiles and 16-column halves, K tails (a zero-padded copy of the last 64-k block), blocks split
+    over threads; -128 in both operands. Any value but '0' / '1' is refused, naming the variable."""
+    if not _supported(cpu_ops, isa) or (isa == "avx512" and not cpu_ops.has_amx()):
+        pytest.skip(f"this CPU (or its OS) cannot run {isa}" + (" with AMX tiles" if isa == "avx512" else ""))
+    monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+    monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", "1")  # (the quads, which the tiles read, from one row)
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    x[0, 0], x[-1, -1], w[0, 0], w[-1, -1] = -128, -128, -128, -128
+    xs, ws, bias = rand_scale(m), rand_scale(n), torch.randn(n)
+    outs = {}
+    with _pack_budget(cpu_ops, 1 << 30):
+        for switch in ("0", "1"):
+            monkeypatch.setenv("PTQRT_CPU_AMX", switch)
+            _dirty_heap(4 * m * n)
+            outs[switch] = (cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32),
+                            cpu_ops.w8a8_gemm(x, xs, w, ws, bias, torch.float32))
+        assert cpu_ops.pack_cache_info()[0] == 1
+    assert torch.equal(outs["1"][0], ref.int32_matmul(x, w))
+    assert torch.equal(outs["1"][0], outs["0"][0]) and torch.equal(outs["1"][1], outs["0"][1])
+    for bad in ("2", "on", " 1"):
+        monkeypatch.setenv("PTQRT_CPU_AMX", bad)
+        with pytest.raises(RuntimeError, match="PTQRT_CPU_AMX"):
+            cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32)
+
+
+def test_amx_switch_refused_without_amx(cpu_ops, monkeypatch):
+    """On a CPU whose best path is AVX-512 VNNI without AMX tiles, PTQRT_CPU_AMX=1 is an error, not a
+    silent VNNI run; on AVX2 and scalar paths the switch has nothing to act on."""
+    x, w = rand_int8(3, 40), rand_int8(5, 40)
+    monkeypatch.setenv("PTQRT_CPU_AMX", "1")
+    for isa in ("scalar", "avx2"):
+        if _supported(cpu_ops, isa):
+            monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+            assert torch.equal(cpu_ops.w8a8_gemm(x, torch.ones(3), w, torch.ones(5), None, torch.int32),
+                               ref.int32_matmul(x, w))
+    if not _supported(cpu_ops, "avx512") or cpu_ops.has_amx():
+        return
+    monkeypatch.setenv("PTQRT_CPU_ISA", "avx512")
+    with pytest.raises(RuntimeError, match="no AMX-INT8"):
+        cpu_ops.w8a8_gemm(x, torch.ones(3), w, torch.ones(5), None, torch.int32)
+
+
 # ------------------------------------------------------------------- packed-weight cache (AVX2)
 @contextlib.contextmanager
 def _pack_budget(cpu_ops, nbytes: int):
@@ -584,8 +665,13 @@ def test_avx_code_only_in_target_functions(cpu_ops):
         if func and len(parts) >= 2 and re.match(r"^(v|k)[a-z]", parts[-1].strip()):
             if not re.search(r"_avx2|_avx512|vnni_native::", func):
                 offenders.add(func)
-    assert not offenders, f"AVX instructions in baseline functions: {sorted(offenders)[:5]}"
+        # AMX tile instructions only in the tile kernel (reached after has_amx() and PTQRT_CPU_AMX=1)
+        if func and len(parts) >= 2 and re.match(r"^(tdp|tile|ldtilecfg|sttilecfg)", parts[-1].strip()):
+            if not re.search(r"amx_native::|AmxNative::", func):
+                offenders.add(func)
+    assert not offenders, f"AVX or AMX instructions in baseline functions: {sorted(offenders)[:5]}"
     assert "vpdpbusd" in dis and "vpmaddwd" in dis  # the VNNI and AVX2 kernels are really in there
+    assert "tdpbssd" in dis and "ldtilecfg" in dis  # and the AMX one
 
 
 def test_pack_cache_budget_from_environment(cpu_ops):

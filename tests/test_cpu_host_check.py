@@ -128,7 +128,45 @@ def test_targets_and_report(tmp_path):
     assert "targets: 2 PASS, 2 MISS" in r.stdout and "partial" in r.stdout
 
 
-@pytest.mark.parametrize("name,count", (("targets", 34), ("quick", 24), ("full", 100)))
+def test_paired_times_alternate_under_each_side_environment(monkeypatch):
+    """The paired timing: samples alternate a, b, b, a, a, b, ...; each side's calls run under its
+    own environment (the cpu backend reads its knobs per call), restored afterwards; one untimed call
+    leads every sample; the sample length sets the calls per sample."""
+    bench = _bench_module()
+    monkeypatch.setenv("PTQRT_TEST_PAIR", "outer")
+    monkeypatch.delenv("PTQRT_TEST_PAIR_B", raising=False)
+    calls = []
+
+    def side(name):
+        def fn():
+            calls.append((name, os.environ.get("PTQRT_TEST_PAIR"), os.environ.get("PTQRT_TEST_PAIR_B")))
+        return fn
+
+    ta, tb = bench.paired_times((side("a"), {"PTQRT_TEST_PAIR": "A"}),
+                                (side("b"), {"PTQRT_TEST_PAIR": "B", "PTQRT_TEST_PAIR_B": "1"}), rounds=4, sample_s=0)
+    assert len(ta) == len(tb) == 4 and all(t >= 0 for t in ta + tb)
+    assert os.environ["PTQRT_TEST_PAIR"] == "outer" and "PTQRT_TEST_PAIR_B" not in os.environ
+    assert all(c[1:] == ("A", None) for c in calls if c[0] == "a")
+    assert all(c[1:] == ("B", "1") for c in calls if c[0] == "b")
+    # the calls per sample come from one call of each (after a first one), then 4 rounds of
+    # (untimed + 1 timed) per side, in the order a b | b a | a b | b a
+    order = "".join(c[0] for c in calls)
+    assert order == "aa" + "bb" + "aabb" + "bbaa" + "aabb" + "bbaa"
+    # a paired ratio shows beside the target's own, which still decides PASS / MISS
+    g = "w8a8 M=1 N=4096 K=4096"
+    results = {g: {"ptqrt quant+w8a8": {"median_s": 1.0}, "fbgemm dynamic": {"median_s": 1.1}}}
+    paired = {g: {"ptqrt quant+w8a8 vs fbgemm dynamic": {"ratio": 1.31}}}
+    t = next(t for t in bench.targets(results, paired) if t["group"] == g and t["peer"] == "fbgemm dynamic")
+    assert t["status"] == "MISS" and t["paired"] == pytest.approx(1.31)
+    line = next(l for l in bench.target_lines({}, bench.targets(results, paired)) if l.startswith("MISS"))
+    assert "1.10x (target >= 1.2x; paired 1.31x)" in line
+    paired["w8a8 M=16 N=4096 K=4096"] = {f"{bench.ONE_PASS} vs ptqrt quant+w8a8": {"ratio": 1.5}}
+    lines = bench.target_lines({}, bench.targets(results, paired), paired)
+    assert lines[-2] == f"diagnosis {'w8a8 M=16 N=4096 K=4096':<32} {bench.ONE_PASS}: 1.50x the default's speed (paired)"
+    assert lines[-1].startswith("targets: 0 PASS, 1 MISS")
+
+
+@pytest.mark.parametrize("name,count", (("targets", 78), ("quick", 29), ("full", 144), ("smoke", 9)))
 def test_bench_sets_collect(name, count):
     r = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_cpu.py", "--collect-only", "-q",
                         "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -11,6 +11,7 @@
 // All three return the same int32 sums; the fp32 epilogue runs in baseline code (no FMA contraction)
 // in the reference's order, (float(acc) * x_scale[m]) * w_scale[n] + bias[n], then one cast.
 #include <cstdlib>
+#include <cstring>
 
 #include "common.h"
 #include "pack_cache.h"
@@ -34,6 +35,8 @@ struct W8A8Block {
   int64_t mb, nb, K;
   int32_t* c;
   int64_t ldc;
+  bool one_pass = false;   // VNNI panel path: blocks of 9-16 rows in one pass per 16 columns (opt-in)
+  const int8_t* xamx = nullptr;  // AMX path (opt-in): this m-block's rows of x padded to 64 k (gemm_w8a8_amx.h)
 };
 using BlockFn = void (*)(const W8A8Block&);
 
@@ -333,6 +336,15 @@ int64_t vnni_rows_override() {
               s, "'");
   return v;
 }
+// PTQRT_CPU_VNNI_ONE_PASS=1 (opt-in until an AVX-512 machine times it): m-blocks of 9-16 rows run the
+// panel kernel's one-pass form (gemm_w8a8_vnni.h, panel16), reading each weight byte once per K chunk
+// instead of once per 8-row group. '1' on; unset, empty or '0' off; anything else is refused.
+bool vnni_one_pass() {
+  const char* s = std::getenv("PTQRT_CPU_VNNI_ONE_PASS");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(s, "1") == 0, "PTQRT_CPU_VNNI_ONE_PASS must be '1' (on) or '0' (off); got '", s, "'");
+  return true;
+}
 constexpr int kVnniLayout = 2;  // the VNNI quads' tag in the packed-weight cache
 std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
   std::vector<uint8_t> xq;
@@ -359,7 +371,102 @@ std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t
   return xq;
 }
 
+// ---------------------------------------------------------------------------------------- AMX-INT8
+// The two policies gemm_w8a8_amx.h is instantiated with: 8 tile registers of 16 rows x 64 bytes.
+// dp<c, a, b>: tile c (int32 [16][16]) += tile a (int8 [16][64]) . tile b (int8 [16 quads][16][4]).
+#if PTQRT_X86
+// The instructions in inline assembly (AT&T operand order), the tile number an immediate: the
+// compiler's _tile_* macros take only literal numbers. Loads name "memory": the copies made just
+// before them (the zero-padded tails) must not be moved past.
+struct AmxNative {
+  static void config(const void* cfg) { __asm__ volatile("ldtilecfg (%0)" ::"r"(cfg) : "memory"); }
+  static void release() { __asm__ volatile("tilerelease" ::: "memory"); }
+  template <int t>
+  static void zero() { __asm__ volatile("tilezero %%tmm%c0" ::"i"(t)); }
+  template <int t>
+  static void load(const void* p, int64_t stride) {
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride), "i"(t) : "memory");
+  }
+  template <int t>
+  static void store(void* p, int64_t stride) {
+    __asm__ volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride), "i"(t) : "memory");
+  }
+  template <int c, int a, int b>
+  static void dp() { __asm__ volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(c), "i"(a), "i"(b)); }
+};
+#endif
+
+// A portable model of the same instructions (each thread its own 8 tiles, as each core has).
+struct AmxEmulated {
+  struct Tiles {
+    uint8_t t[8][16 * 64];
+  };
+  static Tiles& tiles() {
+    thread_local Tiles r;
+    return r;
+  }
+  static void config(const void*) {}
+  static void release() {}
+  template <int t>
+  static void zero() { std::memset(tiles().t[t], 0, 16 * 64); }
+  template <int t>
+  static void load(const void* p, int64_t stride) {
+    for (int r = 0; r < 16; ++r) std::memcpy(tiles().t[t] + r * 64, static_cast<const uint8_t*>(p) + r * stride, 64);
+  }
+  template <int t>
+  static void store(void* p, int64_t stride) {
+    for (int r = 0; r < 16; ++r) std::memcpy(static_cast<uint8_t*>(p) + r * stride, tiles().t[t] + r * 64, 64);
+  }
+  template <int c, int a, int b>
+  static void dp() {
+    Tiles& x = tiles();
+    for (int m = 0; m < 16; ++m)
+      for (int n = 0; n < 16; ++n) {
+        uint32_t acc;
+        std::memcpy(&acc, x.t[c] + m * 64 + n * 4, 4);
+        for (int q = 0; q < 16; ++q)
+          for (int u = 0; u < 4; ++u)
+            acc += static_cast<uint32_t>(int32_t(static_cast<int8_t>(x.t[a][m * 64 + q * 4 + u])) *
+                                         int32_t(static_cast<int8_t>(x.t[b][q * 64 + n * 4 + u])));
+        std::memcpy(x.t[c] + m * 64 + n * 4, &acc, 4);
+      }
+  }
+};
+
+// PTQRT_CPU_AMX=1 (opt-in until an AMX machine times it): the VNNI path's calls on cached quads run
+// the AMX-INT8 tile kernel; on a CPU with AVX-512 VNNI but no AMX (or an OS that withholds it) the
+// switch is refused, not ignored. Under avx512-emulated it runs the emulated tile kernel. '1' on;
+// unset, empty or '0' off; anything else is refused.
+bool amx_switch() {
+  const char* s = std::getenv("PTQRT_CPU_AMX");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(s, "1") == 0, "PTQRT_CPU_AMX must be '1' (on) or '0' (off); got '", s, "'");
+  return true;
+}
+
+// x [M, K] -> [M + 16][round_up(K, 64)], zeros past K and in the 16 rows past M (the tile kernel
+// reads whole 16 x 64 tiles).
+std::vector<int8_t> pad_x_amx(const int8_t* x, int64_t M, int64_t K) {
+  const int64_t kp = round_up(K, 64);
+  std::vector<int8_t> xp((M + 16) * kp, 0);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * kp, x + m * K, K);
+  return xp;
+}
+
 }  // namespace
+
+#if PTQRT_X86
+#define PTQRT_AMX_NS amx_native
+#define PTQRT_AMX_POLICY AmxNative
+#include "gemm_w8a8_amx.h"
+#undef PTQRT_AMX_NS
+#undef PTQRT_AMX_POLICY
+#endif
+#define PTQRT_AMX_NS amx_emulated
+#define PTQRT_AMX_POLICY AmxEmulated
+#include "gemm_w8a8_amx.h"
+#undef PTQRT_AMX_NS
+#undef PTQRT_AMX_POLICY
 
 #if PTQRT_X86
 #define PTQRT_VNNI_NS vnni_native
@@ -453,6 +560,10 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // per call from kVnniPanelMinRows), the dot-product tiles below.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
   const int64_t rows_knob = vnni ? vnni_rows_override() : 0;
+  const bool one_pass = vnni && vnni_one_pass();
+  const bool amx_on = vnni && amx_switch();
+  TORCH_CHECK(!amx_on || isa == Isa::avx512_emulated || has_amx(),
+              "ptqrt_cpu.w8a8_gemm: PTQRT_CPU_AMX=1, but this CPU (or its OS) offers no AMX-INT8 tiles");
   const at::Tensor wquads =
       vnni && K > 0 && M >= (rows_knob ? rows_knob : kVnniPackedMinRows) ? cached_quads(w_q, N, K) : at::Tensor();
   const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
@@ -480,11 +591,20 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   }
 #endif
   const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
+  // AMX: on the cached quads only (its B tiles are their layout), x padded once per call.
+  const bool amx = amx_on && wquads.defined();
+  const std::vector<int8_t> xamx = amx ? pad_x_amx(xp, M, K) : std::vector<int8_t>();
+  const BlockFn block_fn = !amx ? fn : isa == Isa::avx512_emulated ? amx_emulated::block
+#if PTQRT_X86
+                                                                   : amx_native::block;
+#else
+                                                                   : fn;
+#endif
   // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
-  const std::vector<uint8_t> xquads = vnni_panel ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
+  const std::vector<uint8_t> xquads = vnni_panel && !amx ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
   const int64_t xquads_block = ceil_div(MB, 8) * 8 * 4 * ceil_div(K, 4);
   std::vector<int32_t> xsum;
-  if (vnni && xquads.empty()) {  // the dot-product tiles' u8 offset correction, per row
+  if (vnni && xquads.empty() && !amx) {  // the dot-product tiles' u8 offset correction, per row
     xsum.resize(M);
     at::parallel_for(0, M, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)), [&](int64_t a, int64_t e) {
       for (int64_t m = a; m < e; ++m) {
@@ -511,11 +631,12 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
       const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
       W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, nullptr, nullptr, nullptr,
                   xquads.empty() ? nullptr : xquads.data() + (m0 / MB) * xquads_block, wp + n0 * K, K,
-                  std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0};
+                  std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0, one_pass};
 #if PTQRT_X86
       if (!xpanel.empty()) b.xpanel = xpanel.data() + (m0 / MB) * xpanel_block;
       if (wpanels.defined()) b.wpanels = wpanels.data_ptr<int8_t>() + (n0 / kPanelCols) * wpanel_stride;
 #endif
+      if (amx) b.xamx = xamx.data() + m0 * round_up(K, 64);
       if (wquads.defined()) {
         b.wquads = wquads.data_ptr<int8_t>() + (n0 / 32) * wquads_stride;
         b.wcorr = reinterpret_cast<const int32_t*>(wquads.data_ptr<int8_t>() + ceil_div(N, 32) * wquads_stride) + n0;
@@ -523,12 +644,12 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
       if (raw) {
         b.c = out.data_ptr<int32_t>() + m0 * N + n0;
         b.ldc = N;
-        fn(b);
+        block_fn(b);
         continue;
       }
       b.c = cbuf.data();
       b.ldc = NB;
-      fn(b);
+      block_fn(b);
       dispatch_float(out_dtype, "out_dtype", [&](auto tag) {
         using T = decltype(tag);
         epilogue(b.c, b.ldc, m0, n0, b.mb, b.nb, xs.data(), xs.size() != 1, ws.data(),

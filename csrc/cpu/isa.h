@@ -24,6 +24,10 @@
 #define PTQRT_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #else
 #define PTQRT_X86 0
 #endif
@@ -93,6 +97,30 @@ inline bool supports(Isa want) {
     case Isa::avx512: return best == Isa::avx512;
   }
   return false;
+}
+
+// AMX-INT8 (the opt-in w8a8 tile kernel, gemm_w8a8_amx.h): an AVX-512 VNNI CPU with AMX-TILE and
+// AMX-INT8, an OS that saves the tile state (XCR0 bits 17, 18), and, on Linux, this process's
+// permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, asked once; kernels >= 5.16).
+namespace detail {
+#if PTQRT_X86 && defined(__linux__)
+inline bool amx_detect() {
+  if (best_isa() != Isa::avx512) return false;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool tile = d & (1u << 24), int8 = d & (1u << 25);
+  if (!(tile && int8) || (xgetbv0() & (3ull << 17)) != (3ull << 17)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#else
+inline bool amx_detect() { return false; }
+#endif
+}  // namespace detail
+
+inline bool has_amx() {
+  static const bool ok = detail::amx_detect();
+  return ok;
 }
 
 // The tier the next kernel call uses: PTQRT_CPU_ISA if set (checked), else best_isa().

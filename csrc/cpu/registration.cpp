@@ -28,6 +28,7 @@ bool pack_weight(const at::Tensor& w);
 // The path auto picks on this CPU, and the one the next call takes (PTQRT_CPU_ISA honoured).
 std::string best_isa_name() { return isa_name(best_isa()); }
 std::string active_isa_name() { return isa_name(active_isa()); }
+bool has_amx_op() { return has_amx(); }
 
 }  // namespace ptqrt_cpu
 
@@ -35,6 +36,7 @@ TORCH_LIBRARY(ptqrt_cpu, m) {
   ptqrt_define_ops(m);
   m.def("best_isa() -> str", &ptqrt_cpu::best_isa_name);
   m.def("active_isa() -> str", &ptqrt_cpu::active_isa_name);
+  m.def("has_amx() -> bool", &ptqrt_cpu::has_amx_op);
   m.def("pack_cache_info() -> int[]", &ptqrt_cpu::pack_cache_info);
   m.def("pack_cache_clear() -> ()", &ptqrt_cpu::pack_cache_clear);
   m.def("pack_cache_set_budget(int bytes) -> int", &ptqrt_cpu::pack_cache_set_budget);
