@@ -165,14 +165,15 @@ def _amx_probe(ops) -> str:
                     "x = torch.randint(-128, 128, (40, 300), dtype=torch.int8); "
                     "w = torch.randint(-128, 128, (70, 300), dtype=torch.int8); "
                     "y = o.w8a8_gemm(x, torch.ones(40), w, torch.ones(70), None, torch.int32); "
-                    "assert torch.equal(y, (x.long() @ w.long().t()).int()); print('amx ok')")
+                    "assert torch.equal(y, (x.long() @ w.long().t()).int()); print(o.last_w8a8_path())")
             root = Path(__file__).resolve().parent.parent
-            env = {**os.environ, "PTQRT_CPU_AMX": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+            path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+            env = {**os.environ, "PTQRT_CPU_AMX": "1", "PYTHONPATH": path}
             try:
                 r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-                ok = r.returncode == 0 and "amx ok" in r.stdout
+                ok = r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == ["amx"]
                 _AMX_PROBE.append("" if ok else f"the AMX probe failed (rc {r.returncode}): "
-                                  f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                                  f"{((r.stderr.strip() or r.stdout.strip()).splitlines() or ['?'])[-1]}")
             except subprocess.TimeoutExpired:
                 _AMX_PROBE.append("the AMX probe timed out")
     return _AMX_PROBE[0]
@@ -474,11 +475,11 @@ def _summary():
     lines = [f"device: {meta['device']}, ptqrt_cpu path {meta['isa']}, torch {torch.__version__}, "
              f"{meta['threads']} threads, "
              f"copy bandwidth {bw / 1e9:.1f} GB/s",
-             f"{'group':<32} {'impl':<22} {'median ms':>10} {'floor ms':>9}"]
+             f"{'group':<32} {'impl':<28} {'median ms':>10} {'floor ms':>9}"]
     for group, rows in _results.items():
         for name, r in rows.items():
             r["floor_s"] = r["bytes"] / bw
-            lines.append(f"{group:<32} {name:<22} {r['median_s'] * 1e3:>10.3f} {r['floor_s'] * 1e3:>9.3f}")
+            lines.append(f"{group:<32} {name:<28} {r['median_s'] * 1e3:>10.3f} {r['floor_s'] * 1e3:>9.3f}")
         for ours, peer in RATIOS[group.split()[0]]:
             if ours in rows and peer in rows:
                 ratio = rows[peer]["median_s"] / rows[ours]["median_s"]
@@ -491,8 +492,6 @@ def _summary():
 
 
 if __name__ == "__main__":  # print the targets of a JSON this file wrote (a partial one too)
-    import sys
-
     if len(sys.argv) != 2:
         sys.exit("usage: python bench/bench_cpu.py bench/results/cpu_<host>.json")
     data = json.loads(Path(sys.argv[1]).read_text())

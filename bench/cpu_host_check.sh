@@ -209,7 +209,7 @@ fi
 # 2. the tests that need AVX-512 hardware ------------------------------------------------------------
 if [ "$TESTS" = 1 ]; then
     STEP_MSG=""
-    targs=(-q -p no:cacheprovider -rfE -k "(avx512 and not emulated) or amx_switch or paths_agree or isa_env_is_checked or public_ops or avx_code_only")
+    targs=(-q -p no:cacheprovider -rfE -k "(avx512 and not emulated) or amx_switch_on_other or paths_agree or isa_env_is_checked or public_ops or avx_code_only")
     "$PY" -c "import pytest_timeout" 2>/dev/null && targs+=(--timeout 60)
     step test 90 "${PIN[@]}" "$PY" -m pytest "${targs[@]}" tests/test_cpu_backend.py
     [ -n "$STEP_MSG" ] && note "$STEP_MSG $(grep -E "passed|failed|error|skipped|no tests ran" "$LOGDIR/cpu_test.log" | tail -1)"

@@ -216,6 +216,7 @@ def test_vnni_one_pass(cpu_ops, monkeypatch, isa, cached, m, n, k):
             monkeypatch.setenv("PTQRT_CPU_VNNI_ONE_PASS", switch)
             _dirty_heap(4 * m * n)
             outs.append(cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32))
+            assert cpu_ops.last_w8a8_path() == ("vnni-one-pass" if switch == "1" else "vnni-panel")
         assert cpu_ops.pack_cache_info()[0] == int(cached)
     expect = ref.int32_matmul(x, w)
     for o in outs:
@@ -249,6 +250,7 @@ def test_amx_tile_kernel(cpu_ops, monkeypatch, isa, m, n, k):
             _dirty_heap(4 * m * n)
             outs[switch] = (cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32),
                             cpu_ops.w8a8_gemm(x, xs, w, ws, bias, torch.float32))
+            assert cpu_ops.last_w8a8_path() == ("amx" if switch == "1" else "vnni-panel")
         assert cpu_ops.pack_cache_info()[0] == 1
     assert torch.equal(outs["1"][0], ref.int32_matmul(x, w))
     assert torch.equal(outs["1"][0], outs["0"][0]) and torch.equal(outs["1"][1], outs["0"][1])
@@ -258,16 +260,25 @@ def test_amx_tile_kernel(cpu_ops, monkeypatch, isa, m, n, k):
             cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32)
 
 
-def test_amx_switch_refused_without_amx(cpu_ops, monkeypatch):
-    """On a CPU whose best path is AVX-512 VNNI without AMX tiles, PTQRT_CPU_AMX=1 is an error, not a
-    silent VNNI run; on AVX2 and scalar paths the switch has nothing to act on."""
+def test_amx_switch_on_other_paths(cpu_ops, monkeypatch):
+    """PTQRT_CPU_AMX=1 acts on the VNNI path's cached quads only: on AVX2 and scalar paths and on VNNI
+    calls without quads (the pack cache off) the usual kernels run, exact; a bad value is refused on
+    every path; on a CPU whose best path is AVX-512 VNNI without AMX tiles the switch is an error,
+    not a silent VNNI run."""
     x, w = rand_int8(3, 40), rand_int8(5, 40)
-    monkeypatch.setenv("PTQRT_CPU_AMX", "1")
-    for isa in ("scalar", "avx2"):
-        if _supported(cpu_ops, isa):
-            monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+    for isa in ("scalar", "avx2", "avx512-emulated"):
+        if not _supported(cpu_ops, isa):
+            continue
+        monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+        monkeypatch.setenv("PTQRT_CPU_AMX", "1")
+        with _pack_budget(cpu_ops, 0):
             assert torch.equal(cpu_ops.w8a8_gemm(x, torch.ones(3), w, torch.ones(5), None, torch.int32),
                                ref.int32_matmul(x, w))
+        assert cpu_ops.last_w8a8_path() == {"scalar": "scalar", "avx2": "avx2-dot", "avx512-emulated": "vnni-dot"}[isa]
+        monkeypatch.setenv("PTQRT_CPU_AMX", "yes")
+        with pytest.raises(RuntimeError, match="PTQRT_CPU_AMX"):
+            cpu_ops.w8a8_gemm(x, torch.ones(3), w, torch.ones(5), None, torch.int32)
+    monkeypatch.setenv("PTQRT_CPU_AMX", "1")
     if not _supported(cpu_ops, "avx512") or cpu_ops.has_amx():
         return
     monkeypatch.setenv("PTQRT_CPU_ISA", "avx512")
@@ -671,7 +682,8 @@ def test_avx_code_only_in_target_functions(cpu_ops):
                 offenders.add(func)
     assert not offenders, f"AVX or AMX instructions in baseline functions: {sorted(offenders)[:5]}"
     assert "vpdpbusd" in dis and "vpmaddwd" in dis  # the VNNI and AVX2 kernels are really in there
-    assert "tdpbssd" in dis and "ldtilecfg" in dis  # and the AMX one
+    # and the AMX one, where the compiler builds it (isa.h: PTQRT_AMX_NATIVE)
+    assert "amx_native::" not in dis or ("tdpbssd" in dis and "ldtilecfg" in dis)
 
 
 def test_pack_cache_budget_from_environment(cpu_ops):

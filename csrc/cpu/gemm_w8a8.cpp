@@ -8,7 +8,8 @@
 // widened to int16, vpmaddwd: exact for every int8 value, where vpmaddubsw would saturate; an
 // outer-product panel kernel from 3 rows up on the weights' cached panel-order copy (pack_cache.h),
 // or from 24 rows up repacking them per call when nothing is cached; dot-product tiles below), scalar.
-// All three return the same int32 sums; the fp32 epilogue runs in baseline code (no FMA contraction)
+// All three (and the opt-in AMX-INT8 tile kernel, gemm_w8a8_amx.h) return the same int32 sums;
+// the fp32 epilogue runs in baseline code (no FMA contraction)
 // in the reference's order, (float(acc) * x_scale[m]) * w_scale[n] + bias[n], then one cast.
 #include <cstdlib>
 #include <cstring>
@@ -27,7 +28,7 @@ struct W8A8Block {
   const int32_t* xsum;     // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
   const int16_t* xpanel;   // this m-block's x as 6-row int16 groups (AVX2 panel path only)
   const int8_t* wpanels;   // this n-block's weights in panel order, cached (AVX2 panel path), or null
-  const int8_t* wquads;    // this n-block's weights as 32-column quads, cached (VNNI panel path), or null
+  const int8_t* wquads;    // this n-block's weights as 32-column quads, cached (VNNI panel and AMX paths), or null
   const int32_t* wcorr;    // with wquads: 128 * sum_k w of this n-block's columns
   const uint8_t* xquads;   // this m-block's x ^ 0x80 as 8-row groups of 4-byte k quads (VNNI panel path)
   const int8_t* w;
@@ -374,7 +375,7 @@ std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t
 // ---------------------------------------------------------------------------------------- AMX-INT8
 // The two policies gemm_w8a8_amx.h is instantiated with: 8 tile registers of 16 rows x 64 bytes.
 // dp<c, a, b>: tile c (int32 [16][16]) += tile a (int8 [16][64]) . tile b (int8 [16 quads][16][4]).
-#if PTQRT_X86
+#if PTQRT_AMX_NATIVE
 // The instructions in inline assembly (AT&T operand order), the tile number an immediate: the
 // compiler's _tile_* macros take only literal numbers. Loads name "memory": the copies made just
 // before them (the zero-padded tails) must not be moved past.
@@ -434,9 +435,11 @@ struct AmxEmulated {
 };
 
 // PTQRT_CPU_AMX=1 (opt-in until an AMX machine times it): the VNNI path's calls on cached quads run
-// the AMX-INT8 tile kernel; on a CPU with AVX-512 VNNI but no AMX (or an OS that withholds it) the
-// switch is refused, not ignored. Under avx512-emulated it runs the emulated tile kernel. '1' on;
-// unset, empty or '0' off; anything else is refused.
+// the AMX-INT8 tile kernel (calls without them, below the quads' row crossover or with the cache off
+// or full, keep the VNNI kernels: last_w8a8_path() says which ran); on a CPU with AVX-512 VNNI but
+// no AMX (or an OS that withholds it) the switch is refused. Under avx512-emulated it runs the
+// emulated tile kernel; AVX2 and scalar paths have nothing for it to change. '1' on; unset, empty or
+// '0' off; anything else is refused on every path.
 bool amx_switch() {
   const char* s = std::getenv("PTQRT_CPU_AMX");
   if (s == nullptr || *s == '\0' || std::strcmp(s, "0") == 0) return false;
@@ -455,7 +458,7 @@ std::vector<int8_t> pad_x_amx(const int8_t* x, int64_t M, int64_t K) {
 
 }  // namespace
 
-#if PTQRT_X86
+#if PTQRT_AMX_NATIVE
 #define PTQRT_AMX_NS amx_native
 #define PTQRT_AMX_POLICY AmxNative
 #include "gemm_w8a8_amx.h"
@@ -532,8 +535,18 @@ void epilogue(const int32_t* c, int64_t ldc, int64_t m0, int64_t n0, int64_t mb,
 
 }  // namespace
 
+namespace {
+thread_local const char* t_last_path = "none";
+}  // namespace
+
+// The kernel family this thread's last w8a8_gemm call ran (a test and diagnosis aid: "none" when it
+// returned before any kernel, else scalar, avx2-dot, avx2-gemv, avx2-panel, vnni-dot, vnni-panel,
+// vnni-one-pass or amx; the emulated VNNI / AMX kernels report the same names).
+std::string last_w8a8_path() { return t_last_path; }
+
 at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
                      const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  t_last_path = "none";
   TORCH_CHECK(x_q.dim() == 2 && w_q.dim() == 2 && x_q.scalar_type() == at::kChar && w_q.scalar_type() == at::kChar,
               "ptqrt_cpu.w8a8_gemm: x_q [M, K] and w_q [N, K] must be 2-D int8; got ", x_q.sizes(), " ",
               x_q.scalar_type(), " and ", w_q.sizes(), " ", w_q.scalar_type());
@@ -560,8 +573,8 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   // per call from kVnniPanelMinRows), the dot-product tiles below.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
   const int64_t rows_knob = vnni ? vnni_rows_override() : 0;
-  const bool one_pass = vnni && vnni_one_pass();
-  const bool amx_on = vnni && amx_switch();
+  const bool one_pass = vnni_one_pass() && vnni;  // (the switches checked on every path)
+  const bool amx_on = amx_switch() && vnni;
   TORCH_CHECK(!amx_on || isa == Isa::avx512_emulated || has_amx(),
               "ptqrt_cpu.w8a8_gemm: PTQRT_CPU_AMX=1, but this CPU (or its OS) offers no AMX-INT8 tiles");
   const at::Tensor wquads =
@@ -595,11 +608,19 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const bool amx = amx_on && wquads.defined();
   const std::vector<int8_t> xamx = amx ? pad_x_amx(xp, M, K) : std::vector<int8_t>();
   const BlockFn block_fn = !amx ? fn : isa == Isa::avx512_emulated ? amx_emulated::block
-#if PTQRT_X86
+#if PTQRT_AMX_NATIVE
                                                                    : amx_native::block;
 #else
-                                                                   : fn;
+                                                                   : fn;  // (unreachable: has_amx() is false)
 #endif
+  t_last_path = amx                ? "amx"
+                : vnni && vnni_panel ? (one_pass && M >= 9 && M <= 16 ? "vnni-one-pass" : "vnni-panel")
+                : vnni               ? "vnni-dot"
+#if PTQRT_X86
+                : isa == Isa::avx2 ? (wpanels.defined() && M < kPackedMinRows ? "avx2-gemv" : panel ? "avx2-panel"
+                                                                                                   : "avx2-dot")
+#endif
+                                   : "scalar";
   // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
   const std::vector<uint8_t> xquads = vnni_panel && !amx ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
   const int64_t xquads_block = ceil_div(MB, 8) * 8 * 4 * ceil_div(K, 4);

@@ -102,8 +102,16 @@ inline bool supports(Isa want) {
 // AMX-INT8 (the opt-in w8a8 tile kernel, gemm_w8a8_amx.h): an AVX-512 VNNI CPU with AMX-TILE and
 // AMX-INT8, an OS that saves the tile state (XCR0 bits 17, 18), and, on Linux, this process's
 // permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, asked once; kernels >= 5.16).
+// The tile instructions are assembled only by compilers whose toolchains know them (GCC 11 and
+// clang 12 came with assemblers that do); elsewhere the kernel is left out and has_amx() is false.
+#if PTQRT_X86 && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define PTQRT_AMX_NATIVE 1
+#else
+#define PTQRT_AMX_NATIVE 0
+#endif
 namespace detail {
-#if PTQRT_X86 && defined(__linux__)
+#if PTQRT_AMX_NATIVE
 inline bool amx_detect() {
   if (best_isa() != Isa::avx512) return false;
   unsigned a = 0, b = 0, c = 0, d = 0;
