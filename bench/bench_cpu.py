@@ -25,7 +25,7 @@ Groups (one pytest-benchmark group per shape, so its table shows each row's rati
          target; SDPA with enable_gqa)
   diagnosis (AVX-512 VNNI CPUs, targets and full sets): "ptqrt quant+w8a8" with one cpu-backend knob
          set, beside the default: dot tiles and one pass at M=16, quads at M=1, the AMX tile kernel
-         at M=16 and 128 where the CPU has AMX (see DIAGNOSIS)
+         at M=1, 16 and 128 where the CPU has AMX (see DIAGNOSIS)
   paired (last): every target's two rows, and each diagnosis row against the default, timed once more
          alternately in the same seconds (see paired_times), so a change of load between two rows
          cannot make their ratio; printed beside the target's own ratio, which decides PASS / MISS
@@ -140,7 +140,8 @@ W8A8_IMPLS = ("ptqrt quant+w8a8", "ptqrt w8a8_gemm", "fbgemm dynamic", "torch._i
 #   dot tiles  M = 16: the dot-product tiles instead of the panel kernel (the crossover past M)
 #   one pass   M = 16: the panel kernel's one-pass form for blocks of 9-16 rows (opt-in)
 #   quads      M = 1: the panel kernel on the cached quads instead of the dot tiles on w as it is
-#   amx        M = 16, 128: the AMX-INT8 tile kernel on the cached quads (CPUs with AMX; opt-in)
+#   amx        M = 1, 16, 128: the AMX-INT8 tile kernel on the cached quads (CPUs with AMX; opt-in;
+#              at M = 1 a weight stream of 16-row tile loads, 15 of every 16 rows' arithmetic wasted)
 DOT_TILES = "ptqrt quant+w8a8 dot tiles"
 ONE_PASS = "ptqrt quant+w8a8 one pass"
 QUADS = "ptqrt quant+w8a8 quads"
@@ -148,7 +149,7 @@ AMX = "ptqrt quant+w8a8 amx"
 DIAGNOSIS = {DOT_TILES: ((16,), lambda m: {"PTQRT_CPU_VNNI_PANEL_ROWS": str(m + 1)}),
              ONE_PASS: ((16,), lambda m: {"PTQRT_CPU_VNNI_ONE_PASS": "1"}),
              QUADS: ((1,), lambda m: {"PTQRT_CPU_VNNI_PANEL_ROWS": "1"}),
-             AMX: ((16, 128), lambda m: {"PTQRT_CPU_AMX": "1"})}
+             AMX: ((1, 16, 128), lambda m: {"PTQRT_CPU_AMX": "1", "PTQRT_CPU_VNNI_PANEL_ROWS": "1"})}
 DIAG_ROWS = [(m, n, k, impl) for impl, (ms, _) in DIAGNOSIS.items() for m in ms for n, k in NKS
              if m in MS and SET in ("full", "targets")]
 _AMX_PROBE: list = []

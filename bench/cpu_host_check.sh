@@ -17,9 +17,9 @@
 #      parametrizations, skipped on other CPUs, and the tests that walk every path this CPU runs)
 #   3. bench/bench_cpu.py with 2 threads (PTQRT_BENCH_THREADS=2), set "targets" by default: every row
 #      a target of the CPU backend's issue is stated for, with only the peers the targets compare
-#      (31 benchmarks and 15 AVX-512 diagnosis rows, 6 of them AMX where the CPU has it, ~1 s each,
-#      then 32 paired timings of a target's or a diagnosis row's two sides, alternating, ~0.3-2 s
-#      each); "smoke" (one row of each target kind) on a CPU without VNNI; --set or
+#      (31 benchmarks and 18 AVX-512 diagnosis rows, 9 of them AMX where the CPU has it, ~1 s each,
+#      then 35 paired timings of a target's or a diagnosis row's two sides, alternating, ~0.3-2 s
+#      each; the load average before and after goes to the summary); "smoke" (one row of each target kind) on a CPU without VNNI; --set or
 #      CPU_HOST_BENCH_SET picks another
 #
 # Every step runs pinned (taskset) to two CPUs on distinct physical cores, by default the
@@ -223,10 +223,13 @@ BENCH_JSON=${CPU_HOST_JSON:-bench/results/cpu_${HOST:-host}.json}
 if [ "$BENCH" = 1 ]; then
     STEP_MSG=""
     touch "$LOGDIR/cpu_bench.start"
+    LOAD0=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
     # shellcheck disable=SC2086  # CPU_HOST_BENCH_ARGS: extra pytest arguments, split on spaces
     step bench 400 "${PIN[@]}" env PTQRT_BENCH_THREADS=2 PTQRT_BENCH_SET="$SET" PTQRT_BENCH_JSON="$BENCH_JSON" \
         "$PY" -m pytest bench/bench_cpu.py --benchmark-enable -s -q -p no:cacheprovider ${CPU_HOST_BENCH_ARGS:-}
     [ -n "$STEP_MSG" ] && note "$STEP_MSG set $SET, 2 threads, $(grep -E "passed|failed|error|no tests ran|KeyboardInterrupt" "$LOGDIR/cpu_bench.log" | tail -1)"
+    # The whole machine's load (the GPU stages share it): other work changes timings between rows.
+    note "cpu-bench      load average (1, 5, 15 min) before ${LOAD0:-?}, after $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
     if [ -f "$BENCH_JSON" ] && [ "$BENCH_JSON" -nt "$LOGDIR/cpu_bench.start" ]; then
         JSON=$BENCH_JSON
         # The targets as the benchmark printed them at its end, else from its JSON (partial when the
