@@ -452,7 +452,9 @@ bool amx_switch() {
 std::vector<int8_t> pad_x_amx(const int8_t* x, int64_t M, int64_t K) {
   const int64_t kp = round_up(K, 64);
   std::vector<int8_t> xp((M + 16) * kp, 0);
-  for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * kp, x + m * K, K);
+  at::parallel_for(0, M, std::max<int64_t>(1, (256 << 10) / kp), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) std::memcpy(xp.data() + m * kp, x + m * K, K);
+  });
   return xp;
 }
 
