@@ -25,7 +25,8 @@ Groups (one pytest-benchmark group per shape, so its table shows each row's rati
          target; SDPA with enable_gqa)
   diagnosis (AVX-512 VNNI CPUs, targets and full sets): "ptqrt quant+w8a8" with one cpu-backend knob
          set, beside the default: dot tiles and one pass at M=16, quads at M=1, the AMX tile kernel
-         at M=1, 16 and 128 where the CPU has AMX (see DIAGNOSIS)
+         at M=1, 16 and 128 where the CPU has AMX (see DIAGNOSIS); w8a16 on the AVX2 tiles at M=1
+         beside the default AVX-512 ones (W16_AVX2)
   paired (last): every target's two rows, and each diagnosis row against the default, timed once more
          alternately in the same seconds (see paired_times), so a change of load between two rows
          cannot make their ratio; printed beside the target's own ratio, which decides PASS / MISS
@@ -234,26 +235,39 @@ def test_w8a8(benchmark, ops, m, n, k, impl, monkeypatch):
 W8A16_IMPLS = ("ptqrt w8a16 fp32 x", "ptqrt w8a16 bf16 x", "fp32 F.linear", "bf16 F.linear")
 
 
+# A diagnosis row on AVX-512 CPUs (targets and full sets): w8a16 at M = 1 on the AVX2 tiles
+# (PTQRT_CPU_W8A16_AVX512=0) beside the default AVX-512 ones.
+W16_AVX2 = "ptqrt w8a16 fp32 x avx2 tiles"
+W16_DIAG_ROWS = [(1, n, k, W16_AVX2) for n, k in NKS if 1 in MS and SET in ("full", "targets")]
+
+
 def w8a16_case(ops, m: int, n: int, k: int, impl: str):
     torch.manual_seed(0)
     x = torch.randn(m, k)
     w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     w_s = torch.rand(n) * 0.01
+    env = {}
+    if impl == W16_AVX2:
+        if ops.active_isa() != "avx512":
+            pytest.skip(f"the {impl!r} row is a diagnosis of the AVX-512 path")
+        env = {"PTQRT_CPU_W8A16_AVX512": "0"}
     if impl.startswith("ptqrt"):
         xx = x if "fp32" in impl else x.bfloat16()
         nbytes = n * k + m * k * xx.element_size() + m * n * xx.element_size()
-        return (lambda: ops.w8a16_gemm(xx, w_q, w_s, None, 0)), nbytes, {}
+        return (lambda: ops.w8a16_gemm(xx, w_q, w_s, None, 0)), nbytes, env
     dt = torch.float32 if impl.startswith("fp32") else torch.bfloat16
     xx, w = x.to(dt), (w_q.float() * w_s[:, None]).to(dt)
     return (lambda: F.linear(xx, w)), n * k * w.element_size() + (m * k + m * n) * xx.element_size(), {}
 
 
 @pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A16_IMPLS
-                                          if _needed("w8a16", m, n, k, i)])
-def test_w8a16(benchmark, ops, m, n, k, impl):
+                                          if _needed("w8a16", m, n, k, i)] + W16_DIAG_ROWS)
+def test_w8a16(benchmark, ops, m, n, k, impl, monkeypatch):
     group = f"w8a16 M={m} N={n} K={k}"
     benchmark.group = group
-    fn, nbytes, _ = w8a16_case(ops, m, n, k, impl)
+    fn, nbytes, env = w8a16_case(ops, m, n, k, impl)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with torch.inference_mode():
         benchmark(fn)
     _record(benchmark, group, impl, nbytes)
@@ -311,13 +325,13 @@ def _pairs() -> list[tuple]:
     """(kind, ours, peer, row args) for every target and diagnosis row this set measures."""
     out = []
     for kind, ours, peer, _, a, b, c in TARGETS:
-        if kind == "w8a8" and a in MS and (b, c) in NKS and _needed(kind, a, b, c, ours) and _needed(kind, a, b, c, peer):
-            out.append((kind, ours, peer, (a, b, c)))
-        elif kind == "w8a16" and a in MS and (b, c) in NKS:
+        if kind in ("w8a8", "w8a16") and a in MS and (b, c) in NKS and _needed(kind, a, b, c, ours) \
+                and _needed(kind, a, b, c, peer):
             out.append((kind, ours, peer, (a, b, c)))
         elif kind == "attn" and (a, b) in ATTN:
             out.append((kind, ours, peer, (a, b, HEADS)))
-    return out + [("w8a8", impl, "ptqrt quant+w8a8", (m, n, k)) for m, n, k, impl in DIAG_ROWS]
+    return (out + [("w8a8", impl, "ptqrt quant+w8a8", (m, n, k)) for m, n, k, impl in DIAG_ROWS]
+            + [("w8a16", impl, "ptqrt w8a16 fp32 x", (m, n, k)) for m, n, k, impl in W16_DIAG_ROWS])
 
 
 @contextlib.contextmanager
@@ -446,7 +460,7 @@ def target_lines(meta: dict, tgts: list[dict], paired: dict | None = None) -> li
     for group, pairs in (paired or {}).items():
         for name, pr in pairs.items():
             variant, default = name.split(" vs ")
-            if variant in DIAGNOSIS:  # > 1: the variant is faster than the default
+            if variant in DIAGNOSIS or variant == W16_AVX2:  # > 1: the variant is faster than the default
                 lines.append(f"diagnosis {group:<32} {variant}: {pr['ratio']:.2f}x the default's speed (paired)")
     missing = sum(t["ratio"] is None for t in tgts)
     n_pass = sum(t["status"] == "PASS" for t in tgts)

@@ -12,7 +12,7 @@
 #      later stage is kept off them): the CPU model and its AVX-512 / AMX flags and, on an AVX-512
 #      VNNI CPU, the cpu extension's build (MAX_JOBS=2), the CPU backend's AVX-512 tests and
 #      bench/bench_cpu.py's target rows at 2 threads (it finished inside its 200 s there on
-#      2026-11-27; since then 15 diagnosis rows and 35 paired timings, ~40-55 s more: limit CPU_LIMIT, 240 s). Without VNNI it only reports
+#      2026-11-27; since then 18 diagnosis rows and 38 paired timings, ~45-60 s more: limit CPU_LIMIT, 240 s). Without VNNI it only reports
 #      the CPU (a second). --no-cpu or SKIP_CPU=1 leaves it out
 #   2. build the CUDA extension in the background (ninja, sm_80 + sm_90a) while the Triton GPU tests
 #      run (pytest -m gpu tests/test_triton_backend.py, in parallel with pytest-xdist when present)

@@ -506,17 +506,43 @@ def _check_w8a16(cpu_ops, dtype, m, n, k, group):
     assert_close_to_ref(out, expect, lowp if dtype != torch.float32 and m > 0 else None)
 
 
+@pytest.fixture(params=ISAS)
+def w8a16_isa(request, cpu_ops, monkeypatch):
+    """The w8a16 paths: scalar, AVX2, AVX-512 and its tiles' emulation (below the panel kernel's rows)."""
+    return _force(request, cpu_ops, monkeypatch)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("m", (0,) + ODD_M)
-@pytest.mark.parametrize("n,k,group", ((33, 47, 0), (72, 100, 25), (130, 96, 32), (9, 64, 1), (10, 256, 128)))
-def test_w8a16(cpu_ops, isa, dtype, m, n, k, group):
+@pytest.mark.parametrize("n,k,group", ((33, 47, 0), (72, 100, 25), (130, 96, 32), (9, 64, 1), (10, 256, 128),
+                                       (20, 150, 50), (17, 37, 37)))
+def test_w8a16(cpu_ops, w8a16_isa, dtype, m, n, k, group):
+    """Groups shorter than, equal to and longer than a vector (1, 25, 32, 37, 50, 128), ragged K, one row
+    against 1-8 columns and tiles of up to 4 rows x 3 columns."""
     _check_w8a16(cpu_ops, dtype, m, n, k, group)
+
+
+@pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
+def test_w8a16_avx512_switch(cpu_ops, monkeypatch, isa):
+    """PTQRT_CPU_W8A16_AVX512=0 puts AVX-512 CPUs back on the AVX2 tiles (same results within rounding);
+    a value other than '0' / '1' is refused on every path, naming the variable."""
+    if not _supported(cpu_ops, isa):
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+    x, w, ws = torch.randn(3, 200), rand_int8(21, 200), rand_scale(21 * 8).reshape(21, 8)
+    expect = ref.w8a16_gemm(x, w, ws, None, 25)
+    for switch in ("", "1", "0"):
+        monkeypatch.setenv("PTQRT_CPU_W8A16_AVX512", switch)
+        assert_close_to_ref(cpu_ops.w8a16_gemm(x, w, ws, None, 25), expect)
+    monkeypatch.setenv("PTQRT_CPU_W8A16_AVX512", "yes")
+    with pytest.raises(RuntimeError, match="PTQRT_CPU_W8A16_AVX512"):
+        cpu_ops.w8a16_gemm(x, w, ws, None, 25)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("m,n,k,group", ((64, 40, 1104, 48), (131, 33, 1104, 0), (70, 16, 1000, 25), (64, 70, 600, 8),
                                          (200, 17, 513, 0), (301, 40, 48, 16)))
-def test_w8a16_panels(cpu_ops, isa, dtype, m, n, k, group):
+def test_w8a16_panels(cpu_ops, w8a16_isa, dtype, m, n, k, group):
     """From 64 rows the AVX2 path dequantizes 16 columns x one K chunk at a time into an fp32 panel:
     several K chunks (a chunk boundary inside a group), groups of 8 k at a time or one k at a time
     (a group size not a multiple of 8), partial panels, two and three m-blocks (rows not a multiple

@@ -9,6 +9,12 @@
 // inner loop reads plain fp32 whatever x's dtype (fp32, bf16 or fp16). From kW8A16PanelMinRows rows
 // (compute-bound: each weight meets many rows) the AVX2 path is an fp32 outer-product kernel on
 // weights dequantized once per block, 16 columns x one K chunk at a time (see block_panel_avx2).
+// Below that, AVX-512 CPUs run the same tiles at 16 lanes (gemm_w8a16_avx512.h; its emulation under
+// avx512-emulated; PTQRT_CPU_W8A16_AVX512=0 keeps them on AVX2's).
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
 #include "common.h"
 
 namespace ptqrt_cpu {
@@ -245,17 +251,148 @@ PTQRT_AVX2 void convert_rows_avx2(const T* x, int64_t ldx, int64_t mr, int64_t K
 }
 #endif
 
+// ------------------------------------------------------------------------------- AVX-512 tiles
+// The two policies gemm_w8a16_avx512.h is instantiated with (16 floats a vector).
+#if PTQRT_X86
+struct F16x_avx512 {
+  using V = __m512;
+  PTQRT_AVX512 static inline __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+  PTQRT_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
+  PTQRT_AVX512 static inline V set1(float v) { return _mm512_set1_ps(v); }
+  PTQRT_AVX512 static inline V load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  PTQRT_AVX512 static inline V load_i8_masked(const int8_t* p, int64_t n) {  // n < 16; reads p[0, n) only
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first(n), p)));
+  }
+  PTQRT_AVX512 static inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  PTQRT_AVX512 static inline V loadu_masked(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  PTQRT_AVX512 static inline V keep_first(V v, int64_t n) { return _mm512_maskz_mov_ps(first(n), v); }
+  PTQRT_AVX512 static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  PTQRT_AVX512 static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  PTQRT_AVX512 static inline float hsum(V v) {  // halving adds (as reduce_add would, without its header's warning)
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+  }
+};
+#endif
+
+// A portable model of the same operations (fused multiply-add included), in the same order.
+struct F16xEmulated {
+  struct V {
+    float f[16];
+  };
+  static V zero() { return set1(0.0f); }
+  static V set1(float v) {
+    V r;
+    for (float& x : r.f) x = v;
+    return r;
+  }
+  static V load_i8(const int8_t* p) { return load_i8_masked(p, 16); }
+  static V load_i8_masked(const int8_t* p, int64_t n) {
+    V r;
+    for (int64_t l = 0; l < 16; ++l) r.f[l] = l < n ? static_cast<float>(p[l]) : 0.0f;
+    return r;
+  }
+  static V loadu(const float* p) { return loadu_masked(p, 16); }
+  static V loadu_masked(const float* p, int64_t n) {
+    V r;
+    for (int64_t l = 0; l < 16; ++l) r.f[l] = l < n ? p[l] : 0.0f;
+    return r;
+  }
+  static V keep_first(V v, int64_t n) {
+    for (int64_t l = n; l < 16; ++l) v.f[l] = 0.0f;
+    return v;
+  }
+  static V mul(V a, const V& b) {
+    for (int l = 0; l < 16; ++l) a.f[l] *= b.f[l];
+    return a;
+  }
+  static V fmadd(const V& a, const V& b, V c) {
+    for (int l = 0; l < 16; ++l) c.f[l] = std::fma(a.f[l], b.f[l], c.f[l]);
+    return c;
+  }
+  static float hsum(const V& v) {
+    float h[8], q[4];
+    for (int l = 0; l < 8; ++l) h[l] = v.f[l] + v.f[l + 8];
+    for (int l = 0; l < 4; ++l) q[l] = h[l] + h[l + 4];
+    const float a = q[0] + q[2], b = q[1] + q[3];
+    return a + b;
+  }
+};
+
+#if PTQRT_X86
+#define PTQRT_W16_NS w16_avx512
+#define PTQRT_W16_POLICY F16x_avx512
+#define PTQRT_W16_TARGET PTQRT_AVX512
+#include "gemm_w8a16_avx512.h"
+#undef PTQRT_W16_NS
+#undef PTQRT_W16_POLICY
+#undef PTQRT_W16_TARGET
+#endif
+#define PTQRT_W16_NS w16_emulated
+#define PTQRT_W16_POLICY F16xEmulated
+#define PTQRT_W16_TARGET
+#include "gemm_w8a16_avx512.h"
+#undef PTQRT_W16_NS
+#undef PTQRT_W16_POLICY
+#undef PTQRT_W16_TARGET
+
+// PTQRT_CPU_W8A16_AVX512=0 keeps AVX-512 CPUs on the AVX2 tiles below the panel kernel's rows (the
+// AVX-512 tiles are the default there; a switch back until an AVX-512 machine has timed both). '0'
+// off; unset, empty or '1' on; anything else is refused.
+bool w8a16_avx512_switch() {
+  const char* s = std::getenv("PTQRT_CPU_W8A16_AVX512");
+  if (s == nullptr || *s == '\0' || std::strcmp(s, "1") == 0) return true;
+  TORCH_CHECK(std::strcmp(s, "0") == 0, "PTQRT_CPU_W8A16_AVX512 must be '1' (on) or '0' (off); got '", s, "'");
+  return false;
+}
+
 // c [mb, nb] (fp32, ldc) for rows x [mb, K] of dtype T and weight rows w [nb, K].
 template <class T>
-void block(Isa isa, const T* x, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G, int64_t gsize,
-           int64_t K, float* c, int64_t ldc, std::vector<float>& xbuf) {
-  const bool vec = PTQRT_X86 && (isa == Isa::avx2 || isa == Isa::avx512);
+void block(Isa isa, bool avx512_tiles, const T* x, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
+           int64_t gsize, int64_t K, float* c, int64_t ldc, std::vector<float>& xbuf) {
+  // The AVX-512 tiles (native, or their emulation under avx512-emulated), else AVX2's, else scalar.
+  const w16_emulated::Tile(*wide)[3] = nullptr;
+  const w16_emulated::Tile* wide_rows = nullptr;
+  if (isa == Isa::avx512_emulated) {
+    wide = w16_emulated::tiles;
+    wide_rows = w16_emulated::row_tiles;
+  }
+#if PTQRT_X86
+  if (isa == Isa::avx512 && avx512_tiles) {
+    wide = w16_avx512::tiles;
+    wide_rows = w16_avx512::row_tiles;
+  }
+#endif
+  const bool vec = wide != nullptr || (PTQRT_X86 && (isa == Isa::avx2 || isa == Isa::avx512));
   const int64_t MR = vec ? 4 : 1, NR = vec ? 3 : 1;
   const int64_t ldxf = xf_stride(K);
   if (static_cast<int64_t>(xbuf.size()) < MR * ldxf) xbuf.resize(MR * ldxf);
   for (int64_t m0 = 0; m0 < mb; m0 += MR) {
     const int64_t mr = std::min(MR, mb - m0);
     W8A16Block b{xbuf.data(), ldxf, nullptr, K, nullptr, G, gsize, K, nullptr, ldc};
+    if (wide != nullptr) {
+#if PTQRT_X86
+      if (isa == Isa::avx512)
+        convert_rows_avx2(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
+      else
+#endif
+        convert_rows_scalar(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
+      const int64_t step = mr == 1 ? 8 : NR;  // one row: eight columns, eight FMA chains
+      for (int64_t n0 = 0; n0 < nb; n0 += step) {
+        const int64_t nr = std::min(step, nb - n0);
+        b.w = w + n0 * K;
+        b.ws = ws + n0 * (G ? G : 1);
+        b.c = c + m0 * ldc + n0;
+        (mr == 1 ? wide_rows[nr - 1] : wide[mr - 1][nr - 1])(b);
+      }
+      continue;
+    }
 #if PTQRT_X86
     if (vec) {
       using Tile = void (*)(const W8A16Block&);
@@ -318,6 +455,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   if (M == 0 || N == 0) return out;
 
   const Isa isa = active_isa();
+  const bool avx512_tiles = w8a16_avx512_switch();
   const std::vector<float> bs = f32_vector(bias);
   const int8_t* wp = w_q.data_ptr<int8_t>();
   const float* wsp = w_scale.data_ptr<float>();
@@ -365,8 +503,8 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
                            group_size, K, cbuf.data(), NB, xbuf);
         else
 #endif
-          block(isa, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K, cbuf.data(), NB,
-                xbuf);
+          block(isa, avx512_tiles, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K,
+                cbuf.data(), NB, xbuf);
         for (int64_t i = 0; i < mb; ++i)
           for (int64_t j = 0; j < nb; ++j) {
             float y = cbuf[i * NB + j];
