@@ -352,6 +352,8 @@ bool w8a16_avx512_switch() {
   return false;
 }
 
+thread_local const char* t_last_path = "none";
+
 // c [mb, nb] (fp32, ldc) for rows x [mb, K] of dtype T and weight rows w [nb, K].
 template <class T>
 void block(Isa isa, bool avx512_tiles, const T* x, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
@@ -436,8 +438,14 @@ void block(Isa isa, bool avx512_tiles, const T* x, int64_t mb, const int8_t* w, 
 
 }  // namespace
 
+// The kernel family this thread's last w8a16_gemm call ran (a test and diagnosis aid: "none" when it
+// returned before any kernel, else scalar, avx2-tiles, avx512-tiles or avx2-panel; the emulated
+// AVX-512 tiles report avx512-tiles).
+std::string last_w8a16_path() { return t_last_path; }
+
 at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
                       const std::optional<at::Tensor>& bias, int64_t group_size) {
+  t_last_path = "none";
   TORCH_CHECK(x.dim() == 2 && w_q.dim() == 2 && w_q.scalar_type() == at::kChar && x.is_contiguous() &&
                   w_q.is_contiguous(),
               "ptqrt_cpu.w8a16_gemm: x [M, K] float and w_q [N, K] int8 must be contiguous 2-D; got ", x.sizes(),
@@ -465,6 +473,10 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
 #if PTQRT_X86
   panel = (isa == Isa::avx2 || isa == Isa::avx512) && M >= kW8A16PanelMinRows;
 #endif
+  t_last_path = panel ? "avx2-panel"
+                : isa == Isa::avx512_emulated || (isa == Isa::avx512 && avx512_tiles) ? "avx512-tiles"
+                : isa == Isa::avx2 || isa == Isa::avx512                              ? "avx2-tiles"
+                                                                                      : "scalar";
   const Blocking bl = balanced_blocks(M, N, 128, std::min<int64_t>(512, (192 * 1024) / std::max<int64_t>(K, 1)),
                                       panel ? 16 : 12, at::get_num_threads());
   const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;

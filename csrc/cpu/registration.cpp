@@ -25,6 +25,7 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
 
 bool pack_weight(const at::Tensor& w);
 std::string last_w8a8_path();
+std::string last_w8a16_path();
 
 // The path auto picks on this CPU, and the one the next call takes (PTQRT_CPU_ISA honoured).
 std::string best_isa_name() { return isa_name(best_isa()); }
@@ -39,6 +40,7 @@ TORCH_LIBRARY(ptqrt_cpu, m) {
   m.def("active_isa() -> str", &ptqrt_cpu::active_isa_name);
   m.def("has_amx() -> bool", &ptqrt_cpu::has_amx_op);
   m.def("last_w8a8_path() -> str", &ptqrt_cpu::last_w8a8_path);
+  m.def("last_w8a16_path() -> str", &ptqrt_cpu::last_w8a16_path);
   m.def("pack_cache_info() -> int[]", &ptqrt_cpu::pack_cache_info);
   m.def("pack_cache_clear() -> ()", &ptqrt_cpu::pack_cache_clear);
   m.def("pack_cache_set_budget(int bytes) -> int", &ptqrt_cpu::pack_cache_set_budget);
