@@ -25,8 +25,8 @@ Groups (one pytest-benchmark group per shape, so its table shows each row's rati
          target; SDPA with enable_gqa)
   diagnosis (AVX-512 VNNI CPUs, targets and full sets): "ptqrt quant+w8a8" with one cpu-backend knob
          set, beside the default: dot tiles and one pass at M=16, quads at M=1, the AMX tile kernel
-         at M=1, 16 and 128 where the CPU has AMX (see DIAGNOSIS); w8a16 on the AVX2 tiles at M=1
-         beside the default AVX-512 ones (W16_AVX2)
+         at M=1, 16 and 128 where the CPU has AMX (see DIAGNOSIS); w8a16 on the AVX2 kernels at M=1
+         and 128 beside the default AVX-512 ones (W16_AVX2)
   paired (last): every target's two rows, and each diagnosis row against the default, timed once more
          alternately in the same seconds (see paired_times), so a change of load between two rows
          cannot make their ratio; printed beside the target's own ratio, which decides PASS / MISS
@@ -235,10 +235,14 @@ def test_w8a8(benchmark, ops, m, n, k, impl, monkeypatch):
 W8A16_IMPLS = ("ptqrt w8a16 fp32 x", "ptqrt w8a16 bf16 x", "fp32 F.linear", "bf16 F.linear")
 
 
-# A diagnosis row on AVX-512 CPUs (targets and full sets): w8a16 at M = 1 on the AVX2 tiles
-# (PTQRT_CPU_W8A16_AVX512=0) beside the default AVX-512 ones.
-W16_AVX2 = "ptqrt w8a16 fp32 x avx2 tiles"
-W16_DIAG_ROWS = [(1, n, k, W16_AVX2) for n, k in NKS if 1 in MS and SET in ("full", "targets")]
+# Diagnosis rows on AVX-512 CPUs (targets and full sets): w8a16 on the AVX2 kernels
+# (PTQRT_CPU_W8A16_AVX512=0) beside the default AVX-512 ones: the tiles at M = 1, the panels at M = 128
+# (there the targets set also times the default and fp32 F.linear, which no target names).
+W16_AVX2 = "ptqrt w8a16 fp32 x avx2 kernels"
+W16_DIAG_MS = (1, 128)
+W16_DIAG_ROWS = [(m, n, k, W16_AVX2) for m in W16_DIAG_MS for n, k in NKS if m in MS and SET in ("full", "targets")]
+W16_DIAG_PEERS = [(m, n, k, i) for m, n, k, _ in W16_DIAG_ROWS for i in ("ptqrt w8a16 fp32 x", "fp32 F.linear")
+                  if not _needed("w8a16", m, n, k, i)]
 
 
 def w8a16_case(ops, m: int, n: int, k: int, impl: str):
@@ -261,7 +265,7 @@ def w8a16_case(ops, m: int, n: int, k: int, impl: str):
 
 
 @pytest.mark.parametrize("m,n,k,impl", [(m, n, k, i) for m in MS for n, k in NKS for i in W8A16_IMPLS
-                                          if _needed("w8a16", m, n, k, i)] + W16_DIAG_ROWS)
+                                          if _needed("w8a16", m, n, k, i)] + W16_DIAG_PEERS + W16_DIAG_ROWS)
 def test_w8a16(benchmark, ops, m, n, k, impl, monkeypatch):
     group = f"w8a16 M={m} N={n} K={k}"
     benchmark.group = group

@@ -17,15 +17,15 @@
 #      parametrizations, skipped on other CPUs, and the tests that walk every path this CPU runs)
 #   3. bench/bench_cpu.py with 2 threads (PTQRT_BENCH_THREADS=2), set "targets" by default: every row
 #      a target of the CPU backend's issue is stated for, with only the peers the targets compare
-#      (31 benchmarks and 21 AVX-512 diagnosis rows, 9 of them AMX where the CPU has it, ~1 s each,
-#      then 38 paired timings of a target's or a diagnosis row's two sides, alternating, ~0.3-2 s
-#      each; the load average before and after goes to the summary); "smoke" (one row of each target kind) on a CPU without VNNI; --set or
+#      (31 benchmarks, 6 more for w8a16 at M=128 and 24 AVX-512 diagnosis rows, 9 of them AMX where
+#      the CPU has it, ~1 s each, then 41 paired timings of a target's or a diagnosis row's two
+#      sides, alternating, ~0.3-2 s each; the load average before and after goes to the summary); "smoke" (one row of each target kind) on a CPU without VNNI; --set or
 #      CPU_HOST_BENCH_SET picks another
 #
 # Every step runs pinned (taskset) to two CPUs on distinct physical cores, by default the
 # highest-numbered ones this process may use (--cores or CPU_HOST_CORES: others), sees no GPU
 # (CUDA_VISIBLE_DEVICES empty), and has a time limit cut from one overall limit (--limit or
-# CPU_HOST_LIMIT, default 240 s), so the script ends within it. SIGTERM/SIGINT stop the running step
+# CPU_HOST_LIMIT, default 300 s), so the script ends within it. SIGTERM/SIGINT stop the running step
 # (the benchmark through SIGINT, so it still prints and saves what it measured), then the summary is
 # written as usual. CPU_HOST_BENCH_ARGS: extra pytest arguments for the benchmark (e.g. -k ...).
 # Exit status 0 unless a step failed or ran out of time (a step stopped by a signal is no failure).
@@ -38,7 +38,7 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
-FORCE=${PTQRT_CPU_HOST_FORCE:-0} AVX2_BENCH=0 SET=${CPU_HOST_BENCH_SET:-} CORES=${CPU_HOST_CORES:-} LIMIT=${CPU_HOST_LIMIT:-240}
+FORCE=${PTQRT_CPU_HOST_FORCE:-0} AVX2_BENCH=0 SET=${CPU_HOST_BENCH_SET:-} CORES=${CPU_HOST_CORES:-} LIMIT=${CPU_HOST_LIMIT:-300}
 LOGDIR="" TESTS=1 BENCH=1 PICK=0
 usage="usage: bash bench/cpu_host_check.sh [--force] [--avx2-bench] [--set targets|smoke|quick|full] [--cores A,B] [--limit S] [--log-dir DIR] [--no-tests] [--no-bench] | --pick-cores"
 while [ $# -gt 0 ]; do

@@ -12,8 +12,8 @@
 #      later stage is kept off them): the CPU model and its AVX-512 / AMX flags and, on an AVX-512
 #      VNNI CPU, the cpu extension's build (MAX_JOBS=2), the CPU backend's AVX-512 tests and
 #      bench/bench_cpu.py's target rows at 2 threads (it finished inside its 200 s there on
-#      2026-11-27; since then 18 diagnosis rows and 38 paired timings, ~45-60 s more: limit CPU_LIMIT, 240 s). Without VNNI it only reports
-#      the CPU (a second). --no-cpu or SKIP_CPU=1 leaves it out
+#      2026-11-27; since then 27 more rows and 41 paired timings, ~60-80 s more: limit CPU_LIMIT,
+#      300 s). Without VNNI it only reports the CPU (a second). --no-cpu or SKIP_CPU=1 leaves it out
 #   2. build the CUDA extension in the background (ninja, sm_80 + sm_90a) while the Triton GPU tests
 #      run (pytest -m gpu tests/test_triton_backend.py, in parallel with pytest-xdist when present)
 #   3. the CUDA backend's GPU tests and the other GPU tests, then compute-sanitizer memcheck over the
@@ -77,7 +77,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the o
     return "$rc"
 }
 cpu_start() {  # the host CPU's check in the background, pinned to two CPUs that later stages keep off
-    local limit=${CPU_LIMIT:-240} cores="" rest="" pin=()
+    local limit=${CPU_LIMIT:-300} cores="" rest="" pin=()
     read -r cores rest <<<"$(bash bench/cpu_host_check.sh --pick-cores 2>/dev/null)"
     command -v taskset >/dev/null && [ -n "$cores" ] && pin=(taskset -c "$cores")
     CPU_T0=$SECONDS

@@ -541,9 +541,9 @@ def test_w8a16_avx512_matches_its_emulation(cpu_ops, monkeypatch):
 
 @pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
 def test_w8a16_avx512_switch(cpu_ops, monkeypatch, isa):
-    """PTQRT_CPU_W8A16_AVX512=0 puts AVX-512 CPUs back on the AVX2 tiles (same results within rounding;
-    last_w8a16_path() says which ran); a value other than '0' / '1' is refused on every path, naming
-    the variable."""
+    """PTQRT_CPU_W8A16_AVX512=0 puts AVX-512 CPUs back on the AVX2 tiles and panels (same results
+    within rounding; last_w8a16_path() says which ran); a value other than '0' / '1' is refused on
+    every path, naming the variable."""
     if not _supported(cpu_ops, isa):
         pytest.skip(f"this CPU cannot run {isa}")
     monkeypatch.setenv("PTQRT_CPU_ISA", isa)
@@ -555,9 +555,12 @@ def test_w8a16_avx512_switch(cpu_ops, monkeypatch, isa):
         # the emulation has no AVX2 side to go back to: its tiles are the AVX-512 ones
         back = switch == "0" and isa == "avx512"
         assert cpu_ops.last_w8a16_path() == ("avx2-tiles" if back else "avx512-tiles")
-    x64 = torch.randn(64, 200)  # from 64 rows the panel kernel (AVX2 code), emulation aside
-    cpu_ops.w8a16_gemm(x64, w, ws, None, 25)
-    assert cpu_ops.last_w8a16_path() == ("avx2-panel" if isa == "avx512" else "avx512-tiles")
+    x64 = torch.randn(64, 200)  # from 64 rows the panel kernels, 32 columns wide unless switched back
+    for switch in ("1", "0"):
+        monkeypatch.setenv("PTQRT_CPU_W8A16_AVX512", switch)
+        assert_close_to_ref(cpu_ops.w8a16_gemm(x64, w, ws, None, 25), ref.w8a16_gemm(x64, w, ws, None, 25))
+        back = switch == "0" and isa == "avx512"
+        assert cpu_ops.last_w8a16_path() == ("avx2-panel" if back else "avx512-panel")
     monkeypatch.setenv("PTQRT_CPU_W8A16_AVX512", "yes")
     with pytest.raises(RuntimeError, match="PTQRT_CPU_W8A16_AVX512"):
         cpu_ops.w8a16_gemm(x, w, ws, None, 25)
@@ -566,11 +569,12 @@ def test_w8a16_avx512_switch(cpu_ops, monkeypatch, isa):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("m,n,k,group", ((64, 40, 1104, 48), (131, 33, 1104, 0), (70, 16, 1000, 25), (64, 70, 600, 8),
                                          (200, 17, 513, 0), (301, 40, 48, 16)))
-def test_w8a16_panels(cpu_ops, isa, dtype, m, n, k, group):
-    """From 64 rows the AVX2 path dequantizes 16 columns x one K chunk at a time into an fp32 panel:
-    several K chunks (a chunk boundary inside a group), groups of 8 k at a time or one k at a time
-    (a group size not a multiple of 8), partial panels, two and three m-blocks (rows not a multiple
-    of the 6-row groups)."""
+def test_w8a16_panels(cpu_ops, w8a16_isa, dtype, m, n, k, group):
+    """From 64 rows the AVX2 path dequantizes 16 columns x one K chunk at a time into an fp32 panel
+    (the AVX-512 one, and its emulation, 32 columns as two such panels): several K chunks (a chunk
+    boundary inside a group), groups of 8 k at a time or one k at a time (a group size not a multiple
+    of 8), partial panels (16, 17, 33, 40, 70 columns: a second 16-column half empty, partial or
+    whole), two and three m-blocks (rows not a multiple of the 6-row groups)."""
     _check_w8a16(cpu_ops, dtype, m, n, k, group)
 
 

@@ -9,8 +9,9 @@
 // inner loop reads plain fp32 whatever x's dtype (fp32, bf16 or fp16). From kW8A16PanelMinRows rows
 // (compute-bound: each weight meets many rows) the AVX2 path is an fp32 outer-product kernel on
 // weights dequantized once per block, 16 columns x one K chunk at a time (see block_panel_avx2).
-// Below that, AVX-512 CPUs run the same tiles at 16 lanes (gemm_w8a16_avx512.h; its emulation under
-// avx512-emulated; PTQRT_CPU_W8A16_AVX512=0 keeps them on AVX2's).
+// AVX-512 CPUs run the same tiles at 16 lanes and the panel kernel 32 columns wide
+// (gemm_w8a16_avx512.h; its emulation under avx512-emulated; PTQRT_CPU_W8A16_AVX512=0 keeps them on
+// AVX2's).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -268,6 +269,11 @@ struct F16x_avx512 {
   PTQRT_AVX512 static inline V loadu(const float* p) { return _mm512_loadu_ps(p); }
   PTQRT_AVX512 static inline V loadu_masked(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
   PTQRT_AVX512 static inline V keep_first(V v, int64_t n) { return _mm512_maskz_mov_ps(first(n), v); }
+  PTQRT_AVX512 static inline void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void dequant(const int8_t* w, int64_t ldw, int64_t nr, const float* ws, int64_t G, int64_t gsize, int64_t k0,
+                      int64_t kc, float* wp) {
+    dequant_panel_avx2(w, ldw, nr, ws, G, gsize, k0, kc, wp);
+  }
   PTQRT_AVX512 static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   PTQRT_AVX512 static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   PTQRT_AVX512 static inline float hsum(V v) {  // halving adds (as reduce_add would, without its header's warning)
@@ -280,6 +286,16 @@ struct F16x_avx512 {
   }
 };
 #endif
+
+// dequant_panel_avx2's result in portable code: weight rows [0, nr) (nr <= 16), k [k0, k0 + kc) ->
+// wp [kc][16] fp32, w * its channel's or group's scale, zeros past nr.
+inline void dequant_panel_scalar(const int8_t* w, int64_t ldw, int64_t nr, const float* ws, int64_t G, int64_t gsize,
+                                 int64_t k0, int64_t kc, float* wp) {
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t j = 0; j < 16; ++j)
+      wp[k * 16 + j] = j < nr ? static_cast<float>(w[j * ldw + k0 + k]) * (G ? ws[j * G + (k0 + k) / gsize] : ws[j])
+                              : 0.0f;
+}
 
 // A portable model of the same operations (fused multiply-add included), in the same order.
 struct F16xEmulated {
@@ -307,6 +323,11 @@ struct F16xEmulated {
   static V keep_first(V v, int64_t n) {
     for (int64_t l = n; l < 16; ++l) v.f[l] = 0.0f;
     return v;
+  }
+  static void storeu(float* p, const V& v) { std::memcpy(p, v.f, sizeof(v.f)); }
+  static void dequant(const int8_t* w, int64_t ldw, int64_t nr, const float* ws, int64_t G, int64_t gsize, int64_t k0,
+                      int64_t kc, float* wp) {
+    dequant_panel_scalar(w, ldw, nr, ws, G, gsize, k0, kc, wp);
   }
   static V mul(V a, const V& b) {
     for (int l = 0; l < 16; ++l) a.f[l] *= b.f[l];
@@ -342,9 +363,9 @@ struct F16xEmulated {
 #undef PTQRT_W16_POLICY
 #undef PTQRT_W16_TARGET
 
-// PTQRT_CPU_W8A16_AVX512=0 keeps AVX-512 CPUs on the AVX2 tiles below the panel kernel's rows (the
-// AVX-512 tiles are the default there; a switch back until an AVX-512 machine has timed both). '0'
-// off; unset, empty or '1' on; anything else is refused.
+// PTQRT_CPU_W8A16_AVX512=0 keeps AVX-512 CPUs on the AVX2 tiles and panel kernel (the AVX-512 ones
+// are the default there; a switch back until an AVX-512 machine has timed both). '0' off; unset,
+// empty or '1' on; anything else is refused.
 bool w8a16_avx512_switch() {
   const char* s = std::getenv("PTQRT_CPU_W8A16_AVX512");
   if (s == nullptr || *s == '\0' || std::strcmp(s, "1") == 0) return true;
@@ -471,14 +492,17 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   // 16-column panels for the panel kernel, else multiples of the dot tiles' 12 columns.
   bool panel = false;
 #if PTQRT_X86
-  panel = (isa == Isa::avx2 || isa == Isa::avx512) && M >= kW8A16PanelMinRows;
+  panel = (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_emulated) && M >= kW8A16PanelMinRows;
 #endif
-  t_last_path = panel ? "avx2-panel"
+  // The panels 32 columns wide (AVX-512, or its emulation), else AVX2's 16.
+  const bool wide_panel = panel && (isa == Isa::avx512_emulated || (isa == Isa::avx512 && avx512_tiles));
+  t_last_path = wide_panel ? "avx512-panel"
+                : panel ? "avx2-panel"
                 : isa == Isa::avx512_emulated || (isa == Isa::avx512 && avx512_tiles) ? "avx512-tiles"
                 : isa == Isa::avx2 || isa == Isa::avx512                              ? "avx2-tiles"
                                                                                       : "scalar";
   const Blocking bl = balanced_blocks(M, N, 128, std::min<int64_t>(512, (192 * 1024) / std::max<int64_t>(K, 1)),
-                                      panel ? 16 : 12, at::get_num_threads());
+                                      wide_panel ? 32 : panel ? 16 : 12, at::get_num_threads());
   const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
 
   dispatch_float(x.scalar_type(), "x", [&](auto tag) {
@@ -510,10 +534,13 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
         const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
         const int64_t mb = std::min(MB, M - m0), nb = std::min(NB, N - n0);
 #if PTQRT_X86
-        if (!xpanel.empty())
-          block_panel_avx2(xpanel.data() + (m0 / MB) * xblock, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G,
-                           group_size, K, cbuf.data(), NB, xbuf);
-        else
+        if (!xpanel.empty()) {
+          const auto fn = !wide_panel                    ? block_panel_avx2
+                          : isa == Isa::avx512_emulated ? w16_emulated::block_panel
+                                                        : w16_avx512::block_panel;
+          fn(xpanel.data() + (m0 / MB) * xblock, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K,
+             cbuf.data(), NB, xbuf);
+        } else
 #endif
           block(isa, avx512_tiles, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K,
                 cbuf.data(), NB, xbuf);
