@@ -2,15 +2,16 @@
 
     python -m pytest bench/bench_cpu.py --benchmark-enable -s                    # quick subset
     PTQRT_BENCH_FULL=1 python -m pytest bench/bench_cpu.py --benchmark-enable -s # the whole sweep
-    PTQRT_BENCH_SET=targets python -m pytest ...   # only the rows and peers the targets need
+    PTQRT_BENCH_SET=targets python -m pytest ...   # the rows and peers the targets need (+ diagnosis)
     PTQRT_BENCH_THREADS=1 ... --benchmark-timer=time.process_time                # on a shared machine
     python bench/bench_cpu.py bench/results/cpu_<host>.json   # print the targets of a (partial) JSON
 
 PTQRT_BENCH_SET picks the sweep: quick (the default), full (= PTQRT_BENCH_FULL=1), targets (every
 row a target of the CPU backend's issue is stated for, with only the peers those targets name: w8a8
 at M 1/16/128 for the three shapes against fbgemm, plus fp32 F.linear at M=128; w8a16 fp32 x at M=1;
-attention at L=4096 for B 1 and 8), or smoke (one row of each target kind at the smallest shape, to
-check the plumbing). PTQRT_BENCH_JSON overrides where the JSON goes.
+attention at L=4096 for B 1 and 8; on AVX-512 CPUs also the diagnosis rows below, with w8a16 fp32 x
+and fp32 F.linear at M=128 beside the w8a16 ones), or smoke (one row of each target kind at the
+smallest shape, to check the plumbing). PTQRT_BENCH_JSON overrides where the JSON goes.
 
 (The project's pytest config passes --benchmark-disable; --benchmark-enable turns timing back on.)
 On a machine shared with other work, wall-clock medians of multi-threaded runs measure the
@@ -269,6 +270,8 @@ def w8a16_case(ops, m: int, n: int, k: int, impl: str):
 def test_w8a16(benchmark, ops, m, n, k, impl, monkeypatch):
     group = f"w8a16 M={m} N={n} K={k}"
     benchmark.group = group
+    if (m, n, k, impl) in W16_DIAG_PEERS and ops.active_isa() != "avx512":
+        pytest.skip("a peer of the AVX-512 w8a16 diagnosis rows only")
     fn, nbytes, env = w8a16_case(ops, m, n, k, impl)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

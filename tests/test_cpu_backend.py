@@ -508,7 +508,7 @@ def _check_w8a16(cpu_ops, dtype, m, n, k, group):
 
 @pytest.fixture(params=ISAS)
 def w8a16_isa(request, cpu_ops, monkeypatch):
-    """The w8a16 paths: scalar, AVX2, AVX-512 and its tiles' emulation (below the panel kernel's rows)."""
+    """The w8a16 paths: scalar, AVX2, AVX-512 and the emulation of its tiles and panels."""
     return _force(request, cpu_ops, monkeypatch)
 
 
@@ -523,19 +523,20 @@ def test_w8a16(cpu_ops, w8a16_isa, dtype, m, n, k, group):
 
 
 def test_w8a16_avx512_matches_its_emulation(cpu_ops, monkeypatch):
-    """On an AVX-512 CPU the native tiles and their emulation give the same bits (same operations in
-    the same order, fused multiply-adds both), per channel and per group, every dtype."""
+    """On an AVX-512 CPU the native tiles and panels and their emulation give the same bits (same
+    operations in the same order, fused multiply-adds both), per channel and per group, every dtype."""
     if not _supported(cpu_ops, "avx512"):
         pytest.skip("this CPU cannot run avx512")
     for dtype in FLOATS:
-        for m, n, k, group in ((1, 37, 333, 0), (5, 20, 150, 50), (4, 9, 96, 32), (2, 8, 37, 37)):
+        for m, n, k, group in ((1, 37, 333, 0), (5, 20, 150, 50), (4, 9, 96, 32), (2, 8, 37, 37), (64, 40, 300, 0),
+                               (70, 33, 200, 25)):
             x, w = torch.randn(m, k).to(dtype), rand_int8(n, k)
             ws = rand_scale(n * (k // group if group else 1)).reshape((n, k // group) if group else (n,))
             outs = []
             for isa in ("avx512", "avx512-emulated"):
                 monkeypatch.setenv("PTQRT_CPU_ISA", isa)
                 outs.append(cpu_ops.w8a16_gemm(x, w, ws, None, group))
-                assert cpu_ops.last_w8a16_path() == "avx512-tiles"
+                assert cpu_ops.last_w8a16_path() == ("avx512-panel" if m >= 64 else "avx512-tiles")
             assert torch.equal(outs[0], outs[1]), (dtype, m, n, k, group)
 
 
@@ -560,7 +561,9 @@ def test_w8a16_avx512_switch(cpu_ops, monkeypatch, isa):
         monkeypatch.setenv("PTQRT_CPU_W8A16_AVX512", switch)
         assert_close_to_ref(cpu_ops.w8a16_gemm(x64, w, ws, None, 25), ref.w8a16_gemm(x64, w, ws, None, 25))
         back = switch == "0" and isa == "avx512"
-        assert cpu_ops.last_w8a16_path() == ("avx2-panel" if back else "avx512-panel")
+        # (the panels are x86 code: elsewhere the emulation runs its tiles at every M)
+        wide = "avx512-panel" if platform.machine() in ("x86_64", "AMD64") else "avx512-tiles"
+        assert cpu_ops.last_w8a16_path() == ("avx2-panel" if back else wide)
     monkeypatch.setenv("PTQRT_CPU_W8A16_AVX512", "yes")
     with pytest.raises(RuntimeError, match="PTQRT_CPU_W8A16_AVX512"):
         cpu_ops.w8a16_gemm(x, w, ws, None, 25)

@@ -460,8 +460,8 @@ void block(Isa isa, bool avx512_tiles, const T* x, int64_t mb, const int8_t* w, 
 }  // namespace
 
 // The kernel family this thread's last w8a16_gemm call ran (a test and diagnosis aid: "none" when it
-// returned before any kernel, else scalar, avx2-tiles, avx512-tiles or avx2-panel; the emulated
-// AVX-512 tiles report avx512-tiles).
+// returned before any kernel, else scalar, avx2-tiles, avx512-tiles, avx2-panel or avx512-panel; the
+// emulated AVX-512 kernels report the AVX-512 names).
 std::string last_w8a16_path() { return t_last_path; }
 
 at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tensor& w_scale,
@@ -488,8 +488,8 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   const std::vector<float> bs = f32_vector(bias);
   const int8_t* wp = w_q.data_ptr<int8_t>();
   const float* wsp = w_scale.data_ptr<float>();
-  // Blocks of up to 128 rows x ~192 KiB of weights, split evenly over the threads; whole
-  // 16-column panels for the panel kernel, else multiples of the dot tiles' 12 columns.
+  // Blocks of up to 128 rows x ~192 KiB of weights, split evenly over the threads; whole panels for
+  // the panel kernels (16 columns, 32 on AVX-512), else multiples of the dot tiles' 12 columns.
   bool panel = false;
 #if PTQRT_X86
   panel = (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_emulated) && M >= kW8A16PanelMinRows;
@@ -509,7 +509,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     T* op = reinterpret_cast<T*>(out.data_ptr());
-    // From kW8A16PanelMinRows rows (AVX2 code): the panel kernel, with x packed once per call as
+    // From kW8A16PanelMinRows rows (x86): the panel kernels, with x packed once per call as
     // 6-row fp32 groups, [m-block][group][K][6].
     Uninit<float> xpanel;
     int64_t xblock = 0;

@@ -121,7 +121,7 @@ inline void block_panel(const float* xp, int64_t mb, const int8_t* w, const floa
           continue;
         }
         for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) tile[i * 2 * kFC + j] = add ? cg[i * ldc + j] : 0.0f;
+          for (int64_t j = 0; j < 2 * kFC; ++j) tile[i * 2 * kFC + j] = add && j < nr ? cg[i * ldc + j] : 0.0f;
         fpanels[mr - 1](xg, wp0, wp1, kc, tile, 2 * kFC, add);
         for (int64_t i = 0; i < mr; ++i)
           for (int64_t j = 0; j < nr; ++j) cg[i * ldc + j] = tile[i * 2 * kFC + j];

@@ -8,7 +8,7 @@
 // PTQRT_CPU_ISA (read on every call, so tests can switch it) forces a path:
 //   auto (default) | scalar | avx2 | avx512 | avx512-emulated
 // "avx512-emulated" runs the AVX-512 VNNI w8a8 kernels' (and the AMX tile kernel's, and the AVX-512
-// w8a16 tiles') exact code with every intrinsic replaced by a portable emulation of the same
+// w8a16 tiles' and panels') exact code with every intrinsic replaced by a portable emulation of the same
 // instruction (see gemm_w8a8_vnni.h), so their logic is tested on machines without AVX-512; the other
 // ops take the scalar path under it. Asking for an ISA the CPU
 // lacks is an error, never a silent downgrade.
