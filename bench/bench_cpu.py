@@ -40,7 +40,6 @@ measured. Timings are medians; nothing here asserts a timing.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -56,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ptqrt import _build
+from ptqrt.bench import environ
 
 SETS = ("quick", "full", "targets", "smoke")
 SET = "full" if os.environ.get("PTQRT_BENCH_FULL", "0") == "1" else os.environ.get("PTQRT_BENCH_SET", "quick")
@@ -341,27 +341,13 @@ def _pairs() -> list[tuple]:
             + [("w8a16", impl, "ptqrt w8a16 fp32 x", (m, n, k)) for m, n, k, impl in W16_DIAG_ROWS])
 
 
-@contextlib.contextmanager
-def _environ(env: dict):
-    old = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def paired_times(a, b, rounds: int = PAIR_ROUNDS, sample_s: float = PAIR_SAMPLE_S) -> tuple[list, list]:
     """Seconds per call of a and of b, `rounds` samples each, taken alternately (a, b, b, a, ...).
     a and b are (fn, env) pairs; a sample is one untimed call and then enough timed calls to last
     sample_s (counted from one call of each, after a first call that may pack or warm up)."""
     def one(side, calls):
         fn, env = side
-        with _environ(env):
+        with environ(env):
             fn()
             t = time.perf_counter()
             for _ in range(calls):

@@ -5,8 +5,10 @@ are written to bench/results/ tagged with the CPU model, thread count and versio
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import platform
 import statistics
 import time
@@ -32,6 +34,22 @@ def median_ms(fn: Callable, warmup: int = 2, repeats: int = 10, max_seconds: flo
         if i >= 2 and time.perf_counter() - start > max_seconds:
             break
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def environ(env: dict):
+    """The block runs with `env` set in os.environ, which is restored after (the backends read their
+    switches on every call)."""
+    old = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def profile_lines(prof, per: int, top: int, unit: str = "call") -> list[str]:

@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from .bench import environ
+
 GEMM_NK = ((4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192))
 GEMM_M = (1, 16, 32, 128, 512, 2048, 8192)
 DECODE_BL = ((1, 4096), (16, 4096), (64, 2048), (8, 32768))
@@ -174,16 +176,8 @@ def _differs(impl: str, m: int) -> bool:
 def _with_env(fn: Callable, env: dict) -> Callable:
     """fn called with `env` set (the CUDA host code reads these switches on every call)."""
     def call(*args, **kwargs):
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with environ(env):
             return fn(*args, **kwargs)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
     return call
 
 

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -20,6 +21,16 @@
 #include "isa.h"
 
 namespace ptqrt_cpu {
+
+// A kernel switch from the environment, read on every call (so tests can flip it): '1' on, '0' off,
+// unset or empty the default; anything else is refused, naming the variable.
+inline bool env_switch(const char* name, bool dflt) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return dflt;
+  TORCH_CHECK(std::strcmp(s, "1") == 0 || std::strcmp(s, "0") == 0, name, " must be '1' (on) or '0' (off); got '", s,
+              "'");
+  return s[0] == '1';
+}
 
 // Calls f(T{}) with T = float, c10::BFloat16 or c10::Half for the given dtype.
 template <class F>

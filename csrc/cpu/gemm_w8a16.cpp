@@ -366,12 +366,7 @@ struct F16xEmulated {
 // PTQRT_CPU_W8A16_AVX512=0 keeps AVX-512 CPUs on the AVX2 tiles and panel kernel (the AVX-512 ones
 // are the default there; a switch back until an AVX-512 machine has timed both). '0' off; unset,
 // empty or '1' on; anything else is refused.
-bool w8a16_avx512_switch() {
-  const char* s = std::getenv("PTQRT_CPU_W8A16_AVX512");
-  if (s == nullptr || *s == '\0' || std::strcmp(s, "1") == 0) return true;
-  TORCH_CHECK(std::strcmp(s, "0") == 0, "PTQRT_CPU_W8A16_AVX512 must be '1' (on) or '0' (off); got '", s, "'");
-  return false;
-}
+bool w8a16_avx512_switch() { return env_switch("PTQRT_CPU_W8A16_AVX512", true); }
 
 thread_local const char* t_last_path = "none";
 

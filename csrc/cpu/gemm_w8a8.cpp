@@ -340,12 +340,7 @@ int64_t vnni_rows_override() {
 // PTQRT_CPU_VNNI_ONE_PASS=1 (opt-in until an AVX-512 machine times it): m-blocks of 9-16 rows run the
 // panel kernel's one-pass form (gemm_w8a8_vnni.h, panel16), reading each weight byte once per K chunk
 // instead of once per 8-row group. '1' on; unset, empty or '0' off; anything else is refused.
-bool vnni_one_pass() {
-  const char* s = std::getenv("PTQRT_CPU_VNNI_ONE_PASS");
-  if (s == nullptr || *s == '\0' || std::strcmp(s, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(s, "1") == 0, "PTQRT_CPU_VNNI_ONE_PASS must be '1' (on) or '0' (off); got '", s, "'");
-  return true;
-}
+bool vnni_one_pass() { return env_switch("PTQRT_CPU_VNNI_ONE_PASS", false); }
 constexpr int kVnniLayout = 2;  // the VNNI quads' tag in the packed-weight cache
 std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
   std::vector<uint8_t> xq;
@@ -440,12 +435,7 @@ struct AmxEmulated {
 // no AMX (or an OS that withholds it) the switch is refused. Under avx512-emulated it runs the
 // emulated tile kernel; AVX2 and scalar paths have nothing for it to change. '1' on; unset, empty or
 // '0' off; anything else is refused on every path.
-bool amx_switch() {
-  const char* s = std::getenv("PTQRT_CPU_AMX");
-  if (s == nullptr || *s == '\0' || std::strcmp(s, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(s, "1") == 0, "PTQRT_CPU_AMX must be '1' (on) or '0' (off); got '", s, "'");
-  return true;
-}
+bool amx_switch() { return env_switch("PTQRT_CPU_AMX", false); }
 
 // x [M, K] -> [M + 16][round_up(K, 64)], zeros past K and in the 16 rows past M (the tile kernel
 // reads whole 16 x 64 tiles).
