@@ -22,6 +22,8 @@
 #      row printed as it is measured and the JSON/CSV rewritten after each op; with the CUDA
 #      extension built, the opt-in kernel variants named in BACKENDS below (see bench_gpu.VARIANTS)
 #      are timed beside the defaults
+#   4a. with the CUDA extension built and at least 150 s left before DEADLINE: Nsight Compute over one
+#      call of each CUDA kernel that misses a target (bench/diag_gpu.py --ncu; limit NCU_LIMIT, 80 s)
 #   4b. with at least 45 s left before DEADLINE and transformers installed: bench/bench_decode.py on
 #      the GPU (the tiny Llama's eager greedy decode, fp16 against each quantized form: the host work
 #      around the kernels), then one generate of the int8-KV form profiled: host time per token by
@@ -123,6 +125,8 @@ finish() {
         sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS|FAIL"
         sed -n '/^tiny Llama greedy decode/,/^wrote/p' "$LOG/decode.log" 2>/dev/null | grep -v '^wrote'
         grep -h "waited for the GPU" "$LOG/decode.log" 2>/dev/null
+        grep -E "Context [0-9]+, Stream|^    Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread" \
+            "$LOG/ncu.log" 2>/dev/null | head -120
         cat "$LOG/cpu_summary.txt" 2>/dev/null
         echo "total ${SECONDS}s"
     } | tee "$LOG/summary.txt"
@@ -208,6 +212,23 @@ limit=${BENCH_LIMIT:-240}
 [ "$left" -lt "$limit" ] && limit=$left
 [ "$BENCH" = 1 ] && [ "$limit" -gt 30 ] && stage bench "$limit" "$PY" -m ptqrt.bench_gpu $QUICK --plot --out-dir "$RESULTS" \
     --backends "$BACKENDS" --ops "$OPS"
+# 4a. Nsight Compute counters of the CUDA kernels that miss their targets (decode at B = 16 and 1,
+# w8a8 at 8192^3 and M = 512 x 11008, the w8a16 GEMVs on 28672 x 8192, quantize_per_token 8192^2 and
+# kv_cache_append, those two also as their opt-in variants): SOL, memory, occupancy, warp stalls, one
+# call each (bench/diag_gpu.py --ncu), with at least 150 s left before DEADLINE; at most NCU_LIMIT (80 s)
+left=$(( ${DEADLINE:-540} - SECONDS - 70 ))
+limit=${NCU_LIMIT:-80}
+[ "$left" -lt "$limit" ] && limit=$left
+NCU=(ncu --clock-control none --profile-from-start off --nvtx
+     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
+     --section Occupancy --section LaunchStats --section WarpStateStats)
+[ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ] && [ "$limit" -ge 80 ] && command -v ncu >/dev/null && stage ncu "$limit" \
+    env PTQRT_NO_BUILD=1 NCU_CMD="${NCU[*]}" PY="$PY" bash -c '
+    $NCU_CMD "$PY" bench/diag_gpu.py --ncu --backends cuda \
+        --cases decode_b16_4096,decode_b1_4096,w8a8_m8192_8192,w8a8_m512_11008,w8a16_m1_28672,w8a16_m16_28672,quant_m8192_8192,append_t4096 \
+    && $NCU_CMD "$PY" bench/diag_gpu.py --ncu --backends cuda:PTQRT_CUDA_QUANT_1PASS=1:PTQRT_CUDA_APPEND_VEC=1 \
+        --cases quant_m8192_8192,append_t4096'
+
 # 4b. end-to-end eager decode of the tiny Llama (host work around the kernels: QuantLinear, the int8
 # KV cache's store), only with what is left before DEADLINE (at least 45 s; at most 60)
 # (30 s kept for the summary; PTQRT_NO_BUILD: it uses the extensions stage 2 built, never builds)

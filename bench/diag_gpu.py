@@ -1,7 +1,7 @@
 """Where the time of one op call goes, per backend, on a CUDA device.
 
     python bench/diag_gpu.py [--backends triton,cuda] [--cases name,...|none] [--trace] [--sweep-decode]
-                             [--profile N]
+                             [--profile N] [--ncu]
 
 For each case and backend it prints four numbers (microseconds):
     bench   triton.testing.do_bench median, L2 flushed before each call (what ptqrt bench reports)
@@ -11,6 +11,9 @@ For each case and backend it prints four numbers (microseconds):
     kernels each CUDA kernel the call launches and its GPU time (torch.profiler), with --trace
 With --profile N: the N Python functions with the most own time over 200 calls (cProfile), to see
 where a CPU-bound call's host time goes.
+With --ncu: no timing; each case's call runs twice, then once between cudaProfilerStart / Stop inside
+an NVTX range named "<case> <backend>", for Nsight Compute started with --profile-from-start off
+(bench/device_check.sh's ncu stage: hardware counters of the kernels that miss their targets).
 """
 from __future__ import annotations
 
@@ -37,6 +40,14 @@ def _cases(device):
     def quant(m, k):
         return "quantize_per_token", (torch.randn(m, k, device=device, dtype=torch.float16), None)
 
+    def append(t, h=32, d=128, bs=16):
+        nb = 2 * t // bs + 8
+        kc = torch.zeros(nb, bs, h, d, dtype=torch.int8, device=device)
+        k = torch.randn(t, h, d, device=device, dtype=torch.float16)
+        slots = torch.randperm(nb * bs, device=device)[:t]
+        return "kv_cache_append", (k, torch.randn_like(k), kc, torch.zeros_like(kc), torch.ones(nb, bs, h, device=device),
+                                   torch.ones(nb, bs, h, device=device), slots)
+
     def decode(b, length, h=32, d=128, bs=16):
         nb = b * length // bs
         kc = torch.randint(-127, 128, (nb, bs, h, d), dtype=torch.int8, device=device)
@@ -60,7 +71,12 @@ def _cases(device):
         "w8a8_m512_4096x11008": lambda: gemm8(512, 4096, 11008),
         "w8a8_m512_4096": lambda: gemm8(512, 4096, 4096),
         "w8a8_m2048_4096": lambda: gemm8(2048, 4096, 4096),
+        "w8a8_m8192_8192": lambda: gemm8(8192, 8192, 8192),
+        "w8a8_m512_11008": lambda: gemm8(512, 11008, 4096),
+        "w8a16_m16_28672": lambda: gemm16(16, 28672, 8192),
         "quant_m1_4096": lambda: quant(1, 4096),
+        "quant_m8192_8192": lambda: quant(8192, 8192),
+        "append_t4096": lambda: append(4096),
         "decode_b1_4096": lambda: decode(1, 4096),
         "decode_b16_4096": lambda: decode(16, 4096),
         "decode_b8_32768": lambda: decode(8, 32768),
@@ -123,6 +139,26 @@ def _profile(fn, top: int, n: int = 200) -> None:
         print("    " + line)
 
 
+def _ncu_call(fn, label: str) -> None:
+    """fn twice (compiles, autotunes, warms), then once inside the profiled window, as `label`."""
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    torch.cuda.nvtx.range_push(label)
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_pop()
+    torch.cuda.profiler.stop()
+    print(f"ncu: profiled {label}", flush=True)
+
+
+def _backend(spec: str):
+    """'cuda' or 'cuda:NAME=VALUE[:NAME=VALUE]' (a backend with its switches set for its calls)."""
+    base, *env = spec.split(":")
+    return base, dict(e.split("=", 1) for e in env)
+
+
 def sweep_decode(device) -> None:
     """Triton decode attention over (BLOCK_L, num_warps, split waves): graph-replay median, us."""
     import triton
@@ -152,6 +188,13 @@ def sweep_decode(device) -> None:
         kv_cache.SPLIT_TARGET_WAVES = keep[1]
 
 
+def _with(env: dict, fn):
+    from ptqrt.bench import environ
+
+    with environ(env):
+        return fn()
+
+
 def main(argv=None) -> int:
     import triton
 
@@ -164,20 +207,36 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-decode", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="print the N functions with the most own host time per call (cProfile)")
+    ap.add_argument("--ncu", action="store_true",
+                    help="no timing: one call per case and backend inside cudaProfilerStart/Stop (for ncu)")
     a = ap.parse_args(argv)
     device = torch.device("cuda")
     cases = _cases(device)
     names = [c for c in a.cases.split(",") if c and c != "none"] if a.cases else list(cases)
-    impls = {b: ops._provider(b, device) for b in a.backends.split(",")}
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        ap.error(f"unknown cases {unknown}; choose from {', '.join(cases)}")
+    specs = {b: _backend(b) for b in a.backends.split(",") if b}
+    impls = {b: ops._provider(base, device) for b, (base, _) in specs.items()}
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    print(f"{'case':18s} {'backend':7s} {'bench':>8s} {'graph':>8s} {'host':>8s}")
+    if not a.ncu:
+        print(f"{'case':18s} {'backend':7s} {'bench':>8s} {'graph':>8s} {'host':>8s}")
     with torch.no_grad():
         for name in names:
             op, args = cases[name]()
             for b, table in impls.items():
                 if not table or op not in table:
                     continue
+                env = specs[b][1]
                 fn = lambda f=table[op]: f(*args)  # noqa: E731
+                if env:
+                    fn = lambda f=fn: _with(env, f)  # noqa: E731
+                if a.ncu:
+                    try:
+                        _ncu_call(fn, f"{name} {b}")
+                    except Exception as e:  # noqa: BLE001
+                        print(f"{name:18s} {b:7s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    continue
                 try:
                     fn()
                     torch.cuda.synchronize()

@@ -3,7 +3,12 @@
     run_gpu_bench(ops=None, quick=False, plot=False, out_dir="bench/results", backends=("triton",))
     python -m ptqrt.bench_gpu [--quick] [--plot] [--ops w8a8_gemm,...] [--backends triton,cuda,<variant>]
 
-Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run).
+Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run). The
+flush reads do_bench's 256 MB buffer (``FLUSH = "read"``, ``--flush read``), which leaves the L2 holding
+clean lines; do_bench's own flush writes zeros to it (``--flush write``), which leaves up to an L2's worth
+of dirty lines whose write-back to memory is then billed to the timed call: for a call that moves
+tens of MB (decode steps, M = 1 GEMMs) that doubles the memory traffic it is timed with. Each run
+prints both flushes' times for three peers first (``flush_probe``).
 Peers, measured in the same run:
     w8a8_gemm            fp16 F.linear (cuBLAS), torch._int_mm raw, torch._int_mm + unfused dequant
     w8a16_gemm           fp16 F.linear
@@ -19,6 +24,7 @@ plot=True also draws a roofline-style PNG (matplotlib, imported only then).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -72,14 +78,69 @@ TARGETS = (
 TWIN_TARGET = ("cuda", "triton", 0.95)
 
 
+FLUSH = "read"  # how do_bench's L2 flush runs: "read" (its buffer read; clean L2) or "write" (do_bench's own)
+FLUSHES = ("read", "write")
+_MISSING = object()
+
+
+class _ReadFlush:
+    """do_bench's clear_cache, reading the buffer instead of zeroing it: every line of the L2 is
+    replaced by a clean line of the buffer, so the timed call that follows pays no write-back."""
+
+    def __init__(self):
+        self.out = None
+
+    def __call__(self, cache: torch.Tensor) -> None:
+        if self.out is None or self.out.device != cache.device:
+            self.out = torch.empty((), dtype=torch.int64, device=cache.device)
+        torch.sum(cache.view(-1), 0, out=self.out)
+
+
+def _flush_driver():
+    """Triton's active driver when do_bench flushes through its clear_cache (Triton 3.x), else None."""
+    from triton import runtime
+
+    drv = getattr(getattr(runtime, "driver", None), "active", None)
+    return drv if drv is not None and callable(getattr(drv, "clear_cache", None)) else None
+
+
+@contextlib.contextmanager
+def l2_flush(mode: Optional[str] = None):
+    """do_bench calls inside the block flush the L2 the `mode` way (default FLUSH): "write" is
+    do_bench's own, "read" swaps its driver's clear_cache for _ReadFlush for the block. A Triton
+    without that hook keeps its own flush, with a message (the run's meta records `flush`)."""
+    mode = FLUSH if mode is None else mode
+    if mode not in FLUSHES:
+        raise ValueError(f"ptqrt bench: flush must be one of {FLUSHES}; got {mode!r}")
+    if mode == "write":
+        yield "write"
+        return
+    drv = _flush_driver()
+    if drv is None:
+        print("  (this Triton has no driver.active.clear_cache: do_bench flushes the L2 its own way)", flush=True)
+        yield "write"
+        return
+    own = vars(drv).get("clear_cache", _MISSING)
+    drv.clear_cache = _ReadFlush()
+    try:
+        yield "read"
+    finally:
+        if own is _MISSING:
+            del drv.clear_cache
+        else:
+            drv.clear_cache = own
+
+
+
 def _bench(fn: Callable[[], object], rep_ms: int = 40) -> float:
-    """Median milliseconds of fn, L2 flushed before each run (do_bench), after one untimed call that
-    compiles and autotunes."""
+    """Median milliseconds of fn, L2 flushed before each run (do_bench, flushed the FLUSH way), after
+    one untimed call that compiles and autotunes."""
     import triton
 
     fn()
     torch.cuda.synchronize()
-    return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+    with l2_flush():
+        return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
 
 
 def _bench_graph(fn: Callable[[], object], rep_ms: int = 40) -> float:
@@ -95,7 +156,8 @@ def _bench_graph(fn: Callable[[], object], rep_ms: int = 40) -> float:
         with torch.cuda.graph(graph, stream=stream):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    return float(triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median"))
+    with l2_flush():
+        return float(triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median"))
 
 
 GRAPHS = True  # also time every call as a CUDA-graph replay (run_gpu_bench(graphs=False) skips it)
@@ -141,6 +203,41 @@ def measure_ceilings(device) -> dict:
     # the fp16 rate on every tensor-core generation since sm_75. So: the larger of the two.
     ceil["int8_peak_TOPS"] = max(ceil["int_mm_TOPS"], 2 * ceil["fp16_mm_TFLOPS"])
     return ceil
+
+
+def flush_probe(device) -> dict:
+    """Three peers timed after each flush: {name: {"read": ms, "write": ms}} (printed as well). The
+    read flush's times are the ones the targets use; the write flush is how do_bench times them."""
+    x4 = torch.randn(1, 4096, device=device, dtype=torch.float16)
+    w4 = torch.randn(4096, 4096, device=device, dtype=torch.float16)
+    w28 = torch.randn(28672, 8192, device=device, dtype=torch.float16)
+    x28 = torch.randn(1, 8192, device=device, dtype=torch.float16)
+    q = torch.randn(1, DECODE_HEADS, 1, DECODE_D, device=device, dtype=torch.float16)
+    k = torch.randn(1, DECODE_HEADS, 4096, DECODE_D, device=device, dtype=torch.float16)
+    v = torch.randn_like(k)
+    cases = {"fp16 F.linear M=1 4096x4096": lambda: F.linear(x4, w4),
+             "fp16 F.linear M=1 28672x8192": lambda: F.linear(x28, w28),
+             "fp16 SDPA B=1 L=4096": lambda: F.scaled_dot_product_attention(q, k, v)}
+    out = {}
+    print("L2 flush probe (us; read flush | write flush):", flush=True)
+    for name, fn in cases.items():
+        got = {}
+        for mode in FLUSHES:
+            with _flush_as(mode):
+                got[mode] = _bench(fn, rep_ms=20)
+        out[name] = got
+        print(f"  {name:32s} {1e3 * got['read']:9.1f} | {1e3 * got['write']:9.1f}", flush=True)
+    return out
+
+
+@contextlib.contextmanager
+def _flush_as(mode: str):
+    global FLUSH
+    old, FLUSH = FLUSH, mode
+    try:
+        yield
+    finally:
+        FLUSH = old
 
 
 # Opt-in kernel variants, benchmarked beside the default kernels of their backend before they become
@@ -452,7 +549,7 @@ def _shape_str(r: dict) -> str:
 
 
 def print_header(ceil: dict, meta: dict) -> None:
-    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}")
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  L2 flush: {meta.get('flush', '?')}")
     print(f"copy {ceil['copy_TBps']:.2f} TB/s   torch._int_mm {ceil['int_mm_TOPS']:.0f} TOP/s (8192^3), "
           f"{ceil['int_mm_TOPS_8192x28672x8192']:.0f} (8192x28672x8192)   fp16 mm {ceil['fp16_mm_TFLOPS']:.0f} TFLOP/s"
           f"   int8 ceiling for the floors {ceil.get('int8_peak_TOPS', ceil['int_mm_TOPS']):.0f} TOP/s")
@@ -600,13 +697,21 @@ def plot_results(rows: list, ceil: dict, meta: dict, path) -> Path:
 
 
 def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot: bool = False,
-                  out_dir="bench/results", backends=("triton",)) -> list[dict]:
+                  out_dir="bench/results", backends=("triton",), flush: str = "read") -> list[dict]:
     """Benchmark `ops` (default: all) of each backend against the peers on the current CUDA device;
-    print a table, write JSON/CSV (and a PNG with plot=True) to out_dir, return the rows."""
-    import triton
-
+    print a table, write JSON/CSV (and a PNG with plot=True) to out_dir, return the rows. `flush`:
+    how the L2 is flushed before each timed call (FLUSHES; module docstring)."""
+    if flush not in FLUSHES:
+        raise ValueError(f"ptqrt bench: flush must be one of {FLUSHES}; got {flush!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("ptqrt bench: the GPU benchmarks need a CUDA device")
+    with _flush_as(flush):
+        return _run(ops, quick, plot, out_dir, backends)
+
+
+def _run(ops, quick, plot, out_dir, backends) -> list[dict]:
+    import triton
+
     device = torch.device("cuda", torch.cuda.current_device())
     ops = tuple(ops) if ops else ALL_OPS
     unknown = set(ops) - set(ALL_OPS)
@@ -617,8 +722,11 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
     meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), quick=quick, backends=list(backends),
                 sms=torch.cuda.get_device_properties(device).multi_processor_count,
-                time=_dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"))
+                time=_dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
+                flush=FLUSH if FLUSH == "write" or _flush_driver() is not None else "write (do_bench's own)")
     torch.manual_seed(0)
+    with torch.no_grad():
+        meta["flush_probe"] = flush_probe(device)
     ceil = measure_ceilings(device)
     print_header(ceil, meta)
     impls = _impls(backends, device)
@@ -660,9 +768,12 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="triton",
                     help="comma-separated: triton, cuda, or an opt-in variant ("
                          f"{', '.join(VARIANTS) or 'none at present'})")
+    ap.add_argument("--flush", choices=FLUSHES, default="read",
+                    help="L2 flush before each timed call: read a 256 MB buffer (default; the L2 is left "
+                         "clean) or write it (do_bench's own; its write-back is billed to the call)")
     a = ap.parse_args(argv)
     run_gpu_bench([o for o in a.ops.split(",") if o] or None, a.quick, a.plot, a.out_dir,
-                  tuple(b for b in a.backends.split(",") if b))
+                  tuple(b for b in a.backends.split(",") if b), a.flush)
     return 0
 
 

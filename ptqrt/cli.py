@@ -136,7 +136,7 @@ def cmd_bench(a) -> int:
         from . import bench_gpu
 
         backends = tuple(b for b in ("triton", "cuda") if a.backend in (None, "auto", b)) or ("triton",)
-        bench_gpu.run_gpu_bench(quick=a.quick, plot=a.plot, out_dir=a.out, backends=backends)
+        bench_gpu.run_gpu_bench(quick=a.quick, plot=a.plot, out_dir=a.out, backends=backends, flush=a.flush)
         return 0
     ms = tuple(int(m) for m in a.m.split(",")) if a.m else ((1, 16) if a.quick else bench.DEFAULT_MS)
     nks = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.nk.split(",")) if a.nk else \
@@ -220,6 +220,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--cpu", action="store_true", help="the CPU suite even when a GPU is present")
     b.add_argument("--plot", action="store_true", help="draw the GPU results to a PNG")
     b.add_argument("--out", default="bench/results")
+    b.add_argument("--flush", choices=("read", "write"), default="read",
+                   help="GPU: the L2 flush before each timed call: read do_bench's buffer (default; leaves "
+                        "the L2 clean) or write it (do_bench's own; the write-back is billed to the call)")
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("tune", help="time every backend per op and M-bucket on this GPU; write the auto table")

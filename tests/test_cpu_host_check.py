@@ -95,6 +95,36 @@ def test_device_check_cpu_stage_wiring():
     assert "cpu_summary.txt" in finish
 
 
+def test_ncu_stage(monkeypatch, capsys):
+    """The device check's Nsight Compute stage names cases that exist in bench/diag_gpu.py, and
+    --ncu's call runs the op twice outside and once inside the profiler window, in an NVTX range."""
+    import re
+
+    text = DEVICE_CHECK.read_text()
+    assert "--profile-from-start off" in text and "--clock-control none" in text
+    stage = text[text.index("stage ncu"):text.index("# 4b.")]
+    spec = importlib.util.spec_from_file_location("diag_gpu_under_test", ROOT / "bench" / "diag_gpu.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    import torch
+
+    cases = diag._cases(torch.device("cpu"))
+    named = {c for group in re.findall(r"--cases ([\w,]+)", stage) for c in group.split(",")}
+    assert named and named <= set(cases), named - set(cases)
+    assert diag._backend("cuda") == ("cuda", {})
+    assert diag._backend("cuda:A=1:B=x=2") == ("cuda", {"A": "1", "B": "x=2"})
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: seen.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: seen.append("stop"))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: seen.append(f"push {name}"))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: seen.append("pop"))
+    diag._ncu_call(lambda: seen.append("call"), "case cuda")
+    assert seen == ["call", "call", "start", "push case cuda", "call", "pop", "stop"]
+    assert "ncu: profiled case cuda" in capsys.readouterr().out
+
+
 def test_targets_and_report(tmp_path):
     bench = _bench_module()
     assert len(bench.TARGETS) == 9 + 3 + 3 + 2

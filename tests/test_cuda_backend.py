@@ -237,19 +237,21 @@ def test_quantize_per_token(impl, dtype):
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_quantize_per_token_row_lengths(impl, dtype, one_pass, monkeypatch):
     """Every per-token kernel: the two-pass kernel (the default), and with PTQRT_CUDA_QUANT_1PASS=1 rows
-    held in registers in 1, 2 and 4 vectors a thread, the two-pass kernel past that; a NaN and a tie
-    among them (a row's max set so that some x / s lands on .5)."""
+    held in registers in 1, 2 and 4 vectors a thread, the two-pass kernel past that and for empty rows;
+    a NaN and a tie among them (a row's max set so that some x / s lands on .5); rows shorter than one
+    vector a thread (the one-pass kernel's chunks past the row's end load its first vector)."""
     if one_pass is None:
         monkeypatch.delenv("PTQRT_CUDA_QUANT_1PASS", raising=False)
     else:
         monkeypatch.setenv("PTQRT_CUDA_QUANT_1PASS", one_pass)
     dev = impl.device
     vec = 16 // torch.tensor([], dtype=dtype).element_size()
-    for i, units in enumerate((200, 300, 500, 800, 1024, 1025, 1500)):
+    for i, units in enumerate((200, 300, 500, 800, 1024, 1025, 1500, 0, 1, 33)):
         k = units * vec
         x = _rand((3, k), dtype, dev, 3.0)
-        x[0, 7] = float("nan")
-        x[1, 0], x[1, 5] = 127.0, 2.5  # without smoothing s = 1: 2.5 is a tie, rounds to 2
+        if k:
+            x[0, 7 % k] = float("nan")
+            x[1, 0], x[1, 5 % k] = 127.0, 2.5  # without smoothing s = 1: 2.5 is a tie, rounds to 2
         sm = (torch.rand(k, device=dev) + 0.5).to(FLOATS[i % 3]) if i % 2 else None
         _poison_pool((3, k), torch.int8, dev)
         q, s = impl("quantize_per_token", x, sm)

@@ -408,6 +408,50 @@ def test_bench_gpu_code_paths(monkeypatch, tmp_path):
     assert bench_gpu.plot_results(rows, ceil, meta, tmp_path / "p.png").stat().st_size > 0
 
 
+def test_bench_gpu_l2_flush(monkeypatch):
+    """`ptqrt bench`'s L2 flush: inside l2_flush("read") do_bench's clear_cache (an instance
+    attribute of Triton's active driver) reads the buffer and writes nothing to it; "write" keeps
+    do_bench's own; the driver is restored afterwards, also after an error; flush_probe times each
+    peer once per flush, and the flush in force is the one _bench runs under."""
+    from triton import runtime
+
+    from ptqrt import bench_gpu
+
+    class Driver:
+        def clear_cache(self, cache):
+            cache.zero_()
+
+    drv = Driver()
+    monkeypatch.setattr(runtime.driver, "_active", drv, raising=False)
+    assert runtime.driver.active is drv
+    cache = torch.arange(1, 1001, dtype=torch.int32)
+    with bench_gpu.l2_flush("read") as mode:
+        assert mode == "read" and isinstance(drv.clear_cache, bench_gpu._ReadFlush)
+        drv.clear_cache(cache)
+        assert int(drv.clear_cache.out) == 500500 and int(cache[0]) == 1  # read, not written
+    assert "clear_cache" not in vars(drv)
+    with bench_gpu.l2_flush("write") as mode:
+        assert mode == "write" and "clear_cache" not in vars(drv)
+    with pytest.raises(RuntimeError, match="boom"):
+        with bench_gpu.l2_flush("read"):
+            raise RuntimeError("boom")
+    assert "clear_cache" not in vars(drv)
+    with pytest.raises(ValueError, match="flush must be one of"):
+        with bench_gpu.l2_flush("none"):
+            pass
+    with pytest.raises(ValueError, match="flush must be one of"):
+        bench_gpu.run_gpu_bench(flush="zero")
+
+    seen = []
+    monkeypatch.setattr(bench_gpu, "_bench", lambda fn, rep_ms=40: seen.append(bench_gpu.FLUSH) or
+                        (0.001 if bench_gpu.FLUSH == "read" else 0.002))
+    monkeypatch.setattr(bench_gpu, "DECODE_HEADS", 2)
+    monkeypatch.setattr(bench_gpu, "DECODE_D", 16)
+    got = bench_gpu.flush_probe(torch.device("cpu"))
+    assert len(got) == 3 and all(v == {"read": 0.001, "write": 0.002} for v in got.values())
+    assert seen == ["read", "write"] * 3 and bench_gpu.FLUSH == "read"
+
+
 def test_bench_gpu_variants_set_their_switch_per_call(monkeypatch):
     """An opt-in kernel variant is its backend's ops, restricted to the ops it changes, each called with
     its environment switch set (and the previous value restored after the call)."""

@@ -16,9 +16,11 @@ cudaError_t per_token(const void* x, const float* smooth, int8_t* x_q, float* x_
   const dim3 grid(static_cast<unsigned>(M));
   // one_pass: rows of up to 4 vectors a thread stay in registers (one read of x, as the Triton kernel
   // does); longer rows, unaligned ones, and every row by default take the two-pass kernel (on an H100
-  // the one-pass form ran 102 us at 8192 x 8192 fp16, where the two-pass one had run 91).
+  // the first one-pass form ran 102 us at 8192 x 8192 fp16, where the two-pass one had run 91; its
+  // loads went out one at a time, which the present form fixes; unmeasured since).
+  // (K == 0 takes the two-pass kernel: the one-pass kernel loads each row's first vector unconditionally.)
   auto kernel = !vec ? quantize_per_token_kernel<T, 1>
-                : !one_pass ? quantize_per_token_kernel<T, V>
+                : !one_pass || units == 0 ? quantize_per_token_kernel<T, V>
                 : units <= 1 * threads ? quantize_per_token_1pass_kernel<T, V, 1>
                 : units <= 2 * threads ? quantize_per_token_1pass_kernel<T, V, 2>
                 : units <= 4 * threads ? quantize_per_token_1pass_kernel<T, V, 4>
