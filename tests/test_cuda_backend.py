@@ -507,15 +507,16 @@ def _kv_scales(nb, bs, h, d, dynamic, dev):
 @pytest.mark.parametrize("vec", (None, "1"), ids=("default", "vec4"))
 def test_kv_cache_append(impl, dtype, dynamic, vec, monkeypatch):
     """Against the reference, bit for bit; with PTQRT_CUDA_APPEND_VEC=1 the 4-wide kernel where it
-    applies (D % 4 == 0 up to 512: 1, 2 and 4 chunks a lane, a partial chunk) and the one-byte kernel
-    elsewhere (D = 130, D = 520, a source that starts off its 4-value alignment)."""
+    applies (D % 4 == 0 up to 512: 1, 2 and 4 chunks a lane, so 4, 2 and 1 rows a warp, a partial
+    chunk, a warp's rows crossing tokens with 1 and 3 heads and running past the last one) and the
+    one-byte kernel elsewhere (D = 130, D = 520, a source that starts off its 4-value alignment)."""
     if vec is None:
         monkeypatch.delenv("PTQRT_CUDA_APPEND_VEC", raising=False)
     else:
         monkeypatch.setenv("PTQRT_CUDA_APPEND_VEC", vec)
     dev = impl.device
     cases = [(0, 2, 64, 4, 16), (5, 2, 64, 4, 16), (3, 3, 40, 3, 7), (2, 1, 130, 2, 5), (3, 2, 384, 3, 4),
-             (2, 1, 520, 2, 3), (4, 2, 256, 3, 4, "offset")]
+             (2, 1, 520, 2, 3), (4, 2, 256, 3, 4, "offset"), (3, 3, 256, 3, 4), (7, 1, 32, 3, 4)]
     if not impl.small:
         cases += [(4096, 8, 128, 300, 16), (7, 4, 256, 9, 32), (300, 32, 128, 40, 16, "offset")]
     for t, h, d, nb, bs, *offset in cases:

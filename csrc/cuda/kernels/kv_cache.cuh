@@ -55,10 +55,18 @@ __global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_kernel(K
 
 // The same, 4 consecutive values a lane (one 8- or 16-byte load, one 4-byte store, the row kept in
 // registers between the absmax and the quantization: x is read once), for D % 4 == 0 and
-// D <= 128 * CHUNKS, with src, the cache and a static scale aligned to 4 values. The kernel above
-// reads each row twice with 2-byte loads and writes single bytes: on an H100 it ran 94 us at 4096
-// tokens of 32 x 128 (fp16 k and v), against Triton's 45 and a 34 us floor. Same arithmetic per
-// value: bit-identical. Opt-in (PTQRT_CUDA_APPEND_VEC=1) until measured.
+// D <= 128 * CHUNKS, with src, the cache and a static scale aligned to 4 values; each warp appends
+// ROWS = 4 / CHUNKS consecutive (token, head) rows. Every source load and slot lookup of the warp's
+// rows is issued before any is used (a row past the end, or a lane past D, loads row 0's first
+// values and then does nothing with them): the data loads do not wait for the slot, nor each other.
+// The kernel above reads each row twice with 2-byte loads and writes single bytes: on an H100 it ran
+// 94 us at 4096 tokens of 32 x 128 (fp16 k and v), against Triton's 45 and a 34 us floor. Same
+// arithmetic per value: bit-identical. Opt-in (PTQRT_CUDA_APPEND_VEC=1) until measured.
+template <int CHUNKS>
+constexpr int append_vec4_rows() {
+  return 4 / CHUNKS;
+}
+
 template <typename T, int CHUNKS>
 __global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_vec4_kernel(KvAppendArgs a) {
   struct alignas(4 * sizeof(T)) Src4 {
@@ -70,45 +78,79 @@ __global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_vec4_ker
   struct alignas(16) Scale4 {
     float s[4];
   };
+  constexpr int ROWS = append_vec4_rows<CHUNKS>();
+  static_assert(ROWS * CHUNKS == 4, "1, 2 or 4 chunks a lane");
   const KvStream s = blockIdx.y == 0 ? a.kv[0] : a.kv[1];
   const int lane = threadIdx.x % kWarp;
-  AppendRow r;
-  if (!append_row(a, r)) return;
-  const T* src = static_cast<const T*>(s.src) + r.unit * a.D;
-  int8_t* dst = s.cache + r.row * a.D;
-  float v[CHUNKS][4];
-  float amax = 0.f;
+  const int64_t units = int64_t(a.T) * a.H;
+  const int64_t unit0 = (int64_t(blockIdx.x) * kAppendWarps + threadIdx.x / kWarp) * ROWS;
+  if (unit0 >= units) return;  // warp-uniform
+
+  // Row i is (token t[i], head h[i]); one division for the warp (a 64-bit one is a branchy call).
+  int t[ROWS], h[ROWS];
+  t[0] = static_cast<int>(unit0 / a.H);
+  h[0] = static_cast<int>(unit0 - int64_t(t[0]) * a.H);
 #pragma unroll
-  for (int c = 0; c < CHUNKS; ++c) {
-    const int d = (c * kWarp + lane) * 4;
-    if (d < a.D) {
-      const Src4 r = *reinterpret_cast<const Src4*>(src + d);
+  for (int i = 1; i < ROWS; ++i) {
+    const bool wrap = h[i - 1] + 1 == a.H;
+    h[i] = wrap ? 0 : h[i - 1] + 1;
+    t[i] = wrap ? t[i - 1] + 1 : t[i - 1];
+  }
+  Src4 raw[ROWS][CHUNKS];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        v[c][j] = to_float(r.v[j]);
-        amax = nan_max(amax, fabsf(v[c][j]));
-      }
+  for (int i = 0; i < ROWS; ++i) {
+    const int64_t unit = unit0 + i < units ? unit0 + i : 0;
+    const T* src = static_cast<const T*>(s.src) + unit * a.D;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const int d = (c * kWarp + lane) * 4;
+      raw[i][c] = *reinterpret_cast<const Src4*>(src + (d < a.D ? d : 0));
     }
   }
-  float sc = 1.f;
-  if (s.dynamic) {
-    sc = absmax_scale(warp_nan_max(amax));
-    if (lane == 0) s.scale[r.row] = sc;
+  int64_t slot[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const int ti = t[i] < a.T ? t[i] : 0;
+    slot[i] = a.slots_i64 ? static_cast<const int64_t*>(a.slots)[ti] : static_cast<const int32_t*>(a.slots)[ti];
   }
+
 #pragma unroll
-  for (int c = 0; c < CHUNKS; ++c) {
-    const int d = (c * kWarp + lane) * 4;
-    if (d < a.D) {
-      Q4 q;
-      if (s.dynamic) {
+  for (int i = 0; i < ROWS; ++i) {
+    // Past the last row, or a skipped slot (negative: padding; past the cache): nothing to write.
+    if (unit0 + i >= units || slot[i] < 0 || slot[i] >= a.num_slots) continue;  // warp-uniform
+    const int64_t row = slot[i] * a.H + h[i];
+    int8_t* dst = s.cache + row * a.D;
+    float v[CHUNKS][4];
+    float amax = 0.f;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) q.q[j] = round_clamp_int8(v[c][j] / sc);
-      } else {
-        const Scale4 st = *reinterpret_cast<const Scale4*>(s.scale + int64_t(r.h) * a.D + d);
+    for (int c = 0; c < CHUNKS; ++c) {
+      const bool in = (c * kWarp + lane) * 4 < a.D;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) q.q[j] = round_clamp_int8(v[c][j] / st.s[j]);
+      for (int j = 0; j < 4; ++j) {
+        v[c][j] = to_float(raw[i][c].v[j]);
+        if (in) amax = nan_max(amax, fabsf(v[c][j]));
       }
-      *reinterpret_cast<Q4*>(dst + d) = q;
+    }
+    float sc = 1.f;
+    if (s.dynamic) {
+      sc = absmax_scale(warp_nan_max(amax));
+      if (lane == 0) s.scale[row] = sc;
+    }
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      const int d = (c * kWarp + lane) * 4;
+      if (d < a.D) {
+        Q4 q;
+        if (s.dynamic) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) q.q[j] = round_clamp_int8(v[c][j] / sc);
+        } else {
+          const Scale4 st = *reinterpret_cast<const Scale4*>(s.scale + int64_t(h[i]) * a.D + d);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) q.q[j] = round_clamp_int8(v[c][j] / st.s[j]);
+        }
+        *reinterpret_cast<Q4*>(dst + d) = q;
+      }
     }
   }
 }
