@@ -22,7 +22,8 @@
 #      row printed as it is measured and the JSON/CSV rewritten after each op; with the CUDA
 #      extension built, the opt-in kernel variants named in BACKENDS below (see bench_gpu.VARIANTS)
 #      are timed beside the defaults
-#   4a. with the CUDA extension built and at least 150 s left before DEADLINE: Nsight Compute over one
+#   4a. with the CUDA extension built and at least 150 s left before DEADLINE: the sm_90a w8a8 GEMM's
+#      time over K at 8192 x 8192 (its fixed cost a tile; bench/diag_gpu.py --k-sweep), then Nsight Compute over one
 #      call of each CUDA kernel that misses a target (bench/diag_gpu.py --ncu; limit NCU_LIMIT, 80 s)
 #   4b. with at least 45 s left before DEADLINE and transformers installed: bench/bench_decode.py on
 #      the GPU (the tiny Llama's eager greedy decode, fp16 against each quantized form: the host work
@@ -125,6 +126,7 @@ finish() {
         sed -n '/^targets/,$p' "$LOG/bench.log" 2>/dev/null | grep -E "targets|PASS|MISS|FAIL"
         sed -n '/^tiny Llama greedy decode/,/^wrote/p' "$LOG/decode.log" 2>/dev/null | grep -v '^wrote'
         grep -h "waited for the GPU" "$LOG/decode.log" 2>/dev/null
+        grep -h -A3 "^w8a8_gemm M=8192 N=8192" "$LOG/ksweep.log" 2>/dev/null
         grep -E "Context [0-9]+, Stream|^    Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread" \
             "$LOG/ncu.log" 2>/dev/null | head -120
         cat "$LOG/cpu_summary.txt" 2>/dev/null
@@ -192,9 +194,10 @@ if [ -n "$BUILD_PID" ]; then
     # default without GQA); cuda-append-vec: kv_cache_append 4 values a lane (PTQRT_CUDA_APPEND_VEC=1);
     # cuda-quant1: quantize_per_token with the row kept in registers (PTQRT_CUDA_QUANT_1PASS=1);
     # triton-cached: the Triton GEMMs past the autotuner's per-call Python (PTQRT_TRITON_LAUNCH_CACHE=1);
-    # cuda-waves: the sm_90a w8a8 tile width by rounds of CTAs (PTQRT_CUDA_TILE_WAVES=1); cuda-gemv-wide:
+    # cuda-waves: the sm_90a w8a8 tile width by rounds of CTAs (PTQRT_CUDA_TILE_WAVES=1); cuda-persistent:
+    # the sm_90a w8a8 GEMM on a persistent grid (PTQRT_CUDA_SM90_PERSISTENT=1); cuda-gemv-wide:
     # the w8a16 ring GEMV with 32 columns a CTA at M > 4 (PTQRT_CUDA_GEMV_WIDE=1).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,cuda,cuda-waves,cuda-gemv-wide,cuda-stream-gqa,cuda-append-vec,cuda-quant1
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,cuda,cuda-waves,cuda-persistent,cuda-gemv-wide,cuda-stream-gqa,cuda-append-vec,cuda-quant1
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
@@ -212,7 +215,13 @@ limit=${BENCH_LIMIT:-240}
 [ "$left" -lt "$limit" ] && limit=$left
 [ "$BENCH" = 1 ] && [ "$limit" -gt 30 ] && stage bench "$limit" "$PY" -m ptqrt.bench_gpu $QUICK --plot --out-dir "$RESULTS" \
     --backends "$BACKENDS" --ops "$OPS"
-# 4a. Nsight Compute counters of the CUDA kernels that miss their targets (decode at B = 16 and 1,
+# 4a. the sm_90a w8a8 GEMM's fixed cost a tile: 8192 x 8192 over K, default and persistent grid
+# (bench/diag_gpu.py --k-sweep; ~15 s), with at least 150 s left before DEADLINE
+left=$(( ${DEADLINE:-540} - SECONDS - 150 ))
+[ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ] && [ "$left" -ge 0 ] && stage ksweep 40 env PTQRT_NO_BUILD=1 \
+    "$PY" bench/diag_gpu.py --cases none --k-sweep --backends cuda,cuda:PTQRT_CUDA_SM90_PERSISTENT=1
+
+# then Nsight Compute counters of the CUDA kernels that miss their targets (decode at B = 16 and 1,
 # w8a8 at 8192^3 and M = 512 x 11008, the w8a16 GEMVs on 28672 x 8192, quantize_per_token 8192^2 and
 # kv_cache_append, those two also as their opt-in variants): SOL, memory, occupancy, warp stalls, one
 # call each (bench/diag_gpu.py --ncu), with at least 150 s left before DEADLINE; at most NCU_LIMIT (80 s)

@@ -1,7 +1,7 @@
 """Where the time of one op call goes, per backend, on a CUDA device.
 
     python bench/diag_gpu.py [--backends triton,cuda] [--cases name,...|none] [--trace] [--sweep-decode]
-                             [--profile N] [--ncu]
+                             [--profile N] [--ncu] [--k-sweep]
 
 For each case and backend it prints four numbers (microseconds):
     bench   triton.testing.do_bench median, L2 flushed before each call (what ptqrt bench reports)
@@ -11,6 +11,9 @@ For each case and backend it prints four numbers (microseconds):
     kernels each CUDA kernel the call launches and its GPU time (torch.profiler), with --trace
 With --profile N: the N Python functions with the most own time over 200 calls (cProfile), to see
 where a CPU-bound call's host time goes.
+With --k-sweep: w8a8_gemm at M = N = 8192 over K (do_bench, the L2 flushed as `ptqrt bench` does) per
+backend, and the fit time = a + b K: a / (tile rounds) is the cost a tile pays whatever its K (launch,
+pipeline fill, epilogue), b K the main loop's.
 With --ncu: no timing; each case's call runs twice, then once between cudaProfilerStart / Stop inside
 an NVTX range named "<case> <backend>", for Nsight Compute started with --profile-from-start off
 (bench/device_check.sh's ncu stage: hardware counters of the kernels that miss their targets).
@@ -153,6 +156,42 @@ def _ncu_call(fn, label: str) -> None:
     print(f"ncu: profiled {label}", flush=True)
 
 
+def k_sweep(impls: dict, specs: dict, device, ks=(256, 1024, 2048, 4096, 8192), m=8192, n=8192,
+            sms: int = 0) -> dict:
+    """{backend: [(K, us)]} of w8a8_gemm at M x N over ks, printed with the least-squares line
+    us = a + b K and a per round of 128 x 256 tiles (ceil(tiles / SMs) rounds)."""
+    from ptqrt import bench_gpu
+
+    sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
+    rounds = math.ceil(math.ceil(m / 128) * math.ceil(n / 256) / sms)
+    out = {}
+    print(f"\nw8a8_gemm M={m} N={n}: us per K (fit us = a + b K; a / {rounds} rounds = fixed cost a tile)")
+    for b, table in impls.items():
+        if not table or "w8a8_gemm" not in table:
+            continue
+        f, env, got = table["w8a8_gemm"], specs[b][1], []
+        for k in ks:
+            x = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+            w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+            xs, ws = torch.rand(m, device=device) + 0.01, torch.rand(n, device=device) + 0.01
+            call = lambda: f(x, xs, w, ws, None, torch.float16)  # noqa: E731
+            try:
+                got.append((k, 1e3 * bench_gpu._bench((lambda: _with(env, call)) if env else call)))
+            except Exception as e:  # noqa: BLE001
+                print(f"  {b} K={k}: FAILED {type(e).__name__}: {str(e)[:160]}")
+        out[b] = got
+        line = " ".join(f"{k}:{t:.1f}" for k, t in got)
+        if len(got) >= 2:
+            kk = [k for k, _ in got]
+            tt = [t for _, t in got]
+            km, tm = sum(kk) / len(kk), sum(tt) / len(tt)
+            slope = sum((k - km) * (t - tm) for k, t in got) / sum((k - km) ** 2 for k in kk)
+            a = tm - slope * km
+            line += f"  | a {a:.1f} us ({a / rounds:.2f} a round), b {slope * 1e3:.2f} us per 1000 K"
+        print(f"  {b:40s} {line}", flush=True)
+    return out
+
+
 def _backend(spec: str):
     """'cuda' or 'cuda:NAME=VALUE[:NAME=VALUE]' (a backend with its switches set for its calls)."""
     base, *env = spec.split(":")
@@ -207,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-decode", action="store_true")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="print the N functions with the most own host time per call (cProfile)")
+    ap.add_argument("--k-sweep", action="store_true", help="w8a8_gemm at 8192 x 8192 over K, per backend")
     ap.add_argument("--ncu", action="store_true",
                     help="no timing: one call per case and backend inside cudaProfilerStart/Stop (for ncu)")
     a = ap.parse_args(argv)
@@ -259,6 +299,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if a.sweep_decode:
             sweep_decode(device)
+        if a.k_sweep:
+            k_sweep(impls, specs, device)
     return 0
 
 

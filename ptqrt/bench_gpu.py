@@ -256,6 +256,9 @@ VARIANTS = {
     "cuda-gemv-wide": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_GEMV_WIDE": "1"}, (5, 16)),
     # the sm_90a w8a8 tile width by rounds of CTAs (M 65-1024: 512 x 11008 and 512 x 28672 go 128-wide)
     "cuda-waves": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_TILE_WAVES": "1"}, (65, 1024)),
+    # the sm_90a w8a8 GEMM on a persistent grid (one CTA per SM over the tiles: the next tile's loads
+    # under this tile's epilogue), where there is more than one wave of tiles to gain on (M > 256)
+    "cuda-persistent": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_SM90_PERSISTENT": "1"}, (257, None)),
     # the Triton GEMMs launched without the autotuner's and heuristics' per-call Python after a key's
     # first call (host time: the eager column; M <= 512, where the launch path can exceed the kernel)
     "triton-cached": ("triton", ("w8a8_gemm", "w8a16_gemm"), {"PTQRT_TRITON_LAUNCH_CACHE": "1"}, (0, 512)),

@@ -125,6 +125,31 @@ def test_ncu_stage(monkeypatch, capsys):
     assert "ncu: profiled case cuda" in capsys.readouterr().out
 
 
+def test_k_sweep_fit(monkeypatch, capsys):
+    """diag_gpu --k-sweep: each backend's times over K, with its switches set for each call, and the
+    least-squares line through them (here exact: 100 us + 20 us per 1000 K)."""
+    import torch
+
+    from ptqrt import bench_gpu
+
+    spec = importlib.util.spec_from_file_location("diag_gpu_under_test", ROOT / "bench" / "diag_gpu.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    seen = []
+
+    def fake_gemm(x, xs, w, ws, bias, dtype):
+        seen.append((x.shape[1], os.environ.get("PTQRT_X")))
+
+    monkeypatch.setattr(bench_gpu, "_bench", lambda fn, rep_ms=40: (fn(), (100 + 0.02 * seen[-1][0]) / 1e3)[1])
+    specs = {"cuda": ("cuda", {}), "cuda:PTQRT_X=1": ("cuda", {"PTQRT_X": "1"})}
+    impls = {b: {"w8a8_gemm": fake_gemm} for b in specs}
+    got = diag.k_sweep(impls, specs, torch.device("cpu"), ks=(64, 128, 256), m=256, n=512, sms=2)
+    assert [k for k, _ in got["cuda"]] == [64, 128, 256]
+    assert seen == [(64, None), (128, None), (256, None), (64, "1"), (128, "1"), (256, "1")]
+    out = capsys.readouterr().out
+    assert out.count("a 100.0 us (50.00 a round), b 20.00 us per 1000 K") == 2  # 2 x 2 tiles on 2 SMs
+
+
 def test_targets_and_report(tmp_path):
     bench = _bench_module()
     assert len(bench.TARGETS) == 9 + 3 + 3 + 2

@@ -383,6 +383,13 @@ def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
     monkeypatch.setenv("PTQRT_CUDA_TILE_WAVES", "1")
     waves = [(130, 1100, 320), (300, 300, 448), (300, 1300, 200)]
     _check_w8a8_exact(impl, out_dtype, waves if impl.small else waves + [(512, 11008, 4096), (128, 28672, 1024)])
+    monkeypatch.delenv("PTQRT_CUDA_TILE_WAVES")
+    # PTQRT_CUDA_SM90_PERSISTENT=1: 4 CTAs over 9, 9 and 16 tiles (several tiles a CTA, the ring's count
+    # running on across them: 9, 2 and 3 K tiles against 4 stages; N and M tails), and a split-K shape,
+    # which keeps one CTA a tile.
+    monkeypatch.setenv("PTQRT_CUDA_SM90_PERSISTENT", "1")
+    persistent = [(300, 600, 1040), (260, 700, 200), (130, 1800, 272), (100, 200, 1040)]
+    _check_w8a8_exact(impl, out_dtype, persistent if impl.small else persistent + [(8192, 8192, 8192), (2048, 4096, 11008)])
 
 
 # ------------------------------------------------------------------------------------------ w8a16_gemm

@@ -86,6 +86,11 @@ inline bool gemv_wide_enabled() { return env_switch("PTQRT_CUDA_GEMV_WIDE", fals
 // PTQRT_CUDA_TILE_WAVES=1 until measured.
 inline bool tile_waves_enabled() { return env_switch("PTQRT_CUDA_TILE_WAVES", false); }
 
+// The sm_90a w8a8 GEMM on a persistent grid, one CTA per SM taking every SMs-th tile, so that its
+// producer loads the next tile while the consumers store this one (kernels/w8a8_gemm_sm90.cuh): opt-in
+// with PTQRT_CUDA_SM90_PERSISTENT=1 until measured.
+inline bool sm90_persistent_enabled() { return env_switch("PTQRT_CUDA_SM90_PERSISTENT", false); }
+
 // quantize_per_token with rows of up to 4 16-byte vectors a thread kept in registers (one read of x):
 // opt-in with PTQRT_CUDA_QUANT_1PASS=1 (it ran slower than the two-pass kernel on an H100; timed beside
 // it again in the next device check).

@@ -39,6 +39,7 @@ struct W8A8Args {
   int32_t* partial;       // [splits, M, N] int32 when splits > 1, else null
   int M, N, K;
   int splits;             // split-K factor (grid z)
+  int ctas = 0;           // sm_90a kernel only: CTAs along grid x, each taking every ctas-th tile (0: one per tile)
 };
 // The int8 tensor-core GEMM (mma.sync m16n8k32). With splits > 1 it writes raw int32 partial sums
 // to args.partial and w8a8_split_reduce applies the epilogue.

@@ -94,6 +94,9 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   a.N = static_cast<int>(N);
   a.K = static_cast<int>(k16);
   a.splits = splits;
+  // A persistent grid (one CTA per SM looping over the tiles; PTQRT_CUDA_SM90_PERSISTENT=1) where no
+  // split-K is needed.
+  a.ctas = hopper && splits == 1 && sm90_persistent_enabled() ? sm_count() : 0;
   cudaError_t e = hopper ? w8a8_gemm_sm90(dt, bn, a, stream) : cudaErrorNotSupported;
   if (e == cudaErrorNotSupported) e = w8a8_gemm_mma(dt, tile, a, stream);  // no tensor-map encoder: mma.sync
   check_launch(op, e);

@@ -20,7 +20,8 @@ cudaError_t launch(const W8A8Args& a, cudaStream_t stream) {
   static size_t granted[64] = {};
   const cudaError_t e = opt_in_smem(kernel, C::kSmemBytes, granted);
   if (e != cudaSuccess) return e;
-  const dim3 grid(ceil_div(a.M, C::kBM) * ceil_div(a.N, C::kBN), 1, a.splits);
+  const int tiles = ceil_div(a.M, C::kBM) * ceil_div(a.N, C::kBN);
+  const dim3 grid(a.ctas > 0 && a.ctas < tiles ? a.ctas : tiles, 1, a.splits);
   W8A8Epilogue epi{a.x_scale, a.x_scale_stride, a.w_scale, a.bias};
   int32_t* partial = a.splits > 1 ? a.partial : nullptr;
   PTQRT_LAUNCH(kernel, grid, C::kThreads, C::kSmemBytes, stream)(tx, tw, epi, static_cast<OutT*>(a.out), partial,

@@ -113,17 +113,18 @@ __device__ __forceinline__ void init_pipeline(const CUtensorMap* a, const CUtens
   fence_barrier_init();
 }
 
-// The producer thread: for k tile it = 0 .. nk - 1, wait until its stage is free, announce the
-// stage's bytes on its "full" barrier and issue load(stage base, it, full barrier) (the TMA loads).
+// The producer thread: for k tile i = 0 .. nk - 1, the ring's (it0 + i)-th fill (a persistent CTA's
+// tiles continue one count), wait until its stage is free, announce the stage's bytes on its "full"
+// barrier and issue load(stage base, i, full barrier) (the TMA loads).
 template <class Load>
-__device__ __forceinline__ void produce(int nk, int stages, uint8_t* smem, int stage_bytes, uint64_t* full,
+__device__ __forceinline__ void produce(int it0, int nk, int stages, uint8_t* smem, int stage_bytes, uint64_t* full,
                                         uint64_t* empty, Load&& load) {
-  for (int it = 0; it < nk; ++it) {
-    const int s = it % stages;
+  for (int i = 0; i < nk; ++i) {
+    const int it = it0 + i, s = it % stages;
     while (!mbar_try_wait(&empty[s], ((it / stages) & 1) ^ 1)) {
     }
     mbar_arrive_expect_tx(&full[s], stage_bytes);
-    load(smem + s * stage_bytes, it, &full[s]);
+    load(smem + s * stage_bytes, i, &full[s]);
   }
 }
 #endif  // PTQRT_SM90A

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(384, 1) w8a16_gemm_sm90_kernel(const __grid_co
   if (wg == 0) {
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0)
-      produce(nk, C::kStages, smem, C::kStageBytes, full, empty, [&](uint8_t* st, int it, uint64_t* bar) {
+      produce(0, nk, C::kStages, smem, C::kStageBytes, full, empty, [&](uint8_t* st, int it, uint64_t* bar) {
         const int k = (kt_begin + it) * C::BK;
         tma_load_2d(st, &tma_x, 2 * k, m0, bar);  // the x map is addressed in bytes
         tma_load_2d(st + C::kXBytes, &tma_w, k, n0, bar);

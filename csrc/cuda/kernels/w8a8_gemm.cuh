@@ -44,31 +44,50 @@ struct W8A8Epilogue {
 
   // __fmul_rn / __fadd_rn are never fused into an FMA: the reference rounds after each step.
   __device__ __forceinline__ float operator()(int32_t acc, int m, int n) const {
-    float y = __fmul_rn(__fmul_rn(__int2float_rn(acc), x_scale[int64_t(m) * x_scale_stride]), w_scale[n]);
-    if (bias != nullptr) y = __fadd_rn(y, bias[n]);
+    return apply(acc, row_scale(m), col_scale(n), col_bias(n));
+  }
+  // The same with the scales already loaded. The loads are read-only (__ldg: ld.global.nc), so the
+  // compiler may issue them ahead of the output stores (plain loads through these pointers could alias
+  // `out`: each one waited for the store before it).
+  __device__ __forceinline__ float row_scale(int m) const { return __ldg(x_scale + int64_t(m) * x_scale_stride); }
+  __device__ __forceinline__ float col_scale(int n) const { return __ldg(w_scale + n); }
+  __device__ __forceinline__ float col_bias(int n) const { return bias != nullptr ? __ldg(bias + n) : 0.f; }
+  __device__ __forceinline__ float apply(int32_t acc, float xs, float ws, float b) const {
+    float y = __fmul_rn(__fmul_rn(__int2float_rn(acc), xs), ws);
+    if (bias != nullptr) y = __fadd_rn(y, b);  // (no "+ 0": -0 + 0 is +0)
     return y;
   }
 };
 
-// Stores the two adjacent accumulators (m, n) and (m, n + 1); n is even.
-template <typename OutT>
-__device__ __forceinline__ void store_w8a8_pair(OutT* out, const W8A8Epilogue& epi, int32_t a0, int32_t a1, int m,
-                                                int n, int N) {
+// Stores the two adjacent outputs (m, n) and (m, n + 1); n is even.
+template <typename OutT, typename V>
+__device__ __forceinline__ void store_pair(OutT* out, V y0, V y1, int m, int n, int N) {
   OutT* p = out + int64_t(m) * N + n;
   if constexpr (std::is_same<OutT, int32_t>::value) {
     if (n + 1 < N && (N & 1) == 0) {
-      *reinterpret_cast<int2*>(p) = make_int2(a0, a1);
+      *reinterpret_cast<int2*>(p) = make_int2(y0, y1);
     } else {
-      if (n < N) p[0] = a0;
-      if (n + 1 < N) p[1] = a1;
+      if (n < N) p[0] = y0;
+      if (n + 1 < N) p[1] = y1;
     }
   } else {
     if (n + 1 < N && (N & 1) == 0) {
-      *reinterpret_cast<typename Pair<OutT>::type*>(p) = make_pair2<OutT>(epi(a0, m, n), epi(a1, m, n + 1));
+      *reinterpret_cast<typename Pair<OutT>::type*>(p) = make_pair2<OutT>(y0, y1);
     } else {
-      if (n < N) p[0] = from_float<OutT>(epi(a0, m, n));
-      if (n + 1 < N) p[1] = from_float<OutT>(epi(a1, m, n + 1));
+      if (n < N) p[0] = from_float<OutT>(y0);
+      if (n + 1 < N) p[1] = from_float<OutT>(y1);
     }
+  }
+}
+
+// Stores the two adjacent accumulators (m, n) and (m, n + 1) through the epilogue (raw for int32).
+template <typename OutT>
+__device__ __forceinline__ void store_w8a8_pair(OutT* out, const W8A8Epilogue& epi, int32_t a0, int32_t a1, int m,
+                                                int n, int N) {
+  if constexpr (std::is_same<OutT, int32_t>::value) {
+    store_pair<OutT>(out, a0, a1, m, n, N);
+  } else {
+    store_pair<OutT>(out, n < N ? epi(a0, m, n) : 0.f, n + 1 < N ? epi(a1, m, n + 1) : 0.f, m, n, N);
   }
 }
 

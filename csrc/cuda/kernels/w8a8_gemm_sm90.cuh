@@ -12,6 +12,10 @@
 //                32 bytes of K) into BN / 2 int32 accumulators per thread, keep one wgmma group in flight,
 //                and release the previous stage on "empty" once its group has completed.
 // setmaxnreg moves registers from the producer (which needs few) to the consumers (128 accumulators).
+// A CTA runs tiles blockIdx.x, blockIdx.x + gridDim.x, ...: one each on the default grid (a CTA per
+// tile), several on a persistent grid (a CTA per SM, PTQRT_CUDA_SM90_PERSISTENT=1), where the producer
+// fills the next tile's stages while the consumers store this one.
+// The epilogue loads its scales with __ldg ahead of the stores (w8a8_gemm.cuh's W8A8Epilogue).
 // Split-K over grid z, as in the mma.sync kernel (raw int32 partials, reduced in a fixed order).
 // (Pairs of CTAs sharing the w tile by TMA multicast ran 0.66-1.01x this kernel on an H100 and were
 // removed: bench/NOTES.md.)
@@ -51,10 +55,10 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
 
-  const int tiles_m = ceil_div(M, kBM), tiles_n = ceil_div(N, kBN);
-  int tm, tn;
-  grouped_tile(blockIdx.x, tiles_m, tiles_n, kGroupM, tm, tn);
-  const int m0 = tm * kBM, n0 = tn * kBN;
+  // Tiles blockIdx.x, blockIdx.x + gridDim.x, ...: one per CTA (grid = tiles), or several for a
+  // persistent grid (grid = SMs), whose producer then loads the next tile's stages while the
+  // consumers run this tile's epilogue. The ring's fill count `it` runs on across tiles.
+  const int tiles_m = ceil_div(M, kBM), tiles_n = ceil_div(N, kBN), tiles = tiles_m * tiles_n;
   int kt_begin, nk;
   split_k_tiles(K, kBK, kt_begin, nk);
 
@@ -65,56 +69,96 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
   if (wg == 0) {
     setmaxnreg_dec<40>();
     if (threadIdx.x == 0) {
-      produce(nk, kStages, smem, kStageBytes, full, empty, [&](uint8_t* st, int it, uint64_t* bar) {
-        const int k = (kt_begin + it) * kBK;
-        tma_load_2d(st, &tma_x, k, m0, bar);
-        tma_load_2d(st + kABytes, &tma_w, k, n0, bar);
-      });
+      int it0 = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it0 += nk) {
+        int tm, tn;
+        grouped_tile(tile, tiles_m, tiles_n, kGroupM, tm, tn);
+        produce(it0, nk, kStages, smem, kStageBytes, full, empty, [&](uint8_t* st, int i, uint64_t* bar) {
+          const int k = (kt_begin + i) * kBK;
+          tma_load_2d(st, &tma_x, k, tm * kBM, bar);
+          tma_load_2d(st + kABytes, &tma_w, k, tn * kBN, bar);
+        });
+      }
     }
     return;
   }
 
   setmaxnreg_inc<232>();
   const int c = wg - 1;  // rows 64c .. 64c + 63 of the tile
-  int acc[kBN / 2];
+  int it0 = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, it0 += nk) {
+    int tm, tn;
+    grouped_tile(tile, tiles_m, tiles_n, kGroupM, tm, tn);
+    const int m0 = tm * kBM, n0 = tn * kBN;
+    int acc[kBN / 2];
 #pragma unroll
-  for (int i = 0; i < kBN / 2; ++i) acc[i] = 0;
+    for (int i = 0; i < kBN / 2; ++i) acc[i] = 0;
 
-  for (int it = 0; it < nk; ++it) {
-    const int s = it % kStages;
-    while (!mbar_try_wait(&full[s], (it / kStages) & 1)) {
-    }
-    const uint32_t a = smem_addr(smem + s * kStageBytes + c * 64 * kBK);
-    const uint32_t b = smem_addr(smem + s * kStageBytes + kABytes);
-    fence_operands(acc);
-    wgmma_fence();
+    for (int i = 0; i < nk; ++i) {
+      const int it = it0 + i, s = it % kStages;
+      while (!mbar_try_wait(&full[s], (it / kStages) & 1)) {
+      }
+      const uint32_t a = smem_addr(smem + s * kStageBytes + c * 64 * kBK);
+      const uint32_t b = smem_addr(smem + s * kStageBytes + kABytes);
+      fence_operands(acc);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBK / 32; ++kk) wgmma_s8<kBN>(acc, make_desc(a + 32 * kk), make_desc(b + 32 * kk), 1);
-    wgmma_commit();
-    // Keep this stage's group in flight; the previous one is complete, so its stage can be refilled.
-    wgmma_wait<1>();
+      for (int kk = 0; kk < kBK / 32; ++kk) wgmma_s8<kBN>(acc, make_desc(a + 32 * kk), make_desc(b + 32 * kk), 1);
+      wgmma_commit();
+      // Keep this stage's group in flight; the previous one is complete, so its stage can be refilled.
+      wgmma_wait<1>();
+      fence_operands(acc);
+      if (i > 0) mbar_arrive(&empty[(it - 1) % kStages]);
+    }
+    wgmma_wait<0>();
     fence_operands(acc);
-    if (it > 0) mbar_arrive(&empty[(it - 1) % kStages]);
-  }
-  wgmma_wait<0>();
-  fence_operands(acc);
+    if (nk > 0) mbar_arrive(&empty[(it0 + nk - 1) % kStages]);  // the tile's last stage, for the next tile
 
-  const int lane = threadIdx.x % kWarp, warp = (threadIdx.x % 128) / kWarp;
-  const int g = lane >> 2, t = lane & 3;
+    // Epilogue. Accumulator 4j + 2h + i holds (row r0 + 8h, column n0 + 8j + 2t + i). The thread's two
+    // row scales are loaded once; the column scales (and bias) eight column pairs at a time, all before
+    // those pairs' stores (read-only loads: the next group's may go out ahead of this group's stores).
+    const int lane = threadIdx.x % kWarp, warp = (threadIdx.x % 128) / kWarp;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = m0 + 64 * c + 16 * warp + g;
+    if (partial != nullptr) {
+      int32_t* part = partial + int64_t(blockIdx.z) * M * N;
 #pragma unroll
-  for (int j = 0; j < kBN / 8; ++j) {
-    const int n = n0 + 8 * j + 2 * t;
+      for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int m = m0 + 64 * c + 16 * warp + g + 8 * h;
-      if (m >= M) continue;
-      if (partial != nullptr)
-        store_w8a8_pair<int32_t>(partial + int64_t(blockIdx.z) * M * N, epi, acc[4 * j + 2 * h],
-                                 acc[4 * j + 2 * h + 1], m, n, N);
-      else
-        store_w8a8_pair<OutT>(out, epi, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], m, n, N);
+        for (int h = 0; h < 2; ++h)
+          if (r0 + 8 * h < M) store_pair<int32_t>(part, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
+    } else if constexpr (std::is_same<OutT, int32_t>::value) {
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (r0 + 8 * h < M) store_pair<int32_t>(out, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
+    } else {
+      const float xs[2] = {r0 < M ? epi.row_scale(r0) : 0.f, r0 + 8 < M ? epi.row_scale(r0 + 8) : 0.f};
+      constexpr int kJ = 8;
+#pragma unroll
+      for (int j0 = 0; j0 < kBN / 8; j0 += kJ) {
+        float ws[kJ][2], bs[kJ][2];
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int n = n0 + 8 * (j0 + j) + 2 * t + i;
+            ws[j][i] = n < N ? epi.col_scale(n) : 0.f;
+            bs[j][i] = n < N ? epi.col_bias(n) : 0.f;
+          }
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (r0 + 8 * h >= M) continue;
+            const int a = 4 * (j0 + j) + 2 * h;
+            store_pair<OutT>(out, epi.apply(acc[a], xs[h], ws[j][0], bs[j][0]), epi.apply(acc[a + 1], xs[h], ws[j][1], bs[j][1]),
+                             r0 + 8 * h, n0 + 8 * (j0 + j) + 2 * t, N);
+          }
+      }
     }
-  }
+  }  // tiles
 #else
   // Built for another architecture: this kernel must never be launched there (the host checks).
   __trap();
