@@ -34,11 +34,77 @@ struct W8A8Sm90 {
   static constexpr int kThreads = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int kABytes = kBM * kBK, kBBytes = kBN * kBK, kStageBytes = kABytes + kBBytes;
   static constexpr int kStages = kBN == 256 ? 4 : 6;  // 192 KB of stages either way
-  // Stages, then 2 * kStages barriers, plus slack to align the stages to 1024 bytes (the swizzle atom).
-  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
+  static constexpr int kEpiBytes = 8 * 16 * 256;      // the epilogue's buffer: 16 rows x 256 bytes a consumer warp
+  // Stages, the epilogue's buffer, then 2 * kStages barriers, plus slack to align the stages to 1024
+  // bytes (the swizzle atom): 230,464 / 230,496 bytes of the H100's 232,448.
+  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + 2 * kStages * 8 + 1024;
   static constexpr int kGroupM = 8;
   static_assert(kBN == 128 || kBN == 256, "wgmma N of the generated wrappers");
 };
+
+// The epilogue of one consumer warp's 16 rows (row0 ..) x BN columns (n0 ..) through its 4 KB shared
+// buffer `buf`: CW = 256 bytes' worth of columns at a time are written there in the accumulator layout
+// (accumulator 4j + 2h + i is row g + 8h, column 8j + 2t + i; 16-byte chunks XOR-swizzled by row, so
+// the 4- or 8-byte writes of a warp hit 32 banks), then read back a 16-byte vector a lane, two whole
+// rows a warp instruction, and stored: 4 full 128-byte lines a store instead of the accumulator
+// layout's 8 partial ones (a warp's direct stores of 128 x 256 fp16 take 128 store instructions of 8
+// lines each; these take 16 of 4). Needs N * sizeof(OutT) % 16 == 0 and a 16-byte aligned `out`.
+// Scales (float outputs): the two row scales once, column scales and bias 8 column pairs at a time,
+// all read-only loads issued before their values are used.
+template <typename OutT, int BN>
+__device__ __forceinline__ void store_rows_staged(const int (&acc)[BN / 2], const W8A8Epilogue& epi, OutT* out,
+                                                  uint8_t* buf, int row0, int n0, int M, int N, int lane) {
+  constexpr bool kRaw = std::is_same<OutT, int32_t>::value;
+  constexpr int kCW = 256 / int(sizeof(OutT)), kVE = 16 / int(sizeof(OutT)), kJ = 8;
+  using PairT = typename Pair<OutT>::type;
+  const int g = lane >> 2, t = lane & 3;
+  float xs[2] = {0.f, 0.f};
+  if constexpr (!kRaw) {
+    xs[0] = row0 + g < M ? epi.row_scale(row0 + g) : 0.f;
+    xs[1] = row0 + g + 8 < M ? epi.row_scale(row0 + g + 8) : 0.f;
+  }
+#pragma unroll
+  for (int cc = 0; cc < BN; cc += kCW) {
+#pragma unroll
+    for (int j0 = cc / 8; j0 < (cc + kCW) / 8; j0 += kJ) {
+      float ws[kJ][2] = {}, bs[kJ][2] = {};
+      if constexpr (!kRaw) {
+#pragma unroll
+        for (int j = 0; j < kJ; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int n = n0 + 8 * (j0 + j) + 2 * t + i;
+            ws[j][i] = n < N ? epi.col_scale(n) : 0.f;
+            bs[j][i] = n < N ? epi.col_bias(n) : 0.f;
+          }
+      }
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int a = 4 * (j0 + j) + 2 * h, r = g + 8 * h;
+          const int byte = (8 * (j0 + j) + 2 * t - cc) * int(sizeof(OutT));
+          PairT* p = reinterpret_cast<PairT*>(buf + r * 256 + (((byte >> 4) ^ (r & 7)) << 4) + (byte & 15));
+          if constexpr (kRaw)
+            *p = make_int2(acc[a], acc[a + 1]);
+          else
+            *p = make_pair2<OutT>(epi.apply(acc[a], xs[h], ws[j][0], bs[j][0]),
+                                  epi.apply(acc[a + 1], xs[h], ws[j][1], bs[j][1]));
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = 2 * i + (lane >> 4), v = lane & 15;
+      const int m = row0 + r, n = n0 + cc + v * kVE;
+      // N is a multiple of kVE here: a vector is either wholly inside N or wholly past it.
+      if (m < M && n < N)
+        *reinterpret_cast<uint4*>(out + int64_t(m) * N + n) =
+            *reinterpret_cast<const uint4*>(buf + r * 256 + ((v ^ (r & 7)) << 4));
+    }
+    __syncwarp();  // the buffer is rewritten by the next pass
+  }
+}
 
 template <typename OutT, int BN>
 __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_x,
@@ -52,7 +118,8 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
   PTQRT_DYNAMIC_SMEM(uint8_t, smem_raw);
   // The swizzle pattern is a function of the shared-memory address: stages must start 1024-aligned.
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint8_t* ebuf = smem + kStages * kStageBytes;  // 4 KB a consumer warp, its own: no CTA barrier needed
+  uint64_t* full = reinterpret_cast<uint64_t*>(ebuf + C::kEpiBytes);
   uint64_t* empty = full + kStages;
 
   // Tiles blockIdx.x, blockIdx.x + gridDim.x, ...: one per CTA (grid = tiles), or several for a
@@ -114,9 +181,9 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
     fence_operands(acc);
     if (nk > 0) mbar_arrive(&empty[(it0 + nk - 1) % kStages]);  // the tile's last stage, for the next tile
 
-    // Epilogue. Accumulator 4j + 2h + i holds (row r0 + 8h, column n0 + 8j + 2t + i). The thread's two
-    // row scales are loaded once; the column scales (and bias) eight column pairs at a time, all before
-    // those pairs' stores (read-only loads: the next group's may go out ahead of this group's stores).
+    // Epilogue. Accumulator 4j + 2h + i holds (row r0 + 8h, column n0 + 8j + 2t + i). Split-K partials
+    // are stored from that layout; outputs whose rows are a multiple of 16 bytes go through the warp's
+    // shared buffer (store_rows_staged); other outputs pair by pair, with read-only scale loads.
     const int lane = threadIdx.x % kWarp, warp = (threadIdx.x % 128) / kWarp;
     const int g = lane >> 2, t = lane & 3;
     const int r0 = m0 + 64 * c + 16 * warp + g;
@@ -127,6 +194,9 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           if (r0 + 8 * h < M) store_pair<int32_t>(part, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
+    } else if ((int64_t(N) * int64_t(sizeof(OutT))) % 16 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+      store_rows_staged<OutT, kBN>(acc, epi, out, ebuf + (threadIdx.x / kWarp - 4) * 4096, m0 + 64 * c + 16 * warp,
+                                   n0, M, N, lane);
     } else if constexpr (std::is_same<OutT, int32_t>::value) {
 #pragma unroll
       for (int j = 0; j < kBN / 8; ++j)
@@ -134,28 +204,22 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
         for (int h = 0; h < 2; ++h)
           if (r0 + 8 * h < M) store_pair<int32_t>(out, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
     } else {
+      // Rows whose length is not a multiple of 16 bytes: each pair stored from the accumulator layout.
       const float xs[2] = {r0 < M ? epi.row_scale(r0) : 0.f, r0 + 8 < M ? epi.row_scale(r0 + 8) : 0.f};
-      constexpr int kJ = 8;
 #pragma unroll
-      for (int j0 = 0; j0 < kBN / 8; j0 += kJ) {
-        float ws[kJ][2], bs[kJ][2];
+      for (int j = 0; j < kBN / 8; ++j) {
+        float ws[2], bs[2];
 #pragma unroll
-        for (int j = 0; j < kJ; ++j)
+        for (int i = 0; i < 2; ++i) {
+          const int n = n0 + 8 * j + 2 * t + i;
+          ws[i] = n < N ? epi.col_scale(n) : 0.f;
+          bs[i] = n < N ? epi.col_bias(n) : 0.f;
+        }
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int n = n0 + 8 * (j0 + j) + 2 * t + i;
-            ws[j][i] = n < N ? epi.col_scale(n) : 0.f;
-            bs[j][i] = n < N ? epi.col_bias(n) : 0.f;
-          }
-#pragma unroll
-        for (int j = 0; j < kJ; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if (r0 + 8 * h >= M) continue;
-            const int a = 4 * (j0 + j) + 2 * h;
-            store_pair<OutT>(out, epi.apply(acc[a], xs[h], ws[j][0], bs[j][0]), epi.apply(acc[a + 1], xs[h], ws[j][1], bs[j][1]),
-                             r0 + 8 * h, n0 + 8 * (j0 + j) + 2 * t, N);
-          }
+        for (int h = 0; h < 2; ++h)
+          if (r0 + 8 * h < M)
+            store_pair<OutT>(out, epi.apply(acc[4 * j + 2 * h], xs[h], ws[0], bs[0]),
+                             epi.apply(acc[4 * j + 2 * h + 1], xs[h], ws[1], bs[1]), r0 + 8 * h, n0 + 8 * j + 2 * t, N);
       }
     }
   }  // tiles
