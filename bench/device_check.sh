@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check: 238 s on one H100 80GB HBM3 (2026-11-27, with 8 kernel variants timed and the tune
-# stage; more variants since, so expect ~270-320 s; torch 2.11 / triton 3.6 / Python 3.12, no
-# network). Run from the repository root:
+# stage; since then 10 variants, the flush probe, the K sweep and the Nsight Compute stage: expect
+# the benchmark to end near 330-380 s, and the later stages to take what DEADLINE leaves; torch 2.11 /
+# triton 3.6 / Python 3.12, no network). Run from the repository root:
 #
 #   bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--no-cpu] [--ops w8a16_gemm,...]
 #
@@ -176,7 +177,7 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
 
 # 2. CUDA build in the background, Triton GPU tests meanwhile ----------------------------------
-BACKENDS=triton,triton-cached CUDA_OK=0
+BACKENDS=triton,triton-cached,triton-tma CUDA_OK=0
 BUILD_PID=""
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
     (timeout --kill-after=10 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" \
@@ -194,10 +195,11 @@ if [ -n "$BUILD_PID" ]; then
     # default without GQA); cuda-append-vec: kv_cache_append 4 values a lane (PTQRT_CUDA_APPEND_VEC=1);
     # cuda-quant1: quantize_per_token with the row kept in registers (PTQRT_CUDA_QUANT_1PASS=1);
     # triton-cached: the Triton GEMMs past the autotuner's per-call Python (PTQRT_TRITON_LAUNCH_CACHE=1);
+    # triton-tma: the Triton w8a8 GEMM through TMA descriptors on a persistent grid (PTQRT_TRITON_TMA=1);
     # cuda-waves: the sm_90a w8a8 tile width by rounds of CTAs (PTQRT_CUDA_TILE_WAVES=1); cuda-persistent:
     # the sm_90a w8a8 GEMM on a persistent grid (PTQRT_CUDA_SM90_PERSISTENT=1); cuda-gemv-wide:
     # the w8a16 ring GEMV with 32 columns a CTA at M > 4 (PTQRT_CUDA_GEMV_WIDE=1).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,cuda,cuda-waves,cuda-persistent,cuda-gemv-wide,cuda-stream-gqa,cuda-append-vec,cuda-quant1
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,triton-tma,cuda,cuda-waves,cuda-persistent,cuda-gemv-wide,cuda-stream-gqa,cuda-append-vec,cuda-quant1
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

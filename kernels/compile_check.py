@@ -32,6 +32,13 @@ class Ptr:
         self.dtype = dtype
 
 
+class Desc:
+    """A host TensorDescriptor argument: element type and box shape."""
+
+    def __init__(self, dtype: str, block: list):
+        self.dtype, self.block = dtype, block
+
+
 def _source(fn, args: dict):
     """ASTSource for fn from {arg name: Ptr | runtime int/float | constexpr value}, specialized as a
     launch would be: pointers and ints divisible by 16 carry tt.divisibility."""
@@ -46,6 +53,8 @@ def _source(fn, args: dict):
         elif isinstance(val, Ptr):
             signature[name] = "*" + val.dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, Desc):
+            signature[name] = f"tensordesc<{val.dtype}[{','.join(map(str, val.block))}]>"
         elif isinstance(val, float):
             signature[name] = "fp32"
         else:
@@ -102,6 +111,22 @@ def _jobs(all_configs: bool):
     d = w8a8_gemm.GEMM_DEFAULT[1 << 62]
     jobs += [w8a8_gemm_job(d, 4100, "bf16", True, False), w8a8_gemm_job(d, 4096, "i32", False),
              w8a8_gemm_job(d, 4096, "fp32", True)]
+
+    def w8a8_tma_job(cfg, out, bias, per_token=True):
+        c = dict(cfg.kwargs)
+        return (f"w8a8_gemm_tma {c} w{cfg.num_warps}s{cfg.num_stages} out={out}", w8a8_gemm._w8a8_gemm_tma_kernel,
+                _rt(a_desc=Desc("i8", [c["BLOCK_M"], c["BLOCK_K"]]), b_desc=Desc("i8", [c["BLOCK_N"], c["BLOCK_K"]]),
+                    c_ptr=Ptr(out), xs_ptr=Ptr("fp32"), ws_ptr=Ptr("fp32"), bias_ptr=Ptr("bf16"), M=4096, N=4096,
+                    K=4096, stride_cm=4096, M_BUCKET=4096, PER_TOKEN=per_token, HAS_BIAS=bias,
+                    OUT_INT32=out == "i32", NUM_SMS=132, **c),
+                dict(opts(cfg), enable_fp_fusion=False))
+
+    tma_cfgs = ([c for cs in w8a8_gemm.TMA_CONFIGS.values() for c in cs] if all_configs
+                else list(w8a8_gemm.TMA_DEFAULT.values()))
+    for cfg in _unique(tma_cfgs):
+        jobs.append(w8a8_tma_job(cfg, "fp16", False))
+    t = w8a8_gemm.TMA_DEFAULT[1 << 62]
+    jobs.append(w8a8_tma_job(t, "bf16", True, False))  # (fp32 / int32 outputs take the pointer kernel)
 
     def w8a8_gemv_job(cfg, k, out):
         c = dict(cfg.kwargs)

@@ -11,6 +11,12 @@
 Two kernels:
   * ``_w8a8_gemm_kernel`` (M > 16): the tiled GEMM of Triton tutorial 03 with grouped program
     ordering (GROUP_M row tiles share each column of W while it is in L2), autotuned per M bucket.
+    ``_w8a8_gemm_tma_kernel`` is its opt-in twin (PTQRT_TRITON_TMA=1, until measured on a GPU): x and
+    w tiles through TMA tensor descriptors (no address arithmetic, out-of-bounds parts zero-filled),
+    one program per SM looping over the tiles in the same grouped order, the tile loop flattened
+    into the K loop so the compiler's pipeline runs across tile boundaries (the next tile's loads
+    under this tile's epilogue). Needs K % 16 == 0, 16-byte aligned operands and an fp16 / bf16
+    output; other calls take the pointer kernel.
   * ``_w8a8_gemv_kernel`` (M <= 16, where torch._int_mm refuses to run): swap-AB, so the weight
     tile [BLOCK_N, BLOCK_K] is the wide MMA operand and the <= 16 activation rows the narrow one;
     the kernel streams W once. When N alone gives too few tiles to fill the GPU, K is split: each
@@ -23,6 +29,8 @@ is then rounded exactly as the reference rounds it, so float outputs match it bi
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -91,6 +99,26 @@ def _w8a8_gemm_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K,
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _w8a8_gemm_tma_kernel(a_desc, b_desc, c_ptr, xs_ptr, ws_ptr, bias_ptr, M, N, K, stride_cm, M_BUCKET,
+                          PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _common.grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for kt in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])
+            acc = tl.dot(a, b.T, acc=acc, out_dtype=tl.int32)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue_store(acc, offs_m[:, None], offs_n[None, :], M, N, c_ptr, stride_cm, xs_ptr, ws_ptr, bias_ptr,
+                        PER_TOKEN, HAS_BIAS, OUT_INT32)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _w8a8_gemv_kernel(a_ptr, b_ptr, c_ptr, xs_ptr, ws_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, K,
                       stride_am, stride_bn, stride_cm, M_BUCKET,
                       PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT32: tl.constexpr,
@@ -153,6 +181,30 @@ def _gemv_cfg(bn, bk, split, warps, stages):
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
 
 
+def _tma_blocks(nargs):
+    """Autotuner pre_hook: the descriptors' box shapes follow the config's tile."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _tma_cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages, pre_hook=_tma_blocks)
+
+
+# The TMA kernel's configs per M size class: the pointer kernel's shapes (one program per SM, so no
+# 64-row tiles to get two programs an SM), and one fixed config each for untuned launches.
+TMA_CONFIGS = {
+    64: [_tma_cfg(64, 128, 128, 4, 4), _tma_cfg(64, 64, 256, 4, 4), _tma_cfg(64, 256, 128, 4, 3)],
+    256: [_tma_cfg(128, 128, 128, 8, 3), _tma_cfg(64, 256, 128, 8, 3), _tma_cfg(64, 128, 128, 4, 4)],
+    1024: [_tma_cfg(128, 128, 128, 8, 3), _tma_cfg(128, 256, 128, 8, 3), _tma_cfg(128, 128, 128, 8, 4)],
+    1 << 62: [_tma_cfg(128, 256, 128, 8, 3), _tma_cfg(128, 256, 128, 8, 4), _tma_cfg(256, 128, 128, 8, 3),
+              _tma_cfg(128, 128, 128, 8, 4)],
+}
+TMA_DEFAULT = {64: _tma_cfg(64, 128, 128, 4, 4), 256: _tma_cfg(128, 128, 128, 8, 3),
+               1024: _tma_cfg(128, 256, 128, 8, 3), 1 << 62: _tma_cfg(128, 256, 128, 8, 3)}
+
+
 # Memory-bound: 8-16 KB weight tiles, 3-4 stages deep, keep enough bytes in flight per SM to reach
 # HBM bandwidth; the narrow tiles give N / 16 programs, the wide ones rely on split-K.
 GEMV_CONFIGS = [_gemv_cfg(bn, bk, s, 4, st)
@@ -174,12 +226,34 @@ def prune_gemv_configs(configs, named_args, **kwargs):
 INTERPRET = {"gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2), "gemv": dict(BLOCK_N=16, BLOCK_K=32)}
 
 
+def tma_enabled() -> bool:
+    """PTQRT_TRITON_TMA=1: the TMA kernel for M > 16 where it applies (opt-in until measured)."""
+    return os.environ.get("PTQRT_TRITON_TMA") == "1"
+
+
+def _tma_applies(x_q: torch.Tensor, w_q: torch.Tensor, k: int) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides (K % 16 == 0) and a non-empty K.
+    (fp16 / bf16 outputs only: a 4-byte output tile, staged in shared memory for its store, does not
+    fit beside the 128 x 256 tiles' ring: 278,552 bytes; ptqrt.kernels.compile_check.) TMA is sm_90's:
+    older GPUs keep the pointer kernel."""
+    if x_q.is_cuda and _capability(x_q.device.index if x_q.device.index is not None else torch.cuda.current_device()) < 9:
+        return False
+    return k > 0 and k % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _size_class(m: int) -> int:
     return next(c for c in GEMM_CONFIGS if m <= c)
 
 
 _TUNE = dict(do_bench=_common.bench_fn)
 _gemm_tuned = {c: triton.autotune(cfgs, key=["M_BUCKET", "N", "K"], **_TUNE)(_gemm) for c, cfgs in GEMM_CONFIGS.items()}
+_tma_tuned = {c: triton.autotune(cfgs, key=["M_BUCKET", "N", "K"], **_TUNE)(_w8a8_gemm_tma_kernel)
+              for c, cfgs in TMA_CONFIGS.items()}
 _gemv_tuned = triton.autotune(GEMV_CONFIGS, key=["M_BUCKET", "N", "K"],
                               prune_configs_by={"early_config_prune": prune_gemv_configs}, **_TUNE)(_gemv)
 
@@ -233,6 +307,9 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
             _gemv[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, num_warps=warps, num_stages=stages,
                         **flags, **meta)
         return out
+    if tma_enabled() and out_dtype in (torch.float16, torch.bfloat16) and _tma_applies(x_q, w_q, k):
+        _launch_tma(x_q, w_q, out, x_scale, w_scale, bias_arg, m, n, k, tune, flags)
+        return out
     args = head + shape
     if tune:
         grid = lambda meta: (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -247,3 +324,30 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         grid = (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)
         _gemm[grid](*args, enable_fp_fusion=False, num_warps=warps, num_stages=stages, **flags, **meta)
     return out
+
+
+def _launch_tma(x_q, w_q, out, x_scale, w_scale, bias_arg, m: int, n: int, k: int, tune: bool, flags: dict) -> None:
+    """The TMA kernel on min(tiles, SMs) programs (descriptor boxes set from the config: by the
+    autotuner's pre_hook, or here for a fixed config)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    sms = _common.num_sms(x_q.device)
+    # Placeholder boxes; every launch sets them from its config first.
+    a_desc = TensorDescriptor(x_q, [m, k], [k, 1], [16, 16])
+    b_desc = TensorDescriptor(w_q, [n, k], [k, 1], [16, 16])
+    args = (a_desc, b_desc, out, x_scale, w_scale, bias_arg, m, n, k, out.stride(0), _common.m_bucket(m))
+
+    def grid(meta):
+        return (min(sms, _common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"])),)
+
+    if tune:
+        _tma_tuned[_size_class(m)][grid](*args, NUM_SMS=sms, enable_fp_fusion=False, **flags)
+        return
+    if _common.interpreting():
+        meta, warps, stages = INTERPRET["gemm"], 4, 1
+    else:
+        cfg = TMA_DEFAULT[_size_class(m)]
+        meta, warps, stages = cfg.kwargs, cfg.num_warps, cfg.num_stages
+    _tma_blocks({"a_desc": a_desc, "b_desc": b_desc, **meta})
+    _w8a8_gemm_tma_kernel[grid(meta)](*args, NUM_SMS=sms, enable_fp_fusion=False, num_warps=warps,
+                                      num_stages=stages, **flags, **meta)

@@ -262,6 +262,9 @@ VARIANTS = {
     # the Triton GEMMs launched without the autotuner's and heuristics' per-call Python after a key's
     # first call (host time: the eager column; M <= 512, where the launch path can exceed the kernel)
     "triton-cached": ("triton", ("w8a8_gemm", "w8a16_gemm"), {"PTQRT_TRITON_LAUNCH_CACHE": "1"}, (0, 512)),
+    # the Triton w8a8 GEMM through TMA descriptors on a persistent grid (sm_90; fp16 / bf16 outputs),
+    # at the M of its targets (512 and up: its autotuning compiles ~7 more configs)
+    "triton-tma": ("triton", ("w8a8_gemm",), {"PTQRT_TRITON_TMA": "1"}, (512, None)),
 }
 
 

@@ -125,6 +125,22 @@ def test_ncu_stage(monkeypatch, capsys):
     assert "ncu: profiled case cuda" in capsys.readouterr().out
 
 
+def test_device_check_times_every_variant():
+    """Every opt-in variant of bench_gpu.VARIANTS is in the device check's backends (the CUDA ones once
+    the extension is built), and nothing there is unknown."""
+    import re
+
+    from ptqrt import bench_gpu
+
+    text = DEVICE_CHECK.read_text()
+    lists = [set(m.split(",")) for m in re.findall(r"BACKENDS=([\w,-]+)", text)]
+    assert len(lists) == 2
+    triton_only, full = lists
+    assert {v for v, spec in bench_gpu.VARIANTS.items() if spec[0] == "triton"} <= triton_only
+    assert set(bench_gpu.VARIANTS) <= full
+    assert full - set(bench_gpu.VARIANTS) == {"triton", "cuda"} and triton_only <= full
+
+
 def test_k_sweep_fit(monkeypatch, capsys):
     """diag_gpu --k-sweep: each backend's times over K, with its switches set for each call, and the
     least-squares line through them (here exact: 100 us + 20 us per 1000 K)."""
