@@ -344,9 +344,9 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
   return ptqrt::emu::shuffle(mask, v, src_lane, width, "shfl.idx", [](int, int a) { return a & 31; });
 }
 
-// A full-warp barrier: every lane's shared-memory writes before it are seen by every lane after it (the
-// lanes run one at a time between collectives, so a lane that reads a neighbour's write without it
-// reads what was there before).
+// A full-warp barrier: every lane's shared-memory writes before it are seen by every lane after it. (The
+// lanes run one at a time between collectives, so without it a lane reading a write of a lane that
+// runs after it reads what was there before: lane 0 always does.)
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) ptqrt::emu::fail("only full-warp __syncwarp is emulated");
   ptqrt::emu::warp_collective("syncwarp", [](ptqrt::emu::Warp&) {});

@@ -4,7 +4,7 @@
 //   static  (scale [H, D]):                       s = scale[h, d], read
 //   cache[slot, h, d] = rne(x[t, h, d] / s), clamped to [-127, 127], NaN -> 0
 //
-// One warp per (token, head) row of D values; grid.y picks k or v. A negative slot is padding; a slot
+// One warp per (token, head) row of D values (the 4-wide kernel: 4 / chunks rows a warp); grid.y picks k or v. A negative slot is padding; a slot
 // at or past num_blocks * block_size would write outside the cache and is skipped as well.
 #pragma once
 
@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_kernel(K
 // registers between the absmax and the quantization: x is read once), for D % 4 == 0 and
 // D <= 128 * CHUNKS, with src, the cache and a static scale aligned to 4 values; each warp appends
 // ROWS = 4 / CHUNKS consecutive (token, head) rows. Every source load and slot lookup of the warp's
-// rows is issued before any is used (a row past the end, or a lane past D, loads row 0's first
-// values and then does nothing with them): the data loads do not wait for the slot, nor each other.
+// rows is issued before any is used (a row past the end loads row 0 instead, a lane past D its own
+// row's first values; neither is used): the data loads do not wait for the slot, nor each other.
 // The kernel above reads each row twice with 2-byte loads and writes single bytes: on an H100 it ran
 // 94 us at 4096 tokens of 32 x 128 (fp16 k and v), against Triton's 45 and a 34 us floor. Same
 // arithmetic per value: bit-identical. Opt-in (PTQRT_CUDA_APPEND_VEC=1) until measured.

@@ -44,13 +44,19 @@ struct W8A8Sm90 {
 
 // The epilogue of one consumer warp's 16 rows (row0 ..) x BN columns (n0 ..) through its 4 KB shared
 // buffer `buf`: CW = 256 bytes' worth of columns at a time are written there in the accumulator layout
-// (accumulator 4j + 2h + i is row g + 8h, column 8j + 2t + i; 16-byte chunks XOR-swizzled by row, so
-// the 4- or 8-byte writes of a warp hit 32 banks), then read back a 16-byte vector a lane, two whole
-// rows a warp instruction, and stored: 4 full 128-byte lines a store instead of the accumulator
-// layout's 8 partial ones (a warp's direct stores of 128 x 256 fp16 take 128 store instructions of 8
-// lines each; these take 16 of 4). Needs N * sizeof(OutT) % 16 == 0 and a 16-byte aligned `out`.
+// (accumulator 4j + 2h + i is row g + 8h, column 8j + 2t + i; the 16-byte chunk index XORed with
+// stage_swizzle(row), so neither the 4-byte writes of a warp nor the 8-byte writes of a half-warp
+// share a bank), then read back a 16-byte vector a lane, two whole rows a warp instruction, and
+// stored: 512 contiguous bytes of two rows a store (whole 128-byte lines where rows are multiples
+// of 128 bytes) instead of the accumulator layout's 8 rows x 16 bytes (a warp's direct stores of
+// 16 x 256 fp16 take 64 pair stores of 8 lines each; these take 16 of 4).
+// Needs N * sizeof(OutT) % 16 == 0 and a 16-byte aligned `out`.
 // Scales (float outputs): the two row scales once, column scales and bias 8 column pairs at a time,
 // all read-only loads issued before their values are used.
+// A permutation of 0..7: rows 0-3 (the first half-warp of an 8-byte write) get the even values, rows 4-7
+// the odd ones, so (2j + t / 2) ^ stage_swizzle(row) is distinct over a half-warp's 4 rows x 2 chunks.
+__device__ __forceinline__ int stage_swizzle(int r) { return ((r & 3) << 1) | ((r >> 2) & 1); }
+
 template <typename OutT, int BN>
 __device__ __forceinline__ void store_rows_staged(const int (&acc)[BN / 2], const W8A8Epilogue& epi, OutT* out,
                                                   uint8_t* buf, int row0, int n0, int M, int N, int lane) {
@@ -84,7 +90,7 @@ __device__ __forceinline__ void store_rows_staged(const int (&acc)[BN / 2], cons
         for (int h = 0; h < 2; ++h) {
           const int a = 4 * (j0 + j) + 2 * h, r = g + 8 * h;
           const int byte = (8 * (j0 + j) + 2 * t - cc) * int(sizeof(OutT));
-          PairT* p = reinterpret_cast<PairT*>(buf + r * 256 + (((byte >> 4) ^ (r & 7)) << 4) + (byte & 15));
+          PairT* p = reinterpret_cast<PairT*>(buf + r * 256 + (((byte >> 4) ^ stage_swizzle(r & 7)) << 4) + (byte & 15));
           if constexpr (kRaw)
             *p = make_int2(acc[a], acc[a + 1]);
           else
@@ -100,7 +106,7 @@ __device__ __forceinline__ void store_rows_staged(const int (&acc)[BN / 2], cons
       // N is a multiple of kVE here: a vector is either wholly inside N or wholly past it.
       if (m < M && n < N)
         *reinterpret_cast<uint4*>(out + int64_t(m) * N + n) =
-            *reinterpret_cast<const uint4*>(buf + r * 256 + ((v ^ (r & 7)) << 4));
+            *reinterpret_cast<const uint4*>(buf + r * 256 + ((v ^ stage_swizzle(r & 7)) << 4));
     }
     __syncwarp();  // the buffer is rewritten by the next pass
   }
