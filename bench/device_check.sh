@@ -23,9 +23,10 @@
 #      row printed as it is measured and the JSON/CSV rewritten after each op; with the CUDA
 #      extension built, the opt-in kernel variants named in BACKENDS below (see bench_gpu.VARIANTS)
 #      are timed beside the defaults
-#   4a. with the CUDA extension built and at least 150 s left before DEADLINE: the sm_90a w8a8 GEMM's
-#      time over K at 8192 x 8192 (its fixed cost a tile; bench/diag_gpu.py --k-sweep), then Nsight Compute over one
-#      call of each CUDA kernel that misses a target (bench/diag_gpu.py --ncu; limit NCU_LIMIT, 80 s)
+#   4a. with the CUDA extension built: the sm_90a w8a8 GEMM's time over K at 8192 x 8192 (its fixed
+#      cost a tile; bench/diag_gpu.py --k-sweep; at least 100 s left before DEADLINE), then Nsight
+#      Compute over one call of each CUDA kernel that misses a target (bench/diag_gpu.py --ncu, in
+#      three runs; NCU_LIMIT, 90 s, at least 85 s left); a stage left out says why in the summary
 #   4b. with at least 45 s left before DEADLINE and transformers installed: bench/bench_decode.py on
 #      the GPU (the tiny Llama's eager greedy decode, fp16 against each quantized form: the host work
 #      around the kernels), then one generate of the int8-KV form profiled: host time per token by
@@ -67,6 +68,9 @@ mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-12}
 summary=()
 CPU_PID="" CPU_T0=0
+skipped() {  # skipped NAME WHY: a stage left out, in the summary
+    summary+=("$(printf '%-14s %-14s %4ds' "$1" skipped 0) ($2)")
+}
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, record the outcome
     local name=$1 limit=$2
     shift 2
@@ -128,8 +132,8 @@ finish() {
         sed -n '/^tiny Llama greedy decode/,/^wrote/p' "$LOG/decode.log" 2>/dev/null | grep -v '^wrote'
         grep -h "waited for the GPU" "$LOG/decode.log" 2>/dev/null
         grep -h -A3 "^w8a8_gemm M=8192 N=8192" "$LOG/ksweep.log" 2>/dev/null
-        grep -E "Context [0-9]+, Stream|^    Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread" \
-            "$LOG/ncu.log" 2>/dev/null | head -120
+        cat "$LOG"/ncu-*.log 2>/dev/null | grep -E "ncu: profiled|Context [0-9]+, Stream|^    Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread" \
+            | head -150
         cat "$LOG/cpu_summary.txt" 2>/dev/null
         echo "total ${SECONDS}s"
     } | tee "$LOG/summary.txt"
@@ -218,43 +222,71 @@ limit=${BENCH_LIMIT:-240}
 [ "$BENCH" = 1 ] && [ "$limit" -gt 30 ] && stage bench "$limit" "$PY" -m ptqrt.bench_gpu $QUICK --plot --out-dir "$RESULTS" \
     --backends "$BACKENDS" --ops "$OPS"
 # 4a. the sm_90a w8a8 GEMM's fixed cost a tile: 8192 x 8192 over K, default and persistent grid
-# (bench/diag_gpu.py --k-sweep; ~15 s), with at least 150 s left before DEADLINE
-left=$(( ${DEADLINE:-540} - SECONDS - 150 ))
-[ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ] && [ "$left" -ge 0 ] && stage ksweep 40 env PTQRT_NO_BUILD=1 \
-    "$PY" bench/diag_gpu.py --cases none --k-sweep --backends cuda,cuda:PTQRT_CUDA_SM90_PERSISTENT=1
+# (bench/diag_gpu.py --k-sweep; ~15-20 s), with at least 100 s left before DEADLINE
+if [ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ]; then
+    if [ $(( ${DEADLINE:-540} - SECONDS )) -ge 100 ]; then
+        stage ksweep 40 env PTQRT_NO_BUILD=1 \
+            "$PY" bench/diag_gpu.py --cases none --k-sweep --backends cuda,cuda:PTQRT_CUDA_SM90_PERSISTENT=1
+    else
+        skipped ksweep "under 100 s left"
+    fi
+fi
 
-# then Nsight Compute counters of the CUDA kernels that miss their targets (decode at B = 16 and 1,
-# w8a8 at 8192^3 and M = 512 x 11008, the w8a16 GEMVs on 28672 x 8192, quantize_per_token 8192^2 and
-# kv_cache_append, those two also as their opt-in variants): SOL, memory, occupancy, warp stalls, one
-# call each (bench/diag_gpu.py --ncu), with at least 150 s left before DEADLINE; at most NCU_LIMIT (80 s)
-left=$(( ${DEADLINE:-540} - SECONDS - 70 ))
-limit=${NCU_LIMIT:-80}
-[ "$left" -lt "$limit" ] && limit=$left
+# then Nsight Compute counters of the CUDA kernels that miss their targets (SOL, memory, compute,
+# occupancy, launch, warp-state sections; one call each, bench/diag_gpu.py --ncu), in three runs with
+# limits of their own (ncu prints its report when the program exits: a run cut short loses its
+# kernels, not the others'): decode at B = 16 and 1; w8a8 at 8192^3 and M = 512 x 11008 and the
+# w8a16 GEMVs at M = 1 and 16 on 28672 x 8192; quantize_per_token 8192^2 and kv_cache_append, each
+# default and opt-in variant. At most NCU_LIMIT (90 s) together, what DEADLINE leaves after 40 s for
+# the summary, and not below 45 s.
 NCU=(ncu --clock-control none --profile-from-start off --nvtx
      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
      --section Occupancy --section LaunchStats --section WarpStateStats)
-[ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ] && [ "$limit" -ge 80 ] && command -v ncu >/dev/null && stage ncu "$limit" \
-    env PTQRT_NO_BUILD=1 NCU_CMD="${NCU[*]}" PY="$PY" bash -c '
-    $NCU_CMD "$PY" bench/diag_gpu.py --ncu --backends cuda \
-        --cases decode_b16_4096,decode_b1_4096,w8a8_m8192_8192,w8a8_m512_11008,w8a16_m1_28672,w8a16_m16_28672,quant_m8192_8192,append_t4096 \
-    && $NCU_CMD "$PY" bench/diag_gpu.py --ncu --backends cuda:PTQRT_CUDA_QUANT_1PASS=1:PTQRT_CUDA_APPEND_VEC=1 \
-        --cases quant_m8192_8192,append_t4096'
+if [ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ]; then
+    left=$(( ${DEADLINE:-540} - SECONDS - 40 ))
+    limit=${NCU_LIMIT:-90}
+    [ "$left" -lt "$limit" ] && limit=$left
+    if ! command -v ncu >/dev/null; then
+        skipped ncu "no ncu on PATH"
+    elif [ "$limit" -lt 45 ]; then
+        skipped ncu "under 85 s left"
+    else
+        each=$((limit / 3))
+        stage ncu-decode "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu --backends cuda \
+            --cases decode_b16_4096,decode_b1_4096
+        stage ncu-gemm "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu --backends cuda \
+            --cases w8a8_m8192_8192,w8a8_m512_11008,w8a16_m1_28672,w8a16_m16_28672
+        stage ncu-quant "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu \
+            --backends cuda,cuda:PTQRT_CUDA_QUANT_1PASS=1:PTQRT_CUDA_APPEND_VEC=1 --cases quant_m8192_8192,append_t4096
+    fi
+fi
 
 # 4b. end-to-end eager decode of the tiny Llama (host work around the kernels: QuantLinear, the int8
 # KV cache's store), only with what is left before DEADLINE (at least 45 s; at most 60)
 # (30 s kept for the summary; PTQRT_NO_BUILD: it uses the extensions stage 2 built, never builds)
 left=$(( ${DEADLINE:-540} - SECONDS - 30 ))
 [ "$left" -gt 60 ] && left=60
-[ "$BENCH" = 1 ] && [ "$left" -ge 45 ] && "$PY" -c "import transformers" 2>/dev/null && stage decode "$left" \
-    env PTQRT_NO_BUILD=1 "$PY" bench/bench_decode.py --device cuda --tokens 32 --rounds 3 --profile "int8 KV" \
-    --json "$RESULTS/decode_cuda_$(hostname 2>/dev/null || echo host).json"
+if [ "$BENCH" = 1 ] && "$PY" -c "import transformers" 2>/dev/null; then
+    if [ "$left" -ge 45 ]; then
+        stage decode "$left" \
+            env PTQRT_NO_BUILD=1 "$PY" bench/bench_decode.py --device cuda --tokens 32 --rounds 3 --profile "int8 KV" \
+            --json "$RESULTS/decode_cuda_$(hostname 2>/dev/null || echo host).json"
+    else
+        skipped decode "under 75 s left"
+    fi
+fi
 
 # 4c. `ptqrt tune` (eager mode: launch cost counted) with what is still left before DEADLINE (at
 # least 90 s; at most 150): the auto table for this GPU, into bench/results/tables (and $OUT)
 left=$(( ${DEADLINE:-540} - SECONDS - 30 ))
 [ "$left" -gt 150 ] && left=150
-[ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ] && [ "$left" -ge 90 ] && stage tune "$left" env PTQRT_NO_BUILD=1 PTQRT_TABLE_DIR="$RESULTS/tables" \
-    "$PY" -m ptqrt tune
+if [ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ]; then
+    if [ "$left" -ge 90 ]; then
+        stage tune "$left" env PTQRT_NO_BUILD=1 PTQRT_TABLE_DIR="$RESULTS/tables" "$PY" -m ptqrt tune
+    else
+        skipped tune "under 120 s left"
+    fi
+fi
 
 # 5. summary ------------------------------------------------------------------------------------
 echo

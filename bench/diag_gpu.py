@@ -4,7 +4,8 @@
                              [--profile N] [--ncu] [--k-sweep]
 
 For each case and backend it prints four numbers (microseconds):
-    bench   triton.testing.do_bench median, L2 flushed before each call (what ptqrt bench reports)
+    bench   triton.testing.do_bench median, L2 flushed before each call as ptqrt bench flushes it
+            (a read of do_bench's buffer: ptqrt.bench_gpu.l2_flush)
     graph   the same call captured in a CUDA graph and replayed (launch overhead removed), median
     host    wall time per call of 200 back-to-back calls without a sync: the launch rate; when it is
             above `graph`, the call is bound by the CPU, not the GPU
@@ -97,7 +98,10 @@ def _graph_ms(fn) -> float:
         with torch.cuda.graph(g, stream=s):
             fn()
     torch.cuda.current_stream().wait_stream(s)
-    return float(triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median"))
+    from ptqrt.bench_gpu import l2_flush
+
+    with l2_flush():
+        return float(triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median"))
 
 
 def _host_us(fn, n=200) -> float:
@@ -149,10 +153,12 @@ def _ncu_call(fn, label: str) -> None:
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     torch.cuda.nvtx.range_push(label)
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.nvtx.range_pop()
-    torch.cuda.profiler.stop()
+    try:
+        fn()
+        torch.cuda.synchronize()
+    finally:  # a failure must not leave the next cases' warm-up calls in the profiled window
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.profiler.stop()
     print(f"ncu: profiled {label}", flush=True)
 
 
@@ -238,6 +244,7 @@ def main(argv=None) -> int:
     import triton
 
     from ptqrt import ops
+    from ptqrt.bench_gpu import l2_flush
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="triton,cuda")
@@ -280,7 +287,8 @@ def main(argv=None) -> int:
                 try:
                     fn()
                     torch.cuda.synchronize()
-                    bench = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+                    with l2_flush():
+                        bench = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
                     try:
                         graph = _graph_ms(fn) * 1e3
                     except Exception as e:  # noqa: BLE001

@@ -238,7 +238,8 @@ def _tma_applies(x_q: torch.Tensor, w_q: torch.Tensor, k: int) -> bool:
     older GPUs keep the pointer kernel."""
     if x_q.is_cuda and _capability(x_q.device.index if x_q.device.index is not None else torch.cuda.current_device()) < 9:
         return False
-    return k > 0 and k % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0
+    rows_ok = all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x_q, w_q))
+    return k > 0 and k % 16 == 0 and rows_ok
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,8 +334,8 @@ def _launch_tma(x_q, w_q, out, x_scale, w_scale, bias_arg, m: int, n: int, k: in
 
     sms = _common.num_sms(x_q.device)
     # Placeholder boxes; every launch sets them from its config first.
-    a_desc = TensorDescriptor(x_q, [m, k], [k, 1], [16, 16])
-    b_desc = TensorDescriptor(w_q, [n, k], [k, 1], [16, 16])
+    a_desc = TensorDescriptor(x_q, [m, k], list(x_q.stride()), [16, 16])
+    b_desc = TensorDescriptor(w_q, [n, k], list(w_q.stride()), [16, 16])
     args = (a_desc, b_desc, out, x_scale, w_scale, bias_arg, m, n, k, out.stride(0), _common.m_bucket(m))
 
     def grid(meta):

@@ -1,7 +1,8 @@
 """GPU benchmarks behind `ptqrt bench` on a CUDA device: each ptqrt op against its peers, in one process.
 
-    run_gpu_bench(ops=None, quick=False, plot=False, out_dir="bench/results", backends=("triton",))
+    run_gpu_bench(ops=None, quick=False, plot=False, out_dir="bench/results", backends=("triton",), flush="read")
     python -m ptqrt.bench_gpu [--quick] [--plot] [--ops w8a8_gemm,...] [--backends triton,cuda,<variant>]
+                              [--flush read|write]
 
 Timings are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed before every run). The
 flush reads do_bench's 256 MB buffer (``FLUSH = "read"``, ``--flush read``), which leaves the L2 holding
@@ -85,7 +86,11 @@ _MISSING = object()
 
 class _ReadFlush:
     """do_bench's clear_cache, reading the buffer instead of zeroing it: every line of the L2 is
-    replaced by a clean line of the buffer, so the timed call that follows pays no write-back."""
+    replaced by a clean line of the buffer, so the timed call that follows pays no write-back.
+    `calls` counts the flushes it ran (all instances): the run's meta says "read" only if do_bench
+    really called it."""
+
+    calls = 0
 
     def __init__(self):
         self.out = None
@@ -94,6 +99,7 @@ class _ReadFlush:
         if self.out is None or self.out.device != cache.device:
             self.out = torch.empty((), dtype=torch.int64, device=cache.device)
         torch.sum(cache.view(-1), 0, out=self.out)
+        _ReadFlush.calls += 1
 
 
 def _flush_driver():
@@ -107,26 +113,28 @@ def _flush_driver():
 @contextlib.contextmanager
 def l2_flush(mode: Optional[str] = None):
     """do_bench calls inside the block flush the L2 the `mode` way (default FLUSH): "write" is
-    do_bench's own, "read" swaps its driver's clear_cache for _ReadFlush for the block. A Triton
-    without that hook keeps its own flush, with a message (the run's meta records `flush`)."""
+    do_bench's own clear_cache (an outer block's swap is undone for the block), "read" swaps the
+    active driver's clear_cache for a _ReadFlush. A Triton without that hook keeps its own flush,
+    with a message. Process-wide state, like FLUSH: the benchmark runs on one thread."""
     mode = FLUSH if mode is None else mode
     if mode not in FLUSHES:
         raise ValueError(f"ptqrt bench: flush must be one of {FLUSHES}; got {mode!r}")
-    if mode == "write":
-        yield "write"
-        return
     drv = _flush_driver()
     if drv is None:
-        print("  (this Triton has no driver.active.clear_cache: do_bench flushes the L2 its own way)", flush=True)
+        if mode == "read":
+            print("  (this Triton has no driver.active.clear_cache: do_bench flushes the L2 its own way)", flush=True)
         yield "write"
         return
     own = vars(drv).get("clear_cache", _MISSING)
-    drv.clear_cache = _ReadFlush()
+    if mode == "read":
+        drv.clear_cache = _ReadFlush()
+    elif own is not _MISSING:
+        del drv.clear_cache  # the class's own method again
     try:
-        yield "read"
+        yield mode
     finally:
         if own is _MISSING:
-            del drv.clear_cache
+            vars(drv).pop("clear_cache", None)
         else:
             drv.clear_cache = own
 
@@ -205,19 +213,23 @@ def measure_ceilings(device) -> dict:
     return ceil
 
 
+# The flush probe's peers: fp16 F.linear at M = 1 on these (N, K), fp16 SDPA at B = 1 over this length.
+PROBE_NK = ((4096, 4096), (28672, 8192))
+PROBE_L = 4096
+
+
 def flush_probe(device) -> dict:
     """Three peers timed after each flush: {name: {"read": ms, "write": ms}} (printed as well). The
     read flush's times are the ones the targets use; the write flush is how do_bench times them."""
-    x4 = torch.randn(1, 4096, device=device, dtype=torch.float16)
-    w4 = torch.randn(4096, 4096, device=device, dtype=torch.float16)
-    w28 = torch.randn(28672, 8192, device=device, dtype=torch.float16)
-    x28 = torch.randn(1, 8192, device=device, dtype=torch.float16)
+    cases = {}
+    for n, k in PROBE_NK:
+        x, w = (torch.randn(1, k, device=device, dtype=torch.float16),
+                torch.randn(n, k, device=device, dtype=torch.float16))
+        cases[f"fp16 F.linear M=1 {n}x{k}"] = lambda x=x, w=w: F.linear(x, w)
     q = torch.randn(1, DECODE_HEADS, 1, DECODE_D, device=device, dtype=torch.float16)
-    k = torch.randn(1, DECODE_HEADS, 4096, DECODE_D, device=device, dtype=torch.float16)
+    k = torch.randn(1, DECODE_HEADS, PROBE_L, DECODE_D, device=device, dtype=torch.float16)
     v = torch.randn_like(k)
-    cases = {"fp16 F.linear M=1 4096x4096": lambda: F.linear(x4, w4),
-             "fp16 F.linear M=1 28672x8192": lambda: F.linear(x28, w28),
-             "fp16 SDPA B=1 L=4096": lambda: F.scaled_dot_product_attention(q, k, v)}
+    cases[f"fp16 SDPA B=1 L={PROBE_L}"] = lambda: F.scaled_dot_product_attention(q, k, v)
     out = {}
     print("L2 flush probe (us; read flush | write flush):", flush=True)
     for name, fn in cases.items():
@@ -728,12 +740,19 @@ def _run(ops, quick, plot, out_dir, backends) -> list[dict]:
     meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), quick=quick, backends=list(backends),
                 sms=torch.cuda.get_device_properties(device).multi_processor_count,
-                time=_dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"),
-                flush=FLUSH if FLUSH == "write" or _flush_driver() is not None else "write (do_bench's own)")
+                time=_dt.datetime.now().strftime("%Y-%m-%dT%H:%M:%S"))
+    calls = _ReadFlush.calls
+    try:  # a diagnosis: its failure must not cost the run (and it runs before the seed of the inputs)
+        with torch.no_grad():
+            meta["flush_probe"] = flush_probe(device)
+    except Exception as e:  # noqa: BLE001
+        meta["flush_probe"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        print(f"  L2 flush probe {meta['flush_probe']}", flush=True)
     torch.manual_seed(0)
-    with torch.no_grad():
-        meta["flush_probe"] = flush_probe(device)
     ceil = measure_ceilings(device)
+    # "read" only where do_bench was seen calling the swapped-in flush (a Triton that flushes some other
+    # way keeps its own, whatever was asked).
+    meta["flush"] = FLUSH if FLUSH == "write" or _ReadFlush.calls > calls else "write (do_bench's own)"
     print_header(ceil, meta)
     impls = _impls(backends, device)
     rows = []

@@ -123,6 +123,16 @@ def test_ncu_stage(monkeypatch, capsys):
     diag._ncu_call(lambda: seen.append("call"), "case cuda")
     assert seen == ["call", "call", "start", "push case cuda", "call", "pop", "stop"]
     assert "ncu: profiled case cuda" in capsys.readouterr().out
+    seen.clear()
+
+    def third_fails():
+        seen.append("call")
+        if len([s for s in seen if s == "call"]) == 3:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        diag._ncu_call(third_fails, "bad cuda")
+    assert seen == ["call", "call", "start", "push bad cuda", "call", "pop", "stop"]  # the window closed
 
 
 def test_device_check_times_every_variant():

@@ -427,16 +427,20 @@ def test_bench_gpu_code_paths(monkeypatch, tmp_path):
 
 
 def test_bench_gpu_l2_flush(monkeypatch):
-    """`ptqrt bench`'s L2 flush: inside l2_flush("read") do_bench's clear_cache (an instance
-    attribute of Triton's active driver) reads the buffer and writes nothing to it; "write" keeps
-    do_bench's own; the driver is restored afterwards, also after an error; flush_probe times each
-    peer once per flush, and the flush in force is the one _bench runs under."""
+    """`ptqrt bench`'s L2 flush: inside l2_flush("read") do_bench's clear_cache (an instance attribute
+    of Triton's active driver) reads the buffer and writes nothing to it; "write" is the driver's own
+    method, also inside a "read" block; the driver is restored afterwards, also after an error; _bench's
+    do_bench call reaches the flush FLUSH names; flush_probe times each peer once per flush."""
+    import triton
     from triton import runtime
 
     from ptqrt import bench_gpu
 
     class Driver:
+        zeroed = 0
+
         def clear_cache(self, cache):
+            Driver.zeroed += 1
             cache.zero_()
 
     drv = Driver()
@@ -447,6 +451,9 @@ def test_bench_gpu_l2_flush(monkeypatch):
         assert mode == "read" and isinstance(drv.clear_cache, bench_gpu._ReadFlush)
         drv.clear_cache(cache)
         assert int(drv.clear_cache.out) == 500500 and int(cache[0]) == 1  # read, not written
+        with bench_gpu.l2_flush("write") as inner:
+            assert inner == "write" and "clear_cache" not in vars(drv)
+        assert isinstance(drv.clear_cache, bench_gpu._ReadFlush)
     assert "clear_cache" not in vars(drv)
     with bench_gpu.l2_flush("write") as mode:
         assert mode == "write" and "clear_cache" not in vars(drv)
@@ -460,13 +467,32 @@ def test_bench_gpu_l2_flush(monkeypatch):
     with pytest.raises(ValueError, match="flush must be one of"):
         bench_gpu.run_gpu_bench(flush="zero")
 
+    # The timing path: a do_bench that flushes as Triton's does, through the active driver.
+    def fake_do_bench(fn, warmup=0, rep=0, return_mode="median"):
+        for _ in range(3):
+            runtime.driver.active.clear_cache(torch.zeros(64, dtype=torch.int32))
+            fn()
+        return 1.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    for mode in bench_gpu.FLUSHES:
+        reads, zeros = bench_gpu._ReadFlush.calls, Driver.zeroed
+        with bench_gpu._flush_as(mode):
+            assert bench_gpu._bench(lambda: None) == 1.0
+        assert (bench_gpu._ReadFlush.calls - reads, Driver.zeroed - zeros) == ((3, 0) if mode == "read" else (0, 3))
+    assert "clear_cache" not in vars(drv)
+
     seen = []
     monkeypatch.setattr(bench_gpu, "_bench", lambda fn, rep_ms=40: seen.append(bench_gpu.FLUSH) or
                         (0.001 if bench_gpu.FLUSH == "read" else 0.002))
     monkeypatch.setattr(bench_gpu, "DECODE_HEADS", 2)
     monkeypatch.setattr(bench_gpu, "DECODE_D", 16)
+    monkeypatch.setattr(bench_gpu, "PROBE_NK", ((32, 64), (48, 16)))
+    monkeypatch.setattr(bench_gpu, "PROBE_L", 40)
     got = bench_gpu.flush_probe(torch.device("cpu"))
-    assert len(got) == 3 and all(v == {"read": 0.001, "write": 0.002} for v in got.values())
+    assert sorted(got) == ["fp16 F.linear M=1 32x64", "fp16 F.linear M=1 48x16", "fp16 SDPA B=1 L=40"]
+    assert all(v == {"read": 0.001, "write": 0.002} for v in got.values())
     assert seen == ["read", "write"] * 3 and bench_gpu.FLUSH == "read"
 
 
@@ -626,9 +652,13 @@ def test_gpu_w8a8_gemm_tma(untuned, monkeypatch, m):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors: sm_90")
     monkeypatch.setenv("PTQRT_TRITON_TMA", "1")
+    calls = []
+    real = w8a8_mod._launch_tma
+    monkeypatch.setattr(w8a8_mod, "_launch_tma", lambda *a: calls.append(a[6:9]) or real(*a))
     check_w8a8(m, 4096, 4096, torch.float16, True, None, "cuda", repeat=2)
     check_w8a8(m, 4100, 4112, torch.bfloat16, m != 512, torch.float32, "cuda")  # N, K tails in the boxes
     check_w8a8(m, 1000, 3008, torch.float32, True, None, "cuda")  # fp32 out: the pointer kernel
+    assert calls == [(m, 4096, 4096)] * 2 + [(m, 4100, 4112)]
 
 
 @pytest.mark.gpu
