@@ -187,22 +187,27 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
     fence_operands(acc);
     if (nk > 0) mbar_arrive(&empty[(it0 + nk - 1) % kStages]);  // the tile's last stage, for the next tile
 
-    // Epilogue. Accumulator 4j + 2h + i holds (row r0 + 8h, column n0 + 8j + 2t + i). Split-K partials
-    // are stored from that layout; outputs whose rows are a multiple of 16 bytes go through the warp's
-    // shared buffer (store_rows_staged); other outputs pair by pair, with read-only scale loads.
+    // Epilogue. Accumulator 4j + 2h + i holds (row r0 + 8h, column n0 + 8j + 2t + i). Outputs (and
+    // split-K's int32 partials) whose rows are a multiple of 16 bytes go through the warp's shared
+    // buffer (store_rows_staged); others are stored pair by pair, with read-only scale loads.
     const int lane = threadIdx.x % kWarp, warp = (threadIdx.x % 128) / kWarp;
     const int g = lane >> 2, t = lane & 3;
     const int r0 = m0 + 64 * c + 16 * warp + g;
+    uint8_t* wbuf = ebuf + (threadIdx.x / kWarp - 4) * 4096;  // this consumer warp's 4 KB
     if (partial != nullptr) {
       int32_t* part = partial + int64_t(blockIdx.z) * M * N;
+      if (N % 4 == 0 && (reinterpret_cast<uintptr_t>(part) & 15) == 0) {
+        store_rows_staged<int32_t, kBN>(acc, epi, part, wbuf, m0 + 64 * c + 16 * warp, n0, M, N, lane);
+      } else {
 #pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
+        for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (r0 + 8 * h < M) store_pair<int32_t>(part, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
+          for (int h = 0; h < 2; ++h)
+            if (r0 + 8 * h < M)
+              store_pair<int32_t>(part, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
+      }
     } else if ((int64_t(N) * int64_t(sizeof(OutT))) % 16 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
-      store_rows_staged<OutT, kBN>(acc, epi, out, ebuf + (threadIdx.x / kWarp - 4) * 4096, m0 + 64 * c + 16 * warp,
-                                   n0, M, N, lane);
+      store_rows_staged<OutT, kBN>(acc, epi, out, wbuf, m0 + 64 * c + 16 * warp, n0, M, N, lane);
     } else if constexpr (std::is_same<OutT, int32_t>::value) {
 #pragma unroll
       for (int j = 0; j < kBN / 8; ++j)
