@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check: 238 s on one H100 80GB HBM3 (2026-11-27, with 8 kernel variants timed and the tune
-# stage; since then 10 variants, the flush probe, the K sweep and the Nsight Compute stage: expect
+# stage; since then other variants (8), the flush probe, the K sweep and the Nsight Compute stage: expect
 # the benchmark to end near 330-380 s, and the later stages to take what DEADLINE leaves; torch 2.11 /
 # triton 3.6 / Python 3.12, no network). Run from the repository root:
 #
