@@ -371,9 +371,10 @@ def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
     monkeypatch.setenv("PTQRT_EMU_SMS", "4")
-    # With 4 emulated SMs: 256-wide tiles, and 128-wide ones (127 x 130; 100 x 200 with split-K and more K
-    # tiles than stages) where 256-wide tiles would leave SMs idle.
-    cases = [(65, 40, 64), (127, 130, 272), (130, 300, 1040), (200, 17, 100), (100, 200, 1040)]
+    # With 4 emulated SMs: 256-wide tiles, and 128-wide ones (127 x 130; 130 x 136, whose rows are a
+    # multiple of 16 bytes: the staged epilogue, an N tail in the second column tile; 100 x 200 with
+    # split-K and more K tiles than stages) where 256-wide tiles would leave SMs idle.
+    cases = [(65, 40, 64), (127, 130, 272), (130, 136, 272), (130, 300, 1040), (200, 17, 100), (100, 200, 1040)]
     if not impl.small:
         cases += [(4096, 4096, 4096), (8192, 8192, 8192), (333, 1000, 3000), (2048, 28672, 8192), (100, 64, 133120),
                   (512, 4096, 4096), (512, 4096, 11008), (128, 11008, 4096)]
