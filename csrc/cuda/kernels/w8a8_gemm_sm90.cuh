@@ -112,6 +112,46 @@ __device__ __forceinline__ void store_rows_staged(const int (&acc)[BN / 2], cons
   }
 }
 
+// A consumer warp's 16 rows (row0 ..) x BN columns (n0 ..) of output: through its shared buffer where
+// rows are a multiple of 16 bytes and `out` is 16-byte aligned (store_rows_staged), else pair by pair
+// from the accumulator layout (accumulator 4j + 2h + i: row g + 8h, column 8j + 2t + i), int32 raw,
+// floats through the epilogue with read-only scale loads. OutT int32: raw accumulators, no epilogue.
+template <typename OutT, int BN>
+__device__ __forceinline__ void store_tile(const int (&acc)[BN / 2], const W8A8Epilogue& epi, OutT* out,
+                                           uint8_t* buf, int row0, int n0, int M, int N, int lane) {
+  if ((int64_t(N) * int64_t(sizeof(OutT))) % 16 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+    store_rows_staged<OutT, BN>(acc, epi, out, buf, row0, n0, M, N, lane);
+    return;
+  }
+  const int r0 = row0 + (lane >> 2), t = lane & 3;
+  float xs[2] = {0.f, 0.f};
+  if constexpr (!std::is_same<OutT, int32_t>::value) {
+    xs[0] = r0 < M ? epi.row_scale(r0) : 0.f;
+    xs[1] = r0 + 8 < M ? epi.row_scale(r0 + 8) : 0.f;
+  }
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int n = n0 + 8 * j + 2 * t;
+    float ws[2] = {0.f, 0.f}, bs[2] = {0.f, 0.f};
+    if constexpr (!std::is_same<OutT, int32_t>::value) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        ws[i] = n + i < N ? epi.col_scale(n + i) : 0.f;
+        bs[i] = n + i < N ? epi.col_bias(n + i) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (r0 + 8 * h >= M) continue;
+      const int a0 = acc[4 * j + 2 * h], a1 = acc[4 * j + 2 * h + 1];
+      if constexpr (std::is_same<OutT, int32_t>::value)
+        store_pair<int32_t>(out, a0, a1, r0 + 8 * h, n, N);
+      else
+        store_pair<OutT>(out, epi.apply(a0, xs[h], ws[0], bs[0]), epi.apply(a1, xs[h], ws[1], bs[1]), r0 + 8 * h, n, N);
+    }
+  }
+}
+
 template <typename OutT, int BN>
 __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tma_x,
                                                                 const __grid_constant__ CUtensorMap tma_w,
@@ -187,52 +227,13 @@ __global__ void __launch_bounds__(384, 1) w8a8_gemm_sm90_kernel(const __grid_con
     fence_operands(acc);
     if (nk > 0) mbar_arrive(&empty[(it0 + nk - 1) % kStages]);  // the tile's last stage, for the next tile
 
-    // Epilogue. Accumulator 4j + 2h + i holds (row r0 + 8h, column n0 + 8j + 2t + i). Outputs (and
-    // split-K's int32 partials) whose rows are a multiple of 16 bytes go through the warp's shared
-    // buffer (store_rows_staged); others are stored pair by pair, with read-only scale loads.
-    const int lane = threadIdx.x % kWarp, warp = (threadIdx.x % 128) / kWarp;
-    const int g = lane >> 2, t = lane & 3;
-    const int r0 = m0 + 64 * c + 16 * warp + g;
+    // Epilogue: split-K's raw int32 partials, or the output (store_tile).
+    const int row0 = m0 + 64 * c + 16 * ((threadIdx.x % 128) / kWarp), lane = threadIdx.x % kWarp;
     uint8_t* wbuf = ebuf + (threadIdx.x / kWarp - 4) * 4096;  // this consumer warp's 4 KB
-    if (partial != nullptr) {
-      int32_t* part = partial + int64_t(blockIdx.z) * M * N;
-      if (N % 4 == 0 && (reinterpret_cast<uintptr_t>(part) & 15) == 0) {
-        store_rows_staged<int32_t, kBN>(acc, epi, part, wbuf, m0 + 64 * c + 16 * warp, n0, M, N, lane);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            if (r0 + 8 * h < M)
-              store_pair<int32_t>(part, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
-      }
-    } else if ((int64_t(N) * int64_t(sizeof(OutT))) % 16 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
-      store_rows_staged<OutT, kBN>(acc, epi, out, wbuf, m0 + 64 * c + 16 * warp, n0, M, N, lane);
-    } else if constexpr (std::is_same<OutT, int32_t>::value) {
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (r0 + 8 * h < M) store_pair<int32_t>(out, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1], r0 + 8 * h, n0 + 8 * j + 2 * t, N);
-    } else {
-      // Rows whose length is not a multiple of 16 bytes: each pair stored from the accumulator layout.
-      const float xs[2] = {r0 < M ? epi.row_scale(r0) : 0.f, r0 + 8 < M ? epi.row_scale(r0 + 8) : 0.f};
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j) {
-        float ws[2], bs[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int n = n0 + 8 * j + 2 * t + i;
-          ws[i] = n < N ? epi.col_scale(n) : 0.f;
-          bs[i] = n < N ? epi.col_bias(n) : 0.f;
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (r0 + 8 * h < M)
-            store_pair<OutT>(out, epi.apply(acc[4 * j + 2 * h], xs[h], ws[0], bs[0]),
-                             epi.apply(acc[4 * j + 2 * h + 1], xs[h], ws[1], bs[1]), r0 + 8 * h, n0 + 8 * j + 2 * t, N);
-      }
-    }
+    if (partial != nullptr)
+      store_tile<int32_t, kBN>(acc, epi, partial + int64_t(blockIdx.z) * M * N, wbuf, row0, n0, M, N, lane);
+    else
+      store_tile<OutT, kBN>(acc, epi, out, wbuf, row0, n0, M, N, lane);
   }  // tiles
 #else
   // Built for another architecture: this kernel must never be launched there (the host checks).
