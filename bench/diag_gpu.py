@@ -87,23 +87,6 @@ def _cases(device):
     }
 
 
-def _graph_ms(fn) -> float:
-    import triton
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    from ptqrt.bench_gpu import l2_flush
-
-    with l2_flush():
-        return float(triton.testing.do_bench(g.replay, warmup=10, rep=40, return_mode="median"))
-
-
 def _host_us(fn, n=200) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -182,7 +165,7 @@ def k_sweep(impls: dict, specs: dict, device, ks=(256, 1024, 2048, 4096, 8192), 
             xs, ws = torch.rand(m, device=device) + 0.01, torch.rand(n, device=device) + 0.01
             call = lambda: f(x, xs, w, ws, None, torch.float16)  # noqa: E731
             try:
-                got.append((k, 1e3 * bench_gpu._bench((lambda: _with(env, call)) if env else call)))
+                got.append((k, 1e3 * bench_gpu._bench(bench_gpu._with_env(call, env) if env else call)))
             except Exception as e:  # noqa: BLE001
                 print(f"  {b} K={k}: FAILED {type(e).__name__}: {str(e)[:160]}")
         out[b] = got
@@ -206,8 +189,7 @@ def _backend(spec: str):
 
 def sweep_decode(device) -> None:
     """Triton decode attention over (BLOCK_L, num_warps, split waves): graph-replay median, us."""
-    import triton
-
+    from ptqrt import bench_gpu
     from ptqrt.kernels import kv_cache
 
     cases = {n: f() for n, f in _cases(device).items() if n.startswith("decode")}
@@ -222,7 +204,7 @@ def sweep_decode(device) -> None:
                     times = []
                     for _, (_, args) in cases.items():
                         try:
-                            times.append(_graph_ms(lambda: kv_cache.int8_kv_decode_attention(*args)) * 1e3)
+                            times.append(bench_gpu._bench_graph(lambda: kv_cache.int8_kv_decode_attention(*args)) * 1e3)
                         except Exception as e:  # noqa: BLE001
                             times.append(float("nan"))
                             print(f"  failed: {type(e).__name__}: {str(e)[:120]}")
@@ -233,18 +215,10 @@ def sweep_decode(device) -> None:
         kv_cache.SPLIT_TARGET_WAVES = keep[1]
 
 
-def _with(env: dict, fn):
-    from ptqrt.bench import environ
-
-    with environ(env):
-        return fn()
-
-
 def main(argv=None) -> int:
     import triton
 
-    from ptqrt import ops
-    from ptqrt.bench_gpu import l2_flush
+    from ptqrt import bench_gpu, ops
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="triton,cuda")
@@ -277,7 +251,7 @@ def main(argv=None) -> int:
                 env = specs[b][1]
                 fn = lambda f=table[op]: f(*args)  # noqa: E731
                 if env:
-                    fn = lambda f=fn: _with(env, f)  # noqa: E731
+                    fn = bench_gpu._with_env(fn, env)
                 if a.ncu:
                     try:
                         _ncu_call(fn, f"{name} {b}")
@@ -285,12 +259,9 @@ def main(argv=None) -> int:
                         print(f"{name:18s} {b:7s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
                 try:
-                    fn()
-                    torch.cuda.synchronize()
-                    with l2_flush():
-                        bench = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+                    bench = bench_gpu._bench(fn) * 1e3
                     try:
-                        graph = _graph_ms(fn) * 1e3
+                        graph = bench_gpu._bench_graph(fn) * 1e3
                     except Exception as e:  # noqa: BLE001
                         print(f"  graph capture failed: {type(e).__name__}: {e}")
                         graph = float("nan")
