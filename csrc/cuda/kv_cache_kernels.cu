@@ -10,7 +10,7 @@ template <typename T, int CHUNKS>
 cudaError_t launch_vec4_n(int64_t units, int threads, const KvAppendArgs& a, cudaStream_t stream) {
   auto kernel = kv_cache_append_vec4_kernel<T, CHUNKS>;
   const int64_t per_cta = int64_t(kAppendWarps) * append_vec4_rows<CHUNKS>();
-  const dim3 grid(static_cast<unsigned>((units + per_cta - 1) / per_cta), a.streams);
+  const dim3 grid(static_cast<unsigned>(ceil_div64(units, per_cta)), a.streams);
   PTQRT_LAUNCH(kernel, grid, threads, 0, stream)(a);
   return cudaGetLastError();
 }

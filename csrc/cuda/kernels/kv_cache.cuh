@@ -22,13 +22,18 @@ struct AppendRow {
   int64_t unit, row;
   int h;
 };
+// Token t's cache slot, and whether a slot is written (negative: padding; past the cache: skipped).
+__device__ __forceinline__ int64_t append_slot(const KvAppendArgs& a, int t) {
+  return a.slots_i64 ? static_cast<const int64_t*>(a.slots)[t] : static_cast<const int32_t*>(a.slots)[t];
+}
+__device__ __forceinline__ bool slot_kept(const KvAppendArgs& a, int64_t slot) { return slot >= 0 && slot < a.num_slots; }
 __device__ __forceinline__ bool append_row(const KvAppendArgs& a, AppendRow& r) {
   r.unit = int64_t(blockIdx.x) * kAppendWarps + threadIdx.x / kWarp;
   if (r.unit >= int64_t(a.T) * a.H) return false;
   const int t = static_cast<int>(r.unit / a.H);
   r.h = static_cast<int>(r.unit % a.H);
-  const int64_t slot = a.slots_i64 ? static_cast<const int64_t*>(a.slots)[t] : static_cast<const int32_t*>(a.slots)[t];
-  if (slot < 0 || slot >= a.num_slots) return false;
+  const int64_t slot = append_slot(a, t);
+  if (!slot_kept(a, slot)) return false;
   r.row = slot * a.H + r.h;
   return true;
 }
@@ -109,15 +114,12 @@ __global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_vec4_ker
   }
   int64_t slot[ROWS];
 #pragma unroll
-  for (int i = 0; i < ROWS; ++i) {
-    const int ti = t[i] < a.T ? t[i] : 0;
-    slot[i] = a.slots_i64 ? static_cast<const int64_t*>(a.slots)[ti] : static_cast<const int32_t*>(a.slots)[ti];
-  }
+  for (int i = 0; i < ROWS; ++i) slot[i] = append_slot(a, t[i] < a.T ? t[i] : 0);
 
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
     // Past the last row, or a skipped slot (negative: padding; past the cache): nothing to write.
-    if (unit0 + i >= units || slot[i] < 0 || slot[i] >= a.num_slots) continue;  // warp-uniform
+    if (unit0 + i >= units || !slot_kept(a, slot[i])) continue;  // warp-uniform
     const int64_t row = slot[i] * a.H + h[i];
     int8_t* dst = s.cache + row * a.D;
     float v[CHUNKS][4];
