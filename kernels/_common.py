@@ -201,12 +201,26 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def num_sms(device: torch.device) -> int:
     """Multiprocessors of device; a small fixed number on the CPU (interpreter) so that split
     heuristics still split small test problems."""
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return _sm_count(_index(device))
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def capability_major(device: torch.device) -> int:
+    """The compute capability's major number of a CUDA device (9 for sm_90); 0 off CUDA."""
+    return _major(_index(device)) if device.type == "cuda" else 0
 
 
 # Split-K and split-KV kernels count finished partial tiles per output tile in int32 counters; the

@@ -29,7 +29,6 @@ is then rounded exactly as the reference rounds it, so float outputs match it bi
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -231,20 +230,15 @@ def tma_enabled() -> bool:
     return os.environ.get("PTQRT_TRITON_TMA") == "1"
 
 
-def _tma_applies(x_q: torch.Tensor, w_q: torch.Tensor, k: int) -> bool:
+def _tma_applies(x_q: torch.Tensor, w_q: torch.Tensor, k: int, out_dtype: torch.dtype) -> bool:
     """Tensor descriptors need 16-byte aligned bases and row strides (K % 16 == 0) and a non-empty K.
-    (fp16 / bf16 outputs only: a 4-byte output tile, staged in shared memory for its store, does not
-    fit beside the 128 x 256 tiles' ring: 278,552 bytes; ptqrt.kernels.compile_check.) TMA is sm_90's:
-    older GPUs keep the pointer kernel."""
-    if x_q.is_cuda and _capability(x_q.device.index if x_q.device.index is not None else torch.cuda.current_device()) < 9:
+    fp16 / bf16 outputs only: a 4-byte output tile, staged in shared memory for its store, does not
+    fit beside the 128 x 256 tiles' ring (278,552 bytes; ptqrt.kernels.compile_check). TMA is sm_90's:
+    older GPUs keep the pointer kernel (the interpreter runs it on the CPU)."""
+    if out_dtype not in (torch.float16, torch.bfloat16) or (x_q.is_cuda and _common.capability_major(x_q.device) < 9):
         return False
     rows_ok = all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x_q, w_q))
     return k > 0 and k % 16 == 0 and rows_ok
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 
 
 def _size_class(m: int) -> int:
@@ -308,7 +302,7 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
             _gemv[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, num_warps=warps, num_stages=stages,
                         **flags, **meta)
         return out
-    if tma_enabled() and out_dtype in (torch.float16, torch.bfloat16) and _tma_applies(x_q, w_q, k):
+    if tma_enabled() and _tma_applies(x_q, w_q, k, out_dtype):
         _launch_tma(x_q, w_q, out, x_scale, w_scale, bias_arg, m, n, k, tune, flags)
         return out
     args = head + shape

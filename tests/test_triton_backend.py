@@ -221,16 +221,22 @@ def test_w8a8_gemv_split_k(monkeypatch, split, out_dtype):
     assert int(counters.abs().sum()) == 0, "split-K left a tile counter set"
 
 
+def _tma_on(monkeypatch) -> list:
+    """PTQRT_TRITON_TMA=1, and the (M, N, K) of every call that took the TMA kernel, in a list."""
+    monkeypatch.setenv("PTQRT_TRITON_TMA", "1")
+    calls = []
+    real = w8a8_mod._launch_tma
+    monkeypatch.setattr(w8a8_mod, "_launch_tma", lambda *a: calls.append(a[6:9]) or real(*a))
+    return calls
+
+
 @cpu_only
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
 def test_w8a8_gemm_tma(monkeypatch, out_dtype):
     """PTQRT_TRITON_TMA=1: the persistent TMA kernel (4 programs under the interpreter) over more tiles
     than programs, M / N / K tails inside the descriptors' boxes (zero-filled), per-token and per-tensor
     scales, bias; calls it does not take (K % 16 != 0; fp32 and int32 outputs) use the pointer kernel."""
-    monkeypatch.setenv("PTQRT_TRITON_TMA", "1")
-    calls = []
-    real = w8a8_mod._launch_tma
-    monkeypatch.setattr(w8a8_mod, "_launch_tma", lambda *a: calls.append(a[6:9]) or real(*a))
+    calls = _tma_on(monkeypatch)
     cases = [(17, 72, 112, True, torch.float32), (40, 130, 48, False, None), (127, 33, 208, True, torch.bfloat16),
              (70, 200, 16, True, torch.float16), (33, 40, 100, True, None)]
     for m, n, k, per_token, bias in cases:
@@ -651,10 +657,7 @@ def test_gpu_w8a8_gemm_tma(untuned, monkeypatch, m):
     """PTQRT_TRITON_TMA=1 (sm_90): the TMA kernel's default configs on a persistent grid."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors: sm_90")
-    monkeypatch.setenv("PTQRT_TRITON_TMA", "1")
-    calls = []
-    real = w8a8_mod._launch_tma
-    monkeypatch.setattr(w8a8_mod, "_launch_tma", lambda *a: calls.append(a[6:9]) or real(*a))
+    calls = _tma_on(monkeypatch)
     check_w8a8(m, 4096, 4096, torch.float16, True, None, "cuda", repeat=2)
     check_w8a8(m, 4100, 4112, torch.bfloat16, m != 512, torch.float32, "cuda")  # N, K tails in the boxes
     check_w8a8(m, 1000, 3008, torch.float32, True, None, "cuda")  # fp32 out: the pointer kernel
