@@ -62,9 +62,21 @@ void tile_scalar(const W8A16Block& b, int64_t mr, int64_t nr) {
     }
 }
 
-#if PTQRT_X86
-// 12 accumulators + 3 weight vectors; x is an FMA memory operand. A single row uses 1 x 8 instead.
+// dequant_panel_avx2's result in portable code: weight rows [0, nr) (nr <= 16), k [k0, k0 + kc) ->
+// wp [kc][16] fp32, w * its channel's or group's scale, zeros past nr.
+inline void dequant_panel_scalar(const int8_t* w, int64_t ldw, int64_t nr, const float* ws, int64_t G, int64_t gsize,
+                                 int64_t k0, int64_t kc, float* wp) {
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t j = 0; j < 16; ++j)
+      wp[k * 16 + j] = j < nr ? static_cast<float>(w[j * ldw + k0 + k]) * (G ? ws[j * G + (k0 + k) / gsize] : ws[j])
+                              : 0.0f;
+}
+
+// The dot tiles (AVX2 and AVX-512): 12 accumulators + 3 weight vectors; x is an FMA memory operand.
+// A single row uses 1 x 8 instead.
 constexpr int kMR = 4, kNR = 3;
+
+#if PTQRT_X86
 
 template <int mr, int nr>
 PTQRT_AVX2 void tile_avx2(const W8A16Block& b) {
@@ -165,10 +177,7 @@ PTQRT_AVX2 void dequant_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, con
         for (int q = 0; q < 8; ++q) _mm256_storeu_ps(wp + (kv + q) * kPC + 8 * h, r[q]);
       }
   }
-  for (int64_t j = 0; j < kPC; ++j)
-    for (int64_t k = kv; k < kc; ++k)
-      wp[k * kPC + j] = j < nr ? static_cast<float>(w[j * ldw + k0 + k]) * (G ? ws[j * G + (k0 + k) / gsize] : ws[j])
-                               : 0.0f;
+  dequant_panel_scalar(w, ldw, nr, ws, G, gsize, k0 + kv, kc - kv, wp + kv * kPC);  // the last kc % 8 k
 }
 
 #define PTQRT_FPANEL_ROW(i, lo, hi)                    \
@@ -277,25 +286,11 @@ struct F16x_avx512 {
   PTQRT_AVX512 static inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   PTQRT_AVX512 static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   PTQRT_AVX512 static inline float hsum(V v) {  // halving adds (as reduce_add would, without its header's warning)
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
+    return ptqrt_cpu::hsum(_mm256_add_ps(_mm512_castps512_ps256(v),
+                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
   }
 };
 #endif
-
-// dequant_panel_avx2's result in portable code: weight rows [0, nr) (nr <= 16), k [k0, k0 + kc) ->
-// wp [kc][16] fp32, w * its channel's or group's scale, zeros past nr.
-inline void dequant_panel_scalar(const int8_t* w, int64_t ldw, int64_t nr, const float* ws, int64_t G, int64_t gsize,
-                                 int64_t k0, int64_t kc, float* wp) {
-  for (int64_t k = 0; k < kc; ++k)
-    for (int64_t j = 0; j < 16; ++j)
-      wp[k * 16 + j] = j < nr ? static_cast<float>(w[j * ldw + k0 + k]) * (G ? ws[j * G + (k0 + k) / gsize] : ws[j])
-                              : 0.0f;
-}
 
 // A portable model of the same operations (fused multiply-add included), in the same order.
 struct F16xEmulated {
@@ -370,84 +365,67 @@ bool w8a16_avx512_switch() { return env_switch("PTQRT_CPU_W8A16_AVX512", true); 
 
 thread_local const char* t_last_path = "none";
 
-// c [mb, nb] (fp32, ldc) for rows x [mb, K] of dtype T and weight rows w [nb, K].
+using Tile = void (*)(const W8A16Block&);
+#if PTQRT_X86
+const Tile avx2_tiles[kMR][kNR] = {
+    {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>},
+    {tile_avx2<2, 1>, tile_avx2<2, 2>, tile_avx2<2, 3>},
+    {tile_avx2<3, 1>, tile_avx2<3, 2>, tile_avx2<3, 3>},
+    {tile_avx2<4, 1>, tile_avx2<4, 2>, tile_avx2<4, 3>},
+};
+const Tile avx2_row_tiles[8] = {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>, tile_avx2<1, 4>,
+                                tile_avx2<1, 5>, tile_avx2<1, 6>, tile_avx2<1, 7>, tile_avx2<1, 8>};
+#endif
+
+// c [mb, nb] (fp32, ldc) for rows x [mb, K] of dtype T and weight rows w [nb, K]: the AVX-512 tiles
+// where `wide` (native, or their emulation under avx512-emulated), else AVX2's, else scalar.
 template <class T>
-void block(Isa isa, bool avx512_tiles, const T* x, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
+void block(Isa isa, bool wide, const T* x, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
            int64_t gsize, int64_t K, float* c, int64_t ldc, std::vector<float>& xbuf) {
-  // The AVX-512 tiles (native, or their emulation under avx512-emulated), else AVX2's, else scalar.
-  const w16_emulated::Tile(*wide)[3] = nullptr;
-  const w16_emulated::Tile* wide_rows = nullptr;
-  if (isa == Isa::avx512_emulated) {
-    wide = w16_emulated::tiles;
-    wide_rows = w16_emulated::row_tiles;
+  const Tile(*tiles)[kNR] = nullptr;
+  const Tile* row_tiles = nullptr;
+  if (wide && isa == Isa::avx512_emulated) {
+    tiles = w16_emulated::tiles;
+    row_tiles = w16_emulated::row_tiles;
   }
 #if PTQRT_X86
-  if (isa == Isa::avx512 && avx512_tiles) {
-    wide = w16_avx512::tiles;
-    wide_rows = w16_avx512::row_tiles;
+  else if (wide) {
+    tiles = w16_avx512::tiles;
+    row_tiles = w16_avx512::row_tiles;
+  } else if (isa == Isa::avx2 || isa == Isa::avx512) {
+    tiles = avx2_tiles;
+    row_tiles = avx2_row_tiles;
   }
 #endif
-  const bool vec = wide != nullptr || (PTQRT_X86 && (isa == Isa::avx2 || isa == Isa::avx512));
-  const int64_t MR = vec ? 4 : 1, NR = vec ? 3 : 1;
+  const int64_t MR = tiles != nullptr ? kMR : 1, NR = tiles != nullptr ? kNR : 1;
   const int64_t ldxf = xf_stride(K);
   if (static_cast<int64_t>(xbuf.size()) < MR * ldxf) xbuf.resize(MR * ldxf);
   for (int64_t m0 = 0; m0 < mb; m0 += MR) {
     const int64_t mr = std::min(MR, mb - m0);
     W8A16Block b{xbuf.data(), ldxf, nullptr, K, nullptr, G, gsize, K, nullptr, ldc};
-    if (wide != nullptr) {
-#if PTQRT_X86
-      if (isa == Isa::avx512)
-        convert_rows_avx2(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
-      else
-#endif
-        convert_rows_scalar(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
-      const int64_t step = mr == 1 ? 8 : NR;  // one row: eight columns, eight FMA chains
-      for (int64_t n0 = 0; n0 < nb; n0 += step) {
-        const int64_t nr = std::min(step, nb - n0);
+    if (tiles == nullptr) {
+      convert_rows_scalar(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
+      for (int64_t n0 = 0; n0 < nb; ++n0) {
         b.w = w + n0 * K;
         b.ws = ws + n0 * (G ? G : 1);
         b.c = c + m0 * ldc + n0;
-        (mr == 1 ? wide_rows[nr - 1] : wide[mr - 1][nr - 1])(b);
+        tile_scalar(b, mr, 1);
       }
       continue;
     }
 #if PTQRT_X86
-    if (vec) {
-      using Tile = void (*)(const W8A16Block&);
-      static const Tile tiles[kMR][kNR] = {
-          {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>},
-          {tile_avx2<2, 1>, tile_avx2<2, 2>, tile_avx2<2, 3>},
-          {tile_avx2<3, 1>, tile_avx2<3, 2>, tile_avx2<3, 3>},
-          {tile_avx2<4, 1>, tile_avx2<4, 2>, tile_avx2<4, 3>},
-      };
+    if (isa != Isa::avx512_emulated)
       convert_rows_avx2(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
-      if (mr == 1) {  // one row: eight columns, so eight FMA chains hide the FMA latency
-        static const Tile row_tiles[8] = {tile_avx2<1, 1>, tile_avx2<1, 2>, tile_avx2<1, 3>, tile_avx2<1, 4>,
-                                          tile_avx2<1, 5>, tile_avx2<1, 6>, tile_avx2<1, 7>, tile_avx2<1, 8>};
-        for (int64_t n0 = 0; n0 < nb; n0 += 8) {
-          b.w = w + n0 * K;
-          b.ws = ws + n0 * (G ? G : 1);
-          b.c = c + m0 * ldc + n0;
-          row_tiles[std::min<int64_t>(8, nb - n0) - 1](b);
-        }
-        continue;
-      }
-      for (int64_t n0 = 0; n0 < nb; n0 += NR) {
-        const int64_t nr = std::min(NR, nb - n0);
-        b.w = w + n0 * K;
-        b.ws = ws + n0 * (G ? G : 1);
-        b.c = c + m0 * ldc + n0;
-        tiles[mr - 1][nr - 1](b);
-      }
-      continue;
-    }
+    else
 #endif
-    convert_rows_scalar(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
-    for (int64_t n0 = 0; n0 < nb; ++n0) {
+      convert_rows_scalar(x + m0 * K, K, mr, K, xbuf.data(), ldxf);
+    const int64_t step = mr == 1 ? 8 : NR;  // one row: eight columns, eight FMA chains hide the FMA latency
+    for (int64_t n0 = 0; n0 < nb; n0 += step) {
+      const int64_t nr = std::min(step, nb - n0);
       b.w = w + n0 * K;
       b.ws = ws + n0 * (G ? G : 1);
       b.c = c + m0 * ldc + n0;
-      tile_scalar(b, mr, 1);
+      (mr == 1 ? row_tiles[nr - 1] : tiles[mr - 1][nr - 1])(b);
     }
   }
 }
@@ -489,13 +467,14 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
 #if PTQRT_X86
   panel = (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_emulated) && M >= kW8A16PanelMinRows;
 #endif
-  // The panels 32 columns wide (AVX-512, or its emulation), else AVX2's 16.
-  const bool wide_panel = panel && (isa == Isa::avx512_emulated || (isa == Isa::avx512 && avx512_tiles));
+  // The AVX-512 kernels (native, or their emulation): 32-column panels and the wide tiles.
+  const bool wide = isa == Isa::avx512_emulated || (isa == Isa::avx512 && avx512_tiles);
+  const bool wide_panel = panel && wide;
   t_last_path = wide_panel ? "avx512-panel"
-                : panel ? "avx2-panel"
-                : isa == Isa::avx512_emulated || (isa == Isa::avx512 && avx512_tiles) ? "avx512-tiles"
-                : isa == Isa::avx2 || isa == Isa::avx512                              ? "avx2-tiles"
-                                                                                      : "scalar";
+                : panel    ? "avx2-panel"
+                : wide     ? "avx512-tiles"
+                : isa == Isa::avx2 || isa == Isa::avx512 ? "avx2-tiles"
+                                                         : "scalar";
   const Blocking bl = balanced_blocks(M, N, 128, std::min<int64_t>(512, (192 * 1024) / std::max<int64_t>(K, 1)),
                                       wide_panel ? 32 : panel ? 16 : 12, at::get_num_threads());
   const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
@@ -537,7 +516,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
              cbuf.data(), NB, xbuf);
         } else
 #endif
-          block(isa, avx512_tiles, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K,
+          block(isa, wide, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K,
                 cbuf.data(), NB, xbuf);
         for (int64_t i = 0; i < mb; ++i)
           for (int64_t j = 0; j < nb; ++j) {

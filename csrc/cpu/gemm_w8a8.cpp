@@ -438,13 +438,17 @@ struct AmxEmulated {
 bool amx_switch() { return env_switch("PTQRT_CPU_AMX", false); }
 
 // x [M, K] -> [M + 16][round_up(K, 64)], zeros past K and in the 16 rows past M (the tile kernel
-// reads whole 16 x 64 tiles).
-std::vector<int8_t> pad_x_amx(const int8_t* x, int64_t M, int64_t K) {
+// reads whole 16 x 64 tiles). Each byte written once (no zero fill first).
+Uninit<int8_t> pad_x_amx(const int8_t* x, int64_t M, int64_t K) {
   const int64_t kp = round_up(K, 64);
-  std::vector<int8_t> xp((M + 16) * kp, 0);
+  Uninit<int8_t> xp((M + 16) * kp);
   at::parallel_for(0, M, std::max<int64_t>(1, (256 << 10) / kp), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) std::memcpy(xp.data() + m * kp, x + m * K, K);
+    for (int64_t m = m0; m < m1; ++m) {
+      std::memcpy(xp.data() + m * kp, x + m * K, K);
+      std::memset(xp.data() + m * kp + K, 0, kp - K);
+    }
   });
+  std::memset(xp.data() + M * kp, 0, 16 * kp);
   return xp;
 }
 
@@ -598,7 +602,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
   // AMX: on the cached quads only (its B tiles are their layout), x padded once per call.
   const bool amx = amx_on && wquads.defined();
-  const std::vector<int8_t> xamx = amx ? pad_x_amx(xp, M, K) : std::vector<int8_t>();
+  const Uninit<int8_t> xamx = amx ? pad_x_amx(xp, M, K) : Uninit<int8_t>();
   const BlockFn block_fn = !amx ? fn : isa == Isa::avx512_emulated ? amx_emulated::block
 #if PTQRT_AMX_NATIVE
                                                                    : amx_native::block;
