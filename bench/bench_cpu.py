@@ -363,9 +363,7 @@ def paired_times(a, b, rounds: int = PAIR_ROUNDS, sample_s: float = PAIR_SAMPLE_
 
 
 _paired: dict = {}
-_CASES = {"w8a8": lambda ops, args, impl: w8a8_case(ops, *args, impl),
-          "w8a16": lambda ops, args, impl: w8a16_case(ops, *args, impl),
-          "attn": lambda ops, args, impl: attn_case(ops, *args, impl)}
+_CASES = {"w8a8": w8a8_case, "w8a16": w8a16_case, "attn": attn_case}
 
 
 @pytest.mark.parametrize("kind,ours,peer,args", _pairs(), ids=lambda v: str(v).replace(" ", "_"))
@@ -376,8 +374,8 @@ def test_paired(request, ops, kind, ours, peer, args):
     rows = _results.get(group, {})
     if ours not in rows or peer not in rows:
         pytest.skip(f"{group}: {ours if ours not in rows else peer} was not measured in this run")
-    fa, _, env_a = _CASES[kind](ops, args, ours)
-    fb, _, env_b = _CASES[kind](ops, args, peer)
+    fa, _, env_a = _CASES[kind](ops, *args, ours)
+    fb, _, env_b = _CASES[kind](ops, *args, peer)
     with torch.inference_mode():
         ta, tb = paired_times((fa, env_a), (fb, env_b))
     ma, mb = statistics.median(ta), statistics.median(tb)

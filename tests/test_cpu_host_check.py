@@ -32,6 +32,13 @@ def _bench_module():
     return mod
 
 
+def _diag_module():
+    spec = importlib.util.spec_from_file_location("diag_gpu_under_test", ROOT / "bench" / "diag_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
@@ -103,9 +110,7 @@ def test_ncu_stage(monkeypatch, capsys):
     text = DEVICE_CHECK.read_text()
     assert "--profile-from-start off" in text and "--clock-control none" in text
     stage = text[text.index("stage ncu"):text.index("# 4b.")]
-    spec = importlib.util.spec_from_file_location("diag_gpu_under_test", ROOT / "bench" / "diag_gpu.py")
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    diag = _diag_module()
     import torch
 
     cases = diag._cases(torch.device("cpu"))
@@ -158,9 +163,7 @@ def test_k_sweep_fit(monkeypatch, capsys):
 
     from ptqrt import bench_gpu
 
-    spec = importlib.util.spec_from_file_location("diag_gpu_under_test", ROOT / "bench" / "diag_gpu.py")
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    diag = _diag_module()
     seen = []
 
     def fake_gemm(x, xs, w, ws, bias, dtype):

@@ -573,10 +573,11 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const bool amx_on = amx_switch() && vnni;
   TORCH_CHECK(!amx_on || isa == Isa::avx512_emulated || has_amx(),
               "ptqrt_cpu.w8a8_gemm: PTQRT_CPU_AMX=1, but this CPU (or its OS) offers no AMX-INT8 tiles");
-  const at::Tensor wquads =
-      vnni && K > 0 && M >= (rows_knob ? rows_knob : kVnniPackedMinRows) ? cached_quads(w_q, N, K) : at::Tensor();
+  const int64_t packed_min = rows_knob ? rows_knob : kVnniPackedMinRows;
+  const int64_t panel_min = rows_knob ? rows_knob : kVnniPanelMinRows;
+  const at::Tensor wquads = vnni && K > 0 && M >= packed_min ? cached_quads(w_q, N, K) : at::Tensor();
   const int64_t wquads_stride = ceil_div(K, 4) * 4 * 32;
-  const bool vnni_panel = vnni && (wquads.defined() || M >= (rows_knob ? rows_knob : kVnniPanelMinRows));
+  const bool vnni_panel = vnni && (wquads.defined() || M >= panel_min);
 #if PTQRT_X86
   // AVX2: with the weights' cached panel-order copy, the streaming GEMV below kPackedMinRows rows and
   // the panel kernel from there; without it, the panel kernel from kPanelMinRows rows (repacking the
@@ -610,7 +611,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
                                                                    : fn;  // (unreachable: has_amx() is false)
 #endif
   t_last_path = amx                ? "amx"
-                : vnni && vnni_panel ? (one_pass && M >= 9 && M <= 16 ? "vnni-one-pass" : "vnni-panel")
+                : vnni && vnni_panel ? (one_pass && ceil_div(MB, 8) == 2 ? "vnni-one-pass" : "vnni-panel")
                 : vnni               ? "vnni-dot"
 #if PTQRT_X86
                 : isa == Isa::avx2 ? (wpanels.defined() && M < kPackedMinRows ? "avx2-gemv" : panel ? "avx2-panel"
