@@ -17,8 +17,8 @@
 #      parametrizations, skipped on other CPUs, and the tests that walk every path this CPU runs)
 #   3. bench/bench_cpu.py with 2 threads (PTQRT_BENCH_THREADS=2), set "targets" by default: every row
 #      a target of the CPU backend's issue is stated for, with only the peers the targets compare
-#      (31 benchmarks, 6 more for w8a16 at M=128 and 24 AVX-512 diagnosis rows, 9 of them AMX where
-#      the CPU has it, ~1 s each, then 41 paired timings of a target's or a diagnosis row's two
+#      (31 benchmarks, 6 more for w8a16 at M=128 and 21 AVX-512 diagnosis rows, 6 of them the VNNI
+#      kernels where the CPU has AMX, ~1 s each, then about 40 paired timings of a target's or a diagnosis row's two
 #      sides, alternating, ~0.3-2 s each; the load average before and after goes to the summary); "smoke" (one row of each target kind) on a CPU without VNNI; --set or
 #      CPU_HOST_BENCH_SET picks another
 #

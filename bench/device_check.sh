@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU check: 238 s on one H100 80GB HBM3 (2026-11-27, with 8 kernel variants timed and the tune
-# stage; since then other variants (8), the flush probe, the K sweep and the Nsight Compute stage: expect
-# the benchmark to end near 330-380 s, and the later stages to take what DEADLINE leaves; torch 2.11 /
-# triton 3.6 / Python 3.12, no network). Run from the repository root:
+# One GPU check: 229 s on one H100 80GB HBM3 (2026-11-27, version 3: 8 kernel variants, the flush
+# probe, the K sweep, three Nsight Compute runs, the decode benchmark and the tune stage; the
+# benchmark itself 62 s; torch 2.11 / triton 3.6 / Python 3.12, no network). Run from the repository
+# root:
 #
 #   bash bench/device_check.sh [--quick] [--no-tests] [--no-bench] [--no-cpu] [--ops w8a16_gemm,...]
 #
@@ -21,7 +21,7 @@
 #      CUDA tests at small odd sizes (bench/device_check_cuda.sh)
 #   4. the GPU benchmark (python -m ptqrt.bench_gpu): every op against cuBLAS / _int_mm / SDPA, each
 #      row printed as it is measured and the JSON/CSV rewritten after each op; with the CUDA
-#      extension built, the opt-in kernel variants named in BACKENDS below (see bench_gpu.VARIANTS)
+#      extension built, the kernel variants named in BACKENDS below (see bench_gpu.VARIANTS)
 #      are timed beside the defaults
 #   4a. with the CUDA extension built: the sm_90a w8a8 GEMM's time over K at 8192 x 8192 (its fixed
 #      cost a tile; bench/diag_gpu.py --k-sweep; at least 100 s left before DEADLINE), then Nsight
@@ -183,7 +183,7 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
 
 # 2. CUDA build in the background, Triton GPU tests meanwhile ----------------------------------
-BACKENDS=triton,triton-cached,triton-tma CUDA_OK=0
+BACKENDS=triton,triton-pointer CUDA_OK=0
 BUILD_PID=""
 if ls csrc/cuda/*.cu >/dev/null 2>&1 && [ -z "${SKIP_CUDA:-}" ]; then
     (timeout --kill-after=10 300 "$PY" -c "from ptqrt import _build; print(_build.build('cuda', verbose=False))" \
@@ -197,15 +197,12 @@ if [ -n "$BUILD_PID" ]; then
     rc=$(cat "$LOG/cuda-build.rc" 2>/dev/null || echo 1)
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
-    # cuda-stream-gqa: the streaming decode for GQA groups too (PTQRT_CUDA_DECODE_STREAM=1; the
-    # default without GQA); cuda-append-vec: kv_cache_append 4 values a lane (PTQRT_CUDA_APPEND_VEC=1);
-    # cuda-quant1: quantize_per_token with the row kept in registers (PTQRT_CUDA_QUANT_1PASS=1);
-    # triton-cached: the Triton GEMMs past the autotuner's per-call Python (PTQRT_TRITON_LAUNCH_CACHE=1);
-    # triton-tma: the Triton w8a8 GEMM through TMA descriptors on a persistent grid (PTQRT_TRITON_TMA=1);
-    # cuda-waves: the sm_90a w8a8 tile width by rounds of CTAs (PTQRT_CUDA_TILE_WAVES=1); cuda-persistent:
-    # the sm_90a w8a8 GEMM on a persistent grid (PTQRT_CUDA_SM90_PERSISTENT=1); cuda-gemv-wide:
-    # the w8a16 ring GEMV with 32 columns a CTA at M > 4 (PTQRT_CUDA_GEMV_WIDE=1).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-cached,triton-tma,cuda,cuda-waves,cuda-persistent,cuda-gemv-wide,cuda-stream-gqa,cuda-append-vec,cuda-quant1
+    # The variants (bench_gpu.VARIANTS): the kernels a new default replaced, timed beside it:
+    # triton-pointer: the Triton w8a8 pointer kernel at M >= 2048 (PTQRT_TRITON_TMA=0);
+    # cuda-append-vec4 / cuda-append-row: kv_cache_append's 4-values-a-lane and warp-a-row kernels
+    # (PTQRT_CUDA_APPEND_KERNEL); cuda-old-tiles: the sm_90a w8a8 GEMM one CTA a tile with the older
+    # width rule (PTQRT_CUDA_TILE_WAVES=0 PTQRT_CUDA_SM90_PERSISTENT=0).
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-pointer,cuda,cuda-old-tiles,cuda-append-vec4,cuda-append-row
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
@@ -238,8 +235,8 @@ fi
 # occupancy, launch, warp-state sections; one call each, bench/diag_gpu.py --ncu), in three runs with
 # limits of their own (ncu prints its report when the program exits: a run cut short loses its
 # kernels, not the others'): decode at B = 16 and 1; w8a8 at 8192^3 and M = 512 x 11008 and the
-# w8a16 GEMVs at M = 1 and 16 on 28672 x 8192; quantize_per_token 8192^2 and kv_cache_append, each
-# default and opt-in variant. At most NCU_LIMIT (90 s) together, what DEADLINE leaves after 40 s for
+# w8a16 GEMVs at M = 1 and 16 on 28672 x 8192; quantize_per_token 8192^2 and kv_cache_append, with
+# the vec4 append kernel beside the default. At most NCU_LIMIT (90 s) together, what DEADLINE leaves after 40 s for
 # the summary, and not below 45 s.
 NCU=(ncu --clock-control none --profile-from-start off --nvtx
      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
@@ -259,7 +256,7 @@ if [ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ]; then
         stage ncu-gemm "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu --backends cuda \
             --cases w8a8_m8192_8192,w8a8_m512_11008,w8a16_m1_28672,w8a16_m16_28672
         stage ncu-quant "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu \
-            --backends cuda,cuda:PTQRT_CUDA_QUANT_1PASS=1:PTQRT_CUDA_APPEND_VEC=1 --cases quant_m8192_8192,append_t4096
+            --backends cuda,cuda:PTQRT_CUDA_APPEND_KERNEL=vec4 --cases quant_m8192_8192,append_t4096
     fi
 fi
 

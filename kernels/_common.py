@@ -288,65 +288,6 @@ def keep_split(tiles: int, split: int, k: int, block_k: int, sms: int) -> bool:
     return split == 1 or (tiles < sms and tiles * split <= 4 * sms and k >= split * block_k)
 
 
-# ------------------------------------------------------------------ launching autotuned kernels
-# An eager call through triton.autotune and triton.heuristics costs ~40-55 us of Python a call on an
-# H100's host (the autotuner's key and kwargs merging, the heuristics' dicts), on top of the JIT
-# function's own launch path (bench/NOTES.md, "Host time of an eager call"). With the switch below,
-# a key's first call goes through them; later calls with the same key launch the @triton.jit function
-# directly with the config and heuristic values those wrappers chose then.
-_LAUNCHES: dict = {}
-_LAUNCHES_MAX = 4096
-_LAUNCHES_LOCK = threading.Lock()  # a miss reads the autotuner's best_config, which any call rewrites
-
-
-def launch_cache_enabled() -> bool:
-    """PTQRT_TRITON_LAUNCH_CACHE=1 (opt-in until measured on a GPU)."""
-    return os.environ.get("PTQRT_TRITON_LAUNCH_CACHE") == "1"
-
-
-def _jit_of(fn):
-    """The kernel under triton.autotune / triton.heuristics wrappers (a JITFunction, or the
-    interpreter's InterpretedFunction)."""
-    from triton.runtime.autotuner import Autotuner, Heuristics
-
-    while isinstance(fn, (Autotuner, Heuristics)):
-        fn = fn.fn
-    return fn
-
-
-def tuned_launch(tuned, grid, args: tuple, key: tuple, **kwargs) -> None:
-    """tuned[grid](*args, **kwargs) for tuned = triton.autotune(...)([triton.heuristics(...)](kernel)).
-
-    With PTQRT_TRITON_LAUNCH_CACHE=1 the wrappers run on the first call of each (tuned, key, kwargs)
-    only; then their choice -- the best config's kwargs (num_warps, num_stages, ...) and each
-    heuristic's value, computed as triton.heuristics computes it -- is kept, and later calls launch
-    the jit function with it. `key` must hold everything the autotuner's key and the heuristics read
-    that kwargs do not carry (shape numbers, the tensors' dtypes, the device). A config with a
-    pre_hook is never kept."""
-    if not launch_cache_enabled():
-        tuned[grid](*args, **kwargs)
-        return
-    full = (id(tuned), key, tuple(kwargs.items()))
-    meta = _LAUNCHES.get(full)
-    if meta is not None:
-        _jit_of(tuned)[grid](*args, **kwargs, **meta)
-        return
-    with _LAUNCHES_LOCK:  # (misses are rare: a lock costs nothing in steady state)
-        tuned[grid](*args, **kwargs)
-        cfg = tuned.best_config
-        if cfg.pre_hook is not None:
-            return
-        meta = dict(cfg.all_kwargs())
-        heur = tuned.fn
-        if hasattr(heur, "values") and hasattr(heur, "arg_names"):  # triton.heuristics, in its order
-            named = {**dict(zip(heur.arg_names, args)), **kwargs, **meta}
-            for name, f in heur.values.items():
-                meta[name] = named[name] = f(named)
-        if len(_LAUNCHES) >= _LAUNCHES_MAX:
-            _LAUNCHES.clear()
-        _LAUNCHES[full] = meta
-
-
 def bench_fn(fn, quantiles):
     """Autotune timing: short runs (configs differ by far more than the noise), median."""
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)

@@ -276,8 +276,7 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
         args = head + (part, counters) + shape
         if tune:
             grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-            key = (x.device.index, shape[-1], n, k, g, x.dtype, bias_arg.dtype)
-            _common.tuned_launch(_gemv_tuned, grid, args, key, BLOCK_M=GEMV_MAX_M, **flags)
+            _gemv_tuned[grid](*args, BLOCK_M=GEMV_MAX_M, **flags)
         else:
             if _common.interpreting():
                 meta, stages = dict(INTERPRET["gemv"]), 1
@@ -293,8 +292,7 @@ def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: 
     args = head + shape
     if tune:
         grid = lambda meta: (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        key = (x.device.index, shape[-1], n, k, g, x.dtype, bias_arg.dtype)
-        _common.tuned_launch(_gemm_tuned[_size_class(m)], grid, args, key, **flags)
+        _gemm_tuned[_size_class(m)][grid](*args, **flags)
     else:
         if _common.interpreting():
             meta, warps, stages = INTERPRET["gemm"], 4, 1

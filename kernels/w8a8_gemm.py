@@ -11,12 +11,12 @@
 Two kernels:
   * ``_w8a8_gemm_kernel`` (M > 16): the tiled GEMM of Triton tutorial 03 with grouped program
     ordering (GROUP_M row tiles share each column of W while it is in L2), autotuned per M bucket.
-    ``_w8a8_gemm_tma_kernel`` is its opt-in twin (PTQRT_TRITON_TMA=1, until measured on a GPU): x and
-    w tiles through TMA tensor descriptors (no address arithmetic, out-of-bounds parts zero-filled),
-    one program per SM looping over the tiles in the same grouped order, the tile loop flattened
-    into the K loop so the compiler's pipeline runs across tile boundaries (the next tile's loads
-    under this tile's epilogue). Needs K % 16 == 0, 16-byte aligned operands and an fp16 / bf16
-    output; other calls take the pointer kernel.
+    ``_w8a8_gemm_tma_kernel`` is its twin on sm_90 from M = 2048 (TMA_MIN_M; PTQRT_TRITON_TMA=1 for
+    every M, =0 never): x and w tiles through TMA tensor descriptors (no address arithmetic,
+    out-of-bounds parts zero-filled), one program per SM looping over the tiles in the same grouped
+    order, the tile loop flattened into the K loop so the compiler's pipeline runs across tile
+    boundaries (the next tile's loads under this tile's epilogue). Needs K % 16 == 0, 16-byte aligned
+    operands and an fp16 / bf16 output; other calls take the pointer kernel.
   * ``_w8a8_gemv_kernel`` (M <= 16, where torch._int_mm refuses to run): swap-AB, so the weight
     tile [BLOCK_N, BLOCK_K] is the wide MMA operand and the <= 16 activation rows the narrow one;
     the kernel streams W once. When N alone gives too few tiles to fill the GPU, K is split: each
@@ -225,9 +225,18 @@ def prune_gemv_configs(configs, named_args, **kwargs):
 INTERPRET = {"gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2), "gemv": dict(BLOCK_N=16, BLOCK_K=32)}
 
 
-def tma_enabled() -> bool:
-    """PTQRT_TRITON_TMA=1: the TMA kernel for M > 16 where it applies (opt-in until measured)."""
-    return os.environ.get("PTQRT_TRITON_TMA") == "1"
+# The TMA kernel is the default on sm_90 from this M: on an H100 it ran 1.00-1.09x the pointer kernel
+# at M >= 2048 and 0.86-0.89x at M = 512 (bench/NOTES.md).
+TMA_MIN_M = 2048
+
+
+def tma_enabled(m: int, on_gpu: bool) -> bool:
+    """PTQRT_TRITON_TMA=1: the TMA kernel for every M > 16 where it applies (the interpreter too); =0:
+    never; unset: on a GPU from TMA_MIN_M rows."""
+    env = os.environ.get("PTQRT_TRITON_TMA")
+    if env in ("0", "1"):
+        return env == "1"
+    return on_gpu and m >= TMA_MIN_M
 
 
 def _tma_applies(x_q: torch.Tensor, w_q: torch.Tensor, k: int, out_dtype: torch.dtype) -> bool:
@@ -288,8 +297,7 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
         args = head + (part, counters) + shape
         if tune:
             grid = lambda meta: (_common.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-            key = (x_q.device.index, shape[-1], n, k, out.dtype, bias_arg.dtype)
-            _common.tuned_launch(_gemv_tuned, grid, args, key, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, **flags)
+            _gemv_tuned[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, **flags)
         else:
             if _common.interpreting():
                 meta, warps, stages = dict(INTERPRET["gemv"]), 4, 1
@@ -302,14 +310,13 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
             _gemv[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, num_warps=warps, num_stages=stages,
                         **flags, **meta)
         return out
-    if tma_enabled() and _tma_applies(x_q, w_q, k, out_dtype):
+    if tma_enabled(m, x_q.is_cuda) and _tma_applies(x_q, w_q, k, out_dtype):
         _launch_tma(x_q, w_q, out, x_scale, w_scale, bias_arg, m, n, k, tune, flags)
         return out
     args = head + shape
     if tune:
         grid = lambda meta: (_common.cdiv(m, meta["BLOCK_M"]) * _common.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        key = (x_q.device.index, shape[-1], n, k, out.dtype, bias_arg.dtype)
-        _common.tuned_launch(_gemm_tuned[_size_class(m)], grid, args, key, enable_fp_fusion=False, **flags)
+        _gemm_tuned[_size_class(m)][grid](*args, enable_fp_fusion=False, **flags)
     else:
         if _common.interpreting():
             meta, warps, stages = INTERPRET["gemm"], 4, 1

@@ -252,31 +252,20 @@ def _flush_as(mode: str):
         FLUSH = old
 
 
-# Opt-in kernel variants, benchmarked beside the default kernels of their backend before they become
-# the default: name -> (backend, the ops it changes, the environment that selects it, the M range
-# (lo, hi) of the GEMM rows where it is timed: where it differs from the default; hi None = no bound).
-# (The ones before these were measured on an H100 and became the default or were removed:
-# bench/NOTES.md, "H100, version 2".)
+# Kernel variants, benchmarked beside the default kernels of their backend: opt-in ones before they
+# become the default, and the kernels a new default replaced, to confirm it. name -> (backend, the ops
+# it changes, the environment that selects it, the M range (lo, hi) of the GEMM rows where it is
+# timed: where it differs from the default; hi None = no bound). (The ones before these were measured
+# on an H100 and became the default or were removed: bench/NOTES.md, "H100, version 3".)
 VARIANTS = {
-    # the streaming CUDA decode for GQA groups too (the default without GQA; measured there only)
-    "cuda-stream-gqa": ("cuda", ("int8_kv_decode_attention",), {"PTQRT_CUDA_DECODE_STREAM": "1"}, (0, None)),
-    # kv_cache_append 4 values a lane, each row read once (the default reads it twice, a byte a lane)
-    "cuda-append-vec": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_VEC": "1"}, (0, None)),
-    # quantize_per_token with the row kept in registers (the default since this run: the two-pass kernel)
-    "cuda-quant1": ("cuda", ("quantize_per_token",), {"PTQRT_CUDA_QUANT_1PASS": "1"}, (0, None)),
-    # the w8a16 ring GEMV with 32 columns a CTA at M > 4 (x read from L2 half as often)
-    "cuda-gemv-wide": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_GEMV_WIDE": "1"}, (5, 16)),
-    # the sm_90a w8a8 tile width by rounds of CTAs (M 65-1024: 512 x 11008 and 512 x 28672 go 128-wide)
-    "cuda-waves": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_TILE_WAVES": "1"}, (65, 1024)),
-    # the sm_90a w8a8 GEMM on a persistent grid (one CTA per SM over the tiles: the next tile's loads
-    # under this tile's epilogue), where there is more than one wave of tiles to gain on (M > 256)
-    "cuda-persistent": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_SM90_PERSISTENT": "1"}, (257, None)),
-    # the Triton GEMMs launched without the autotuner's and heuristics' per-call Python after a key's
-    # first call (host time: the eager column; M <= 512, where the launch path can exceed the kernel)
-    "triton-cached": ("triton", ("w8a8_gemm", "w8a16_gemm"), {"PTQRT_TRITON_LAUNCH_CACHE": "1"}, (0, 512)),
-    # the Triton w8a8 GEMM through TMA descriptors on a persistent grid (sm_90; fp16 / bf16 outputs),
-    # at the M of its targets (512 and up: its autotuning compiles ~7 more configs)
-    "triton-tma": ("triton", ("w8a8_gemm",), {"PTQRT_TRITON_TMA": "1"}, (512, None)),
+    # kv_cache_append's kernels before the token kernel (a CTA a token): 4 values a lane, and a warp a row
+    "cuda-append-vec4": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_KERNEL": "vec4"}, (0, None)),
+    "cuda-append-row": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_KERNEL": "row"}, (0, None)),
+    # the sm_90a w8a8 GEMM's rules before version 3: one CTA a tile, 256-wide unless that left SMs idle
+    "cuda-old-tiles": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_TILE_WAVES": "0", "PTQRT_CUDA_SM90_PERSISTENT": "0"},
+                       (65, None)),
+    # the Triton w8a8 pointer kernel where the TMA kernel is now the default (sm_90, M >= 2048)
+    "triton-pointer": ("triton", ("w8a8_gemm",), {"PTQRT_TRITON_TMA": "0"}, (2048, None)),
 }
 
 
@@ -611,7 +600,7 @@ def print_targets(rows: list) -> None:
 
 
 def compare_variants(rows: list) -> list:
-    """For each opt-in variant (VARIANTS) and op: default time / variant time over the shapes where
+    """For each variant (VARIANTS) and op: default time / variant time over the shapes where
     both ran, eager and CUDA-graph: [dict(variant, op, base, n, eager_min, eager_geo, eager_max,
     graph_min, graph_geo, graph_max, worst_shape)] (> 1: the variant is faster)."""
     out = []
@@ -643,7 +632,7 @@ def print_variants(rows: list) -> None:
     cmp = compare_variants(rows)
     if not cmp:
         return
-    print("\nopt-in variants: default time / variant time (> 1: faster), min / geomean / max over shapes")
+    print("\nvariants: default time / variant time (> 1: the variant is faster), min / geomean / max over shapes")
     for c in cmp:
         g = (f"{c['graph_min']:.2f} / {c['graph_geo']:.2f} / {c['graph_max']:.2f}" if "graph_geo" in c else "-")
         print(f"  {c['variant']:15s} vs {c['base']:7s} {c['op']:26s} n={c['n']:2d}  eager "
@@ -791,7 +780,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", action="store_true", help="also draw a PNG (needs matplotlib)")
     ap.add_argument("--out-dir", default="bench/results")
     ap.add_argument("--backends", default="triton",
-                    help="comma-separated: triton, cuda, or an opt-in variant ("
+                    help="comma-separated: triton, cuda, or a variant ("
                          f"{', '.join(VARIANTS) or 'none at present'})")
     ap.add_argument("--flush", choices=FLUSHES, default="read",
                     help="L2 flush before each timed call: read a 256 MB buffer (default; the L2 is left "

@@ -208,6 +208,7 @@ def test_vnni_one_pass(cpu_ops, monkeypatch, isa, cached, m, n, k):
         pytest.skip(f"this CPU cannot run {isa}")
     monkeypatch.setenv("PTQRT_CPU_ISA", isa)
     monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", "4")
+    monkeypatch.setenv("PTQRT_CPU_AMX", "0")  # (on an AMX CPU the tile kernel is the default at 16 rows)
     x, w = rand_int8(m, k), rand_int8(n, k)
     x[0, 0], x[-1, -1], w[0, 0], w[-1, -1] = -128, -128, -128, -128
     outs = []
@@ -284,6 +285,23 @@ def test_amx_switch_on_other_paths(cpu_ops, monkeypatch):
     monkeypatch.setenv("PTQRT_CPU_ISA", "avx512")
     with pytest.raises(RuntimeError, match="no AMX-INT8"):
         cpu_ops.w8a8_gemm(x, torch.ones(3), w, torch.ones(5), None, torch.int32)
+
+
+@pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
+def test_amx_default(cpu_ops, monkeypatch, isa):
+    """PTQRT_CPU_AMX unset: the tile kernel from 16 rows on a CPU with AMX (the VNNI panel kernel on the
+    cached quads below 16 rows), never on one without it or under avx512-emulated; exact either way."""
+    if not _supported(cpu_ops, isa):
+        pytest.skip(f"this CPU cannot run {isa}")
+    monkeypatch.setenv("PTQRT_CPU_ISA", isa)
+    monkeypatch.delenv("PTQRT_CPU_AMX", raising=False)
+    amx = isa == "avx512" and cpu_ops.has_amx()
+    with _pack_budget(cpu_ops, 1 << 30):
+        for m, path in ((15, "vnni-panel"), (16, "amx" if amx else "vnni-panel"), (40, "amx" if amx else "vnni-panel")):
+            x, w = rand_int8(m, 300), rand_int8(70, 300)
+            assert torch.equal(cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(70), None, torch.int32),
+                               ref.int32_matmul(x, w))
+            assert cpu_ops.last_w8a8_path() == path, m
 
 
 # ------------------------------------------------------------------- packed-weight cache (AVX2)

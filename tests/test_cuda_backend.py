@@ -233,11 +233,11 @@ def test_quantize_per_token(impl, dtype):
         assert torch.equal(s, s_ref), f"[{m}, {k}]: scales differ"
 
 
-@pytest.mark.parametrize("one_pass", (None, "1"), ids=("default", "one-pass"))
+@pytest.mark.parametrize("one_pass", (None, "0"), ids=("default", "two-pass"))
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_quantize_per_token_row_lengths(impl, dtype, one_pass, monkeypatch):
-    """Every per-token kernel: the two-pass kernel (the default), and with PTQRT_CUDA_QUANT_1PASS=1 rows
-    held in registers in 1, 2 and 4 vectors a thread, the two-pass kernel past that and for empty rows;
+    """Every per-token kernel: by default rows held in registers in 1, 2 and 4 vectors a thread, the
+    two-pass kernel past that and for empty rows (PTQRT_CUDA_QUANT_1PASS=0: the two-pass kernel for all);
     a NaN and a tie among them (a row's max set so that some x / s lands on .5); rows shorter than one
     vector a thread (the one-pass kernel's chunks past the row's end load its first vector)."""
     if one_pass is None:
@@ -371,24 +371,26 @@ def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
     monkeypatch.setenv("PTQRT_EMU_SMS", "4")
-    # With 4 emulated SMs: 256-wide tiles, and 128-wide ones (127 x 130; 130 x 136, whose rows are a
-    # multiple of 16 bytes: the staged epilogue, an N tail in the second column tile; 100 x 200 with
-    # split-K and more K tiles than stages) where 256-wide tiles would leave SMs idle.
+    # One CTA a tile, the older width rule (PTQRT_CUDA_SM90_PERSISTENT=0, PTQRT_CUDA_TILE_WAVES=0). With 4
+    # emulated SMs: 256-wide tiles, and 128-wide ones (127 x 130; 130 x 136, whose rows are a multiple of
+    # 16 bytes: the staged epilogue, an N tail in the second column tile; 100 x 200 with split-K and more
+    # K tiles than stages) where 256-wide tiles would leave SMs idle.
+    monkeypatch.setenv("PTQRT_CUDA_SM90_PERSISTENT", "0")
+    monkeypatch.setenv("PTQRT_CUDA_TILE_WAVES", "0")
     cases = [(65, 40, 64), (127, 130, 272), (130, 136, 272), (130, 300, 1040), (200, 17, 100), (100, 200, 1040)]
     if not impl.small:
         cases += [(4096, 4096, 4096), (8192, 8192, 8192), (333, 1000, 3000), (2048, 28672, 8192), (100, 64, 133120),
                   (512, 4096, 4096), (512, 4096, 11008), (128, 11008, 4096)]
     _check_w8a8_exact(impl, out_dtype, cases)
-    # PTQRT_CUDA_TILE_WAVES=1: the width by rounds of CTAs (here 130 x 1100 and 300 x 300 go 128-wide and
-    # 300 x 1300 256-wide on 4 SMs; the real GPU adds 512 x 11008, 128-wide, and 128 x 28672, 256-wide).
-    monkeypatch.setenv("PTQRT_CUDA_TILE_WAVES", "1")
+    # The width by rounds of CTAs (the default; here 300 x 300 goes 128-wide, 130 x 1100 and 300 x 1300
+    # 256-wide on 4 SMs; the real GPU adds 512 x 11008, 128-wide, and 128 x 28672, 256-wide).
+    monkeypatch.delenv("PTQRT_CUDA_TILE_WAVES")
     waves = [(130, 1100, 320), (300, 300, 448), (300, 1300, 200)]
     _check_w8a8_exact(impl, out_dtype, waves if impl.small else waves + [(512, 11008, 4096), (128, 28672, 1024)])
-    monkeypatch.delenv("PTQRT_CUDA_TILE_WAVES")
-    # PTQRT_CUDA_SM90_PERSISTENT=1: 4 CTAs over 9, 9 and 16 tiles (several tiles a CTA, the ring's count
-    # running on across them: 9, 2 and 3 K tiles against 4 stages; N and M tails), and a split-K shape,
-    # which keeps one CTA a tile.
-    monkeypatch.setenv("PTQRT_CUDA_SM90_PERSISTENT", "1")
+    # The persistent grid (the default; with the default width rule): 4 CTAs over 15 (128-wide), 9 and
+    # 16 tiles (several tiles a CTA, the ring's count running on across them: 9, 2 and 3 K tiles against
+    # 4 stages; N and M tails), and a split-K shape, which keeps one CTA a tile.
+    monkeypatch.delenv("PTQRT_CUDA_SM90_PERSISTENT")
     persistent = [(300, 600, 1040), (260, 700, 200), (130, 1800, 272), (100, 200, 1040)]
     _check_w8a8_exact(impl, out_dtype, persistent if impl.small else persistent + [(8192, 8192, 8192), (2048, 4096, 11008)])
 
@@ -479,30 +481,6 @@ def test_w8a16_gemv_ring(impl, dtype, monkeypatch):
         assert torch.equal(ring, default), f"(M, N, K, group) = {(m, n, k, g)}: the ring GEMV differs from the other"
 
 
-@pytest.mark.parametrize("dtype", FLOATS[:2])
-def test_w8a16_gemv_wide(impl, dtype, monkeypatch):
-    """PTQRT_CUDA_GEMV_WIDE=1: the ring GEMV with 32 columns a CTA where M > 4 and N leaves two CTAs per
-    SM (the emulator's 8 SMs: N >= 512): the reference, and bit for bit the 16-column GEMV (the same
-    windows, MMA order and reduction per column); M <= 4 and small N keep 16 columns."""
-    monkeypatch.setenv("PTQRT_EMU_SMS", "8")
-    cases = [(5, 520, 320, 0), (16, 600, 1088, 64), (8, 530, 4160, 0), (16, 512, 96, 32), (4, 700, 256, 0),
-             (16, 100, 256, 0)]
-    if not impl.small:
-        cases += [(16, 28672, 8192, 0), (16, 11008, 4096, 128), (9, 4096, 11008, 0)]
-    monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "1")
-    _check_w8a16(impl, dtype, cases)
-    dev = impl.device
-    # (on a GPU the wide path needs N >= 64 x its SMs: the real sizes)
-    for m, n, k, g in cases[:4] if impl.small else cases[-3:]:
-        x, w_q = _rand((m, k), dtype, dev), rand_int8(n, k, device=dev)
-        w_scale = rand_scale(n, device=dev) if g == 0 else rand_scale(n * (k // g), device=dev).reshape(n, k // g)
-        monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "1")
-        wide = impl("w8a16_gemm", x, w_q, w_scale, None, g)
-        monkeypatch.setenv("PTQRT_CUDA_GEMV_WIDE", "0")
-        narrow = impl("w8a16_gemm", x, w_q, w_scale, None, g)
-        assert torch.equal(wide, narrow), f"(M, N, K, group) = {(m, n, k, g)}: 32 columns a CTA differ from 16"
-
-
 # ------------------------------------------------------------------------------------------ kv cache
 def _kv_scales(nb, bs, h, d, dynamic, dev):
     if dynamic:
@@ -512,25 +490,32 @@ def _kv_scales(nb, bs, h, d, dynamic, dev):
 
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("vec", (None, "1"), ids=("default", "vec4"))
-def test_kv_cache_append(impl, dtype, dynamic, vec, monkeypatch):
-    """Against the reference, bit for bit; with PTQRT_CUDA_APPEND_VEC=1 the 4-wide kernel where it
-    applies (D % 4 == 0 up to 512: 1, 2 and 4 chunks a lane, so 4, 2 and 1 rows a warp, a partial
-    chunk, a warp's rows crossing tokens with 1 and 3 heads and running past the last one) and the
-    one-byte kernel elsewhere (D = 130, D = 520, a source that starts off its 4-value alignment)."""
-    if vec is None:
-        monkeypatch.delenv("PTQRT_CUDA_APPEND_VEC", raising=False)
+@pytest.mark.parametrize("kernel", (None, "vec4", "row"), ids=("default", "vec4", "row"))
+def test_kv_cache_append(impl, dtype, dynamic, kernel, monkeypatch):
+    """Against the reference, bit for bit (NaN scales as NaN), with each kernel
+    (PTQRT_CUDA_APPEND_KERNEL). The token kernel (the default) where D is 16 / element bytes times a
+    power of two up to 32 (every lanes-a-row count from 1 to 32; heads past one pass and past one
+    round of passes), vec4 where D % 4 == 0 up to 512 (1, 2 and 4 chunks a lane, so 4, 2 and 1 rows a
+    warp, a partial chunk, a warp's rows crossing tokens with 1 and 3 heads and running past the last
+    one), and the row kernel elsewhere (D = 130, D = 520, a source that starts off its alignment).
+    A NaN and an infinity in two rows (the token kernel's absmax over the bits of |x|)."""
+    if kernel is None:
+        monkeypatch.delenv("PTQRT_CUDA_APPEND_KERNEL", raising=False)
     else:
-        monkeypatch.setenv("PTQRT_CUDA_APPEND_VEC", vec)
+        monkeypatch.setenv("PTQRT_CUDA_APPEND_KERNEL", kernel)
     dev = impl.device
     cases = [(0, 2, 64, 4, 16), (5, 2, 64, 4, 16), (3, 3, 40, 3, 7), (2, 1, 130, 2, 5), (3, 2, 384, 3, 4),
-             (2, 1, 520, 2, 3), (4, 2, 256, 3, 4, "offset"), (3, 3, 256, 3, 4), (7, 1, 32, 3, 4)]
+             (2, 1, 520, 2, 3), (4, 2, 256, 3, 4, "offset"), (3, 3, 256, 3, 4), (7, 1, 32, 3, 4),
+             (3, 5, 8, 2, 4), (2, 3, 4, 2, 4), (3, 37, 16, 2, 4), (2, 18, 128, 2, 4), (2, 70, 64, 2, 4)]
     if not impl.small:
         cases += [(4096, 8, 128, 300, 16), (7, 4, 256, 9, 32), (300, 32, 128, 40, 16, "offset")]
     for t, h, d, nb, bs, *offset in cases:
         k_cache, v_cache = rand_int8(nb, bs, h, d, device=dev), rand_int8(nb, bs, h, d, device=dev)
         k_scale, v_scale = _kv_scales(nb, bs, h, d, dynamic, dev)
         k, v = _rand((t, h, d), dtype, dev, 2.0), _rand((t, h, d), FLOATS[(FLOATS.index(dtype) + t) % 3], dev)
+        if t > 2:
+            k[0, h - 1, d - 1] = float("nan")
+            v[2, 0, d // 2] = float("inf")
         if offset:
             k = _offset_view(k)
         slots = torch.randperm(nb * bs, device=dev)[:t]
@@ -542,7 +527,9 @@ def test_kv_cache_append(impl, dtype, dynamic, vec, monkeypatch):
             impl("kv_cache_append", k, v, *mine, sl)
             ref.kv_cache_append(k, v, *theirs, sl)
             for name, a, b in zip(("k_cache", "v_cache", "k_scale", "v_scale"), mine, theirs):
-                assert torch.equal(a, b), f"{name} differs for T={t}, H={h}, D={d}, slots {sl.dtype}"
+                same = torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                             and torch.equal(a.nan_to_num(), b.nan_to_num()))
+                assert same, f"{name} differs for T={t}, H={h}, D={d}, slots {sl.dtype}"
 
 
 # ------------------------------------------------------------------------------------------ decode attention
@@ -584,8 +571,8 @@ def _check_decode(impl, case, dtype, dynamic) -> tuple:
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_kv_decode_attention(impl, dtype, dynamic, stream, monkeypatch):
-    """The default kernels (streaming without GQA, two-phase with it), and with the streaming kernel
-    switched off (PTQRT_CUDA_DECODE_STREAM=0: the two-phase kernel for every group size)."""
+    """The default kernels (streaming where it applies, two-phase elsewhere), and with the streaming
+    kernel switched off (PTQRT_CUDA_DECODE_STREAM=0: the two-phase kernel for every group size)."""
     if stream is None:
         monkeypatch.delenv("PTQRT_CUDA_DECODE_STREAM", raising=False)
     else:
@@ -612,8 +599,8 @@ def _stream_cases(impl):
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_kv_decode_attention_streaming(impl, dtype, dynamic, monkeypatch):
-    """The streaming decode kernel (kernels/decode_stream.cuh; PTQRT_CUDA_DECODE_STREAM=1: every group it
-    serves) against the reference, and against the two-phase kernel where blocks are unreadable (ids past num_blocks: no
+    """The streaming decode kernel (kernels/decode_stream.cuh, the default for every group it serves;
+    PTQRT_CUDA_DECODE_STREAM=1 says so explicitly) against the reference, and against the two-phase kernel where blocks are unreadable (ids past num_blocks: no
     weight in either)."""
     monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")
     for case in _stream_cases(impl):

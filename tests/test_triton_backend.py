@@ -245,6 +245,19 @@ def test_w8a8_gemm_tma(monkeypatch, out_dtype):
     assert calls == [(m, n, k) for m, n, k, *_ in cases if k % 16 == 0 and half]
 
 
+def test_w8a8_gemm_tma_default(monkeypatch):
+    """The TMA kernel's gate: on a GPU from TMA_MIN_M rows by default (the interpreter never by default),
+    everywhere with PTQRT_TRITON_TMA=1, nowhere with =0."""
+    monkeypatch.delenv("PTQRT_TRITON_TMA", raising=False)
+    lo = w8a8_mod.TMA_MIN_M
+    assert w8a8_mod.tma_enabled(lo, True) and not w8a8_mod.tma_enabled(lo - 1, True)
+    assert not w8a8_mod.tma_enabled(lo, False)
+    monkeypatch.setenv("PTQRT_TRITON_TMA", "1")
+    assert w8a8_mod.tma_enabled(17, False) and w8a8_mod.tma_enabled(17, True)
+    monkeypatch.setenv("PTQRT_TRITON_TMA", "0")
+    assert not w8a8_mod.tma_enabled(lo, True)
+
+
 @cpu_only
 def test_w8a8_gemm_empty_and_k0():
     y = ops.w8a8_gemm(rand_int8(0, 16), torch.ones(1), rand_int8(8, 16), torch.ones(8), None, torch.float16)
@@ -654,7 +667,8 @@ def test_gpu_w8a8_gemm(untuned, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", (17, 512, 2048))
 def test_gpu_w8a8_gemm_tma(untuned, monkeypatch, m):
-    """PTQRT_TRITON_TMA=1 (sm_90): the TMA kernel's default configs on a persistent grid."""
+    """PTQRT_TRITON_TMA=1 (sm_90): the TMA kernel's default configs on a persistent grid; unset, from
+    TMA_MIN_M rows only."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors: sm_90")
     calls = _tma_on(monkeypatch)
@@ -662,6 +676,10 @@ def test_gpu_w8a8_gemm_tma(untuned, monkeypatch, m):
     check_w8a8(m, 4100, 4112, torch.bfloat16, m != 512, torch.float32, "cuda")  # N, K tails in the boxes
     check_w8a8(m, 1000, 3008, torch.float32, True, None, "cuda")  # fp32 out: the pointer kernel
     assert calls == [(m, 4096, 4096)] * 2 + [(m, 4100, 4112)]
+    monkeypatch.delenv("PTQRT_TRITON_TMA")  # the default: from TMA_MIN_M rows
+    calls.clear()
+    check_w8a8(m, 4096, 4096, torch.float16, True, None, "cuda")
+    assert calls == ([(m, 4096, 4096)] if m >= w8a8_mod.TMA_MIN_M else [])
 
 
 @pytest.mark.gpu
@@ -787,73 +805,3 @@ def test_scratch_buffers_are_shared_per_caller_and_grow():
     t.start()
     t.join()
     assert other[0].data_ptr() != big.data_ptr()  # another thread never shares a caller's partials
-
-
-@cpu_only
-@pytest.mark.parametrize("op", ("w8a8", "w8a16"))
-@pytest.mark.parametrize("m", (3, 40))
-def test_launch_cache_passes_what_the_wrappers_chose(monkeypatch, op, m):
-    """PTQRT_TRITON_LAUNCH_CACHE=1: after a key's first call through triton.autotune and
-    triton.heuristics, later calls launch the kernel itself with the same arguments, config and
-    heuristic values (here the autotuned paths run with timing and launch stubbed out). Each part of
-    the key alone -- K (across EVEN_K), the group size (SCALE_MODE), the activation / output dtype,
-    the bias dtype, the M bucket -- leads to what a fresh pass through the wrappers picks for it (the
-    stub's "fastest" config depends on every int and dtype the autotuner sees, so a part missing
-    from the key would reuse another key's config)."""
-    import zlib
-
-    monkeypatch.setattr(_common, "autotuning", lambda t: True)
-    monkeypatch.setattr(_common, "num_sms", lambda device: 132)
-    mod = w8a8_mod if op == "w8a8" else w8a16_mod
-    tuned = mod._gemv_tuned if m <= mod.GEMV_MAX_M else mod._gemm_tuned[mod._size_class(m)]
-    kernel = _common._jit_of(tuned)
-    assert kernel is not tuned
-    calls = []
-    monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, **kw: calls.append((a, kw)))
-
-    def fake_bench(*a, config, **kw):  # deterministic, and different for any other int or dtype
-        seen = [str(x.dtype) if isinstance(x, torch.Tensor) else x for x in a if isinstance(x, (int, torch.Tensor))]
-        return zlib.crc32(repr((seen, sorted(config.all_kwargs().items()))).encode())
-
-    monkeypatch.setattr(tuned, "_bench", fake_bench)
-    monkeypatch.setattr(_common, "_LAUNCHES", {})
-
-    def call(k=64, dtype=torch.float16, g=0, bias=None, mm=m):
-        w_s = rand_scale(24) if g == 0 else rand_scale(24 * (k // g)).reshape(24, k // g)
-        b = None if bias is None else torch.randn(24).to(bias)
-        if op == "w8a8":
-            mod.w8a8_gemm(rand_int8(mm, k), rand_scale(mm), rand_int8(24, k), rand_scale(24), b, dtype)
-        else:
-            mod.w8a16_gemm(torch.randn(mm, k, dtype=dtype), rand_int8(24, k), w_s, b, g)
-        return calls[-1]
-
-    def signature(c):  # tensors by shape and dtype (fresh ones each call), everything else by value
-        a, kw = c
-        return [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in a], dict(kw)
-
-    def wrapped(**v):  # what the wrappers pick for v, from a fresh autotuner
-        monkeypatch.delenv("PTQRT_TRITON_LAUNCH_CACHE", raising=False)
-        monkeypatch.setattr(tuned, "cache", {})
-        out = signature(call(**v))
-        monkeypatch.setenv("PTQRT_TRITON_LAUNCH_CACHE", "1")
-        return out
-
-    base = wrapped()
-    monkeypatch.setattr(tuned, "cache", {})
-    assert signature(call()) == base and len(_common._LAUNCHES) == 1  # the key's first call: through them
-    with monkeypatch.context() as mp:
-        mp.setattr(tuned, "_bench", lambda *a, **kw: pytest.fail("the cached call re-ran the autotuner"))
-        mp.setattr(tuned, "run", lambda *a, **kw: pytest.fail("the cached call went through the autotuner"))
-        assert signature(call()) == base  # the same config and heuristic values, directly
-    assert {"EVEN_K", "num_warps", "num_stages"} <= set(calls[-1][1])
-    variations = [dict(k=80), dict(k=96), dict(dtype=torch.bfloat16), dict(bias=torch.float16),
-                  dict(bias=torch.float32), dict(mm=5 if m < 16 else 20)]  # another M bucket, same kernel
-    if op == "w8a16":
-        variations += [dict(g=16), dict(g=32)]
-    for v in variations:
-        expect = wrapped(**v)
-        before = len(_common._LAUNCHES)
-        with monkeypatch.context() as mp:  # the cache keeps the base key's choice, the stub's state
-            mp.setattr(tuned, "cache", dict(tuned.cache))
-            assert signature(call(**v)) == expect, v
-        assert len(_common._LAUNCHES) == before + 1, f"{v}: the launch key does not tell it from the others"

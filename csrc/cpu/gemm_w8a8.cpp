@@ -429,13 +429,21 @@ struct AmxEmulated {
   }
 };
 
-// PTQRT_CPU_AMX=1 (opt-in until an AMX machine times it): the VNNI path's calls on cached quads run
-// the AMX-INT8 tile kernel (calls without them, below the quads' row crossover or with the cache off
-// or full, keep the VNNI kernels: last_w8a8_path() says which ran); on a CPU with AVX-512 VNNI but
-// no AMX (or an OS that withholds it) the switch is refused. Under avx512-emulated it runs the
-// emulated tile kernel; AVX2 and scalar paths have nothing for it to change. '1' on; unset, empty or
-// '0' off; anything else is refused on every path.
-bool amx_switch() { return env_switch("PTQRT_CPU_AMX", false); }
+// The AMX-INT8 tile kernel for the VNNI path's calls on cached quads (calls without them, with the
+// cache off or full, keep the VNNI kernels: last_w8a8_path() says which ran). PTQRT_CPU_AMX unset or
+// empty: on where the CPU and OS offer AMX, from kAmxMinRows rows (measured on a 2-core AMX Xeon,
+// bench/NOTES.md: 1.61-2.08x the VNNI panel kernel at M = 16 and 1.61-2.39x at M = 128, but
+// 0.67-0.81x at M = 1, where 15 of a tile's 16 rows are padding); '1': at every M with quads (on a CPU
+// with AVX-512 VNNI but no AMX, or an OS that withholds it, refused; under avx512-emulated the
+// emulated tile kernel); '0': off. AVX2 and scalar paths have nothing for it to change. Anything else
+// is refused on every path.
+constexpr int64_t kAmxMinRows = 16;
+enum class AmxMode { Auto, On, Off };
+AmxMode amx_mode() {
+  const char* s = std::getenv("PTQRT_CPU_AMX");
+  if (s == nullptr || *s == '\0') return AmxMode::Auto;
+  return env_switch("PTQRT_CPU_AMX", false) ? AmxMode::On : AmxMode::Off;  // (checks the value)
+}
 
 // x [M, K] -> [M + 16][round_up(K, 64)], zeros past K and in the 16 rows past M (the tile kernel
 // reads whole 16 x 64 tiles). Each byte written once (no zero fill first).
@@ -570,7 +578,9 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
   const int64_t rows_knob = vnni ? vnni_rows_override() : 0;
   const bool one_pass = vnni_one_pass() && vnni;  // (the switches checked on every path)
-  const bool amx_on = amx_switch() && vnni;
+  const AmxMode amx_want = amx_mode();
+  const bool amx_on = vnni && (amx_want == AmxMode::On ||
+                               (amx_want == AmxMode::Auto && isa == Isa::avx512 && M >= kAmxMinRows && has_amx()));
   TORCH_CHECK(!amx_on || isa == Isa::avx512_emulated || has_amx(),
               "ptqrt_cpu.w8a8_gemm: PTQRT_CPU_AMX=1, but this CPU (or its OS) offers no AMX-INT8 tiles");
   const int64_t packed_min = rows_knob ? rows_knob : kVnniPackedMinRows;

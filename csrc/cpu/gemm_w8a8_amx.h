@@ -1,5 +1,5 @@
-// The AMX-INT8 w8a8 block kernel (opt-in, PTQRT_CPU_AMX=1), written once against a small policy of
-// tile operations, like gemm_w8a8_vnni.h.
+// The AMX-INT8 w8a8 block kernel (the default from 16 rows on AMX CPUs; PTQRT_CPU_AMX), written once
+// against a small policy of tile operations, like gemm_w8a8_vnni.h.
 //
 // Included twice by gemm_w8a8.cpp (deliberately no include guard):
 //   PTQRT_AMX_NS = amx_native,   PTQRT_AMX_POLICY = AmxNative    (the instructions, x86-64 only)

@@ -13,6 +13,14 @@ size_t decode_attention_smem_bytes(const DecodeArgs& a) {
   return decode_smem_bytes(decode_heads_per_cta(a.Hq / a.Hkv), a.D, a.chunk);
 }
 
+int decode_stream_ctas_per_sm(const DecodeArgs& a, size_t smem_per_sm) {
+  const int gt = decode_heads_per_cta(a.Hq / a.Hkv);
+  if (!decode_stream_fits(a, gt)) return 0;
+  const size_t per_cta = decode_stream_smem_bytes(decode_stream_cols(gt)) + 1024;  // + the driver's 1 KB a CTA
+  const size_t n = smem_per_sm / per_cta;
+  return static_cast<int>(n < 1 ? 1 : n > 4 ? 4 : n);
+}
+
 cudaError_t launch_int8_kv_decode_attention(DType dt, const DecodeArgs& a, cudaStream_t stream) {
   if (a.B == 0 || a.Hq == 0 || a.D == 0) return cudaSuccess;
   switch (dt) {

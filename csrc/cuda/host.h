@@ -67,10 +67,9 @@ inline bool w8a16_wgmma_enabled() { return env_switch("PTQRT_CUDA_WGMMA_W8A16", 
 
 // The streaming decode kernel (kernels/decode_stream.cuh: one pass, online softmax, coalesced K / V
 // rows) serves 1-2 query heads per kv head with D in {64, 128, 256} and groups of 3-4 with D in
-// {64, 128}. Measured on an H100 without GQA only (bench/NOTES.md: 1.3-1.9x the two-phase kernel),
-// so by default it runs without GQA; PTQRT_CUDA_DECODE_STREAM=1 runs it wherever it applies (GQA
-// groups too, unmeasured), =0 nowhere.
-inline bool decode_stream_enabled(int64_t group) { return env_switch("PTQRT_CUDA_DECODE_STREAM", group == 1); }
+// {64, 128}. Measured on an H100 (bench/NOTES.md): 1.3-1.9x the two-phase kernel without GQA, and
+// 1.00-1.13x (geomean 1.04) with groups of 4 too. PTQRT_CUDA_DECODE_STREAM=0 turns it off.
+inline bool decode_stream_enabled() { return env_switch("PTQRT_CUDA_DECODE_STREAM", true); }
 
 // The fp16 / bf16 w8a16_gemm GEMV (M <= 16) with its weight loads in a per-warp cp.async ring
 // (kernels/w8a16_gemv.cuh; measured on an H100, bench/NOTES.md: 1.01-1.44x the register-staged GEMV).
@@ -78,27 +77,33 @@ inline bool decode_stream_enabled(int64_t group) { return env_switch("PTQRT_CUDA
 // there, geomean over the shapes, and was removed.)
 inline bool gemv_ring_enabled() { return env_switch("PTQRT_CUDA_GEMV_RING", true); }
 
-// The fp16 / bf16 w8a16 ring GEMV with 32 output columns a CTA where M > 4 and N leaves two CTAs per
-// SM (w8a16_gemm.cpp): opt-in with PTQRT_CUDA_GEMV_WIDE=1 until measured.
-inline bool gemv_wide_enabled() { return env_switch("PTQRT_CUDA_GEMV_WIDE", false); }
-
-// The sm_90a w8a8 GEMM's tile width chosen by rounds of CTAs (w8a8_sm90_tile_n): opt-in with
-// PTQRT_CUDA_TILE_WAVES=1 until measured.
-inline bool tile_waves_enabled() { return env_switch("PTQRT_CUDA_TILE_WAVES", false); }
+// The sm_90a w8a8 GEMM's tile width chosen by rounds of CTAs (w8a8_sm90_tile_n), with the cost of a
+// 128-wide tile refitted to the H100 run that measured it: the default; PTQRT_CUDA_TILE_WAVES=0 gives
+// the older rule (256-wide unless that leaves SMs idle).
+inline bool tile_waves_enabled() { return env_switch("PTQRT_CUDA_TILE_WAVES", true); }
 
 // The sm_90a w8a8 GEMM on a persistent grid, one CTA per SM taking every SMs-th tile, so that its
-// producer loads the next tile while the consumers store this one (kernels/w8a8_gemm_sm90.cuh): opt-in
-// with PTQRT_CUDA_SM90_PERSISTENT=1 until measured.
-inline bool sm90_persistent_enabled() { return env_switch("PTQRT_CUDA_SM90_PERSISTENT", false); }
+// producer loads the next tile while the consumers store this one (kernels/w8a8_gemm_sm90.cuh).
+// Measured on an H100 (bench/NOTES.md): 1.01-1.07x one CTA a tile at M >= 512, geomean 1.03. The
+// default; PTQRT_CUDA_SM90_PERSISTENT=0 gives one CTA a tile.
+inline bool sm90_persistent_enabled() { return env_switch("PTQRT_CUDA_SM90_PERSISTENT", true); }
 
-// quantize_per_token with rows of up to 4 16-byte vectors a thread kept in registers (one read of x):
-// opt-in with PTQRT_CUDA_QUANT_1PASS=1 (it ran slower than the two-pass kernel on an H100; timed beside
-// it again in the next device check).
-inline bool quant_one_pass_enabled() { return env_switch("PTQRT_CUDA_QUANT_1PASS", false); }
+// quantize_per_token with rows of up to 4 16-byte vectors a thread kept in registers (one read of x),
+// its loads issued back to back: measured on an H100 (bench/NOTES.md) 1.05-1.12x the two-pass kernel.
+// The default; PTQRT_CUDA_QUANT_1PASS=0 gives the two-pass kernel.
+inline bool quant_one_pass_enabled() { return env_switch("PTQRT_CUDA_QUANT_1PASS", true); }
 
-// kv_cache_append with 4 values a lane, the row read once (kernels/kv_cache.cuh): opt-in with
-// PTQRT_CUDA_APPEND_VEC=1 until measured on a GPU.
-inline bool append_vec4_enabled() { return env_switch("PTQRT_CUDA_APPEND_VEC", false); }
+// kv_cache_append's kernel (kernels/kv_cache.cuh), PTQRT_CUDA_APPEND_KERNEL: "token" (a CTA a token,
+// 16-byte loads; the default where it applies), "vec4" (a warp 4 / chunks rows, 4 values a lane) or
+// "row" (a warp a row, a value a lane; also wherever the chosen kernel does not apply). On an H100 at
+// 4096 tokens of 32 x 128 the vec4 kernel ran 1.41x the row kernel (65.8 against 92.7 us), and 0.92x
+// at 16 tokens; the token kernel is new (bench/NOTES.md).
+inline AppendKernel append_kernel_choice() {
+  const char* s = std::getenv("PTQRT_CUDA_APPEND_KERNEL");
+  if (s != nullptr && std::string(s) == "vec4") return AppendKernel::Vec4;
+  if (s != nullptr && std::string(s) == "row") return AppendKernel::Row;
+  return AppendKernel::Token;
+}
 
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream s;

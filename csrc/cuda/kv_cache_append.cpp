@@ -37,24 +37,33 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   a.H = static_cast<int>(H);
   a.D = static_cast<int>(D);
   a.num_slots = nb * bs;
-  if (append_vec4_enabled() && D % 4 == 0 && D <= 512) {
-    // 4 values a lane: the sources aligned to 4 of their values, the caches to 4 bytes, a static
-    // scale to 16 bytes (rows of D % 4 == 0 values keep every row so).
-    auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-    a.vec4 = aligned(k.data_ptr(), 4 * k.element_size()) && aligned(v.data_ptr(), 4 * v.element_size()) &&
-             aligned(a.kv[0].cache, 4) && aligned(a.kv[1].cache, 4) && (k_dyn || aligned(a.kv[0].scale, 16)) &&
-             (v_dyn || aligned(a.kv[1].scale, 16));
-  }
+  // The kernel for each launch: the chosen one where its alignment and D allow, else the row kernel.
+  auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  const AppendKernel choice = append_kernel_choice();
+  auto pick = [&](const KvAppendArgs& x, int64_t es) {  // es: the launch's source element size
+    bool ok = true;
+    for (int i = 0; i < x.streams; ++i) {
+      const KvStream& st = x.kv[i];
+      const int64_t vec = choice == AppendKernel::Token ? 16 / es : 4;  // values a lane
+      const int64_t lanes = D / vec;  // the token kernel: lanes a row, a power of two <= 32
+      ok = ok && D % vec == 0 && aligned(st.src, vec * es) && aligned(st.cache, vec) && (st.dynamic || aligned(st.scale, 16));
+      ok = ok && (choice == AppendKernel::Token ? lanes <= 32 && (lanes & (lanes - 1)) == 0 : D <= 512);
+    }
+    return ok ? choice : AppendKernel::Row;
+  };
   const cudaStream_t stream = current_stream();
   if (k.scalar_type() == v.scalar_type()) {
     a.streams = 2;
+    a.kernel = pick(a, k.element_size());
     check_launch(op, launch_kv_cache_append(to_dtype(k.scalar_type()), a, stream));
   } else {
     KvAppendArgs b = a;
     a.streams = 1;
+    a.kernel = pick(a, k.element_size());
     check_launch(op, launch_kv_cache_append(to_dtype(k.scalar_type()), a, stream));
     b.kv[0] = b.kv[1];
     b.streams = 1;
+    b.kernel = pick(b, v.element_size());
     check_launch(op, launch_kv_cache_append(to_dtype(v.scalar_type()), b, stream));
   }
 }

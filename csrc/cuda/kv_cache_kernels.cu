@@ -26,14 +26,42 @@ cudaError_t launch_vec4(int chunks, int64_t units, int threads, const KvAppendAr
   }
 }
 
+template <typename T, int LPR>
+cudaError_t launch_token_n(const KvAppendArgs& a, cudaStream_t stream) {
+  auto kernel = kv_cache_append_token_kernel<T, LPR>;
+  PTQRT_LAUNCH(kernel, dim3(a.T, a.streams), kTokenThreads, 0, stream)(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_token(const KvAppendArgs& a, cudaStream_t stream) {
+  switch (a.D / append_token_vec<T>()) {  // D % VEC == 0 (the host checked)
+    case 1: return launch_token_n<T, 1>(a, stream);
+    case 2: return launch_token_n<T, 2>(a, stream);
+    case 4: return launch_token_n<T, 4>(a, stream);
+    case 8: return launch_token_n<T, 8>(a, stream);
+    case 16: return launch_token_n<T, 16>(a, stream);
+    case 32: return launch_token_n<T, 32>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_kv_cache_append(DType dt, const KvAppendArgs& a, cudaStream_t stream) {
   const int64_t units = int64_t(a.T) * a.H;
   if (units == 0 || a.D == 0) return cudaSuccess;
+  if (a.kernel == AppendKernel::Token) {  // D = VEC * 2^i <= 32 VEC, aligned (the host checked)
+    switch (dt) {
+      case DType::F16: return launch_token<__half>(a, stream);
+      case DType::BF16: return launch_token<__nv_bfloat16>(a, stream);
+      case DType::F32: return launch_token<float>(a, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   const dim3 grid(static_cast<unsigned>((units + kAppendWarps - 1) / kAppendWarps), a.streams);
   const int threads = kAppendWarps * kWarp;
-  if (a.vec4) {  // D % 4 == 0, D <= 512, aligned (the host checked)
+  if (a.kernel == AppendKernel::Vec4) {  // D % 4 == 0, D <= 512, aligned (the host checked)
     const int chunks = (a.D + 4 * kWarp - 1) / (4 * kWarp);
     switch (dt) {
       case DType::F16: return launch_vec4<__half>(chunks, units, threads, a, stream);

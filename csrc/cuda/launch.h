@@ -70,7 +70,6 @@ struct W8A16Args {
   int group_size;         // 0: per channel
   int splits;
   bool ring;              // M <= 16, fp16 / bf16: the cp.async-ring GEMV (PTQRT_CUDA_GEMV_RING=0: off)
-  bool wide = false;      // the ring GEMV with 32 columns a CTA instead of 16 (PTQRT_CUDA_GEMV_WIDE=1)
 };
 // M <= 16; K % 16 == 0 and x, w 16-byte aligned.
 cudaError_t w8a16_gemv(DType dt, const W8A16Args& args, cudaStream_t stream);
@@ -96,6 +95,8 @@ struct KvStream {           // one of k / v
   float* scale;             // dynamic: [num_blocks, block_size, H] (written); static: [H, D] (read)
   bool dynamic;
 };
+// kv_cache_append's kernels (kernels/kv_cache.cuh): a warp a row, 4 values a lane, a CTA a token.
+enum class AppendKernel { Row, Vec4, Token };
 struct KvAppendArgs {
   KvStream kv[2];
   int streams;              // 1 or 2 (k and v in one launch when their dtypes agree)
@@ -103,7 +104,7 @@ struct KvAppendArgs {
   bool slots_i64;
   int T, H, D;
   int64_t num_slots;        // num_blocks * block_size: slots at or past it are skipped (never written)
-  bool vec4 = false;        // the 4-wide kernel (PTQRT_CUDA_APPEND_VEC=1; D % 4 == 0, D <= 512, aligned)
+  AppendKernel kernel = AppendKernel::Row;  // the host's choice (kv_cache_append.cpp)
 };
 cudaError_t launch_kv_cache_append(DType dt, const KvAppendArgs& args, cudaStream_t stream);
 
@@ -136,6 +137,9 @@ cudaError_t launch_int8_kv_decode_attention(DType dt, const DecodeArgs& args, cu
 // Dynamic shared memory the attention kernel needs for these sizes (args.chunk included), so the host
 // can shrink the chunk, or refuse, when it does not fit the device.
 size_t decode_attention_smem_bytes(const DecodeArgs& args);
+// CTAs of the streaming decode kernel one SM holds (by its shared memory, at most 4), or 0 where that
+// kernel does not serve `a` (a.D, a.stream, a.vec, a.num_blocks, a.block_size, a.Hq / a.Hkv read).
+int decode_stream_ctas_per_sm(const DecodeArgs& a, size_t smem_per_sm);
 
 }  // namespace cuda
 }  // namespace ptqrt

@@ -51,10 +51,6 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   a.group_size = static_cast<int>(group_size);
   a.splits = 1;
   a.ring = gemv_ring_enabled();
-  // Each CTA of the GEMV reads all M rows of x: 16 columns a CTA at M = 16 read x from L2 twice
-  // as often as the weights' own bytes. 32 columns a CTA halve that where there are still two CTAs
-  // per SM (opt-in until measured).
-  a.wide = gemv_wide_enabled() && M > 4 && (N + 31) / 32 >= 2 * int64_t(sm_count());
   const cudaStream_t stream = current_stream();
   const DType dt = to_dtype(x.scalar_type());
 

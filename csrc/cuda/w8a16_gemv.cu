@@ -23,11 +23,9 @@ cudaError_t gemv_tc(const W8A16Args& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, bool GROUPED, int NT = kTcTiles>
+template <typename T, bool GROUPED>
 cudaError_t gemv_ring(const W8A16Args& a, cudaStream_t stream) {
-  if constexpr (NT == kTcTiles) {
-    if (a.wide) return gemv_ring<T, GROUPED, 2 * kTcTiles>(a, stream);  // 32 columns a CTA
-  }
+  constexpr int NT = kTcTiles;
   const dim3 grid(ceil_div(a.N, 8 * NT));
   auto kernel = w8a16_gemv_ring_kernel<T, NT, kRingStages, GROUPED>;
   const size_t smem = gemv_ring_smem_bytes<NT, kRingStages>();

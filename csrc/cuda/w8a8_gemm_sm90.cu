@@ -52,11 +52,11 @@ int w8a8_sm90_tile_n(int M, int N, int sms, bool waves) {
   const int64_t tiles_m = ceil_div(M, sm90::W8A8Sm90<256>::kBM);
   if (waves) {
     // One CTA per SM: a grid takes ceil(tiles / sms) rounds of its tile's time. Pick the width with
-    // fewer rounds x width, a 128-wide tile costing 1 / 0.9 of half a 256-wide one (it reloads x
-    // twice as often): e.g. 512 x 11008 takes 2 rounds of 256-wide tiles (172 of them) or 3 of
-    // 128-wide ones (344), 512 against 427. Opt-in (PTQRT_CUDA_TILE_WAVES=1) until measured.
+    // fewer rounds x cost, a 128-wide tile costing 0.6 of a 256-wide one (it reloads x twice as often;
+    // fitted to an H100: 512 x 11008 ran 62.4 us in 2 rounds of 256-wide tiles and 48.6 in 3 of
+    // 128-wide ones, 512 x 28672 194 us in 4 rounds and 204 in 7: 0.52 and 0.60 of a round).
     const int64_t r256 = ceil_div64(tiles_m * ceil_div(N, 256), sms), r128 = ceil_div64(tiles_m * ceil_div(N, 128), sms);
-    return r128 * 128 * 10 < r256 * 256 * 9 ? 128 : 256;
+    return r128 * 3 < r256 * 5 ? 128 : 256;
   }
   // 256-wide tiles (fewer B reloads per A tile) unless they leave SMs idle where 128-wide ones would not.
   return tiles_m * ceil_div(N, 256) < sms && ceil_div(N, 256) < ceil_div(N, 128) ? 128 : 256;

@@ -247,22 +247,53 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
   }
 }
 
-// grid: B * Hq; block: 128. out[b, hq, :] = sum_z e^(m_z - M) acc_z / sum_z e^(m_z - M) l_z.
+// grid: B * Hq; block: kCombineThreads; dynamic smem: decode_combine_smem_bytes(splits).
+// out[b, hq, :] = sum_z e^(m_z - M) acc_z / sum_z e^(m_z - M) l_z, summed in split order. The weights
+// e^(m_z - M) of the first kCombineCached splits are computed once, by as many threads, into shared
+// memory (each output column used to recompute every split's expf, one split after the other).
+constexpr int kCombineThreads = 128, kCombineCached = 4096;
+__host__ __device__ inline size_t decode_combine_smem_bytes(int splits) {
+  return sizeof(float) * size_t(splits < kCombineCached ? splits : kCombineCached);
+}
+
 template <typename T>
-__global__ void __launch_bounds__(128) decode_combine_kernel(DecodeArgs a) {
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeArgs a) {
+  PTQRT_DYNAMIC_SMEM(float, s_e);
+  __shared__ float s_red[kCombineThreads / kWarp];
+  __shared__ float s_l;
   const int64_t head = blockIdx.x;  // b * Hq + hq
   const float* ml = a.part_ml + head * a.splits * 2;
-  float m = -INFINITY;
-  for (int z = 0; z < a.splits; ++z)
+  const int cached = a.splits < kCombineCached ? a.splits : kCombineCached;
+  float m = -INFINITY;  // M: the largest max of the splits that saw a token
+  for (int z = threadIdx.x; z < a.splits; z += kCombineThreads)
     if (ml[2 * z + 1] > 0.f) m = fmaxf(m, ml[2 * z]);
-  float l = 0.f;
-  for (int z = 0; z < a.splits; ++z)
-    if (ml[2 * z + 1] > 0.f) l += ml[2 * z + 1] * expf(ml[2 * z] - m);
+  m = warp_max(m);
+  if (threadIdx.x % kWarp == 0) s_red[threadIdx.x / kWarp] = m;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kCombineThreads / kWarp; ++w) m = fmaxf(m, s_red[w]);
+  // e^(m_z - M), or -1 for a split that saw no token (its partials are never read).
+  auto weight = [&](int z) { return ml[2 * z + 1] > 0.f ? expf(ml[2 * z] - m) : -1.f; };
+  for (int z = threadIdx.x; z < cached; z += kCombineThreads) s_e[z] = weight(z);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float l = 0.f;
+    for (int z = 0; z < a.splits; ++z) {
+      const float e = z < cached ? s_e[z] : weight(z);
+      if (e >= 0.f) l += ml[2 * z + 1] * e;
+    }
+    s_l = l;
+  }
+  __syncthreads();
+  const float l = s_l;
+  const float* acc = a.part_acc + head * a.splits * a.D;
   T* o = static_cast<T*>(a.out) + head * a.D;
-  for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
+  for (int d = threadIdx.x; d < a.D; d += kCombineThreads) {
     float v = 0.f;
-    for (int z = 0; z < a.splits; ++z)
-      if (ml[2 * z + 1] > 0.f) v += a.part_acc[(head * a.splits + z) * a.D + d] * expf(ml[2 * z] - m);
+    for (int z = 0; z < a.splits; ++z) {
+      const float e = z < cached ? s_e[z] : weight(z);
+      if (e >= 0.f) v += acc[int64_t(z) * a.D + d] * e;
+    }
     o[d] = from_float<T>(l > 0.f ? v / l : 0.f);
   }
 }

@@ -47,7 +47,8 @@ cudaError_t launch_decode(const DecodeArgs& a, cudaStream_t stream) {
   e = cudaGetLastError();
   if (e != cudaSuccess || a.splits == 1) return e;
   auto combine = decode_combine_kernel<T>;
-  PTQRT_LAUNCH(combine, static_cast<unsigned>(int64_t(a.B) * a.Hq), 128, 0, stream)(a);
+  PTQRT_LAUNCH(combine, static_cast<unsigned>(int64_t(a.B) * a.Hq), kCombineThreads, decode_combine_smem_bytes(a.splits),
+               stream)(a);
   return cudaGetLastError();
 }
 
