@@ -220,12 +220,12 @@ limit=${BENCH_LIMIT:-240}
 [ "$left" -lt "$limit" ] && limit=$left
 [ "$BENCH" = 1 ] && [ "$limit" -gt 30 ] && stage bench "$limit" "$PY" -m ptqrt.bench_gpu $QUICK --plot --out-dir "$RESULTS" \
     --backends "$BACKENDS" --ops "$OPS"
-# 4a. the sm_90a w8a8 GEMM's fixed cost a tile: 8192 x 8192 over K, default and persistent grid
+# 4a. the sm_90a w8a8 GEMM's fixed cost a tile: 8192 x 8192 over K, default (persistent) and one CTA a tile
 # (bench/diag_gpu.py --k-sweep; ~15-20 s), with at least 100 s left before DEADLINE
 if [ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ]; then
     if [ $(( ${DEADLINE:-540} - SECONDS )) -ge 100 ]; then
         stage ksweep 40 env PTQRT_NO_BUILD=1 \
-            "$PY" bench/diag_gpu.py --cases none --k-sweep --backends cuda,cuda:PTQRT_CUDA_SM90_PERSISTENT=1
+            "$PY" bench/diag_gpu.py --cases none --k-sweep --backends cuda,cuda:PTQRT_CUDA_SM90_PERSISTENT=0
     else
         skipped ksweep "under 100 s left"
     fi
