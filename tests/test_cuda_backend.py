@@ -272,6 +272,43 @@ def test_quantize_per_tensor(impl, dtype):
         assert torch.equal(q, ref.quantize_per_tensor(x, scale, sm)), f"[{m}, {k}]"
 
 
+def _near_half_integers(amax: float, n: int, gen: torch.Generator) -> torch.Tensor:
+    """A float32 row of absmax `amax` whose other n values lie within 3 ulps of (k + 1/2) * amax / 127:
+    each v / s within a few ulps of a half-integer, where v * (1 / s) and the quotient can round apart."""
+    s = torch.tensor(amax, dtype=torch.float32) / 127
+    v = (torch.randint(-126, 126, (n,), generator=gen).float() + 0.5) * s
+    v = (v.view(torch.int32) + torch.randint(-3, 4, (n,), generator=gen, dtype=torch.int32)).view(torch.float32)
+    return torch.cat([torch.tensor([amax]), v])
+
+
+def test_quantize_near_half_integers(impl):
+    """The quantizing kernels multiply by 1 / s and divide only where the product lies near a
+    half-integer (kernels/common.cuh, ScaleDivider): bit for bit against the reference's division on
+    values a few ulps from every rounding boundary, at scales whose reciprocal is not exact, per token
+    and per tensor, and in kv_cache_append's token kernel."""
+    dev = impl.device
+    gen = torch.Generator().manual_seed(7)
+    x = torch.stack([_near_half_integers(a, 4095, gen) for a in (0.37, 3.1e-3, 113.7, 1.0 + 2**-20, 6e4)])
+    q, s = impl("quantize_per_token", x.to(dev), None)
+    q_ref, s_ref = ref.quantize_per_token(x)
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
+    for row in x:
+        st = torch.tensor([float(row[0]) / 127], dtype=torch.float32)
+        assert torch.equal(impl("quantize_per_tensor", x.to(dev), st.to(dev), None).cpu(), ref.quantize_per_tensor(x, st))
+    # kv_cache_append, dynamic scales: 32 heads of 128 per token, each head's row near half-integers
+    t, h, d = 4, 32, 128
+    k = torch.stack([_near_half_integers(0.37 + 0.01 * i, d - 1, gen) for i in range(t * h)]).reshape(t, h, d)
+    caches = [torch.zeros(2, 4, h, d, dtype=torch.int8) for _ in range(2)]
+    scales = [torch.zeros(2, 4, h) for _ in range(2)]
+    mine = [c.clone().to(dev) for c in caches + scales]
+    slots = torch.tensor([0, 5, 2, 7])
+    impl("kv_cache_append", k.to(dev), k.to(dev), *mine, slots.to(dev))
+    theirs = caches + scales
+    ref.kv_cache_append(k, k, *theirs, slots)
+    for a, b in zip(mine, theirs):
+        assert torch.equal(a.cpu(), b)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_quantize_rounding_and_special_values(impl, dtype):
     """Ties round to even, NaN -> 0 with a NaN scale, Inf rows, all-zero rows (scale 1), saturation;
@@ -383,10 +420,13 @@ def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
                   (512, 4096, 4096), (512, 4096, 11008), (128, 11008, 4096)]
     _check_w8a8_exact(impl, out_dtype, cases)
     # The width by rounds of CTAs (the default; here 300 x 300 goes 128-wide, 130 x 1100 and 300 x 1300
-    # 256-wide on 4 SMs; the real GPU adds 512 x 11008, 128-wide, and 128 x 28672, 256-wide).
+    # 256-wide on 4 SMs; the real GPU adds 512 x 11008, 128-wide, and 128 x 28672, 256-wide). 17-64 rows
+    # where N gives half a wave of 128-wide tiles (17 x 300 and 64 x 1000 here; 32 x 28672 and 40 x
+    # 11008 on the GPU): the sm_90a kernel with most of its 128-row tile past M.
     monkeypatch.delenv("PTQRT_CUDA_TILE_WAVES")
-    waves = [(130, 1100, 320), (300, 300, 448), (300, 1300, 200)]
-    _check_w8a8_exact(impl, out_dtype, waves if impl.small else waves + [(512, 11008, 4096), (128, 28672, 1024)])
+    waves = [(130, 1100, 320), (300, 300, 448), (300, 1300, 200), (17, 300, 272), (64, 1000, 1040)]
+    _check_w8a8_exact(impl, out_dtype, waves if impl.small else waves + [(512, 11008, 4096), (128, 28672, 1024),
+                                                                          (32, 28672, 8192), (40, 11008, 4096)])
     # The persistent grid (the default; with the default width rule): 4 CTAs over 15 (128-wide), 9 and
     # 16 tiles (several tiles a CTA, the ring's count running on across them: 9, 2 and 3 K tiles against
     # 4 stages; N and M tails), and a split-K shape, which keeps one CTA a tile.
@@ -493,16 +533,18 @@ def _kv_scales(nb, bs, h, d, dynamic, dev):
 @pytest.mark.parametrize("kernel", (None, "vec4", "row"), ids=("default", "vec4", "row"))
 def test_kv_cache_append(impl, dtype, dynamic, kernel, monkeypatch):
     """Against the reference, bit for bit (NaN scales as NaN), with each kernel
-    (PTQRT_CUDA_APPEND_KERNEL). The token kernel (the default) where D is 16 / element bytes times a
-    power of two up to 32 (every lanes-a-row count from 1 to 32; heads past one pass and past one
-    round of passes), vec4 where D % 4 == 0 up to 512 (1, 2 and 4 chunks a lane, so 4, 2 and 1 rows a
-    warp, a partial chunk, a warp's rows crossing tokens with 1 and 3 heads and running past the last
-    one), and the row kernel elsewhere (D = 130, D = 520, a source that starts off its alignment).
-    A NaN and an infinity in two rows (the token kernel's absmax over the bits of |x|)."""
+    (PTQRT_CUDA_APPEND_KERNEL). The token kernel (the default) where there are at least as many tokens
+    (times k / v launches) as multiprocessors and D is 16 / element bytes times a power of two up to 32
+    (every lanes-a-row count from 1 to 32; heads past one pass and past one round of passes), vec4
+    where D % 4 == 0 up to 512 (1, 2 and 4 chunks a lane, so 4, 2 and 1 rows a warp, a partial chunk, a
+    warp's rows crossing tokens with 1 and 3 heads and running past the last one), and the row kernel
+    elsewhere (D = 130, D = 520, a source that starts off its alignment). A NaN and an infinity in two
+    rows (the token kernel's absmax over the bits of |x|)."""
     if kernel is None:
         monkeypatch.delenv("PTQRT_CUDA_APPEND_KERNEL", raising=False)
     else:
         monkeypatch.setenv("PTQRT_CUDA_APPEND_KERNEL", kernel)
+    monkeypatch.setenv("PTQRT_EMU_SMS", "2")  # the token kernel from 2 tokens (a GPU: one a multiprocessor)
     dev = impl.device
     cases = [(0, 2, 64, 4, 16), (5, 2, 64, 4, 16), (3, 3, 40, 3, 7), (2, 1, 130, 2, 5), (3, 2, 384, 3, 4),
              (2, 1, 520, 2, 3), (4, 2, 256, 3, 4, "offset"), (3, 3, 256, 3, 4), (7, 1, 32, 3, 4),
