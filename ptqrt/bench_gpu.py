@@ -258,8 +258,7 @@ def _flush_as(mode: str):
 # timed: where it differs from the default; hi None = no bound). (The ones before these were measured
 # on an H100 and became the default or were removed: bench/NOTES.md, "H100, version 3".)
 VARIANTS = {
-    # kv_cache_append's kernels before the token kernel (a CTA a token): 4 values a lane, and a warp a row
-    "cuda-append-vec4": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_KERNEL": "vec4"}, (0, None)),
+    # kv_cache_append's kernel before the token kernel (a CTA a token): a warp a row
     "cuda-append-row": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_KERNEL": "row"}, (0, None)),
     # the sm_90a w8a8 GEMM's rules before version 3: one CTA a tile, 256-wide unless that left SMs idle
     "cuda-old-tiles": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_TILE_WAVES": "0", "PTQRT_CUDA_SM90_PERSISTENT": "0"},

@@ -94,15 +94,13 @@ inline bool sm90_persistent_enabled() { return env_switch("PTQRT_CUDA_SM90_PERSI
 inline bool quant_one_pass_enabled() { return env_switch("PTQRT_CUDA_QUANT_1PASS", true); }
 
 // kv_cache_append's kernel (kernels/kv_cache.cuh), PTQRT_CUDA_APPEND_KERNEL: "token" (a CTA a token,
-// 16-byte loads; the default where it applies), "vec4" (a warp 4 / chunks rows, 4 values a lane) or
-// "row" (a warp a row, a value a lane; also wherever the chosen kernel does not apply). On an H100 at
-// 4096 tokens of 32 x 128 the vec4 kernel ran 1.41x the row kernel (65.8 against 92.7 us), and 0.92x
-// at 16 tokens; the token kernel is new (bench/NOTES.md).
+// 16-byte loads; the default where it applies and there are at least as many tokens as SMs) or "row"
+// (a warp a row, a value a lane; also wherever the token kernel does not apply). On an H100 at 4096
+// tokens of 32 x 128 (fp16 k and v): token 47.1 us, row 93.4 (Triton 39.6, floor 33.6); at 16 tokens
+// row 5.8; a kernel with 4 values a lane, 65.7 and 6.4, was removed (bench/NOTES.md).
 inline AppendKernel append_kernel_choice() {
   const char* s = std::getenv("PTQRT_CUDA_APPEND_KERNEL");
-  if (s != nullptr && std::string(s) == "vec4") return AppendKernel::Vec4;
-  if (s != nullptr && std::string(s) == "row") return AppendKernel::Row;
-  return AppendKernel::Token;
+  return s != nullptr && std::string(s) == "row" ? AppendKernel::Row : AppendKernel::Token;
 }
 
 inline std::string describe(const at::Tensor& t) {

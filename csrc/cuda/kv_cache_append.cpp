@@ -37,22 +37,21 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   a.H = static_cast<int>(H);
   a.D = static_cast<int>(D);
   a.num_slots = nb * bs;
-  // The kernel for each launch: the chosen one where its alignment and D allow, else the row kernel.
+  // The kernel for each launch: the token kernel where chosen (the default), with at least as many
+  // tokens x streams as SMs (one CTA a token: fewer leave the GPU idle; the row kernel's CTAs of 4
+  // rows ran faster at 16 tokens), D = 16 / element bytes x a power of two up to 32 and aligned
+  // operands; else the row kernel.
   auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  const AppendKernel choice = append_kernel_choice();
+  const bool token = append_kernel_choice() == AppendKernel::Token;
   auto pick = [&](const KvAppendArgs& x, int64_t es) {  // es: the launch's source element size
-    bool ok = true;
+    const int64_t vec = 16 / es, lanes = D / vec;  // values a lane, lanes a row
+    bool ok = token && int64_t(x.T) * x.streams >= sm_count() && D % vec == 0 && lanes <= 32 &&
+              (lanes & (lanes - 1)) == 0;
     for (int i = 0; i < x.streams; ++i) {
       const KvStream& st = x.kv[i];
-      const int64_t vec = choice == AppendKernel::Token ? 16 / es : 4;  // values a lane
-      const int64_t lanes = D / vec;  // the token kernel: lanes a row, a power of two <= 32
-      ok = ok && D % vec == 0 && aligned(st.src, vec * es) && aligned(st.cache, vec) && (st.dynamic || aligned(st.scale, 16));
-      ok = ok && (choice == AppendKernel::Token ? lanes <= 32 && (lanes & (lanes - 1)) == 0 : D <= 512);
+      ok = ok && aligned(st.src, 16) && aligned(st.cache, vec) && (st.dynamic || aligned(st.scale, 16));
     }
-    // The token kernel has one CTA a token: fewer tokens than SMs leave the GPU idle, and the row
-    // kernel's CTAs of 4 rows ran faster there (an H200 at 16 tokens of 32 x 128: 5.9 against 6.8 us).
-    if (choice == AppendKernel::Token && int64_t(x.T) * x.streams < sm_count()) return AppendKernel::Row;
-    return ok ? choice : AppendKernel::Row;
+    return ok ? AppendKernel::Token : AppendKernel::Row;
   };
   const cudaStream_t stream = current_stream();
   if (k.scalar_type() == v.scalar_type()) {

@@ -95,8 +95,8 @@ struct KvStream {           // one of k / v
   float* scale;             // dynamic: [num_blocks, block_size, H] (written); static: [H, D] (read)
   bool dynamic;
 };
-// kv_cache_append's kernels (kernels/kv_cache.cuh): a warp a row, 4 values a lane, a CTA a token.
-enum class AppendKernel { Row, Vec4, Token };
+// kv_cache_append's kernels (kernels/kv_cache.cuh): a warp a row, a CTA a token.
+enum class AppendKernel { Row, Token };
 struct KvAppendArgs {
   KvStream kv[2];
   int streams;              // 1 or 2 (k and v in one launch when their dtypes agree)

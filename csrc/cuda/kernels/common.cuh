@@ -90,36 +90,6 @@ __device__ __forceinline__ int8_t round_clamp_int8(float v) {
   return static_cast<int8_t>(__float_as_uint(__fadd_rn(v, 12582912.f)) & 0xFFu);
 }
 
-// round_clamp_int8(v / s) for one s shared by many v, bit for bit, with a multiply where a division
-// is not needed: q = v * (1 / s) (both correctly rounded) is within 2^-16 of the quotient wherever
-// |v / s| <= 128 and s lies in [2^-100, 2^100], so q and the quotient round to the same integer unless
-// q lies within 2^-10 of a half-integer. A group of N values that holds such a q (ties included), a
-// NaN, or an s out of range is divided instead, all N (about 2 groups of 8 in 100 on random data).
-// The IEEE division is ~10 instructions (a reciprocal, refinements, a range check, a branch) per value
-// in kernels that quantize every element; Nsight Compute showed those kernels issue-bound on an H100
-// and an H200 (74-78% SM throughput at 43-54% of DRAM bandwidth).
-struct ScaleDivider {
-  float s, r;  // r = 1 / s, or 0 where s is out of range (then every group divides)
-  __device__ __forceinline__ explicit ScaleDivider(float s_)
-      : s(s_), r(s_ >= 0x1p-100f && s_ <= 0x1p100f ? 1.f / s_ : 0.f) {}  // (an IEEE division: correctly rounded)
-  template <int N>
-  __device__ __forceinline__ void operator()(const float (&v)[N], int8_t (&q)[N]) const {
-    bool exact = r != 0.f;
-#pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const float t = fminf(fmaxf(v[j] * r, -kQMax), kQMax);
-      const float big = __fadd_rn(t, 12582912.f);  // t rounded half to even, as in round_clamp_int8
-      const float off = fabsf(__fsub_rn(t, __fsub_rn(big, 12582912.f)));  // |t - rint(t)|, exact
-      exact = exact && off < 0.4990234375f && v[j] == v[j];
-      q[j] = static_cast<int8_t>(__float_as_uint(big) & 0xFFu);
-    }
-    if (!exact) {
-#pragma unroll
-      for (int j = 0; j < N; ++j) q[j] = round_clamp_int8(v[j] / s);
-    }
-  }
-};
-
 // ------------------------------------------------------------------ warp reductions
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

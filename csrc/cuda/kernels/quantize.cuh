@@ -114,13 +114,13 @@ __global__ void __launch_bounds__(256) quantize_per_token_1pass_kernel(const T* 
   }
   const float s = absmax_scale(block_nan_max(amax));
   if (threadIdx.x == 0) x_scale[row] = s;
-  const ScaleDivider div(s);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t k = (int64_t(c) * blockDim.x + threadIdx.x) * VEC;
     if (k < K) {
       int8_t q[VEC];
-      div(v[c], q);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[c][j] / s);
       store_q<VEC>(qr + k, q);
     }
   }
@@ -147,14 +147,14 @@ __global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __rest
   }
   const float s = absmax_scale(block_nan_max(amax));
   if (threadIdx.x == 0) x_scale[row] = s;
-  const ScaleDivider div(s);
 
   for (int64_t k = int64_t(threadIdx.x) * VEC; k < K; k += step) {
     float v[VEC];
     load_vec<T, VEC>(xr + k, v);
     divide_smooth<VEC>(smooth, k, v);
     int8_t q[VEC];
-    div(v, q);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[j] / s);
     store_q<VEC>(qr + k, q);
   }
 }
@@ -164,7 +164,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(256) quantize_per_tensor_kernel(const T* __restrict__ x, const float* __restrict__ scale,
                                                                   const float* __restrict__ smooth,
                                                                   int8_t* __restrict__ x_q, int64_t total, int64_t K) {
-  const ScaleDivider div(*scale);
+  const float s = *scale;
   const int64_t groups = total / VEC;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = g * VEC;
@@ -172,7 +172,8 @@ __global__ void __launch_bounds__(256) quantize_per_tensor_kernel(const T* __res
     load_vec<T, VEC>(x + i, v);
     divide_smooth<VEC>(smooth, i % K, v);
     int8_t q[VEC];
-    div(v, q);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[j] / s);
     store_q<VEC>(x_q + i, q);
   }
 }
