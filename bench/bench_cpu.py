@@ -158,8 +158,9 @@ _AMX_PROBE: list = []
 
 
 def _amx_probe(ops) -> str:
-    """'' when the AMX tile kernel ran exactly in a child process (so a fault there cannot end this
-    benchmark's run), else why not. Once per run."""
+    """'' when the AMX tile kernel ran exactly in a child process (the default rows run it in this one
+    from 16 rows where the CPU has AMX; the "vnni" diagnosis rows, AMX off, are timed only then), else
+    why not. Once per run."""
     if not _AMX_PROBE:
         if not ops.has_amx():
             _AMX_PROBE.append("this CPU (or its OS) offers no AMX-INT8 tiles")

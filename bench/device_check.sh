@@ -12,9 +12,8 @@
 #      of its own (the highest-numbered, on distinct physical cores; on an AVX-512 VNNI CPU every
 #      later stage is kept off them): the CPU model and its AVX-512 / AMX flags and, on an AVX-512
 #      VNNI CPU, the cpu extension's build (MAX_JOBS=2), the CPU backend's AVX-512 tests and
-#      bench/bench_cpu.py's target rows at 2 threads (it finished inside its 200 s there on
-#      2026-11-27; since then 27 more rows and 41 paired timings, ~60-80 s more: limit CPU_LIMIT,
-#      300 s). Without VNNI it only reports the CPU (a second). --no-cpu or SKIP_CPU=1 leaves it out
+#      bench/bench_cpu.py's target rows at 2 threads (131-135 s there on 2026-11-27, the whole CPU
+#      check 172-180 s: limit CPU_LIMIT, 300 s). Without VNNI it only reports the CPU (a second). --no-cpu or SKIP_CPU=1 leaves it out
 #   2. build the CUDA extension in the background (ninja, sm_80 + sm_90a) while the Triton GPU tests
 #      run (pytest -m gpu tests/test_triton_backend.py, in parallel with pytest-xdist when present)
 #   3. the CUDA backend's GPU tests and the other GPU tests, then compute-sanitizer memcheck over the
@@ -49,7 +48,7 @@ ROOT=$(pwd)
 CPU=1
 [ -n "${SKIP_CPU:-}" ] && [ "${SKIP_CPU:-}" != 0 ] && CPU=0
 # The benchmark's ops in this order: the short ones first, w8a8_gemm (the most rows, and the Triton
-# TMA variant's autotuning) last, so a benchmark cut short by its limit loses the fewest ops.
+# kernels' autotuning, TMA and pointer) last, so a benchmark cut short by its limit loses the fewest ops.
 QUICK="" TESTS=1 BENCH=1 OPS="w8a16_gemm,int8_kv_decode_attention,quantize_per_token,kv_cache_append,quantize_per_tensor,w8a8_gemm"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -235,7 +234,7 @@ fi
 # limits of their own (ncu prints its report when the program exits: a run cut short loses its
 # kernels, not the others'): decode at B = 16 and 1; w8a8 at 8192^3 and M = 512 x 11008 and the
 # w8a16 GEMVs at M = 1 and 16 on 28672 x 8192; quantize_per_token 8192^2 and kv_cache_append, with
-# the row append kernel beside the default. At most NCU_LIMIT (90 s) together, what DEADLINE leaves after 40 s for
+# the row append kernel beside the default (the quantize case runs under that switch too, unchanged). At most NCU_LIMIT (90 s) together, what DEADLINE leaves after 40 s for
 # the summary, and not below 45 s.
 NCU=(ncu --clock-control none --profile-from-start off --nvtx
      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis

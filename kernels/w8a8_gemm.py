@@ -230,13 +230,15 @@ INTERPRET = {"gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2), "gemv"
 TMA_MIN_M = 2048
 
 
-def tma_enabled(m: int, on_gpu: bool) -> bool:
+def tma_enabled(m: int, on_sm90: bool) -> bool:
     """PTQRT_TRITON_TMA=1: the TMA kernel for every M > 16 where it applies (the interpreter too); =0:
-    never; unset: on a GPU from TMA_MIN_M rows."""
-    env = os.environ.get("PTQRT_TRITON_TMA")
-    if env in ("0", "1"):
+    never; unset or empty: on an sm_90 GPU (where it was measured) from TMA_MIN_M rows."""
+    env = os.environ.get("PTQRT_TRITON_TMA", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"PTQRT_TRITON_TMA must be '1' (on) or '0' (off); got {env!r}")
+    if env:
         return env == "1"
-    return on_gpu and m >= TMA_MIN_M
+    return on_sm90 and m >= TMA_MIN_M
 
 
 def _tma_applies(x_q: torch.Tensor, w_q: torch.Tensor, k: int, out_dtype: torch.dtype) -> bool:
@@ -310,7 +312,8 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
             _gemv[grid](*args, BLOCK_M=GEMV_MAX_M, enable_fp_fusion=False, num_warps=warps, num_stages=stages,
                         **flags, **meta)
         return out
-    if tma_enabled(m, x_q.is_cuda) and _tma_applies(x_q, w_q, k, out_dtype):
+    sm90 = x_q.is_cuda and _common.capability_major(x_q.device) == 9
+    if tma_enabled(m, sm90) and _tma_applies(x_q, w_q, k, out_dtype):
         _launch_tma(x_q, w_q, out, x_scale, w_scale, bias_arg, m, n, k, tune, flags)
         return out
     args = head + shape

@@ -256,11 +256,12 @@ def _flush_as(mode: str):
 # become the default, and the kernels a new default replaced, to confirm it. name -> (backend, the ops
 # it changes, the environment that selects it, the M range (lo, hi) of the GEMM rows where it is
 # timed: where it differs from the default; hi None = no bound). (The ones before these were measured
-# on an H100 and became the default or were removed: bench/NOTES.md, "H100, version 3".)
+# on an H100 and became the default or were removed: bench/NOTES.md, "Version 3 measured".)
 VARIANTS = {
     # kv_cache_append's kernel before the token kernel (a CTA a token): a warp a row
     "cuda-append-row": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_KERNEL": "row"}, (0, None)),
     # the sm_90a w8a8 GEMM's rules before version 3: one CTA a tile, 256-wide unless that left SMs idle
+    # (from 65 rows; 17-64 rows with a wave of 128-wide tiles, on sm_90a since then, have no switch back)
     "cuda-old-tiles": ("cuda", ("w8a8_gemm",), {"PTQRT_CUDA_TILE_WAVES": "0", "PTQRT_CUDA_SM90_PERSISTENT": "0"},
                        (65, None)),
     # the Triton w8a8 pointer kernel where the TMA kernel is now the default (sm_90, M >= 2048)

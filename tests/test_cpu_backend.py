@@ -751,7 +751,7 @@ def test_avx_code_only_in_target_functions(cpu_ops):
         if func and len(parts) >= 2 and re.match(r"^(v|k)[a-z]", parts[-1].strip()):
             if not re.search(r"_avx2|_avx512|vnni_native::", func):
                 offenders.add(func)
-        # AMX tile instructions only in the tile kernel (reached after has_amx() and PTQRT_CPU_AMX=1)
+        # AMX tile instructions only in the tile kernel (reached only where has_amx())
         if func and len(parts) >= 2 and re.match(r"^(tdp|tile|ldtilecfg|sttilecfg)", parts[-1].strip()):
             if not re.search(r"amx_native::|AmxNative::", func):
                 offenders.add(func)

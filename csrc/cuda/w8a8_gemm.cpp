@@ -65,11 +65,11 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   }
 
   const Tile tile = M <= 64 ? Tile::Small : Tile::Large;
-  // sm_90a from 65 rows, and from 17 where N alone gives half a wave of 128-wide tiles: its 128-row
-  // tile is mostly padding there (zeros from TMA, no memory read), but it streams the weights faster
-  // than the mma.sync kernel's 64-row tiles (on an H100, 32 x 28672 x 8192: 90.1 us against 106.8;
-  // 32 x 11008 x 4096: 28.5 against 27.9).
-  const bool wide_n = (N + 127) / 128 >= sm_count() / 2;
+  // sm_90a from 65 rows, and from 17 where N alone gives a wave of 128-wide tiles: its 128-row tile
+  // is mostly padding there (zeros from TMA, no memory read), but it streams the weights faster than
+  // the mma.sync kernel's 64-row tiles (on an H100, 32 x 28672 x 8192: 90.1 us against 106.8; at
+  // 32 x 11008 x 4096, 86 tiles on 132 SMs, 28.5 against 27.9: left on mma.sync).
+  const bool wide_n = (N + 127) / 128 >= sm_count();
   const bool hopper = (tile == Tile::Large || wide_n) && k16 > 0 && wgmma_enabled();
   int bm, bn, bk;
   if (hopper) {

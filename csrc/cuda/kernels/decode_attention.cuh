@@ -248,7 +248,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
 }
 
 // grid: B * Hq; block: kCombineThreads; dynamic smem: decode_combine_smem_bytes(splits).
-// out[b, hq, :] = sum_z e^(m_z - M) acc_z / sum_z e^(m_z - M) l_z, summed in split order. The weights
+// out[b, hq, :] = sum_z e^(m_z - M) acc_z / sum_z e^(m_z - M) l_z: each column summed in split order,
+// the denominator by a block reduction (deterministic). The weights
 // e^(m_z - M) and terms l_z e^(m_z - M) of the first kCombineCached splits are computed once, a split
 // a thread, into shared memory, and each column's partials are loaded kCombineBatch splits at a time:
 // the kernel is a chain of dependent loads (Nsight Compute on an H200: 9.4 us for 12 splits of 32
@@ -275,7 +276,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeA
   __syncthreads();
 #pragma unroll
   for (int w = 0; w < kCombineThreads / kWarp; ++w) m = fmaxf(m, s_red[w]);
-  // e^(m_z - M), or -1 for a split that saw no token (its partials are never read).
+  // e^(m_z - M), or -1 for a split that saw no token (its partials, zeros, are loaded but not used).
   auto weight = [&](int z) { return ml[2 * z + 1] > 0.f ? expf(ml[2 * z] - m) : -1.f; };
   for (int z = threadIdx.x; z < cached; z += kCombineThreads) {
     const float e = weight(z);

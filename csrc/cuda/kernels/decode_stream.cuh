@@ -1,9 +1,9 @@
 // int8_kv_decode_attention, streaming form (one pass, online softmax), for 1 or 2 query heads per
 // CTA with D in {64, 128, 256} (16 columns a lane), or 4 (GQA groups of 3-4) with D in {64, 128} (8
 // columns a lane, to keep q' and the accumulators of 4 heads in registers); 16-byte aligned caches.
-// Same contract, grid, split-KV partials and combine kernel as decode_attention.cuh; the default
-// without GQA (measured on an H100 there: 1.3-1.9x decode_attention.cuh), opt-in for GQA groups
-// (PTQRT_CUDA_DECODE_STREAM=1; =0 turns it off everywhere).
+// Same contract, grid, split-KV partials and combine kernel as decode_attention.cuh; the default for
+// every group it serves (measured on an H100: 1.3-1.9x decode_attention.cuh without GQA, 1.00-1.13x
+// with groups of 4; PTQRT_CUDA_DECODE_STREAM=0 turns it off).
 //
 // Why a second form. decode_attention.cuh gives each thread a whole K row (a warp's 16-byte load
 // touches 32 rows, 32 cache lines) and runs its three phases (scores, softmax, P.V) one after the

@@ -13,7 +13,7 @@
 //                and release the previous stage on "empty" once its group has completed.
 // setmaxnreg moves registers from the producer (which needs few) to the consumers (128 accumulators).
 // A CTA runs tiles blockIdx.x, blockIdx.x + gridDim.x, ...: one each on the default grid (a CTA per
-// tile), several on a persistent grid (a CTA per SM, PTQRT_CUDA_SM90_PERSISTENT=1), where the producer
+// tile), several on a persistent grid (a CTA per SM: the default; PTQRT_CUDA_SM90_PERSISTENT=0), where the producer
 // fills the next tile's stages while the consumers store this one.
 // The epilogue loads its scales with __ldg ahead of the stores (w8a8_gemm.cuh's W8A8Epilogue).
 // Split-K over grid z, as in the mma.sync kernel (raw int32 partials, reduced in a fixed order).
