@@ -196,11 +196,12 @@ if [ -n "$BUILD_PID" ]; then
     rc=$(cat "$LOG/cuda-build.rc" 2>/dev/null || echo 1)
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
-    # The variants (bench_gpu.VARIANTS): the kernels a new default replaced, timed beside it:
+    # The variants (bench_gpu.VARIANTS): cuda-decode-mma, the tensor-core decode (opt-in,
+    # PTQRT_CUDA_DECODE_MMA=1); and the kernels a new default replaced, timed beside it:
     # triton-pointer: the Triton w8a8 pointer kernel at M >= 2048 (PTQRT_TRITON_TMA=0);
     # cuda-append-row: kv_cache_append's warp-a-row kernel (PTQRT_CUDA_APPEND_KERNEL=row); cuda-old-tiles: the sm_90a w8a8 GEMM one CTA a tile with the older
     # width rule (PTQRT_CUDA_TILE_WAVES=0 PTQRT_CUDA_SM90_PERSISTENT=0).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-pointer,cuda,cuda-old-tiles,cuda-append-row
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-pointer,cuda,cuda-decode-mma,cuda-old-tiles,cuda-append-row
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
@@ -249,8 +250,8 @@ if [ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ]; then
         skipped ncu "under 85 s left"
     else
         each=$((limit / 3))
-        stage ncu-decode "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu --backends cuda \
-            --cases decode_b16_4096,decode_b1_4096
+        stage ncu-decode "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu \
+            --backends cuda,cuda:PTQRT_CUDA_DECODE_MMA=1 --cases decode_b16_4096,decode_b1_4096
         stage ncu-gemm "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu --backends cuda \
             --cases w8a8_m8192_8192,w8a8_m512_11008,w8a16_m1_28672,w8a16_m16_28672
         stage ncu-quant "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu \

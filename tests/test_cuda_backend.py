@@ -666,6 +666,37 @@ def test_int8_kv_decode_attention_streaming(impl, dtype, dynamic, monkeypatch):
         _lowp_close(mine, theirs.float().to(dtype), theirs)
 
 
+@pytest.mark.parametrize("dtype", FLOATS[:2])
+def test_int8_kv_decode_attention_mma(impl, dtype, monkeypatch):
+    """PTQRT_CUDA_DECODE_MMA=1: the tensor-core kernel (kernels/decode_mma.cuh; fp16 / bf16 queries, D 64
+    or 128, dynamic scales) against the reference: one query head a kv head (one of its 16 rows), groups
+    of 2, 4, 12 and 16, 20 (two CTAs a kv head), partial tiles, a length-0 sequence, several splits,
+    a block size of 7; against the streaming kernel where blocks are unreadable (no weight in either),
+    with NaN scales in the rows those dead tokens read. Static scales and D = 96 keep the other kernels."""
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "1")
+    cases = [(2, 4, 4, 128, 12, 16, 6, [37, 96]), (3, 4, 2, 64, 10, 8, 8, [0, 61, 5]), (1, 8, 2, 128, 40, 16, 40, [600]),
+             (2, 24, 2, 64, 10, 8, 8, [45, 3]), (1, 16, 1, 128, 6, 16, 4, [50]), (1, 20, 1, 64, 6, 16, 4, [33]),
+             (2, 2, 2, 128, 12, 7, 5, [30, 35]), (1, 2, 1, 96, 4, 16, 4, [40])]
+    if not impl.small:
+        cases += [(16, 32, 32, 128, 4200, 16, 256, [4096] * 16), (1, 32, 8, 128, 300, 16, 256, [4096]),
+                  (4, 64, 8, 64, 2100, 16, 512, [8192, 1, 0, 5000])]
+    for case in cases:
+        q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale = _check_decode(impl, case, dtype, True)
+        nb = k_cache.shape[0]
+        bad = table.clone()
+        bad[:, ::3] = nb + 5
+        bad[bad == 0] = nb + 5  # block 0 is never live here
+        k_scale[0, 0].fill_(float("nan"))
+        v_scale[0, 0].fill_(float("nan"))
+        mine = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
+        monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "0")
+        theirs = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
+        monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "1")
+        _lowp_close(mine, theirs.float().to(dtype), theirs)
+    for case in cases[:2]:  # static scales: the other kernels
+        _check_decode(impl, case, dtype, False)
+
+
 # ------------------------------------------------------------------------------------------ unaligned storage
 def _offset_view(t: torch.Tensor, elems: int = 1) -> torch.Tensor:
     """A contiguous copy of t that starts `elems` elements into its storage (not 16-byte aligned)."""

@@ -15,10 +15,13 @@ size_t decode_attention_smem_bytes(const DecodeArgs& a) {
 
 int decode_stream_ctas_per_sm(const DecodeArgs& a, size_t smem_per_sm) {
   const int gt = decode_heads_per_cta(a.Hq / a.Hkv);
-  if (!decode_stream_fits(a, gt)) return 0;
-  const size_t per_cta = decode_stream_smem_bytes(decode_stream_cols(gt)) + 1024;  // + the driver's 1 KB a CTA
+  const bool mma = decode_mma_fits(a);
+  if (!mma && !decode_stream_fits(a, gt)) return 0;
+  const size_t dyn = mma ? decode_mma_smem_bytes(a.D) : decode_stream_smem_bytes(decode_stream_cols(gt));
+  const size_t per_cta = dyn + 1024;  // + the driver's 1 KB a CTA
   const size_t n = smem_per_sm / per_cta;
-  return static_cast<int>(n < 1 ? 1 : n > 4 ? 4 : n);
+  const size_t cap = mma && a.D == 128 ? 3 : 4;  // the MMA kernel at D = 128: 157-160 registers a thread (sm_90a)
+  return static_cast<int>(n < 1 ? 1 : n > cap ? cap : n);
 }
 
 cudaError_t launch_int8_kv_decode_attention(DType dt, const DecodeArgs& a, cudaStream_t stream) {

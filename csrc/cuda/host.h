@@ -71,6 +71,10 @@ inline bool w8a16_wgmma_enabled() { return env_switch("PTQRT_CUDA_WGMMA_W8A16", 
 // 1.00-1.13x (geomean 1.04) with groups of 4 too. PTQRT_CUDA_DECODE_STREAM=0 turns it off.
 inline bool decode_stream_enabled() { return env_switch("PTQRT_CUDA_DECODE_STREAM", true); }
 
+// The tensor-core decode kernel (kernels/decode_mma.cuh: fp16 / bf16 queries, D of 64 or 128, dynamic
+// K and V scales, 16 query heads a CTA): opt-in with PTQRT_CUDA_DECODE_MMA=1 until measured on a GPU.
+inline bool decode_mma_enabled() { return env_switch("PTQRT_CUDA_DECODE_MMA", false); }
+
 // The fp16 / bf16 w8a16_gemm GEMV (M <= 16) with its weight loads in a per-warp cp.async ring
 // (kernels/w8a16_gemv.cuh; measured on an H100, bench/NOTES.md: 1.01-1.44x the register-staged GEMV).
 // PTQRT_CUDA_GEMV_RING=0 turns it off. (The w8a8 GEMV's ring ran 0.58x its register-staged GEMV

@@ -127,6 +127,7 @@ struct DecodeArgs {
   int splits, chunk;          // the KV range [0, max_blocks * block_size) cut into `splits` chunks of `chunk` tokens
   bool vec;                   // k_cache and v_cache start 16-byte aligned (vector loads when D allows)
   bool stream;                // the streaming kernel (decode_stream.cuh) where it fits; else decode_attention.cuh
+  bool mma = false;           // the tensor-core kernel (decode_mma.cuh; 16 query heads a CTA) where it fits
 };
 // Query heads one CTA serves: the GQA group size rounded up to 1, 2, 4 or 8; a group larger than 8 is
 // served by several CTAs, each of which reads the kv head again.
@@ -137,8 +138,9 @@ cudaError_t launch_int8_kv_decode_attention(DType dt, const DecodeArgs& args, cu
 // Dynamic shared memory the attention kernel needs for these sizes (args.chunk included), so the host
 // can shrink the chunk, or refuse, when it does not fit the device.
 size_t decode_attention_smem_bytes(const DecodeArgs& args);
-// CTAs of the streaming decode kernel one SM holds (by its shared memory, at most 4), or 0 where that
-// kernel does not serve `a` (a.D, a.stream, a.vec, a.num_blocks, a.block_size, a.Hq / a.Hkv read).
+// CTAs of the streaming (or tensor-core) decode kernel one SM holds (by its shared memory, at most 4),
+// or 0 where neither serves `a` (a.D, a.stream, a.mma, a.vec, a.num_blocks, a.block_size, the scales'
+// kinds, a.Hq / a.Hkv read).
 int decode_stream_ctas_per_sm(const DecodeArgs& a, size_t smem_per_sm);
 
 }  // namespace cuda

@@ -344,6 +344,20 @@ inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
   return ptqrt::emu::shuffle(mask, v, src_lane, width, "shfl.idx", [](int, int a) { return a & 31; });
 }
 
+// A full-warp vote: bit l set where lane l's predicate is non-zero.
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  if (mask != 0xffffffffu) ptqrt::emu::fail("only full-warp __ballot_sync is emulated");
+  ptqrt::emu::Warp& W = ptqrt::emu::g_block->warps[ptqrt::emu::g_thread->linear / 32];
+  const int lane = ptqrt::emu::lane_id();
+  W.in[lane][0] = pred != 0;
+  ptqrt::emu::warp_collective("vote.ballot", [](ptqrt::emu::Warp& w) {
+    uint32_t b = 0;
+    for (int l = 0; l < 32; ++l) b |= (w.in[l][0] & 1u) << l;
+    for (int l = 0; l < 32; ++l) w.out[l][0] = b;
+  });
+  return W.out[lane][0];
+}
+
 // A full-warp barrier: every lane's shared-memory writes before it are seen by every lane after it. (The
 // lanes run one at a time between collectives, so without it a lane reading a write of a lane that
 // runs after it reads what was there before: lane 0 always does.)

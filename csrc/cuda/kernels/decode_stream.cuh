@@ -67,6 +67,44 @@ __device__ __forceinline__ void int8_slice_to_float(const unsigned char* p, floa
   }
 }
 
+// The end of a CTA of the streaming kernels: merge the warps' (m, l, acc) of `rows` query heads --
+// s_ml[(w * 2 + 0 or 1) * rows + g] the max (base 2) and the sum, s_acc[(w * rows + g) * D + d] the
+// unnormalized output -- into M = the largest max of the warps that saw a token, each rescaled to M;
+// then write the normalized output (one split) or the split's partials (base e) for the combine
+// kernel. After a __syncthreads that made every warp's values visible.
+template <typename T>
+__device__ __forceinline__ void decode_merge_warps(const DecodeArgs& a, const float* s_acc, const float* s_ml, int rows,
+                                                   int gcount, int b, int h, int G, int g0, int split) {
+  const int D = a.D;
+  const int64_t part = (int64_t(b) * a.Hq + int64_t(h) * G + g0) * a.splits + split;  // (b, head g0, split)
+  for (int i = threadIdx.x; i < gcount * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w)
+      if (s_ml[(w * 2 + 1) * rows + g] > 0.f) M = fmaxf(M, s_ml[(w * 2) * rows + g]);
+    float L = 0.f, v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w)
+      if (s_ml[(w * 2 + 1) * rows + g] > 0.f) {
+        const float e = exp2f(s_ml[(w * 2) * rows + g] - M);
+        L += s_ml[(w * 2 + 1) * rows + g] * e;
+        v += s_acc[(int64_t(w) * rows + g) * D + d] * e;
+      }
+    if (!a.v_dynamic) v *= a.v_scale[int64_t(h) * D + d];
+    if (a.splits == 1) {
+      T* o = static_cast<T*>(a.out);
+      o[(int64_t(b) * a.Hq + int64_t(h) * G + g0 + g) * D + d] = from_float<T>(L > 0.f ? v / L : 0.f);
+    } else {
+      a.part_acc[(part + int64_t(g) * a.splits) * D + d] = v;
+      if (d == 0) {
+        a.part_ml[(part + int64_t(g) * a.splits) * 2] = M * kLn2;  // the combine kernel's base e
+        a.part_ml[(part + int64_t(g) * a.splits) * 2 + 1] = L;
+      }
+    }
+  }
+}
+
 // grid: (splits, Hkv * ceil(G / GT), B); block: kDecodeThreads; dynamic smem: decode_stream_smem_bytes(COLS).
 template <typename T, int GT, int LPR, int COLS = decode_stream_cols(GT)>
 __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArgs a) {
@@ -256,34 +294,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
   }
   __syncthreads();
 
-  // Merge the warps: M = max of their maxima (over warps that saw a token), each rescaled to M.
-  const int64_t part = (int64_t(b) * a.Hq + int64_t(h) * G + g0) * a.splits + split;  // (b, head g0, split)
-  for (int i = threadIdx.x; i < gcount * D; i += kDecodeThreads) {
-    const int g = i / D, d = i % D;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w)
-      if (s_ml[w][1][g] > 0.f) M = fmaxf(M, s_ml[w][0][g]);
-    float L = 0.f, v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w)
-      if (s_ml[w][1][g] > 0.f) {
-        const float e = exp2f(s_ml[w][0][g] - M);
-        L += s_ml[w][1][g] * e;
-        v += s_acc[w][g][d] * e;
-      }
-    if (!a.v_dynamic) v *= a.v_scale[int64_t(h) * D + d];
-    if (a.splits == 1) {
-      T* o = static_cast<T*>(a.out);
-      o[(int64_t(b) * a.Hq + int64_t(h) * G + g0 + g) * D + d] = from_float<T>(L > 0.f ? v / L : 0.f);
-    } else {
-      a.part_acc[(part + int64_t(g) * a.splits) * D + d] = v;
-      if (d == 0) {
-        a.part_ml[(part + int64_t(g) * a.splits) * 2] = M * kLn2;  // the combine kernel's base e
-        a.part_ml[(part + int64_t(g) * a.splits) * 2 + 1] = L;
-      }
-    }
-  }
+  decode_merge_warps<T>(a, &s_acc[0][0][0], &s_ml[0][0][0], GT, gcount, b, h, G, g0, split);
 }
 
 }  // namespace cuda
