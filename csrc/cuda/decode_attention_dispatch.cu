@@ -20,7 +20,9 @@ int decode_stream_ctas_per_sm(const DecodeArgs& a, size_t smem_per_sm) {
   const size_t dyn = mma ? decode_mma_smem_bytes(a.D) : decode_stream_smem_bytes(decode_stream_cols(gt));
   const size_t per_cta = dyn + 1024;  // + the driver's 1 KB a CTA
   const size_t n = smem_per_sm / per_cta;
-  const size_t cap = mma && a.D == 128 ? 3 : 4;  // the MMA kernel at D = 128: 157-160 registers a thread (sm_90a)
+  // Registers bound it too: the MMA kernel at D = 128 has 157-160 a thread on sm_90a and sm_80 (3 CTAs of
+  // 128 threads in 64 K registers); the others fit 4. (Counts from ptxas -v; revisit when they change.)
+  const size_t cap = mma && a.D == 128 ? 3 : 4;
   return static_cast<int>(n < 1 ? 1 : n > cap ? cap : n);
 }
 

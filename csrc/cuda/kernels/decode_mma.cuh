@@ -21,7 +21,8 @@
 //   * P: the S accumulators of the two n-tiles are, in registers, the A fragment of P V (times each
 //     token's V scale, rounded to T as Triton's dot path rounds P).
 // The ring's rows are 16-byte chunks, chunk c of row r stored at c ^ (r % chunks): the 8 threads of
-// a quarter warp read different banks. Lanes read bytes other lanes copied, so every stage is fenced
+// a quarter warp read different banks (at D = 64 the 8-byte V reads of rows r and r + 4 still share
+// banks: 2-way). P x V scale in fp16 turns subnormal below ~6e-5 (bf16 does not). Lanes read bytes other lanes copied, so every stage is fenced
 // by __syncwarp after its cp.async wait (and before it is refilled).
 #pragma once
 
@@ -262,14 +263,24 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a
   cp_async_wait<0>();  // nothing may land after the ring is reused
   __syncthreads();     // every warp is done with the ring: it holds the partial outputs now
 
-  float* s_acc = reinterpret_cast<float*>(smem);              // [warps][16][D]
-  float* s_ml = s_acc + kDecodeWarps * kMmaRows * D;          // [warps][2][16]
+  // s_acc [warps][16][D]: a thread's VB values of one (row, column) are contiguous dims, stored as
+  // float4s; the float4 index f of row r is XORed with (the thread's t, r's low bit), kept in f's bits
+  // above the 8-float4 group, so the 8 threads of a quarter warp write 8 bank groups (plain, all 32
+  // lanes of a store hit one bank) and the merge's reads of consecutive dims stay conflict-free.
+  float* s_acc = reinterpret_cast<float*>(smem);
+  float* s_ml = s_acc + kDecodeWarps * kMmaRows * D;  // [warps][2][16]
+  constexpr int KEYB = VB / 4;                        // float4s a thread writes a (row, column): 4 or 2
+  auto at = [](int w, int r, int d) {
+    const int f = d >> 2, key = ((f >> 3) & (KEYB - 1)) | ((r & 1) * KEYB);
+    return (w * kMmaRows + r) * D + ((f ^ key) << 2) + (d & 3);
+  };
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
+  for (int e = 0; e < 4; ++e)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + 8 * (e >> 1), dim = VB * (2 * t + (e & 1)) + j;
-      s_acc[(warp * kMmaRows + row) * D + dim] = o[j][e];
+    for (int c = 0; c < KEYB; ++c) {
+      const int row = g + 8 * (e >> 1), dim = VB * (2 * t + (e & 1)) + 4 * c;
+      *reinterpret_cast<float4*>(s_acc + at(warp, row, dim)) =
+          make_float4(o[4 * c][e], o[4 * c + 1][e], o[4 * c + 2][e], o[4 * c + 3][e]);
     }
   if (t == 0) {
 #pragma unroll
@@ -279,7 +290,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a
     }
   }
   __syncthreads();
-  decode_merge_warps<T>(a, s_acc, s_ml, kMmaRows, gcount, b, h, G, g0, split);
+  decode_merge_warps<T>(a, s_acc, at, s_ml, kMmaRows, gcount, b, h, G, g0, split);
 }
 
 }  // namespace cuda

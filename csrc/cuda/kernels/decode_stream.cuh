@@ -68,13 +68,13 @@ __device__ __forceinline__ void int8_slice_to_float(const unsigned char* p, floa
 }
 
 // The end of a CTA of the streaming kernels: merge the warps' (m, l, acc) of `rows` query heads --
-// s_ml[(w * 2 + 0 or 1) * rows + g] the max (base 2) and the sum, s_acc[(w * rows + g) * D + d] the
-// unnormalized output -- into M = the largest max of the warps that saw a token, each rescaled to M;
-// then write the normalized output (one split) or the split's partials (base e) for the combine
-// kernel. After a __syncthreads that made every warp's values visible.
-template <typename T>
-__device__ __forceinline__ void decode_merge_warps(const DecodeArgs& a, const float* s_acc, const float* s_ml, int rows,
-                                                   int gcount, int b, int h, int G, int g0, int split) {
+// s_ml[(w * 2 + 0 or 1) * rows + g] the max (base 2) and the sum, s_acc[at(w, g, d)] the unnormalized
+// output -- into M = the largest max of the warps that saw a token, each rescaled to M; then write the
+// normalized output (one split) or the split's partials (base e) for the combine kernel. After a
+// __syncthreads that made every warp's values visible.
+template <typename T, typename At>
+__device__ __forceinline__ void decode_merge_warps(const DecodeArgs& a, const float* s_acc, At at, const float* s_ml,
+                                                   int rows, int gcount, int b, int h, int G, int g0, int split) {
   const int D = a.D;
   const int64_t part = (int64_t(b) * a.Hq + int64_t(h) * G + g0) * a.splits + split;  // (b, head g0, split)
   for (int i = threadIdx.x; i < gcount * D; i += blockDim.x) {
@@ -89,7 +89,7 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeArgs& a, const fl
       if (s_ml[(w * 2 + 1) * rows + g] > 0.f) {
         const float e = exp2f(s_ml[(w * 2) * rows + g] - M);
         L += s_ml[(w * 2 + 1) * rows + g] * e;
-        v += s_acc[(int64_t(w) * rows + g) * D + d] * e;
+        v += s_acc[at(w, g, d)] * e;
       }
     if (!a.v_dynamic) v *= a.v_scale[int64_t(h) * D + d];
     if (a.splits == 1) {
@@ -294,7 +294,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
   }
   __syncthreads();
 
-  decode_merge_warps<T>(a, &s_acc[0][0][0], &s_ml[0][0][0], GT, gcount, b, h, G, g0, split);
+  auto at = [](int w, int g, int d) { return (w * GT + g) * D + d; };
+  decode_merge_warps<T>(a, &s_acc[0][0][0], at, &s_ml[0][0][0], GT, gcount, b, h, G, g0, split);
 }
 
 }  // namespace cuda
