@@ -646,24 +646,31 @@ def _stream_cases(impl):
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_kv_decode_attention_streaming(impl, dtype, dynamic, monkeypatch):
     """The streaming decode kernel (kernels/decode_stream.cuh, the default for every group it serves;
-    PTQRT_CUDA_DECODE_STREAM=1 says so explicitly) against the reference, and against the two-phase kernel where blocks are unreadable (ids past num_blocks: no
-    weight in either)."""
+    PTQRT_CUDA_DECODE_STREAM=1 says so explicitly) against the reference, and against the two-phase
+    kernel where blocks are unreadable (ids past num_blocks: no weight in either)."""
     monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")
     for case in _stream_cases(impl):
-        q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale = _check_decode(impl, case, dtype, dynamic)
-        nb = k_cache.shape[0]
-        # Unreadable blocks: every third table entry out of range; the two-phase kernel is the reference.
-        bad = table.clone()
-        bad[:, ::3] = nb + 5
-        bad[bad == 0] = nb + 5  # block 0 is never live here
-        if dynamic:  # the slots of row 0, which dead rows read, hold NaN: a dead row must not touch the sum
-            k_scale[0, 0].fill_(float("nan"))
-            v_scale[0, 0].fill_(float("nan"))
-        mine = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
-        monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "0")
-        theirs = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
-        monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "1")
-        _lowp_close(mine, theirs.float().to(dtype), theirs)
+        _check_dead_blocks(impl, monkeypatch, _check_decode(impl, case, dtype, dynamic), dtype, dynamic,
+                           "PTQRT_CUDA_DECODE_STREAM")
+
+
+def _check_dead_blocks(impl, monkeypatch, args, dtype, dynamic, switch):
+    """Every third block-table entry out of range (and block 0, never live here): the kernel that
+    `switch` = "1" selects against the one "0" selects (no weight for those tokens in either); with
+    dynamic scales the slots of row 0, which dead tokens read, hold NaN (they must not reach the sum)."""
+    q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale = args
+    nb = k_cache.shape[0]
+    bad = table.clone()
+    bad[:, ::3] = nb + 5
+    bad[bad == 0] = nb + 5
+    if dynamic:
+        k_scale[0, 0].fill_(float("nan"))
+        v_scale[0, 0].fill_(float("nan"))
+    mine = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
+    monkeypatch.setenv(switch, "0")
+    theirs = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
+    monkeypatch.setenv(switch, "1")
+    _lowp_close(mine, theirs.float().to(dtype), theirs)
 
 
 @pytest.mark.parametrize("dtype", FLOATS[:2])
@@ -681,18 +688,8 @@ def test_int8_kv_decode_attention_mma(impl, dtype, monkeypatch):
         cases += [(16, 32, 32, 128, 4200, 16, 256, [4096] * 16), (1, 32, 8, 128, 300, 16, 256, [4096]),
                   (4, 64, 8, 64, 2100, 16, 512, [8192, 1, 0, 5000])]
     for case in cases:
-        q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, sm_scale = _check_decode(impl, case, dtype, True)
-        nb = k_cache.shape[0]
-        bad = table.clone()
-        bad[:, ::3] = nb + 5
-        bad[bad == 0] = nb + 5  # block 0 is never live here
-        k_scale[0, 0].fill_(float("nan"))
-        v_scale[0, 0].fill_(float("nan"))
-        mine = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
-        monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "0")
-        theirs = impl("int8_kv_decode_attention", q, k_cache, v_cache, k_scale, v_scale, bad, seq_lens, sm_scale)
-        monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "1")
-        _lowp_close(mine, theirs.float().to(dtype), theirs)
+        _check_dead_blocks(impl, monkeypatch, _check_decode(impl, case, dtype, True), dtype, True,
+                           "PTQRT_CUDA_DECODE_MMA")
     for case in cases[:2]:  # static scales: the other kernels
         _check_decode(impl, case, dtype, False)
 

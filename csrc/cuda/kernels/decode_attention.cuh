@@ -50,15 +50,30 @@ __device__ __forceinline__ int64_t kv_row(const DecodeArgs& a, int b, int j) {
   return int64_t(blk) * a.block_size + j % a.block_size;  // index into [num_blocks * block_size]
 }
 
+// A decode CTA's place in its grid (splits, Hkv * ceil(G / rows), B): its split, kv head h, batch
+// row b, and the `count` query heads g0 .. g0 + count - 1 of the group it serves (rows at most).
+struct DecodeCta {
+  int G, split, h, g0, b, count;
+};
+__device__ __forceinline__ DecodeCta decode_cta(const DecodeArgs& a, int rows) {
+  DecodeCta c;
+  c.G = a.Hq / a.Hkv;
+  const int gchunks = (c.G + rows - 1) / rows;
+  c.split = blockIdx.x;
+  c.h = blockIdx.y / gchunks;
+  c.g0 = (blockIdx.y % gchunks) * rows;
+  c.b = blockIdx.z;
+  c.count = min(rows, c.G - c.g0);
+  return c;
+}
+
 // grid: (splits, Hkv * ceil(G / GT), B); block: kDecodeThreads; dynamic smem: decode_smem_bytes(GT, D, chunk).
 template <typename T, int GT>
 __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(DecodeArgs a) {
   PTQRT_DYNAMIC_SMEM(float, dsmem);
   const int D = a.D;
-  const int G = a.Hq / a.Hkv;
-  const int gchunks = (G + GT - 1) / GT;
-  const int split = blockIdx.x, h = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * GT, b = blockIdx.z;
-  const int gcount = min(GT, G - g0);
+  const DecodeCta cta = decode_cta(a, GT);
+  const int G = cta.G, split = cta.split, h = cta.h, g0 = cta.g0, b = cta.b, gcount = cta.count;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int dslice = min(D, kDecodeDSlice);
 

@@ -83,20 +83,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a
   static_assert(KB % 16 == 0 && (VB == 16 || VB == 8), "D = 64 or 128");
   PTQRT_DYNAMIC_SMEM(unsigned char, smem);
 
-  const int G = a.Hq / a.Hkv;
-  const int gchunks = (G + kMmaRows - 1) / kMmaRows;
-  const int split = blockIdx.x, h = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * kMmaRows, b = blockIdx.z;
-  const int gcount = min(kMmaRows, G - g0);
+  const DecodeCta cta = decode_cta(a, kMmaRows);
+  const int G = cta.G, split = cta.split, h = cta.h, g0 = cta.g0, b = cta.b, gcount = cta.count;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, t = lane % 4;
   unsigned char* ring = smem + size_t(warp) * kMmaStages * kStage;
 
-  int len = a.seq_lens[b];
-  len = max(0, min(len, a.max_blocks * a.block_size));
-  const int start = split * a.chunk;
-  const int n = max(0, min(len - start, a.chunk));  // tokens of this CTA
-  const int first = warp * kMmaTile, stride = kDecodeWarps * kMmaTile;
-  const int tiles = n > first ? (n - first + stride - 1) / stride : 0;  // warp-uniform
+  const DecodeWarpTiles wt = decode_warp_tiles(a, b, split, warp, kMmaTile);
+  const int start = wt.start, n = wt.n, first = wt.first, stride = wt.stride, tiles = wt.tiles;
 
   // Copy tile i of this warp into stage i % kMmaStages (one cp.async group, possibly empty); returns its
   // live-token bits (warp-uniform). Dead tokens copy row 0 (the cache is not empty) and get no weight.

@@ -67,6 +67,25 @@ __device__ __forceinline__ void int8_slice_to_float(const unsigned char* p, floa
   }
 }
 
+// The tiles of TILE tokens one warp of a streaming kernel's CTA takes from its split: tile i starts at
+// token first + i * stride of the split (the warps take turns), and there are `tiles` of them (the
+// count is warp-uniform, so every shuffle has all 32 lanes). start: the split's first token; n: its
+// tokens (0 past the sequence's end).
+struct DecodeWarpTiles {
+  int start, n, first, stride, tiles;
+};
+__device__ __forceinline__ DecodeWarpTiles decode_warp_tiles(const DecodeArgs& a, int b, int split, int warp, int tile) {
+  int len = a.seq_lens[b];
+  len = max(0, min(len, a.max_blocks * a.block_size));
+  DecodeWarpTiles w;
+  w.start = split * a.chunk;
+  w.n = max(0, min(len - w.start, a.chunk));
+  w.first = warp * tile;
+  w.stride = kDecodeWarps * tile;
+  w.tiles = w.n > w.first ? (w.n - w.first + w.stride - 1) / w.stride : 0;
+  return w;
+}
+
 // The end of a CTA of the streaming kernels: merge the warps' (m, l, acc) of `rows` query heads --
 // s_ml[(w * 2 + 0 or 1) * rows + g] the max (base 2) and the sum, s_acc[at(w, g, d)] the unnormalized
 // output -- into M = the largest max of the warps that saw a token, each rescaled to M; then write the
@@ -118,22 +137,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
   __shared__ float s_acc[kDecodeWarps][GT][D];
   __shared__ float s_ml[kDecodeWarps][2][GT];
 
-  const int G = a.Hq / a.Hkv;
-  const int gchunks = (G + GT - 1) / GT;
-  const int split = blockIdx.x, h = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * GT, b = blockIdx.z;
-  const int gcount = min(GT, G - g0);
+  const DecodeCta cta = decode_cta(a, GT);
+  const int G = cta.G, split = cta.split, h = cta.h, g0 = cta.g0, b = cta.b, gcount = cta.count;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int grp = lane / LPR, c0 = (lane % LPR) * COLS;  // row group, first column
   unsigned char* ring = ring_all + size_t(warp) * kStreamStages * kStageBytes;
 
-  int len = a.seq_lens[b];
-  len = max(0, min(len, a.max_blocks * a.block_size));
-  const int start = split * a.chunk;
-  const int n = max(0, min(len - start, a.chunk));  // tokens of this CTA
-  // This warp's tiles start at (warp + kDecodeWarps * i) * TILE; the count is warp-uniform, so every
-  // shuffle below has all 32 lanes.
-  const int first = warp * TILE, stride = kDecodeWarps * TILE;
-  const int tiles = n > first ? (n - first + stride - 1) / stride : 0;
+  const DecodeWarpTiles wt = decode_warp_tiles(a, b, split, warp, TILE);
+  const int start = wt.start, n = wt.n, first = wt.first, stride = wt.stride, tiles = wt.tiles;
 
   // Copy tile i of this warp into ring stage i % kStreamStages (one cp.async group, possibly empty);
   // returns the lane's live-row bits (bit u: row u of its group holds a token of a readable block).
