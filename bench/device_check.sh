@@ -197,11 +197,12 @@ if [ -n "$BUILD_PID" ]; then
     echo "=== cuda-build (background) rc=$rc"; tail -25 "$LOG/cuda-build.log"
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
     # The variants (bench_gpu.VARIANTS): cuda-decode-mma, the tensor-core decode (opt-in,
-    # PTQRT_CUDA_DECODE_MMA=1); and the kernels a new default replaced, timed beside it:
+    # PTQRT_CUDA_DECODE_MMA=1); cuda-quant-recip, the quantizers' reciprocal form (opt-in,
+    # PTQRT_CUDA_QUANT_RECIPROCAL=1); and the kernels a new default replaced, timed beside it:
     # triton-pointer: the Triton w8a8 pointer kernel at M >= 2048 (PTQRT_TRITON_TMA=0);
     # cuda-append-row: kv_cache_append's warp-a-row kernel (PTQRT_CUDA_APPEND_KERNEL=row); cuda-old-tiles: the sm_90a w8a8 GEMM one CTA a tile with the older
     # width rule (PTQRT_CUDA_TILE_WAVES=0 PTQRT_CUDA_SM90_PERSISTENT=0).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-pointer,cuda,cuda-decode-mma,cuda-old-tiles,cuda-append-row
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-pointer,cuda,cuda-decode-mma,cuda-quant-recip,cuda-old-tiles,cuda-append-row
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------
@@ -235,7 +236,7 @@ fi
 # limits of their own (ncu prints its report when the program exits: a run cut short loses its
 # kernels, not the others'): decode at B = 16 and 1; w8a8 at 8192^3 and M = 512 x 11008 and the
 # w8a16 GEMVs at M = 1 and 16 on 28672 x 8192; quantize_per_token 8192^2 and kv_cache_append, with
-# the row append kernel beside the default (the quantize case runs under that switch too, unchanged). At most NCU_LIMIT (90 s) together, what DEADLINE leaves after 40 s for
+# the quantizers' reciprocal form (PTQRT_CUDA_QUANT_RECIPROCAL=1) beside the default. At most NCU_LIMIT (90 s) together, what DEADLINE leaves after 40 s for
 # the summary, and not below 45 s.
 NCU=(ncu --clock-control none --profile-from-start off --nvtx
      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis
@@ -255,7 +256,7 @@ if [ "$BENCH" = 1 ] && [ "$CUDA_OK" = 1 ]; then
         stage ncu-gemm "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu --backends cuda \
             --cases w8a8_m8192_8192,w8a8_m512_11008,w8a16_m1_28672,w8a16_m16_28672
         stage ncu-quant "$each" env PTQRT_NO_BUILD=1 "${NCU[@]}" "$PY" bench/diag_gpu.py --ncu \
-            --backends cuda,cuda:PTQRT_CUDA_APPEND_KERNEL=row --cases quant_m8192_8192,append_t4096
+            --backends cuda,cuda:PTQRT_CUDA_QUANT_RECIPROCAL=1 --cases quant_m8192_8192,append_t4096
     fi
 fi
 

@@ -260,6 +260,9 @@ def _flush_as(mode: str):
 VARIANTS = {
     # the tensor-core CUDA decode (opt-in: fp16 / bf16 queries, D 64 or 128, dynamic scales)
     "cuda-decode-mma": ("cuda", ("int8_kv_decode_attention",), {"PTQRT_CUDA_DECODE_MMA": "1"}, (0, None)),
+    # the CUDA quantizers (and the token append kernel) multiplying by 1 / s, dividing near half-integers
+    "cuda-quant-recip": ("cuda", ("quantize_per_token", "quantize_per_tensor", "kv_cache_append"),
+                         {"PTQRT_CUDA_QUANT_RECIPROCAL": "1"}, (0, None)),
     # kv_cache_append's kernel before the token kernel (a CTA a token): a warp a row
     "cuda-append-row": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_KERNEL": "row"}, (0, None)),
     # the sm_90a w8a8 GEMM's rules before version 3: one CTA a tile, 256-wide unless that left SMs idle

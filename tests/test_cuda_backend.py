@@ -233,13 +233,15 @@ def test_quantize_per_token(impl, dtype):
         assert torch.equal(s, s_ref), f"[{m}, {k}]: scales differ"
 
 
+@pytest.mark.parametrize("recip", ("0", "1"), ids=("division", "reciprocal"))
 @pytest.mark.parametrize("one_pass", (None, "0"), ids=("default", "two-pass"))
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_quantize_per_token_row_lengths(impl, dtype, one_pass, monkeypatch):
+def test_quantize_per_token_row_lengths(impl, dtype, one_pass, recip, monkeypatch):
     """Every per-token kernel: by default rows held in registers in 1, 2 and 4 vectors a thread, the
     two-pass kernel past that and for empty rows (PTQRT_CUDA_QUANT_1PASS=0: the two-pass kernel for all);
     a NaN and a tie among them (a row's max set so that some x / s lands on .5); rows shorter than one
     vector a thread (the one-pass kernel's chunks past the row's end load its first vector)."""
+    monkeypatch.setenv("PTQRT_CUDA_QUANT_RECIPROCAL", recip)  # (the reciprocal form too: the same codes)
     if one_pass is None:
         monkeypatch.delenv("PTQRT_CUDA_QUANT_1PASS", raising=False)
     else:
@@ -281,11 +283,14 @@ def _near_half_integers(amax: float, n: int, gen: torch.Generator) -> torch.Tens
     return torch.cat([torch.tensor([amax]), v])
 
 
-def test_quantize_near_half_integers(impl, monkeypatch):
+@pytest.mark.parametrize("recip", ("0", "1"), ids=("division", "reciprocal"))
+def test_quantize_near_half_integers(impl, recip, monkeypatch):
     """Values a few ulps from every rounding boundary (v / s near half-integers, at scales whose
     reciprocal is not exact), per token, per tensor and in kv_cache_append's token kernel: bit for bit
     against the reference's IEEE division. (A kernel that multiplied by 1 / s instead would round
-    some of these apart; a multiply-then-check form was measured slower on an H100, bench/NOTES.md.)"""
+    some of these apart unchecked.) PTQRT_CUDA_QUANT_RECIPROCAL=1: the kernels' multiply-then-check form
+    (kernels/common.cuh, ScaleDivider), the same codes."""
+    monkeypatch.setenv("PTQRT_CUDA_QUANT_RECIPROCAL", recip)
     dev = impl.device
     gen = torch.Generator().manual_seed(7)
     x = torch.stack([_near_half_integers(a, 4095, gen) for a in (0.37, 3.1e-3, 113.7, 1.0 + 2**-20, 6e4)])
@@ -311,10 +316,12 @@ def test_quantize_near_half_integers(impl, monkeypatch):
         assert torch.equal(a.cpu(), b)
 
 
+@pytest.mark.parametrize("recip", ("0", "1"), ids=("division", "reciprocal"))
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_quantize_rounding_and_special_values(impl, dtype):
+def test_quantize_rounding_and_special_values(impl, dtype, recip, monkeypatch):
     """Ties round to even, NaN -> 0 with a NaN scale, Inf rows, all-zero rows (scale 1), saturation;
-    K = 16 and 12 take the vector and the scalar paths."""
+    K = 16 and 12 take the vector and the scalar paths; by division and by PTQRT_CUDA_QUANT_RECIPROCAL=1."""
+    monkeypatch.setenv("PTQRT_CUDA_QUANT_RECIPROCAL", recip)
     dev = impl.device
     for k in (16, 12):
         x = torch.zeros(5, k, dtype=torch.float32)
@@ -533,8 +540,9 @@ def _kv_scales(nb, bs, h, d, dynamic, dev):
 
 @pytest.mark.parametrize("dynamic", (True, False), ids=("dynamic", "static"))
 @pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("recip", ("0", "1"), ids=("division", "reciprocal"))
 @pytest.mark.parametrize("kernel", (None, "row"), ids=("default", "row"))
-def test_kv_cache_append(impl, dtype, dynamic, kernel, monkeypatch):
+def test_kv_cache_append(impl, dtype, dynamic, kernel, recip, monkeypatch):
     """Against the reference, bit for bit (NaN scales as NaN), with each kernel
     (PTQRT_CUDA_APPEND_KERNEL). The token kernel (the default) where there are at least as many tokens
     (times k / v launches) as multiprocessors and D is 16 / element bytes times a power of two up to 32
@@ -546,6 +554,7 @@ def test_kv_cache_append(impl, dtype, dynamic, kernel, monkeypatch):
     else:
         monkeypatch.setenv("PTQRT_CUDA_APPEND_KERNEL", kernel)
     monkeypatch.setenv("PTQRT_EMU_SMS", "2")  # the token kernel from 2 tokens (a GPU: one a multiprocessor)
+    monkeypatch.setenv("PTQRT_CUDA_QUANT_RECIPROCAL", recip)  # (the token kernel's reciprocal form)
     dev = impl.device
     cases = [(0, 2, 64, 4, 16), (5, 2, 64, 4, 16), (3, 3, 40, 3, 7), (2, 1, 130, 2, 5), (3, 2, 384, 3, 4),
              (2, 1, 520, 2, 3), (4, 2, 256, 3, 4, "offset"), (3, 3, 256, 3, 4), (7, 1, 32, 3, 4),

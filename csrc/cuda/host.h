@@ -97,6 +97,11 @@ inline bool sm90_persistent_enabled() { return env_switch("PTQRT_CUDA_SM90_PERSI
 // The default; PTQRT_CUDA_QUANT_1PASS=0 gives the two-pass kernel.
 inline bool quant_one_pass_enabled() { return env_switch("PTQRT_CUDA_QUANT_1PASS", true); }
 
+// quantize_per_token, quantize_per_tensor and the token append kernel multiplying by 1 / s and dividing
+// only near half-integers (kernels/common.cuh, ScaleDivider; the same codes): opt-in with
+// PTQRT_CUDA_QUANT_RECIPROCAL=1 until measured on a GPU.
+inline bool quant_reciprocal_enabled() { return env_switch("PTQRT_CUDA_QUANT_RECIPROCAL", false); }
+
 // kv_cache_append's kernel (kernels/kv_cache.cuh), PTQRT_CUDA_APPEND_KERNEL: "token" (a CTA a token,
 // 16-byte loads; the default where it applies and tokens x k / v launches are at least the SMs) or "row"
 // (a warp a row, a value a lane; also wherever the token kernel does not apply). On an H200 at 4096

@@ -37,6 +37,7 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
   a.H = static_cast<int>(H);
   a.D = static_cast<int>(D);
   a.num_slots = nb * bs;
+  a.recip = quant_reciprocal_enabled();
   // The kernel for each launch: the token kernel where chosen (the default), with at least as many
   // tokens x streams as SMs (one CTA a token: fewer leave the GPU idle; the row kernel's CTAs of 4
   // rows ran faster at 16 tokens), D = 16 / element bytes x a power of two up to 32 and aligned

@@ -19,11 +19,12 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, I32 = 3 };
 // x [M, K] of `dt`; smooth [K] float32 or null; x_q int8 [M, K]; x_scale float32 [M].
 // vec: x, smooth, x_q rows are 16-byte aligned and K is a multiple of 16 (vector loads allowed).
 // one_pass: rows of up to 4 vectors a thread kept in registers (the default; PTQRT_CUDA_QUANT_1PASS=0 off).
+// recip: multiply by 1 / s, dividing only near half-integers (common.cuh ScaleDivider; the same codes).
 cudaError_t launch_quantize_per_token(DType dt, const void* x, const float* smooth, int8_t* x_q, float* x_scale,
-                               int64_t M, int64_t K, bool vec, bool one_pass, cudaStream_t stream);
+                               int64_t M, int64_t K, bool vec, bool one_pass, bool recip, cudaStream_t stream);
 // x [M, K] of `dt`; scale: one float32 on the device; smooth [K] float32 or null; x_q int8 [M, K].
 cudaError_t launch_quantize_per_tensor(DType dt, const void* x, const float* scale, const float* smooth, int8_t* x_q,
-                                int64_t M, int64_t K, bool vec, cudaStream_t stream);
+                                int64_t M, int64_t K, bool vec, bool recip, cudaStream_t stream);
 
 // ---------------------------------------------------------------- w8a8_gemm (w8a8_gemm_*.cu)
 enum class Tile : int { Small = 0, Large = 1 };
@@ -105,6 +106,7 @@ struct KvAppendArgs {
   int T, H, D;
   int64_t num_slots;        // num_blocks * block_size: slots at or past it are skipped (never written)
   AppendKernel kernel = AppendKernel::Row;  // the host's choice (kv_cache_append.cpp)
+  bool recip = false;       // the token kernel's dynamic rows through ScaleDivider (PTQRT_CUDA_QUANT_RECIPROCAL=1)
 };
 cudaError_t launch_kv_cache_append(DType dt, const KvAppendArgs& args, cudaStream_t stream);
 

@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, const
   check_launch(op, launch_quantize_per_token(to_dtype(x.scalar_type()), x.data_ptr(),
                                                    sm.defined() ? sm.data_ptr<float>() : nullptr,
                                                    x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), M, K, vec,
-                                                   quant_one_pass_enabled(), current_stream()));
+                                                   quant_one_pass_enabled(), quant_reciprocal_enabled(), current_stream()));
   return {x_q, x_scale};
 }
 
@@ -46,7 +46,7 @@ at::Tensor quantize_per_tensor(const at::Tensor& x, const at::Tensor& scale, con
   const bool vec = K % 16 == 0 && aligned16(x) && (!sm.defined() || aligned16(sm));
   check_launch(op, launch_quantize_per_tensor(to_dtype(x.scalar_type()), x.data_ptr(), scale.data_ptr<float>(),
                                                     sm.defined() ? sm.data_ptr<float>() : nullptr,
-                                                    x_q.data_ptr<int8_t>(), M, K, vec,
+                                                    x_q.data_ptr<int8_t>(), M, K, vec, quant_reciprocal_enabled(),
                                                     current_stream()));
   return x_q;
 }

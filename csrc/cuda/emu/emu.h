@@ -381,6 +381,7 @@ inline int __float2int_rn(float x) { return static_cast<int>(std::nearbyint(x));
 inline float __int2float_rn(int x) { return static_cast<float>(x); }
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }  // volatile: never contracted
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
 
 // Device min/max overloads that CUDA provides for mixed int widths.
 inline int min(int a, int b) { return a < b ? a : b; }

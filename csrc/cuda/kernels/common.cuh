@@ -90,6 +90,48 @@ __device__ __forceinline__ int8_t round_clamp_int8(float v) {
   return static_cast<int8_t>(__float_as_uint(__fadd_rn(v, 12582912.f)) & 0xFFu);
 }
 
+// round_clamp_int8(v / s) for one s shared by many v, bit for bit, with a multiply where the division
+// is not needed (opt-in, PTQRT_CUDA_QUANT_RECIPROCAL=1): q = v * (1 / s), both correctly rounded, is
+// within 3 x 2^-17 of the rounded quotient wherever |v / s| <= 128 and s lies in [2^-100, 2^100]
+// (further out both saturate), so the two round to the same integer unless q lies within 2^-14 of a
+// half-integer. A group of N values holding such a q (ties included), a NaN, or an s out of range is
+// divided instead, all N: on random data about 1 value in 8000 is that close, 3% of warps' groups of
+// 8. (A first form with a 2^-10 margin, 40% of warps dividing, ran slower than the division on an
+// H100: bench/NOTES.md.) The IEEE division is ~10 instructions a value (reciprocal, refinements, a
+// range check, a branch) in kernels Nsight Compute showed issue-bound (74-78% SM throughput).
+struct ScaleDivider {
+  float s, r;  // r = 1 / s, or 0 where s is out of range (then every group divides)
+  __device__ __forceinline__ explicit ScaleDivider(float s_)
+      : s(s_), r(s_ >= 0x1p-100f && s_ <= 0x1p100f ? 1.f / s_ : 0.f) {}  // (an IEEE division: correctly rounded)
+  template <int N>
+  __device__ __forceinline__ void operator()(const float (&v)[N], int8_t (&q)[N]) const {
+    bool exact = r != 0.f;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float t = fminf(fmaxf(v[j] * r, -kQMax), kQMax);
+      const float big = __fadd_rn(t, 12582912.f);  // t rounded half to even, as in round_clamp_int8
+      const float off = fabsf(__fsub_rn(t, __fsub_rn(big, 12582912.f)));  // |t - rint(t)|, exact
+      exact = exact && off < 0.49993896484375f && v[j] == v[j];  // 0.5 - 2^-14
+      q[j] = static_cast<int8_t>(__float_as_uint(big) & 0xFFu);
+    }
+    if (!exact) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) q[j] = round_clamp_int8(v[j] / s);
+    }
+  }
+};
+
+// Quantizes a group by s: through ScaleDivider when `recip`, else by the IEEE division.
+template <int N>
+__device__ __forceinline__ void quantize_group(const float (&v)[N], int8_t (&q)[N], float s, bool recip) {
+  if (recip) {
+    ScaleDivider{s}(v, q);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) q[j] = round_clamp_int8(v[j] / s);
+  }
+}
+
 // ------------------------------------------------------------------ warp reductions
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -120,8 +120,7 @@ __global__ void __launch_bounds__(kTokenThreads) kv_cache_append_token_kernel(Kv
       if (s.dynamic) {
         const float sc = absmax_scale(__uint_as_float(bits));
         if (sub == 0) s.scale[row] = sc;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) q.q[j] = round_clamp_int8(v[j] / sc);
+        quantize_group(v, q.q, sc, a.recip);
       } else {
         const float4* st = reinterpret_cast<const float4*>(s.scale + int64_t(h) * a.D + d);
 #pragma unroll

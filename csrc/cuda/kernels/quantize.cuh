@@ -2,8 +2,9 @@
 //
 //   per token:  v = float(x[m, k]) / smooth[k];  s[m] = absmax_k(v) / 127 (1 if 0);  q = rne(v / s[m])
 //   per tensor: q = rne((float(x[m, k]) / smooth[k]) / scale)
-// q is clamped to [-127, 127], NaN -> 0. Divisions are IEEE (not reciprocal multiplies) so that every
-// q matches the reference bit for bit.
+// q is clamped to [-127, 127], NaN -> 0. Divisions are IEEE (or, opt-in, a reciprocal multiply that
+// divides where it could round apart: common.cuh, ScaleDivider) so that every q matches the reference
+// bit for bit.
 #pragma once
 
 #include "common.cuh"
@@ -87,7 +88,8 @@ template <typename T, int VEC, int CHUNKS>
 __global__ void __launch_bounds__(256) quantize_per_token_1pass_kernel(const T* __restrict__ x,
                                                                        const float* __restrict__ smooth,
                                                                        int8_t* __restrict__ x_q,
-                                                                       float* __restrict__ x_scale, int64_t K) {
+                                                                       float* __restrict__ x_scale, int64_t K,
+                                                                       bool recip) {
   static_assert(VEC * sizeof(T) == 16, "16-byte vectors");
   const int64_t row = blockIdx.x;
   const T* xr = x + row * K;
@@ -119,8 +121,7 @@ __global__ void __launch_bounds__(256) quantize_per_token_1pass_kernel(const T* 
     const int64_t k = (int64_t(c) * blockDim.x + threadIdx.x) * VEC;
     if (k < K) {
       int8_t q[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[c][j] / s);
+      quantize_group(v[c], q, s, recip);
       store_q<VEC>(qr + k, q);
     }
   }
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(256) quantize_per_token_1pass_kernel(const T* 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __restrict__ x, const float* __restrict__ smooth,
                                                                  int8_t* __restrict__ x_q, float* __restrict__ x_scale,
-                                                                 int64_t K) {
+                                                                 int64_t K, bool recip) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row * K;
   int8_t* qr = x_q + row * K;
@@ -153,8 +154,7 @@ __global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __rest
     load_vec<T, VEC>(xr + k, v);
     divide_smooth<VEC>(smooth, k, v);
     int8_t q[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[j] / s);
+    quantize_group(v, q, s, recip);
     store_q<VEC>(qr + k, q);
   }
 }
@@ -163,7 +163,8 @@ __global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __rest
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) quantize_per_tensor_kernel(const T* __restrict__ x, const float* __restrict__ scale,
                                                                   const float* __restrict__ smooth,
-                                                                  int8_t* __restrict__ x_q, int64_t total, int64_t K) {
+                                                                  int8_t* __restrict__ x_q, int64_t total, int64_t K,
+                                                                  bool recip) {
   const float s = *scale;
   const int64_t groups = total / VEC;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
@@ -172,8 +173,7 @@ __global__ void __launch_bounds__(256) quantize_per_tensor_kernel(const T* __res
     load_vec<T, VEC>(x + i, v);
     divide_smooth<VEC>(smooth, i % K, v);
     int8_t q[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) q[j] = round_clamp_int8(v[j] / s);
+    quantize_group(v, q, s, recip);
     store_q<VEC>(x_q + i, q);
   }
 }
