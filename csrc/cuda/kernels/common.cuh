@@ -99,20 +99,23 @@ __device__ __forceinline__ int8_t round_clamp_int8(float v) {
 // 8. (A first form with a 2^-10 margin, 40% of warps dividing, ran slower than the division on an
 // H100: bench/NOTES.md.) The IEEE division is ~10 instructions a value (reciprocal, refinements, a
 // range check, a branch) in kernels Nsight Compute showed issue-bound (74-78% SM throughput).
+// Made once per scale (its reciprocal is a division); with recip false every group divides.
 struct ScaleDivider {
-  float s, r;  // r = 1 / s, or 0 where s is out of range (then every group divides)
-  __device__ __forceinline__ explicit ScaleDivider(float s_)
-      : s(s_), r(s_ >= 0x1p-100f && s_ <= 0x1p100f ? 1.f / s_ : 0.f) {}  // (an IEEE division: correctly rounded)
+  float s, r;  // r = 1 / s, or 0 where s is out of range or recip is off (then every group divides)
+  __device__ __forceinline__ ScaleDivider(float s_, bool recip)
+      : s(s_), r(recip && s_ >= 0x1p-100f && s_ <= 0x1p100f ? 1.f / s_ : 0.f) {}  // (IEEE: correctly rounded)
   template <int N>
   __device__ __forceinline__ void operator()(const float (&v)[N], int8_t (&q)[N]) const {
     bool exact = r != 0.f;
+    if (exact) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      const float t = fminf(fmaxf(v[j] * r, -kQMax), kQMax);
-      const float big = __fadd_rn(t, 12582912.f);  // t rounded half to even, as in round_clamp_int8
-      const float off = fabsf(__fsub_rn(t, __fsub_rn(big, 12582912.f)));  // |t - rint(t)|, exact
-      exact = exact && off < 0.49993896484375f && v[j] == v[j];  // 0.5 - 2^-14
-      q[j] = static_cast<int8_t>(__float_as_uint(big) & 0xFFu);
+      for (int j = 0; j < N; ++j) {
+        const float t = fminf(fmaxf(v[j] * r, -kQMax), kQMax);
+        const float big = __fadd_rn(t, 12582912.f);  // t rounded half to even, as in round_clamp_int8
+        const float off = fabsf(__fsub_rn(t, __fsub_rn(big, 12582912.f)));  // |t - rint(t)|, exact
+        exact = exact && off < 0.49993896484375f && v[j] == v[j];  // 0.5 - 2^-14
+        q[j] = static_cast<int8_t>(__float_as_uint(big) & 0xFFu);
+      }
     }
     if (!exact) {
 #pragma unroll
@@ -120,17 +123,6 @@ struct ScaleDivider {
     }
   }
 };
-
-// Quantizes a group by s: through ScaleDivider when `recip`, else by the IEEE division.
-template <int N>
-__device__ __forceinline__ void quantize_group(const float (&v)[N], int8_t (&q)[N], float s, bool recip) {
-  if (recip) {
-    ScaleDivider{s}(v, q);
-  } else {
-#pragma unroll
-    for (int j = 0; j < N; ++j) q[j] = round_clamp_int8(v[j] / s);
-  }
-}
 
 // ------------------------------------------------------------------ warp reductions
 __device__ __forceinline__ float warp_sum(float v) {

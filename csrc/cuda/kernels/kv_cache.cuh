@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(kTokenThreads) kv_cache_append_token_kernel(Kv
       if (s.dynamic) {
         const float sc = absmax_scale(__uint_as_float(bits));
         if (sub == 0) s.scale[row] = sc;
-        quantize_group(v, q.q, sc, a.recip);
+        const ScaleDivider div(sc, a.recip);
+        div(v, q.q);
       } else {
         const float4* st = reinterpret_cast<const float4*>(s.scale + int64_t(h) * a.D + d);
 #pragma unroll

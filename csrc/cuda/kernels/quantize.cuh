@@ -116,12 +116,13 @@ __global__ void __launch_bounds__(256) quantize_per_token_1pass_kernel(const T* 
   }
   const float s = absmax_scale(block_nan_max(amax));
   if (threadIdx.x == 0) x_scale[row] = s;
+  const ScaleDivider div(s, recip);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t k = (int64_t(c) * blockDim.x + threadIdx.x) * VEC;
     if (k < K) {
       int8_t q[VEC];
-      quantize_group(v[c], q, s, recip);
+      div(v[c], q);
       store_q<VEC>(qr + k, q);
     }
   }
@@ -148,13 +149,14 @@ __global__ void __launch_bounds__(256) quantize_per_token_kernel(const T* __rest
   }
   const float s = absmax_scale(block_nan_max(amax));
   if (threadIdx.x == 0) x_scale[row] = s;
+  const ScaleDivider div(s, recip);
 
   for (int64_t k = int64_t(threadIdx.x) * VEC; k < K; k += step) {
     float v[VEC];
     load_vec<T, VEC>(xr + k, v);
     divide_smooth<VEC>(smooth, k, v);
     int8_t q[VEC];
-    quantize_group(v, q, s, recip);
+    div(v, q);
     store_q<VEC>(qr + k, q);
   }
 }
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(256) quantize_per_tensor_kernel(const T* __res
                                                                   const float* __restrict__ smooth,
                                                                   int8_t* __restrict__ x_q, int64_t total, int64_t K,
                                                                   bool recip) {
-  const float s = *scale;
+  const ScaleDivider div(*scale, recip);
   const int64_t groups = total / VEC;
   for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = g * VEC;
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(256) quantize_per_tensor_kernel(const T* __res
     load_vec<T, VEC>(x + i, v);
     divide_smooth<VEC>(smooth, i % K, v);
     int8_t q[VEC];
-    quantize_group(v, q, s, recip);
+    div(v, q);
     store_q<VEC>(x_q + i, q);
   }
 }
