@@ -22,14 +22,19 @@
 
 namespace ptqrt_cpu {
 
-// A kernel switch from the environment, read on every call (so tests can flip it): '1' on, '0' off,
-// unset or empty the default; anything else is refused, naming the variable.
-inline bool env_switch(const char* name, bool dflt) {
+// A kernel switch from the environment, read on every call (so tests can flip it): '1' on (1), '0'
+// off (0), unset or empty -1; anything else is refused, naming the variable.
+inline int env_switch3(const char* name) {
   const char* s = std::getenv(name);
-  if (s == nullptr || *s == '\0') return dflt;
+  if (s == nullptr || *s == '\0') return -1;
   TORCH_CHECK(std::strcmp(s, "1") == 0 || std::strcmp(s, "0") == 0, name, " must be '1' (on) or '0' (off); got '", s,
               "'");
   return s[0] == '1';
+}
+// The same with unset or empty meaning `dflt`.
+inline bool env_switch(const char* name, bool dflt) {
+  const int v = env_switch3(name);
+  return v < 0 ? dflt : v == 1;
 }
 
 // Calls f(T{}) with T = float, c10::BFloat16 or c10::Half for the given dtype.

@@ -442,9 +442,8 @@ struct AmxEmulated {
 constexpr int64_t kAmxMinRows = 16;
 enum class AmxMode { Auto, On, Off };
 AmxMode amx_mode() {
-  const char* s = std::getenv("PTQRT_CPU_AMX");
-  if (s == nullptr || *s == '\0') return AmxMode::Auto;
-  return env_switch("PTQRT_CPU_AMX", false) ? AmxMode::On : AmxMode::Off;  // (checks the value)
+  const int v = env_switch3("PTQRT_CPU_AMX");
+  return v < 0 ? AmxMode::Auto : v == 1 ? AmxMode::On : AmxMode::Off;
 }
 
 // x [M, K] -> [M + 16][round_up(K, 64)], zeros past K and in the 16 rows past M (the tile kernel

@@ -85,7 +85,7 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
   // on the device (no sync, graph-safe), so the split is sized for the table's capacity; CTAs past a
   // sequence's end only write an empty partial.
   const int64_t ctas = B * Hkv * gchunks;
-  const int64_t per_sm = decode_stream_ctas_per_sm(a, smem_optin() + 1024);
+  const int64_t per_sm = decode_stream_ctas_per_sm(a, smem_per_sm());
   const int64_t want = per_sm > 0 ? std::max<int64_t>(1, per_sm * sm_count() / ctas) : cdiv(2 * sm_count(), ctas);
   int64_t splits = std::max<int64_t>(cdiv(max_len, kDecodeMaxChunk),
                                      std::min<int64_t>(want, cdiv(max_len, per_sm > 0 ? 128 : 64)));

@@ -26,6 +26,7 @@ inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 inline size_t smem_optin() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
+inline size_t smem_per_sm() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor; }
 inline bool is_sm90() {
   const auto* p = at::cuda::getCurrentDeviceProperties();
   return p->major == 9 && p->minor == 0;
@@ -43,6 +44,7 @@ inline int sm_count() {
   return s != nullptr && std::atoi(s) > 0 ? std::atoi(s) : 8;
 }
 inline size_t smem_optin() { return 227 * 1024; }
+inline size_t smem_per_sm() { return 228 * 1024; }
 inline bool is_sm90() { return true; }  // the emulator runs the sm_90a kernels too
 #endif
 

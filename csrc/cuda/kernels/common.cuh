@@ -70,6 +70,11 @@ template <> __device__ __forceinline__ __half2 make_pair2<__half>(float a, float
 template <> __device__ __forceinline__ __nv_bfloat162 make_pair2<__nv_bfloat16>(float a, float b) {
   return __floats2bfloat162_rn(a, b);
 }
+// Two floats -> one 32-bit register of two fp16 / bf16 (a in the low half), rounded to nearest.
+template <typename T> __device__ __forceinline__ uint32_t pack_pair(float a, float b) {
+  auto p = make_pair2<T>(a, b);
+  return *reinterpret_cast<uint32_t*>(&p);
+}
 
 // ------------------------------------------------------------------ quantization math (reference.py)
 // NaN-propagating max: torch.amax propagates NaN, fmaxf would drop it.

@@ -50,6 +50,13 @@ __device__ __forceinline__ int64_t kv_row(const DecodeArgs& a, int b, int j) {
   return int64_t(blk) * a.block_size + j % a.block_size;  // index into [num_blocks * block_size]
 }
 
+// Lane src's 64-bit cache row (kv_row), to every lane (a full-warp shuffle: all 32 lanes call it).
+__device__ __forceinline__ int64_t shfl_row(int64_t row, int src) {
+  const int lo = __shfl_sync(0xffffffffu, static_cast<int>(row & 0xffffffff), src);
+  const int hi = __shfl_sync(0xffffffffu, static_cast<int>(row >> 32), src);
+  return static_cast<int64_t>((uint64_t(uint32_t(hi)) << 32) | uint32_t(lo));
+}
+
 // A decode CTA's place in its grid (splits, Hkv * ceil(G / rows), B): its split, kv head h, batch
 // row b, and the `count` query heads g0 .. g0 + count - 1 of the group it serves (rows at most).
 struct DecodeCta {
@@ -278,7 +285,6 @@ template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeArgs a) {
   PTQRT_DYNAMIC_SMEM(float, s_e);  // [cached] weights (-1: a split that saw no token), then [cached] l terms
   __shared__ float s_red[kCombineThreads / kWarp];
-  __shared__ float s_l;
   const int64_t head = blockIdx.x;  // b * Hq + hq
   const float* ml = a.part_ml + head * a.splits * 2;
   const int cached = a.splits < kCombineCached ? a.splits : kCombineCached;
@@ -311,14 +317,9 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeA
   l = warp_sum(l);
   if (threadIdx.x % kWarp == 0) s_red[threadIdx.x / kWarp] = l;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float t = 0.f;
+  l = 0.f;
 #pragma unroll
-    for (int w = 0; w < kCombineThreads / kWarp; ++w) t += s_red[w];
-    s_l = t;
-  }
-  __syncthreads();
-  l = s_l;
+  for (int w = 0; w < kCombineThreads / kWarp; ++w) l += s_red[w];
   const float* acc = a.part_acc + head * a.splits * a.D;
   T* o = static_cast<T*>(a.out) + head * a.D;
   for (int d = threadIdx.x; d < a.D; d += kCombineThreads) {

@@ -57,19 +57,6 @@ __host__ __device__ inline bool decode_mma_fits(const DecodeArgs& a) {
          a.block_size > 0;
 }
 
-// Two floats -> one register of two T (x in the low half), round to nearest.
-template <typename T> __device__ __forceinline__ uint32_t pack_pair(float x, float y);
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__half>(float x, float y) {
-  __half2 h = __floats2half2_rn(x, y);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float x, float y) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
 // grid: (splits, Hkv * ceil(G / 16), B); block: kDecodeThreads; dynamic smem: decode_mma_smem_bytes(D).
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a) {
@@ -101,11 +88,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a
       const int64_t mine = lane < kMmaTile && t0 + lane < n ? kv_row(a, b, start + t0 + lane) : -1;
       live = __ballot_sync(kFull, lane < kMmaTile && mine >= 0) & 0xffffu;
       unsigned char* st = ring + (i % kMmaStages) * kStage;
-      auto row_of = [&](int r) {  // token r's cache row (row 0 for a dead token), by shuffle from lane r
-        const int lo = __shfl_sync(kFull, static_cast<int>(mine & 0xffffffff), r);
-        const int hi = __shfl_sync(kFull, static_cast<int>(mine >> 32), r);
-        const int64_t row = static_cast<int64_t>((uint64_t(uint32_t(hi)) << 32) | uint32_t(lo));
-        return (row >= 0 ? row : 0) * a.Hkv + h;  // token-head index
+      auto row_of = [&](int r) {  // token r's token-head index (row 0 for a dead token), from lane r
+        const int64_t row = shfl_row(mine, r);
+        return (row >= 0 ? row : 0) * a.Hkv + h;
       };
 #pragma unroll
       for (int u = 0; u < kMmaTile * C / kWarp; ++u) {

@@ -159,9 +159,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int src = u * RPW + grp;
-        const int lo = __shfl_sync(0xffffffffu, static_cast<int>(mine & 0xffffffff), src);
-        const int hi = __shfl_sync(0xffffffffu, static_cast<int>(mine >> 32), src);
-        const int64_t row = static_cast<int64_t>((uint64_t(uint32_t(hi)) << 32) | uint32_t(lo));
+        const int64_t row = shfl_row(mine, src);
         if (row >= 0) live |= 1u << u;
         const int64_t th = (row >= 0 ? row : 0) * a.Hkv + h;  // token-head index
         const int slot = u * kWarp + lane;

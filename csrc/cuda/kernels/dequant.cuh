@@ -53,10 +53,8 @@ template <typename T>
 __device__ __forceinline__ void int8x4_scaled_rows(uint32_t q4, float s_lo, float s_hi, uint32_t& lo, uint32_t& hi) {
   float f[4];
   int8x4_to_float(q4, f);
-  auto l = make_pair2<T>(f[0] * s_lo, f[1] * s_lo);
-  auto h = make_pair2<T>(f[2] * s_hi, f[3] * s_hi);
-  lo = *reinterpret_cast<uint32_t*>(&l);
-  hi = *reinterpret_cast<uint32_t*>(&h);
+  lo = pack_pair<T>(f[0] * s_lo, f[1] * s_lo);
+  hi = pack_pair<T>(f[2] * s_hi, f[3] * s_hi);
 }
 
 // Four int8 times one scale, rounded to T (per-group dequantization: w = q * s in fp32, then cast).
