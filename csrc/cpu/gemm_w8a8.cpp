@@ -240,6 +240,9 @@ struct Vnni512Native {
     return _mm512_set1_epi32(v);
   }
   PTQRT_AVX512 static inline V sub_i32(V a, V b) { return _mm512_sub_epi32(a, b); }
+  PTQRT_AVX512 static inline void prefetch_l2(const int8_t* p) {
+    _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
+  }
   PTQRT_AVX512 static inline void storeu(int8_t* p, V v) { _mm512_storeu_si512(p, v); }
   // Halving adds (wrapping, like the lanes): 7 instructions where a store and 16 scalar loads and
   // adds took ~33, 16 times per 4 x 4 tile. (_mm512_reduce_add_epi32 trips GCC 12's
@@ -306,6 +309,7 @@ struct Vnni512Emulated {
     }
     return a;
   }
+  static void prefetch_l2(const int8_t*) {}  // (a hint: nothing to model)
   static void storeu(int8_t* p, V v) { std::memcpy(p, v.b, 64); }
   static uint32_t reduce_add(V v) {
     uint32_t s = 0;
@@ -321,10 +325,11 @@ struct Vnni512Emulated {
 // The VNNI panel path's x, once per call: each m-block (mblock rows) as 8-row groups of 4-byte k
 // quads, x ^ 0x80 (the u8 operand of vpdpbusd): [block][group][K / 4][8][4]. Rows and k past the end
 // are 0 (the packed weights are 0 there, so they add nothing). The panel path runs from
-// kVnniPanelMinRows rows when it repacks the weights per call, from kVnniPackedMinRows on the
-// weights' cached copy: both guesses (the AVX2 kernels' crossovers were 24 and 3 on Zen 3), since no
-// AVX-512 machine has timed them yet.
-constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 4;
+// kVnniPanelMinRows rows when it repacks the weights per call (a guess: the AVX2 kernel's crossover
+// was 24 on Zen 3), and at every M on the weights' cached copy: its GEMV form below
+// kVnniGemvRows + 1 rows (measured on a 2-core Zen 4, bench/NOTES.md: 1.24x the dot tiles at
+// 1 x 4096 x 4096), the panel kernel from there.
+constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 1, kVnniGemvRows = 3;
 // PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: on the one AVX-512
 // machine measured, the panel kernel ran M = 16 at 0.41-0.62x fbgemm on 45 MB weights and 1.13x on
 // 16 MB ones; bench_cpu.py times M = 16 with the dot tiles beside it). Read on every call; 0: unset.
@@ -611,6 +616,13 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     bl.n_nb = ceil_div(N, bl.NB);
   }
 #endif
+  // The VNNI GEMV (1-3 rows on the cached quads) streams up to 4 panels at a time over the whole K:
+  // 2 n-blocks a thread.
+  const bool vnni_gemv = wquads.defined() && M <= kVnniGemvRows && !amx_on;
+  if (vnni_gemv) {
+    bl.NB = round_up(ceil_div(N, 2 * threads), 32);
+    bl.n_nb = ceil_div(N, bl.NB);
+  }
   const int64_t MB = bl.MB, NB = bl.NB, n_mb = bl.n_mb, n_nb = bl.n_nb;
   // AMX: on the cached quads only (its B tiles are their layout), x padded once per call.
   const bool amx = amx_on && wquads.defined();
@@ -622,6 +634,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
                                                                    : fn;  // (unreachable: has_amx() is false)
 #endif
   t_last_path = amx                ? "amx"
+                : vnni_gemv          ? "vnni-gemv"
                 : vnni && vnni_panel ? (one_pass && ceil_div(MB, 8) == 2 ? "vnni-one-pass" : "vnni-panel")
                 : vnni               ? "vnni-dot"
 #if PTQRT_X86
