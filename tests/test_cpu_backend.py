@@ -229,13 +229,13 @@ def test_vnni_one_pass(cpu_ops, monkeypatch, isa, cached, m, n, k):
 
 
 @pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
-@pytest.mark.parametrize("m", (1, 2, 3))
+@pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 6))
 @pytest.mark.parametrize("n,k", ((1, 1), (31, 64), (32, 333), (96, 4096), (129, 5), (300, 130), (520, 1001)))
 def test_vnni_gemv(cpu_ops, monkeypatch, isa, m, n, k):
-    """1-3 rows on the cached quads take the GEMV form (up to 4 panels at once over the whole K, 2
-    n-blocks a thread): exact against the reference and the same bits as the dot tiles on w as it is,
-    epilogue included; 1-4 whole panels per call and a partial one (1, 31, 129, 300, 520 columns),
-    ragged K, -128 in both operands."""
+    """1-6 rows on the cached quads take the GEMV form (up to 4, 3 or 2 panels at once over the whole
+    K, 2 n-blocks a thread): exact against the reference and the same bits as the dot tiles on w as it
+    is, epilogue included; 1-4 whole panels per call and a partial one (1, 31, 129, 300, 520
+    columns), ragged K, -128 in both operands."""
     if not _supported(cpu_ops, isa):
         pytest.skip(f"this CPU cannot run {isa}")
     monkeypatch.setenv("PTQRT_CPU_ISA", isa)
@@ -244,7 +244,7 @@ def test_vnni_gemv(cpu_ops, monkeypatch, isa, m, n, k):
     xs, ws, bias = rand_scale(m), rand_scale(n), torch.randn(n)
     outs = {}
     with _pack_budget(cpu_ops, 1 << 30):
-        for rows, path in (("", "vnni-gemv"), ("4", "vnni-dot")):
+        for rows, path in (("", "vnni-gemv"), ("7", "vnni-dot")):
             monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", rows)
             _dirty_heap(4 * m * n)
             outs[path] = (cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32),
@@ -279,7 +279,7 @@ def test_amx_tile_kernel(cpu_ops, monkeypatch, isa, m, n, k):
             _dirty_heap(4 * m * n)
             outs[switch] = (cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32),
                             cpu_ops.w8a8_gemm(x, xs, w, ws, bias, torch.float32))
-            assert cpu_ops.last_w8a8_path() == ("amx" if switch == "1" else "vnni-gemv" if m <= 3 else "vnni-panel")
+            assert cpu_ops.last_w8a8_path() == ("amx" if switch == "1" else "vnni-gemv" if m <= 6 else "vnni-panel")
         assert cpu_ops.pack_cache_info()[0] == 1
     assert torch.equal(outs["1"][0], ref.int32_matmul(x, w))
     assert torch.equal(outs["1"][0], outs["0"][0]) and torch.equal(outs["1"][1], outs["0"][1])
@@ -365,8 +365,8 @@ def test_w8a8_panels_cached_and_repacked(cpu_ops, panel_isa, cached, m, n, k):
     """The kernels on the cache's whole-weight copy or on per-call repacked chunks. AVX2: cached, the
     streaming GEMV for M <= 2 and for a last m-block of 1-2 rows (4 or 2 panels at a time, then one;
     16130 rows end in a block of 2) and the panel kernel from 3 rows; uncached, the panel kernel from
-    24 rows (dot-product tiles below). VNNI: cached, the GEMV form for 1-3 rows and the panel kernel
-    from 4; uncached, the panel kernel from 32 rows; the offset's correction precomputed over the
+    24 rows (dot-product tiles below). VNNI: cached, the GEMV form for 1-6 rows and the panel kernel
+    from 7; uncached, the panel kernel from 32 rows; the offset's correction precomputed over the
     whole K (cached) or per K chunk. Every row count of the last row group, partial panels, odd K,
     several K chunks, -128 in both operands."""
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8)

@@ -329,7 +329,7 @@ struct Vnni512Emulated {
 // was 24 on Zen 3), and at every M on the weights' cached copy: its GEMV form below
 // kVnniGemvRows + 1 rows (measured on a 2-core Zen 4, bench/NOTES.md: 1.24x the dot tiles at
 // 1 x 4096 x 4096), the panel kernel from there.
-constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 1, kVnniGemvRows = 3;
+constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 1, kVnniGemvRows = 6;
 // PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: on the one AVX-512
 // machine measured, the panel kernel ran M = 16 at 0.41-0.62x fbgemm on 45 MB weights and 1.13x on
 // 16 MB ones; bench_cpu.py times M = 16 with the dot tiles beside it). Read on every call; 0: unset.
@@ -616,7 +616,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     bl.n_nb = ceil_div(N, bl.NB);
   }
 #endif
-  // The VNNI GEMV (1-3 rows on the cached quads) streams up to 4 panels at a time over the whole K:
+  // The VNNI GEMV (1-6 rows on the cached quads) streams up to 4 panels at a time over the whole K:
   // 2 n-blocks a thread.
   const bool vnni_gemv = wquads.defined() && M <= kVnniGemvRows && !amx_on;
   if (vnni_gemv) {

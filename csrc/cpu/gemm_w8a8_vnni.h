@@ -158,12 +158,14 @@ PTQRT_VNNI_TARGET void panel(const uint8_t* xq, const int8_t* wq, int64_t nq, V 
 
 using PanelFn = void (*)(const uint8_t*, const int8_t*, int64_t, V, V, int32_t*, int64_t, bool, const int8_t*);
 
-// The GEMV form, for blocks of 1-3 rows on the cached quads: kGemvPanels panels (128 columns) at
-// once over the whole K, so the weights arrive as 4 sequential streams (a panel's quads are contiguous)
-// and every vpdpbusd chain has 8 * mr independent accumulators. One panel at a time, the panel kernel's
-// two chains a row waited on the instruction's latency, and one stream drew less from the L3 than
-// four (2 threads, 1 x 4096 x 4096: 165 -> 127 us, the dot tiles on the original rows 157).
-constexpr int kGemvPanels = 4;
+// The GEMV form, for blocks of 1-6 rows on the cached quads: up to 4 panels (128 columns) at once
+// over the whole K, so the weights arrive as several sequential streams (a panel's quads are
+// contiguous) and each row has 2 * np independent vpdpbusd chains. One panel at a time, the panel
+// kernel's two chains a row waited on the instruction's latency, and one stream drew less from the
+// L3 than four (2 threads on a Zen 4, 1 x 4096 x 4096: 165 -> 127 us, the dot tiles on the original
+// rows 157; 4 and 6 rows 1.05-1.16x the panel kernel). Panels at once by rows (mr * (2 np + 1) + 1
+// of the 32 zmm registers): 4 up to 3 rows, 3 at 4, 2 at 5-6.
+constexpr int kGemvPanels[kVnniGemvRows] = {4, 4, 4, 3, 2, 2};
 // c [mr, np * 32] (ldc) = sum over all nq quads of x . w for np panels pstride bytes apart, less corr
 // [np * 32] (128 * the columns' weight sums).
 template <int mr, int np>
@@ -192,15 +194,15 @@ PTQRT_VNNI_TARGET void gemv(const uint8_t* xq, const int8_t* wq, int64_t pstride
 using GemvFn = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, const int32_t*, int32_t*, int64_t);
 
 PTQRT_VNNI_TARGET void block_gemv(const W8A8Block& b) {
-  static const GemvFn fns[kVnniGemvRows][kGemvPanels] = {
-      {gemv<1, 1>, gemv<1, 2>, gemv<1, 3>, gemv<1, 4>},
-      {gemv<2, 1>, gemv<2, 2>, gemv<2, 3>, gemv<2, 4>},
-      {gemv<3, 1>, gemv<3, 2>, gemv<3, 3>, gemv<3, 4>},
+  static const GemvFn fns[kVnniGemvRows][4] = {
+      {gemv<1, 1>, gemv<1, 2>, gemv<1, 3>, gemv<1, 4>}, {gemv<2, 1>, gemv<2, 2>, gemv<2, 3>, gemv<2, 4>},
+      {gemv<3, 1>, gemv<3, 2>, gemv<3, 3>, gemv<3, 4>}, {gemv<4, 1>, gemv<4, 2>, gemv<4, 3>, nullptr},
+      {gemv<5, 1>, gemv<5, 2>, nullptr, nullptr},       {gemv<6, 1>, gemv<6, 2>, nullptr, nullptr},
   };
-  const int64_t nq = ceil_div(b.K, 4), stride = nq * 4 * kVC;
+  const int64_t nq = ceil_div(b.K, 4), stride = nq * 4 * kVC, most = kGemvPanels[b.mb - 1];
   const int64_t whole = b.nb / kVC;  // panels with all 32 columns inside the output
-  for (int64_t p = 0; p < whole; p += kGemvPanels) {
-    const int64_t np = std::min<int64_t>(kGemvPanels, whole - p);
+  for (int64_t p = 0; p < whole; p += most) {
+    const int64_t np = std::min(most, whole - p);
     fns[b.mb - 1][np - 1](b.xquads, b.wquads + p * stride, stride, nq, b.wcorr + p * kVC, b.c + p * kVC, b.ldc);
   }
   if (const int64_t nr = b.nb - whole * kVC) {  // the last, partial panel on a scratch tile
