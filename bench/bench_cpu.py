@@ -25,7 +25,7 @@ Groups (one pytest-benchmark group per shape, so its table shows each row's rati
          32 heads of 128, and in the quick and full sets also 32 query heads on 8 kv heads (GQA, no
          target; SDPA with enable_gqa)
   diagnosis (AVX-512 VNNI CPUs, targets and full sets): "ptqrt quant+w8a8" with one cpu-backend knob
-         set, beside the default: dot tiles at M=1 and 16, one pass at M=16, the VNNI kernels at
+         set, beside the default: dot tiles at M=1 and 16, the VNNI kernels at
          M=16 and 128 where the AMX tile kernel is the default (see DIAGNOSIS); w8a16 on the AVX2
          kernels at M=1 and 128 beside the default AVX-512 ones (W16_AVX2)
   paired (last): every target's two rows, and each diagnosis row against the default, timed once more
@@ -138,17 +138,14 @@ def _copy_bandwidth() -> float:
 # ------------------------------------------------------------------------------------------ w8a8
 W8A8_IMPLS = ("ptqrt quant+w8a8", "ptqrt w8a8_gemm", "fbgemm dynamic", "torch._int_mm", "fp32 F.linear")
 # Diagnosis rows on AVX-512 VNNI CPUs, beside the default "ptqrt quant+w8a8" (each the same op with one
-# environment setting of the cpu backend; AMX off in the first two, which diagnose the VNNI kernels):
+# environment setting of the cpu backend; AMX off in the first, which diagnoses the VNNI kernels):
 #   dot tiles  M = 1, 16: the dot-product tiles on w as it is instead of the GEMV form (M = 1) or the
 #              panel kernel (M = 16) on the cached quads (the crossover past M)
-#   one pass   M = 16: the panel kernel's one-pass form for blocks of 9-16 rows (opt-in)
 #   vnni       M = 16, 128: the VNNI panel kernel where the AMX-INT8 tile kernel is the default (CPUs
 #              with AMX)
 DOT_TILES = "ptqrt quant+w8a8 dot tiles"
-ONE_PASS = "ptqrt quant+w8a8 one pass"
 NO_AMX = "ptqrt quant+w8a8 vnni"
 DIAGNOSIS = {DOT_TILES: ((1, 16), lambda m: {"PTQRT_CPU_VNNI_PANEL_ROWS": str(m + 1), "PTQRT_CPU_AMX": "0"}),
-             ONE_PASS: ((16,), lambda m: {"PTQRT_CPU_VNNI_ONE_PASS": "1", "PTQRT_CPU_AMX": "0"}),
              NO_AMX: ((16, 128), lambda m: {"PTQRT_CPU_AMX": "0"})}
 DIAG_ROWS = [(m, n, k, impl) for impl, (ms, _) in DIAGNOSIS.items() for m in ms for n, k in NKS
              if m in MS and SET in ("full", "targets")]

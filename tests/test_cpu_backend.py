@@ -195,40 +195,6 @@ def test_vnni_panel_rows_knob(cpu_ops, monkeypatch, isa):
 
 
 @pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
-@pytest.mark.parametrize("cached", (True, False))
-@pytest.mark.parametrize("m,n,k", ((9, 32, 4), (16, 64, 4096), (12, 45, 333), (16, 17, 5000), (13, 1, 9001),
-                                   (10, 100, 1), (15, 31, 4111)))
-def test_vnni_one_pass(cpu_ops, monkeypatch, isa, cached, m, n, k):
-    """PTQRT_CPU_VNNI_ONE_PASS=1: m-blocks of 9-16 rows take the panel kernel's one-pass form (every
-    16-column half of a panel with all rows) on the cached quads or on per-call repacked ones (the
-    rows knob sends the uncached call to the panel path): exact against the reference and the same
-    bits as the default form, with partial halves (1, 13-17, 31 columns), several K chunks, ragged K,
-    -128 in both operands. Any value but '0' / '1' is refused, naming the variable."""
-    if not _supported(cpu_ops, isa):
-        pytest.skip(f"this CPU cannot run {isa}")
-    monkeypatch.setenv("PTQRT_CPU_ISA", isa)
-    monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", "4")
-    monkeypatch.setenv("PTQRT_CPU_AMX", "0")  # (on an AMX CPU the tile kernel is the default at 16 rows)
-    x, w = rand_int8(m, k), rand_int8(n, k)
-    x[0, 0], x[-1, -1], w[0, 0], w[-1, -1] = -128, -128, -128, -128
-    outs = []
-    with _pack_budget(cpu_ops, (1 << 30) if cached else 0):
-        for switch in ("0", "1", "1"):  # (cached: the first call with the switch on reads the copy already made)
-            monkeypatch.setenv("PTQRT_CPU_VNNI_ONE_PASS", switch)
-            _dirty_heap(4 * m * n)
-            outs.append(cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32))
-            assert cpu_ops.last_w8a8_path() == ("vnni-one-pass" if switch == "1" else "vnni-panel")
-        assert cpu_ops.pack_cache_info()[0] == int(cached)
-    expect = ref.int32_matmul(x, w)
-    for o in outs:
-        assert torch.equal(o, expect)
-    for bad in ("2", "on", "yes", " 1"):
-        monkeypatch.setenv("PTQRT_CPU_VNNI_ONE_PASS", bad)
-        with pytest.raises(RuntimeError, match="PTQRT_CPU_VNNI_ONE_PASS"):
-            cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32)
-
-
-@pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
 @pytest.mark.parametrize("m", (1, 2, 3, 4, 5, 6))
 @pytest.mark.parametrize("n,k", ((1, 1), (31, 64), (32, 333), (96, 4096), (129, 5), (300, 130), (520, 1001)))
 def test_vnni_gemv(cpu_ops, monkeypatch, isa, m, n, k):

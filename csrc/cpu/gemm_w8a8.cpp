@@ -36,7 +36,6 @@ struct W8A8Block {
   int64_t mb, nb, K;
   int32_t* c;
   int64_t ldc;
-  bool one_pass = false;   // VNNI panel path: blocks of 9-16 rows in one pass per 16 columns (opt-in)
   const int8_t* xamx = nullptr;  // AMX path: this m-block's rows of x padded to 64 k (gemm_w8a8_amx.h)
 };
 using BlockFn = void (*)(const W8A8Block&);
@@ -327,12 +326,12 @@ struct Vnni512Emulated {
 // are 0 (the packed weights are 0 there, so they add nothing). The panel path runs from
 // kVnniPanelMinRows rows when it repacks the weights per call (a guess: the AVX2 kernel's crossover
 // was 24 on Zen 3), and at every M on the weights' cached copy: its GEMV form below
-// kVnniGemvRows + 1 rows (measured on a 2-core Zen 4, bench/NOTES.md: 1.24x the dot tiles at
-// 1 x 4096 x 4096), the panel kernel from there.
+// kVnniGemvRows + 1 rows, the panel kernel from there (measured on a 2-core Zen 4, bench/NOTES.md:
+// the dot tiles on w as it is ran 0.68-0.93x the GEMV form at 1-3 rows, 0.60-0.86x the panel kernel
+// at 16).
 constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 1, kVnniGemvRows = 6;
-// PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: on the one AVX-512
-// machine measured, the panel kernel ran M = 16 at 0.41-0.62x fbgemm on 45 MB weights and 1.13x on
-// 16 MB ones; bench_cpu.py times M = 16 with the dot tiles beside it). Read on every call; 0: unset.
+// PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: bench_cpu.py times
+// M = 1 and 16 with the dot tiles beside the default). Read on every call; 0: unset.
 int64_t vnni_rows_override() {
   const char* s = std::getenv("PTQRT_CPU_VNNI_PANEL_ROWS");
   if (s == nullptr || *s == '\0') return 0;
@@ -342,11 +341,6 @@ int64_t vnni_rows_override() {
               s, "'");
   return v;
 }
-// PTQRT_CPU_VNNI_ONE_PASS=1 (opt-in; on a 2-core AVX-512 Xeon it ran 0.60-0.83x the default panel
-// kernel at M = 16, bench/NOTES.md): m-blocks of 9-16 rows run the panel kernel's one-pass form
-// (gemm_w8a8_vnni.h, panel16), reading each weight byte once per K chunk instead of once per 8-row
-// group. '1' on; unset, empty or '0' off; anything else is refused.
-bool vnni_one_pass() { return env_switch("PTQRT_CPU_VNNI_ONE_PASS", false); }
 constexpr int kVnniLayout = 2;  // the VNNI quads' tag in the packed-weight cache
 std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
   std::vector<uint8_t> xq;
@@ -550,8 +544,8 @@ thread_local const char* t_last_path = "none";
 }  // namespace
 
 // The kernel family this thread's last w8a8_gemm call ran (a test and diagnosis aid: "none" when it
-// returned before any kernel, else scalar, avx2-dot, avx2-gemv, avx2-panel, vnni-dot, vnni-panel,
-// vnni-one-pass or amx; the emulated VNNI / AMX kernels report the same names).
+// returned before any kernel, else scalar, avx2-dot, avx2-gemv, avx2-panel, vnni-dot, vnni-gemv,
+// vnni-panel or amx; the emulated VNNI / AMX kernels report the same names).
 std::string last_w8a8_path() { return t_last_path; }
 
 at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
@@ -579,11 +573,10 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int8_t* xp = x_q.data_ptr<int8_t>();
   const int8_t* wp = w_q.data_ptr<int8_t>();
 
-  // VNNI: the panel kernel on the cached 32-column quads from kVnniPackedMinRows rows (or repacking
-  // per call from kVnniPanelMinRows), the dot-product tiles below.
+  // VNNI: the GEMV form or the panel kernel on the cached 32-column quads from kVnniPackedMinRows
+  // rows (or the panel kernel repacking per call from kVnniPanelMinRows), the dot-product tiles below.
   const bool vnni = isa == Isa::avx512 || isa == Isa::avx512_emulated;
   const int64_t rows_knob = vnni ? vnni_rows_override() : 0;
-  const bool one_pass = vnni_one_pass() && vnni;  // (the switches checked on every path)
   const AmxMode amx_want = amx_mode();
   const bool amx_on = vnni && (amx_want == AmxMode::On ||
                                (amx_want == AmxMode::Auto && isa == Isa::avx512 && M >= kAmxMinRows && has_amx()));
@@ -635,7 +628,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
 #endif
   t_last_path = amx                ? "amx"
                 : vnni_gemv          ? "vnni-gemv"
-                : vnni && vnni_panel ? (one_pass && ceil_div(MB, 8) == 2 ? "vnni-one-pass" : "vnni-panel")
+                : vnni && vnni_panel ? "vnni-panel"
                 : vnni               ? "vnni-dot"
 #if PTQRT_X86
                 : isa == Isa::avx2 ? (wpanels.defined() && M < kPackedMinRows ? "avx2-gemv" : panel ? "avx2-panel"
@@ -673,7 +666,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
       const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
       W8A8Block b{xp + m0 * K, K, xsum.empty() ? nullptr : xsum.data() + m0, nullptr, nullptr, nullptr, nullptr,
                   xquads.empty() ? nullptr : xquads.data() + (m0 / MB) * xquads_block, wp + n0 * K, K,
-                  std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0, one_pass};
+                  std::min(MB, M - m0), std::min(NB, N - n0), K, nullptr, 0};
 #if PTQRT_X86
       if (!xpanel.empty()) b.xpanel = xpanel.data() + (m0 / MB) * xpanel_block;
       if (wpanels.defined()) b.wpanels = wpanels.data_ptr<int8_t>() + (n0 / kPanelCols) * wpanel_stride;

@@ -212,39 +212,10 @@ PTQRT_VNNI_TARGET void block_gemv(const W8A8Block& b) {
   }
 }
 
-// The one-pass form for blocks of 9-16 rows (opt-in, PTQRT_CPU_VNNI_ONE_PASS=1): c [mr, 16] (ldc) =
-// (add ? c : 0) + sum over nq quads of x . w for one 16-column half of a panel (wq at that half,
-// corr its columns' correction), rows 0-7 from group x0 and 8-15 from x1. 16 accumulators, as in
-// the 8 x 32 tile, but every weight byte is read once per K chunk instead of once per 8-row group:
-// the first group's pass of the 8 x 32 form streams the weights from memory with no other work to
-// overlap, the second runs from L2 with nothing left to stream. Per quad: one weight load, mr
-// broadcasts, mr vpdpbusd.
-template <int mr>
-PTQRT_VNNI_TARGET void panel16(const uint8_t* x0, const uint8_t* x1, const int8_t* wq, int64_t nq, V corr,
-                               int32_t* c, int64_t ldc, bool add) {
-  V acc[mr];
-  const V zero = P::zero();
-  for (int i = 0; i < mr; ++i)
-    acc[i] = P::sub_i32(add ? P::loadu(reinterpret_cast<const int8_t*>(c + i * ldc)) : zero, corr);
-  for (int64_t q = 0; q < nq; ++q) {
-    const V w = P::loadu(wq + q * 4 * kVC);
-    for (int i = 0; i < mr; ++i) {
-      const V xb = P::bcast4((i < kVR ? x0 : x1) + (q * kVR + i % kVR) * 4);
-      acc[i] = P::dpbusd(acc[i], xb, w);
-    }
-  }
-  for (int i = 0; i < mr; ++i) P::storeu(reinterpret_cast<int8_t*>(c + i * ldc), acc[i]);
-}
-
-using Panel16Fn = void (*)(const uint8_t*, const uint8_t*, const int8_t*, int64_t, V, int32_t*, int64_t, bool);
-
 PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b) {
   static const PanelFn panels[kVR] = {panel<1>, panel<2>, panel<3>, panel<4>, panel<5>, panel<6>, panel<7>, panel<8>};
   if (b.wquads && b.mb <= kVnniGemvRows) return block_gemv(b);
-  static const Panel16Fn panels16[kVR] = {panel16<9>,  panel16<10>, panel16<11>, panel16<12>,
-                                          panel16<13>, panel16<14>, panel16<15>, panel16<16>};
   const int64_t groups = ceil_div(b.mb, kVR), nq_all = ceil_div(b.K, 4);
-  const bool one_pass = b.one_pass && groups == 2;
   // The groups' x of one chunk <= ~256 KiB; a multiple of 64 so only the last chunk has a ragged end.
   const int64_t kc_max = std::clamp<int64_t>((256 * 1024) / (groups * kVR) / 64 * 64, 256, 4096);
   int8_t* wbuf = nullptr;
@@ -275,23 +246,6 @@ PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b) {
           corr0 = P::dpbusd(corr0, u128, P::loadu(wq + q * 4 * kVC));
           corr1 = P::dpbusd(corr1, u128, P::loadu(wq + q * 4 * kVC + 64));
         }
-      }
-      if (one_pass) {  // two 16-column halves, all rows each
-        const uint8_t* x0 = b.xquads + (k0 / 4) * 4 * kVR;
-        const uint8_t* x1 = b.xquads + (nq_all + k0 / 4) * 4 * kVR;
-        for (int64_t h = 0; h * 16 < nr; ++h) {
-          const int64_t hr = std::min<int64_t>(16, nr - h * 16);
-          const Panel16Fn f = panels16[b.mb - kVR - 1];
-          int32_t* c = b.c + n0 + h * 16;
-          if (hr == 16) {
-            f(x0, x1, wq + h * 64, nq, h ? corr1 : corr0, c, b.ldc, add);
-            continue;
-          }
-          scratch_in(c, b.ldc, b.mb, hr, add, tile, 16);
-          f(x0, x1, wq + h * 64, nq, h ? corr1 : corr0, tile, 16, add);
-          scratch_out(c, b.ldc, b.mb, hr, tile, 16);
-        }
-        continue;
       }
       // 9-32 rows on the cached quads: the first group's pass streams this panel from memory and the
       // later ones run from L2, so the first two prefetch the panel read next into L2, half each,
