@@ -52,14 +52,20 @@ inline float to_f32(float v) { return v; }
 inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_f32(c10::Half v) { return static_cast<float>(v); }
 
-// fp32 copy of a float tensor of any of the three dtypes (small vectors: bias, smooth), or empty.
-inline std::vector<float> f32_vector(const std::optional<at::Tensor>& t) {
-  std::vector<float> out;
-  if (!t.has_value()) return out;
-  const at::Tensor c = t->to(at::kFloat).contiguous();
-  out.assign(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
-  return out;
-}
+// A float tensor of any of the three dtypes as contiguous fp32 values (small vectors: scales, bias,
+// smooth): the tensor itself where it already is one (no copy on every call), else a converted copy;
+// empty for none.
+class F32Values {
+ public:
+  explicit F32Values(const std::optional<at::Tensor>& t = std::nullopt) {
+    if (t.has_value()) t_ = t->to(at::kFloat).contiguous();
+  }
+  const float* data() const { return t_.defined() ? t_.data_ptr<float>() : nullptr; }
+  int64_t size() const { return t_.defined() ? t_.numel() : 0; }
+
+ private:
+  at::Tensor t_;
+};
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }

@@ -458,7 +458,8 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
 
   const Isa isa = active_isa();
   const bool avx512_tiles = w8a16_avx512_switch();
-  const std::vector<float> bs = f32_vector(bias);
+  const F32Values bias_f32(bias);
+  const float* bs = bias_f32.data();  // (null: none)
   const int8_t* wp = w_q.data_ptr<int8_t>();
   const float* wsp = w_scale.data_ptr<float>();
   // Blocks of up to 128 rows x ~192 KiB of weights, split evenly over the threads; whole panels for
@@ -521,7 +522,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
         for (int64_t i = 0; i < mb; ++i)
           for (int64_t j = 0; j < nb; ++j) {
             float y = cbuf[i * NB + j];
-            if (!bs.empty()) y = y + bs[n0 + j];
+            if (bs) y = y + bs[n0 + j];
             op[(m0 + i) * N + n0 + j] = static_cast<T>(y);
           }
       }

@@ -322,8 +322,9 @@ struct Vnni512Emulated {
 };
 
 // The VNNI panel path's x, once per call: each m-block (mblock rows) as 8-row groups of 4-byte k
-// quads, x ^ 0x80 (the u8 operand of vpdpbusd): [block][group][K / 4][8][4]. Rows and k past the end
-// are 0 (the packed weights are 0 there, so they add nothing). The panel path runs from
+// quads, x ^ 0x80 (the u8 operand of vpdpbusd): [block][group][K / 4][8][4]. k past the end is 0
+// (the packed weights are 0 there, so it adds nothing); a last group's rows past M are left unwritten,
+// as the kernels read only a block's own rows (and no memory is zeroed per call). The panel path runs from
 // kVnniPanelMinRows rows when it repacks the weights per call (a guess: the AVX2 kernel's crossover
 // was 24 on Zen 3), and at every M on the weights' cached copy: its GEMV form below
 // kVnniGemvRows + 1 rows, the panel kernel from there (measured on a 2-core Zen 4, bench/NOTES.md:
@@ -342,10 +343,9 @@ int64_t vnni_rows_override() {
   return v;
 }
 constexpr int kVnniLayout = 2;  // the VNNI quads' tag in the packed-weight cache
-std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
-  std::vector<uint8_t> xq;
+Uninit<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t mblock) {
   const int64_t nq = ceil_div(K, 4), per_block = ceil_div(mblock, 8) * 8 * 4 * nq, blocks = ceil_div(M, mblock);
-  xq.assign(blocks * per_block, 0);
+  Uninit<uint8_t> xq(blocks * per_block);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t rows = std::min(mblock, M - blk * mblock);
@@ -360,7 +360,8 @@ std::vector<uint8_t> pack_x_quads(const int8_t* x, int64_t M, int64_t K, int64_t
           v ^= 0x80808080u;
           std::memcpy(d + q * 32, &v, 4);
         }
-        for (int64_t k = 4 * q; k < K; ++k) d[q * 32 + k % 4] = static_cast<uint8_t>(src[k]) ^ 0x80u;
+        if (q < nq)  // the last, partial quad: zeros past K
+          for (int64_t k = 4 * q; k < 4 * q + 4; ++k) d[q * 32 + k % 4] = k < K ? static_cast<uint8_t>(src[k]) ^ 0x80u : 0;
       }
     }
   });
@@ -636,7 +637,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
 #endif
                                    : "scalar";
   // x once per call in the layout of the panel kernels (AVX2, VNNI), or the dot tiles' row sums.
-  const std::vector<uint8_t> xquads = vnni_panel && !amx ? pack_x_quads(xp, M, K, MB) : std::vector<uint8_t>();
+  const Uninit<uint8_t> xquads = vnni_panel && !amx ? pack_x_quads(xp, M, K, MB) : Uninit<uint8_t>();
   const int64_t xquads_block = ceil_div(MB, 8) * 8 * 4 * ceil_div(K, 4);
   std::vector<int32_t> xsum;
   if (vnni && xquads.empty() && !amx) {  // the dot-product tiles' u8 offset correction, per row
@@ -654,12 +655,9 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   const int64_t xpanel_block = ceil_div(MB, kPanelRows) * kPanelRows * 2 * ceil_div(K, 2);
 #endif
 
-  std::vector<float> xs, ws, bs;
-  if (!raw) {
-    xs = f32_vector(x_scale);
-    ws = f32_vector(w_scale);
-    bs = f32_vector(bias);
-  }
+  const F32Values xs(raw ? std::nullopt : std::optional<at::Tensor>(x_scale));
+  const F32Values ws(raw ? std::nullopt : std::optional<at::Tensor>(w_scale));
+  const F32Values bs(raw ? std::nullopt : bias);
   at::parallel_for(0, n_nb * n_mb, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int32_t> cbuf(raw ? 0 : std::min(MB, M) * NB);  // the epilogue's int32 tile
     for (int64_t t = t0; t < t1; ++t) {
@@ -688,7 +686,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
       dispatch_float(out_dtype, "out_dtype", [&](auto tag) {
         using T = decltype(tag);
         epilogue(b.c, b.ldc, m0, n0, b.mb, b.nb, xs.data(), xs.size() != 1, ws.data(),
-                 bs.empty() ? nullptr : bs.data(), reinterpret_cast<T*>(out.data_ptr()), N);
+                 bs.data(), reinterpret_cast<T*>(out.data_ptr()), N);
       });
     }
   });

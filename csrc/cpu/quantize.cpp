@@ -26,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, const
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0) return {q, scale};
-  const std::vector<float> sm = f32_vector(smooth);
-  const float* smp = sm.empty() ? nullptr : sm.data();
+  const F32Values sm(smooth);
+  const float* smp = sm.data();  // (null: none)
   const Isa isa = active_isa();
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
@@ -53,8 +53,8 @@ at::Tensor quantize_per_tensor(const at::Tensor& x, const at::Tensor& scale, con
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   if (M == 0 || K == 0) return q;
   const float s = scale.item<float>();
-  const std::vector<float> sm = f32_vector(smooth);
-  const float* smp = sm.empty() ? nullptr : sm.data();
+  const F32Values sm(smooth);
+  const float* smp = sm.data();  // (null: none)
   const Isa isa = active_isa();
   int8_t* qp = q.data_ptr<int8_t>();
   dispatch_float(x.scalar_type(), "x", [&](auto tag) {
