@@ -76,6 +76,69 @@ inline void dequant_panel_scalar(const int8_t* w, int64_t ldw, int64_t nr, const
 // A single row uses 1 x 8 instead.
 constexpr int kMR = 4, kNR = 3;
 
+// From kW8A16PanelMinRows rows: outer-product (panel) kernels, as in w8a8's AVX2 path. Per K chunk,
+// kPanels panels of 16 weight columns are dequantized once (scale applied) into fp32 [kc][16] each,
+// and every 6-row group of x (packed once per call as fp32 [group][K][6]) runs against them: no
+// horizontal sums, where the dot-product tiles convert each weight vector once per 4 rows and reduce
+// every output across lanes. AVX2 takes one panel a step, AVX-512 two (gemm_w8a16_avx512.h).
+constexpr int kPR = 6, kPC = 16;
+constexpr int64_t kW8A16PanelMinRows = 64;
+
+// x rows [mb, K] (ldx) -> xp [ceil(mb / 6)][K][6] fp32, zeros past mb.
+template <class T>
+void pack_x_rows6(const T* x, int64_t ldx, int64_t mb, int64_t K, float* xp) {
+  for (int64_t g = 0; g < ceil_div(mb, kPR); ++g) {
+    const int64_t rows = std::min<int64_t>(kPR, mb - g * kPR);
+    const T* src = x + g * kPR * ldx;
+    float* d = xp + g * K * kPR;
+    for (int64_t k = 0; k < K; ++k, d += kPR)  // written in order; rows past mb get zeros
+      for (int64_t i = 0; i < kPR; ++i) d[i] = i < rows ? to_f32(src[i * ldx + k]) : 0.0f;
+  }
+}
+
+// c [mb, nb] (fp32, ldc) through panels: xp this block's packed x, K in chunks (the groups' x of one
+// chunk ~256 KiB, L2), per chunk kPanels * 16 columns dequantized at a time. dequant(w, ldw, nr, ws,
+// G, gsize, k0, kc, dst) fills one panel (zeros past nr <= 16); kernel(rows, xg, panels, kc, c, ldc,
+// add) runs a 6-row group against the kPanels panels. A step cut short by nb runs on a scratch tile
+// (its panels past nb are zeros: computed, never stored), so nothing outside c's [mb, nb] is written.
+template <int kPanels, class Dequant, class Kernel>
+inline void panel_driver(const float* xp, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
+                         int64_t gsize, int64_t K, float* c, int64_t ldc, std::vector<float>& wbuf,
+                         const Dequant& dequant, const Kernel& kernel) {
+  constexpr int64_t kStep = kPanels * kPC;
+  const int64_t groups = ceil_div(mb, kPR), gs = G ? G : 1;
+  const int64_t kc_max = std::clamp<int64_t>((256 * 1024) / (groups * kPR * 4) / 8 * 8, 64, 4096);
+  if (static_cast<int64_t>(wbuf.size()) < kStep * kc_max + 16) wbuf.resize(kStep * kc_max + 16);
+  float* panels[kPanels];
+  for (int p = 0; p < kPanels; ++p) panels[p] = align64(wbuf.data()) + p * kPC * kc_max;
+  alignas(64) float tile[kPR * kStep];
+  for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+    const int64_t kc = std::min(kc_max, K - k0);
+    const bool add = k0 > 0;
+    for (int64_t n0 = 0; n0 < nb; n0 += kStep) {
+      const int64_t nr = std::min(kStep, nb - n0);
+      for (int p = 0; p < kPanels; ++p) {
+        const int64_t np = std::clamp<int64_t>(nr - p * kPC, 0, kPC), j0 = np ? n0 + p * kPC : 0;
+        dequant(w + j0 * K, K, np, ws + j0 * gs, G, gsize, k0, kc, panels[p]);
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t m0 = g * kPR, mr = std::min<int64_t>(kPR, mb - m0);
+        const float* xg = xp + (g * K + k0) * kPR;
+        float* cg = c + m0 * ldc + n0;
+        if (nr == kStep) {
+          kernel(mr, xg, panels, kc, cg, ldc, add);
+          continue;
+        }
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < kStep; ++j) tile[i * kStep + j] = add && j < nr ? cg[i * ldc + j] : 0.0f;
+        kernel(mr, xg, panels, kc, tile, kStep, add);
+        for (int64_t i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < nr; ++j) cg[i * ldc + j] = tile[i * kStep + j];
+      }
+    }
+  }
+}
+
 #if PTQRT_X86
 
 template <int mr, int nr>
@@ -120,26 +183,6 @@ PTQRT_AVX2 void tile_avx2(const W8A16Block& b) {
     }
 }
 
-// From kW8A16PanelMinRows rows: an outer-product (panel) kernel, as in w8a8's AVX2 path. Per K
-// chunk, 16 columns of weights are dequantized once (scale applied) into fp32 [kc][16], and every
-// 6-row group of x (packed once per block as fp32 [group][K][6]) runs against them: 12 accumulators,
-// per k 2 weight loads + 6 broadcasts per 12 FMAs, no horizontal sums. The dot-product tiles above
-// convert each weight vector once per 4 rows and reduce every output across lanes.
-constexpr int kPR = 6, kPC = 16;
-constexpr int64_t kW8A16PanelMinRows = 64;
-
-// x rows [mb, K] (ldx) -> xp [ceil(mb / 6)][K][6] fp32, zeros past mb.
-template <class T>
-void pack_x_rows6(const T* x, int64_t ldx, int64_t mb, int64_t K, float* xp) {
-  for (int64_t g = 0; g < ceil_div(mb, kPR); ++g) {
-    const int64_t rows = std::min<int64_t>(kPR, mb - g * kPR);
-    const T* src = x + g * kPR * ldx;
-    float* d = xp + g * K * kPR;
-    for (int64_t k = 0; k < K; ++k, d += kPR)  // written in order; rows past mb get zeros
-      for (int64_t i = 0; i < kPR; ++i) d[i] = i < rows ? to_f32(src[i * ldx + k]) : 0.0f;
-  }
-}
-
 // 8 x 8 transpose of floats across r[0..8).
 PTQRT_AVX2_INLINE void transpose8x8_ps(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -180,6 +223,8 @@ PTQRT_AVX2 void dequant_panel_avx2(const int8_t* w, int64_t ldw, int64_t nr, con
   dequant_panel_scalar(w, ldw, nr, ws, G, gsize, k0 + kv, kc - kv, wp + kv * kPC);  // the last kc % 8 k
 }
 
+// The AVX2 panel kernel: one 16-column panel a step (panel_driver<1>), 12 accumulators of 8 lanes,
+// per k 2 weight loads + 6 broadcasts per 12 FMAs.
 #define PTQRT_FPANEL_ROW(i, lo, hi)                    \
   "vbroadcastss " #i "*4(%[x]), %%ymm14\n\t"           \
   "vfmadd231ps %%ymm14, %%ymm12, %[" #lo "]\n\t"       \
@@ -216,38 +261,12 @@ PTQRT_AVX2 void fpanel_avx2(int64_t rows, const float* xp, const float* wp, int6
   dispatch_panel_rows(rows, [&](auto r) { fpanel_rx16_avx2<decltype(r)::value>(xp, wp, kc, c, ldc, add); });
 }
 
-// c [mb, nb] (fp32, ldc) through panels: x packed once per call (xp), K in chunks (the groups' x of one chunk
-// ~256 KiB, L2), per chunk 16 columns dequantized at a time; a panel cut short by nb runs on a scratch
-// tile so nothing outside c's [mb, nb] is written.
+// The AVX2 panel path: one 16-column panel a step.
 PTQRT_AVX2 void block_panel_avx2(const float* xp, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
                                  int64_t gsize, int64_t K, float* c, int64_t ldc, std::vector<float>& wbuf) {
-  const int64_t groups = ceil_div(mb, kPR);
-  const int64_t kc_max = std::clamp<int64_t>((256 * 1024) / (groups * kPR * 4) / 8 * 8, 64, 4096);
-  if (static_cast<int64_t>(wbuf.size()) < kPC * kc_max + 16) wbuf.resize(kPC * kc_max + 16);
-  float* const wp = align64(wbuf.data());
-  alignas(32) float tile[kPR * kPC];
-  for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
-    const int64_t kc = std::min(kc_max, K - k0);
-    const bool add = k0 > 0;
-    for (int64_t n0 = 0; n0 < nb; n0 += kPC) {
-      const int64_t nr = std::min<int64_t>(kPC, nb - n0);
-      dequant_panel_avx2(w + n0 * K, K, nr, ws + n0 * (G ? G : 1), G, gsize, k0, kc, wp);
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t m0 = g * kPR, mr = std::min<int64_t>(kPR, mb - m0);
-        const float* xg = xp + (g * K + k0) * kPR;
-        float* cg = c + m0 * ldc + n0;
-        if (nr == kPC) {
-          fpanel_avx2(mr, xg, wp, kc, cg, ldc, add);
-          continue;
-        }
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) tile[i * kPC + j] = add ? cg[i * ldc + j] : 0.0f;
-        fpanel_avx2(mr, xg, wp, kc, tile, kPC, add);
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) cg[i * ldc + j] = tile[i * kPC + j];
-      }
-    }
-  }
+  panel_driver<1>(xp, mb, w, ws, nb, G, gsize, K, c, ldc, wbuf, dequant_panel_avx2,
+                  [](int64_t rows, const float* xg, const float* const* panels, int64_t kc, float* cc, int64_t ld,
+                     bool add) { fpanel_avx2(rows, xg, panels[0], kc, cc, ld, add); });
 }
 
 template <class T>
@@ -464,10 +483,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   const float* wsp = w_scale.data_ptr<float>();
   // Blocks of up to 128 rows x ~192 KiB of weights, split evenly over the threads; whole panels for
   // the panel kernels (16 columns, 32 on AVX-512), else multiples of the dot tiles' 12 columns.
-  bool panel = false;
-#if PTQRT_X86
-  panel = (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_emulated) && M >= kW8A16PanelMinRows;
-#endif
+  const bool panel = (isa == Isa::avx2 || isa == Isa::avx512 || isa == Isa::avx512_emulated) && M >= kW8A16PanelMinRows;
   // The AVX-512 kernels (native, or their emulation): 32-column panels and the wide tiles.
   const bool wide = isa == Isa::avx512_emulated || (isa == Isa::avx512 && avx512_tiles);
   const bool wide_panel = panel && wide;
@@ -484,11 +500,10 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     T* op = reinterpret_cast<T*>(out.data_ptr());
-    // From kW8A16PanelMinRows rows (x86): the panel kernels, with x packed once per call as
-    // 6-row fp32 groups, [m-block][group][K][6].
+    // From kW8A16PanelMinRows rows: the panel kernels, with x packed once per call as 6-row fp32
+    // groups, [m-block][group][K][6].
     Uninit<float> xpanel;
     int64_t xblock = 0;
-#if PTQRT_X86
     if (panel) {
       const int64_t gpb = ceil_div(MB, kPR);  // groups per m-block
       xblock = gpb * kPR * K;
@@ -502,21 +517,21 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
         }
       });
     }
+    using PanelFn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                             float*, int64_t, std::vector<float>&);
+    PanelFn panel_fn = w16_emulated::block_panel;
+#if PTQRT_X86
+    if (isa != Isa::avx512_emulated) panel_fn = wide_panel ? w16_avx512::block_panel : block_panel_avx2;
 #endif
     at::parallel_for(0, n_nb * n_mb, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> cbuf(std::min(MB, M) * NB), xbuf;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = (t / n_mb) * NB, m0 = (t % n_mb) * MB;
         const int64_t mb = std::min(MB, M - m0), nb = std::min(NB, N - n0);
-#if PTQRT_X86
-        if (!xpanel.empty()) {
-          const auto fn = !wide_panel                    ? block_panel_avx2
-                          : isa == Isa::avx512_emulated ? w16_emulated::block_panel
-                                                        : w16_avx512::block_panel;
-          fn(xpanel.data() + (m0 / MB) * xblock, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K,
-             cbuf.data(), NB, xbuf);
-        } else
-#endif
+        if (!xpanel.empty())
+          panel_fn(xpanel.data() + (m0 / MB) * xblock, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size,
+                   K, cbuf.data(), NB, xbuf);
+        else
           block(isa, wide, xp + m0 * K, mb, wp + n0 * K, wsp + n0 * (G ? G : 1), nb, G, group_size, K,
                 cbuf.data(), NB, xbuf);
         for (int64_t i = 0; i < mb; ++i)

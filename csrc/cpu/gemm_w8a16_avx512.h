@@ -59,11 +59,9 @@ PTQRT_W16_TARGET void tile(const W8A16Block& b) {
     }
 }
 
-// From kW8A16PanelMinRows rows: the outer-product (panel) kernel of block_panel_avx2 at twice the
-// width. Per K chunk, 32 columns of weights are dequantized once (two [kc][16] fp32 panels, scales
-// applied) and every 6-row group of x (pack_x_rows6's [K][6] layout) runs against them: 12
-// accumulators of 16 lanes, per k 2 weight loads + 6 broadcasts per 12 FMAs.
-constexpr int kFR = 6, kFC = 16;
+// From kW8A16PanelMinRows rows: the AVX2 panel kernel at twice the width (panel_driver<2>): two
+// dequantized [kc][16] panels a step against each 6-row group, 12 accumulators of 16 lanes, per k 2
+// weight loads + 6 broadcasts per 12 FMAs.
 
 // c [R, 32] (ldc) = (add ? c : 0) + xg . [w0 | w1] over kc values of k (xg [kc][6], w0 / w1 [kc][16]).
 template <int R>
@@ -72,62 +70,30 @@ PTQRT_W16_TARGET void fpanel(const float* xg, const float* w0, const float* w1, 
   V acc[R][2];
   for (int i = 0; i < R; ++i) {
     acc[i][0] = add ? P::loadu(c + i * ldc) : P::zero();
-    acc[i][1] = add ? P::loadu(c + i * ldc + kFC) : P::zero();
+    acc[i][1] = add ? P::loadu(c + i * ldc + kPC) : P::zero();
   }
   for (int64_t k = 0; k < kc; ++k) {
-    const V a = P::loadu(w0 + k * kFC), b = P::loadu(w1 + k * kFC);
+    const V a = P::loadu(w0 + k * kPC), b = P::loadu(w1 + k * kPC);
     for (int i = 0; i < R; ++i) {
-      const V xb = P::set1(xg[k * kFR + i]);
+      const V xb = P::set1(xg[k * kPR + i]);
       acc[i][0] = P::fmadd(xb, a, acc[i][0]);
       acc[i][1] = P::fmadd(xb, b, acc[i][1]);
     }
   }
   for (int i = 0; i < R; ++i) {
     P::storeu(c + i * ldc, acc[i][0]);
-    P::storeu(c + i * ldc + kFC, acc[i][1]);
+    P::storeu(c + i * ldc + kPC, acc[i][1]);
   }
 }
 
 using FPanel = void (*)(const float*, const float*, const float*, int64_t, float*, int64_t, bool);
-inline const FPanel fpanels[kFR] = {fpanel<1>, fpanel<2>, fpanel<3>, fpanel<4>, fpanel<5>, fpanel<6>};
+inline const FPanel fpanels[kPR] = {fpanel<1>, fpanel<2>, fpanel<3>, fpanel<4>, fpanel<5>, fpanel<6>};
 
-// c [mb, nb] (fp32, ldc) through panels, as block_panel_avx2: x packed once per call (xp: this
-// m-block's 6-row groups), K in chunks (the groups' x of one chunk ~256 KiB), 32 columns dequantized at
-// a time; a panel cut short by nb runs on a scratch tile, so nothing outside c's [mb, nb] is written.
 inline void block_panel(const float* xp, int64_t mb, const int8_t* w, const float* ws, int64_t nb, int64_t G,
                         int64_t gsize, int64_t K, float* c, int64_t ldc, std::vector<float>& wbuf) {
-  const int64_t groups = ceil_div(mb, kFR);
-  const int64_t kc_max = std::clamp<int64_t>((256 * 1024) / (groups * kFR * 4) / 8 * 8, 64, 4096);
-  if (static_cast<int64_t>(wbuf.size()) < 2 * kFC * kc_max + 16) wbuf.resize(2 * kFC * kc_max + 16);
-  float* const wp0 = align64(wbuf.data());
-  float* const wp1 = wp0 + kFC * kc_max;
-  alignas(64) float tile[kFR * 2 * kFC];
-  const int64_t gs = G ? G : 1;
-  for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
-    const int64_t kc = std::min(kc_max, K - k0);
-    const bool add = k0 > 0;
-    for (int64_t n0 = 0; n0 < nb; n0 += 2 * kFC) {
-      const int64_t nr = std::min<int64_t>(2 * kFC, nb - n0);
-      P::dequant(w + n0 * K, K, std::min<int64_t>(kFC, nr), ws + n0 * gs, G, gsize, k0, kc, wp0);
-      // (past nb the second panel is zeros: computed, never stored)
-      const int64_t nr1 = std::max<int64_t>(0, nr - kFC);
-      P::dequant(nr1 ? w + (n0 + kFC) * K : w, K, nr1, nr1 ? ws + (n0 + kFC) * gs : ws, G, gsize, k0, kc, wp1);
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t m0 = g * kFR, mr = std::min<int64_t>(kFR, mb - m0);
-        const float* xg = xp + (g * K + k0) * kFR;
-        float* cg = c + m0 * ldc + n0;
-        if (nr == 2 * kFC) {
-          fpanels[mr - 1](xg, wp0, wp1, kc, cg, ldc, add);
-          continue;
-        }
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < 2 * kFC; ++j) tile[i * 2 * kFC + j] = add && j < nr ? cg[i * ldc + j] : 0.0f;
-        fpanels[mr - 1](xg, wp0, wp1, kc, tile, 2 * kFC, add);
-        for (int64_t i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < nr; ++j) cg[i * ldc + j] = tile[i * 2 * kFC + j];
-      }
-    }
-  }
+  panel_driver<2>(xp, mb, w, ws, nb, G, gsize, K, c, ldc, wbuf, P::dequant,
+                  [](int64_t rows, const float* xg, const float* const* panels, int64_t kc, float* cc, int64_t ld,
+                     bool add) { fpanels[rows - 1](xg, panels[0], panels[1], kc, cc, ld, add); });
 }
 
 using Tile = void (*)(const W8A16Block&);
