@@ -93,7 +93,7 @@ def test_w8a8_int32_exact(cpu_ops, gemm_isa, m, n, k):
     assert torch.equal(out, ref.int32_matmul(x, w))
 
 
-@pytest.mark.parametrize("m", (5, 29, 37))  # dot-product tiles; AVX2 panel (M >= 24); VNNI panel (M >= 32)
+@pytest.mark.parametrize("m", (5, 29, 37))  # (cached weights: VNNI GEMV form at 5, panel kernels beyond)
 def test_w8a8_full_int8_range_exact(cpu_ops, gemm_isa, m):
     # -128 too: the AVX2 path widens to int16 (no vpmaddubsw saturation), VNNI offsets by 128.
     x = torch.randint(-128, 128, (m, 300), dtype=torch.int8)
@@ -200,26 +200,52 @@ def test_vnni_panel_rows_knob(cpu_ops, monkeypatch, isa):
 def test_vnni_gemv(cpu_ops, monkeypatch, isa, m, n, k):
     """1-6 rows on the cached quads take the GEMV form (up to 4, 3 or 2 panels at once over the whole
     K, 2 n-blocks a thread): exact against the reference and the same bits as the dot tiles on w as it
-    is, epilogue included; 1-4 whole panels per call and a partial one (1, 31, 129, 300, 520
-    columns), ragged K, -128 in both operands."""
+    is, epilogue included; with 1 and 2 threads (the n-blocks, and so the panels a call takes, follow
+    the thread count): 1-4 whole panels per call and a partial one (1, 31, 129, 300, 520 columns),
+    ragged K, -128 in both operands."""
     if not _supported(cpu_ops, isa):
         pytest.skip(f"this CPU cannot run {isa}")
     monkeypatch.setenv("PTQRT_CPU_ISA", isa)
     x, w = rand_int8(m, k), rand_int8(n, k)
     x[0, 0], x[-1, -1], w[0, 0], w[-1, -1] = -128, -128, -128, -128
     xs, ws, bias = rand_scale(m), rand_scale(n), torch.randn(n)
-    outs = {}
-    with _pack_budget(cpu_ops, 1 << 30):
-        for rows, path in (("", "vnni-gemv"), ("7", "vnni-dot")):
-            monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", rows)
-            _dirty_heap(4 * m * n)
-            outs[path] = (cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32),
-                          cpu_ops.w8a8_gemm(x, xs, w, ws, bias, torch.float32))
-            assert cpu_ops.last_w8a8_path() == path
-        assert cpu_ops.pack_cache_info()[0] == 1
-    assert torch.equal(outs["vnni-gemv"][0], ref.int32_matmul(x, w))
-    assert torch.equal(outs["vnni-gemv"][0], outs["vnni-dot"][0])
-    assert torch.equal(outs["vnni-gemv"][1], outs["vnni-dot"][1])
+    expect = ref.int32_matmul(x, w)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs = {}
+            with _pack_budget(cpu_ops, 1 << 30):
+                for rows, path in (("", "vnni-gemv"), ("7", "vnni-dot")):
+                    monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", rows)
+                    _dirty_heap(4 * m * n)
+                    outs[path] = (cpu_ops.w8a8_gemm(x, xs, w, ws, None, torch.int32),
+                                  cpu_ops.w8a8_gemm(x, xs, w, ws, bias, torch.float32))
+                    assert cpu_ops.last_w8a8_path() == path
+                assert cpu_ops.pack_cache_info()[0] == 1
+            assert torch.equal(outs["vnni-gemv"][0], expect), t
+            assert torch.equal(outs["vnni-gemv"][0], outs["vnni-dot"][0]), t
+            assert torch.equal(outs["vnni-gemv"][1], outs["vnni-dot"][1]), t
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scale_dtype", (torch.float16, torch.bfloat16, "strided"))
+def test_w8a8_scales_any_float(cpu_ops, scale_dtype):
+    """x_scale, w_scale and bias of another float dtype, or fp32 but not contiguous, are read as fp32
+    values: the same result as with contiguous fp32 copies of them."""
+    m, n, k = 5, 70, 64
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    xs, ws, bias = rand_scale(m), rand_scale(n), torch.randn(n)
+    if scale_dtype == "strided":
+        xs2, ws2, b2 = (torch.stack([t, t], 1)[:, 0] for t in (xs, ws, bias))
+        assert not xs2.is_contiguous()
+    else:
+        xs2, ws2, b2 = (t.to(scale_dtype) for t in (xs, ws, bias))
+    got = cpu_ops.w8a8_gemm(x, xs2, w, ws2, b2, torch.float32)
+    want = cpu_ops.w8a8_gemm(x, xs2.float().contiguous(), w, ws2.float().contiguous(), b2.float().contiguous(),
+                             torch.float32)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
@@ -234,7 +260,6 @@ def test_amx_tile_kernel(cpu_ops, monkeypatch, isa, m, n, k):
     if not _supported(cpu_ops, isa) or (isa == "avx512" and not cpu_ops.has_amx()):
         pytest.skip(f"this CPU (or its OS) cannot run {isa}" + (" with AMX tiles" if isa == "avx512" else ""))
     monkeypatch.setenv("PTQRT_CPU_ISA", isa)
-    monkeypatch.setenv("PTQRT_CPU_VNNI_PANEL_ROWS", "1")  # (the quads, which the tiles read, from one row)
     x, w = rand_int8(m, k), rand_int8(n, k)
     x[0, 0], x[-1, -1], w[0, 0], w[-1, -1] = -128, -128, -128, -128
     xs, ws, bias = rand_scale(m), rand_scale(n), torch.randn(n)
@@ -283,7 +308,7 @@ def test_amx_switch_on_other_paths(cpu_ops, monkeypatch):
 
 @pytest.mark.parametrize("isa", ("avx512", "avx512-emulated"))
 def test_amx_default(cpu_ops, monkeypatch, isa):
-    """PTQRT_CPU_AMX unset: the tile kernel from 16 rows on a CPU with AMX (the VNNI panel kernel on the
+    """PTQRT_CPU_AMX unset: the tile kernel from 16 rows on a CPU with AMX (the VNNI kernels on the
     cached quads below 16 rows), never on one without it or under avx512-emulated; exact either way."""
     if not _supported(cpu_ops, isa):
         pytest.skip(f"this CPU cannot run {isa}")

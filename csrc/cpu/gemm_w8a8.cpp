@@ -28,15 +28,16 @@ struct W8A8Block {
   const int32_t* xsum;     // [mb]: 128 * sum_k x, wrapped to int32 (VNNI paths only)
   const int16_t* xpanel;   // this m-block's x as 6-row int16 groups (AVX2 panel path only)
   const int8_t* wpanels;   // this n-block's weights in panel order, cached (AVX2 panel path), or null
-  const int8_t* wquads;    // this n-block's weights as 32-column quads, cached (VNNI panel and AMX paths), or null
+  const int8_t* wquads;    // this n-block's weights as 32-column quads, cached (VNNI GEMV, panel, AMX), or null
   const int32_t* wcorr;    // with wquads: 128 * sum_k w of this n-block's columns
-  const uint8_t* xquads;   // this m-block's x ^ 0x80 as 8-row groups of 4-byte k quads (VNNI panel path)
+  const uint8_t* xquads;   // this m-block's x ^ 0x80 as 8-row groups of 4-byte k quads (VNNI GEMV and panel)
   const int8_t* w;
   int64_t ldw;
   int64_t mb, nb, K;
   int32_t* c;
   int64_t ldc;
   const int8_t* xamx = nullptr;  // AMX path: this m-block's rows of x padded to 64 k (gemm_w8a8_amx.h)
+  const int8_t* wquads_next = nullptr;  // with wquads: the next n-block's quads (none past the last)
 };
 using BlockFn = void (*)(const W8A8Block&);
 
@@ -672,6 +673,7 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
       if (amx) b.xamx = xamx.data() + m0 * round_up(K, 64);
       if (wquads.defined()) {
         b.wquads = wquads.data_ptr<int8_t>() + (n0 / 32) * wquads_stride;
+        if (n0 + NB < N) b.wquads_next = b.wquads + (NB / 32) * wquads_stride;
         b.wcorr = reinterpret_cast<const int32_t*>(wquads.data_ptr<int8_t>() + ceil_div(N, 32) * wquads_stride) + n0;
       }
       if (raw) {

@@ -75,7 +75,8 @@ PTQRT_VNNI_TARGET void block(const W8A8Block& b) {
 }
 
 // ------------------------------------------------------------------------------------ panel form
-// From kVnniPanelMinRows rows: lanes are output columns, as in the AVX2 panel kernel. A zmm of weights
+// From kVnniPanelMinRows rows (on the cached quads: the GEMV form below up to kVnniGemvRows rows,
+// this from there): lanes are output columns, as in the AVX2 panel kernel. A zmm of weights
 // holds 16 columns x one k quad (4 bytes each), x ^ 0x80 (u8) is broadcast 4 bytes at a time, and one
 // vpdpbusd adds a row's 4 products into each column's lane: an 8 x 32 tile keeps 16 accumulators,
 // reads 2 weight vectors + 8 broadcasts per 16 vpdpbusd, needs no horizontal sum and no per-load
@@ -128,11 +129,11 @@ inline void pack_w_quads_all(const int8_t* w, int64_t N, int64_t K, int8_t* dst)
 }
 
 // c [mr, 32] (ldc) = (add ? c : 0) + sum over nq quads of x . w, where corr0 / corr1 hold 128 * the
-// columns' weight sums over the same quads (the offset's share). pf (or null): nq lines from there
-// are prefetched into L2, one a quad.
+// columns' weight sums over the same quads (the offset's share). The pf_n lines from pf are
+// prefetched into L2, one a quad (pf_n <= nq; 0: none).
 template <int mr>
 PTQRT_VNNI_TARGET void panel(const uint8_t* xq, const int8_t* wq, int64_t nq, V corr0, V corr1, int32_t* c,
-                             int64_t ldc, bool add, const int8_t* pf) {
+                             int64_t ldc, bool add, const int8_t* pf, int64_t pf_n) {
   V acc[mr][2];
   const V zero = P::zero();
   for (int i = 0; i < mr; ++i) {
@@ -142,7 +143,7 @@ PTQRT_VNNI_TARGET void panel(const uint8_t* xq, const int8_t* wq, int64_t nq, V 
   }
   for (int64_t q = 0; q < nq; ++q) {
     const V w0 = P::loadu(wq + q * 4 * kVC), w1 = P::loadu(wq + q * 4 * kVC + 64);
-    if (pf) P::prefetch_l2(pf + q * 64);
+    if (q < pf_n) P::prefetch_l2(pf + q * 64);
     for (int i = 0; i < mr; ++i) {
       const V xb = P::bcast4(xq + (q * kVR + i) * 4);
       acc[i][0] = P::dpbusd(acc[i][0], xb, w0);
@@ -156,7 +157,8 @@ PTQRT_VNNI_TARGET void panel(const uint8_t* xq, const int8_t* wq, int64_t nq, V 
   }
 }
 
-using PanelFn = void (*)(const uint8_t*, const int8_t*, int64_t, V, V, int32_t*, int64_t, bool, const int8_t*);
+using PanelFn = void (*)(const uint8_t*, const int8_t*, int64_t, V, V, int32_t*, int64_t, bool, const int8_t*,
+                         int64_t);
 
 // The GEMV form, for blocks of 1-6 rows on the cached quads: up to 4 panels (128 columns) at once
 // over the whole K, so the weights arrive as several sequential streams (a panel's quads are
@@ -248,26 +250,39 @@ PTQRT_VNNI_TARGET void block_panel(const W8A8Block& b) {
         }
       }
       // 9-32 rows on the cached quads: the first group's pass streams this panel from memory and the
-      // later ones run from L2, so the first two prefetch the panel read next into L2, half each,
-      // keeping memory busy through all of them (2 threads on a Zen 4, 16 x 11008 x 4096: 1.14x;
-      // 16 x 4096 x 4096 1.02x; no gain from 64 rows, where the arithmetic per panel hides the
-      // stream). That panel: the next one of this chunk, the block's first at the next chunk, or
-      // after the block's last, the next block's first (another thread's at its last task, or past
-      // the weights: a prefetch never faults).
+      // later ones run from L2, so the first two prefetch the panel chunk read next into L2, half
+      // each, keeping memory busy through all of them (2 threads on a Zen 4, 16 x 11008 x 4096:
+      // 1.14x; 16 x 4096 x 4096 1.02x; no gain from 64 rows, where the arithmetic per panel hides the
+      // stream). That chunk: the next panel's in this chunk, the block's first panel's at the next
+      // chunk, or after the block's last, the next n-block's first (b.wquads_next; none past the
+      // last), each its own number of quads, two lines a quad.
       const int8_t* next = nullptr;
-      if (b.wquads && groups >= 2 && groups <= 4)
-        next = n0 + kVC < b.nb || k0 + kc >= b.K ? wq + nq_all * 4 * kVC : b.wquads + ((k0 + kc) / 4) * 4 * kVC;
+      int64_t lines = 0;
+      if (b.wquads && groups >= 2 && groups <= 4) {
+        if (n0 + kVC < b.nb) {
+          next = wq + nq_all * 4 * kVC;
+          lines = 2 * nq;
+        } else if (k0 + kc < b.K) {
+          next = b.wquads + ((k0 + kc) / 4) * 4 * kVC;
+          lines = 2 * ceil_div(std::min(kc_max, b.K - k0 - kc), 4);
+        } else if (b.wquads_next) {
+          next = b.wquads_next;
+          lines = 2 * ceil_div(std::min(kc_max, b.K), 4);
+        }
+      }
+      const int64_t half = ceil_div(lines, 2);
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t m0 = g * kVR, mr = std::min<int64_t>(kVR, b.mb - m0);
         const uint8_t* xg = b.xquads + (g * nq_all + k0 / 4) * 4 * kVR;
         int32_t* c = b.c + m0 * b.ldc + n0;
-        const int8_t* pf = next && g < 2 ? next + g * nq * 64 : nullptr;
+        const int8_t* pf = g < 2 && lines ? next + g * half * 64 : nullptr;
+        const int64_t pf_n = g == 0 ? std::min(half, nq) : g == 1 ? std::min(lines - half, nq) : 0;
         if (nr == kVC) {
-          panels[mr - 1](xg, wq, nq, corr0, corr1, c, b.ldc, add, pf);
+          panels[mr - 1](xg, wq, nq, corr0, corr1, c, b.ldc, add, pf, pf_n);
           continue;
         }
         scratch_in(c, b.ldc, mr, nr, add, tile, kVC);
-        panels[mr - 1](xg, wq, nq, corr0, corr1, tile, kVC, add, pf);
+        panels[mr - 1](xg, wq, nq, corr0, corr1, tile, kVC, add, pf, pf_n);
         scratch_out(c, b.ldc, mr, nr, tile, kVC);
       }
     }
