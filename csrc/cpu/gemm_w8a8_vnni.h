@@ -169,10 +169,11 @@ using PanelFn = void (*)(const uint8_t*, const int8_t*, int64_t, V, V, int32_t*,
 // of the 32 zmm registers): 4 up to 3 rows, 3 at 4, 2 at 5-6.
 constexpr int kGemvPanels[kVnniGemvRows] = {4, 4, 4, 3, 2, 2};
 // c [mr, np * 32] (ldc) = sum over all nq quads of x . w for np panels pstride bytes apart, less corr
-// [np * 32] (128 * the columns' weight sums).
+// [np * 32] (128 * the columns' weight sums). ahead > 0: each stream prefetches into L2 the line that
+// many bytes on, within its panel.
 template <int mr, int np>
 PTQRT_VNNI_TARGET void gemv(const uint8_t* xq, const int8_t* wq, int64_t pstride, int64_t nq, const int32_t* corr,
-                            int32_t* c, int64_t ldc) {
+                            int32_t* c, int64_t ldc, int64_t ahead) {
   V acc[mr][np][2];
   for (int p = 0; p < np; ++p)
     for (int h = 0; h < 2; ++h) {
@@ -180,6 +181,8 @@ PTQRT_VNNI_TARGET void gemv(const uint8_t* xq, const int8_t* wq, int64_t pstride
       for (int i = 0; i < mr; ++i) acc[i][p][h] = neg;
     }
   for (int64_t q = 0; q < nq; ++q) {
+    if (ahead && q * 4 * kVC + ahead < pstride)
+      for (int p = 0; p < np; ++p) P::prefetch_l2(wq + p * pstride + q * 4 * kVC + ahead);
     V xb[mr];
     for (int i = 0; i < mr; ++i) xb[i] = P::bcast4(xq + (q * kVR + i) * 4);
     for (int p = 0; p < np; ++p)
@@ -193,7 +196,7 @@ PTQRT_VNNI_TARGET void gemv(const uint8_t* xq, const int8_t* wq, int64_t pstride
       for (int h = 0; h < 2; ++h) P::storeu(reinterpret_cast<int8_t*>(c + i * ldc + p * kVC + 16 * h), acc[i][p][h]);
 }
 
-using GemvFn = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, const int32_t*, int32_t*, int64_t);
+using GemvFn = void (*)(const uint8_t*, const int8_t*, int64_t, int64_t, const int32_t*, int32_t*, int64_t, int64_t);
 
 PTQRT_VNNI_TARGET void block_gemv(const W8A8Block& b) {
   static const GemvFn fns[kVnniGemvRows][4] = {
@@ -205,11 +208,13 @@ PTQRT_VNNI_TARGET void block_gemv(const W8A8Block& b) {
   const int64_t whole = b.nb / kVC;  // panels with all 32 columns inside the output
   for (int64_t p = 0; p < whole; p += most) {
     const int64_t np = std::min(most, whole - p);
-    fns[b.mb - 1][np - 1](b.xquads, b.wquads + p * stride, stride, nq, b.wcorr + p * kVC, b.c + p * kVC, b.ldc);
+    fns[b.mb - 1][np - 1](b.xquads, b.wquads + p * stride, stride, nq, b.wcorr + p * kVC, b.c + p * kVC, b.ldc,
+                          b.gemv_ahead);
   }
   if (const int64_t nr = b.nb - whole * kVC) {  // the last, partial panel on a scratch tile
     alignas(64) int32_t tile[kVnniGemvRows * kVC];
-    fns[b.mb - 1][0](b.xquads, b.wquads + whole * stride, stride, nq, b.wcorr + whole * kVC, tile, kVC);
+    fns[b.mb - 1][0](b.xquads, b.wquads + whole * stride, stride, nq, b.wcorr + whole * kVC, tile, kVC,
+                     b.gemv_ahead);
     scratch_out(b.c + whole * kVC, b.ldc, b.mb, nr, tile, kVC);
   }
 }
