@@ -540,6 +540,31 @@ void epilogue(const int32_t* c, int64_t ldc, int64_t m0, int64_t n0, int64_t mb,
   }
 }
 
+#if PTQRT_X86
+// epilogue<float> 16 outputs at a time (masked at a row's end), the same operations in the same
+// order, so the same bits: the scalar loop, in baseline code, took 4% of a 1 x 4096 x 4096 call and
+// 3% at 16 x 11008 x 4096 on a Zen 4. The empty asm keeps the compiler from fusing the bias add into
+// a multiply-add (which rounds once, not twice).
+PTQRT_AVX512 void epilogue_f32_avx512(const int32_t* c, int64_t ldc, int64_t m0, int64_t n0, int64_t mb, int64_t nb,
+                                      const float* xs, bool per_token, const float* ws, const float* bias,
+                                      float* out, int64_t N) {
+  for (int64_t i = 0; i < mb; ++i) {
+    const __m512 s = _mm512_set1_ps(xs[per_token ? m0 + i : 0]);
+    float* o = out + (m0 + i) * N + n0;
+    for (int64_t j = 0; j < nb; j += 16) {
+      const __mmask16 m = nb - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nb - j)) - 1);
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, c + i * ldc + j)), s);
+      y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, ws + n0 + j));
+      if (bias) {
+        __asm__("" : "+v"(y));
+        y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, bias + n0 + j));
+      }
+      _mm512_mask_storeu_ps(o + j, m, y);
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 namespace {
@@ -691,6 +716,13 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
       b.c = cbuf.data();
       b.ldc = NB;
       block_fn(b);
+#if PTQRT_X86
+      if (isa == Isa::avx512 && out_dtype == at::kFloat) {
+        epilogue_f32_avx512(b.c, b.ldc, m0, n0, b.mb, b.nb, xs.data(), xs.size() != 1, ws.data(), bs.data(),
+                            out.data_ptr<float>(), N);
+        continue;
+      }
+#endif
       dispatch_float(out_dtype, "out_dtype", [&](auto tag) {
         using T = decltype(tag);
         epilogue(b.c, b.ldc, m0, n0, b.mb, b.nb, xs.data(), xs.size() != 1, ws.data(),
