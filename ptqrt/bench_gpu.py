@@ -140,7 +140,7 @@ def l2_flush(mode: Optional[str] = None):
 
 
 
-def _bench(fn: Callable[[], object], rep_ms: int = 40) -> float:
+def _bench(fn: Callable[[], object], rep_ms: int = 40, warmup_ms: int = 10) -> float:
     """Median milliseconds of fn, L2 flushed before each run (do_bench, flushed the FLUSH way), after
     one untimed call that compiles and autotunes."""
     import triton
@@ -148,7 +148,7 @@ def _bench(fn: Callable[[], object], rep_ms: int = 40) -> float:
     fn()
     torch.cuda.synchronize()
     with l2_flush():
-        return float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 def _bench_graph(fn: Callable[[], object], rep_ms: int = 40) -> float:

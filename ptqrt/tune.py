@@ -118,15 +118,10 @@ def make_inputs(op: str, m: int, device, quick: bool) -> tuple:
 
 
 def _time(fn: Callable, args: tuple, quick: bool) -> float:
-    import triton
+    """Median milliseconds, timed as `ptqrt bench` times (L2 flushed by a read before each run)."""
+    from .bench_gpu import _bench
 
-    from .bench_gpu import l2_flush
-
-    fn(*args)  # compiles / autotunes outside the timing
-    torch.cuda.synchronize()
-    with l2_flush():  # as `ptqrt bench` flushes (a read of do_bench's buffer: no write-back billed)
-        return float(triton.testing.do_bench(lambda: fn(*args), warmup=5 if quick else 20, rep=20 if quick else 80,
-                                             return_mode="median"))
+    return _bench(lambda: fn(*args), rep_ms=20 if quick else 80, warmup_ms=5 if quick else 20)
 
 
 def nbytes(args: tuple) -> int:

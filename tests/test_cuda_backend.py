@@ -828,6 +828,19 @@ def test_tune_eager_timing_and_copies(monkeypatch):
         tune.tune(mode="graph")
 
 
+def test_tune_kernel_timing_is_the_bench_timing(monkeypatch):
+    """Kernel mode times each call as `ptqrt bench` does (bench_gpu._bench: one untimed call, L2
+    flushed by a read), shorter in quick mode."""
+    from ptqrt import bench_gpu, tune
+
+    calls = []
+    monkeypatch.setattr(bench_gpu, "_bench",
+                        lambda fn, rep_ms=40, warmup_ms=10: calls.append((fn(), rep_ms, warmup_ms)) or 1.5)
+    assert tune._time(lambda a: a + 1, (1,), quick=True) == 1.5
+    assert tune._time(lambda a: a + 1, (2,), quick=False) == 1.5
+    assert calls == [(2, 20, 5), (3, 80, 20)]
+
+
 def test_tune_without_gpu_says_so():
     from ptqrt import tune
 

@@ -507,7 +507,7 @@ def test_bench_gpu_l2_flush(monkeypatch):
     assert "clear_cache" not in vars(drv)
 
     seen = []
-    monkeypatch.setattr(bench_gpu, "_bench", lambda fn, rep_ms=40: seen.append(bench_gpu.FLUSH) or
+    monkeypatch.setattr(bench_gpu, "_bench", lambda fn, rep_ms=40, warmup_ms=10: seen.append(bench_gpu.FLUSH) or
                         (0.001 if bench_gpu.FLUSH == "read" else 0.002))
     monkeypatch.setattr(bench_gpu, "DECODE_HEADS", 2)
     monkeypatch.setattr(bench_gpu, "DECODE_D", 16)
