@@ -17,10 +17,12 @@
 #      parametrizations, skipped on other CPUs, and the tests that walk every path this CPU runs)
 #   3. bench/bench_cpu.py with 2 threads (PTQRT_BENCH_THREADS=2), set "targets" by default: every row
 #      a target of the CPU backend's issue is stated for, with only the peers the targets compare
-#      (31 benchmarks, 6 more for w8a16 at M=128 and 21 AVX-512 diagnosis rows, 6 of them the VNNI
-#      kernels where the CPU has AMX, ~1 s each, then about 40 paired timings of a target's or a diagnosis row's two
-#      sides, alternating, ~0.3-2 s each; the load average before and after goes to the summary); "smoke" (one row of each target kind) on a CPU without VNNI; --set or
-#      CPU_HOST_BENCH_SET picks another
+#      (31 benchmarks, 6 more for w8a16 at M=128 and the AVX-512 diagnosis rows: the dot tiles at
+#      M = 1 and 16, the VNNI kernels where the CPU has AMX, w8a16 on the AVX2 kernels; ~1 s each),
+#      then the paired timings of a target's or a diagnosis row's two sides, alternating, 7 rounds
+#      here (PTQRT_BENCH_PAIR_ROUNDS, CPU_HOST_PAIR_ROUNDS to change; the benchmark's own default is
+#      15), ~0.3-2 s each; the load average before and after goes to the summary); "smoke" (one row
+#      of each target kind) on a CPU without VNNI; --set or CPU_HOST_BENCH_SET picks another
 #
 # Every step runs pinned (taskset) to two CPUs on distinct physical cores, by default the
 # highest-numbered ones this process may use (--cores or CPU_HOST_CORES: others), sees no GPU
@@ -226,6 +228,7 @@ if [ "$BENCH" = 1 ]; then
     LOAD0=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
     # shellcheck disable=SC2086  # CPU_HOST_BENCH_ARGS: extra pytest arguments, split on spaces
     step bench 400 "${PIN[@]}" env PTQRT_BENCH_THREADS=2 PTQRT_BENCH_SET="$SET" PTQRT_BENCH_JSON="$BENCH_JSON" \
+        PTQRT_BENCH_PAIR_ROUNDS="${CPU_HOST_PAIR_ROUNDS:-7}" \
         "$PY" -m pytest bench/bench_cpu.py --benchmark-enable -s -q -p no:cacheprovider ${CPU_HOST_BENCH_ARGS:-}
     [ -n "$STEP_MSG" ] && note "$STEP_MSG set $SET, 2 threads, $(grep -E "passed|failed|error|no tests ran|KeyboardInterrupt" "$LOGDIR/cpu_bench.log" | tail -1)"
     # The whole machine's load (the GPU stages share it): other work changes timings between rows.
