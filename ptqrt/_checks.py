@@ -49,7 +49,7 @@ def shape(op: str, name: str, t: torch.Tensor, expected: tuple, why: str = "") -
 def k_bound(op: str, k: int) -> None:
     if k > MAX_K_INT32:
         raise ValueError(f"ptqrt.{op}: K={k} exceeds {MAX_K_INT32}, the largest K whose int32 sum of "
-                         f"int8 products cannot overflow (127*127*K < 2**31); split K into chunks of at "
+                         f"int8 products cannot overflow (128*128*K < 2**31, -128 included); split K into chunks of at "
                          f"most {MAX_K_INT32} and add the float results")
 
 
@@ -133,11 +133,18 @@ def _kv_scale(op, name, scale, cache) -> None:
                          f"(dynamic per token-head) or [Hkv, D] = {(h, d)} (static per channel); got {_desc(scale)}")
 
 
+def _kv_caches(op, k_cache, v_cache) -> None:
+    tensor(op, "k_cache", k_cache, dtypes=(torch.int8,), dim=4)
+    tensor(op, "v_cache", v_cache, dtypes=(torch.int8,), dim=4)
+    shape(op, "v_cache", v_cache, tuple(k_cache.shape), "same layout as k_cache")
+    if min(k_cache.shape[1:]) < 1:
+        raise ValueError(f"ptqrt.{op}: k_cache [num_blocks, block_size, Hkv, D] = {tuple(k_cache.shape)} needs "
+                         f"block_size, Hkv and D of at least 1")
+
+
 def kv_cache_append(k, v, k_cache, v_cache, k_scale, v_scale, slots) -> None:
     op = "kv_cache_append"
-    tensor(op, "k_cache", k_cache, dtypes=(torch.int8,), dim=4)
-    shape(op, "v_cache", v_cache, tuple(k_cache.shape), "same layout as k_cache")
-    tensor(op, "v_cache", v_cache, dtypes=(torch.int8,), dim=4)
+    _kv_caches(op, k_cache, v_cache)
     nb, bs, h, d = k_cache.shape
     tensor(op, "k", k, dtypes=FLOATS, dim=3)
     t = k.shape[0]
@@ -154,9 +161,7 @@ def kv_cache_append(k, v, k_cache, v_cache, k_scale, v_scale, slots) -> None:
 def int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale) -> None:
     op = "int8_kv_decode_attention"
     tensor(op, "q", q, dtypes=FLOATS, dim=3)
-    tensor(op, "k_cache", k_cache, dtypes=(torch.int8,), dim=4)
-    tensor(op, "v_cache", v_cache, dtypes=(torch.int8,), dim=4)
-    shape(op, "v_cache", v_cache, tuple(k_cache.shape), "same layout as k_cache")
+    _kv_caches(op, k_cache, v_cache)
     b, hq, d = q.shape
     nb, bs, hkv, dk = k_cache.shape
     if dk != d:

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 
 QMAX = 127
-# The largest K whose int32 sum of int8 products cannot overflow, as DESIGN.md states it
-# (127 * 127 * K < 2**31; the exact bound is one higher, 133_144: we keep the documented one).
-MAX_K_INT32 = 133_143
+# The largest K whose int32 sum of int8 products cannot overflow for any int8 inputs, -128 included
+# (128 * 128 * K < 2**31). DESIGN.md's 133_143 (127 * 127 * K) holds only for the narrow range the
+# quantizers produce; the ops take any int8, so every backend refuses K past this one.
+MAX_K_INT32 = 131_071
 
 
 def absmax_scale(amax: torch.Tensor) -> torch.Tensor:

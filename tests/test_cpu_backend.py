@@ -125,18 +125,28 @@ def test_w8a8_k_zero(cpu_ops, gemm_isa, m):
     assert_close_to_ref(cpu_ops.w8a8_gemm(x, xs, w, ws, b, torch.float32), ref.w8a8_gemm(x, xs, w, ws, b, torch.float32))
 
 
+def test_w8a8_int32_refuses_a_bias(cpu_ops):
+    """The raw int32 sums have no epilogue: a bias there would be dropped silently, so it is refused."""
+    with pytest.raises(RuntimeError, match="a bias needs a float out_dtype"):
+        cpu_ops.w8a8_gemm(rand_int8(2, 8), torch.ones(2), rand_int8(3, 8), torch.ones(3), torch.ones(3), torch.int32)
+
+
 @pytest.mark.parametrize("m", (1, 3, 25))
-@pytest.mark.parametrize("fill", ("max", "min", "random"))
+@pytest.mark.parametrize("fill", ("max", "min", "int8_min", "random"))
 def test_w8a8_k_at_overflow_bound(cpu_ops, gemm_isa, m, fill):
     k, n = ref.MAX_K_INT32, 5
     x, w = rand_int8(m, k), rand_int8(n, k)
-    if fill != "random":  # |sum| = 127 * 127 * K, the largest the int32 accumulator must hold
+    if fill == "int8_min":  # -128 * -128 * K = 2**31 - 16384, the largest sum int8 inputs can make here
+        x.fill_(-128)
+        w.fill_(-128)
+    elif fill != "random":
         x.fill_(127)
         w.fill_(127 if fill == "max" else -127)
     out = cpu_ops.w8a8_gemm(x, rand_scale(m), w, rand_scale(n), None, torch.int32)
     assert torch.equal(out, ref.int32_matmul(x, w))
     if fill != "random":
-        assert abs(int(out[0, 0])) == 127 * 127 * k
+        q = 128 if fill == "int8_min" else 127
+        assert abs(int(out[0, 0])) == q * q * k
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS)
@@ -436,6 +446,59 @@ def test_pack_cache_follows_the_weight(cpu_ops, avx2):
         assert cpu_ops.pack_cache_info()[:2] == [0, 0]
 
 
+def test_pack_cache_weight_and_view_at_one_address(cpu_ops, panel_isa):
+    """A weight and a view of its leading rows (a fused QKV weight and its Q part) start at one
+    address: each keeps its own copy (keyed by shape too) instead of evicting the other's."""
+    m, n, k = 3, 48, 100
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    head = w[:16]
+    with _pack_budget(cpu_ops, 1 << 30):
+        for _ in range(2):
+            for t in (w, head):
+                out = cpu_ops.w8a8_gemm(x, torch.ones(m), t, torch.ones(t.shape[0]), None, torch.int32)
+                assert torch.equal(out, ref.int32_matmul(x, t))
+            assert cpu_ops.pack_cache_info()[0] == 2
+
+
+def test_pack_cache_write_during_first_pack(cpu_ops):
+    """A weight written (version bumped) while another thread's first call is packing it: the copy
+    is kept under the version read before packing, so the call after the write repacks."""
+    import threading
+    import time
+    m, n, k = 1, 2048, 4096
+    x, new = rand_int8(m, k), rand_int8(n, k)
+    with _pack_budget(cpu_ops, 1 << 30):
+        for trial in range(4):
+            cpu_ops.pack_cache_clear()
+            w = rand_int8(n, k)
+
+            def writer():
+                time.sleep(0.0005 * trial)
+                with torch.no_grad():
+                    w.copy_(new)
+
+            t = threading.Thread(target=writer)
+            t.start()
+            cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32)  # packs (racing the write)
+            t.join()
+            out = cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32)
+            assert torch.equal(out, ref.int32_matmul(x, new)), trial
+
+
+def test_pack_weight_refreshes_after_untracked_writes(cpu_ops, panel_isa):
+    """A write through .data bypasses the version counter, so calls keep the cached copy (documented);
+    pack_weight (ptqrt.prepack) packs afresh, and the calls then see the new values."""
+    m, n, k = 4, 40, 200
+    x, w = rand_int8(m, k), rand_int8(n, k)
+    with _pack_budget(cpu_ops, 1 << 30):
+        assert torch.equal(cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32),
+                           ref.int32_matmul(x, w))
+        w.data.neg_()
+        assert cpu_ops.pack_weight(w) and cpu_ops.pack_cache_info()[0] == 1
+        assert torch.equal(cpu_ops.w8a8_gemm(x, torch.ones(m), w, torch.ones(n), None, torch.int32),
+                           ref.int32_matmul(x, w))
+
+
 def test_pack_weight_snapshots_inference_tensors(cpu_ops, panel_isa):
     """A call never caches an inference tensor (no version counter shows its in-place writes);
     pack_weight (ptqrt.prepack) packs one as a snapshot, which calls then use as is: a write inside
@@ -697,6 +760,19 @@ def test_kv_cache_append_empty_and_bad_slot(cpu_ops):
     assert (kc == 0).all()
     with pytest.raises(RuntimeError, match="slots\\[1\\] = 8 is past"):
         cpu_ops.kv_cache_append(torch.randn(2, 1, 8), torch.randn(2, 1, 8), kc, vc, ks, vs, torch.tensor([0, 8]))
+    with pytest.raises(RuntimeError, match="slots must be int64 or int32"):  # not truncated silently
+        cpu_ops.kv_cache_append(torch.randn(2, 1, 8), torch.randn(2, 1, 8), kc, vc, ks, vs, torch.tensor([0.0, 1.5]))
+
+
+def test_kv_ops_refuse_empty_blocks(cpu_ops):
+    """block_size 0 (a division by zero in the block arithmetic) is refused, not a crash."""
+    kc = rand_int8(2, 0, 1, 8)
+    with pytest.raises(RuntimeError, match="needs block_size, Hkv and D >= 1"):
+        cpu_ops.kv_cache_append(torch.randn(1, 1, 8), torch.randn(1, 1, 8), kc, kc.clone(), torch.ones(1, 8),
+                                torch.ones(1, 8), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="needs block_size, Hkv and D >= 1"):
+        cpu_ops.int8_kv_decode_attention(torch.randn(1, 1, 8), kc, kc.clone(), torch.ones(1, 8), torch.ones(1, 8),
+                                         torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 0.5)
 
 
 # ------------------------------------------------------------------------------ decode attention
@@ -821,9 +897,10 @@ def test_pack_cache_budget_from_environment(cpu_ops):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1].endswith(f", {12 << 20}]")
-    env["PTQRT_CPU_PACK_MB"] = "12MB"
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "PTQRT_CPU_PACK_MB must be a whole number of MiB" in run.stderr
+    for bad in ("12MB", str(1 << 43), "99999999999999999999"):  # not a number; past int64 once in bytes
+        env["PTQRT_CPU_PACK_MB"] = bad
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and "PTQRT_CPU_PACK_MB must be a whole number of MiB" in run.stderr, bad
 
 
 def test_pack_cache_threads(cpu_ops, panel_isa):

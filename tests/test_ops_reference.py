@@ -59,12 +59,15 @@ def test_w8a8_gemm_by_hand(backend):
 
 def test_w8a8_int32_exact_near_overflow_bound(backend):
     k = ref.MAX_K_INT32
-    x_q = torch.full((2, k), 127, dtype=torch.int8)
+    x_q = torch.full((3, k), 127, dtype=torch.int8)
     x_q[1] = -127
+    x_q[2] = -128  # any int8 input: -128 * -128 * K still fits
     w_q = torch.full((3, k), 127, dtype=torch.int8)
-    acc = ops.w8a8_gemm(x_q, torch.ones(2), w_q, torch.ones(3), out_dtype=torch.int32)
-    assert acc[0, 0].item() == 127 * 127 * k and acc[1, 2].item() == -127 * 127 * k
-    with pytest.raises(ValueError, match="exceeds 133143"):
+    w_q[2] = -128
+    acc = ops.w8a8_gemm(x_q, torch.ones(3), w_q, torch.ones(3), out_dtype=torch.int32)
+    assert acc[0, 0].item() == 127 * 127 * k and acc[1, 1].item() == -127 * 127 * k
+    assert acc[2, 2].item() == 128 * 128 * k and acc[2, 0].item() == -128 * 127 * k
+    with pytest.raises(ValueError, match="exceeds 131071"):
         ops.w8a8_gemm(torch.zeros(1, k + 1, dtype=torch.int8), torch.ones(1), torch.zeros(1, k + 1, dtype=torch.int8),
                       torch.ones(1), out_dtype=torch.int32)
 
@@ -139,6 +142,17 @@ def test_zero_rows_and_channels_give_scale_one():
     assert (w_s[2] == 1).all() and torch.isfinite(w_s).all()
 
 
+@pytest.mark.parametrize("group_size", (0, 4))
+def test_empty_k_gives_the_bias(backend, group_size):
+    """K = 0: every sum is empty, so y is the bias (or 0); per group, w_scale is [N, 0]."""
+    bias = torch.randn(5)
+    w_q = rand_int8(5, 0)
+    y = ops.w8a16_gemm(torch.randn(3, 0), w_q, torch.rand(5, 0) if group_size else rand_scale(5), bias, group_size)
+    assert torch.equal(y, bias.expand(3, 5))
+    y = ops.w8a8_gemm(rand_int8(3, 0), rand_scale(3), w_q, rand_scale(5), bias, torch.float32)
+    assert torch.equal(y, bias.expand(3, 5))
+
+
 def test_empty_m_gives_empty_output(backend):
     x = torch.randn(0, 24)
     q, s = ops.quantize_per_token(x)
@@ -161,6 +175,17 @@ def test_empty_m_gives_empty_output(backend):
     (lambda: ops.w8a16_gemm(torch.ones(2, 8), rand_int8(3, 8), torch.ones(3, 3), None, 3), "does not divide"),
     (lambda: ops.w8a16_gemm(torch.ones(2, 8), rand_int8(3, 8), torch.ones(3), None, 4), r"\(3, 2\)"),
     (lambda: ops.w8a16_gemm(torch.ones(2, 8, dtype=torch.float64), rand_int8(3, 8), torch.ones(3), None, 0), "dtype"),
+    (lambda: ops.kv_cache_append(torch.ones(1, 2, 8), torch.ones(1, 2, 8), rand_int8(3, 0, 2, 8), rand_int8(3, 0, 2, 8),
+                                 torch.ones(2, 8), torch.ones(2, 8), torch.zeros(1, dtype=torch.long)),
+     "block_size, Hkv and D of at least 1"),
+    (lambda: ops.int8_kv_decode_attention(torch.ones(1, 2, 8), rand_int8(3, 0, 2, 8), rand_int8(3, 0, 2, 8),
+                                          torch.ones(2, 8), torch.ones(2, 8), torch.zeros(1, 2, dtype=torch.int32),
+                                          torch.ones(1, dtype=torch.int32), 0.5),
+     "block_size, Hkv and D of at least 1"),
+    (lambda: ops.int8_kv_decode_attention(torch.ones(1, 2, 8), rand_int8(3, 4, 0, 8), rand_int8(3, 4, 0, 8),
+                                          torch.ones(0, 8), torch.ones(0, 8), torch.zeros(1, 2, dtype=torch.int32),
+                                          torch.ones(1, dtype=torch.int32), 0.5),
+     "block_size, Hkv and D of at least 1"),
 ])
 def test_bad_input_is_refused_clearly(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):

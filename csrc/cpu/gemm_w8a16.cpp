@@ -468,12 +468,17 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
   TORCH_CHECK(group_size >= 0 && (group_size == 0 || K % group_size == 0),
               "ptqrt_cpu.w8a16_gemm: group_size must be 0 or divide K=", K, "; got ", group_size);
   const int64_t G = group_size ? K / group_size : 0;
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == N * (G ? G : 1),
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                  w_scale.numel() == N * (group_size ? G : 1),
               "ptqrt_cpu.w8a16_gemm: w_scale must be contiguous float32 [N]=", N, " or [N, K/group_size]=[", N, ", ",
               G, "]; got ", w_scale.sizes(), " ", w_scale.scalar_type());
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "ptqrt_cpu.w8a16_gemm: bias must be [N]=", N);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
+  if (K == 0) {  // empty sums (and no scales to read, per group): y = bias or 0, as the reference
+    if (bias.has_value()) return out.copy_(bias->to(at::kFloat).expand({M, N}));
+    return out.zero_();
+  }
 
   const Isa isa = active_isa();
   const bool avx512_tiles = w8a16_avx512_switch();

@@ -590,8 +590,11 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   TORCH_CHECK(x_q.is_contiguous() && w_q.is_contiguous(), "ptqrt_cpu.w8a8_gemm: x_q and w_q must be contiguous");
   const int64_t M = x_q.size(0), K = x_q.size(1), N = w_q.size(0);
   TORCH_CHECK(w_q.size(1) == K, "ptqrt_cpu.w8a8_gemm: K differs: x_q ", x_q.sizes(), ", w_q ", w_q.sizes());
-  TORCH_CHECK(K <= 133143, "ptqrt_cpu.w8a8_gemm: K=", K, " exceeds 133143, past which the int32 sum can overflow");
+  TORCH_CHECK(K <= 131071, "ptqrt_cpu.w8a8_gemm: K=", K,
+              " exceeds 131071, past which the int32 sum of int8 products can overflow");
   const bool raw = out_dtype == at::kInt;
+  TORCH_CHECK(!raw || !bias.has_value(), "ptqrt_cpu.w8a8_gemm: out_dtype int32 returns the raw sums, with no "
+              "epilogue; a bias needs a float out_dtype");
   TORCH_CHECK(raw || x_scale.numel() == M || x_scale.numel() == 1, "ptqrt_cpu.w8a8_gemm: x_scale must be [M]=", M,
               " or [1]; got ", x_scale.sizes());
   TORCH_CHECK(raw || w_scale.numel() == N, "ptqrt_cpu.w8a8_gemm: w_scale must be [N]=", N, "; got ", w_scale.sizes());

@@ -10,7 +10,7 @@
 //   sum_k x*w = sum_k x*(w + 128) - 128 * sum_k x,
 // and the correction 128*sum_k x per row is computed once per call (xsum). vpdpbusd adds four
 // products into each int32 lane without saturating, so every step is exact modulo 2^32; the true
-// result fits in int32 (K <= 133143), hence the wrapped one equals it. Unsigned arithmetic keeps the
+// result fits in int32 (K <= 131071), hence the wrapped one equals it. Unsigned arithmetic keeps the
 // intermediate wrap defined in C++.
 
 namespace PTQRT_VNNI_NS {

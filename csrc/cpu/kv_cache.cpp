@@ -38,6 +38,8 @@ void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const ch
               "ptqrt_cpu.", op, ": k_cache and v_cache must be contiguous int8 [num_blocks, block_size, Hkv, D] of "
               "one shape; got ", k_cache.sizes(), " ", k_cache.scalar_type(), " and ", v_cache.sizes(), " ",
               v_cache.scalar_type());
+  TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0 && k_cache.size(3) > 0, "ptqrt_cpu.", op,
+              ": k_cache [num_blocks, block_size, Hkv, D] = ", k_cache.sizes(), " needs block_size, Hkv and D >= 1");
 }
 
 std::vector<int64_t> int_vector(const at::Tensor& t) {
@@ -57,8 +59,10 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
               "ptqrt_cpu.", op, ": k and v must be contiguous [T, Hkv, D] = [T, ", H, ", ", D, "]; got ", k.sizes(),
               " and ", v.sizes());
   const int64_t T = k.size(0);
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T, "ptqrt_cpu.", op, ": slots must be [T] = [", T, "]; got ",
-              slots.sizes());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == T &&
+                  (slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt),
+              "ptqrt_cpu.", op, ": slots must be int64 or int32 [T] = [", T, "]; got ", slots.sizes(), " ",
+              slots.scalar_type());
   check_cache_scale(k_scale, k_cache, op, "k_scale");
   check_cache_scale(v_scale, v_cache, op, "v_scale");
   const std::vector<int64_t> sl = int_vector(slots);

@@ -5,11 +5,14 @@
 #include <c10/core/Storage.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <unistd.h>
 
 namespace ptqrt_cpu {
@@ -27,9 +30,10 @@ struct Entry {
 int64_t default_budget() {
   if (const char* env = std::getenv("PTQRT_CPU_PACK_MB")) {
     char* end = nullptr;
+    errno = 0;
     const long long mb = std::strtoll(env, &end, 10);
-    TORCH_CHECK(end != env && *end == '\0' && mb >= 0, "PTQRT_CPU_PACK_MB must be a whole number of MiB >= 0; got '",
-                env, "'");
+    TORCH_CHECK(end != env && *end == '\0' && errno == 0 && mb >= 0 && mb <= (INT64_MAX >> 20),
+                "PTQRT_CPU_PACK_MB must be a whole number of MiB from 0 to ", INT64_MAX >> 20, "; got '", env, "'");
     return static_cast<int64_t>(mb) << 20;
   }
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
@@ -47,7 +51,9 @@ int64_t default_budget() {
 
 struct Cache {
   std::mutex mu;
-  std::map<std::pair<const void*, int>, Entry> entries;
+  // By address, layout and shape: a weight and a view of its leading rows (a fused QKV weight and its
+  // Q part) start at one address and are cached side by side.
+  std::map<std::tuple<const void*, int, std::vector<int64_t>>, Entry> entries;
   int64_t bytes = 0;
   int64_t budget = -1;  // read from the environment on first use
   uint32_t lookups = 0;
@@ -84,8 +90,11 @@ at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
                          const std::function<void(const at::Tensor& w, int8_t* dst)>& pack, bool snapshot) {
   if (!w.has_storage()) return at::Tensor();
   const bool inference = w.is_inference();
+  // The version the copy is made from, read before packing: a write that lands while it is being
+  // packed bumps the weight's version past it, so the next call repacks.
+  const int64_t version = inference ? -1 : static_cast<int64_t>(w._version());
   Cache& c = cache();
-  const auto key = std::make_pair(static_cast<const void*>(w.data_ptr()), layout);
+  const auto key = std::make_tuple(static_cast<const void*>(w.data_ptr()), layout, w.sizes().vec());
   uint64_t generation;
   {
     std::lock_guard<std::mutex> lock(c.mu);
@@ -94,8 +103,8 @@ at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
     if (++c.lookups % 256 == 0) c.sweep();
     auto it = c.entries.find(key);
     if (it != c.entries.end()) {
-      if (same_weight(it->second, w) && it->second.bytes == bytes && !(inference && snapshot)) return it->second.data;
-      c.bytes -= it->second.bytes;  // stale (the weight was written in place or freed), or a snapshot retaken
+      if (same_weight(it->second, w) && it->second.bytes == bytes && !snapshot) return it->second.data;
+      c.bytes -= it->second.bytes;  // stale (the weight was written in place or freed), or packed afresh
       c.entries.erase(it);
     }
     if (inference && !snapshot) return at::Tensor();  // no version to check later: only pack_weight packs these
@@ -119,12 +128,14 @@ at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
   c.bytes -= bytes;
   auto it = c.entries.find(key);
   if (it != c.entries.end()) {
-    if (same_weight(it->second, w) && it->second.bytes == bytes && !inference) return it->second.data;  // packed twice
+    // Packed twice at once: keep the other copy unless this one was asked for afresh.
+    if (same_weight(it->second, w) && it->second.bytes == bytes && it->second.version == version && !snapshot)
+      return it->second.data;
     c.bytes -= it->second.bytes;
     c.entries.erase(it);
   }
-  c.entries.emplace(key, Entry{w.storage().getWeakStorageImpl(), w.storage().unsafeGetStorageImpl(),
-                               inference ? -1 : static_cast<int64_t>(w._version()), w.sizes().vec(), data, bytes});
+  c.entries.emplace(key, Entry{w.storage().getWeakStorageImpl(), w.storage().unsafeGetStorageImpl(), version,
+                               w.sizes().vec(), data, bytes});
   c.bytes += bytes;
   return data;
 }

@@ -5,11 +5,15 @@
 //
 // An entry is valid while its weight's storage is alive (a weak reference), at the same address,
 // with the same shape and the same version counter (an in-place write to the weight bumps it, so
-// the next call repacks). Entries of freed weights are dropped at the next insert and every 256
-// lookups. Inference tensors track no version, so a call never caches one; `ptqrt.prepack`
-// (pack_weight) packs them as snapshots, which calls then use as they are: a later in-place write to
-// such a weight (possible only inside inference mode) is not seen until it is packed again, as with
-// any prepacked weight (fbgemm's included). The copies take memory beside the weights: at most a budget of bytes, from
+// the next call repacks; the version is read before packing, so a write during the packing is seen
+// too). Entries are keyed by address, kernel layout and shape: a weight and a view of its leading
+// rows are cached side by side. Entries of freed weights are dropped at the next insert and every
+// 256 lookups. Writes that bypass the version counter (through `.data`, a numpy view or the raw
+// storage) are not seen: `ptqrt.prepack` (pack_weight, `snapshot`) packs afresh, replacing any copy.
+// Inference tensors track no version, so a call never caches one; `ptqrt.prepack` packs them as
+// snapshots, which calls then use as they are: a later in-place write to such a weight (possible
+// only inside inference mode) is not seen until it is packed again, as with any prepacked weight
+// (fbgemm's included). The copies take memory beside the weights: at most a budget of bytes, from
 // PTQRT_CPU_PACK_MB (MiB; 0 turns the cache off), by default a quarter of physical memory (or of the
 // container's cgroup limit, where lower); a weight that does not fit is simply not cached.
 #pragma once
@@ -24,8 +28,9 @@ namespace ptqrt_cpu {
 
 // The packed copy of w (contiguous) in `layout` (a kernel's tag; `bytes` long, written by `pack`),
 // or an undefined tensor when it is not cached (budget; an inference tensor that was not packed by
-// `snapshot`). snapshot (pack_weight, at load time): an inference tensor is packed afresh and kept
-// without a version check. Thread-safe; the packing itself runs outside the lock.
+// `snapshot`). snapshot (pack_weight, at load time): packed afresh even where a copy is cached (an
+// inference tensor's is then kept without a version check). Thread-safe; the packing itself runs
+// outside the lock.
 at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
                          const std::function<void(const at::Tensor& w, int8_t* dst)>& pack, bool snapshot = false);
 

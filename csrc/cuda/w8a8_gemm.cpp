@@ -6,7 +6,7 @@ namespace ptqrt {
 namespace cuda {
 
 namespace {
-constexpr int64_t kMaxK = ((int64_t(1) << 31) - 1) / (127 * 127);  // 127*127*K < 2^31: the int32 sum cannot overflow
+constexpr int64_t kMaxK = ((int64_t(1) << 31) - 1) / (128 * 128);  // 128*128*K < 2^31: no int32 overflow, -128 included
 
 // [rows, K] int8 -> [rows, K16] with zero columns appended: zeros add nothing to the int32 sums, and
 // 16-byte rows are what the cp.async tile loads need. Only odd K (or unaligned storage) pays this copy.
