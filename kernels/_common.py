@@ -78,9 +78,12 @@ def nan_max(a, b):
 def cast_out(y, DTYPE: tl.constexpr):
     """fp32 -> DTYPE with round-to-nearest-even. bf16 is rounded by hand: the interpreter's own
     fp32 -> bf16 cast truncates, which would make CPU runs differ from the GPU's cvt.rn.bf16.f32
-    (identical for every non-signalling value)."""
+    (identical for every non-signalling value). A NaN becomes the canonical 0x7FC0 first: the carry of
+    the rounding add would turn NaNs whose bits are 0x7FFF8000 and above (0x7FFFFFFF, the one NaN a
+    GPU's fp32 arithmetic makes) into -0.0."""
     if DTYPE == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
+        bits = tl.where(y == y, bits, 0x7FC00000)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:

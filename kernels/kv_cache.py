@@ -17,6 +17,8 @@ kv_cache_append(k, v, k_cache, v_cache, k_scale, v_scale, slots)
 int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale)
     out[b, h] = softmax_l(sm_scale * q[b, h] . K[b, l, h // G]) @ V[b, :, h // G], G = Hq / Hkv,
     with K, V dequantized from the cache; fp32 online softmax; out in q.dtype; zeros when L = 0.
+    Invalid tables stay memory-safe (the CPU backend and the reference refuse them): a length past
+    the table's capacity is clamped to it, and a position whose block id is out of range reads zeros.
     Flash-decoding: grid (B, Hkv, NUM_SPLITS); each program owns one kv head, the G query heads that
     share it (so every K/V byte is read once), and one contiguous slice of the sequence, so that a
     single long sequence still spreads over the whole GPU. Each slice leaves its normalized partial
@@ -38,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import absmax_scale, cast_out, i8_to, nan_max_abs, to_int8
+from ._common import _max_propagate_nan, absmax_scale, cast_out, i8_to, nan_max_abs, to_int8
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the softmax runs on exp2
 
@@ -82,7 +84,9 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
     b = tl.program_id(0)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
-    seq_len = tl.load(lens_ptr + b)
+    # A length past the block table's capacity is clamped to it (as the CUDA kernels do; the CPU
+    # backend and the reference refuse it), so no position reads past its row of the table.
+    seq_len = tl.minimum(tl.load(lens_ptr + b), MAX_BLOCKS * BLOCK_SIZE)
     # This program's slice of the sequence: NUM_SPLITS equal runs of whole BLOCK_L tiles.
     chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_L) * BLOCK_L
     start = sp * chunk
@@ -108,8 +112,7 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
     for l0 in tl.range(start, stop, BLOCK_L, num_stages=PIPE_L):
         pos = l0 + offs_l
         l_ok = pos < stop
-        blk = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + pos // BLOCK_SIZE,
-                      mask=l_ok & (pos // BLOCK_SIZE < MAX_BLOCKS), other=0)
+        blk = tl.load(bt_ptr + b.to(tl.int64) * stride_btb + pos // BLOCK_SIZE, mask=l_ok, other=0)
         l_ok_mem = l_ok & (blk >= 0) & (blk < NUM_BLOCKS)
         row = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE  # physical token slot
         kv_off = (row * HKV + hk) * D
@@ -135,15 +138,26 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DYNAMIC_V:
             vsc = tl.load(vs_ptr + row * HKV + hk, mask=l_ok_mem, other=0.0)
-            p = p * vsc[None, :]
+            if USE_DOT:
+                # p * vsc goes to the dot in q's dtype: relative to the tile's largest scale it stays
+                # in [0, 1], where small V scales (1e-3) would put it among fp16's subnormals.
+                vmax = tl.max(vsc, axis=0)
+                vmax = tl.where(vmax > 0.0, vmax, 1.0)
+                p = p * (vsc / vmax)[None, :]
+            else:
+                p = p * vsc[None, :]
         if USE_DOT:
             pv = tl.dot(p.to(DOT_DTYPE), i8_to(v, DOT_DTYPE), input_precision=PREC, out_dtype=tl.float32)
+            if DYNAMIC_V:
+                pv = pv * vmax
         else:
             pv = tl.sum(tl.sum(p, axis=0)[:, None] * i8_to(v, tl.float32), axis=0)[None, :]
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    has = l_i > 0.0
+    # A slice with positions has l_i >= 1 (its largest score adds exp2(0)), or NaN, which must reach
+    # the output as it does in the reference: emptiness is decided by the slice, not by l_i.
+    has = start < stop
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if not DYNAMIC_V:
         o = o * tl.load(vs_ptr + hk * D + d, mask=d_ok, other=0.0)[None, :]
@@ -166,8 +180,8 @@ def _decode_merge_kernel(o_part_ptr, lse_ptr, out_ptr, D, NUM_SPLITS, BLOCK_S: t
     d = tl.arange(0, BLOCK_D)
     s_ok = s < NUM_SPLITS
     lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    live = lse > float("-inf")
+    m = tl.reduce(lse, 0, _max_propagate_nan)  # a NaN slice makes the output NaN, as one split would
+    live = (lse > float("-inf")) | (lse != lse)
     w = tl.where(live, tl.math.exp2(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
     o = tl.load(o_part_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :],
                 mask=s_ok[:, None] & live[:, None] & (d[None, :] < D), other=0.0)

@@ -263,6 +263,19 @@ def test_w8a8_gemm_tma_default(monkeypatch):
 
 
 @cpu_only
+@pytest.mark.parametrize("m", (3, 33))  # the GEMV and the GEMM kernels
+def test_w8a8_gemm_bf16_keeps_nan(m):
+    """cast_out's bf16 rounding keeps every NaN a NaN: 0x7FFFFFFF (the NaN a GPU's fp32 arithmetic
+    makes) and 0xFFFFFFFF would carry into the sign bit and come out as -0.0 and +0.0."""
+    _uses_triton("w8a8_gemm", "cpu", m)
+    x_q, w_q = rand_int8(m, 40), rand_int8(8, 40)
+    xs = torch.full((m,), 0.01)
+    xs[1:3] = torch.tensor([0x7FFFFFFF, -1], dtype=torch.int32).view(torch.float32)
+    y = ops.w8a8_gemm(x_q, xs, w_q, torch.full((8,), 0.02), None, torch.bfloat16)
+    assert y[1:3].isnan().all() and not y[[0] + list(range(3, m))].isnan().any()
+
+
+@cpu_only
 def test_w8a8_gemm_empty_and_k0():
     y = ops.w8a8_gemm(rand_int8(0, 16), torch.ones(1), rand_int8(8, 16), torch.ones(8), None, torch.float16)
     assert y.shape == (0, 8)
@@ -389,6 +402,71 @@ def test_int8_kv_decode_attention(monkeypatch, case, dtype):
     monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 3 if i % 2 else 1)  # each path meets both
     b, hq, hkv, d, lens = DECODE_CASES[case]
     check_decode(b, hq, hkv, d, 24, 4, lens, dynamic=(i // 2) % 2 == 0, dtype=dtype, device="cpu")
+
+
+def _decode_inputs(b, hq, hkv, d, bs, lens, dynamic, nb=None):
+    nb = nb or b * -(-max(lens) // bs)
+    kc, vc, ks, vs = _cache(nb, bs, hkv, d, dynamic, "cpu")
+    bt = torch.randperm(nb)[: nb // b * b].reshape(b, -1).to(torch.int32)
+    return kc, vc, ks, vs, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+@cpu_only
+@pytest.mark.parametrize("splits", (1, 3))
+@pytest.mark.parametrize("hq", (2, 8))  # multiply-reduce (G = 1) and dot (G = 4) paths
+def test_decode_nan_reaches_the_output(monkeypatch, splits, hq):
+    """A NaN in q, or in a token's K or V scale (what append stores for a NaN token), makes the
+    affected heads' output NaN as in the reference, however many splits the sequence is cut into: a
+    split whose sums are NaN is not taken for an empty one."""
+    _uses_triton("int8_kv_decode_attention", "cpu", 1)
+    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", splits)
+    kc, vc, ks, vs, bt, sl = _decode_inputs(1, hq, 2, 16, 4, [40], True)
+    q = torch.randn(1, hq, 16)
+    qn = q.clone()
+    qn[0, 0, 0] = float("nan")
+    ksn, vsn = ks.clone(), vs.clone()
+    ksn[bt[0, 2], 1, 0] = float("nan")
+    vsn[bt[0, 7], 3, 1] = float("nan")
+    for args in ((qn, kc, vc, ks, vs), (q, kc, vc, ksn, vs), (q, kc, vc, ks, vsn)):
+        out = ops.int8_kv_decode_attention(*args, bt, sl, 0.25)
+        expect = ref.int8_kv_decode_attention(*args, bt, sl, 0.25)
+        assert expect.isnan().any()
+        assert torch.equal(out.isnan(), expect.isnan())
+        torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+@cpu_only
+def test_decode_fp16_gqa_small_v_scales(monkeypatch):
+    """GQA on tensor-core dots in fp16 with dynamic V scales near 1e-3: p * v_scale goes to the dot
+    relative to the tile's largest scale, so it stays out of fp16's subnormals (there the error was
+    17x the output's own rounding; now within 2x)."""
+    _uses_triton("int8_kv_decode_attention", "cpu", 1)
+    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 1)
+    torch.manual_seed(0)
+    nb, bs, n = 16, 16, 256
+    k, v = torch.randn(n, 1, 64), torch.randn(n, 1, 64) * 1e-3
+    kc, vc = torch.zeros(nb, bs, 1, 64, dtype=torch.int8), torch.zeros(nb, bs, 1, 64, dtype=torch.int8)
+    ks, vs = torch.zeros(nb, bs, 1), torch.zeros(nb, bs, 1)
+    ref.kv_cache_append(k, v, kc, vc, ks, vs, torch.arange(n))
+    bt, sl = torch.arange(nb, dtype=torch.int32)[None], torch.tensor([n], dtype=torch.int32)
+    q = torch.randn(1, 4, 64).half()
+    out = ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, 0.125).float()
+    expect = ref.int8_kv_decode_attention(q.float(), kc, vc, ks, vs, bt, sl, 0.125)
+    rounding = ((expect.half().float() - expect).norm() / expect.norm()).item()
+    assert ((out - expect).norm() / expect.norm()).item() < 2 * rounding
+
+
+@cpu_only
+def test_decode_length_past_the_table_is_clamped():
+    """A sequence length past its block table's capacity (invalid input; the reference and the CPU
+    backend refuse it) is clamped to the capacity, as the CUDA kernels do, instead of reading the
+    table past its row (which attended over block 0)."""
+    _uses_triton("int8_kv_decode_attention", "cpu", 1)
+    kc, vc, ks, vs, bt, _ = _decode_inputs(2, 4, 2, 16, 4, [12, 12], True)  # 3 blocks a sequence
+    q = torch.randn(2, 4, 16)
+    out = ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, torch.tensor([20, 7], dtype=torch.int32), 0.25)
+    expect = ref.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, torch.tensor([12, 7], dtype=torch.int32), 0.25)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
 
 
 @cpu_only
