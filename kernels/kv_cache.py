@@ -18,7 +18,8 @@ int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq
     out[b, h] = softmax_l(sm_scale * q[b, h] . K[b, l, h // G]) @ V[b, :, h // G], G = Hq / Hkv,
     with K, V dequantized from the cache; fp32 online softmax; out in q.dtype; zeros when L = 0.
     Invalid tables stay memory-safe (the CPU backend and the reference refuse them): a length past
-    the table's capacity is clamped to it, and a position whose block id is out of range reads zeros.
+    the table's capacity is clamped to it, and a position whose block id is out of range gets no
+    weight (zeros if none is left), as in the CUDA kernels.
     Flash-decoding: grid (B, Hkv, NUM_SPLITS); each program owns one kv head, the G query heads that
     share it (so every K/V byte is read once), and one contiguous slice of the sequence, so that a
     single long sequence still spreads over the whole GPU. Each slice leaves its normalized partial
@@ -130,11 +131,14 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
             s = s * (ks * qk_scale)[None, :]
         else:
             s = s * qk_scale
-        s = tl.where(l_ok[None, :], s, float("-inf"))
-        # Each tile holds at least one live position (l0 < stop), so m_new is finite.
+        # Positions past the slice, or whose block id is out of range, get no weight (as in the CUDA
+        # kernels). A tile (and so far the slice) may then hold none: exponents are taken against 0
+        # while the running max is still -inf, which leaves p = 0, l_i = 0 and alpha = 0.
+        s = tl.where(l_ok_mem[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DYNAMIC_V:
             vsc = tl.load(vs_ptr + row * HKV + hk, mask=l_ok_mem, other=0.0)
@@ -155,9 +159,9 @@ def _decode_partial_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_p
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    # A slice with positions has l_i >= 1 (its largest score adds exp2(0)), or NaN, which must reach
-    # the output as it does in the reference: emptiness is decided by the slice, not by l_i.
-    has = start < stop
+    # l_i is 0 for a slice without live positions, else >= 1 (its largest score adds exp2(0)), or NaN,
+    # which must reach the output as it does in the reference (a NaN slice is not an empty one).
+    has = l_i != 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if not DYNAMIC_V:
         o = o * tl.load(vs_ptr + hk * D + d, mask=d_ok, other=0.0)[None, :]

@@ -470,6 +470,29 @@ def test_decode_length_past_the_table_is_clamped():
 
 
 @cpu_only
+@pytest.mark.parametrize("splits", (1, 3))
+@pytest.mark.parametrize("hq", (2, 8))
+def test_decode_dead_blocks_get_no_weight(monkeypatch, splits, hq):
+    """Block ids out of range (invalid; the reference and the CPU backend refuse them) give their
+    positions no weight, as the CUDA kernels do: the output is the attention over the live blocks, and
+    zeros where none is live (here a whole 16-position tile, so the running max stays -inf a while)."""
+    _uses_triton("int8_kv_decode_attention", "cpu", 1)
+    monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", splits)
+    kc, vc, ks, vs, bt, _ = _decode_inputs(2, hq, 2, 16, 4, [48, 48], True)  # 12 blocks a sequence
+    q = torch.randn(2, hq, 16)
+    bad = bt.clone()
+    bad[0, :5] = -1
+    bad[0, 8] = kc.shape[0]
+    bad[1] = kc.shape[0] + 3  # nothing live: zeros
+    out = ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bad, torch.tensor([48, 48], dtype=torch.int32), 0.25)
+    live = torch.cat([bt[0, 5:8], bt[0, 9:]])[None]  # softmax over positions is order-free
+    expect = ref.int8_kv_decode_attention(q[:1], kc, vc, ks, vs, live.to(torch.int32),
+                                          torch.tensor([4 * live.shape[1]], dtype=torch.int32), 0.25)
+    torch.testing.assert_close(out[:1], expect, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@cpu_only
 def test_decode_split_heuristic_and_empty():
     assert kv_mod.num_splits(1, 32, 4096, 132) == 16  # one sequence still fills the GPU
     assert kv_mod.num_splits(64, 32, 2048, 132) == 1
