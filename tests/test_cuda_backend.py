@@ -703,6 +703,32 @@ def test_int8_kv_decode_attention_mma(impl, dtype, monkeypatch):
         _check_decode(impl, case, dtype, False)
 
 
+@pytest.mark.parametrize("kernel", ("default", "two-phase", "mma"))
+def test_int8_kv_decode_attention_nan(impl, kernel, monkeypatch):
+    """A NaN in q, or in one token's K or V scale (what append stores for a NaN token), reaches the
+    affected heads' output as NaN, as in the reference, with one split or several (the emulator's 8
+    SMs split 600 tokens): a NaN split or sum is not taken for an empty one."""
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "0" if kernel == "two-phase" else "1")
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "1" if kernel == "mma" else "0")
+    dev = impl.device
+    for b, hq, hkv, d, nb, bs, maxb, lens in ((1, 4, 2, 64, 8, 16, 6, [70]), (1, 8, 2, 128, 40, 16, 40, [600])):
+        k_cache, v_cache = rand_int8(nb, bs, hkv, d, device=dev), rand_int8(nb, bs, hkv, d, device=dev)
+        k_scale, v_scale = _kv_scales(nb, bs, hkv, d, True, dev)
+        q = _rand((b, hq, d), torch.float16, dev)
+        table = torch.randperm(nb, device=dev)[:maxb][None].to(torch.int32)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        qn, ksn, vsn = q.clone(), k_scale.clone(), v_scale.clone()
+        qn[0, 1, 3] = float("nan")
+        ksn[table[0, 2], 5, 0] = float("nan")
+        vsn[table[0, 3], 1, 1] = float("nan")
+        for args in ((qn, k_cache, v_cache, k_scale, v_scale), (q, k_cache, v_cache, ksn, v_scale),
+                     (q, k_cache, v_cache, k_scale, vsn)):
+            out = impl("int8_kv_decode_attention", *args, table, seq_lens, 1.0 / math.sqrt(d))
+            expect = ref.int8_kv_decode_attention(*args, table, seq_lens, 1.0 / math.sqrt(d))
+            assert expect.isnan().any()
+            assert torch.equal(out.isnan().cpu(), expect.isnan().cpu()), (kernel, lens)
+
+
 # ------------------------------------------------------------------------------------------ unaligned storage
 def _offset_view(t: torch.Tensor, elems: int = 1) -> torch.Tensor:
     """A contiguous copy of t that starts `elems` elements into its storage (not 16-byte aligned)."""

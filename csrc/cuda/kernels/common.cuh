@@ -79,6 +79,10 @@ template <typename T> __device__ __forceinline__ uint32_t pack_pair(float a, flo
 // ------------------------------------------------------------------ quantization math (reference.py)
 // NaN-propagating max: torch.amax propagates NaN, fmaxf would drop it.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+// exp(s - m) in an online softmax where the running max m is still -inf: 0 for a dead (-inf) score,
+// but a NaN score stays NaN (fmaxf skips NaN, so a row of NaN scores keeps m = -inf) and reaches the
+// output as in the reference.
+__device__ __forceinline__ float nan_or_zero(float s) { return s != s ? s : 0.f; }
 
 // s = amax / 127, and 1 for amax == 0 (an all-zero row must not produce 0 or NaN); NaN/Inf pass through.
 __device__ __forceinline__ float absmax_scale(float amax) { return amax == 0.f ? 1.f : amax / kQMax; }

@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
     m = warp_max(m);
     float l = 0.f;
     for (int r = lane; r < n; r += kWarp) {
-      const float p = m == -INFINITY ? 0.f : expf(Sg[r] - m);
+      const float p = m == -INFINITY ? nan_or_zero(Sg[r]) : expf(Sg[r] - m);
       Sg[r] = p;
       l += p;
     }
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_attention_kernel(Decode
       if (a.splits == 1) {
         const float l = stat[GT + g];
         T* o = static_cast<T*>(a.out);
-        o[head * D + dbase + d] = from_float<T>(l > 0.f ? v / l : 0.f);
+        o[head * D + dbase + d] = from_float<T>(l != 0.f ? v / l : 0.f);
       } else {
         a.part_acc[(part + int64_t(g) * a.splits) * D + dbase + d] = v;
       }
@@ -289,20 +289,22 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeA
   const float* ml = a.part_ml + head * a.splits * 2;
   const int cached = a.splits < kCombineCached ? a.splits : kCombineCached;
   float* s_le = s_e + cached;
-  float m = -INFINITY;  // M: the largest max of the splits that saw a token
+  // M: the largest max of the splits that saw a token (l_z != 0: a NaN sum counts, and its NaN, through
+  // a NaN weight that the `!(e < 0)` tests let through, reaches the output as in the reference).
+  float m = -INFINITY;
   for (int z = threadIdx.x; z < a.splits; z += kCombineThreads)
-    if (ml[2 * z + 1] > 0.f) m = fmaxf(m, ml[2 * z]);
+    if (ml[2 * z + 1] != 0.f) m = fmaxf(m, ml[2 * z]);
   m = warp_max(m);
   if (threadIdx.x % kWarp == 0) s_red[threadIdx.x / kWarp] = m;
   __syncthreads();
 #pragma unroll
   for (int w = 0; w < kCombineThreads / kWarp; ++w) m = fmaxf(m, s_red[w]);
   // e^(m_z - M), or -1 for a split that saw no token (its partials, zeros, are loaded but not used).
-  auto weight = [&](int z) { return ml[2 * z + 1] > 0.f ? expf(ml[2 * z] - m) : -1.f; };
+  auto weight = [&](int z) { return ml[2 * z + 1] != 0.f ? expf(ml[2 * z] - m) : -1.f; };
   for (int z = threadIdx.x; z < cached; z += kCombineThreads) {
     const float e = weight(z);
     s_e[z] = e;
-    s_le[z] = e >= 0.f ? ml[2 * z + 1] * e : 0.f;
+    s_le[z] = !(e < 0.f) ? ml[2 * z + 1] * e : 0.f;
   }
   __syncthreads();
   float l = 0.f;  // L: sum_z l_z e^(m_z - M), a thread's splits, then the warps', then the block's
@@ -311,7 +313,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeA
       l += s_le[z];
     } else {
       const float e = weight(z);
-      if (e >= 0.f) l += ml[2 * z + 1] * e;
+      if (!(e < 0.f)) l += ml[2 * z + 1] * e;
     }
   }
   l = warp_sum(l);
@@ -334,10 +336,10 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeA
         const int z = z0 + i;
         if (z >= a.splits) break;
         const float e = z < cached ? s_e[z] : weight(z);
-        if (e >= 0.f) v += p[i] * e;
+        if (!(e < 0.f)) v += p[i] * e;
       }
     }
-    o[d] = from_float<T>(l > 0.f ? v / l : 0.f);
+    o[d] = from_float<T>(l != 0.f ? v / l : 0.f);
   }
 }
 

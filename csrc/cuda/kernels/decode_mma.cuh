@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float mr = mn[e >> 1];
-        s[nt][e] = mr == -INFINITY ? 0.f : exp2f(s[nt][e] - mr);  // now p
+        s[nt][e] = mr == -INFINITY ? nan_or_zero(s[nt][e]) : exp2f(s[nt][e] - mr);  // now p
         ps[e >> 1] += s[nt][e];
       }
     if (__ballot_sync(kFull, grew)) {  // once the maxima settle most tiles skip the rescale

@@ -88,7 +88,8 @@ __device__ __forceinline__ DecodeWarpTiles decode_warp_tiles(const DecodeArgs& a
 
 // The end of a CTA of the streaming kernels: merge the warps' (m, l, acc) of `rows` query heads --
 // s_ml[(w * 2 + 0 or 1) * rows + g] the max (base 2) and the sum, s_acc[at(w, g, d)] the unnormalized
-// output -- into M = the largest max of the warps that saw a token, each rescaled to M; then write the
+// output -- into M = the largest max of the warps that saw a token (a nonzero sum: NaN counts, so it
+// reaches the output), each rescaled to M; then write the
 // normalized output (one split) or the split's partials (base e) for the combine kernel. After a
 // __syncthreads that made every warp's values visible.
 template <typename T, typename At>
@@ -101,11 +102,11 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeArgs& a, const fl
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w)
-      if (s_ml[(w * 2 + 1) * rows + g] > 0.f) M = fmaxf(M, s_ml[(w * 2) * rows + g]);
+      if (s_ml[(w * 2 + 1) * rows + g] != 0.f) M = fmaxf(M, s_ml[(w * 2) * rows + g]);
     float L = 0.f, v = 0.f;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w)
-      if (s_ml[(w * 2 + 1) * rows + g] > 0.f) {
+      if (s_ml[(w * 2 + 1) * rows + g] != 0.f) {
         const float e = exp2f(s_ml[(w * 2) * rows + g] - M);
         L += s_ml[(w * 2 + 1) * rows + g] * e;
         v += s_acc[at(w, g, d)] * e;
@@ -113,7 +114,7 @@ __device__ __forceinline__ void decode_merge_warps(const DecodeArgs& a, const fl
     if (!a.v_dynamic) v *= a.v_scale[int64_t(h) * D + d];
     if (a.splits == 1) {
       T* o = static_cast<T*>(a.out);
-      o[(int64_t(b) * a.Hq + int64_t(h) * G + g0 + g) * D + d] = from_float<T>(L > 0.f ? v / L : 0.f);
+      o[(int64_t(b) * a.Hq + int64_t(h) * G + g0 + g) * D + d] = from_float<T>(L != 0.f ? v / L : 0.f);
     } else {
       a.part_acc[(part + int64_t(g) * a.splits) * D + d] = v;
       if (d == 0) {
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_stream_kernel(DecodeArg
       float ps = 0.f;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        p[u][g] = mn == -INFINITY ? 0.f : exp2f(s[u][g] - mn);
+        p[u][g] = mn == -INFINITY ? nan_or_zero(s[u][g]) : exp2f(s[u][g] - mn);
         ps += p[u][g];
       }
 #pragma unroll
