@@ -7,6 +7,72 @@ from pathlib import Path
 
 MODES = {"w8a16": dict(), "w8a8-dynamic": dict(act_dtype="int8"),
          "w8a8-static": dict(act_dtype="int8", act_granularity="per_tensor")}
+# Files whose presence makes a directory a checkpoint that `quantize` must not overwrite unasked.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+
+
+# ---------------------------------------------------------------------------- argument types
+# Each raises ArgumentTypeError, which argparse reports as "ptqrt <cmd>: error: argument ...".
+def _int(text: str, low: int, what: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = low - 1
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be a {what} integer; got {text!r}")
+    return n
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1, "positive")
+
+
+def _count(text: str) -> int:
+    return _int(text, 0, "non-negative")
+
+
+def _positive_ints(text: str) -> tuple:
+    """'1,16,128' -> (1, 16, 128)."""
+    try:
+        return tuple(_positive_int(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,16,128; "
+                                         f"got {text!r}") from None
+
+
+def _shapes(text: str) -> tuple:
+    """'4096x4096,1024x512' -> ((4096, 4096), (1024, 512))."""
+    try:
+        out = tuple(tuple(_positive_int(v) for v in s.lower().split("x")) for s in text.split(","))
+    except argparse.ArgumentTypeError:
+        out = ()
+    if not out or any(len(nk) != 2 for nk in out):
+        raise argparse.ArgumentTypeError(f"expected comma-separated NxK shapes such as 4096x4096,1024x512; "
+                                         f"got {text!r}")
+    return out
+
+
+def _text_file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return Path(text)
+
+
+def _check_out_dir(model_dir: Path, out_dir: Path) -> None:
+    """Refuse to write the packed model over the float model, or over another checkpoint (--force does)."""
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"OUT_DIR {out_dir} is MODEL_DIR: the packed model would overwrite the float checkpoint "
+                         f"there; choose another OUT_DIR (or pass --force)")
+    from .format import DESCRIPTION
+
+    if out_dir.is_dir() and not (out_dir / DESCRIPTION).is_file():
+        found = [f for f in CHECKPOINT_FILES if (out_dir / f).exists()] or sorted(
+            f.name for f in out_dir.glob("*.safetensors"))
+        if found:
+            raise ValueError(f"OUT_DIR {out_dir} holds a checkpoint that is not a ptqrt packed one "
+                             f"({', '.join(found[:3])}) and would be overwritten; choose another OUT_DIR "
+                             f"(or pass --force)")
 
 
 def _hf_model(model_dir: Path):
@@ -15,8 +81,6 @@ def _hf_model(model_dir: Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"ptqrt quantize: {model_dir} has no config.json; expected a Hugging Face model directory")
     cfg = AutoConfig.from_pretrained(str(model_dir))
     causal = any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
@@ -30,6 +94,11 @@ def cmd_quantize(a) -> int:
     from .demo import sentences
 
     model_dir, out_dir = Path(a.model_dir), Path(a.out_dir)
+    # Everything that can be refused is refused here, before the (slow) load and calibration.
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    if not a.force:
+        _check_out_dir(model_dir, out_dir)
     kw = dict(MODES[a.mode])
     if a.group_size:
         kw.update(weight_granularity="per_group", group_size=a.group_size)
@@ -37,10 +106,7 @@ def cmd_quantize(a) -> int:
         kw.update(precision_recovery="gptq")
     if a.kv_cache:
         kw.update(kv_cache_dtype="int8", kv_granularity=a.kv_cache)
-    try:
-        cfg = PTQConfig(skip=a.skip, outliers=a.outliers, smooth_alpha=a.smooth_alpha, **kw)
-    except ValueError as e:
-        raise SystemExit(f"ptqrt quantize: {e}") from None
+    cfg = PTQConfig(skip=a.skip, outliers=a.outliers, smooth_alpha=a.smooth_alpha, **kw)
     model = _hf_model(model_dir)
     calib = None
     tok = None
@@ -51,8 +117,8 @@ def cmd_quantize(a) -> int:
         pass
     if cfg.needs_calibration or cfg.kv_needs_calibration:
         if tok is None:
-            raise SystemExit(f"ptqrt quantize: {a.mode} needs calibration text, but {model_dir} has no tokenizer")
-        text = Path(a.calib).read_text().splitlines() if a.calib else sentences("calib")
+            raise ValueError(f"{a.mode} needs calibration text, but {model_dir} has no tokenizer")
+        text = a.calib.read_text().splitlines() if a.calib else sentences("calib")
         text = [t for t in text if t.strip()][: a.max_samples]
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -66,40 +132,52 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+_NBYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "I32": 4, "I64": 8, "U8": 1, "BOOL": 1, "F64": 8}
+
+
+def _tensor_bytes(shape, dtype: str) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _NBYTES.get(dtype, 4)
+
+
+def _module_tensors(heads: dict, name: str, leaves) -> tuple[int, str]:
+    """(bytes, scale ranges) of the tensors `leaves` of module `name` found in the file's headers."""
+    size, ranges = 0, []
+    for leaf in leaves:
+        h = heads.get(f"{name}.{leaf}")
+        if h is None:
+            continue
+        shape, dt, t = h
+        size += _tensor_bytes(shape, dt)
+        if t is not None and t.numel():
+            ranges.append(f"{leaf.replace('_scale', '')}[{t.min().item():.3g}, {t.max().item():.3g}]")
+    return size, "  ".join(ranges)
+
+
 def cmd_inspect(a) -> int:
     from .format import read_description, tensor_headers
 
     desc = read_description(a.dir)
     heads = tensor_headers(a.dir, desc, load=lambda n: n.endswith(("_scale",)))
-    nbytes = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "I32": 4, "I64": 8, "U8": 1, "BOOL": 1, "F64": 8}
     total = orig = 0
-    rows = []
+    rows, kv_rows = [], []
     for name, d in sorted(desc["modules"].items()):
-        layer_bytes = 0
-        ranges = []
-        for leaf in ("weight", "weight_scale", "bias", "input_scale", "smooth_scale"):
-            h = heads.get(f"{name}.{leaf}")
-            if h is None:
-                continue
-            shape, dt, t = h
-            n = 1
-            for s in shape:
-                n *= s
-            layer_bytes += n * nbytes.get(dt, 4)
-            if t is not None and t.numel():
-                ranges.append(f"{leaf.replace('_scale', '')}[{t.min().item():.3g}, {t.max().item():.3g}]")
+        if d.get("kind") == "kv_cache":  # scales of an attention layer's int8 KV cache (none if dynamic)
+            size, rng = _module_tensors(heads, name, ("k_scale", "v_scale"))
+            kv_rows.append((name, f"C8/{d['granularity']}", f"{d['num_kv_heads']}x{d['head_dim']}", size, rng))
+            continue
+        size, rng = _module_tensors(heads, name, ("weight", "weight_scale", "bias", "input_scale", "smooth_scale"))
         fp32 = d["in_features"] * d["out_features"] * 4 + (d["out_features"] * 4 if d["bias"] else 0)
         rows.append((name, d["mode"] + (f"/g{d['group_size']}" if d.get("group_size") else ""),
-                     f"{d['out_features']}x{d['in_features']}", layer_bytes, fp32, "  ".join(ranges)))
+                     f"{d['out_features']}x{d['in_features']}", size, fp32, rng))
     other = 0
     for name, p in desc["parameters"].items():
         if p["mode"] == "FLOAT":
             shape, dt, _ = heads.get(name, (p["shape"], "F32", None))
-            n = 1
-            for s in shape:
-                n *= s
-            other += n * nbytes.get(dt, 4)
-    w = max([len(r[0]) for r in rows] + [5])
+            other += _tensor_bytes(shape, dt)
+    w = max([len(r[0]) for r in rows + kv_rows] + [16])
     print(f"{a.dir}: format v{desc['format_version']}, ptqrt {desc['ptqrt_version']}, "
           f"{len(rows)} quantized layers, files: {', '.join(desc['files'])}")
     head = f"{'layer':<{w}}  {'mode':<16}{'shape':>12}{'bytes':>12}{'fp32 bytes':>12}  scale ranges"
@@ -112,9 +190,20 @@ def cmd_inspect(a) -> int:
     print("-" * len(head))
     print(f"{'quantized layers':<{w}}  {'':<16}{'':>12}{total:>12,}{orig:>12,}  "
           f"compression {orig / max(total, 1):.2f}x")
+    kv = sum(r[3] for r in kv_rows)
+    if kv_rows:
+        print(f"\nint8 KV cache of {len(kv_rows)} attention layers (shape: kv heads x head dim; per_token "
+              f"saves no scales: they are computed as tokens are written)")
+        print(f"{'kv cache':<{w}}  {'mode':<16}{'shape':>12}{'bytes':>12}{'':>12}  scale ranges")
+        print("-" * len(head))
+        for name, mode, shape, b, rng in kv_rows:
+            print(f"{name:<{w}}  {mode:<16}{shape:>12}{b:>12,}{'':>12}  {rng}")
+        print("-" * len(head))
     print(f"{'float tensors':<{w}}  {'FLOAT':<16}{'':>12}{other:>12,}")
-    print(f"{'total':<{w}}  {'':<16}{'':>12}{total + other:>12,}{orig + other:>12,}  "
-          f"compression {(orig + other) / max(total + other, 1):.2f}x")
+    if kv_rows:
+        print(f"{'kv cache scales':<{w}}  {'C8':<16}{'':>12}{kv:>12,}")
+    print(f"{'total':<{w}}  {'':<16}{'':>12}{total + other + kv:>12,}{orig + other:>12,}  "
+          f"compression {(orig + other) / max(total + other + kv, 1):.2f}x")
     return 0
 
 
@@ -138,9 +227,8 @@ def cmd_bench(a) -> int:
         backends = tuple(b for b in ("triton", "cuda") if a.backend in (None, "auto", b)) or ("triton",)
         bench_gpu.run_gpu_bench(quick=a.quick, plot=a.plot, out_dir=a.out, backends=backends, flush=a.flush)
         return 0
-    ms = tuple(int(m) for m in a.m.split(",")) if a.m else ((1, 16) if a.quick else bench.DEFAULT_MS)
-    nks = tuple(tuple(int(v) for v in s.lower().split("x")) for s in a.nk.split(",")) if a.nk else \
-        (((1024, 1024),) if a.quick else bench.DEFAULT_NK)
+    ms = a.m or ((1, 16) if a.quick else bench.DEFAULT_MS)
+    nks = a.nk or (((1024, 1024),) if a.quick else bench.DEFAULT_NK)
     rows = bench.bench_linear_ops(ms, nks)
     print(f"CPU: {bench.cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     bench.print_rows(rows)
@@ -157,7 +245,13 @@ def cmd_eval(a) -> int:
 
 
 def cmd_tune(a) -> int:
+    import torch
+
     from . import tune
+
+    if not torch.cuda.is_available():
+        raise ValueError("needs a CUDA GPU: it times the triton and cuda kernels on the GPU whose dispatch table "
+                         "it writes, and none is visible")
 
     path = tune.tune(ops=a.ops, quick=a.quick, mode=a.mode)
     print(f"wrote the dispatch table {path}; set_backend('auto') uses it from now on")
@@ -186,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("model_dir")
     q.add_argument("out_dir")
     q.add_argument("--mode", choices=sorted(MODES), default="w8a16")
-    q.add_argument("--group-size", type=int, default=0, help="per-group weights (W8A16 only), e.g. 64 or 128")
+    q.add_argument("--group-size", type=_count, default=0, help="per-group weights (W8A16 only), e.g. 64 or 128")
     q.add_argument("--outliers", choices=["none", "smooth", "osl"], default="none",
                    help="SmoothQuant or OSL before W8A8 (needs a w8a8 mode)")
     q.add_argument("--smooth-alpha", type=float, default=0.5)
@@ -194,9 +288,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-cache", choices=["per_token", "per_channel"],
                    help="int8 KV cache for decoder models: dynamic per token-head or static per channel")
     q.add_argument("--skip", nargs="*", default=["lm_head"], help="module names (substring or regex) to keep float")
-    q.add_argument("--calib", help="text file, one calibration sample per line (default: sentences shipped with ptqrt)")
-    q.add_argument("--max-samples", type=int, default=128)
+    q.add_argument("--calib", type=_text_file,
+                   help="text file, one calibration sample per line (default: sentences shipped with ptqrt)")
+    q.add_argument("--max-samples", type=_positive_int, default=128)
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--force", action="store_true",
+                   help="write OUT_DIR even when it is MODEL_DIR or holds another (not ptqrt) checkpoint")
     q.set_defaults(fn=cmd_quantize)
 
     i = sub.add_parser("inspect", help="per-layer table of a packed directory")
@@ -204,18 +301,18 @@ def parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
 
     d = sub.add_parser("demo", help="quantize the bundled all-MiniLM-L6-v2 and compare with fp32")
-    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--repeats", type=_positive_int, default=5)
     d.set_defaults(fn=cmd_demo)
 
     e = sub.add_parser("eval", help="perplexity of the shipped tiny causal LM under each quantization")
     e.add_argument("--quick", action="store_true", help="a shorter held-out slice")
-    e.add_argument("--only", nargs="*", help="row labels to run (fp32 always runs)")
+    e.add_argument("--only", nargs="*", help="row labels to run, e.g. W8A16 \"int8 KV\" (fp32 always runs)")
     e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("bench", help="time the selected backend's ops against their float peers")
     b.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"])
-    b.add_argument("--m", help="comma-separated M values (CPU)")
-    b.add_argument("--nk", help="comma-separated NxK shapes, e.g. 4096x4096 (CPU)")
+    b.add_argument("--m", type=_positive_ints, help="comma-separated M values (CPU)")
+    b.add_argument("--nk", type=_shapes, help="comma-separated NxK shapes, e.g. 4096x4096 (CPU)")
     b.add_argument("--quick", action="store_true", help="a small subset")
     b.add_argument("--cpu", action="store_true", help="the CPU suite even when a GPU is present")
     b.add_argument("--plot", action="store_true", help="draw the GPU results to a PNG")
@@ -242,8 +339,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    a = parser().parse_args(argv)
-    return a.fn(a)
+    """Run one command. Bad arguments, files or configs end it with status 2 and one line on stderr,
+    `ptqrt <cmd>: error: ...`, as argparse's own usage errors do."""
+    p = parser()
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, OSError) as e:  # FormatError is a ValueError
+        msg = " ".join(str(e).split())
+        p.exit(2, f"ptqrt {a.cmd}: error: {msg}\n")
 
 
 if __name__ == "__main__":

@@ -36,13 +36,17 @@ class PTQConfig:
     weight_dtype: "int8" (weights are always quantized; activation-only quantization is not offered).
     weight_granularity: "per_channel" (one scale per output row) or "per_group" (group_size columns).
     group_size: 0 for per_channel; for per_group a positive multiple of 16 that divides each layer's K.
-    act_dtype: None (W8A16) or "int8" (W8A8). act_granularity: "per_token" (dynamic) or "per_tensor" (static, calibrated).
-    kv_cache_dtype: None or "int8"; kv_granularity: "per_token" (dynamic per token-head) or "per_channel" (static).
+    act_dtype: None (W8A16) or "int8" (W8A8). act_granularity: "per_token" (dynamic) or "per_tensor" (static,
+        calibrated); "per_tensor" needs act_dtype="int8".
+    kv_cache_dtype: None or "int8"; kv_granularity: "per_token" (dynamic per token-head) or "per_channel" (static);
+        "per_channel" needs kv_cache_dtype="int8".
     outliers: "none", "smooth" (SmoothQuant with smooth_alpha) or "osl" (alpha searched per layer).
     precision_recovery: "none" or "gptq"; gptq_act_order: quantize columns by decreasing Hessian
         diagonal (GPTQ's activation order; per-group scales then come from the original weights).
     skip: module names not to quantize; each entry matches as a substring or as a regex (re.search).
     layer_policies: {regex: PTQConfig} — the first regex that matches a module's name overrides the config.
+        A policy sets how its layers are quantized; the model-wide fields (skip, layer_policies,
+        kv_cache_dtype, kv_granularity) must keep their defaults in it.
     """
 
     weight_dtype: str = "int8"
@@ -85,6 +89,12 @@ class PTQConfig:
         if self.act_dtype == "int8" and self.weight_granularity == "per_group":
             raise ValueError("PTQConfig.weight_granularity='per_group' cannot be combined with act_dtype='int8': "
                              "W8A8 needs per-channel weight scales (allowed: 'per_channel')")
+        if self.act_dtype is None and self.act_granularity != "per_token":
+            raise ValueError(f"PTQConfig.act_granularity={self.act_granularity!r} sets how int8 activations are "
+                             f"scaled and needs act_dtype='int8'; with act_dtype=None (W8A16) leave it 'per_token'")
+        if self.kv_cache_dtype is None and self.kv_granularity != "per_token":
+            raise ValueError(f"PTQConfig.kv_granularity={self.kv_granularity!r} sets how the int8 KV cache is "
+                             f"scaled and needs kv_cache_dtype='int8'; with kv_cache_dtype=None leave it 'per_token'")
         if self.outliers != "none" and self.act_dtype is None:
             raise ValueError(f"PTQConfig.outliers={self.outliers!r} suppresses activation outliers and needs "
                              f"act_dtype='int8'; with act_dtype=None use outliers='none'")
@@ -92,7 +102,8 @@ class PTQConfig:
             raise ValueError(f"PTQConfig.gptq_act_order={self.gptq_act_order!r} must be True or False")
         if self.gptq_act_order and self.precision_recovery != "gptq":
             raise ValueError("PTQConfig.gptq_act_order=True needs precision_recovery='gptq'")
-        if not isinstance(self.smooth_alpha, (int, float)) or not 0.0 <= float(self.smooth_alpha) <= 1.0:
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
+                or not 0.0 <= float(self.smooth_alpha) <= 1.0:
             raise ValueError(f"PTQConfig.smooth_alpha={self.smooth_alpha!r} must be a float in [0, 1]")
         if isinstance(self.skip, str):
             self.skip = [self.skip]
@@ -104,12 +115,16 @@ class PTQConfig:
         if not isinstance(self.layer_policies, dict):
             raise ValueError(f"PTQConfig.layer_policies must be a dict {{regex: PTQConfig}}; got {type(self.layer_policies).__name__}")
         for pat, sub in self.layer_policies.items():
+            if not isinstance(pat, str):
+                raise ValueError(f"PTQConfig.layer_policies: keys must be regex strings (saved in the packed "
+                                 f"format's JSON); got {type(pat).__name__} {pat!r}")
             _compile(pat, "layer_policies")
             if isinstance(sub, dict):
                 sub = PTQConfig(**sub)
                 self.layer_policies[pat] = sub
             if not isinstance(sub, PTQConfig):
                 raise ValueError(f"PTQConfig.layer_policies[{pat!r}] must be a PTQConfig; got {type(sub).__name__}")
+            _check_policy(pat, sub)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -146,13 +161,36 @@ class PTQConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PTQConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"PTQConfig.from_dict: expected a dict of fields; got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"PTQConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
-        d["layer_policies"] = {k: cls.from_dict(v) for k, v in d.get("layer_policies", {}).items()}
+        policies = d.get("layer_policies", {})
+        if not isinstance(policies, dict):
+            raise ValueError(f"PTQConfig.layer_policies must be a dict {{regex: fields}}; "
+                             f"got {type(policies).__name__}")
+        d["layer_policies"] = {k: cls.from_dict(v) for k, v in policies.items()}
         return cls(**d)
+
+
+# Fields a layer policy cannot change: they apply to the whole model (which layers are quantized at
+# all, the KV cache) and are read from the top-level config only.
+_MODEL_WIDE = ("skip", "layer_policies", "kv_cache_dtype", "kv_granularity")
+
+
+def _check_policy(pattern: str, sub: PTQConfig) -> None:
+    """A policy may set how its layers are quantized, not the model-wide fields, which it would ignore."""
+    defaults = PTQConfig()
+    for name in _MODEL_WIDE:
+        if getattr(sub, name) != getattr(defaults, name):
+            hint = ("add the name to the top-level skip instead" if name == "skip" else
+                    "set it on the top-level config instead")
+            raise ValueError(f"PTQConfig.layer_policies[{pattern!r}].{name}={getattr(sub, name)!r} would be ignored: "
+                             f"a layer policy sets how its layers are quantized, and {name} applies to the whole "
+                             f"model; {hint}")
 
 
 def _compile(pattern: str, where: str):

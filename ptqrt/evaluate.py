@@ -102,10 +102,16 @@ def configs():
 
 
 def run(quick: bool = False, only: Optional[list[str]] = None, quiet: bool = False) -> list[dict]:
-    """Quantize the tiny LM each way, measure, print the table; return its rows."""
+    """Quantize the tiny LM each way, measure, print the table; return its rows. only: the labels of
+    configs() to run (fp32 always runs); an unknown label is refused before anything is loaded."""
     import warnings
 
     from . import quantize
+
+    labels = [label for label, _ in configs()]
+    unknown = [o for o in only or () if o not in labels]
+    if unknown:
+        raise ValueError(f"evaluate.run: unknown rows {unknown}; choose from {labels} (fp32 always runs)")
 
     model, _, decode_fn, heldout = tiny_lm.load_tiny_lm()
     if quick:

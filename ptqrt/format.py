@@ -27,6 +27,7 @@ DESCRIPTION = "quantization_description.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD = 4 * 1024**3
+MODULE_KINDS = ("linear", "kv_cache")  # what the "kind" of a module entry may be (absent: linear)
 
 
 class FormatError(ValueError):
@@ -163,6 +164,8 @@ def read_description(in_dir) -> dict:
         desc = json.loads(path.read_text())
     except ValueError as e:
         raise FormatError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(desc, dict):
+        raise FormatError(f"{path}: expected a JSON object; got {type(desc).__name__}")
     if desc.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: format is {desc.get('format')!r}, expected {FORMAT_NAME!r}")
     if desc.get("format_version") != FORMAT_VERSION:
@@ -171,7 +174,76 @@ def read_description(in_dir) -> dict:
     for key in ("modules", "parameters", "files"):
         if not isinstance(desc.get(key), dict):
             raise FormatError(f"{path}: the {key!r} section is missing or damaged")
+    for key in ("files", "aliases"):
+        section = desc.get(key, {})
+        if not isinstance(section, dict) or not all(isinstance(v, str) for v in section.values()):
+            raise FormatError(f"{path}: the {key!r} section is damaged: expected {{name: string}}; "
+                              f"got {section!r:.200}")
+    if desc.get("config") is not None and not isinstance(desc["config"], dict):
+        raise FormatError(f"{path}: the 'config' section is damaged: expected a dict of PTQConfig fields; got "
+                          f"{type(desc['config']).__name__}")
+    for name, p in desc["parameters"].items():
+        if not isinstance(p, dict) or not isinstance(p.get("mode"), str) or not _is_shape(p.get("shape")):
+            raise FormatError(f"{path}: the entry of tensor {name!r} in 'parameters' is damaged: expected "
+                              f"{{'mode': str, 'dtype': str, 'shape': [ints]}}; got {p!r:.200}")
+    for name, d in desc["modules"].items():
+        _check_module_entry(name, d, path)
     return desc
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive(v) -> bool:
+    return _count(v) and v > 0
+
+
+def _flag(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _entry_fields(kind: str) -> dict:
+    """{field: (check, what it must be)} of a module entry of `kind` (what describe() writes)."""
+    from .modules.kv_cache import GRANULARITIES
+    from .modules.linear import MODES
+
+    if kind == "linear":
+        return {"mode": (lambda v: v in MODES, f"one of {MODES}"), "in_features": (_positive, "a positive int"),
+                "out_features": (_positive, "a positive int"), "group_size": (_count, "a non-negative int"),
+                "bias": (_flag, "true or false"), "has_smooth": (_flag, "true or false")}
+    return {"granularity": (lambda v: v in GRANULARITIES, f"one of {GRANULARITIES}"),
+            "num_kv_heads": (_positive, "a positive int"), "head_dim": (_positive, "a positive int"),
+            "layer_idx": (_count, "a non-negative int")}
+
+
+def _float_dtype(name) -> Optional[torch.dtype]:
+    dt = getattr(torch, name, None) if isinstance(name, str) else None
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
+
+
+def _check_module_entry(name: str, d, path: Path) -> None:
+    """Refuse a damaged entry of the 'modules' section (what QuantLinear / KVCacheQuant.describe()
+    wrote) before anything is built from it."""
+    if not isinstance(d, dict):
+        raise FormatError(f"{path}: the entry of module {name!r} is damaged: expected a dict; got {d!r:.200}")
+    kind = d.get("kind", "linear")
+    if kind not in MODULE_KINDS:
+        raise FormatError(f"{path}: module {name!r} has kind {kind!r}, which this ptqrt does not know "
+                          f"(known: {', '.join(MODULE_KINDS)})")
+    for field, (ok, what) in _entry_fields(kind).items():
+        if field not in d:
+            raise FormatError(f"{path}: the entry of module {name!r} is damaged: {field!r} is missing")
+        if not ok(d[field]):
+            raise FormatError(f"{path}: the entry of module {name!r} is damaged: {field} must be {what}; "
+                              f"got {d[field]!r}")
+    if kind == "linear" and d["bias"] and _float_dtype(d.get("bias_dtype")) is None:
+        raise FormatError(f"{path}: the entry of module {name!r} is damaged: bias_dtype must name a torch float "
+                          f"dtype (e.g. 'float32', 'bfloat16'); got {d.get('bias_dtype')!r}")
 
 
 def read_tensors(in_dir, desc: dict, verify: bool = True) -> dict:
@@ -218,41 +290,39 @@ def _expected_module(model: nn.Module, name: str, d: dict, path: Path) -> None:
 def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Module:
     """Rebuild a quantized model from `float_model` (its architecture; its weights are replaced) and the
     packed directory `in_dir`. Everything is checked before the model is touched: a damaged, truncated
-    or mismatched directory raises FormatError (or FileNotFoundError) naming the tensor and file, and
-    leaves float_model as it was. Returns the model (changed in place), on the device it was on."""
-    from .config import PTQConfig
+    or mismatched directory, a config this ptqrt cannot read, or a model that cannot take the file's
+    int8 KV cache raises FormatError (or FileNotFoundError) naming the tensor, module or file, and
+    leaves float_model as it was. Returns the model (changed in place), on the device it was on; a
+    model built on the meta device (to skip allocating the float weights) gets its tensors on the CPU.
+    """
+    from .modules.kv_cache import KVCacheQuant
     from .modules.linear import QuantLinear
     from .quantize import set_submodule
 
     in_dir = Path(in_dir)
     desc = read_description(in_dir)
     path = in_dir / DESCRIPTION
+    config = _read_config(desc, path)
     qmods = {n: d for n, d in desc["modules"].items() if d.get("kind", "linear") == "linear"}
     kvmods = {n: d for n, d in desc["modules"].items() if d.get("kind") == "kv_cache"}
-    unknown = {d.get("kind") for d in desc["modules"].values()} - {"linear", "kv_cache", None}
-    if unknown:
-        raise FormatError(f"{path}: module kinds {sorted(map(str, unknown))} are not known to this ptqrt")
     for name, d in qmods.items():
         _expected_module(float_model, name, d, path)
-    for name in kvmods:
-        parent = name.rpartition(".")[0]
-        try:
-            float_model.get_submodule(parent)
-        except AttributeError:
-            raise FormatError(f"{path}: the int8 KV cache of {parent!r} has no such attention module in the model") from None
+    if kvmods:
+        _check_kv_cache(float_model, kvmods, path)
+    # The modules the model will hold once swapped, built aside on the meta device: they give every
+    # expected name, shape and dtype (and refuse an entry whose fields contradict each other).
+    try:
+        swapped = {n: QuantLinear.from_description(d, n, device="meta") for n, d in qmods.items()}
+        swapped.update({n: KVCacheQuant.from_description(d, device="meta") for n, d in kvmods.items()})
+    except ValueError as e:
+        raise FormatError(f"{path}: a module entry is damaged ({e})") from None
     tensors = read_tensors(in_dir, desc, verify)
     for alias, target in desc.get("aliases", {}).items():
         if target not in tensors:
             raise FormatError(f"{path}: alias {alias!r} points to {target!r}, which no file holds")
         tensors[alias] = tensors[target]
 
-    # The state dict the model will have once its linears are swapped: build the swapped modules
-    # aside (on the meta device) to learn every expected name, shape and dtype.
     expected = {}
-    from .modules.kv_cache import KVCacheQuant
-
-    swapped = {n: QuantLinear.from_description(d, n, device="meta") for n, d in qmods.items()}
-    swapped.update({n: KVCacheQuant.from_description(d, device="meta") for n, d in kvmods.items()})
     for name, t in float_model.state_dict().items():
         owner = name.rpartition(".")[0]
         if owner in swapped:
@@ -275,6 +345,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     if unexpected:
         raise FormatError(f"{in_dir} holds tensors the model has no place for: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (first in {_file_of(desc, unexpected[0], in_dir)})")
+    on_meta = _meta_tensors(float_model, swapped, expected, in_dir)
 
     # All checks passed: now change the model.
     for name, d in qmods.items():
@@ -285,14 +356,71 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
         parent = float_model.get_submodule(name.rpartition(".")[0])
         dev = next(iter(list(parent.parameters()) + list(parent.buffers())), torch.empty(0)).device
         set_submodule(float_model, name, KVCacheQuant.from_description(d, device=dev))
+    if on_meta:
+        _materialize(float_model)
     float_model.load_state_dict({n: tensors[n] for n in float_model.state_dict()}, strict=True)
     if kvmods:
         from .integrations import hf
 
         hf.reattach(float_model)
-    if desc.get("config"):
-        float_model.ptqrt_config = PTQConfig.from_dict(desc["config"])
+    if config is not None:
+        float_model.ptqrt_config = config
     return float_model
+
+
+def _read_config(desc: dict, path: Path):
+    """The PTQConfig the description records (None when it records none)."""
+    from .config import PTQConfig
+
+    if desc.get("config") is None:
+        return None
+    try:
+        return PTQConfig.from_dict(desc["config"])
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{path}: the 'config' section is not a PTQConfig this ptqrt ({_version()}) can use: "
+                          f"{e}") from None
+
+
+def _check_kv_cache(model: nn.Module, kvmods: dict, path: Path) -> None:
+    """Refuse a model that cannot take the file's int8 KV cache (not a transformers decoder, an attention
+    implementation other than sdpa / eager, no attention module where the file has one)."""
+    from .integrations import hf
+
+    try:
+        hf.check_reattach(model, {n: d["layer_idx"] for n, d in kvmods.items()})
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise FormatError(f"{path} holds an int8 KV cache that {type(model).__name__} cannot take: {e}") from None
+
+
+def _meta_tensors(model: nn.Module, swapped: dict, expected: dict, in_dir: Path) -> bool:
+    """Whether the model holds tensors on the meta device (which load_quantized then creates on the
+    CPU); refuses one that the file cannot fill (a non-persistent buffer, such as a rotary table)."""
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    found = False
+    for name, t in named:
+        if not t.is_meta or name.rpartition(".")[0] in swapped:
+            continue
+        found = True
+        if name not in expected:
+            raise FormatError(f"{name!r} of the model is on the meta device and {in_dir} does not hold it (a buffer "
+                              f"that is not saved); build the model on a real device (e.g. the CPU) instead")
+    return found
+
+
+def _materialize(model: nn.Module) -> None:
+    """Give every meta tensor of `model` real, uninitialised CPU storage (the state dict fills it next).
+    A tensor that several modules share (tied weights) gets one replacement, so the tie survives;
+    nn.Module.to_empty would untie them."""
+    new: dict = {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in new:
+                    e = torch.empty_like(t, device="cpu")
+                    new[id(t)] = (t, nn.Parameter(e, t.requires_grad) if isinstance(t, nn.Parameter) else e)
+                store[key] = new[id(t)][1]
 
 
 def _file_of(desc: dict, name: str, in_dir: Path) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Iterable, Optional
 
 import torch
@@ -34,7 +35,10 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     Every nn.Linear (and GPT-2 Conv1D) whose name is not in config.skip becomes a QuantLinear with the
     config of the first matching layer policy. calib_data is an iterable of model inputs (a tensor,
     a tuple of positional args, or a dict of keyword args), needed for static W8A8; None otherwise.
-    Device and dtype of every layer are kept.
+    A single tensor or mapping (a dict, a tokenizer's BatchEncoding) is one input.
+    Device and dtype of every layer are kept. Whatever can be checked without running the model (the
+    config, group sizes, calibration data given where needed, the int8 KV cache's prerequisites) is
+    checked before the model is changed.
 
     With calibration (static W8A8, smooth/osl, gptq), decoder models are done one layer at a time:
     pass device="cuda" to run each layer there while the rest of the model stays where it is.
@@ -60,8 +64,16 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         what = list(needs)[:3] or ["the int8 KV cache (kv_granularity='per_channel')"]
         raise ValueError(f"quantize: calibration is needed (static W8A8, outliers, gptq or a static KV cache) "
                          f"but calib_data is None; needing it: {what}{' ...' if len(needs) > 3 else ''}")
-    if calib_data is not None and not isinstance(calib_data, (torch.Tensor, dict, list, tuple)):
+    if config.kv_cache_dtype == "int8":
+        from .integrations import hf
+
+        hf.check_int8_kv_cache(model, "ptqrt.quantize with kv_cache_dtype='int8'")
+    if isinstance(calib_data, (torch.Tensor, Mapping)):
+        calib_data = [calib_data]  # one input; a Mapping (BatchEncoding is no dict) is not iterated
+    elif calib_data is not None and not isinstance(calib_data, (list, tuple)):
         calib_data = list(calib_data)  # a generator is consumed more than once below
+    if (needs or kv_static) and not calib_data:
+        raise ValueError("quantize: calib_data is empty: calibration needs at least one sample")
     was_training = model.training
     model.eval()
     try:

@@ -75,3 +75,84 @@ def test_quantize_generate_round_trip(arch, cfg_name, tmp_path):
     assert torch.equal(again.sequences, out.sequences)
     if cfg.kv_cache_dtype == "int8":
         assert isinstance(again.past_key_values, Int8KVCache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_cast_after_quantize_with_int8_kv_cache_round_trips(dtype, tmp_path):
+    """.to(dtype) after quantize leaves the KV cache's static scales (and the linears' scales) float32;
+    generate runs on the int8 cache and the save loads back into a model cast the same way."""
+    from ptqrt.integrations.hf import Int8KVCache
+    from ptqrt.modules.kv_cache import KVCacheQuant
+
+    cfg = PTQConfig(act_dtype="int8", kv_cache_dtype="int8", kv_granularity="per_channel")
+    q = quantize(_build("llama"), cfg, _calib(), quiet=True).to(dtype)
+    kvq = [m for m in q.modules() if isinstance(m, KVCacheQuant)]
+    assert len(kvq) == 2 and all(m.k_scale.dtype == m.v_scale.dtype == torch.float32 for m in kvq)
+    assert all(m.weight_scale.dtype == torch.float32 for m in q.modules() if isinstance(m, QuantLinear))
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    out = q.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    assert isinstance(out.past_key_values, Int8KVCache)
+    logits = q(ids).logits
+    assert logits.dtype == dtype
+    save_quantized(q, tmp_path)
+    loaded = load_quantized(_build("llama", seed=7).to(dtype), tmp_path)
+    assert torch.equal(loaded(ids).logits, logits)
+    again = loaded.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    assert torch.equal(again.sequences, out.sequences)
+
+
+def _same(model, before_types, before_state):
+    return [type(m) for m in model.modules()] == before_types and model.state_dict().keys() == before_state.keys() \
+        and all(torch.equal(t, before_state[n]) for n, t in model.state_dict().items())
+
+
+def test_load_refuses_a_model_that_cannot_take_the_kv_cache_before_changing_it(tmp_path):
+    from ptqrt import FormatError
+
+    q = quantize(_build("llama"), PTQConfig(kv_cache_dtype="int8"), quiet=True)
+    save_quantized(q, tmp_path)
+    fresh = _build("llama", seed=7)
+    fresh.config._attn_implementation = "flex_attention"
+    types, state = [type(m) for m in fresh.modules()], copy.deepcopy(fresh.state_dict())
+    with pytest.raises(FormatError, match=r"quantization_description.json holds an int8 KV cache .*'flex_attention'"):
+        load_quantized(fresh, tmp_path)
+    assert _same(fresh, types, state) and fresh.config._attn_implementation == "flex_attention"
+
+
+@pytest.mark.parametrize("case", ["not_hf", "flex_attention", "empty_calib"])
+def test_quantize_checks_kv_cache_prerequisites_before_changing_the_model(case):
+    from tests.models import tiny_net
+
+    if case == "not_hf":
+        model, cfg, data, err, match = tiny_net(), PTQConfig(kv_cache_dtype="int8"), None, TypeError, "PreTrainedModel"
+    else:
+        model = _build("llama")
+        cfg = PTQConfig(act_dtype="int8", act_granularity="per_tensor", kv_cache_dtype="int8")
+        data, err, match = _calib(), ValueError, "'flex_attention' is not supported"
+        if case == "flex_attention":
+            model.config._attn_implementation = "flex_attention"
+        else:
+            cfg = PTQConfig(kv_cache_dtype="int8", kv_granularity="per_channel")
+            data, match = [], "calib_data is empty"
+    types, state = [type(m) for m in model.modules()], copy.deepcopy(model.state_dict())
+    with pytest.raises(err, match=match):
+        quantize(model, cfg, data, quiet=True)
+    assert _same(model, types, state) and not hasattr(model, "ptqrt_config")
+
+
+@pytest.mark.parametrize("kv", [False, True], ids=["w8a8_static", "kv_static"])
+def test_batch_encoding_is_one_calibration_batch(kv):
+    """A tokenizer's output (BatchEncoding: a Mapping, not a dict) is one input, as a dict is."""
+    from transformers import BatchEncoding
+
+    from ptqrt.modules.kv_cache import KVCacheQuant
+
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cfg = PTQConfig(kv_cache_dtype="int8", kv_granularity="per_channel") if kv else \
+        PTQConfig(act_dtype="int8", act_granularity="per_tensor")
+    a = quantize(_build("llama"), cfg, dict(sample), quiet=True)
+    b = quantize(_build("llama"), cfg, BatchEncoding(sample), quiet=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert any(isinstance(m, KVCacheQuant if kv else QuantLinear) for m in b.modules())

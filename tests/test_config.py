@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ptqrt import PTQConfig
@@ -27,6 +29,19 @@ def test_defaults_are_w8a16_per_channel():
     (dict(gptq_act_order=True), "gptq_act_order"),
     (dict(skip="("), "skip"),
     (dict(layer_policies={"a": 3}), "layer_policies"),
+    # options that would do nothing
+    (dict(act_granularity="per_tensor"), "act_granularity='per_tensor' .* needs act_dtype='int8'"),
+    (dict(kv_granularity="per_channel"), "kv_granularity='per_channel' .* needs kv_cache_dtype='int8'"),
+    (dict(act_dtype="int8", outliers="smooth", smooth_alpha=True), "smooth_alpha=True"),
+    (dict(layer_policies={re.compile("fc1"): PTQConfig()}), "layer_policies: keys must be regex strings"),
+    (dict(layer_policies={"fc1": PTQConfig(skip=["fc1"])}),
+     r"layer_policies\['fc1'\]\.skip=\['fc1'\] would be ignored"),
+    (dict(layer_policies={"fc1": PTQConfig(kv_cache_dtype="int8")}),
+     r"\['fc1'\]\.kv_cache_dtype='int8' would be ignored"),
+    (dict(kv_cache_dtype="int8", layer_policies={"fc1": {"kv_cache_dtype": "int8", "kv_granularity": "per_channel"}}),
+     r"\['fc1'\]\.kv_cache_dtype='int8' would be ignored"),
+    (dict(layer_policies={"fc": PTQConfig(layer_policies={"fc1": PTQConfig()})}),
+     r"\['fc'\]\.layer_policies=.* would be ignored"),
 ])
 def test_invalid_combinations_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -54,3 +69,14 @@ def test_dict_round_trip():
     assert PTQConfig.from_dict(d) == c
     with pytest.raises(ValueError, match="unknown fields"):
         PTQConfig.from_dict({**d, "bits": 4})
+    for bad in (["act_dtype"], {**d, "layer_policies": ["fc2"]}, {**d, "layer_policies": {"fc2": 3}}):
+        with pytest.raises(ValueError, match="dict"):
+            PTQConfig.from_dict(bad)
+
+
+def test_policy_keeps_model_wide_defaults():
+    """A policy that leaves the model-wide fields alone is fine, whatever the top level sets."""
+    c = PTQConfig(act_dtype="int8", skip=["lm_head", "fc3"], kv_cache_dtype="int8", kv_granularity="per_channel",
+                  layer_policies={"fc1": PTQConfig(act_dtype="int8", act_granularity="per_tensor", outliers="smooth",
+                                                   smooth_alpha=1)})
+    assert c.for_layer("blocks.0.fc1").smooth_alpha == 1 and c.for_layer("blocks.0.fc2") is c

@@ -37,3 +37,12 @@ def test_calibration_never_sees_heldout():
         held = f.read()
     for w in evaluate.calib_windows(8):
         assert bytes(w["input_ids"][0, 1:].tolist()) not in held
+
+
+def test_unknown_rows_are_refused_before_loading(monkeypatch):
+    def load():
+        raise AssertionError("loaded the model before checking `only`")
+
+    monkeypatch.setattr(evaluate.tiny_lm, "load_tiny_lm", load)
+    with pytest.raises(ValueError, match=r"unknown rows \['nosuchrow'\]; choose from \['W8A16', 'W8A8 dynamic'"):
+        evaluate.run(quick=True, only=["W8A16", "nosuchrow"], quiet=True)

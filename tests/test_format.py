@@ -135,3 +135,128 @@ def test_missing_description_and_unquantized_model(tmp_path):
         load_quantized(tiny_net(), tmp_path)
     with pytest.raises(ValueError, match="quantize"):
         save_quantized(tiny_net(), tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------- dtype casts after quantize
+CAST_CONFIGS = {
+    "w8a16": PTQConfig(),
+    "w8a16_g16": PTQConfig(weight_granularity="per_group", group_size=16),
+    "w8a8_dynamic": PTQConfig(act_dtype="int8"),
+    "w8a8_static_smooth": PTQConfig(act_dtype="int8", act_granularity="per_tensor", outliers="smooth"),
+}
+CASTS = {"half": lambda m: m.half(), "bfloat16": lambda m: m.bfloat16(), "to_float16": lambda m: m.to(torch.float16)}
+SCALES = ("weight_scale", "input_scale", "smooth_scale")
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@pytest.mark.parametrize("name", CAST_CONFIGS)
+def test_dtype_cast_after_quantize_keeps_scales_float32_and_round_trips(tmp_path, name, cast):
+    """model.half() / .bfloat16() / .to(dtype) after quantize: the bias and float tensors follow the cast,
+    every scale stays float32 (the ops read float32 scales), forward runs and the save loads back."""
+    q = CASTS[cast](quantize(tiny_net(), CAST_CONFIGS[name], calib(), quiet=True))
+    dtype = q.embed.weight.dtype
+    assert dtype in (torch.float16, torch.bfloat16)
+    qlins = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    scales = [getattr(m, s) for m in qlins for s in SCALES if getattr(m, s) is not None]
+    assert scales and all(t.dtype == torch.float32 for t in scales)
+    assert all(m.bias.dtype == dtype for m in qlins if m.bias is not None)
+    if name == "w8a8_static_smooth":  # fc2 follows a ReLU, not a norm: its smoothing stays in the module
+        assert q.blocks[0].fc2.smooth_scale is not None and q.blocks[0].fc1.input_scale is not None
+    ids = calib()[0]
+    out = q(ids)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    save_quantized(q, tmp_path)
+    loaded = load_quantized(CASTS[cast](tiny_net(seed=4)), tmp_path)
+    assert torch.equal(loaded(ids), out)
+
+
+def test_dtype_cast_moves_scales_with_the_device():
+    q = quantize(tiny_net(), PTQConfig(act_dtype="int8", act_granularity="per_tensor"), calib(), quiet=True)
+    fc1 = q.blocks[0].fc1
+    q.to(device="meta", dtype=torch.float16)
+    assert fc1.weight_scale.device.type == "meta" and fc1.weight_scale.dtype == torch.float32
+    assert fc1.input_scale.device.type == "meta" and fc1.bias.dtype == torch.float16
+    q = quantize(tiny_net(), PTQConfig(), quiet=True)
+    scale = q.blocks[0].fc1.weight_scale.clone()
+    q.half().float()
+    assert torch.equal(q.blocks[0].fc1.weight_scale, scale)  # never rounded through float16
+
+
+# ----------------------------------------------------------------------------- refused before any change
+def _edit_description(d, edit):
+    p = d / "quantization_description.json"
+    desc = json.loads(p.read_text())
+    edit(desc)
+    p.write_text(json.dumps(desc))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(field_of_a_newer_ptqrt=1), "unknown fields"),
+    (lambda c: c.update(group_size=-1), "group_size=-1"),
+    (lambda c: c.update(layer_policies={"fc1": {"skip": ["fc1"]}}), "would be ignored"),
+], ids=["unknown_field", "bad_value", "ignored_policy_field"])
+def test_config_section_refused_before_the_model_changes(tmp_path, edit, match):
+    _, d = _packed(tmp_path)
+    _edit_description(d, lambda desc: edit(desc["config"]))
+    model = tiny_net(seed=9)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FormatError, match=rf"quantization_description.json: the 'config' section .*{match}"):
+        load_quantized(model, d)
+    assert _untouched(model, before)
+    _edit_description(d, lambda desc: desc.update(config=["W8A8"]))
+    with pytest.raises(FormatError, match="'config' section is damaged"):
+        load_quantized(model, d)
+    assert _untouched(model, before)
+
+
+FC1 = "blocks.0.fc1"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda desc: desc["modules"][FC1].pop("in_features"), f"module '{FC1}' is damaged: 'in_features' is missing"),
+    (lambda desc: desc["modules"][FC1].pop("has_smooth"), f"module '{FC1}' is damaged: 'has_smooth' is missing"),
+    (lambda desc: desc["modules"][FC1].update(in_features="48"), "in_features must be a positive int; got '48'"),
+    (lambda desc: desc["modules"][FC1].update(mode="W4A16"), "mode must be one of .*; got 'W4A16'"),
+    (lambda desc: desc["modules"][FC1].update(bias_dtype="float99"), "bias_dtype must name a torch float dtype"),
+    (lambda desc: desc["modules"][FC1].update(bias_dtype="int8"), "bias_dtype must name a torch float dtype"),
+    (lambda desc: desc["modules"][FC1].update(kind="conv"), f"module '{FC1}' has kind 'conv'"),
+    (lambda desc: desc["modules"].update({FC1: "linear"}), f"module '{FC1}' is damaged: expected a dict"),
+    (lambda desc: desc["modules"][FC1].update(group_size=16), f"a module entry is damaged .*group_size=16"),
+    (lambda desc: desc.update(aliases=["lm_head.weight"]), "'aliases' section is damaged"),
+    (lambda desc: desc.update(files={"model.safetensors": None}), "'files' section is damaged"),
+    (lambda desc: desc["parameters"].update({"embed.weight": "FLOAT"}), "tensor 'embed.weight' in 'parameters'"),
+], ids=["no_in_features", "no_has_smooth", "str_in_features", "unknown_mode", "unknown_dtype", "int_bias_dtype",
+        "unknown_kind", "entry_not_dict", "group_size_with_w8a8", "aliases_list", "files_value", "parameter_entry"])
+def test_damaged_description_is_refused_naming_module_and_file(tmp_path, edit, match):
+    _, d = _packed(tmp_path)
+    _edit_description(d, edit)
+    model = tiny_net(seed=9)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FormatError, match=rf"quantization_description.json.*{match}"):
+        load_quantized(model, d)
+    assert _untouched(model, before)
+
+
+# ----------------------------------------------------------------------------- a model on the meta device
+def test_load_into_a_meta_model_materializes_it_on_the_cpu(tmp_path):
+    q, d = _packed(tmp_path)
+    with torch.device("meta"):
+        fresh = tiny_net()
+    loaded = load_quantized(fresh, d)
+    tensors = list(loaded.state_dict().values()) + list(loaded.buffers())
+    assert {t.device.type for t in tensors} == {"cpu"}
+    assert loaded.lm_head.weight is loaded.embed.weight  # the tie is one tensor still
+    for (n1, t1), (n2, t2) in zip(sorted(q.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+    assert torch.equal(loaded(calib()[0]), q(calib()[0]))
+
+
+def test_meta_model_with_an_unsaved_buffer_is_refused(tmp_path):
+    _, d = _packed(tmp_path)
+    with torch.device("meta"):
+        fresh = tiny_net()
+        fresh.blocks[1].register_buffer("table", torch.ones(4), persistent=False)  # e.g. a rotary table
+    with pytest.raises(FormatError, match=r"'blocks.1.table' of the model is on the meta device"):
+        load_quantized(fresh, d)
+    assert not any(isinstance(m, QuantLinear) for m in fresh.modules())
+    assert all(t.is_meta for t in fresh.state_dict().values())

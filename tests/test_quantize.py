@@ -136,7 +136,7 @@ def test_repeat_calls_go_direct_until_the_module_changes(name, monkeypatch):
     assert calls == []
     with pytest.raises(TypeError, match="dtype"):
         q(x.double())  # a new key: the ops' checks refuse float64
-    q.double()  # float64 scales and bias now: refused by the ops, not run by the kernels
+    q.double()  # a float64 bias now (the scales stay float32): refused by the ops, not run by the kernels
     with pytest.raises(TypeError, match="dtype"):
         q(x)
     replace = (lambda q, t: setattr(q, "weight_scale", t), lambda q, t: q.register_buffer("weight_scale", t),

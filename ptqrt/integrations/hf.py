@@ -431,8 +431,10 @@ def _previous_impl(model: nn.Module) -> str:
 
 # ============================================================================ finding layers
 def _require_hf(model, fn: str) -> None:
+    """fn: the caller, a function of this module ("reattach") or a qualified name ("ptqrt.quantize")."""
+    where = fn if "." in fn else f"ptqrt.integrations.hf.{fn}"
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(f"ptqrt.integrations.hf.{fn}: needs a transformers PreTrainedModel; got "
+        raise TypeError(f"{where}: needs a transformers PreTrainedModel; got "
                         f"{type(model).__name__}. The int8 KV cache plugs into transformers' Cache and attention "
                         f"interfaces, so other models have to call ptqrt.ops.kv_cache_append / "
                         f"int8_kv_decode_attention themselves")
@@ -627,6 +629,38 @@ def _wire(model: nn.Module, prev: str) -> None:
         model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
 
 
+def check_int8_kv_cache(model: nn.Module, fn: str = "apply_int8_kv_cache") -> tuple[str, dict]:
+    """Raise (TypeError / ValueError / NotImplementedError) unless `model` can take the int8 KV cache: a
+    decoder-only transformers PreTrainedModel with "sdpa" or "eager" attention and attention modules
+    that carry a layer_idx. Changes nothing; returns (attention implementation, attention_modules).
+    quantize() calls it before calibrating or swapping anything."""
+    _require_hf(model, fn)
+    prev = _previous_impl(model)
+    mods = attention_modules(model)
+    if not mods:
+        raise ValueError(f"{fn}: found no attention module with a layer_idx in {type(model).__name__}")
+    return prev, mods
+
+
+def check_reattach(model: nn.Module, layers: Mapping[str, int]) -> None:
+    """Raise (TypeError / ValueError / NotImplementedError) unless reattach(model) will succeed once
+    a KVCacheQuant is set at each name of `layers` ({"<attention module>.kv_quant": layer_idx}, as
+    load_quantized reads them from a packed directory). Changes nothing."""
+    _, mods = check_int8_kv_cache(model, "reattach")
+    if not layers:
+        raise ValueError(f"reattach: no KVCacheQuant to attach to {type(model).__name__}")
+    by_name = {name: idx for idx, (name, _) in mods.items()}
+    for name, idx in layers.items():
+        parent, _, child = name.rpartition(".")
+        if child != CHILD or parent not in by_name:
+            some = sorted(by_name)
+            raise ValueError(f"reattach: {name!r} is not the '{CHILD}' child of an attention module of "
+                             f"{type(model).__name__} (its attention modules: {some[:3]}"
+                             f"{' ...' if len(some) > 3 else ''})")
+        if by_name[parent] != idx:
+            raise ValueError(f"reattach: {name} was built for layer_idx {idx}, but {parent} is layer {by_name[parent]}")
+
+
 def apply_int8_kv_cache(model: nn.Module, granularity: str, calib_data=None, quiet: bool = False) -> nn.Module:
     """Give a transformers decoder-only model an int8 KV cache, in place; returns the model.
 
@@ -636,14 +670,9 @@ def apply_int8_kv_cache(model: nn.Module, granularity: str, calib_data=None, qui
     of positional args, or dict of kwargs; a dict's 2-D attention_mask leaves padding out), needed
     for per_channel. The attention implementation must be "sdpa" or "eager".
     """
-    _require_hf(model, "apply_int8_kv_cache")
     if granularity not in GRANULARITIES:
         raise ValueError(f"apply_int8_kv_cache: granularity must be one of {GRANULARITIES}; got {granularity!r}")
-    prev = _previous_impl(model)
-    mods = attention_modules(model)
-    if not mods:
-        raise ValueError(f"apply_int8_kv_cache: found no attention module with a layer_idx in "
-                         f"{type(model).__name__}")
+    prev, mods = check_int8_kv_cache(model)
     stats = {}
     if granularity == "per_channel":
         if calib_data is None:
@@ -703,4 +732,4 @@ def remove_int8_kv_cache(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["Int8KVCache", "Int8KVLayer", "apply_int8_kv_cache", "reattach", "remove_int8_kv_cache",
-           "attention_modules", "calibrate_kv"]
+           "attention_modules", "calibrate_kv", "check_int8_kv_cache", "check_reattach"]

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import ops
 from ..reference import absmax_scale
+from .scales import keep_float32
 
 GRANULARITIES = ("per_token", "per_channel")
 
@@ -33,7 +34,8 @@ class KVCacheQuant(nn.Module):
     """How one attention layer's KV cache is quantized; attached as ``<attention module>.kv_quant``.
 
     Buffers (per_channel only; per_token has none):
-      k_scale, v_scale  float32 [num_kv_heads, head_dim]   calibrated absmax / 127 (0 -> 1)
+      k_scale, v_scale  float32 [num_kv_heads, head_dim]   calibrated absmax / 127 (0 -> 1); they stay
+                        float32 through the model's dtype casts (.half()) and follow its device moves
     """
 
     def __init__(self, granularity: str, num_kv_heads: int, head_dim: int, layer_idx: int, device=None) -> None:
@@ -67,6 +69,9 @@ class KVCacheQuant(nn.Module):
         q.k_scale.copy_(absmax_scale(k_absmax))
         q.v_scale.copy_(absmax_scale(v_absmax))
         return q
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keep_float32(fn, self, ("k_scale", "v_scale")), recurse)
 
     def describe(self) -> dict:
         """What the packed format records for this module (enough to rebuild it empty)."""

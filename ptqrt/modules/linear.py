@@ -6,6 +6,9 @@ Buffers (all persistent, saved by save_quantized):
   bias          original float dtype [N], optional
   input_scale   float32 [1]                         W8A8 (static) only: calibrated absmax / 127
   smooth_scale  float32 [K], optional               SmoothQuant factors not folded into a norm: x / s
+
+A dtype cast of the model (.half(), .to(torch.bfloat16)) casts the bias and leaves the scales float32
+(they still follow device moves): the ops read float32 scales.
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from torch import nn
 from .. import ops
 from ..config import PTQConfig
 from ..reference import absmax_scale, quantize_weight
+from .scales import keep_float32
 
 MODES = ("W8A16", "W8A8", "W8A8_DYNAMIC")
+SCALES = ("weight_scale", "input_scale", "smooth_scale")  # float32 whatever the model dtype
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -143,6 +148,9 @@ class QuantLinear(nn.Module):
         return (x2.dtype, x2.device, ops.get_backend(), self.mode, self.group_size) + tuple(
             None if t is None else (id(t), t.dtype, t.device) for t in tensors)
 
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keep_float32(fn, self, SCALES), recurse)
+
     def __setstate__(self, state) -> None:  # unpickling a module saved before `_checked` existed
         super().__setstate__(state)
         self.__dict__.setdefault("_checked", set())
@@ -174,9 +182,12 @@ class QuantLinear(nn.Module):
 def prepack(model: nn.Module) -> int:
     """Packs the W8A8 QuantLinear weights of `model` that live on the CPU into the `cpu` backend's
     kernel layout now (at load time), instead of on each weight's first call; call it after the
-    weights are loaded. Weights made under `torch.inference_mode()` (which calls never cache: they
-    have no version counter to show an in-place write) are packed too, as snapshots: write one in
-    place afterwards and call `prepack` again. Returns how many weights the backend's cache now
+    weights are loaded. Each weight is packed afresh, replacing any copy already cached. The cache
+    sees an in-place write to a weight through its version counter and repacks on the next call;
+    writes that bypass the counter (through `.data`, a numpy view of the weight) are not seen, so
+    call `prepack` again after them. Weights made under `torch.inference_mode()` (which calls never
+    cache: they have no version counter) are packed too, as snapshots: write one in place afterwards
+    and call `prepack` again. Returns how many weights the backend's cache now
     holds packed: 0 where another backend runs them (`set_backend`), the extension is unavailable,
     the CPU takes the scalar path, or the cache is off (`PTQRT_CPU_PACK_MB=0`) or full."""
     if ops.get_backend() not in ("auto", "cpu"):
