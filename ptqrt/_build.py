@@ -3,8 +3,10 @@
 Order: an ahead-of-time build installed with the package (``PTQRT_BUILD_EXT=1 pip install .`` gives
 ``ptqrt._C_cpu`` / ``ptqrt._C_cuda``), else a just-in-time ninja build into a cache folder keyed by a
 hash of the sources, flags and torch version. A file lock makes concurrent processes wait for one
-build; a folder without its completion marker (a crash mid-build) is wiped and rebuilt. A failed
-build prints one message and returns None, so the `auto` backend falls back to `reference`.
+build; a folder without its completion marker (a crash mid-build), or whose library no longer has
+the size and SHA-256 the marker recorded (truncated or damaged since: loading it could kill the
+process with SIGBUS), is wiped and rebuilt. A failed build prints one message, with the compiler's
+first error, and returns None, so the `auto` backend falls back to `reference`.
 
 The compiled libraries register their ops with TORCH_LIBRARY under ``ptqrt_cpu`` / ``ptqrt_cuda``.
 """
@@ -14,7 +16,9 @@ import fcntl
 import glob
 import hashlib
 import importlib
+import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -107,11 +111,49 @@ def lib_name(kind: str) -> str:
 
 
 def _aot(kind: str) -> Optional[str]:
+    """The ahead-of-time build's path, loaded; None where there is none, or where a source is newer
+    than it (an in-place build in a checkout whose csrc/ was edited since: the just-in-time build of
+    the current sources is used instead, and this says so). Checked before the import, which would
+    register the stale library's ops for good."""
+    import importlib.util
+
     try:
-        mod = importlib.import_module(f"ptqrt._C_{kind}")
-        return mod.__file__
+        spec = importlib.util.find_spec(f"ptqrt._C_{kind}")
     except ImportError:
         return None
+    if spec is None or not spec.origin:
+        return None
+    built = os.path.getmtime(spec.origin)
+    newer = [p for p in sources(kind) + headers(kind) if p.stat().st_mtime > built]
+    if newer:
+        warnings.warn(f"ptqrt: the ahead-of-time {kind} extension {spec.origin} is older than {newer[0]}"
+                      f"{f' and {len(newer) - 1} more sources' if len(newer) > 1 else ''}; using a just-in-time "
+                      f"build of the current sources instead", RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        return importlib.import_module(f"ptqrt._C_{kind}").__file__
+    except ImportError:
+        return None
+
+
+def _fingerprint(so: Path) -> dict:
+    h = hashlib.sha256()
+    with open(so, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"library": so.name, "bytes": so.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _finished(so: Path, done: Path) -> bool:
+    """Whether `done` marks a finished build whose library is still the one it recorded (a marker
+    from before fingerprints, or a library truncated or damaged since, is not)."""
+    if not (done.exists() and so.exists()):
+        return False
+    try:
+        recorded = json.loads(done.read_text())
+    except ValueError:
+        return False
+    return isinstance(recorded, dict) and recorded.get("bytes") == so.stat().st_size and recorded == _fingerprint(so)
 
 
 def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
@@ -145,13 +187,13 @@ def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
     try:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then reuse its result
-        if done.exists() and so.exists():
+        if _finished(so, done):
             torch.ops.load_library(str(so))
         elif not allow_build:
             raise RuntimeError(f"PTQRT_NO_BUILD=1 forbids a just-in-time build, and {build_dir} holds no "
                                "finished build of these sources")
         else:
-            shutil.rmtree(build_dir, ignore_errors=True)  # stale or half-written: start clean
+            shutil.rmtree(build_dir, ignore_errors=True)  # stale, half-written or damaged: start clean
             build_dir.mkdir(parents=True)
             os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
             from torch.utils import cpp_extension
@@ -159,7 +201,7 @@ def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
             cpp_extension.load(name=lib_name(kind), sources=[str(s) for s in srcs],
                                build_directory=str(build_dir), is_python_module=False,
                                verbose=verbose, **_flags(kind))
-            done.write_text(str(so))
+            done.write_text(json.dumps(_fingerprint(so)))
     finally:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -193,9 +235,20 @@ def load(kind: str) -> Optional[str]:
                 raise RuntimeError("no CUDA device is visible")
             path = _jit(kind, verbose=False, allow_build=os.environ.get("PTQRT_NO_BUILD", "0") != "1")
     except Exception as e:  # noqa: BLE001 -- any build failure means: fall back, say why once
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"ptqrt: the {kind} extension is unavailable ({first}); falling back to the next "
+        warnings.warn(f"ptqrt: the {kind} extension is unavailable ({_first_error(e)}); falling back to the next "
                       f"backend. Run `ptqrt build --{kind}` to see the full build log.", RuntimeWarning, stacklevel=3)
         path = None
     _loaded[kind] = path
     return path
+
+
+def _first_error(e: Exception) -> str:
+    """The line of a failure that says what went wrong: a build's message starts with ninja's command
+    lines, so the compiler's (or linker's) first error line is taken where there is one."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    for ln in lines[1:]:
+        if re.search(r"(^|[\s:])(fatal )?error\b", ln, re.IGNORECASE) and not ln.startswith("FAILED:"):
+            return ln[:300]
+    return lines[0][:300]
