@@ -53,7 +53,7 @@ struct Cache {
   std::mutex mu;
   // By address, layout and shape: a weight and a view of its leading rows (a fused QKV weight and its
   // Q part) start at one address and are cached side by side.
-  std::map<std::tuple<const void*, int, std::vector<int64_t>>, Entry> entries;
+  std::map<std::tuple<const void*, int, int64_t, int64_t>, Entry> entries;  // (address, layout, N, K)
   int64_t bytes = 0;
   int64_t budget = -1;  // read from the environment on first use
   uint32_t lookups = 0;
@@ -88,13 +88,14 @@ bool same_weight(const Entry& e, const at::Tensor& w) {
 
 at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
                          const std::function<void(const at::Tensor& w, int8_t* dst)>& pack, bool snapshot) {
+  TORCH_CHECK(w.dim() == 2, "ptqrt_cpu: the packed-weight cache takes [N, K] weights; got ", w.sizes());
   if (!w.has_storage()) return at::Tensor();
   const bool inference = w.is_inference();
   // The version the copy is made from, read before packing: a write that lands while it is being
   // packed bumps the weight's version past it, so the next call repacks.
   const int64_t version = inference ? -1 : static_cast<int64_t>(w._version());
   Cache& c = cache();
-  const auto key = std::make_tuple(static_cast<const void*>(w.data_ptr()), layout, w.sizes().vec());
+  const auto key = std::make_tuple(static_cast<const void*>(w.data_ptr()), layout, w.size(0), w.size(1));
   uint64_t generation;
   {
     std::lock_guard<std::mutex> lock(c.mu);

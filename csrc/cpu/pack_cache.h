@@ -26,7 +26,7 @@
 
 namespace ptqrt_cpu {
 
-// The packed copy of w (contiguous) in `layout` (a kernel's tag; `bytes` long, written by `pack`),
+// The packed copy of w (contiguous, [N, K]) in `layout` (a kernel's tag; `bytes` long, written by `pack`),
 // or an undefined tensor when it is not cached (budget; an inference tensor that was not packed by
 // `snapshot`). snapshot (pack_weight, at load time): packed afresh even where a copy is cached (an
 // inference tensor's is then kept without a version check). Thread-safe; the packing itself runs
