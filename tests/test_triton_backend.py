@@ -437,9 +437,9 @@ def test_decode_nan_reaches_the_output(monkeypatch, splits, hq):
 
 @cpu_only
 def test_decode_fp16_gqa_small_v_scales(monkeypatch):
-    """GQA on tensor-core dots in fp16 with dynamic V scales near 1e-3: p * v_scale goes to the dot
-    relative to the tile's largest scale, so it stays out of fp16's subnormals (there the error was
-    17x the output's own rounding; now within 2x)."""
+    """GQA on tensor-core dots in fp16 with V near 1e-3 (dynamic scales near 1e-5): p * v_scale goes
+    to the dot times 64, out of fp16's subnormals (there the error was 17x the output's own rounding;
+    now within 2x)."""
     _uses_triton("int8_kv_decode_attention", "cpu", 1)
     monkeypatch.setitem(kv_mod.INTERPRET, "NUM_SPLITS", 1)
     torch.manual_seed(0)
@@ -644,6 +644,33 @@ def test_bench_gpu_variants_set_their_switch_per_call(monkeypatch):
     x, w_q = torch.randn(2, 32), torch.randint(-127, 128, (16, 32), dtype=torch.int8)
     y = impls["triton-x"]["w8a16_gemm"](x, w_q, torch.rand(16) + 0.1, None, 0)
     assert y.shape == (2, 16)
+
+
+def test_bench_gpu_arguments_are_checked_before_anything_is_measured(monkeypatch, capsys):
+    """`python -m ptqrt.bench_gpu`: an unknown op or backend, and a machine without a GPU, end it with
+    one line and status 2 before the ceilings are measured (with a GPU faked for the first two)."""
+    from ptqrt import bench_gpu
+
+    def measured(*a, **k):
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(bench_gpu, "measure_ceilings", measured)
+    monkeypatch.setattr(bench_gpu, "flush_probe", measured)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for argv, match in ((["--backends", "triton,tritn"], "unknown backends ['tritn']; choose from reference, cpu, "),
+                        (["--ops", "w8a8_gemm,gemm"], "unknown ops ['gemm']; choose from w8a8_gemm")):
+        with pytest.raises(SystemExit) as e:
+            bench_gpu.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("python -m ptqrt.bench_gpu: error: ") and match in err, err
+        with pytest.raises(ValueError, match="unknown"):
+            bench_gpu.run_gpu_bench(**({"backends": ("tritn",)} if "--backends" in argv else {"ops": ["gemm"]}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench_gpu.main(["--quick"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "error: the GPU benchmarks need a CUDA device, and none is visible" in err
 
 
 def test_bench_cuda_targets(capsys):
