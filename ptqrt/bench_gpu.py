@@ -713,22 +713,35 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
     """Benchmark `ops` (default: all) of each backend against the peers on the current CUDA device;
     print a table, write JSON/CSV (and a PNG with plot=True) to out_dir, return the rows. `flush`:
     how the L2 is flushed before each timed call (FLUSHES; module docstring)."""
-    if flush not in FLUSHES:
-        raise ValueError(f"ptqrt bench: flush must be one of {FLUSHES}; got {flush!r}")
+    ops = check_args(ops, backends, flush)
     if not torch.cuda.is_available():
         raise RuntimeError("ptqrt bench: the GPU benchmarks need a CUDA device")
     with _flush_as(flush):
         return _run(ops, quick, plot, out_dir, backends)
 
 
+def check_args(ops: Optional[Iterable[str]], backends: Iterable[str], flush: str) -> tuple:
+    """The ops to run (all for None or empty); ValueError for an unknown op, backend or flush, before
+    anything is measured."""
+    from . import ops as _ops
+
+    if flush not in FLUSHES:
+        raise ValueError(f"flush must be one of {FLUSHES}; got {flush!r}")
+    ops = tuple(ops) if ops else ALL_OPS
+    unknown = set(ops) - set(ALL_OPS)
+    if unknown:
+        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {', '.join(ALL_OPS)}")
+    known = _ops.BACKENDS + tuple(VARIANTS)
+    unknown = [b for b in backends if b not in known]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; choose from {', '.join(known)}")
+    return ops
+
+
 def _run(ops, quick, plot, out_dir, backends) -> list[dict]:
     import triton
 
     device = torch.device("cuda", torch.cuda.current_device())
-    ops = tuple(ops) if ops else ALL_OPS
-    unknown = set(ops) - set(ALL_OPS)
-    if unknown:
-        raise ValueError(f"ptqrt bench: unknown ops {sorted(unknown)}; choose from {', '.join(ALL_OPS)}")
     shapes = QUICK if quick else dict(gemm_nk=GEMM_NK, gemm_m=GEMM_M, decode_bl=DECODE_BL + DECODE_GQA, quant_mk=QUANT_MK,
                                       append_t=APPEND_T)
     meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__,
@@ -779,7 +792,7 @@ def _run(ops, quick, plot, out_dir, backends) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="ptqrt GPU kernel benchmarks")
+    ap = argparse.ArgumentParser(prog="python -m ptqrt.bench_gpu", description="ptqrt GPU kernel benchmarks")
     ap.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     ap.add_argument("--quick", action="store_true", help="a subset that runs in about a minute")
     ap.add_argument("--plot", action="store_true", help="also draw a PNG (needs matplotlib)")
@@ -791,8 +804,16 @@ def main(argv=None) -> int:
                     help="L2 flush before each timed call: read a 256 MB buffer (default; the L2 is left "
                          "clean) or write it (do_bench's own; its write-back is billed to the call)")
     a = ap.parse_args(argv)
-    run_gpu_bench([o for o in a.ops.split(",") if o] or None, a.quick, a.plot, a.out_dir,
-                  tuple(b for b in a.backends.split(",") if b), a.flush)
+    ops = [o for o in a.ops.split(",") if o] or None
+    backends = tuple(b for b in a.backends.split(",") if b)
+    try:  # bad arguments and a missing GPU: one line and status 2, before anything is measured
+        check_args(ops, backends, a.flush)
+        if not torch.cuda.is_available():
+            raise ValueError("the GPU benchmarks need a CUDA device, and none is visible (`ptqrt bench --cpu` "
+                             "times the CPU backend)")
+    except ValueError as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
+    run_gpu_bench(ops, a.quick, a.plot, a.out_dir, backends, a.flush)
     return 0
 
 

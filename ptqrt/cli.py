@@ -214,18 +214,48 @@ def cmd_demo(a) -> int:
     return 0
 
 
+# `ptqrt bench --backend` values that run on CPU tensors only: they select the CPU suite on a GPU machine too.
+CPU_SUITE_BACKENDS = ("reference", "cpu")
+
+
+def _bench_suite(a) -> str:
+    """The suite `ptqrt bench` runs for these arguments, "gpu" or "cpu". Refuses (ValueError) an
+    argument that suite would ignore, before anything is timed or the backend is changed."""
+    import os
+
+    import torch
+
+    if a.cpu or a.backend in CPU_SUITE_BACKENDS or not torch.cuda.is_available():
+        why = ("--cpu" if a.cpu else f"--backend {a.backend}" if a.backend in CPU_SUITE_BACKENDS
+               else "no CUDA device is visible")
+        if a.plot:
+            raise ValueError(f"--plot draws the GPU suite's results; the CPU suite ({why}) has no plot")
+        if a.flush:
+            raise ValueError(f"--flush sets the GPU suite's L2 flush; the CPU suite ({why}) has none")
+        if a.backend == "cuda" or (a.backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1"):
+            raise ValueError(f"--backend {a.backend} cannot run the CPU suite ({why}): it times CPU tensors, which "
+                             f"{a.backend} runs {'only under TRITON_INTERPRET=1' if a.backend == 'triton' else 'not at all'}")
+        return "cpu"
+    given = [flag for flag, v in (("--m", a.m), ("--nk", a.nk)) if v]
+    if given:
+        raise ValueError(f"{' and '.join(given)} set the CPU suite's shapes; the GPU suite times fixed shapes "
+                         f"(ptqrt.bench_gpu.GEMM_M, GEMM_NK); add --cpu for the CPU suite")
+    return "gpu"
+
+
 def cmd_bench(a) -> int:
     import torch
 
     from . import bench, ops
 
+    suite = _bench_suite(a)
     if a.backend:
         ops.set_backend(a.backend)
-    if torch.cuda.is_available() and not a.cpu:
+    if suite == "gpu":
         from . import bench_gpu
 
-        backends = tuple(b for b in ("triton", "cuda") if a.backend in (None, "auto", b)) or ("triton",)
-        bench_gpu.run_gpu_bench(quick=a.quick, plot=a.plot, out_dir=a.out, backends=backends, flush=a.flush)
+        backends = ("triton", "cuda") if a.backend in (None, "auto") else (a.backend,)
+        bench_gpu.run_gpu_bench(quick=a.quick, plot=a.plot, out_dir=a.out, backends=backends, flush=a.flush or "read")
         return 0
     ms = a.m or ((1, 16) if a.quick else bench.DEFAULT_MS)
     nks = a.nk or (((1024, 1024),) if a.quick else bench.DEFAULT_NK)
@@ -249,6 +279,7 @@ def cmd_tune(a) -> int:
 
     from . import tune
 
+    tune.op_names(a.ops)  # a bad --ops is refused before the GPU is looked for
     if not torch.cuda.is_available():
         raise ValueError("needs a CUDA GPU: it times the triton and cuda kernels on the GPU whose dispatch table "
                          "it writes, and none is visible")
@@ -310,20 +341,21 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("bench", help="time the selected backend's ops against their float peers")
-    b.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"])
-    b.add_argument("--m", type=_positive_ints, help="comma-separated M values (CPU)")
-    b.add_argument("--nk", type=_shapes, help="comma-separated NxK shapes, e.g. 4096x4096 (CPU)")
+    b.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"],
+                   help="the backend timed; reference and cpu run the CPU suite, also on a GPU machine")
+    b.add_argument("--m", type=_positive_ints, help="comma-separated M values (CPU suite only)")
+    b.add_argument("--nk", type=_shapes, help="comma-separated NxK shapes, e.g. 4096x4096 (CPU suite only)")
     b.add_argument("--quick", action="store_true", help="a small subset")
     b.add_argument("--cpu", action="store_true", help="the CPU suite even when a GPU is present")
-    b.add_argument("--plot", action="store_true", help="draw the GPU results to a PNG")
+    b.add_argument("--plot", action="store_true", help="draw the GPU results to a PNG (GPU suite only)")
     b.add_argument("--out", default="bench/results")
-    b.add_argument("--flush", choices=("read", "write"), default="read",
-                   help="GPU: the L2 flush before each timed call: read do_bench's buffer (default; leaves "
-                        "the L2 clean) or write it (do_bench's own; the write-back is billed to the call)")
+    b.add_argument("--flush", choices=("read", "write"),
+                   help="GPU suite only: the L2 flush before each timed call: read do_bench's buffer (default; "
+                        "leaves the L2 clean) or write it (do_bench's own; the write-back is billed to the call)")
     b.set_defaults(fn=cmd_bench)
 
     t = sub.add_parser("tune", help="time every backend per op and M-bucket on this GPU; write the auto table")
-    t.add_argument("--ops", nargs="*", help="ops to tune (default: all)")
+    t.add_argument("--ops", nargs="+", help="ops to tune (default: all)")
     t.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     t.add_argument("--mode", choices=("eager", "kernel"), default="eager",
                    help="eager: back-to-back eager calls, launch cost included (default); "

@@ -3,19 +3,29 @@
 `ptqrt tune` measures every backend and writes one JSON file per GPU name into the table folder
 ($PTQRT_TABLE_DIR, default ~/.cache/ptqrt/tables). Without one, a table tuned for that GPU name and
 shipped in ptqrt/data/tables/ is used, else the default ptqrt/data/dispatch_default.json.
-Format: {"device": name, "ops": {op: {bucket: backend}}}.
+Format: {"device": name, "ops": {op: {bucket: backend}}}. A file that cannot be read, or is not a table
+for this GPU (`check_table`: device name, op names, M-bucket keys, backend names), is skipped with one
+warning, and the next in that order is used.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 DEFAULT = Path(__file__).parent / "data" / "dispatch_default.json"
 SHIPPED = Path(__file__).parent / "data" / "tables"
+# Backends a table may name: those that run CUDA tensors ("reference" when neither compiled one loaded).
+TABLE_BACKENDS = ("triton", "cuda", "reference")
+_warned: set = set()
+
+
+class TableError(ValueError):
+    """A dispatch table file that cannot be used: the message names the file and what is wrong."""
 
 
 def table_dir() -> Path:
@@ -40,17 +50,62 @@ def current_gpu_name() -> str | None:
     return None
 
 
-def load_table() -> dict:
-    """{op: {bucket (str): backend}} for the current GPU: tuned here if present, else shipped for this
-    GPU name, else the shipped default."""
+def check_table(data, device_name: str | None) -> str | None:
+    """What is wrong with a parsed table file, or None when `_auto_chain` can read it for `device_name`
+    (None: any device, as for the shipped default): a dict {"device": name, "ops": {op: {bucket: backend}}}
+    with known op names, the bucket keys of ops.M_BUCKETS and backend names a CUDA tensor can use."""
+    from . import ops
+
+    if not isinstance(data, dict) or not isinstance(data.get("ops"), dict):
+        return 'not a JSON object with an "ops" object'
+    if device_name is not None and data.get("device") != device_name:
+        return f"it was tuned for device {data.get('device')!r}, not this GPU ({device_name!r})"
+    buckets = {str(b) for b in ops.M_BUCKETS}
+    for op, row in data["ops"].items():
+        if op not in ops.OP_NAMES:
+            return f"unknown op {op!r} (ops: {', '.join(ops.OP_NAMES)})"
+        if not isinstance(row, dict):
+            return f"ops[{op!r}] is {type(row).__name__}, not an object {{bucket: backend}}"
+        for b, backend in row.items():
+            if b not in buckets:
+                return f"ops[{op!r}] has the unknown M-bucket {b!r} (buckets: {', '.join(sorted(buckets, key=int))})"
+            if backend not in TABLE_BACKENDS:
+                return f"ops[{op!r}][{b!r}] is {backend!r}, not one of {', '.join(TABLE_BACKENDS)}"
+    return None
+
+
+def read_table(path: Path, device_name: str | None) -> dict:
+    """{op: {bucket: backend}} of the table file at `path`; TableError naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TableError(f"dispatch table {path} cannot be read ({e})") from None
+    problem = check_table(data, device_name)
+    if problem:
+        raise TableError(f"dispatch table {path} is unusable: {problem}")
+    return data["ops"]
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def load_table(tuned: bool = True) -> dict:
+    """{op: {bucket (str): backend}} for the current GPU: tuned here if present (and `tuned`), else
+    shipped for this GPU name, else the shipped default, else {} (the built-in order, triton first). A
+    file that cannot be read, or is not a table for this GPU (`check_table`), is skipped with one
+    warning naming it and what is wrong; the next in that order is used. An op or bucket the table
+    lacks takes the built-in order."""
     name = current_gpu_name()
-    for path in ([table_path(name), shipped_path(name)] if name else []) + [DEFAULT]:
+    candidates = ([(table_path(name), name)] if name and tuned else []) + ([(shipped_path(name), name)] if name else [])
+    for path, device in candidates + [(DEFAULT, None)]:
         if path.is_file():
             try:
-                data = json.loads(path.read_text())
-                return data["ops"]
-            except (ValueError, KeyError) as e:
-                raise RuntimeError(f"ptqrt: dispatch table {path} is damaged ({e}); delete it or rerun `ptqrt tune`")
+                return read_table(path, device)
+            except TableError as e:
+                _warn_once(f"ptqrt: {e}; using the next table (rerun `ptqrt tune` to replace it)")
     return {}
 
 

@@ -32,10 +32,23 @@ OP_NAMES = ("quantize_per_token", "quantize_per_tensor", "w8a8_gemm", "w8a16_gem
 M_BUCKETS = (1, 16, 64, 256, 1024, 4096, 1 << 62)
 
 _lock = threading.Lock()
-_backend = os.environ.get("PTQRT_BACKEND", "auto").strip().lower() or "auto"
 _cache: dict = {}
 _warned: set = set()
 _table: Optional[dict] = None
+
+
+def _backend_from_env() -> tuple[Optional[str], str]:
+    """(backend, "") from PTQRT_BACKEND (unset or empty: "auto"), or (None, why) for a value that names
+    no backend: importing ptqrt must not fail on it, the first get_backend() or op call raises `why`."""
+    text = os.environ.get("PTQRT_BACKEND", "")
+    name = text.strip().lower() or "auto"
+    if name in ("auto",) + BACKENDS:
+        return name, ""
+    return None, (f"PTQRT_BACKEND must be one of {', '.join(('auto',) + BACKENDS)} (or unset); got {text!r}. "
+                  f"Fix or unset it, or call ptqrt.set_backend(...)")
+
+
+_backend, _backend_error = _backend_from_env()
 
 
 # ----------------------------------------------------------------------------- backend providers
@@ -45,40 +58,40 @@ def _triton_interpret() -> bool:
 
 def _provider(backend: str, device: torch.device) -> Optional[dict]:
     """{op_name: callable} that `backend` offers on `device`, or None when it cannot run there."""
+    return _load(backend, device)[0]
+
+
+def _load(backend: str, device: torch.device) -> tuple[Optional[dict], str]:
+    """(`_provider`'s answer, "") or (None, why `backend` cannot run on `device`, for the fallback warning)."""
     if backend == "reference":
-        return {name: getattr(ref, name) for name in OP_NAMES}
-    if backend == "cpu":
-        if device.type != "cpu":
-            return None
+        return {name: getattr(ref, name) for name in OP_NAMES}, ""
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return None, f"it runs on {backend.upper()} tensors only"
         from . import _build
-        if _build.load("cpu") is None:
-            return None
-        ns = torch.ops.ptqrt_cpu
-        return {name: getattr(ns, name) for name in OP_NAMES if hasattr(ns, name)}
-    if backend == "cuda":
-        if device.type != "cuda":
-            return None
-        from . import _build
-        if _build.load("cuda") is None:
-            return None
-        ns = torch.ops.ptqrt_cuda
-        return {name: getattr(ns, name) for name in OP_NAMES if hasattr(ns, name)}
+        if _build.load(backend) is None:
+            return None, (f"its {backend} extension is unavailable (it failed to build or load; "
+                          f"`ptqrt build --{backend}` shows why)")
+        ns = getattr(torch.ops, f"ptqrt_{backend}")
+        return {name: getattr(ns, name) for name in OP_NAMES if hasattr(ns, name)}, ""
     if backend == "triton":
-        if not (device.type == "cuda" or (device.type == "cpu" and _triton_interpret())):
-            return None
+        if device.type == "cpu" and not _triton_interpret():
+            return None, "it runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return None, "it runs on CUDA tensors (and CPU ones under TRITON_INTERPRET=1) only"
         try:
             from . import kernels
         except ImportError as e:  # triton missing or broken: fall back, said once
             _warn_once(("triton-import",), f"ptqrt: the triton backend is unavailable ({e})")
-            return None
-        return dict(getattr(kernels, "OPS", {}))
+            return None, f"triton failed to import ({e})"
+        return dict(getattr(kernels, "OPS", {})), ""
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _warn_once(key, msg: str) -> None:
+def _warn_once(key, msg: str, stacklevel: int = 4) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
 
 def _dispatch_table() -> dict:
@@ -110,35 +123,56 @@ def resolve(op: str, device: torch.device, m: int = 1) -> tuple[str, Callable]:
     if hit is not None:
         return hit
     with _lock:
+        forced = get_backend()
         chain = _auto_chain(op, device, m)
-        if _backend != "auto":
-            chain = [_backend] + [b for b in chain if b != _backend]
+        if forced != "auto":
+            chain = [forced] + [b for b in chain if b != forced]
+        why = ""
         for i, name in enumerate(chain):
-            impls = _provider(name, device)
+            impls, reason = _load(name, device)
+            if i == 0:
+                why = reason
             if impls and op in impls:
-                if i > 0 and _backend != "auto":
-                    _warn_once((_backend, op, device.type),
-                               f"ptqrt: backend {_backend!r} has no {op} for {device.type} tensors; "
-                               f"using {name!r} instead")
+                if i > 0 and forced != "auto":
+                    _warn_fallback(forced, op, device, why, name)
                 _cache[key] = (name, impls[op])
                 return _cache[key]
     raise RuntimeError(f"ptqrt: no backend can run {op} on {device}")  # unreachable: reference runs anywhere
 
 
+def _warn_fallback(forced: str, op: str, device: torch.device, why: str, used: str) -> None:
+    """The one warning for a forced backend that does not run `op`: once per (backend, device type)
+    when the backend cannot run there at all (`why`), once per op when it runs there but lacks `op`."""
+    if why:
+        _warn_once((forced, device.type),
+                   f"ptqrt: backend {forced!r} cannot run ops on {device.type} tensors: {why}; they fall back "
+                   f"to the next backend that can ({used!r} for {op})", stacklevel=5)
+    else:
+        _warn_once((forced, device.type, op),
+                   f"ptqrt: backend {forced!r} has no {op} for {device.type} tensors; using {used!r} instead",
+                   stacklevel=5)
+
+
 def set_backend(name: str) -> None:
     """Force one backend for every op ("reference", "cpu", "triton", "cuda"), or "auto" (per op,
-    device and M from the dispatch table). A backend that lacks an op falls back, with one warning.
-    The environment variable PTQRT_BACKEND sets the initial value."""
-    global _backend
+    device and M from the dispatch table). A backend that cannot run on a device, or lacks an op, falls
+    back to the next one, with one warning. The environment variable PTQRT_BACKEND sets the initial
+    value (case-insensitive); one that names no backend does not stop `import ptqrt`, but the first
+    `get_backend()` or op call then raises ValueError naming it, until set_backend is called."""
+    global _backend, _backend_error
     name = str(name).strip().lower()
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"set_backend: backend must be one of {', '.join(('auto',) + BACKENDS)}; got {name!r}")
     with _lock:
-        _backend = name
+        _backend, _backend_error = name, ""
         _cache.clear()
 
 
 def get_backend() -> str:
+    """The backend set by set_backend or PTQRT_BACKEND ("auto" by default). Raises ValueError naming
+    PTQRT_BACKEND when its value names no backend and set_backend has not been called since."""
+    if _backend is None:
+        raise ValueError(_backend_error)
     return _backend
 
 

@@ -4,6 +4,7 @@ fastest.
     tune(ops=None, quick=False, mode="eager") -> Path   measure, write the table, make ptqrt.ops use it now
     decide(timings, default="triton", tie=0.0) -> {op: {str(bucket): backend}}     the pure decision
     write(timings, device_name) -> Path      decide + dispatch_table.write_table + reset
+    op_names(ops) -> list                    the ops to time (None: all); empty or unknown refused
 
 Two ways to time, at one representative shape per op and bucket (mode=...):
   "eager" (default)  milliseconds per call of back-to-back eager calls, host launch cost included
@@ -68,14 +69,30 @@ def decide(timings: Mapping[str, Mapping[int, Mapping[str, Optional[float]]]], d
 def write(timings: Mapping, device_name: str, default: str = "triton", tie: float = 0.0,
           extra: Optional[dict] = None) -> Path:
     """Decide, merge over the table in use for the ops not timed, write it for `device_name`, and make
-    ptqrt.ops read it from now on."""
+    ptqrt.ops read it from now on. A damaged table tuned here before is replaced, with a warning."""
     table = decide(timings, default=default, tie=tie)
-    current = dispatch_table.load_table() if dispatch_table.current_gpu_name() == device_name else {}
+    current = _table_in_use(device_name)
     merged = {**{op: dict(row) for op, row in current.items()}, **table}
     raw = {op: {str(b): dict(v) for b, v in per.items()} for op, per in timings.items()}
     path = dispatch_table.write_table(device_name, merged, extra={"timings_ms": raw, **(extra or {})})
     _ops.reset_dispatch_table()
     return path
+
+
+def _table_in_use(device_name: str) -> dict:
+    """The rows `write` keeps for the ops it did not time: the table in use on this GPU, {} on another.
+    A table tuned here that cannot be read, or is not for this GPU, is replaced (with a warning) rather
+    than losing the timings just taken: the shipped table's rows stand in for it."""
+    if dispatch_table.current_gpu_name() != device_name:
+        return {}
+    path = dispatch_table.table_path(device_name)
+    if path.is_file():
+        try:
+            return dispatch_table.read_table(path, device_name)
+        except dispatch_table.TableError as e:
+            warnings.warn(f"ptqrt.tune: {e}; replacing it (the ops not timed now take the shipped table's choice)",
+                          RuntimeWarning, stacklevel=3)
+    return dispatch_table.load_table(tuned=False)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -157,19 +174,29 @@ def _time_eager(fn: Callable, arg_sets: list, quick: bool, target_ms: float = 2.
     return float(statistics.median(times))
 
 
+def op_names(ops: Optional[Iterable[str]]) -> list:
+    """The ops to time: all for None; an empty or unknown selection is refused (an empty one would
+    rewrite the table without timing anything)."""
+    names = list(ops) if ops is not None else list(_ops.OP_NAMES)
+    if not names:
+        raise ValueError(f"ptqrt.tune: ops is empty; name at least one of {', '.join(_ops.OP_NAMES)} "
+                         f"(or pass None for all)")
+    unknown = [n for n in names if n not in _ops.OP_NAMES]
+    if unknown:
+        raise ValueError(f"ptqrt.tune: unknown ops {unknown}; choose from {', '.join(_ops.OP_NAMES)}")
+    return names
+
+
 def tune(ops: Optional[Iterable[str]] = None, quick: bool = False, mode: str = "eager") -> Path:
     """Measure every available backend of every op (or of `ops`) per M-bucket on the current GPU,
     write the dispatch table for this GPU and return its path. Needs a CUDA GPU. mode: "eager"
     (back-to-back eager calls, launch cost included) or "kernel" (do_bench, L2 flushed)."""
     if mode not in MODES:
         raise ValueError(f"ptqrt.tune: mode must be one of {', '.join(MODES)}; got {mode!r}")
+    names = op_names(ops)
     if not torch.cuda.is_available():
         raise RuntimeError("ptqrt.tune needs a CUDA GPU: it times the triton and cuda kernels on the device "
                            "whose dispatch table it writes, and no CUDA device is visible")
-    names = list(ops) if ops is not None else list(_ops.OP_NAMES)
-    unknown = [n for n in names if n not in _ops.OP_NAMES]
-    if unknown:
-        raise ValueError(f"ptqrt.tune: unknown ops {unknown}; choose from {', '.join(_ops.OP_NAMES)}")
     device = torch.device("cuda")
     providers = {b: _ops._provider(b, device) for b in CANDIDATES}
     providers = {b: p for b, p in providers.items() if p}
@@ -203,4 +230,4 @@ def tune(ops: Optional[Iterable[str]] = None, quick: bool = False, mode: str = "
     return write(timings, torch.cuda.get_device_name(), extra=extra)
 
 
-__all__ = ["tune", "decide", "write", "bucket_ms", "make_inputs", "copies_for", "CANDIDATES", "MODES"]
+__all__ = ["tune", "decide", "write", "op_names", "bucket_ms", "make_inputs", "copies_for", "CANDIDATES", "MODES"]

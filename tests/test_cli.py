@@ -162,3 +162,70 @@ def test_inspect_reports_the_int8_kv_cache(tmp_path, capsys, llama_dir):
     total = next(ln for ln in lines if ln.startswith("total")).split()[1]
     to_int = lambda t: int(t.replace(",", ""))  # noqa: E731
     assert to_int(total) == to_int(quantized) + to_int(floats) + 512
+
+
+# ----------------------------------------------------------------------------- bench / tune: no argument ignored
+@pytest.fixture
+def bench_spy(monkeypatch, tmp_path):
+    """cmd_bench with both suites stubbed: records which one ran, with what. `gpu(True)` fakes a GPU."""
+    from ptqrt import bench, bench_gpu, ops
+
+    seen = {}
+
+    def cpu_suite(ms, nks):
+        seen["cpu"] = dict(ms=ms, nks=nks, backend=ops.get_backend())
+        return [{"op": "w8a16_gemm", "backend": ops.get_backend(), "M": ms[0], "N": nks[0][0], "K": nks[0][1],
+                 "ms": 1.0, "fp32_linear_ms": 1.0, "speedup_vs_fp32": 1.0}]
+
+    monkeypatch.setattr(bench, "bench_linear_ops", cpu_suite)
+    monkeypatch.setattr(bench_gpu, "run_gpu_bench", lambda **kw: seen.setdefault("gpu", kw))
+    seen["gpu_present"] = lambda present: monkeypatch.setattr(torch.cuda, "is_available", lambda: present)
+    seen["out"] = ["--out", str(tmp_path)]
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bench_cpu_only_backend_runs_the_cpu_suite_on_a_gpu_machine(bench_spy, backend):
+    bench_spy["gpu_present"](True)
+    assert main(["bench", "--backend", backend, "--m", "3", "--nk", "64x96"] + bench_spy["out"]) == 0
+    assert "gpu" not in bench_spy and bench_spy["cpu"] == dict(ms=(3,), nks=((64, 96),), backend=backend)
+
+
+@pytest.mark.parametrize("argv, backends", [([], ("triton", "cuda")), (["--backend", "auto"], ("triton", "cuda")),
+                                            (["--backend", "cuda"], ("cuda",)), (["--backend", "triton"], ("triton",))])
+def test_bench_gpu_suite_gets_the_backend_plot_and_flush(bench_spy, argv, backends):
+    bench_spy["gpu_present"](True)
+    assert main(["bench", "--plot", "--quick"] + argv + bench_spy["out"]) == 0
+    kw = bench_spy["gpu"]
+    assert kw["backends"] == backends and kw["plot"] and kw["quick"] and kw["flush"] == "read" and "cpu" not in bench_spy
+    del bench_spy["gpu"]
+    assert main(["bench", "--flush", "write"] + argv + bench_spy["out"]) == 0
+    assert bench_spy["gpu"]["flush"] == "write" and not bench_spy["gpu"]["plot"]
+
+
+@pytest.mark.parametrize("gpu, argv, match", [
+    (True, ["--m", "1,16"], r"--m set the CPU suite's shapes; the GPU suite times fixed shapes .* add --cpu"),
+    (True, ["--nk", "64x64", "--backend", "cuda"], "--nk set the CPU suite's shapes"),
+    (True, ["--cpu", "--plot"], r"--plot draws the GPU suite's results; the CPU suite \(--cpu\) has no plot"),
+    (True, ["--backend", "cpu", "--flush", "write"], r"--flush sets the GPU suite's L2 flush; the CPU suite \(--backend cpu\)"),
+    (False, ["--plot"], r"the CPU suite \(no CUDA device is visible\) has no plot"),
+    (False, ["--backend", "cuda"], r"--backend cuda cannot run the CPU suite \(no CUDA device is visible\)"),
+    (True, ["--cpu", "--backend", "cuda"], r"--backend cuda cannot run the CPU suite \(--cpu\)"),
+], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_bench_refuses_an_argument_its_suite_would_ignore(bench_spy, capsys, gpu, argv, match):
+    from ptqrt import ops
+
+    bench_spy["gpu_present"](gpu)
+    _refused(capsys, ["bench"] + argv + bench_spy["out"], "bench", match)
+    assert "gpu" not in bench_spy and "cpu" not in bench_spy and ops.get_backend() == "auto"
+
+
+def test_tune_refuses_an_empty_ops_list(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "--ops"])
+    assert e.value.code == 2 and "argument --ops: expected at least one argument" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the order of the refusals without a GPU")
+def test_tune_refuses_unknown_ops_before_looking_for_a_gpu(capsys):
+    _refused(capsys, ["tune", "--ops", "w8a8_gemm", "gemm"], "tune", r"unknown ops \['gemm'\]")

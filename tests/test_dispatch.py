@@ -1,0 +1,225 @@
+"""The backend chooser around the kernels: PTQRT_BACKEND, the `auto` dispatch table (read, checked,
+replaced by the tuner), and the fallback warnings of a forced backend. CPU only: a GPU name is faked
+where the table is read for one, as the tuner tests in test_cuda_backend.py do."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from ptqrt import dispatch_table, ops, tune
+
+GPU = "Fake GPU 80GB"
+CUDA = torch.device("cuda")
+
+
+# ------------------------------------------------------------------------------------------ PTQRT_BACKEND
+def _env_backend(monkeypatch, value: str) -> None:
+    """ptqrt.ops as if imported with PTQRT_BACKEND=value."""
+    monkeypatch.setenv("PTQRT_BACKEND", value)
+    backend, error = ops._backend_from_env()
+    monkeypatch.setattr(ops, "_backend", backend)
+    monkeypatch.setattr(ops, "_backend_error", error)
+    ops._cache.clear()
+
+
+def test_bad_ptqrt_backend_is_refused_at_first_use_naming_the_variable(monkeypatch):
+    _env_backend(monkeypatch, "cuBLAS")
+    match = r"PTQRT_BACKEND must be one of auto, reference, cpu, triton, cuda.*'cuBLAS'"
+    with pytest.raises(ValueError, match=match):
+        ops.get_backend()
+    with pytest.raises(ValueError, match=match):
+        ops.quantize_per_token(torch.randn(2, 8))
+    ops.set_backend("reference")  # set_backend replaces the bad value
+    assert ops.get_backend() == "reference" and ops.backend_for("w8a8_gemm", "cpu") == "reference"
+
+
+@pytest.mark.parametrize("value, expected", [(" Reference ", "reference"), ("", "auto"), ("CPU", "cpu")])
+def test_ptqrt_backend_is_case_and_space_insensitive(monkeypatch, value, expected):
+    _env_backend(monkeypatch, value)
+    assert ops.get_backend() == expected
+
+
+def test_bad_ptqrt_backend_does_not_stop_import():
+    env = {**os.environ, "PTQRT_BACKEND": "cuBLAS"}
+    code = ("import ptqrt\ntry:\n    ptqrt.get_backend()\nexcept ValueError as e:\n    print('refused:', e)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "refused: PTQRT_BACKEND must be one of" in out.stdout, out.stderr
+
+
+# ------------------------------------------------------------------------------------------ dispatch table
+def _cuda_rows(backend: str) -> dict:
+    return {op: {str(b): backend for b in ops.M_BUCKETS} for op in ops.OP_NAMES}
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """A faked GPU whose tuned-table folder and shipped-table folder are empty temporary ones."""
+    monkeypatch.setenv("PTQRT_TABLE_DIR", str(tmp_path / "tuned"))
+    monkeypatch.setattr(dispatch_table, "SHIPPED", tmp_path / "shipped")
+    monkeypatch.setattr(dispatch_table, "current_gpu_name", lambda: GPU)
+    dispatch_table.table_dir().mkdir()
+    dispatch_table.SHIPPED.mkdir()
+    ops.reset_dispatch_table()
+    yield
+    monkeypatch.undo()
+    ops.reset_dispatch_table()
+
+
+BAD_TABLES = {
+    "top-level list": ("[]", 'not a JSON object with an "ops" object'),
+    "ops a list": (json.dumps({"device": GPU, "ops": ["w8a8_gemm"]}), 'not a JSON object with an "ops" object'),
+    "row a string": (json.dumps({"device": GPU, "ops": {"w8a8_gemm": "triton"}}),
+                     r"ops\['w8a8_gemm'\] is str, not an object"),
+    "another GPU": (json.dumps({"device": "NVIDIA A10", "ops": {"w8a8_gemm": {"1": "triton"}}}),
+                    "tuned for device 'NVIDIA A10', not this GPU"),
+    "no device": (json.dumps({"ops": {"w8a8_gemm": {"1": "triton"}}}), "tuned for device None"),
+    "old buckets": (json.dumps({"device": GPU, "ops": {"w8a8_gemm": {"8": "triton", "32": "triton"}}}),
+                    r"unknown M-bucket '8' \(buckets: 1, 16, 64"),
+    "unknown backend": (json.dumps({"device": GPU, "ops": {"w8a8_gemm": {"1": "cutlass"}}}),
+                        r"ops\['w8a8_gemm'\]\['1'\] is 'cutlass', not one of triton, cuda, reference"),
+    "unknown op": (json.dumps({"device": GPU, "ops": {"w4a16_gemm": {"1": "triton"}}}), "unknown op 'w4a16_gemm'"),
+    "truncated": ('{"device": "Fake GPU 80GB", "ops": {"w8a8_gemm": {"1": "cu', "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_unusable_tuned_table_warns_once_and_the_shipped_one_is_used(tables, case):
+    text, problem = BAD_TABLES[case]
+    path = dispatch_table.table_path(GPU)
+    path.write_text(text)
+    dispatch_table.shipped_path(GPU).write_text(json.dumps({"device": GPU, "ops": _cuda_rows("cuda")}))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert ops._auto_chain("w8a8_gemm", CUDA, 1) == ["cuda", "triton", "reference"]
+        ops.reset_dispatch_table()
+        assert ops._auto_chain("w8a16_gemm", CUDA, 100) == ["cuda", "triton", "reference"]
+    assert len(rec) == 1, [str(r.message) for r in rec]
+    msg = str(rec[0].message)
+    assert str(path) in msg and re.search(problem, msg), msg
+
+
+def test_unusable_shipped_table_falls_back_to_the_default(tables):
+    dispatch_table.shipped_path(GPU).write_text(json.dumps({"device": GPU, "ops": {"w8a8_gemm": ["cuda"]}}))
+    with pytest.warns(RuntimeWarning, match=r"shipped/Fake_GPU_80GB.json is unusable: ops\['w8a8_gemm'\] is list"):
+        table = dispatch_table.load_table()
+    assert table == json.loads(dispatch_table.DEFAULT.read_text())["ops"]
+
+
+def test_unusable_default_table_gives_the_built_in_order(tables, tmp_path, monkeypatch):
+    monkeypatch.setattr(dispatch_table, "DEFAULT", tmp_path / "default.json")
+    dispatch_table.DEFAULT.write_text('{"ops": 3}')
+    with pytest.warns(RuntimeWarning, match="default.json is unusable"):
+        assert dispatch_table.load_table() == {}
+    assert ops._auto_chain("w8a8_gemm", CUDA, 1) == ["triton", "cuda", "reference"]
+
+
+def test_a_table_may_leave_out_ops_and_buckets(tables):
+    """A partial table (hand-edited, or from before an op existed) is valid: what it lacks takes the
+    built-in order, triton first."""
+    dispatch_table.write_table(GPU, {"w8a8_gemm": {"1": "cuda"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops._auto_chain("w8a8_gemm", CUDA, 1)[0] == "cuda"
+        assert ops._auto_chain("w8a8_gemm", CUDA, 17)[0] == "triton"
+        assert ops._auto_chain("w8a16_gemm", CUDA, 1)[0] == "triton"
+
+
+def test_shipped_tables_are_valid():
+    for path in sorted(dispatch_table.SHIPPED.glob("*.json")):
+        data = json.loads(path.read_text())
+        assert dispatch_table.check_table(data, data["device"]) is None, path
+        assert dispatch_table.shipped_path(data["device"]) == path
+    assert dispatch_table.check_table(json.loads(dispatch_table.DEFAULT.read_text()), None) is None
+
+
+def test_tune_write_replaces_a_damaged_table(tables):
+    """The timings just taken are written; the ops not timed take the shipped table's rows."""
+    path = dispatch_table.table_path(GPU)
+    path.write_text('{"device": "Fake GPU 80GB", "ops": {')
+    dispatch_table.shipped_path(GPU).write_text(json.dumps({"device": GPU, "ops": _cuda_rows("cuda")}))
+    with pytest.warns(RuntimeWarning, match=r"Fake_GPU_80GB.json cannot be read .*; replacing it"):
+        assert tune.write({"w8a8_gemm": {1: {"triton": 0.01, "cuda": 0.02}}}, GPU) == path
+    data = json.loads(path.read_text())
+    assert data["ops"]["w8a8_gemm"] == {"1": "triton"} and data["ops"]["w8a16_gemm"] == _cuda_rows("cuda")["w8a16_gemm"]
+    assert dispatch_table.check_table(data, GPU) is None
+    assert ops._auto_chain("w8a8_gemm", CUDA, 1)[0] == "triton" and ops._auto_chain("w8a16_gemm", CUDA, 1)[0] == "cuda"
+
+
+def test_tune_write_replaces_another_gpus_table(tables):
+    path = dispatch_table.table_path(GPU)
+    path.write_text(json.dumps({"device": "NVIDIA A10", "ops": _cuda_rows("cuda")}))
+    with pytest.warns(RuntimeWarning, match="tuned for device 'NVIDIA A10'.*; replacing it"):
+        tune.write({"w8a8_gemm": {1: {"triton": 0.01}}}, GPU)
+    assert json.loads(path.read_text())["device"] == GPU
+
+
+@pytest.mark.parametrize("names, match", [([], "ops is empty"), (["w8a8_gemm", "gemm"], r"unknown ops \['gemm'\]")])
+def test_tune_refuses_an_empty_or_unknown_op_list_before_timing(names, match, monkeypatch):
+    """An empty list would rewrite the table without timing anything; refused before the GPU is looked for."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: (_ for _ in ()).throw(AssertionError("looked for a GPU")))
+    with pytest.raises(ValueError, match=match):
+        tune.tune(ops=names, quick=True)
+    assert tune.op_names(None) == list(ops.OP_NAMES)
+
+
+# ------------------------------------------------------------------------------------------ fallback warnings
+def _layer_calls(ms=(1, 3, 40)) -> None:
+    """quantize_per_token + w8a8_gemm + w8a16_gemm at three M-buckets on CPU tensors."""
+    w = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
+    for m in ms:
+        xq, xs = ops.quantize_per_token(torch.randn(m, 32))
+        ops.w8a8_gemm(xq, xs, w, torch.rand(8), None, torch.float32)
+        ops.w8a16_gemm(torch.randn(m, 32), w, torch.rand(8), None, 0)
+
+
+def _warnings_of(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fn()
+    return [str(r.message) for r in rec if issubclass(r.category, RuntimeWarning)]
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
+
+
+def test_forced_cpu_backend_whose_build_failed_warns_once_saying_so(fresh_warnings, monkeypatch):
+    from ptqrt import _build
+
+    monkeypatch.setattr(_build, "load", lambda kind: None)
+    ops.set_backend("cpu")
+    got = _warnings_of(_layer_calls)
+    assert len(got) == 1, got
+    assert "backend 'cpu' cannot run ops on cpu tensors: its cpu extension is unavailable" in got[0]
+    assert "ptqrt build --cpu" in got[0] and "has no" not in got[0]
+    assert ops.backend_for("w8a8_gemm", "cpu") == "reference"
+
+
+@pytest.mark.parametrize("backend, reason", [("cuda", "it runs on CUDA tensors only"),
+                                             ("triton", "it runs on CPU tensors only under TRITON_INTERPRET=1")])
+def test_forced_backend_that_cannot_run_on_cpu_tensors_warns_once(fresh_warnings, monkeypatch, backend, reason):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops.set_backend(backend)
+    got = _warnings_of(_layer_calls)
+    assert len(got) == 1 and f"backend {backend!r} cannot run ops on cpu tensors: {reason}" in got[0], got
+
+
+def test_forced_backend_that_lacks_an_op_warns_once_per_op(fresh_warnings, monkeypatch):
+    load = ops._load
+
+    def without_w8a16(backend, device):
+        impls, why = load(backend, device)
+        return ({k: v for k, v in impls.items() if k != "w8a16_gemm"} if backend == "reference" else impls), why
+
+    monkeypatch.setattr(ops, "_load", without_w8a16)
+    ops.set_backend("reference")
+    got = _warnings_of(_layer_calls)
+    assert len(got) == 1 and "backend 'reference' has no w8a16_gemm for cpu tensors; using 'cpu'" in got[0], got
