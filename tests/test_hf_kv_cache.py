@@ -398,6 +398,39 @@ def test_errors():
     assert not any(isinstance(m, KVCacheQuant) for m in model.modules())  # refused before any change
 
 
+def test_models_outside_the_attention_interface_are_refused():
+    """A decode step hands attention the new token's key only, and the cache's history reaches it
+    through transformers' attention interface: a model that computes attention itself (Bloom) would
+    attend over one key (generate crashed), and multi-head latent attention caches no K/V per head."""
+    torch.manual_seed(0)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)).eval()
+    with pytest.raises(NotImplementedError, match="computes attention itself"):
+        apply_int8_kv_cache(bloom, "per_token")
+    mla = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        max_position_embeddings=128)).eval()
+    with pytest.raises(NotImplementedError, match="latent attention"):
+        apply_int8_kv_cache(mla, "per_token")
+    assert not any(isinstance(m, KVCacheQuant) for m in list(bloom.modules()) + list(mla.modules()))
+
+
+def test_output_attentions_reach_every_decode_step():
+    """output_attentions=True: the decode steps take the dequantizing path, which returns weights (the
+    fused paged decode has none), so every step reports them as the float model does."""
+    model = make_model("llama", attn_implementation="eager")
+    model.config._attn_implementation = "eager"
+    ref = copy.deepcopy(model)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+              output_attentions=True)
+    shapes = [[[tuple(a.shape) for a in step] for step in m.generate(ids, **kw).attentions] for m in (ref, model)]
+    assert shapes[0] == shapes[1] and all(len(step) == 2 for step in shapes[1])
+
+
 def test_remove_restores_float_attention(calls):
     model = make_model("gpt2")
     apply_int8_kv_cache(model, "per_token")

@@ -394,8 +394,9 @@ def _make_attention(prev: str):
             delattr(key, _TAG)
         except AttributeError:
             pass
-        if (query.shape[2] == 1 and not kwargs.get("dropout") and query.shape[0] == layer.store.batch
-                and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS) and layer.mask_matches(attention_mask)):
+        if (query.shape[2] == 1 and not kwargs.get("dropout") and not kwargs.get("output_attentions")
+                and query.shape[0] == layer.store.batch and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS)
+                and layer.mask_matches(attention_mask)):
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = 1.0 / math.sqrt(query.shape[-1])
@@ -635,10 +636,20 @@ def check_int8_kv_cache(model: nn.Module, fn: str = "apply_int8_kv_cache") -> tu
     that carry a layer_idx. Changes nothing; returns (attention implementation, attention_modules).
     quantize() calls it before calibrating or swapping anything."""
     _require_hf(model, fn)
+    name = type(model).__name__
+    # A decode step hands the attention function the new token's key only; the cache's history reaches
+    # attention through transformers' attention interface. Models that run their own attention
+    # (Bloom, Falcon, MPT, XGLM) would attend over that one key.
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise NotImplementedError(f"{fn}: {name} computes attention itself, not through transformers' "
+                                  f"attention interface, which the int8 KV cache plugs into")
+    if getattr(model.config, "kv_lora_rank", None):  # multi-head latent attention: its cache is no K/V per head
+        raise NotImplementedError(f"{fn}: {name} uses multi-head latent attention (kv_lora_rank="
+                                  f"{model.config.kv_lora_rank}); the int8 KV cache stores keys and values per kv head")
     prev = _previous_impl(model)
     mods = attention_modules(model)
     if not mods:
-        raise ValueError(f"{fn}: found no attention module with a layer_idx in {type(model).__name__}")
+        raise ValueError(f"{fn}: found no attention module with a layer_idx in {name}")
     return prev, mods
 
 
