@@ -729,6 +729,27 @@ def test_int8_kv_decode_attention_nan(impl, kernel, monkeypatch):
             assert torch.equal(out.isnan().cpu(), expect.isnan().cpu()), (kernel, lens)
 
 
+def test_int8_kv_decode_attention_mma_fp16_small_v(impl, monkeypatch):
+    """PTQRT_CUDA_DECODE_MMA=1 in fp16 with |V| near 1e-3 (dynamic scales near 1e-5): P V's A operand
+    carries p * scale * 64, out of fp16's subnormals, so the error stays within 2x the output's own
+    rounding (without the factor: ~17x)."""
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "1")
+    dev = impl.device
+    torch.manual_seed(0)
+    nb, bs, n, hkv, d = 16, 16, 256, 1, 64
+    k, v = torch.randn(n, hkv, d), torch.randn(n, hkv, d) * 1e-3
+    kc, vc = torch.zeros(nb, bs, hkv, d, dtype=torch.int8), torch.zeros(nb, bs, hkv, d, dtype=torch.int8)
+    ks, vs = torch.zeros(nb, bs, hkv), torch.zeros(nb, bs, hkv)
+    ref.kv_cache_append(k, v, kc, vc, ks, vs, torch.arange(n))
+    bt, sl = torch.arange(nb, dtype=torch.int32)[None], torch.tensor([n], dtype=torch.int32)
+    q = torch.randn(1, 4, d).half()
+    args = [t.to(dev) for t in (q, kc, vc, ks, vs, bt, sl)]
+    out = impl("int8_kv_decode_attention", *args, 0.125).float().cpu()
+    expect = ref.int8_kv_decode_attention(q.float(), kc, vc, ks, vs, bt, sl, 0.125)
+    rounding = ((expect.half().float() - expect).norm() / expect.norm()).item()
+    assert ((out - expect).norm() / expect.norm()).item() < 2 * rounding
+
+
 # ------------------------------------------------------------------------------------------ unaligned storage
 def _offset_view(t: torch.Tensor, elems: int = 1) -> torch.Tensor:
     """A contiguous copy of t that starts `elems` elements into its storage (not 16-byte aligned)."""

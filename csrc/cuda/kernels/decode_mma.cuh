@@ -37,6 +37,11 @@ namespace cuda {
 constexpr int kMmaStages = 3;  // tiles per warp in the ring: one computed, two in flight
 constexpr int kMmaTile = 16;   // tokens a warp tile
 constexpr int kMmaRows = 16;   // query heads a CTA (the A operand's rows)
+// The factor P V carries in fp16 (see the A fragment below), and its inverse; 1 in bf16 (its exponent
+// range has no subnormal problem).
+template <typename T> constexpr float kPvScale = 1.f;
+template <> constexpr float kPvScale<__half> = 64.f;
+template <typename T> constexpr float kPvUnscale = 1.f / kPvScale<T>;
 
 // Ring bytes a warp and stage: K rows, V rows [kMmaTile][D], then k and v scales [kMmaTile] each.
 __host__ __device__ constexpr int decode_mma_stage_bytes(int d) { return kMmaTile * (2 * d + 8); }
@@ -204,8 +209,11 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a
       l[r] += ps[r];
     }
 
-    // P (times each token's V scale; 0 for dead tokens) as the A fragment of O += P V.
-    auto vscale = [&](int tok) { return (live_cur >> tok) & 1u ? sc[kMmaTile + tok] : 0.f; };
+    // P (times each token's V scale; 0 for dead tokens) as the A fragment of O += P V. In fp16 the
+    // products also carry kPvScale (64), which lifts p * scale out of fp16's subnormals when V is small
+    // (|V| ~ 1e-3: scales ~ 1e-5) and cannot overflow for V that fp16 holds (scale <= 516); O is scaled
+    // back once at the end (powers of two: exact).
+    auto vscale = [&](int tok) { return (live_cur >> tok) & 1u ? sc[kMmaTile + tok] * kPvScale<T> : 0.f; };
     const float v0 = vscale(2 * t), v1 = vscale(2 * t + 1), v8 = vscale(2 * t + 8), v9 = vscale(2 * t + 9);
     const uint32_t pa[4] = {pack_pair<T>(s[0][0] * v0, s[0][1] * v1), pack_pair<T>(s[0][2] * v0, s[0][3] * v1),
                             pack_pair<T>(s[1][0] * v8, s[1][1] * v9), pack_pair<T>(s[1][2] * v8, s[1][3] * v9)};
@@ -259,7 +267,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_mma_kernel(DecodeArgs a
     for (int c = 0; c < KEYB; ++c) {
       const int row = g + 8 * (e >> 1), dim = VB * (2 * t + (e & 1)) + 4 * c;
       *reinterpret_cast<float4*>(s_acc + at(warp, row, dim)) =
-          make_float4(o[4 * c][e], o[4 * c + 1][e], o[4 * c + 2][e], o[4 * c + 3][e]);
+          make_float4(o[4 * c][e] * kPvUnscale<T>, o[4 * c + 1][e] * kPvUnscale<T>, o[4 * c + 2][e] * kPvUnscale<T>,
+                      o[4 * c + 3][e] * kPvUnscale<T>);
     }
   if (t == 0) {
 #pragma unroll
