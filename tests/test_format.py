@@ -58,18 +58,21 @@ def _untouched(model, before):
         not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
+def _refused(d, match, model=None, **kw):
+    """load_quantized(model, d) raises FormatError matching `match` and leaves the model as it was."""
+    model = tiny_net(seed=9) if model is None else model
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FormatError, match=match):
+        load_quantized(model, d, **kw)
+    assert _untouched(model, before)
+
+
 def test_truncated_file_is_refused_and_nothing_loaded(tmp_path):
     _, d = _packed(tmp_path)
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    model = tiny_net(seed=9)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(FormatError, match="model.safetensors is damaged or truncated"):
-        load_quantized(model, d)
-    assert _untouched(model, before)
-    with pytest.raises(FormatError, match="model.safetensors cannot be read"):
-        load_quantized(model, d, verify=False)
-    assert _untouched(model, before)
+    _refused(d, "model.safetensors is damaged or truncated")
+    _refused(d, "model.safetensors cannot be read", verify=False)
 
 
 def test_unknown_version_is_refused(tmp_path):
@@ -98,11 +101,7 @@ def _rewrite(d, edit):
 def test_missing_tensor_named(tmp_path):
     _, d = _packed(tmp_path)
     _rewrite(d, lambda t: t.pop("blocks.1.fc1.weight_scale"))
-    model = tiny_net()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(FormatError, match=r"'blocks.1.fc1.weight_scale' is missing"):
-        load_quantized(model, d)
-    assert _untouched(model, before)
+    _refused(d, r"'blocks.1.fc1.weight_scale' is missing", tiny_net())
 
 
 def test_shape_mismatch_named(tmp_path):
@@ -198,15 +197,9 @@ def _edit_description(d, edit):
 def test_config_section_refused_before_the_model_changes(tmp_path, edit, match):
     _, d = _packed(tmp_path)
     _edit_description(d, lambda desc: edit(desc["config"]))
-    model = tiny_net(seed=9)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(FormatError, match=rf"quantization_description.json: the 'config' section .*{match}"):
-        load_quantized(model, d)
-    assert _untouched(model, before)
+    _refused(d, rf"quantization_description.json: the 'config' section .*{match}")
     _edit_description(d, lambda desc: desc.update(config=["W8A8"]))
-    with pytest.raises(FormatError, match="'config' section is damaged"):
-        load_quantized(model, d)
-    assert _untouched(model, before)
+    _refused(d, "'config' section is damaged")
 
 
 FC1 = "blocks.0.fc1"
@@ -230,11 +223,7 @@ FC1 = "blocks.0.fc1"
 def test_damaged_description_is_refused_naming_module_and_file(tmp_path, edit, match):
     _, d = _packed(tmp_path)
     _edit_description(d, edit)
-    model = tiny_net(seed=9)
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(FormatError, match=rf"quantization_description.json.*{match}"):
-        load_quantized(model, d)
-    assert _untouched(model, before)
+    _refused(d, rf"quantization_description.json.*{match}")
 
 
 # ----------------------------------------------------------------------------- a model on the meta device
