@@ -1,18 +1,35 @@
 """Calibration one block at a time: SmoothQuant / OSL smoothing, static scales and GPTQ.
 
-For a decoder model the blocks are its layers: the inputs of the first layer are captured once, then
-each layer is moved to the compute device, observed in float, quantized, and run again quantized to
-make the next layer's inputs — so one layer and its activations are on the device at a time (the
-rest stays where it is, e.g. on the CPU). Linears outside the layers (a pooler, an unskipped lm_head)
-are done afterwards with the whole model as the block. A model without a layer stack is one block.
+For a decoder model the blocks are its layers. One pass over the calibration data records the call
+(args and kwargs) the model makes to each layer: its own attention mask and position embeddings,
+which differ between sliding and full attention layers. Only layer 0 runs in that pass; the others
+are stood in for. Then each layer is moved to the compute device, observed in float, quantized, and
+run again quantized to make the next layer's inputs — so one layer and its activations are on the
+device at a time (the rest stays where it is, e.g. on the CPU). Layers always run without a KV cache.
+Linears outside the layers (a pooler, an unskipped lm_head) are done afterwards with the whole model
+as the block. A model without a layer stack is one block.
 
 Within a block, linears that read the same input tensor form a group (q/k/v, gate/up): they share
-one smoothing vector s. When that input is the output of a LayerNorm/RMSNorm read by nothing else,
-1/s is folded into the norm; otherwise QuantLinear divides its input by s inside the quantize op.
+one smoothing vector s. 1/s is folded into the LayerNorm/RMSNorm that produced that input when the
+norm runs once in the block, shares no parameter with another module, feeds nothing but the group,
+applies its weight in a form the fold knows (x̂·γ + β or x̂·(1 + γ) + β, found by probing the norm),
+and a trial fold leaves every output of the block unchanged. Otherwise QuantLinear divides its input
+by s inside the quantize op.
+
+A block changes only once every decision is made and every QuantLinear is built, and the model's
+parameters are never written but for a folded norm's: a linear's smoothed weight W·s is a copy, since
+the linear's Parameter may be tied to another module (GPT-2's lm_head and wte).
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import copy
+import math
+import sys
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,28 +38,47 @@ from torch import nn
 from .algorithms import gptq, osl, smoothquant
 from .calibrate import run_sample, to_device
 from .config import PTQConfig
-from .modules.linear import QuantLinear, linear_weight
+from .modules.linear import QuantLinear, is_quantizable, linear_weight
 from .observers import MinMaxObserver
 
-OSL_MAX_TOKENS = 2048  # calibration tokens kept per group for the α search
+OSL_MAX_TOKENS = 2048  # calibration tokens kept per group for the α search, spread over all samples
+CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")  # names across transformers versions
+NORM_OFFSETS = (0.0, 1.0)  # norms that scale by γ, and by (1 + γ)
 
 
 class _Captured(Exception):
     pass
 
 
+# ============================================================================ the layer stack
+def _config_layers(model: nn.Module) -> Optional[int]:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
+
+
 def decoder_layers(model: nn.Module, targets) -> Optional[tuple[str, nn.ModuleList]]:
-    """The longest ModuleList of same-class blocks that hold target linears (model.layers, h, layer...)."""
-    best = None
+    """The layer stack: the outermost ModuleList of distinct same-class blocks holding target linears.
+
+    A list as long as the model's config.num_hidden_layers comes first, then the shallowest (an MoE
+    layer's expert list is deeper, and may be longer), then the longest."""
+    n_layers = _config_layers(model)
+    found = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1:
-            if any(t.startswith(f"{name}.") for t in targets) and (best is None or len(mod) > len(best[1])):
-                best = (name, mod)
-    return best
+        if not (isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1
+                and len({id(m) for m in mod}) == len(mod) and not is_quantizable(mod[0])):
+            continue
+        if any(t.startswith(f"{name}.") for t in targets):
+            found.append(((len(mod) != n_layers, name.count("."), -len(mod)), name, mod))
+    if not found:
+        return None
+    _, name, mod = min(found, key=lambda f: f[0])
+    return name, mod
 
 
 def _as_call(sample) -> tuple[tuple, dict]:
-    from collections.abc import Mapping
     if isinstance(sample, Mapping):
         return (), dict(sample)
     if isinstance(sample, (tuple, list)):
@@ -50,55 +86,121 @@ def _as_call(sample) -> tuple[tuple, dict]:
     return (sample,), {}
 
 
-def _drop_caches(kwargs: dict) -> dict:
-    """Calibration never fills a KV cache: layers get past_key_values=None and use_cache=False."""
-    out = dict(kwargs)
-    for k in ("past_key_value", "past_key_values", "layer_past"):
-        if k in out:
-            out[k] = None
-    if "use_cache" in out:
-        out["use_cache"] = False
-    return out
+def _cache_types() -> tuple:
+    """transformers' Cache base class, once transformers is loaded (without it no model has one)."""
+    mod = sys.modules.get("transformers.cache_utils")
+    return (mod.Cache,) if mod is not None and hasattr(mod, "Cache") else ()
 
 
-@torch.no_grad()
-def capture_inputs(model: nn.Module, layer: nn.Module, calib_data, quiet: bool) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of `layer`'s forward for each calibration sample; stops each run there."""
-    from tqdm.auto import tqdm
-
-    from .calibrate import model_device
-
-    captured = []
-
-    def hook(_m, args, kwargs):
-        captured.append((args, _drop_caches(kwargs)))
-        raise _Captured
-
-    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    device = model_device(model)
-    try:
-        for sample in tqdm(calib_data, desc="capturing layer inputs", unit="sample", disable=quiet, leave=False):
-            try:
-                run_sample(model, to_device(sample, device))
-            except _Captured:
-                pass
-    finally:
-        h.remove()
-    return captured
+def _drop_caches(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Calibration never fills a KV cache: every transformers Cache among the arguments, whatever its
+    name or position (GPT-2 passes it positionally; its kwarg is `cache` since transformers 5.2x), and
+    whatever sits under a cache's known names becomes None; use_cache becomes False."""
+    types = _cache_types()
+    args = tuple(None if isinstance(a, types) else a for a in args)
+    kwargs = {k: None if k in CACHE_KWARGS or isinstance(v, types) else v for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 def _hidden(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """The hidden state in a layer's (or the model's) output: the tensor, or its first entry."""
+    while not isinstance(out, torch.Tensor):
+        if isinstance(out, Mapping) and out:
+            out = next(iter(out.values()))
+        elif isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        else:
+            raise TypeError(f"cannot find the hidden state in a block's output of type {type(out).__name__}")
+    return out
 
 
-def _with_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+def _with_hidden(call: tuple[tuple, dict], hidden) -> tuple[tuple, dict]:
     args, kwargs = call
     if args:
         return (hidden, *args[1:]), kwargs
+    if not kwargs:
+        raise ValueError("a layer was called without arguments: there is no hidden state to calibrate on")
     key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
     return args, {**kwargs, key: hidden}
 
 
+def _stand_in(i: int, n: int, real_forward, per_layer: list, state: dict):
+    """Layer i's forward for the capture pass: records its call; layer 0 runs, the others return layer
+    0's output (the right form for the model's loop); the last one ends the model's run."""
+    def forward(*args, **kwargs):
+        state["order"].append(i)
+        call = _drop_caches(args, kwargs)
+        if i == 0:
+            per_layer[0].append(call)
+            state["out"] = real_forward(*call[0], **call[1])
+        else:
+            per_layer[i].append(_with_hidden(call, None))  # the walk fills in the real hidden state
+        if i == n - 1:
+            raise _Captured
+        return state["out"]
+    return forward
+
+
+@torch.no_grad()
+def capture_layer_calls(model: nn.Module, lname: str, layers: nn.ModuleList, calib_data,
+                        quiet: bool) -> list[list[tuple[tuple, dict]]]:
+    """Per layer, per calibration sample, the (args, kwargs) the model calls the layer with, caches
+    dropped (layer 0's with its input; later layers' with None for the hidden state). One pass that
+    runs layer 0 only. Layers the model never reaches are left off the end of the list."""
+    from tqdm.auto import tqdm
+
+    from .calibrate import model_device
+
+    n = len(layers)
+    per_layer: list = [[] for _ in range(n)]
+    state = {"order": [], "out": None}
+    saved = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward (accelerate)
+    real0 = layers[0].forward
+    device = model_device(model)
+    orders = []
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = _stand_in(i, n, real0, per_layer, state)
+        for sample in tqdm(calib_data, desc="capturing layer inputs", unit="sample", disable=quiet, leave=False):
+            state["order"], state["out"] = [], None
+            try:
+                run_sample(model, to_device(sample, device))
+            except _Captured:
+                pass
+            orders.append(state["order"])
+    finally:
+        for layer, f in zip(layers, saved):
+            if f is None:
+                del layer.forward
+            else:
+                layer.forward = f
+    return per_layer[:_layers_reached(orders, lname)]
+
+
+def _layers_reached(orders: list[list[int]], lname: str) -> int:
+    """How many layers every sample ran, in order, once each (samples that never reached layer 0 aside)."""
+    runs = [o for o in orders if o]
+    if not runs:
+        raise ValueError(f"calibration never reached {lname}.0: check calib_data")
+    for o in runs:
+        if o != list(range(len(o))):
+            raise ValueError(f"layer-by-layer calibration needs the model to run {lname}.0, {lname}.1, ... once each "
+                             f"and in order; one sample ran them in the order {o}")
+    if len({len(o) for o in runs}) > 1:
+        raise ValueError(f"layer-by-layer calibration needs every sample to run the same layers; samples stopped "
+                         f"after {sorted({len(o) for o in runs})} layers of {lname}")
+    return len(runs[0])
+
+
+def _shared_params(model: nn.Module) -> set:
+    """ids of the parameters the model reaches under more than one name (tied, or in a shared module)."""
+    seen = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {i for i, c in seen.items() if c > 1}
+
+
+# ============================================================================ observing a block
 class _Stats:
     """What the float pass over a block records per target linear and per input tensor."""
 
@@ -109,7 +211,8 @@ class _Stats:
         self.tokens: dict[str, int] = defaultdict(int)
         self.xs: dict[str, list] = defaultdict(list)
         self.input_key: dict[str, tuple] = {}        # linear -> identity of its input tensor (first sample)
-        self.producer: dict[tuple, str] = {}         # tensor identity -> norm module that produced it
+        self.producer: dict[tuple, nn.Module] = {}   # tensor identity -> norm module that produced it
+        self.norm_calls: Counter = Counter()         # norm module -> times it ran (first sample)
         self.readers: dict[tuple, set] = defaultdict(set)  # tensor identity -> every module that read it
         # Identities are storage addresses: the first pass holds every tensor it keyed, so that no
         # freed activation's address is reused by another tensor and mistaken for it.
@@ -118,6 +221,13 @@ class _Stats:
 
 def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.dtype)
+
+
+def _spread(x: torch.Tensor, n: int) -> torch.Tensor:
+    """At most n rows of x [T, K], evenly spaced from the first to the last."""
+    if x.shape[0] <= n:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()]
 
 
 def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, device, quiet: bool) -> _Stats:
@@ -130,6 +240,8 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
     for full in names:
         rel = full[len(prefix) + 1:] if prefix else full
         by_module[block.get_submodule(rel)] = full
+    # OSL keeps a share of every call's tokens, so its subsample spans the whole calibration set
+    osl_share = -(-OSL_MAX_TOKENS // max(1, len(calls)))
 
     rel_name = {mod: n for n, mod in block.named_modules()}
 
@@ -151,12 +263,11 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
         if cfg.precision_recovery == "gptq":
             st.hessian[full], st.tokens[full] = gptq.accumulate_hessian(st.hessian.get(full), x2, st.tokens[full])
         if cfg.outliers == "osl":
-            have = sum(t.shape[0] for t in st.xs[full])
-            if have < OSL_MAX_TOKENS:
-                st.xs[full].append(x2[: OSL_MAX_TOKENS - have].float().cpu())
+            st.xs[full].append(_spread(x2, osl_share).float().cpu())
 
     def post(mod, _args, out):
-        if first[0] and isinstance(out, torch.Tensor) and _is_norm(mod):
+        if first[0] and isinstance(out, torch.Tensor):
+            st.norm_calls[mod] += 1
             st.producer[_key(out)] = mod
             st.alive.append(out)
 
@@ -179,11 +290,37 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
 
 
 def _is_norm(mod: nn.Module) -> bool:
-    cls = type(mod).__name__
+    """A LayerNorm/RMSNorm with a per-channel weight (how it applies that weight is probed before a fold)."""
     w = getattr(mod, "weight", None)
-    # Gemma-style norms scale by (1 + w); folding 1/s there needs another formula, so they are left alone.
-    return (cls.endswith(("LayerNorm", "RMSNorm")) and not cls.startswith("Gemma")
-            and isinstance(w, torch.Tensor) and w.dim() == 1)
+    return type(mod).__name__.endswith(("LayerNorm", "RMSNorm")) and isinstance(w, torch.Tensor) and w.dim() == 1
+
+
+def _unreached(st: _Stats, names: dict[str, PTQConfig]) -> set:
+    """Targets that calibration never ran (an MoE expert no token was routed to). Static W8A8 cannot do
+    without their input range: a ValueError names them. The others are quantized without statistics
+    (RTN weights, no smoothing, no GPTQ), with a warning."""
+    unseen = [n for n in names if n not in st.absmax]
+    static = [n for n in unseen if names[n].mode == "W8A8"]
+    if static:
+        raise ValueError(f"calibration never reached {static[:8]}{' ...' if len(static) > 8 else ''}: static W8A8 "
+                         f"(act_granularity='per_tensor') needs every layer's input range. Give calib_data that "
+                         f"runs them (an MoE model needs tokens routed to every expert), or give them "
+                         f"act_granularity='per_token' or act_dtype=None through layer_policies, or skip them")
+    if unseen:
+        warnings.warn(f"calibration never reached {unseen[:8]}{' ...' if len(unseen) > 8 else ''}: quantized "
+                      f"without calibration statistics (RTN weights, no smoothing, no GPTQ)", RuntimeWarning)
+    return set(unseen)
+
+
+# ============================================================================ smoothing decisions
+@dataclass
+class _Plan:
+    """One group's smoothing: s [K] float32, and the norm 1/s may be folded into (None: smooth_scale)."""
+    names: list
+    s: torch.Tensor
+    key: Optional[tuple] = None
+    norm: Optional[nn.Module] = None
+    offset: float = 0.0  # the norm scales by (offset + γ)
 
 
 def _groups(st: _Stats, names: dict[str, PTQConfig]) -> list[list[str]]:
@@ -191,6 +328,18 @@ def _groups(st: _Stats, names: dict[str, PTQConfig]) -> list[list[str]]:
     for full in names:
         groups[st.input_key.get(full, full)].append(full)
     return list(groups.values())
+
+
+def _group_scale(st: _Stats, group: list[str], mods: list, cfg: PTQConfig) -> torch.Tensor:
+    weights = [linear_weight(m).detach().float() for m in mods]
+    act = st.absmax[group[0]]
+    if cfg.outliers == "osl":
+        x = _spread(torch.cat(st.xs[group[0]]), OSL_MAX_TOKENS)
+        biases = [getattr(m, "bias", None) for m in mods]
+        _, s = osl.search_alpha(x, weights, [b.detach().float() if b is not None else None for b in biases],
+                                act_granularity=cfg.act_granularity, act_absmax=act)
+        return s
+    return smoothquant.smooth_scales(act, smoothquant.weight_absmax_per_in_channel(weights), cfg.smooth_alpha)
 
 
 def _members_and_ancestors(group: list[str], prefix: str) -> set:
@@ -205,70 +354,265 @@ def _members_and_ancestors(group: list[str], prefix: str) -> set:
     return out
 
 
-def _scale_in_channels(mod: nn.Module, s: torch.Tensor) -> None:
-    """W <- W · s in place (nn.Linear [N, K]; GPT-2 Conv1D stores [K, N])."""
-    w = mod.weight
+def _plans(st: _Stats, targets: dict, unseen: set, prefix: str, shared: set) -> list[_Plan]:
+    names = {n: c for n, (m, c) in targets.items()}
+    plans = []
+    for group in _groups(st, names):
+        cfgs = [names[n] for n in group]
+        if group[0] in unseen or not all(c.outliers != "none" and c.act_dtype == "int8" for c in cfgs):
+            continue
+        s = _group_scale(st, group, [targets[n][0] for n in group], cfgs[0])
+        plans.append(_Plan(group, s, st.input_key.get(group[0])))
+    _attach_norms(st, plans, prefix, shared)
+    return plans
+
+
+def _attach_norms(st: _Stats, plans: list[_Plan], prefix: str, shared: set) -> None:
+    """Give each plan the norm its 1/s may fold into: the norm produced the group's input, ran once in
+    the block, shares no parameter, feeds only this group, and applies its weight in a known form."""
+    by_norm = defaultdict(list)
+    for p in plans:
+        norm = st.producer.get(p.key)
+        if (norm is None or st.norm_calls[norm] != 1
+                or any(id(q) in shared for q in norm.parameters(recurse=False))
+                or not st.readers[p.key] <= _members_and_ancestors(p.names, prefix)):
+            continue
+        by_norm[norm].append(p)
+    for norm, ps in by_norm.items():
+        offset = _norm_offset(norm, ps[0].key[2]) if len(ps) == 1 else None
+        if offset is not None:
+            ps[0].norm, ps[0].offset = norm, offset
+
+
+def _test_scale(k: int, device) -> torch.Tensor:
+    """A fixed scale [K] of 1/2 and 2: folding it rounds nothing, so a valid fold changes no output."""
+    g = torch.Generator().manual_seed(k)
+    return (2.0 ** (2 * torch.randint(0, 2, (k,), generator=g) - 1)).to(device, torch.float32)
+
+
+def _tol(t: torch.Tensor, exact: bool) -> float:
+    """How far a fold may move an output: float noise only (exact: a test scale, which rounds nothing
+    but a (1 + γ) norm's weight; else the real s, whose W·s and γ/s round once each)."""
+    eps = torch.finfo(t.dtype).eps
+    return max(1e-5, 4 * eps) if exact else max(1e-3, 8 * eps)
+
+
+def _rel_err(got: Optional[torch.Tensor], want: Optional[torch.Tensor]) -> float:
+    if got is None or want is None or got.shape != want.shape:
+        return 0.0 if got is None and want is None else math.inf
+    g, w = got.detach().float(), want.detach().float()
+    err = float((g - w).norm() / w.norm().clamp_min(1e-30))
+    return err if math.isfinite(err) else math.inf
+
+
+def _same(got: list, want: list, exact: bool) -> bool:
+    return all(_rel_err(g, w) <= (_tol(w, exact) if w is not None else 0.0) for g, w in zip(got, want))
+
+
+def _fold(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
+    bias = getattr(norm, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    w, b = smoothquant.fold_into_norm(norm.weight.data, bias.data if bias is not None else None, s, offset)
+    norm.weight.data = w
+    if b is not None:
+        norm.bias.data = b
+
+
+@contextmanager
+def _folded(norm: nn.Module, s: torch.Tensor, offset: float):
+    """norm with 1/s folded in, restored on the way out."""
+    bias = getattr(norm, "bias", None)
+    w0, b0 = norm.weight.data, bias.data if isinstance(bias, torch.Tensor) else None
+    try:
+        _fold(norm, s, offset)
+        yield
+    finally:
+        norm.weight.data = w0
+        if b0 is not None:
+            norm.bias.data = b0
+
+
+@torch.no_grad()
+def _norm_offset(norm: nn.Module, dtype: torch.dtype) -> Optional[float]:
+    """How `norm` applies its weight γ: 0.0 for x̂·γ (+ β), 1.0 for x̂·(1 + γ) (+ β), None for neither
+    (or a norm that cannot run on a plain [T, K] input): the form in which folding a test scale t
+    gives norm(x) / t."""
+    w = norm.weight
+    k = w.shape[0]
+    x = torch.randn(8, k, generator=torch.Generator().manual_seed(0)).to(w.device, dtype)
+    t = _test_scale(k, w.device)
+    try:
+        out = norm(x)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            return None
+        want = out.float() / t
+        for offset in NORM_OFFSETS:
+            with _folded(norm, t, offset):
+                got = norm(x).float()
+            if _rel_err(got, want) <= _tol(out, exact=True):
+                return offset
+    except (TypeError, ValueError, RuntimeError):  # not a plain norm: it is not folded into
+        return None
+    return None
+
+
+def _smoothed_copy(mod: nn.Module, s: torch.Tensor) -> nn.Module:
+    """A shallow copy of linear `mod` whose weight is a new tensor W · s (nn.Linear [N, K]; GPT-2's
+    Conv1D stores [K, N]). The original Parameter, which may be tied to another module, is untouched."""
+    w = mod.weight.detach()
     s = s.to(w.device, torch.float32)
     if isinstance(mod, nn.Linear):
-        w.data = smoothquant.scale_linear_weight(w.data, s)
+        ws = smoothquant.scale_linear_weight(w, s)
     else:
-        w.data = smoothquant.scale_linear_weight(w.data.t(), s).t().contiguous()
+        ws = smoothquant.scale_linear_weight(w.t(), s).t().contiguous()
+    new = copy.copy(mod)
+    new._parameters = {**mod._parameters, "weight": nn.Parameter(ws, requires_grad=False)}
+    return new
+
+
+def _rel(full: str, prefix: str) -> str:
+    return full[len(prefix) + 1:] if prefix else full
+
+
+def _outputs(block: nn.Module, call: tuple, rels: list[str], device) -> list:
+    """[the block's hidden output, the first output of each module in rels] for one call."""
+    got = {}
+
+    def keep(name):
+        def hook(_m, _args, out):  # returns None: the output goes on unchanged
+            got.setdefault(name, out.detach() if isinstance(out, torch.Tensor) else None)
+        return hook
+
+    hooks = [block.get_submodule(r).register_forward_hook(keep(r)) for r in rels]
+    try:
+        out = block(*to_device(call[0], device), **to_device(call[1], device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [_hidden(out).detach()] + [got.get(r) for r in rels]
+
+
+@contextmanager
+def _swapped(block: nn.Module, rel: str, new: nn.Module):
+    """block's submodule `rel` replaced by `new`, put back on the way out."""
+    from .quantize import set_submodule
+
+    old = block.get_submodule(rel)
+    set_submodule(block, rel, new)
+    try:
+        yield
+    finally:
+        set_submodule(block, rel, old)
+
+
+def _trial(block: nn.Module, prefix: str, plans: list[_Plan], call: tuple, rels: list[str], device,
+           exact: bool) -> list:
+    """_outputs with `plans` folded (into their norms, and smoothed copies of their linears swapped in),
+    then put back. exact: fold the test scale instead of s."""
+    with ExitStack() as stack:
+        for p in plans:
+            s = _test_scale(p.s.shape[0], p.norm.weight.device) if exact else p.s
+            stack.enter_context(_folded(p.norm, s, p.offset))
+            for n in p.names:
+                rel = _rel(n, prefix)
+                stack.enter_context(_swapped(block, rel, _smoothed_copy(block.get_submodule(rel), s)))
+        return _outputs(block, call, rels, device)
+
+
+def _call_size(call: tuple) -> int:
+    args, kwargs = call
+    return sum(t.numel() for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor))
+
+
+def _verified_folds(block: nn.Module, prefix: str, names: list[str], plans: list[_Plan], calls, device) -> list:
+    """The plans whose fold leaves the block's outputs (its hidden output and every target linear's)
+    unchanged on the smallest calibration call: first each alone with the test scale, where a wrong
+    fold (a residual that reads the norm's output, a norm whose form was misread) shows at once,
+    then the survivors together with their real s, where a fold only rounds. Nothing stays changed."""
+    cands = [p for p in plans if p.norm is not None]
+    if not cands:
+        return []
+    call = min(calls, key=_call_size)
+    rels = [_rel(n, prefix) for n in names]
+    ref = _outputs(block, call, rels, device)
+    good = [p for p in cands if _same(_trial(block, prefix, [p], call, rels, device, exact=True), ref, exact=True)]
+    if good and not _same(_trial(block, prefix, good, call, rels, device, exact=False), ref, exact=False):
+        return []
+    return good
+
+
+# ============================================================================ quantizing a block
+def _quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, s: Optional[torch.Tensor],
+               folded: bool) -> nn.Module:
+    """The QuantLinear for target `full`, built from W·s (a copy) when smoothed; the module is not changed."""
+    src = _smoothed_copy(mod, s) if s is not None else mod
+    absmax = st.absmax.get(full)
+    if absmax is not None and s is not None:
+        absmax = absmax / s.to(absmax.device)
+    qweight = None
+    if cfg.precision_recovery == "gptq" and full in st.hessian:
+        H = st.hessian[full]
+        if s is not None:  # the Hessian of the smoothed input x / s
+            sd = s.to(H.device, H.dtype)
+            H = H / (sd[:, None] * sd[None, :])
+        g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+        qweight = gptq.gptq_quantize(linear_weight(src).detach().float(), H, group_size=g,
+                                     act_order=cfg.gptq_act_order)
+    q = QuantLinear.from_float(src, cfg, name=full, input_absmax=absmax.amax() if absmax is not None else None,
+                               qweight=qweight)
+    if s is not None and not folded:
+        q.smooth_scale = s.to(q.weight.device, torch.float32).clone()
+    return q
 
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Module, PTQConfig]],
-                   calls: list, device, quiet: bool) -> None:
-    """Observe, smooth, calibrate and quantize every target inside `block` (names are model-global)."""
+                   calls: list, device, quiet: bool, shared: frozenset = frozenset()) -> None:
+    """Observe, smooth, calibrate and quantize every target inside `block` (names are model-global).
+    shared: ids of parameters the model reaches under several names (never folded into).
+
+    Every decision is made and every QuantLinear built before the block changes, so an error leaves
+    the block as it was; then the verified folds are written into their norms and the linears swapped."""
     from .quantize import set_submodule
 
     names = {n: c for n, (m, c) in targets.items()}
     st = _observe(block, prefix, names, calls, device, quiet)
-    smooth, folded = {}, set()
-    for group in _groups(st, names):
-        cfgs = [names[n] for n in group]
-        if not all(c.outliers != "none" and c.act_dtype == "int8" for c in cfgs):
-            continue
-        mods = [targets[n][0] for n in group]
-        weights = [linear_weight(m).detach().float() for m in mods]
-        act = st.absmax[group[0]]
-        if cfgs[0].outliers == "osl":
-            x = torch.cat(st.xs[group[0]])
-            biases = [getattr(m, "bias", None) for m in mods]
-            _, s = osl.search_alpha(x, weights, [b.detach().float() if b is not None else None for b in biases],
-                                    act_granularity=cfgs[0].act_granularity)
-        else:
-            s = smoothquant.smooth_scales(act, smoothquant.weight_absmax_per_in_channel(weights), cfgs[0].smooth_alpha)
-        key = st.input_key.get(group[0])
-        norm = st.producer.get(key)
-        if norm is not None and st.readers[key] <= _members_and_ancestors(group, prefix):
-            w, b = smoothquant.fold_into_norm(norm.weight.data, getattr(norm, "bias", None), s)
-            norm.weight.data = w
-            if b is not None:
-                norm.bias.data = b
-            folded.update(group)
-        for n, m in zip(group, mods):
-            _scale_in_channels(m, s)
-            smooth[n] = s
-    for full, (mod, cfg) in targets.items():
-        s = smooth.get(full)
-        absmax = st.absmax.get(full)
-        if absmax is not None and s is not None:
-            absmax = absmax / s.to(absmax.device)
-        qweight = None
-        if cfg.precision_recovery == "gptq":
-            H = st.hessian[full]
-            if s is not None:  # the Hessian of the smoothed input x / s
-                sd = s.to(H.device, H.dtype)
-                H = H / (sd[:, None] * sd[None, :])
-            g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
-            qweight = gptq.gptq_quantize(linear_weight(mod).detach().float(), H, group_size=g,
-                                         act_order=cfg.gptq_act_order)
-        q = QuantLinear.from_float(mod, cfg, name=full, input_absmax=absmax.amax() if absmax is not None else None,
-                                   qweight=qweight)
-        if s is not None and full not in folded:
-            q.smooth_scale = s.to(q.weight.device, torch.float32).clone()
-        rel = full[len(prefix) + 1:] if prefix else full
-        set_submodule(block, rel, q)
+    unseen = _unreached(st, names)
+    plans = _plans(st, targets, unseen, prefix, shared)
+    folds = _verified_folds(block, prefix, list(names), plans, calls, device)
+    folded = {n for p in folds for n in p.names}
+    scale = {n: p.s for p in plans for n in p.names}
+    built = {full: _quantized(full, mod, cfg, st, scale.get(full), full in folded)
+             for full, (mod, cfg) in targets.items()}
+    for p in folds:
+        _fold(p.norm, p.s, p.offset)
+    for full, q in built.items():
+        set_submodule(block, _rel(full, prefix), q)
+
+
+# ============================================================================ the driver
+def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, quiet: bool, shared: set,
+               want_outputs: bool) -> list:
+    """Quantize one layer's targets on `device` and return its (quantized) hidden outputs for `calls`.
+    The layer, and the float linears it had, go back to where they were whatever happens."""
+    from .calibrate import model_device
+
+    home = model_device(layer)
+    dev = torch.device(device) if device is not None else home
+    floats = [m for m, _ in mine.values()]
+    try:
+        layer.to(dev)
+        if mine:
+            quantize_block(layer, prefix, mine, calls, dev, quiet, shared)
+        if not want_outputs:
+            return []
+        return [_hidden(layer(*to_device(a, dev), **to_device(k, dev))) for a, k in calls]
+    finally:
+        layer.to(home)
+        for m in floats:  # the float modules QuantLinears replaced went to dev with the layer
+            m.to(home)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module, PTQConfig]], calib_data,
@@ -278,36 +622,34 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
 
     from .calibrate import model_device
 
+    if device is not None and torch.device(device).type == "meta":
+        raise ValueError("device='meta' holds no data: calibration runs each layer on a real device")
     if isinstance(calib_data, torch.Tensor) or hasattr(calib_data, "keys"):
         calib_data = [calib_data]
     calib_data = list(calib_data)
     if not calib_data:
         raise ValueError("calib_data is empty: calibration needs at least one sample")
+    shared = _shared_params(model)
     stack = decoder_layers(model, targets)
     done = set()
     if stack is not None:
         lname, layers = stack
-        calls = capture_inputs(model, layers[0], calib_data, quiet)
-        if not calls:
-            raise ValueError(f"calibration never reached {lname}.0: check calib_data")
-        for i, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer", disable=quiet)):
+        per_layer = capture_layer_calls(model, lname, layers, calib_data, quiet)
+        beyond = [n for n in targets if any(n.startswith(f"{lname}.{i}.") for i in range(len(per_layer), len(layers)))]
+        if beyond:
+            raise ValueError(f"calibration never reached {lname}.{len(per_layer)}, which holds {beyond[:4]}: "
+                             f"the model's forward stopped before it")
+        calls = per_layer[0]
+        for i, layer in enumerate(tqdm(layers[:len(per_layer)], desc="quantizing layers", unit="layer", disable=quiet)):
             prefix = f"{lname}.{i}"
             mine = {n: t for n, t in targets.items() if n.startswith(prefix + ".")}
-            home = model_device(layer)
-            dev = torch.device(device) if device is not None else home
-            layer.to(dev)
-            if mine:
-                quantize_block(layer, prefix, mine, calls, dev, quiet)
-                done.update(mine)
-            if i + 1 < len(layers):  # the next layer reads this (quantized) layer's outputs
-                calls = [_with_hidden(c, _hidden(layer(*to_device(c[0], dev), **to_device(c[1], dev))))
-                         for c in calls]
-            layer.to(home)
-            for n in mine:  # the float modules QuantLinears replaced went to dev with the layer
-                targets[n][0].to(home)
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            last = i + 1 == len(per_layer)
+            hidden = _run_layer(layer, prefix, mine, calls, device, quiet, shared, want_outputs=not last)
+            done.update(mine)
+            if not last:  # the next layer reads this (quantized) layer's outputs, with its own kwargs
+                calls = [_with_hidden(c, h) for c, h in zip(per_layer[i + 1], hidden)]
+                per_layer[i] = None
     rest = {n: t for n, t in targets.items() if n not in done}
     if rest:
         home = model_device(model)
-        quantize_block(model, "", rest, [_as_call(s) for s in calib_data], home, quiet)
+        quantize_block(model, "", rest, [_as_call(s) for s in calib_data], home, quiet, shared)

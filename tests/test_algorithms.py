@@ -96,6 +96,20 @@ def test_fold_into_layernorm_and_rmsnorm():
         fold_into_norm(gamma, beta, s[:-1])
 
 
+def test_fold_into_a_one_plus_gamma_norm():
+    """Norms that scale by (1 + γ) (Gemma, VaultGemma, Qwen3-Next): γ' = (1 + γ) / s - 1, not γ / s."""
+    g = _gen(7)
+    k = 19
+    x = torch.randn(5, k, generator=g)
+    gamma, beta = 0.1 * torch.randn(k, generator=g), torch.randn(k, generator=g)
+    s = torch.rand(k, generator=g) * 4 + 0.1
+    norm = lambda wt, b: F.layer_norm(x, (k,)) * (1.0 + wt) + (0 if b is None else b)  # noqa: E731
+    nw, nb = fold_into_norm(gamma, beta, s, offset=1.0)
+    torch.testing.assert_close(norm(nw, nb), norm(gamma, beta) / s)
+    torch.testing.assert_close(nw, (1.0 + gamma) / s - 1.0)
+    assert torch.equal(fold_into_norm(gamma, None, s, offset=0.0)[0], fold_into_norm(gamma, None, s)[0])
+
+
 def test_weight_absmax_per_in_channel():
     q = torch.tensor([[1.0, -5.0, 0.0], [2.0, 1.0, 0.0]])
     k = torch.tensor([[-3.0, 1.0, 0.5]])
@@ -150,6 +164,23 @@ def test_osl_shared_input_several_linears():
     wide = x.abs().amax(0) * torch.linspace(1, 3, 32)
     alpha2, s2 = search_alpha(x, ws, bs, grid=grid, act_absmax=wide)
     assert torch.equal(s2, smooth_scales(wide, w_absmax, alpha2))
+
+
+def test_osl_static_scale_comes_from_the_whole_calibration_set():
+    """With a subsample, the per-tensor scale the search simulates is the one calibration will store:
+    max_j(act_absmax_j / s_j) / 127, not the subsample's own max."""
+    x = _correlated_x(32, 16, seed=8)
+    w = torch.randn(8, 16, generator=_gen(9))
+    s = torch.rand(16, generator=_gen(10)) + 0.5
+    wide = x.abs().amax(0) * torch.linspace(1, 4, 16)
+    got = quantized_output(x, w, None, s, "per_tensor", act_absmax=wide)[0]
+    x_scale = reference.absmax_scale((wide / s).amax()).reshape(1)
+    w_q, w_scale = reference.quantize_weight(scale_linear_weight(w, s))
+    want = reference.quantize_per_tensor(x, x_scale, s).float() @ w_q.float().T * x_scale * w_scale
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, quantized_output(x, w, None, s, "per_tensor")[0])
+    with pytest.raises(ValueError, match="act_absmax"):
+        quantized_output(x, w, None, s, "per_tensor", act_absmax=wide[:-1])
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -105,6 +105,7 @@ def test_smoothing_is_exact_before_rounding():
     """Folding 1/s into the norm and s into the weights leaves the float function unchanged: with
     rounding removed (an identity quantizer), the smoothed model equals the float one."""
     from ptqrt import layerwise
+    from ptqrt.quantize import set_submodule
     model = Stack(PreNormLayer).eval()
     x = _calib()[0]
     ref = model(x)
@@ -122,8 +123,8 @@ def test_smoothing_is_exact_before_rounding():
         if norm is None:
             continue
         norm.weight.data = smoothquant.fold_into_norm(norm.weight.data, None, s)[0]
-        for m in mods:
-            layerwise._scale_in_channels(m, s)
+        for n, m in zip(group, mods):
+            set_submodule(smoothed, n, layerwise._smoothed_copy(m, s))
     torch.testing.assert_close(smoothed(x), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -251,3 +252,370 @@ def test_only_one_layer_on_the_device(monkeypatch):
     # Six more layers held on the GPU would add 6 * layer_bytes; one at a time adds nothing.
     assert big - small < 2 * layer_bytes, (small, big, layer_bytes)
     assert big < 8 * layer_bytes + (2 << 20), (big, layer_bytes)
+
+
+# ---------------------------------------------------------------- fixes: caches, tied weights, errors,
+# which norms are folded into, the layer stack, per-layer kwargs, OSL's tokens
+from ptqrt import layerwise  # noqa: E402
+
+
+class _FloatLinear(nn.Module):
+    """Stands in for QuantLinear where a test checks smoothing alone: runs the float module it was
+    built from (the smoothed copy), dividing its input by smooth_scale when there is one."""
+
+    def __init__(self, mod):
+        super().__init__()
+        self.mod, self.smooth_scale = mod, None
+
+    @property
+    def weight(self):
+        return self.mod.weight
+
+    @classmethod
+    def from_float(cls, mod, cfg, name="", input_absmax=None, qweight=None):
+        return cls(mod)
+
+    def forward(self, x):
+        return self.mod(x if self.smooth_scale is None else x / self.smooth_scale.to(x.dtype))
+
+
+def _smooth_only(model, data, monkeypatch, **cfg):
+    """quantize() with SmoothQuant but no rounding: folded or fused, the model must compute what it did."""
+    monkeypatch.setattr(layerwise, "QuantLinear", _FloatLinear)
+    quantize(model, PTQConfig(act_dtype="int8", outliers="smooth", **cfg), data, quiet=True)
+    return model
+
+
+def _randomize_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if type(m).__name__.endswith(("LayerNorm", "RMSNorm")):
+            if isinstance(getattr(m, "weight", None), torch.Tensor):
+                m.weight.data = 0.5 + torch.rand(m.weight.shape, generator=g)
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.data = 0.3 * torch.randn(m.bias.shape, generator=g)
+
+
+def _hf(name, **kw):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(**small, **kw)).eval()
+    if name == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**small, **kw)).eval()
+    if name == "vaultgemma":
+        return T.VaultGemmaForCausalLM(T.VaultGemmaConfig(**small, head_dim=8, **kw)).eval()
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                              bos_token_id=0, eos_token_id=0, **kw)).eval()
+    if name == "bloom":
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, **kw)).eval()
+    raise ValueError(name)
+
+
+def _ids(batch=2, padded=False):
+    ids = torch.randint(0, 100, (batch, 10), generator=torch.Generator().manual_seed(1))
+    sample = {"input_ids": ids}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[-1, :3] = 0
+        sample["attention_mask"] = mask
+    return sample
+
+
+def _logits(model, sample):
+    with torch.no_grad():
+        return model(**sample, use_cache=False).logits
+
+
+def test_drop_caches_drops_every_cache_whatever_its_name_or_position():
+    T = pytest.importorskip("transformers")
+    h = torch.randn(1, 3, 8)
+    args, kwargs = layerwise._drop_caches((h, T.DynamicCache()), {"cache": T.DynamicCache(), "kv": T.DynamicCache(),
+                                                                  "layer_past": (h, h), "use_cache": True, "mask": h})
+    assert args[0] is h and args[1] is None
+    assert kwargs == {"cache": None, "kv": None, "layer_past": None, "use_cache": False, "mask": h}
+
+
+@pytest.mark.parametrize("name, kw", [("llama", dict(attn_implementation="eager")), ("llama", {}), ("gpt2", {})])
+def test_calibration_runs_layers_without_the_models_kv_cache(name, kw):
+    """The model's live cache reached every layer (under `cache`, or positionally in GPT-2): each
+    calibration run of a layer appended its keys again, and a padded batch or eager attention crashed."""
+    model = _hf(name, **kw)
+    seen = []
+    attn = "model.layers.1.self_attn" if name == "llama" else "transformer.h.1.attn"
+    hook = model.get_submodule(attn).register_forward_pre_hook(
+        lambda _m, a, k: seen.append(a + tuple(k.values())), with_kwargs=True)
+    q = quantize(model, PTQConfig(**STATIC), [_ids(padded=True)], quiet=True)
+    hook.remove()
+    caches = layerwise._cache_types()
+    assert seen and not any(isinstance(v, caches) for call in seen for v in call)
+    assert torch.isfinite(_logits(q, _ids(padded=True))).all()
+
+
+def test_smoothing_a_tied_lm_head_leaves_the_embedding_alone(monkeypatch):
+    """GPT-2's lm_head shares its Parameter with wte: smoothing must scale a copy, not the embedding."""
+    model = _hf("gpt2")
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(torch.rand(32, generator=torch.Generator().manual_seed(2)) * 3)
+    wte = model.transformer.wte.weight.detach().clone()
+    sample = _ids()
+    ref = _logits(model, sample)
+    _smooth_only(model, [sample], monkeypatch, skip=[], act_granularity="per_tensor")
+    assert torch.equal(model.transformer.wte.weight, wte)
+    assert model.transformer.ln_f.weight.dtype == torch.float32 and model.lm_head.smooth_scale is None  # folded
+    assert _rel(_logits(model, sample), ref) < 1e-5
+
+
+class _SkipBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc_a, self.fc_b, self.unused = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc_b(torch.relu(self.fc_a(self.norm(x))))
+
+
+class _SkipNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([_SkipBlock(), _SkipBlock()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _outlier_x():
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4))
+    x[..., 3] *= 30
+    return x
+
+
+def test_a_static_layer_calibration_never_reached_is_an_error_that_changes_nothing():
+    model = _SkipNet().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"never reached \['layers.0.unused'\].*layer_policies"):
+        quantize(model, PTQConfig(outliers="smooth", **STATIC), [_outlier_x()], quiet=True)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_dynamic_layer_calibration_never_reached_is_quantized_without_statistics():
+    model = _SkipNet().eval()
+    x = _outlier_x()
+    ref = model(x)
+    with pytest.warns(RuntimeWarning, match=r"never reached \['layers.0.unused'\]"):
+        q = quantize(model, PTQConfig(act_dtype="int8", outliers="smooth", precision_recovery="gptq"), [x], quiet=True)
+    assert isinstance(q.layers[0].unused, QuantLinear) and q.layers[0].unused.smooth_scale is None
+    assert _rel(q(x), ref) < 0.05
+
+
+def test_a_layer_goes_back_home_when_quantizing_it_fails(monkeypatch):
+    model = _SkipNet().eval()
+    moves = []
+    layer = model.layers[0]
+    monkeypatch.setattr(layer, "to", lambda *a, **k: moves.append(a) or nn.Module.to(layer, *a, **k))
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(layerwise, "quantize_block", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        quantize(model, PTQConfig(**STATIC), [_outlier_x()], quiet=True, device="cpu")
+    assert moves[-1] == (torch.device("cpu"),)
+    with pytest.raises(ValueError, match="meta"):  # moving a layer there would lose its weights
+        quantize(model, PTQConfig(**STATIC), [_outlier_x()], quiet=True, device="meta")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+class _TwiceBlock(nn.Module):
+    """One norm module read twice: in one block (twice=True), or shared between blocks."""
+
+    def __init__(self, d=16, norm=None, twice=False):
+        super().__init__()
+        self.norm = norm if norm is not None else nn.LayerNorm(d)
+        self.fc_a, self.fc_b, self.twice = nn.Linear(d, d), nn.Linear(d, d), twice
+
+    def forward(self, x):
+        x = x + self.fc_a(self.norm(x))
+        return x + self.fc_b(self.norm(x) if self.twice else torch.relu(x))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_norm_used_twice_is_not_folded_into(shared, monkeypatch):
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(16) if shared else None
+    model = _Seq2([_TwiceBlock(norm=norm, twice=not shared), _TwiceBlock(norm=norm, twice=not shared)]).eval()
+    _randomize_norms(model)
+    x = _outlier_x()
+    ref = model(x)
+    weights = [b.norm.weight.detach().clone() for b in model.layers]
+    _smooth_only(model, [x], monkeypatch)
+    assert _rel(model(x), ref) < 1e-5
+    assert all(torch.equal(b.norm.weight, w) for b, w in zip(model.layers, weights))
+    assert model.layers[0].fc_a.smooth_scale is not None
+
+
+class _Seq2(nn.Module):
+    def __init__(self, seq):
+        super().__init__()
+        self.layers = nn.ModuleList(list(seq))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class _Expert(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _MoELayer(nn.Module):
+    def __init__(self, d=16, n=4):
+        super().__init__()
+        self.norm, self.experts = nn.LayerNorm(d), nn.ModuleList([_Expert(d) for _ in range(n)])
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + sum(e(h) for e in self.experts)
+
+
+def test_the_layer_stack_is_the_outermost_list_of_blocks():
+    """An MoE layer's expert list (4) is longer than the stack (2): it was taken for the stack, and
+    expert i calibrated on expert i-1's output."""
+    torch.manual_seed(0)
+    model = _Seq2([_MoELayer(), _MoELayer()]).eval()
+    x = torch.randn(2, 8, 16)
+    true = {}
+    def record(name):
+        def hook(_m, args):
+            true.setdefault(name, args[0].abs().max().detach())
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    assert decoder_layers(model, dict.fromkeys(true))[0] == "layers"
+    q = quantize(model, PTQConfig(**STATIC), [x], quiet=True)
+    for n in ("layers.0.experts.1.fc", "layers.0.experts.3.fc"):  # layer 1 reads quantized layer 0
+        torch.testing.assert_close(q.get_submodule(n).input_scale * 127, true[n].reshape(1))
+    # with a config, the list of config.num_hidden_layers blocks wins over a shallower one
+    model.adapters = nn.ModuleList([_Expert(16) for _ in range(3)])
+    model.config = type("Cfg", (), {"num_hidden_layers": 2})()
+    assert decoder_layers(model, {"adapters.0.fc": 0, "layers.0.experts.0.fc": 0})[0] == "layers"
+    del model.config
+    assert decoder_layers(model, {"adapters.0.fc": 0, "layers.0.experts.0.fc": 0})[0] == "adapters"
+
+
+def test_each_layer_is_calibrated_with_its_own_attention_mask():
+    """Qwen2 with a sliding layer then a full one: layer 1 was calibrated with layer 0's (sliding) mask."""
+    from ptqrt.algorithms.smoothquant import smooth_scales
+
+    model = _hf("qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=1,
+                layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
+    sample = _ids(batch=1)
+    o_proj = model.model.layers[1].self_attn.o_proj
+    true = []
+    hook = o_proj.register_forward_pre_hook(lambda _m, a: true.append(a[0].reshape(-1, 32).abs().amax(0)) and None)
+    _logits(model, sample)
+    hook.remove()
+    calls = layerwise.capture_layer_calls(model, "model.layers", model.model.layers, [sample], quiet=True)
+    masks = [c[0][1]["attention_mask"] for c in calls]
+    assert not torch.equal(masks[0], masks[1])  # each layer's own
+    # Layer 0 stays float, so layer 1 is calibrated on the float model's activations: its o_proj's
+    # smoothing (no norm in front: kept as smooth_scale) comes from the per-channel input maxima.
+    q = quantize(model, PTQConfig(act_dtype="int8", outliers="smooth", skip=["lm_head", "layers.0."]), [sample],
+                 quiet=True)
+    assert isinstance(q.model.layers[0].self_attn.o_proj, nn.Linear)
+    torch.testing.assert_close(q.model.layers[1].self_attn.o_proj.smooth_scale,
+                               smooth_scales(true[0], o_proj.weight.abs().amax(0), 0.5))
+
+
+class _OnePlusRMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
+
+
+class _SquaredRMSNorm(_OnePlusRMSNorm):
+    def __init__(self, d):
+        super().__init__(d)
+        self.weight.data = torch.rand(d) + 0.5
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight ** 2
+
+
+def test_norm_form_is_probed():
+    assert layerwise._norm_offset(nn.LayerNorm(12), torch.float32) == 0.0
+    assert layerwise._norm_offset(RMSNorm(12), torch.bfloat16) == 0.0
+    assert layerwise._norm_offset(_OnePlusRMSNorm(12), torch.float32) == 1.0
+    assert layerwise._norm_offset(_SquaredRMSNorm(12), torch.float32) is None
+
+
+def test_a_one_plus_gamma_norm_is_folded_exactly(monkeypatch):
+    """VaultGemma's RMSNorm scales by (1 + γ): γ / s changed the model by 88%."""
+    model = _hf("vaultgemma")
+    _randomize_norms(model)
+    sample = _ids()
+    ref = _logits(model, sample)
+    before = model.model.layers[0].input_layernorm.weight.detach().clone()
+    _smooth_only(model, [sample], monkeypatch)
+    assert _rel(_logits(model, sample), ref) < 1e-5
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, before)  # folded, not refused
+
+
+@pytest.mark.parametrize("post", [False, True])
+def test_a_fold_that_changes_the_block_is_undone(post, monkeypatch):
+    """BLOOM with apply_residual_connection_post_layernorm: the norm's output is also the residual,
+    handed to self_attention / mlp (ancestors of the smoothed linears); folding there changed the
+    model by 50%. Without it, the fold is right and is kept."""
+    model = _hf("bloom", apply_residual_connection_post_layernorm=post)
+    _randomize_norms(model)
+    sample = _ids()
+    ref = _logits(model, sample)
+    before = model.transformer.h[0].input_layernorm.weight.detach().clone()
+    _smooth_only(model, [sample], monkeypatch)
+    assert _rel(_logits(model, sample), ref) < 1e-5
+    assert torch.equal(model.transformer.h[0].input_layernorm.weight, before) == post
+    assert (model.transformer.h[0].self_attention.query_key_value.smooth_scale is not None) == post
+
+
+def test_osl_searches_alpha_over_the_whole_calibration_set():
+    """Outliers after the first 2048 tokens: OSL searched without them and lost to plain SmoothQuant."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    x = torch.randn(1, 4096, 64)
+    x[0, 3000:3010, 5] = 80.0
+
+    def mse(**kw):
+        m = nn.Sequential(copy.deepcopy(lin))
+        ref = m(x)
+        quantize(m, PTQConfig(**STATIC, **kw), [x], quiet=True)
+        return ((m(x) - ref) ** 2).mean().item()
+
+    osl = mse(outliers="osl")
+    assert osl <= mse(outliers="smooth", smooth_alpha=0.5) and osl <= mse(outliers="smooth", smooth_alpha=0.0)
+
+
+def test_spread_takes_rows_from_the_whole_range():
+    x = torch.arange(10.0)[:, None]
+    assert layerwise._spread(x, 4).flatten().tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert layerwise._spread(x, 20) is x

@@ -35,21 +35,26 @@ def _as_list(name: str, v, n: Optional[int] = None) -> list:
 
 
 def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Tensor,
-                     act_granularity: str = "per_tensor") -> list[torch.Tensor]:
+                     act_granularity: str = "per_tensor",
+                     act_absmax: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """W8A8 outputs float32 [T, N_i], one per weight, of the layer smoothed by s [K].
 
-    x [T, K] -> x / s quantized with a static per-tensor scale max|x / s| / 127 (what calibration on
-    this x would store) or dynamic per-token scales; W_i · s quantized per output channel; then
-    reference.w8a8_gemm(x_q, x_scale, w_q, w_scale, b_i) in float32.
+    x [T, K] -> x / s quantized with a static per-tensor scale max_j(act_absmax_j / s_j) / 127 (what
+    calibration stores; act_absmax [K] defaults to x's own max|x_j|, pass the whole calibration set's
+    when x is a subsample of it) or dynamic per-token scales; W_i · s quantized per output channel;
+    then reference.w8a8_gemm(x_q, x_scale, w_q, w_scale, b_i) in float32.
     """
     if act_granularity not in GRANULARITIES:
         raise ValueError(f"act_granularity must be one of {GRANULARITIES}, got {act_granularity!r}")
+    if act_absmax is not None and tuple(act_absmax.shape) != (x.shape[-1],):
+        raise ValueError(f"act_absmax must be [K={x.shape[-1]}], got {tuple(act_absmax.shape)}")
     ws = _as_list("weights", weights)
     bs = _as_list("bias", biases, len(ws))
     if act_granularity == "per_token":
         x_q, x_scale = reference.quantize_per_token(x, s)
     else:
-        x_scale = reference.absmax_scale((x.to(torch.float32) / s).abs().amax()).reshape(1)
+        a = x.to(torch.float32).abs().amax(dim=0) if act_absmax is None else act_absmax.to(x.device, torch.float32)
+        x_scale = reference.absmax_scale((a / s).amax()).reshape(1)
         x_q = reference.quantize_per_tensor(x, x_scale, s)
     outs = []
     xf = x_q.to(torch.float32)
@@ -71,7 +76,8 @@ def search_alpha(x: torch.Tensor, weight: TensorOrList, bias=None, grid: Sequenc
     (e.g. q, k, v reading the same normed hidden state). bias: None, [N], or a list matching weight
     (entries may be None). grid: candidate α values in [0, 1]. act_granularity: "per_tensor" (static
     scale) or "per_token" (dynamic), matching how the layer will run. act_absmax: optional [K]
-    max|X_j| observed over the whole calibration set, when x is only a subsample of it (default: x's).
+    max|X_j| observed over the whole calibration set, when x is only a subsample of it (default: x's);
+    it sets s(α) and the static per-tensor scale, as calibration will.
 
     For each α: err(α) = Σ_i mean_{t,n} (ŷ_i(α)[t, n] - y_i[t, n])², with y_i = x W_iᵀ + b_i in float32
     and ŷ_i(α) from ``quantized_output``. Returns (α*, s(α*) float32 [K]) for the smallest err, the
@@ -116,7 +122,7 @@ def search_alpha(x: torch.Tensor, weight: TensorOrList, bias=None, grid: Sequenc
     best = (float("inf"), None, None)
     for a in grid:
         s = smooth_scales(act_absmax, w_absmax, a)
-        outs = quantized_output(xf, ws, bs, s, act_granularity)
+        outs = quantized_output(xf, ws, bs, s, act_granularity, act_absmax)
         err = sum(((o - r) ** 2).mean().item() for o, r in zip(outs, refs))
         if err < best[0]:
             best = (err, a, s)

@@ -93,20 +93,23 @@ def _check_scale(s: torch.Tensor, k: int, what: str) -> None:
         raise ValueError(f"s must be a tensor [K={k}] matching {what}, got {getattr(s, 'shape', type(s))}")
 
 
-def fold_into_norm(norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor],
-                   s: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fold 1/s into a LayerNorm/RMSNorm's affine part: (norm_weight / s, norm_bias / s or None).
+def fold_into_norm(norm_weight: torch.Tensor, norm_bias: Optional[torch.Tensor], s: torch.Tensor,
+                   offset: float = 0.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Fold 1/s into a LayerNorm/RMSNorm's affine part: (γ', β' or None).
 
-    norm(x) = x̂ · γ + β, so norm(x) / s = x̂ · (γ / s) + β / s. norm_weight γ [K], norm_bias β [K] or
-    None, s [K]; the division is done in float32 (float64 for float64 inputs) and cast back to each
-    input's dtype. Valid for norms whose output is x̂ · γ (+ β); a norm that scales by (1 + γ) needs
-    γ' = (1 + γ) / s - 1 instead.
+    A norm whose output is x̂ · (offset + γ) + β — offset 0 for LayerNorm / RMSNorm, offset 1 for the
+    norms that scale by (1 + γ) (Gemma, VaultGemma, Qwen3-Next) — gives norm(x) / s with
+
+        γ' = (offset + γ) / s − offset,    β' = β / s
+
+    norm_weight γ [K], norm_bias β [K] or None, s [K]; computed in float32 (float64 for float64
+    inputs) and cast back to each input's dtype. Which form a norm has is the caller's to know.
     """
     _check_vector("norm_weight", norm_weight)
     _check_scale(s, norm_weight.shape[0], "norm_weight")
     ct = _compute_dtype(norm_weight)
     sf = s.to(device=norm_weight.device, dtype=ct)
-    new_w = (norm_weight.detach().to(ct) / sf).to(norm_weight.dtype)
+    new_w = ((offset + norm_weight.detach().to(ct)) / sf - offset).to(norm_weight.dtype)
     new_b = None
     if norm_bias is not None:
         _check_vector("norm_bias", norm_bias)
