@@ -59,7 +59,8 @@ def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor, group_size: int 
     wf = w_q.to(torch.float32)
     if group_size == 0:
         return wf * w_scale.reshape(n, 1)
-    return (wf.reshape(n, k // group_size, group_size) * w_scale.reshape(n, -1, 1)).reshape(n, k)
+    g = k // group_size
+    return (wf.reshape(n, g, group_size) * w_scale.reshape(n, g, 1)).reshape(n, k)  # (no -1: N may be 0)
 
 
 def _smoothed(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> torch.Tensor:

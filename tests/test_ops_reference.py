@@ -162,6 +162,15 @@ def test_empty_m_gives_empty_output(backend):
     assert ops.w8a16_gemm(x, w_q, rand_scale(5), None, 0).shape == (0, 5)
 
 
+@pytest.mark.parametrize("group_size", (0, 8))
+def test_empty_n_gives_empty_output(backend, group_size):
+    x = torch.randn(3, 24)
+    w_s = torch.rand(0, 24 // group_size) if group_size else torch.rand(0)
+    assert ops.w8a16_gemm(x, rand_int8(0, 24), w_s, None, group_size).shape == (3, 0)
+    q, s = ops.quantize_per_token(x)
+    assert ops.w8a8_gemm(q, s, rand_int8(0, 24), torch.rand(0), None, torch.float32).shape == (3, 0)
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda: ops.quantize_per_token(torch.ones(3, 4, dtype=torch.int32)), "dtype"),
     (lambda: ops.quantize_per_token(torch.ones(3)), "2-D"),
