@@ -110,11 +110,17 @@ def lib_name(kind: str) -> str:
     return f"ptqrt_{kind}_ext"
 
 
+def _in_checkout() -> bool:
+    """Whether the sources are a checkout's csrc/ (beside the package), not a wheel's shipped _csrc/."""
+    return csrc_dir() == Path(__file__).resolve().parent.parent / "csrc"
+
+
 def _aot(kind: str) -> Optional[str]:
-    """The ahead-of-time build's path, loaded; None where there is none, or where a source is newer
-    than it (an in-place build in a checkout whose csrc/ was edited since: the just-in-time build of
-    the current sources is used instead, and this says so). Checked before the import, which would
-    register the stale library's ops for good."""
+    """The ahead-of-time build's path, loaded; None where there is none, or, in a source checkout,
+    where a source is newer than it (an in-place build whose csrc/ was edited since: the just-in-time
+    build of the current sources is used instead, and this says so). Checked before the import, which
+    would register the stale library's ops for good. A wheel's library and its shipped _csrc/ are not
+    compared: pip writes the sources after the library, so they are always newer."""
     import importlib.util
 
     try:
@@ -124,7 +130,7 @@ def _aot(kind: str) -> Optional[str]:
     if spec is None or not spec.origin:
         return None
     built = os.path.getmtime(spec.origin)
-    newer = [p for p in sources(kind) + headers(kind) if p.stat().st_mtime > built]
+    newer = [p for p in sources(kind) + headers(kind) if p.stat().st_mtime > built] if _in_checkout() else []
     if newer:
         warnings.warn(f"ptqrt: the ahead-of-time {kind} extension {spec.origin} is older than {newer[0]}"
                       f"{f' and {len(newer) - 1} more sources' if len(newer) > 1 else ''}; using a just-in-time "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -372,12 +373,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run one command. Bad arguments, files or configs end it with status 2 and one line on stderr,
-    `ptqrt <cmd>: error: ...`, as argparse's own usage errors do."""
+    `ptqrt <cmd>: error: ...`, as argparse's own usage errors do (PTQRT_DEBUG=1: the traceback)."""
     p = parser()
     a = p.parse_args(argv)
     try:
         return a.fn(a)
     except (ValueError, OSError) as e:  # FormatError is a ValueError
+        if os.environ.get("PTQRT_DEBUG") == "1":  # the whole traceback, for a bug report
+            raise
         msg = " ".join(str(e).split())
         p.exit(2, f"ptqrt {a.cmd}: error: {msg}\n")
 

@@ -116,8 +116,9 @@ def test_damaged_library_is_rebuilt_not_loaded(tmp_path):
 
 
 def test_stale_ahead_of_time_build_gives_way(tmp_path, monkeypatch):
-    """An ahead-of-time library older than a source (built in place, csrc/ edited since) is not
-    imported: the just-in-time build of the current sources is used, with a warning."""
+    """In a checkout, an ahead-of-time library older than a source (built in place, csrc/ edited
+    since) is not imported: the just-in-time build of the current sources is used, with a warning. A
+    wheel's (pip writes its shipped sources after the library) is used whatever the times."""
     import importlib.machinery
     import importlib.util
     import time
@@ -129,6 +130,7 @@ def test_stale_ahead_of_time_build_gives_way(tmp_path, monkeypatch):
     lib.write_bytes(b"not loaded")
     spec = importlib.machinery.ModuleSpec("ptqrt._C_cpu", None, origin=str(lib))
     monkeypatch.setattr(_build, "csrc_dir", lambda: tmp_path / "csrc")
+    monkeypatch.setattr(_build, "_in_checkout", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "ptqrt._C_cpu" else None)
     imported = []
 
@@ -145,3 +147,6 @@ def test_stale_ahead_of_time_build_gives_way(tmp_path, monkeypatch):
     new = time.time() + 100  # built after every source: used
     os.utime(lib, (new, new))
     assert _build._aot("cpu") == str(lib) and imported == ["ptqrt._C_cpu"]
+    monkeypatch.setattr(_build, "_in_checkout", lambda: False)  # a wheel: times are not compared
+    os.utime(lib, (old, old))
+    assert _build._aot("cpu") == str(lib)

@@ -229,3 +229,15 @@ def test_tune_refuses_an_empty_ops_list(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the order of the refusals without a GPU")
 def test_tune_refuses_unknown_ops_before_looking_for_a_gpu(capsys):
     _refused(capsys, ["tune", "--ops", "w8a8_gemm", "gemm"], "tune", r"unknown ops \['gemm'\]")
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    """PTQRT_DEBUG=1: an error that is one line by default raises, with its traceback."""
+    from ptqrt import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["inspect", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "ptqrt inspect: error:" in capsys.readouterr().err
+    monkeypatch.setenv("PTQRT_DEBUG", "1")
+    with pytest.raises((OSError, ValueError)):
+        cli.main(["inspect", str(tmp_path / "nowhere")])

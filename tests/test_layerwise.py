@@ -582,6 +582,59 @@ def test_a_one_plus_gamma_norm_is_folded_exactly(monkeypatch):
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, before)  # folded, not refused
 
 
+def test_a_one_plus_gamma_norm_in_bf16_is_not_folded(monkeypatch):
+    """(1 + γ) / s - 1 cancels in bf16 (a Gemma block moved by up to 2.4% before any rounding of the
+    linears): there 1/s stays in the quantize op (smooth_scale), which divides in float32."""
+    model = _hf("vaultgemma")
+    _randomize_norms(model)
+    model = model.to(torch.bfloat16)
+    before = model.model.layers[0].input_layernorm.weight.detach().clone()
+    _smooth_only(model, [_ids()], monkeypatch)
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, before)
+    assert model.model.layers[0].self_attn.q_proj.smooth_scale is not None
+
+
+class _TupleCacheLayer(nn.Module):
+    """A layer in the transformers 4.3x style: (hidden, present) when use_cache, which the model's loop
+    collects by index."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = RMSNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, h, past_key_value=None, use_cache=False):
+        out = (h + self.fc(self.norm(h)),)
+        return out + ((h, h),) if use_cache else out
+
+
+class _TupleCacheModel(nn.Module):
+    def __init__(self, d=32, n=3):
+        super().__init__()
+        self.layers = nn.ModuleList(_TupleCacheLayer(d) for _ in range(n))
+
+    def forward(self, x, use_cache=True):
+        presents = ()
+        for layer in self.layers:
+            out = layer(x, past_key_value=None, use_cache=use_cache)
+            x = out[0]
+            if use_cache:
+                presents += (out[1],)
+        return x
+
+
+def test_capture_runs_layer_0_as_the_model_called_it():
+    """The capture pass runs layer 0 with the model's own arguments (cache and use_cache included), so
+    a loop that reads the present key/value from each layer's output works; the recorded calls (what
+    calibration replays) have no cache; no layer keeps an instance forward."""
+    torch.manual_seed(0)
+    model = _TupleCacheModel()
+    data = [torch.randn(2, 5, 32) for _ in range(2)]
+    quantize(model, PTQConfig(act_dtype="int8", act_granularity="per_tensor", outliers="smooth"), data, quiet=True)
+    assert all(isinstance(layer.fc, QuantLinear) for layer in model.layers)
+    assert not any("forward" in layer.__dict__ for layer in model.layers)
+
+
 @pytest.mark.parametrize("post", [False, True])
 def test_a_fold_that_changes_the_block_is_undone(post, monkeypatch):
     """BLOOM with apply_residual_connection_post_layernorm: the norm's output is also the residual,
