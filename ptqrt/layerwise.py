@@ -147,10 +147,11 @@ def _stand_in(i: int, n: int, real_forward, per_layer: list, state: dict):
 
 @torch.no_grad()
 def capture_layer_calls(model: nn.Module, lname: str, layers: nn.ModuleList, calib_data,
-                        quiet: bool) -> list[list[tuple[tuple, dict]]]:
+                        quiet: bool, reached: Optional[list] = None) -> list[list[tuple[tuple, dict]]]:
     """Per layer, per calibration sample, the (args, kwargs) the model calls the layer with, caches
     dropped (layer 0's with its input; later layers' with None for the hidden state). One pass that
-    runs layer 0 only. Layers the model never reaches are left off the end of the list."""
+    runs layer 0 only. Layers the model never reaches are left off the end of the list. reached, if
+    given, gets the index in calib_data of each sample whose calls were recorded."""
     from tqdm.auto import tqdm
 
     from .calibrate import model_device
@@ -172,6 +173,8 @@ def capture_layer_calls(model: nn.Module, lname: str, layers: nn.ModuleList, cal
             except _Captured:
                 pass
             orders.append(state["order"])
+            if reached is not None and state["order"]:
+                reached.append(len(orders) - 1)
     finally:
         for layer, f in zip(layers, saved):
             if f is None:
@@ -194,6 +197,22 @@ def _layers_reached(orders: list[list[int]], lname: str) -> int:
         raise ValueError(f"layer-by-layer calibration needs every sample to run the same layers; samples stopped "
                          f"after {sorted({len(o) for o in runs})} layers of {lname}")
     return len(runs[0])
+
+
+def _token_mask(sample) -> Optional[torch.Tensor]:
+    """The real (not padding) tokens of a calibration sample: its 2-D attention_mask as bool [B, T], or
+    None (no mask: every token counts)."""
+    mask = sample.get("attention_mask") if isinstance(sample, Mapping) else None
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _real_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] as rows [R, K], without the padding positions where `mask` [B, T] lines up with x's
+    leading dimensions (a layer's input [B, T, K]); every row otherwise."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    if mask is None or tuple(x.shape[:-1]) != tuple(mask.shape):
+        return x2
+    return x2[mask.reshape(-1).to(x2.device)]
 
 
 def _shared_params(model: nn.Module) -> set:
@@ -232,10 +251,14 @@ def _spread(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()]
 
 
-def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, device, quiet: bool) -> _Stats:
+def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, device, quiet: bool,
+             masks: Optional[list] = None) -> _Stats:
+    """Records what quantizing the targets needs from a float pass over `calls`; masks (one per call,
+    `_token_mask`) leave padding positions out of the observers, Hessians and OSL samples."""
     from tqdm.auto import tqdm
 
     st = _Stats()
+    cur = {"mask": None}
     handles = []
     first = [True]
     by_module = {}
@@ -258,9 +281,11 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
             return
         x = args[0] if args else next(iter(kwargs.values()))
         cfg = names[full]
-        x2 = x.detach().reshape(-1, x.shape[-1])
         if first[0]:
             st.input_key[full] = _key(x)
+        x2 = _real_rows(x, cur["mask"])
+        if not x2.shape[0]:
+            return
         st.observers[full].update(x2)
         if cfg.precision_recovery == "gptq":
             st.hessian[full], st.tokens[full] = gptq.accumulate_hessian(st.hessian.get(full), x2, st.tokens[full])
@@ -280,7 +305,8 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
         if _is_norm(mod):
             handles.append(mod.register_forward_hook(post))
     try:
-        for args, kwargs in tqdm(calls, desc="observing", unit="sample", disable=quiet, leave=False):
+        for i, (args, kwargs) in enumerate(tqdm(calls, desc="observing", unit="sample", disable=quiet, leave=False)):
+            cur["mask"] = masks[i] if masks else None
             block(*to_device(args, device), **to_device(kwargs, device))
             first[0] = False
     finally:
@@ -573,16 +599,18 @@ def _quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, s: Optiona
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Module, PTQConfig]],
-                   calls: list, device, quiet: bool, shared: frozenset = frozenset()) -> None:
+                   calls: list, device, quiet: bool, shared: frozenset = frozenset(),
+                   masks: Optional[list] = None) -> None:
     """Observe, smooth, calibrate and quantize every target inside `block` (names are model-global).
-    shared: ids of parameters the model reaches under several names (never folded into).
+    shared: ids of parameters the model reaches under several names (never folded into); masks: the
+    calls' real tokens (`_token_mask`; padding is left out of the statistics).
 
     Every decision is made and every QuantLinear built before the block changes, so an error leaves
     the block as it was; then the verified folds are written into their norms and the linears swapped."""
     from .quantize import set_submodule
 
     names = {n: c for n, (m, c) in targets.items()}
-    st = _observe(block, prefix, names, calls, device, quiet)
+    st = _observe(block, prefix, names, calls, device, quiet, masks)
     unseen = _unreached(st, names)
     plans = _plans(st, targets, unseen, prefix, shared)
     folds = _verified_folds(block, prefix, list(names), plans, calls, device)
@@ -598,7 +626,7 @@ def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Mo
 
 # ============================================================================ the driver
 def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, quiet: bool, shared: set,
-               want_outputs: bool) -> list:
+               want_outputs: bool, masks: Optional[list] = None) -> list:
     """Quantize one layer's targets on `device` and return its (quantized) hidden outputs for `calls`.
     The layer, and the float linears it had, go back to where they were whatever happens."""
     from .calibrate import model_device
@@ -609,7 +637,7 @@ def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, q
     try:
         layer.to(dev)
         if mine:
-            quantize_block(layer, prefix, mine, calls, dev, quiet, shared)
+            quantize_block(layer, prefix, mine, calls, dev, quiet, shared, masks)
         if not want_outputs:
             return []
         return [_hidden(layer(*to_device(a, dev), **to_device(k, dev))) for a, k in calls]
@@ -640,7 +668,9 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
     done = set()
     if stack is not None:
         lname, layers = stack
-        per_layer = capture_layer_calls(model, lname, layers, calib_data, quiet)
+        reached: list = []
+        per_layer = capture_layer_calls(model, lname, layers, calib_data, quiet, reached)
+        masks = [_token_mask(calib_data[j]) for j in reached]
         beyond = [n for n in targets if any(n.startswith(f"{lname}.{i}.") for i in range(len(per_layer), len(layers)))]
         if beyond:
             raise ValueError(f"calibration never reached {lname}.{len(per_layer)}, which holds {beyond[:4]}: "
@@ -650,7 +680,7 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
             prefix = f"{lname}.{i}"
             mine = {n: t for n, t in targets.items() if n.startswith(prefix + ".")}
             last = i + 1 == len(per_layer)
-            hidden = _run_layer(layer, prefix, mine, calls, device, quiet, shared, want_outputs=not last)
+            hidden = _run_layer(layer, prefix, mine, calls, device, quiet, shared, want_outputs=not last, masks=masks)
             done.update(mine)
             if not last:  # the next layer reads this (quantized) layer's outputs, with its own kwargs
                 calls = [_with_hidden(c, h) for c, h in zip(per_layer[i + 1], hidden)]
@@ -658,4 +688,5 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
     rest = {n: t for n, t in targets.items() if n not in done}
     if rest:
         home = model_device(model)
-        quantize_block(model, "", rest, [_as_call(s) for s in calib_data], home, quiet, shared)
+        quantize_block(model, "", rest, [_as_call(s) for s in calib_data], home, quiet, shared,
+                       [_token_mask(s) for s in calib_data])
