@@ -747,3 +747,13 @@ def test_generate_caps_growth_at_its_max_length(monkeypatch):
         t = n - int(st.lens.item())
         st.append(torch.randn(1, t, 2, 8), torch.randn(1, t, 2, 8))
         assert st.cols == cols, (n, st.cols)
+
+
+def test_a_requested_cache_implementation_is_kept_with_a_warning():
+    """generate(cache_implementation="static") makes a StaticCache, which is kept (the user asked for
+    it): the run stores float K/V, and says so instead of silently leaving the int8 cache out."""
+    model = make_model("llama")
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="StaticCache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")

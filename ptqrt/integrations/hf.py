@@ -32,6 +32,7 @@ import inspect
 import math
 import sys
 import types
+import warnings
 from collections.abc import Mapping
 from typing import Optional
 
@@ -602,6 +603,12 @@ def _prepare_cache_for_generation(self, *args, **kwargs):
             c = model_kwargs.get(n)
             if type(c) is DynamicCache and not getattr(c, "offloading", False):
                 model_kwargs[n] = Int8KVCache(self, max_length=length)
+            elif c is not None and not isinstance(c, Int8KVCache):
+                # a cache generate was asked for (cache_implementation="static", an offloaded one): kept
+                warnings.warn(f"ptqrt int8 KV cache: generate made a {type(c).__name__}, which this model keeps; "
+                              f"only the default DynamicCache is replaced by Int8KVCache, so this run stores float "
+                              f"keys and values (leave cache_implementation unset, or pass "
+                              f"past_key_values=Int8KVCache(model))", RuntimeWarning, stacklevel=3)
     return out
 
 
