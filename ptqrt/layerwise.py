@@ -387,12 +387,27 @@ def _plans(st: _Stats, targets: dict, unseen: set, prefix: str, shared: set) -> 
     plans = []
     for group in _groups(st, names):
         cfgs = [names[n] for n in group]
-        if group[0] in unseen or not all(c.outliers != "none" and c.act_dtype == "int8" for c in cfgs):
+        wants = [c.outliers != "none" and c.act_dtype == "int8" for c in cfgs]
+        _warn_mixed_group(group, cfgs, wants)
+        if group[0] in unseen or not all(wants):
             continue
         s = _group_scale(st, group, [targets[n][0] for n in group], cfgs[0])
         plans.append(_Plan(group, s, st.input_key.get(group[0])))
     _attach_norms(st, plans, prefix, shared)
     return plans
+
+
+def _warn_mixed_group(group: list[str], cfgs: list[PTQConfig], wants: list[bool]) -> None:
+    """Linears that read one input share one smoothing vector, so their policies cannot differ there:
+    say so when they do (smoothed only if every member asks for it, then as the first one asks)."""
+    if any(wants) and not all(wants):
+        warnings.warn(f"{group} read the same input and share one smoothing vector, but only some of their "
+                      f"configs ask for smoothing (outliers != 'none' with act_dtype='int8'): none of them is "
+                      f"smoothed; give them one policy", RuntimeWarning, stacklevel=4)
+    elif all(wants) and len({(c.outliers, c.smooth_alpha, c.act_granularity) for c in cfgs}) > 1:
+        warnings.warn(f"{group} read the same input and share one smoothing vector, but their configs differ in "
+                      f"outliers / smooth_alpha / act_granularity: {group[0]}'s decides it for all; give them one "
+                      f"policy", RuntimeWarning, stacklevel=4)
 
 
 def _attach_norms(st: _Stats, plans: list[_Plan], prefix: str, shared: set) -> None:

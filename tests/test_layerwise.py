@@ -702,3 +702,15 @@ def test_padding_is_left_out_of_the_statistics(config):
                     torch.testing.assert_close(x, y, rtol=1e-4, atol=0, msg=f"{name}.{buf}")
             # GPTQ's rounding follows the Hessian: codes off by one where float noise decides a tie
             assert (a.weight.int() - b.weight.int()).abs().float().mean() < 0.01, name
+
+
+@pytest.mark.parametrize("policy, match", [({"outliers": "none"}, "only some of their configs ask for smoothing"),
+                                           ({"outliers": "smooth", "smooth_alpha": 0.8}, "'s decides it for all")])
+def test_a_group_whose_policies_differ_is_warned_about(policy, match):
+    """q, k and v read one input and share one smoothing vector: a policy that sets k apart cannot
+    hold, and that is said rather than silently dropped or overridden."""
+    pytest.importorskip("transformers")
+    model = _hf("llama")
+    cfg = PTQConfig(outliers="smooth", layer_policies={r"k_proj": PTQConfig(**STATIC, **policy)}, **STATIC)
+    with pytest.warns(RuntimeWarning, match=match):
+        quantize(model, cfg, [_ids()], quiet=True)
