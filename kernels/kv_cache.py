@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import _max_propagate_nan, absmax_scale, cast_out, i8_to, nan_max_abs, to_int8
+from ._common import absmax_scale, cast_out, i8_to, nan_max, nan_max_abs, to_int8
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the softmax runs on exp2
 
@@ -181,7 +181,7 @@ def _decode_merge_kernel(o_part_ptr, lse_ptr, out_ptr, D, NUM_SPLITS, BLOCK_S: t
     d = tl.arange(0, BLOCK_D)
     s_ok = s < NUM_SPLITS
     lse = tl.load(lse_ptr + row * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
-    m = tl.reduce(lse, 0, _max_propagate_nan)  # a NaN slice makes the output NaN, as one split would
+    m = tl.reduce(lse, 0, nan_max)  # a NaN slice makes the output NaN, as one split would
     live = (lse > float("-inf")) | (lse != lse)
     w = tl.where(live, tl.math.exp2(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
     o = tl.load(o_part_ptr + (row * NUM_SPLITS + s)[:, None] * D + d[None, :],

@@ -22,7 +22,6 @@ struct Entry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
   const c10::StorageImpl* storage_raw;
   int64_t version;  // -1: an inference tensor's snapshot (no version counter to compare)
-  std::vector<int64_t> sizes;
   at::Tensor data;
   int64_t bytes;
 };
@@ -78,7 +77,7 @@ Cache& cache() {
 
 bool same_weight(const Entry& e, const at::Tensor& w) {
   const c10::StorageImpl* impl = w.storage().unsafeGetStorageImpl();
-  if (e.storage_raw != impl || e.sizes != w.sizes().vec()) return false;
+  if (e.storage_raw != impl) return false;  // (the shape is part of the key)
   if (e.version != (w.is_inference() ? -1 : static_cast<int64_t>(w._version()))) return false;
   const auto alive = e.storage.lock();  // expired or replaced by another storage at the same address
   return alive.get() == impl;
@@ -135,8 +134,8 @@ at::Tensor packed_weight(const at::Tensor& w, int layout, int64_t bytes,
     c.bytes -= it->second.bytes;
     c.entries.erase(it);
   }
-  c.entries.emplace(key, Entry{w.storage().getWeakStorageImpl(), w.storage().unsafeGetStorageImpl(), version,
-                               w.sizes().vec(), data, bytes});
+  c.entries.emplace(key, Entry{w.storage().getWeakStorageImpl(), w.storage().unsafeGetStorageImpl(), version, data,
+                               bytes});
   c.bytes += bytes;
   return data;
 }
