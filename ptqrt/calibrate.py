@@ -25,6 +25,12 @@ def to_device(sample, device: torch.device):
     return sample
 
 
+def token_mask(sample):
+    """A calibration sample's 2-D attention_mask [B, T] (1 for real tokens, 0 for padding), or None."""
+    mask = sample.get("attention_mask") if isinstance(sample, Mapping) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 def run_sample(model: nn.Module, sample):
     """model(sample) for a tensor, model(*sample) for a tuple/list, model(**sample) for a mapping."""
     if isinstance(sample, Mapping):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +20,6 @@ DEFAULT = Path(__file__).parent / "data" / "dispatch_default.json"
 SHIPPED = Path(__file__).parent / "data" / "tables"
 # Backends a table may name: those that run CUDA tensors ("reference" when neither compiled one loaded).
 TABLE_BACKENDS = ("triton", "cuda", "reference")
-_warned: set = set()
 
 
 class TableError(ValueError):
@@ -86,12 +84,6 @@ def read_table(path: Path, device_name: str | None) -> dict:
     return data["ops"]
 
 
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 def load_table(tuned: bool = True) -> dict:
     """{op: {bucket (str): backend}} for the current GPU: tuned here if present (and `tuned`), else
     shipped for this GPU name, else the shipped default, else {} (the built-in order, triton first). A
@@ -105,7 +97,10 @@ def load_table(tuned: bool = True) -> dict:
             try:
                 return read_table(path, device)
             except TableError as e:
-                _warn_once(f"ptqrt: {e}; using the next table (rerun `ptqrt tune` to replace it)")
+                from . import ops
+
+                msg = f"ptqrt: {e}; using the next table (rerun `ptqrt tune` to replace it)"
+                ops._warn_once(("table", msg), msg, stacklevel=3)
     return {}
 
 

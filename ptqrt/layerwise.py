@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .algorithms import gptq, osl, smoothquant
-from .calibrate import run_sample, to_device
+from .calibrate import run_sample, to_device, token_mask
 from .config import PTQConfig
 from .modules.linear import QuantLinear, is_quantizable, linear_weight
 from .observers import MinMaxObserver
@@ -200,10 +200,9 @@ def _layers_reached(orders: list[list[int]], lname: str) -> int:
 
 
 def _token_mask(sample) -> Optional[torch.Tensor]:
-    """The real (not padding) tokens of a calibration sample: its 2-D attention_mask as bool [B, T], or
-    None (no mask: every token counts)."""
-    mask = sample.get("attention_mask") if isinstance(sample, Mapping) else None
-    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    """The real (not padding) tokens of a calibration sample as bool [B, T], or None (every token counts)."""
+    mask = token_mask(sample)
+    return None if mask is None else mask.bool()
 
 
 def _real_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -263,8 +262,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
     first = [True]
     by_module = {}
     for full in names:
-        rel = full[len(prefix) + 1:] if prefix else full
-        by_module[block.get_submodule(rel)] = full
+        by_module[block.get_submodule(_rel(full, prefix))] = full
     # OSL keeps a share of every call's tokens, so its subsample spans the whole calibration set
     osl_share = -(-OSL_MAX_TOKENS // max(1, len(calls)))
 
@@ -376,8 +374,7 @@ def _members_and_ancestors(group: list[str], prefix: str) -> set:
     it too, as in BERT's post-norm blocks, makes the fold wrong)."""
     out = set()
     for full in group:
-        rel = full[len(prefix) + 1:] if prefix else full
-        parts = rel.split(".")
+        parts = _rel(full, prefix).split(".")
         out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return out
 

@@ -509,7 +509,7 @@ def calibrate_kv(model: nn.Module, calib_data, quiet: bool = False) -> dict[int,
     """{layer_idx: (k_absmax, v_absmax)}, float32 [Hkv, D] each, over every calibration token."""
     from tqdm.auto import tqdm
 
-    from ..calibrate import model_device, to_device
+    from ..calibrate import model_device, to_device, token_mask
 
     if isinstance(calib_data, (torch.Tensor, Mapping)):
         calib_data = [calib_data]
@@ -528,8 +528,7 @@ def calibrate_kv(model: nn.Module, calib_data, quiet: bool = False) -> dict[int,
             rec = cur
             extra = {name: rec, "use_cache": True}
             if isinstance(sample, Mapping):
-                mask = sample.get("attention_mask")
-                rec.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                rec.token_mask = token_mask(sample)
                 model(**{**sample, **extra})
             elif isinstance(sample, (tuple, list)):
                 model(*sample, **extra)
