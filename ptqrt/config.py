@@ -43,8 +43,11 @@ class PTQConfig:
     outliers: "none", "smooth" (SmoothQuant with smooth_alpha) or "osl" (alpha searched per layer).
     precision_recovery: "none" or "gptq"; gptq_act_order: quantize columns by decreasing Hessian
         diagonal (GPTQ's activation order; per-group scales then come from the original weights).
-    skip: module names not to quantize; each entry matches as a substring or as a regex (re.search).
-    layer_policies: {regex: PTQConfig} — the first regex that matches a module's name overrides the config.
+    skip: module names not to quantize. An entry made only of name characters (letters, digits, "_",
+        ".") is a name and matches as a literal substring, its dots plain dots ("layers.1." is layer 1, not
+        layers.10-19); any other entry is a regex (re.search), or matches as a substring.
+    layer_policies: {pattern: PTQConfig} — the first pattern (a name or a regex, matched as for skip)
+        that matches a module's name overrides the config.
         A policy sets how its layers are quantized; the model-wide fields (skip, layer_policies,
         kv_cache_dtype, kv_granularity) must keep their defaults in it.
     """
@@ -145,12 +148,12 @@ class PTQConfig:
         return self.kv_cache_dtype == "int8" and self.kv_granularity == "per_channel"
 
     def is_skipped(self, name: str) -> bool:
-        return any(s in name or re.search(s, name) for s in self.skip)
+        return any(matches(s, name) for s in self.skip)
 
     def for_layer(self, name: str) -> "PTQConfig":
         """The config that applies to module `name`: the first matching layer policy, else self."""
         for pat, sub in self.layer_policies.items():
-            if re.search(pat, name):
+            if matches(pat, name):
                 return sub
         return self
 
@@ -191,6 +194,18 @@ def _check_policy(pattern: str, sub: PTQConfig) -> None:
             raise ValueError(f"PTQConfig.layer_policies[{pattern!r}].{name}={getattr(sub, name)!r} would be ignored: "
                              f"a layer policy sets how its layers are quantized, and {name} applies to the whole "
                              f"model; {hint}")
+
+
+_NAME = re.compile(r"[\w.]+")
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether a skip / layer_policies entry selects module `name`: a plain name (letters, digits, "_",
+    ".") as a literal substring, where a regex's "." would also take "layers.1." to layers.10-19;
+    anything else as a regex (re.search) or a substring."""
+    if _NAME.fullmatch(pattern):
+        return pattern in name
+    return pattern in name or re.search(pattern, name) is not None
 
 
 def _compile(pattern: str, where: str):

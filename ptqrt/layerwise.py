@@ -462,18 +462,28 @@ def _fold(norm: nn.Module, s: torch.Tensor, offset: float) -> None:
         norm.bias.data = b
 
 
+def _restorer(norm: nn.Module):
+    """A function that gives `norm` back the weight and bias it holds now (_fold replaces the tensors),
+    on the device the norm is on when it runs (the layer may have gone back home since)."""
+    bias = getattr(norm, "bias", None)
+    w0, b0 = norm.weight.data, bias.data if isinstance(bias, torch.Tensor) else None
+
+    def restore() -> None:
+        norm.weight.data = w0.to(norm.weight.device)
+        if b0 is not None:
+            norm.bias.data = b0.to(norm.bias.device)
+    return restore
+
+
 @contextmanager
 def _folded(norm: nn.Module, s: torch.Tensor, offset: float):
     """norm with 1/s folded in, restored on the way out."""
-    bias = getattr(norm, "bias", None)
-    w0, b0 = norm.weight.data, bias.data if isinstance(bias, torch.Tensor) else None
+    restore = _restorer(norm)
     try:
         _fold(norm, s, offset)
         yield
     finally:
-        norm.weight.data = w0
-        if b0 is not None:
-            norm.bias.data = b0
+        restore()
 
 
 @torch.no_grad()
@@ -612,10 +622,11 @@ def _quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, s: Optiona
 @torch.no_grad()
 def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Module, PTQConfig]],
                    calls: list, device, quiet: bool, shared: frozenset = frozenset(),
-                   masks: Optional[list] = None) -> None:
+                   masks: Optional[list] = None, undo: Optional[list] = None) -> None:
     """Observe, smooth, calibrate and quantize every target inside `block` (names are model-global).
     shared: ids of parameters the model reaches under several names (never folded into); masks: the
-    calls' real tokens (`_token_mask`; padding is left out of the statistics).
+    calls' real tokens (`_token_mask`; padding is left out of the statistics); undo: a list that gets,
+    for every norm folded into, a function putting its weights back (quantize() runs them on failure).
 
     Every decision is made and every QuantLinear built before the block changes, so an error leaves
     the block as it was; then the verified folds are written into their norms and the linears swapped."""
@@ -631,6 +642,8 @@ def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Mo
     built = {full: _quantized(full, mod, cfg, st, scale.get(full), full in folded)
              for full, (mod, cfg) in targets.items()}
     for p in folds:
+        if undo is not None:
+            undo.append(_restorer(p.norm))
         _fold(p.norm, p.s, p.offset)
     for full, q in built.items():
         set_submodule(block, _rel(full, prefix), q)
@@ -638,7 +651,7 @@ def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Mo
 
 # ============================================================================ the driver
 def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, quiet: bool, shared: set,
-               want_outputs: bool, masks: Optional[list] = None) -> list:
+               want_outputs: bool, masks: Optional[list] = None, undo: Optional[list] = None) -> list:
     """Quantize one layer's targets on `device` and return its (quantized) hidden outputs for `calls`.
     The layer, and the float linears it had, go back to where they were whatever happens."""
     from .calibrate import model_device
@@ -649,7 +662,7 @@ def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, q
     try:
         layer.to(dev)
         if mine:
-            quantize_block(layer, prefix, mine, calls, dev, quiet, shared, masks)
+            quantize_block(layer, prefix, mine, calls, dev, quiet, shared, masks, undo)
         if not want_outputs:
             return []
         return [_hidden(layer(*to_device(a, dev), **to_device(k, dev))) for a, k in calls]
@@ -662,8 +675,10 @@ def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, q
 
 
 def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module, PTQConfig]], calib_data,
-                           quiet: bool = False, device=None) -> None:
-    """Quantize every target with calibration, one decoder layer at a time where the model has them."""
+                           quiet: bool = False, device=None, undo: Optional[list] = None) -> None:
+    """Quantize every target with calibration, one decoder layer at a time where the model has them.
+    An error part way leaves the layers before it quantized: quantize() puts back the float linears
+    (which `targets` holds) and runs `undo`, which gets a restoring function for every norm folded into."""
     from tqdm.auto import tqdm
 
     from .calibrate import model_device
@@ -692,7 +707,8 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
             prefix = f"{lname}.{i}"
             mine = {n: t for n, t in targets.items() if n.startswith(prefix + ".")}
             last = i + 1 == len(per_layer)
-            hidden = _run_layer(layer, prefix, mine, calls, device, quiet, shared, want_outputs=not last, masks=masks)
+            hidden = _run_layer(layer, prefix, mine, calls, device, quiet, shared, want_outputs=not last, masks=masks,
+                                undo=undo)
             done.update(mine)
             if not last:  # the next layer reads this (quantized) layer's outputs, with its own kwargs
                 calls = [_with_hidden(c, h) for c, h in zip(per_layer[i + 1], hidden)]
@@ -701,4 +717,4 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
     if rest:
         home = model_device(model)
         quantize_block(model, "", rest, [_as_call(s) for s in calib_data], home, quiet, shared,
-                       [_token_mask(s) for s in calib_data])
+                       [_token_mask(s) for s in calib_data], undo)

@@ -27,6 +27,29 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _roll_back(model: nn.Module, targets: dict, undo: list, err: BaseException) -> None:
+    """Put the float linears (still held by `targets`) back where QuantLinears replaced them, and run
+    `undo` in reverse. apply_int8_kv_cache, the last step, changes nothing when it fails. A restore
+    that fails itself is added to err's notes rather than hiding err."""
+    failed = []
+    for name, (mod, _) in targets.items():
+        try:
+            if model.get_submodule(name) is not mod:
+                set_submodule(model, name, mod)
+        except Exception as e:  # noqa: BLE001 - reported on err below
+            failed.append(f"{name}: {e}")
+    for restore in reversed(undo):
+        try:
+            restore()
+        except Exception as e:  # noqa: BLE001
+            failed.append(f"a folded norm: {e}")
+    if failed:
+        err.add_note(f"ptqrt.quantize failed part way, and {len(failed)} of its changes could not be undone "
+                     f"({failed[0]}{' ...' if len(failed) > 1 else ''}); reload the model")
+    else:
+        err.add_note("ptqrt.quantize failed part way; the model was put back as it was before the call")
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable] = None, *,
              quiet: bool = False, device=None) -> nn.Module:
@@ -38,7 +61,8 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     A single tensor or mapping (a dict, a tokenizer's BatchEncoding) is one input.
     Device and dtype of every layer are kept. Whatever can be checked without running the model (the
     config, group sizes, calibration data given where needed, the int8 KV cache's prerequisites) is
-    checked before the model is changed.
+    checked before the model is changed. An error (or KeyboardInterrupt) part way puts the model back
+    as it was: the float linears and any norm that smoothing folded into.
 
     With calibration (static W8A8, smooth/osl, gptq), decoder models are done one layer at a time:
     pass device="cuda" to run each layer there while the rest of the model stays where it is.
@@ -76,11 +100,12 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         raise ValueError("quantize: calib_data is empty: calibration needs at least one sample")
     was_training = model.training
     model.eval()
+    undo: list = []  # restoring functions for what is changed in place (norms folded into)
     try:
         if needs:
             from .layerwise import calibrate_and_quantize
 
-            calibrate_and_quantize(model, needs, calib_data, quiet=quiet, device=device)
+            calibrate_and_quantize(model, needs, calib_data, quiet=quiet, device=device, undo=undo)
         from tqdm.auto import tqdm
 
         rest = {n: t for n, t in targets.items() if n not in needs}
@@ -90,6 +115,9 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
             from .integrations import hf
 
             hf.apply_int8_kv_cache(model, config.kv_granularity, calib_data if kv_static else None, quiet=quiet)
+    except BaseException as e:  # an error or an interrupt part way: the model goes back as it was
+        _roll_back(model, targets, undo, e)
+        raise
     finally:
         model.train(was_training)
     model.ptqrt_config = config

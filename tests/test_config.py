@@ -63,6 +63,23 @@ def test_modes_and_policies():
     assert c.is_skipped("model.lm_head") and not c.is_skipped("layers.0.fc1")
 
 
+def test_a_plain_name_matches_literally_and_a_regex_as_a_regex():
+    """A dotted name's dots are dots: "layers.1." is layer 1 only (as a regex it also took layers.10-19,
+    and "layers.1.q" took "layers.1_q"); a pattern with other characters is still a regex."""
+    c = PTQConfig(skip=["model.layers.1.", "lm_head"],
+                  layer_policies={"layers.2.mlp": PTQConfig(weight_granularity="per_group", group_size=64),
+                                  r"layers\.[0-9]+\.attn\.o$": PTQConfig(act_dtype="int8")})
+    assert c.is_skipped("model.layers.1.mlp.fc") and c.is_skipped("model.lm_head")
+    for name in ("model.layers.10.mlp.fc", "model.layers.19.attn", "model.layers.11.x"):
+        assert not c.is_skipped(name), name
+    assert c.for_layer("model.layers.2.mlp.fc").weight_granularity == "per_group"
+    assert c.for_layer("model.layers.2xmlp.fc") is c
+    assert c.for_layer("model.layers.12.attn.o").act_dtype == "int8"
+    assert c.for_layer("model.layers.12.attn.q") is c
+    assert PTQConfig(skip=["^embed", "fc[12]$"]).is_skipped("layers.0.fc2")
+    assert not PTQConfig(skip=["^embed"]).is_skipped("model.embed")
+
+
 def test_dict_round_trip():
     c = PTQConfig(act_dtype="int8", skip=["lm_head", "^embed"], layer_policies={"fc2": {"group_size": 0}})
     d = c.to_dict()

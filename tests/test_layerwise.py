@@ -714,3 +714,89 @@ def test_a_group_whose_policies_differ_is_warned_about(policy, match):
     cfg = PTQConfig(outliers="smooth", layer_policies={r"k_proj": PTQConfig(**STATIC, **policy)}, **STATIC)
     with pytest.warns(RuntimeWarning, match=match):
         quantize(model, cfg, [_ids()], quiet=True)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fail_at(monkeypatch, when, exc):
+    """Make layerwise's QuantLinear builder raise `exc` at the `when`-th target it builds (0-based)."""
+    real, seen = layerwise._quantized, []
+
+    def failing(full, *a, **k):
+        seen.append(full)
+        if len(seen) == when + 1:
+            raise exc
+        return real(full, *a, **k)
+
+    monkeypatch.setattr(layerwise, "_quantized", failing)
+    return seen
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+@pytest.mark.parametrize("outliers", ["smooth", "none"])
+def test_a_failure_in_a_later_layer_puts_the_whole_model_back(exc, outliers, monkeypatch):
+    """Layers 0 and 1 are quantized (and, with smoothing, their norms folded into) before layer 2
+    fails: quantize() undoes all of it, whether an error or an interrupt stopped it."""
+    model = Stack(PreNormLayer).eval()
+    _randomize_norms(model)
+    x = _calib()[0]
+    ref, before = model(x), _state(model)
+    modules = dict(model.named_modules())
+    seen = _fail_at(monkeypatch, 2 * 7, exc)  # 7 targets a layer: the first of layer 2
+    with pytest.raises(type(exc)) as info:
+        quantize(model, PTQConfig(outliers=outliers, **STATIC), _calib(), quiet=True)
+    assert seen[-1] == "layers.2.q"
+    assert any("put back as it was" in n for n in getattr(info.value, "__notes__", []))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(model.get_submodule(n) is m for n, m in modules.items())
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(model(x), ref)
+    # and the same model quantizes afterwards
+    monkeypatch.undo()
+    q = quantize(model, PTQConfig(outliers=outliers, **STATIC), _calib(), quiet=True)
+    assert isinstance(q.layers[2].q, QuantLinear) and _rel(q(x), ref) < 0.05
+
+
+def test_a_failure_after_the_calibrated_layers_puts_them_back(monkeypatch):
+    """The dynamic layers outside calibration are swapped after the calibrated ones: a failure there
+    puts back both."""
+    model = Stack(PreNormLayer).eval()
+    x = _calib()[0]
+    ref = model(x)
+    real = QuantLinear.from_float
+    calls = []
+
+    def failing(mod, cfg, *a, **k):
+        calls.append(k.get("name"))
+        if k.get("name") == "inp":
+            raise RuntimeError("boom")
+        return real(mod, cfg, *a, **k)
+
+    monkeypatch.setattr(QuantLinear, "from_float", failing)
+    cfg = PTQConfig(act_dtype="int8", layer_policies={r"^layers\.": PTQConfig(**STATIC)})
+    with pytest.raises(RuntimeError, match="boom"):
+        quantize(model, cfg, _calib(), quiet=True)
+    assert "layers.2.down" in calls and calls[-1] == "inp"
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert torch.equal(model(x), ref)
+
+
+def test_a_folded_norm_goes_back_to_its_own_device(monkeypatch):
+    """A restored norm weight lands on the device its layer is on after the failure (the layer was on
+    `device` while its norm was folded into, then went back home)."""
+    model = Stack(PreNormLayer).eval()
+    _randomize_norms(model)
+    norm = model.layers[0].in_norm
+    w0 = norm.weight.detach().clone()
+    _fail_at(monkeypatch, 7, RuntimeError("boom"))
+    with pytest.raises(RuntimeError):
+        quantize(model, PTQConfig(outliers="smooth", **STATIC), _calib(), quiet=True, device="cpu")
+    assert norm.weight.device.type == "cpu" and torch.equal(norm.weight, w0)
+    restore = layerwise._restorer(norm)
+    norm.to("meta")  # stands in for "the norm is elsewhere now"
+    restore()
+    assert norm.weight.device.type == "meta"
