@@ -25,6 +25,15 @@ ARCHS = {
     "mistral": lambda: _llama_like("MistralForCausalLM", "MistralConfig", sliding_window=None),
     "gpt2": lambda: (transformers.GPT2LMHeadModel,
                      transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    # sliding-window layers (window 8 < the 13 tokens generated), logit softcapping, (1 + γ) norms
+    "gemma2": lambda: _llama_like("Gemma2ForCausalLM", "Gemma2Config", head_dim=16, sliding_window=8),
+    "phi3": lambda: _llama_like("Phi3ForCausalLM", "Phi3Config", pad_token_id=0),  # fused qkv / gate_up
+    "mixtral": lambda: _llama_like("MixtralForCausalLM", "MixtralConfig", num_local_experts=4,
+                                   num_experts_per_tok=2),  # experts
+    "gpt_neox": lambda: (transformers.GPTNeoXForCausalLM,  # parallel residual, fused qkv, partial rotary
+                         transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    max_position_embeddings=128)),
     "opt": lambda: (transformers.OPTForCausalLM,
                     transformers.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)),
@@ -64,14 +73,14 @@ def test_quantize_generate_round_trip(arch, cfg_name, tmp_path):
     assert len(qlin) >= 2 * 4 and not any("lm_head" in n for n in qlin), qlin  # GPT-2's Conv1D too
     logits = q(ids).logits
     assert ((logits - ref_logits).norm() / ref_logits.norm()) < 0.1
-    out = q.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    out = q.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     assert out.sequences.shape == (1, 13)
     if cfg.kv_cache_dtype == "int8":
         assert isinstance(out.past_key_values, Int8KVCache)
     save_quantized(q, tmp_path)
     loaded = load_quantized(_build(arch, seed=7), tmp_path)
     assert torch.equal(loaded(ids).logits, logits)
-    again = loaded.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    again = loaded.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     assert torch.equal(again.sequences, out.sequences)
     if cfg.kv_cache_dtype == "int8":
         assert isinstance(again.past_key_values, Int8KVCache)
