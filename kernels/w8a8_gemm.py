@@ -1,7 +1,7 @@
 """W8A8 GEMM: int8 x int8 tensor-core dots into an exact int32 accumulator, dequant fused.
 
     y[m, n] = (float32(acc[m, n]) * x_scale[m]) * w_scale[n] + bias[n], cast to out_dtype
-    acc[m, n] = sum_k x_q[m, k] * w_q[n, k]   (int32, exact for K <= 131,071)
+    acc[m, n] = sum_k x_q[m, k] * w_q[n, k]   (int32, exact for K <= ptqrt.reference.MAX_K_INT32)
 
     x_q int8 [M, K] row-major; w_q int8 [N, K] row-major (the nn.Linear layout, K contiguous, which
     is the K-major B operand that int8 MMA/WGMMA wants); x_scale float32 [M] (per token) or [1]

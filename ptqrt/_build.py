@@ -8,6 +8,9 @@ the size and SHA-256 the marker recorded (truncated or damaged since: loading it
 process with SIGBUS), is wiped and rebuilt. A failed build prints one message, with the compiler's
 first error, and returns None, so the `auto` backend falls back to `reference`.
 
+Each digest gets its own folder, so a change of sources, flags, torch or Python leaves the old one
+behind: `clean_cache` (`ptqrt build --clean`) removes every build but the current sources'.
+
 The compiled libraries register their ops with TORCH_LIBRARY under ``ptqrt_cpu`` / ``ptqrt_cuda``.
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ import sys
 import sysconfig
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -162,6 +165,37 @@ def _finished(so: Path, done: Path) -> bool:
     return isinstance(recorded, dict) and recorded.get("bytes") == so.stat().st_size and recorded == _fingerprint(so)
 
 
+def _lock_path(build_dir: Path) -> Path:
+    return build_dir.with_name(build_dir.name + ".lock")
+
+
+def _open_lock(path: Path):
+    """The lock file at `path`, opened for flock (created if absent; a symbolic link is refused)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666), "w")
+
+
+def _acquire(path: Path, f, blocking: bool = True):
+    """flock `f`, the lock file opened at `path`; returns the locked file, or None (f closed) where
+    blocking=False and another process holds the lock. clean_cache unlinks a lock file while holding
+    it, so a process that waited on it wakes holding a lock nobody else can see: it then opens and
+    locks the file now at `path` instead, so two processes never hold "the" lock of one folder."""
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.close()
+            return None
+        try:
+            now = os.stat(path, follow_symlinks=False)
+            held = os.fstat(f.fileno())
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+        f = _open_lock(path)
+
+
 def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
     """Build (or reuse) the extension in the cache under a file lock; return the library's path.
     allow_build=False only loads a finished build of these sources (PTQRT_NO_BUILD=1) and raises if
@@ -184,15 +218,16 @@ def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
                 cpp_extension.CUDA_HOME = "/usr/local/cuda"
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         build_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = _lock_path(build_dir)
     try:
-        lock = open(str(build_dir) + ".lock", "w")
+        lock = _open_lock(lock_path)
     except OSError:
         if allow_build:
             raise
         lock = None  # a read-only (or absent) cache: nobody builds there either
     try:
         if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then reuse its result
+            lock = _acquire(lock_path, lock)  # one builder at a time; the others wait, then reuse its result
         if _finished(so, done):
             torch.ops.load_library(str(so))
         elif not allow_build:
@@ -209,10 +244,71 @@ def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
                                verbose=verbose, **_flags(kind))
             done.write_text(json.dumps(_fingerprint(so)))
     finally:
-        if lock is not None:
+        if lock is not None and not lock.closed:
             fcntl.flock(lock, fcntl.LOCK_UN)
             lock.close()
     return str(so)
+
+
+_BUILD_NAME = re.compile(rf"({'|'.join(KINDS)})-[0-9a-f]{{16}}")
+
+
+class Cleaned(NamedTuple):
+    """What clean_cache did: folders removed, folders skipped because a process holds their lock (a
+    build, or a load, in progress), and the bytes the removed ones held."""
+
+    removed: list[Path]
+    busy: list[Path]
+    freed: int
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (a symbolic link counts as itself: os.walk follows none)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def clean_cache(keep_current: bool = True) -> Cleaned:
+    """Remove the just-in-time builds in cache_root() that the current sources no longer use: every
+    folder named `cpu-<16 hex>` or `cuda-<16 hex>` with its `.lock` file (and a `.lock` file left
+    without its folder), except, with keep_current, the folders of the current digests of both kinds.
+    Builds for another torch or Python (a second environment sharing the cache) count as stale: that
+    environment rebuilds on its next use. Nothing else is touched: other names, symbolic links and
+    plain files stay, and nothing outside cache_root() is followed. Each folder's lock is taken without
+    waiting first; a folder whose lock another process holds is left and reported in `busy`."""
+    root = cache_root()
+    if not root.is_dir():
+        return Cleaned([], [], 0)
+    keep = {f"{k}-{_digest(k)}" for k in KINDS} if keep_current else set()
+    stems = {p.name[: -len(".lock")] if p.name.endswith(".lock") else p.name for p in root.iterdir()}
+    removed, busy, freed = [], [], 0
+    for stem in sorted(s for s in stems if _BUILD_NAME.fullmatch(s) and s not in keep):
+        folder, lock_path = root / stem, _lock_path(root / stem)
+        if (folder.is_symlink() or lock_path.is_symlink() or (folder.exists() and not folder.is_dir())
+                or (lock_path.exists() and not lock_path.is_file())):
+            continue  # not what _jit makes: left alone
+        lock = _acquire(lock_path, _open_lock(lock_path), blocking=False)
+        if lock is None:
+            busy.append(folder)
+            continue
+        try:
+            if folder.is_dir():
+                size = _tree_bytes(folder)
+                shutil.rmtree(folder)
+                freed += size
+                removed.append(folder)
+            else:
+                removed.append(lock_path)  # a lock file whose folder is gone
+            os.unlink(lock_path)  # while still holding it: see _acquire
+        finally:
+            lock.close()
+    return Cleaned(removed, busy, freed)
 
 
 def build(kind: str, verbose: bool = False) -> str:

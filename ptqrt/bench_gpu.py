@@ -79,6 +79,11 @@ TARGETS = (
 TWIN_TARGET = ("cuda", "triton", 0.95)
 
 
+class NoCudaDevice(RuntimeError):
+    """A GPU benchmark or tuning run asked for on a machine where no CUDA device is visible (`ptqrt`
+    and ``python -m ptqrt.bench_gpu`` report it in one line with status 2, as they do bad arguments)."""
+
+
 FLUSH = "read"  # how do_bench's L2 flush runs: "read" (its buffer read; clean L2) or "write" (do_bench's own)
 FLUSHES = ("read", "write")
 _MISSING = object()
@@ -712,10 +717,12 @@ def run_gpu_bench(ops: Optional[Iterable[str]] = None, quick: bool = False, plot
                   out_dir="bench/results", backends=("triton",), flush: str = "read") -> list[dict]:
     """Benchmark `ops` (default: all) of each backend against the peers on the current CUDA device;
     print a table, write JSON/CSV (and a PNG with plot=True) to out_dir, return the rows. `flush`:
-    how the L2 is flushed before each timed call (FLUSHES; module docstring)."""
+    how the L2 is flushed before each timed call (FLUSHES; module docstring). Bad arguments raise
+    ValueError, a machine without a CUDA device NoCudaDevice, before anything is measured."""
     ops = check_args(ops, backends, flush)
     if not torch.cuda.is_available():
-        raise RuntimeError("ptqrt bench: the GPU benchmarks need a CUDA device")
+        raise NoCudaDevice("the GPU benchmarks need a CUDA device, and none is visible (`ptqrt bench --cpu` "
+                           "times the CPU backend)")
     with _flush_as(flush):
         return _run(ops, quick, plot, out_dir, backends)
 
@@ -806,14 +813,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     ops = [o for o in a.ops.split(",") if o] or None
     backends = tuple(b for b in a.backends.split(",") if b)
-    try:  # bad arguments and a missing GPU: one line and status 2, before anything is measured
-        check_args(ops, backends, a.flush)
-        if not torch.cuda.is_available():
-            raise ValueError("the GPU benchmarks need a CUDA device, and none is visible (`ptqrt bench --cpu` "
-                             "times the CPU backend)")
-    except ValueError as e:
+    try:  # bad arguments and a missing GPU (run_gpu_bench checks both first): one line and status 2
+        run_gpu_bench(ops, a.quick, a.plot, a.out_dir, backends, a.flush)
+    except (ValueError, NoCudaDevice) as e:
+        if os.environ.get("PTQRT_DEBUG") == "1":  # the whole traceback, as `ptqrt` gives it
+            raise
         ap.exit(2, f"{ap.prog}: error: {e}\n")
-    run_gpu_bench(ops, a.quick, a.plot, a.out_dir, backends, a.flush)
     return 0
 
 

@@ -276,23 +276,40 @@ def cmd_eval(a) -> int:
 
 
 def cmd_tune(a) -> int:
-    import torch
-
     from . import tune
 
-    tune.op_names(a.ops)  # a bad --ops is refused before the GPU is looked for
-    if not torch.cuda.is_available():
-        raise ValueError("needs a CUDA GPU: it times the triton and cuda kernels on the GPU whose dispatch table "
-                         "it writes, and none is visible")
-
-    path = tune.tune(ops=a.ops, quick=a.quick, mode=a.mode)
+    path = tune.tune(ops=a.ops, quick=a.quick, mode=a.mode)  # refuses bad ops, then a machine without a GPU
     print(f"wrote the dispatch table {path}; set_backend('auto') uses it from now on")
     return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n:,} bytes)" if n >= 2**20 else f"{n:,} bytes"
+
+
+def clean_builds() -> None:
+    """`ptqrt build --clean`: remove the stale just-in-time builds, saying what went and what stayed."""
+    from . import _build
+
+    root = _build.cache_root()
+    done = _build.clean_cache()
+    for path in done.removed:
+        print(f"removed {path}")
+    for path in done.busy:
+        print(f"skipped {path}: another process holds its lock (a build or load in progress); run again later")
+    if done.removed:
+        print(f"freed {_size(done.freed)} in {root}")
+    elif not done.busy:
+        print(f"nothing to remove in {root}: it holds no build but the current sources'")
 
 
 def cmd_build(a) -> int:
     from . import _build
 
+    if a.clean:
+        clean_builds()
+        if not (a.cpu or a.cuda):
+            return 0
     kinds = [k for k in ("cpu", "cuda") if getattr(a, k)] or ["cpu"]
     rc = 0
     for kind in kinds:
@@ -367,18 +384,25 @@ def parser() -> argparse.ArgumentParser:
     bl.add_argument("--cpu", action="store_true")
     bl.add_argument("--cuda", action="store_true")
     bl.add_argument("--verbose", action="store_true")
+    bl.add_argument("--clean", action="store_true",
+                    help="remove the just-in-time builds of other sources (or another torch / Python) from the "
+                         "build cache; with --cpu / --cuda, build after")
     bl.set_defaults(fn=cmd_build)
     return p
 
 
 def main(argv=None) -> int:
-    """Run one command. Bad arguments, files or configs end it with status 2 and one line on stderr,
-    `ptqrt <cmd>: error: ...`, as argparse's own usage errors do (PTQRT_DEBUG=1: the traceback)."""
+    """Run one command. Bad arguments, files or configs, and a GPU command on a machine without a GPU,
+    end it with status 2 and one line on stderr, `ptqrt <cmd>: error: ...`, as argparse's own usage
+    errors do (PTQRT_DEBUG=1: the traceback). The checks are the callees' own (tune.tune,
+    bench_gpu.run_gpu_bench, ...): a Python caller gets the same refusals."""
+    from .bench_gpu import NoCudaDevice
+
     p = parser()
     a = p.parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, OSError) as e:  # FormatError is a ValueError
+    except (ValueError, OSError, NoCudaDevice) as e:  # FormatError is a ValueError
         if os.environ.get("PTQRT_DEBUG") == "1":  # the whole traceback, for a bug report
             raise
         msg = " ".join(str(e).split())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,19 +85,27 @@ def read_table(path: Path, device_name: str | None) -> dict:
     return data["ops"]
 
 
-def load_table(tuned: bool = True) -> dict:
+def load_table(tuned: bool = True, replacing: bool = False) -> dict:
     """{op: {bucket (str): backend}} for the current GPU: tuned here if present (and `tuned`), else
     shipped for this GPU name, else the shipped default, else {} (the built-in order, triton first). A
     file that cannot be read, or is not a table for this GPU (`check_table`), is skipped with one
     warning naming it and what is wrong; the next in that order is used. An op or bucket the table
-    lacks takes the built-in order."""
+    lacks takes the built-in order.
+
+    replacing=True is `ptqrt tune`'s read, just before it writes this GPU's tuned table: an unusable
+    tuned table is said to be replaced, at every call (not once per process)."""
     name = current_gpu_name()
-    candidates = ([(table_path(name), name)] if name and tuned else []) + ([(shipped_path(name), name)] if name else [])
+    mine = table_path(name) if name and tuned else None
+    candidates = ([(mine, name)] if mine else []) + ([(shipped_path(name), name)] if name else [])
     for path, device in candidates + [(DEFAULT, None)]:
         if path.is_file():
             try:
                 return read_table(path, device)
             except TableError as e:
+                if replacing and path == mine:
+                    warnings.warn(f"ptqrt.tune: {e}; replacing it (the ops not timed now take the shipped table's "
+                                  f"choice)", RuntimeWarning, stacklevel=4)
+                    continue
                 from . import ops
 
                 msg = f"ptqrt: {e}; using the next table (rerun `ptqrt tune` to replace it)"

@@ -85,14 +85,7 @@ def _table_in_use(device_name: str) -> dict:
     than losing the timings just taken: the shipped table's rows stand in for it."""
     if dispatch_table.current_gpu_name() != device_name:
         return {}
-    path = dispatch_table.table_path(device_name)
-    if path.is_file():
-        try:
-            return dispatch_table.read_table(path, device_name)
-        except dispatch_table.TableError as e:
-            warnings.warn(f"ptqrt.tune: {e}; replacing it (the ops not timed now take the shipped table's choice)",
-                          RuntimeWarning, stacklevel=3)
-    return dispatch_table.load_table(tuned=False)
+    return dispatch_table.load_table(replacing=True)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -189,13 +182,17 @@ def op_names(ops: Optional[Iterable[str]]) -> list:
 
 def tune(ops: Optional[Iterable[str]] = None, quick: bool = False, mode: str = "eager") -> Path:
     """Measure every available backend of every op (or of `ops`) per M-bucket on the current GPU,
-    write the dispatch table for this GPU and return its path. Needs a CUDA GPU. mode: "eager"
-    (back-to-back eager calls, launch cost included) or "kernel" (do_bench, L2 flushed)."""
+    write the dispatch table for this GPU and return its path. mode: "eager" (back-to-back eager
+    calls, launch cost included) or "kernel" (do_bench, L2 flushed). Refuses, before timing anything,
+    a bad mode or op list (ValueError), then a machine without a CUDA GPU (bench_gpu.NoCudaDevice, a
+    RuntimeError)."""
     if mode not in MODES:
         raise ValueError(f"ptqrt.tune: mode must be one of {', '.join(MODES)}; got {mode!r}")
     names = op_names(ops)
     if not torch.cuda.is_available():
-        raise RuntimeError("ptqrt.tune needs a CUDA GPU: it times the triton and cuda kernels on the device "
+        from .bench_gpu import NoCudaDevice
+
+        raise NoCudaDevice("ptqrt.tune needs a CUDA GPU: it times the triton and cuda kernels on the device "
                            "whose dispatch table it writes, and no CUDA device is visible")
     device = torch.device("cuda")
     providers = {b: _ops._provider(b, device) for b in CANDIDATES}

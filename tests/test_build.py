@@ -150,3 +150,115 @@ def test_stale_ahead_of_time_build_gives_way(tmp_path, monkeypatch):
     monkeypatch.setattr(_build, "_in_checkout", lambda: False)  # a wheel: times are not compared
     os.utime(lib, (old, old))
     assert _build._aot("cpu") == str(lib)
+
+
+# ----------------------------------------------------------------------------- ptqrt build --clean
+def _fake_build(root, name, nbytes=1000):
+    """A build folder as _jit leaves one: the library, its marker, and the lock file beside it."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / f"{name.split('-')[0]}.so").write_bytes(b"x" * nbytes)
+    (folder / "BUILD_OK").write_text("")
+    (root / f"{name}.lock").touch()
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty temporary build cache with a finished build of the current sources of each kind."""
+    monkeypatch.setenv("PTQRT_CACHE_DIR", str(tmp_path / "cache"))
+    root = _build.cache_root()
+    root.mkdir(parents=True)
+    current = [_fake_build(root, f"{kind}-{_build._digest(kind)}") for kind in _build.KINDS]
+    return root, current
+
+
+def test_clean_removes_stale_builds_and_keeps_current_and_foreign_ones(cache, tmp_path):
+    root, current = cache
+    stale = [_fake_build(root, "cpu-0123456789abcdef", 3000), _fake_build(root, "cuda-fedcba9876543210", 5000)]
+    (root / "cpu-aaaaaaaaaaaaaaaa.lock").touch()  # a lock file left without its folder
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.so").write_bytes(b"y" * 100)
+    foreign = [root / "cpu-0123456789ABCDEF", root / "cpu-0123456789abcdef0", root / "rocm-0123456789abcdef",
+               root / "cpu-0123456789abcde", root / "other"]
+    for f in foreign:
+        f.mkdir()
+        (f / "data").write_bytes(b"z")
+    (root / "notes.txt").write_text("mine")
+    (root / "cuda-1111111111111111").write_text("a file, not a build folder")
+    (root / "cpu-2222222222222222").symlink_to(outside, target_is_directory=True)  # never followed
+    (root / "cpu-3333333333333333.lock").symlink_to(outside / "keep.so")
+
+    done = _build.clean_cache()
+    assert sorted(done.removed) == sorted(stale + [root / "cpu-aaaaaaaaaaaaaaaa.lock"])
+    assert done.busy == [] and done.freed == 3000 + 5000  # the markers are empty
+    assert not any(p.exists() for p in stale) and not (root / "cpu-0123456789abcdef.lock").exists()
+    assert not (root / "cpu-aaaaaaaaaaaaaaaa.lock").exists()
+    for folder in current:
+        assert (folder / "BUILD_OK").exists() and (root / f"{folder.name}.lock").exists()
+    assert all((f / "data").exists() for f in foreign) and (root / "notes.txt").exists()
+    assert (root / "cuda-1111111111111111").is_file() and (root / "cpu-2222222222222222").is_symlink()
+    assert (root / "cpu-3333333333333333.lock").is_symlink() and (outside / "keep.so").read_bytes() == b"y" * 100
+    assert _build.clean_cache() == ([], [], 0)
+    # keep_current=False: the current builds go too.
+    assert sorted(_build.clean_cache(keep_current=False).removed) == sorted(current)
+
+
+def test_clean_skips_a_build_whose_lock_is_held(cache):
+    """A folder whose lock another process holds (a build or load in progress) is left, reported busy.
+    flock locks belong to an open file description, so a second open here conflicts like another process."""
+    import fcntl
+
+    root, _ = cache
+    busy = _fake_build(root, "cpu-0123456789abcdef")
+    stale = _fake_build(root, "cuda-0123456789abcdef")
+    with open(root / f"{busy.name}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = _build.clean_cache()
+        assert done.removed == [stale] and done.busy == [busy]
+        assert (busy / "BUILD_OK").exists() and (root / f"{busy.name}.lock").exists()
+    assert _build.clean_cache().removed == [busy]
+
+
+def test_clean_skips_a_build_locked_by_another_process(cache):
+    root, _ = cache
+    busy = _fake_build(root, "cpu-0123456789abcdef")
+    code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'w')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(root / f"{busy.name}.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _build.clean_cache().busy == [busy] and busy.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _build.clean_cache().removed == [busy]
+
+
+def test_a_lock_removed_by_clean_while_waited_on_is_taken_afresh(tmp_path):
+    """clean_cache unlinks a lock file while it holds it; a builder that was waiting on that file then
+    holds a lock no newcomer sees, so it locks the file now at the path instead (two builders in one
+    folder otherwise)."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "cpu-0123456789abcdef.lock"
+    cleaner = _build._open_lock(path)
+    fcntl.flock(cleaner, fcntl.LOCK_EX)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(_build._acquire(path, _build._open_lock(path))))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive()  # waiting on the cleaner's lock
+    os.unlink(path)
+    cleaner.close()
+    waiter.join(10)
+    lock = got[0]
+    try:
+        assert os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino  # the file at the path, locked
+        newcomer = _build._acquire(path, _build._open_lock(path), blocking=False)
+        assert newcomer is None  # so a newcomer waits for it
+    finally:
+        lock.close()

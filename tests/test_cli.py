@@ -241,3 +241,77 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PTQRT_DEBUG", "1")
     with pytest.raises((OSError, ValueError)):
         cli.main(["inspect", str(tmp_path / "nowhere")])
+
+
+def test_tune_relies_on_tune_for_its_checks(monkeypatch, capsys):
+    """`ptqrt tune` refuses what tune.tune refuses (its checks, its messages), in one line with status 2;
+    it does not look for the GPU itself."""
+    from ptqrt import bench_gpu, tune
+
+    seen = []
+
+    def fake_tune(ops=None, quick=False, mode="eager"):
+        seen.append((ops, quick, mode))
+        raise bench_gpu.NoCudaDevice("ptqrt.tune needs a CUDA GPU: faked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    _refused(capsys, ["tune", "--quick", "--ops", "w8a8_gemm"], "tune", "ptqrt.tune needs a CUDA GPU: faked")
+    assert seen == [(["w8a8_gemm"], True, "eager")]
+
+
+def test_bench_gpu_main_relies_on_run_gpu_bench_for_its_checks(monkeypatch, capsys):
+    """`python -m ptqrt.bench_gpu` reports run_gpu_bench's refusals (bad arguments: ValueError; no GPU:
+    NoCudaDevice) in one line with status 2, and does not check them a second time itself."""
+    from ptqrt import bench_gpu
+
+    seen = []
+
+    def fake_run(*args):
+        seen.append(args)
+        raise bench_gpu.NoCudaDevice("faked: no device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_gpu, "run_gpu_bench", fake_run)
+    with pytest.raises(SystemExit) as e:
+        bench_gpu.main(["--quick", "--backends", "cuda"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "python -m ptqrt.bench_gpu: error: faked: no device\n", err
+    assert seen == [(None, True, False, "bench/results", ("cuda",), "read")]
+
+
+def test_run_gpu_bench_without_a_gpu_raises_no_cuda_device(monkeypatch):
+    from ptqrt import bench_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(bench_gpu.NoCudaDevice, match=r"need a CUDA device, and none is visible \(`ptqrt bench --cpu`"):
+        bench_gpu.run_gpu_bench(quick=True)
+    assert issubclass(bench_gpu.NoCudaDevice, RuntimeError)  # what run_gpu_bench and tune.tune raised before
+
+
+# ----------------------------------------------------------------------------- build --clean
+def test_build_clean_reports_what_it_removed_and_builds_nothing(tmp_path, monkeypatch, capsys):
+    import fcntl
+
+    from ptqrt import _build
+
+    monkeypatch.setenv("PTQRT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_build, "build", lambda *a, **k: pytest.fail("--clean alone must not build"))
+    root = _build.cache_root()
+    current = root / f"cpu-{_build._digest('cpu')}"
+    for name, nbytes in ((current.name, 10), ("cpu-0123456789abcdef", 3 << 20), ("cuda-0123456789abcdef", 5),
+                         ("cpu-fedcba9876543210", 7)):
+        (root / name).mkdir(parents=True)
+        (root / name / "lib.so").write_bytes(b"x" * nbytes)
+    with open(root / "cpu-fedcba9876543210.lock", "w") as held:  # a build in progress
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["build", "--clean"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"removed {root / 'cpu-0123456789abcdef'}", f"removed {root / 'cuda-0123456789abcdef'}"]
+    assert out[2].startswith(f"skipped {root / 'cpu-fedcba9876543210'}: another process holds its lock")
+    assert out[3] == f"freed 3.0 MiB ({(3 << 20) + 5:,} bytes) in {root}" and len(out) == 4, out
+    assert current.is_dir() and (root / "cpu-fedcba9876543210").is_dir()
+    assert main(["build", "--clean"]) == 0
+    assert capsys.readouterr().out == f"removed {root / 'cpu-fedcba9876543210'}\nfreed 7 bytes in {root}\n"
+    assert main(["build", "--clean"]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to remove in {root}")

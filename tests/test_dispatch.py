@@ -169,6 +169,37 @@ def test_tune_refuses_an_empty_or_unknown_op_list_before_timing(names, match, mo
     assert tune.op_names(None) == list(ops.OP_NAMES)
 
 
+def test_load_table_replacing_says_so_each_time_and_keeps_the_fallback_order(tables):
+    """ptqrt tune's read of the table in use (load_table(replacing=True)): the fallback order is
+    load_table's; an unusable tuned table is said to be replaced at every call (tune writes it next),
+    while an unusable shipped one keeps the once-only "using the next table" warning."""
+    dispatch_table.table_path(GPU).write_text("[]")
+    shipped = dispatch_table.shipped_path(GPU)
+    shipped.write_text(json.dumps({"device": GPU, "ops": _cuda_rows("cuda")}))
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match=r"ptqrt.tune: dispatch table .*Fake_GPU_80GB.json is unusable.*; "
+                                                r"replacing it"):
+            assert dispatch_table.load_table(replacing=True) == _cuda_rows("cuda")
+    shipped.write_text("{")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert dispatch_table.load_table(replacing=True) == json.loads(dispatch_table.DEFAULT.read_text())["ops"]
+    msgs = [str(r.message) for r in rec]
+    assert len(msgs) == 2 and "replacing it" in msgs[0] and "shipped" in msgs[1] and "using the next table" in msgs[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_tune_without_a_gpu_raises_no_cuda_device():
+    """After its argument checks, tune.tune refuses a machine without a GPU with bench_gpu.NoCudaDevice
+    (a RuntimeError, as before), which `ptqrt tune` reports in one line with status 2."""
+    from ptqrt import bench_gpu
+
+    with pytest.raises(bench_gpu.NoCudaDevice, match="ptqrt.tune needs a CUDA GPU"):
+        tune.tune(quick=True)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tune.tune(mode="graph")
+
+
 # ------------------------------------------------------------------------------------------ fallback warnings
 def _layer_calls(ms=(1, 3, 40)) -> None:
     """quantize_per_token + w8a8_gemm + w8a16_gemm at three M-buckets on CPU tensors."""
