@@ -177,18 +177,130 @@ def test_left_padded_batch(arch, calls):
         assert max(errs) < TOL["per_token"], (row, errs)
 
 
-def test_sliding_window_falls_back_correctly(calls):
-    """A window shorter than the sequence: the mask is no longer 'all stored tokens', so the steps
-    past the window run the model's own attention over the dequantized cache."""
-    model = make_model("mistral", sliding_window=6)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sliding_window_runs_the_int8_kernel_on_a_ring(attn, calls):
+    """A window (6) shorter than the sequence (5 + 8 tokens, one row left-padded): each sliding
+    layer's store is a ring of the window, which holds exactly the tokens a decode step attends to,
+    so every step past the window still runs the int8 kernel, with the float model's logits."""
+    model = make_model("mistral", sliding_window=6, attn_implementation=attn)
     apply_int8_kv_cache(model, "per_token")
-    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(4))
-    out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, return_dict_in_generate=True,
-                         output_logits=True)
-    assert isinstance(returned_cache(out), Int8KVCache)
-    errs = step_errors(out, float_logits(model, out.sequences), 5)
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0
+    new = 8
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    cache = returned_cache(out)
+    assert isinstance(cache, Int8KVCache) and cache.layers[0].is_sliding
+    assert calls["decode"] == (new - 1) * model.config.num_hidden_layers
+    store = cache.layers[0].store
+    assert store.capacity == 6 and store.held() == [6, 6] and store.lens.tolist() == [3 + new - 1, 5 + new - 1]
+    assert store.k_cache.shape[0] * store.block_size <= 2 * 16  # one block column of 16 per sequence
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
+    ref = float_logits(model, out.sequences, full_mask)
+    for row in (0, 1):
+        errs = step_errors(out, ref, 5, rows=slice(row, row + 1))
+        assert max(errs) < TOL["per_token"], (row, errs)
+
+
+def test_sliding_and_full_layers_mixed(calls):
+    """Gemma-2 alternates sliding (window 4) and full layers, softcaps its logits and scales its
+    queries by query_pre_attn_scalar: the full layer keeps every token, the sliding one a ring."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                    max_position_embeddings=128, pad_token_id=0, initializer_range=0.1,
+                                    attn_logit_softcapping=None, attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    assert hf.layer_windows(cfg) == [4, None]
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(9))
+    new = 7
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    cache = returned_cache(out)
+    assert [layer.store.capacity for layer in cache.layers] == [4, None]
+    assert [layer.store.held() for layer in cache.layers] == [[4], [6 + new - 1]]
+    assert calls["decode"] == (new - 1) * 2
+    errs = step_errors(out, float_logits(model, out.sequences), 6)
     assert max(errs) < TOL["per_token"], errs
-    assert calls["decode"] < 7 * model.config.num_hidden_layers
+
+
+def test_sliding_window_fallback_paths_read_the_window():
+    """Steps the kernel does not take (several tokens at once; output_attentions) read the window's
+    past from the ring, and a multi-token step reads it before the ring overwrites it."""
+    model = make_model("mistral", seed=5, sliding_window=4, attn_implementation="eager")
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (1, 14), generator=torch.Generator().manual_seed(11))
+    cache = Int8KVCache(model)
+    with torch.no_grad():
+        model(ids[:, :5], past_key_values=cache)
+        chunk = model(ids[:, 5:8], past_key_values=cache).logits  # 3 tokens, over a ring of 4
+        step = model(ids[:, 8:9], past_key_values=cache, output_attentions=True)
+    ref = float_logits(model, ids[:, :9])
+    assert rel(chunk, ref[:, 5:8]) < TOL["per_token"]
+    assert rel(step.logits, ref[:, 8:9]) < TOL["per_token"]
+    assert step.attentions[0].shape[-1] == 4  # the window: 3 past positions and the new one
+
+
+def test_sliding_window_crop():
+    """Cropping a ring: one token back still leaves the window's past; further back than the ring
+    holds is refused, as transformers' sliding layer does, unless past states are recorded."""
+    model = make_model("mistral", seed=6, sliding_window=4)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(12))
+    ref = float_logits(model, ids)
+    cache = Int8KVCache(model)
+    with torch.no_grad():
+        model(ids[:, :10], past_key_values=cache)
+        cache.crop(-1)  # 9 tokens: the ring still holds tokens 6..8
+        assert rel(model(ids[:, 9:10], past_key_values=cache).logits, ref[:, 9:10]) < TOL["per_token"]
+        with pytest.raises(RuntimeError, match="activate_past_recording"):
+            cache.crop(-3)
+        assert cache.get_seq_length() == 10
+        recorded = Int8KVCache(model)
+        recorded.activate_past_recording()
+        model(ids[:, :10], past_key_values=recorded)
+        recorded.crop(-4)
+        assert rel(model(ids[:, 6:7], past_key_values=recorded).logits, ref[:, 6:7]) < TOL["per_token"]
+
+
+def test_prompt_lookup_on_a_sliding_window_model():
+    """Assisted decoding records past states (the rings are lifted) and crops rejected candidates."""
+    model = make_model("mistral", seed=8, sliding_window=5)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]])
+    out = model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         return_dict_in_generate=True)
+    cache, seq = returned_cache(out), out.sequences
+    assert isinstance(cache, Int8KVCache) and cache.get_seq_length() == seq.shape[1] - 1
+    nxt = model(seq[:, -1:], past_key_values=cache).logits[:, -1]
+    assert rel(nxt, float_logits(model, seq)[:, -1]) < TOL["per_token"]
+
+
+def test_beam_search_on_sliding_rings():
+    model = make_model("mistral", seed=7, sliding_window=4)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False,
+                         return_dict_in_generate=True)
+    plain = copy.deepcopy(model)
+    hf.remove_int8_kv_cache(plain)
+    want = plain.generate(ids, max_new_tokens=6, min_new_tokens=6, num_beams=3, do_sample=False)
+    assert out.sequences.shape == want.shape == (2, 11)
+
+
+def test_layer_kinds_the_cache_cannot_store_are_refused():
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    cfg.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(NotImplementedError, match="linear_attention"):
+        hf.layer_windows(cfg)
+    cfg.layer_types, cfg.kv_sharing_modes = None, ["own", "reuse"]
+    with pytest.raises(NotImplementedError, match="share"):
+        hf.layer_windows(cfg)
+    chunked = transformers.LlamaConfig(num_hidden_layers=3)
+    chunked.attention_chunk_size = 8
+    assert hf.layer_windows(chunked) == [8, 8, 8]
 
 
 # ----------------------------------------------------------------------------- explicit use
@@ -396,6 +508,38 @@ def test_errors():
     with pytest.raises(ValueError, match="not supported"):
         apply_int8_kv_cache(model, "per_token")
     assert not any(isinstance(m, KVCacheQuant) for m in model.modules())  # refused before any change
+
+
+def test_reattach_runs_check_reattach_checks():
+    """reattach checks the KVCacheQuant children it finds as check_reattach (load_quantized's check)
+    checks the file's: a layer_idx that is not its module's gets one message from both."""
+    model = make_model("llama")
+    apply_int8_kv_cache(model, "per_token")
+    q0 = model.model.layers[0].self_attn.kv_quant
+    model.model.layers[0].self_attn.kv_quant = model.model.layers[1].self_attn.kv_quant
+    model.model.layers[1].self_attn.kv_quant = q0
+    msg = ("reattach: model.layers.0.self_attn.kv_quant was built for layer_idx 1, but model.layers.0.self_attn "
+           "is layer 0")
+    with pytest.raises(ValueError) as e:
+        reattach(model)
+    assert str(e.value) == msg
+    with pytest.raises(ValueError) as e:
+        hf.check_reattach(model, {"model.layers.0.self_attn.kv_quant": 1})
+    assert str(e.value) == msg
+    assert hf.check_reattach(model, {"model.layers.0.self_attn.kv_quant": 0}) == "sdpa"
+
+
+def test_reattach_refuses_a_model_outside_the_attention_interface():
+    """A model that computes attention itself (Bloom) given KVCacheQuant children by hand: reattach
+    refuses it as apply_int8_kv_cache and load_quantized do, instead of wiring it."""
+    torch.manual_seed(0)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)).eval()
+    for idx, (_, mod) in hf.attention_modules(bloom).items():
+        mod.kv_quant = KVCacheQuant("per_token", 4, 16, idx)
+    with pytest.raises(NotImplementedError, match="computes attention itself"):
+        reattach(bloom)
+    assert not hf._is_wired(bloom)
 
 
 def test_models_outside_the_attention_interface_are_refused():
@@ -639,22 +783,29 @@ def test_paged_store_device_as_tensors_report_it():
 
 @pytest.mark.parametrize("device,seed", [("cpu", s) for s in range(4)]  # on a GPU one seed: Triton compiles
                          + [pytest.param("cuda", 0, marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("static,max_tokens", ((False, None), (True, None), (False, 6)))
-def test_paged_store_random_histories(seed, static, max_tokens, device):
-    """Random sequences of prefills with padding, decode steps, reorders (repeats, batch changes) and
-    drops against a model of the store kept in Python: what dequantize() returns matches the float
-    history within half a quantization step, and decode() matches attention over it. On a GPU the
-    store's lengths and slots reach the device through pinned memory without waiting."""
+@pytest.mark.parametrize("static,max_tokens,capacity", ((False, None, None), (True, None, None), (False, 6, None),
+                                                        (False, None, 5), (True, 6, 3)))
+def test_paged_store_random_histories(seed, static, max_tokens, capacity, device):
+    """Random sequences of prefills with padding, decode steps, reorders (repeats, batch changes),
+    drops and (for a ring) capacity changes against a model of the store kept in Python: what
+    dequantize() returns matches the float history within half a quantization step, and decode()
+    matches attention over the tokens held (a ring: the last `capacity`, less those dropped since). On
+    a GPU the store's lengths and slots reach the device through pinned memory without waiting."""
     tol = dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-4)
     g = torch.Generator().manual_seed(seed)
     hkv, d, bs = 2, 8, 4
     b = int(torch.randint(1, 4, (1,), generator=g))
     scales = dict(k_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01,
                   v_scale=torch.rand(hkv, d, generator=g) * 0.02 + 0.01) if static else {}
-    st = PagedInt8KV(b, hkv, d, device, block_size=bs, max_tokens=max_tokens, **scales)
+    st = PagedInt8KV(b, hkv, d, device, block_size=bs, max_tokens=max_tokens, capacity=capacity, **scales)
     hist = [[] for _ in range(b)]  # float (k, v) of each stored token, [Hkv, D] each, per sequence
-    for _ in range(25):
-        op = int(torch.randint(0, 5, (1,), generator=g))
+    first = [0] * b  # the oldest token each holds
+
+    def wrap():
+        return [f if capacity is None else max(f, len(h) - capacity) for f, h in zip(first, hist)]
+
+    for _ in range(30):
+        op = int(torch.randint(0, 6 if capacity else 5, (1,), generator=g))
         if op == 0:  # several tokens, some of them padding
             t = int(torch.randint(1, 6, (1,), generator=g))
             k, v = torch.rand(b, t, hkv, d, generator=g) - 0.5, torch.rand(b, t, hkv, d, generator=g) - 0.5
@@ -662,37 +813,51 @@ def test_paged_store_random_histories(seed, static, max_tokens, device):
             st.append(k.to(device), v.to(device), keep)
             for i in range(b):
                 hist[i] += [(k[i, j], v[i, j]) for j in range(t) if keep[i, j]]
+            first = wrap()
         elif op in (1, 2):  # a decode step
             k, v = torch.rand(b, 1, hkv, d, generator=g) - 0.5, torch.rand(b, 1, hkv, d, generator=g) - 0.5
             st.append(k.to(device), v.to(device))
             for i in range(b):
                 hist[i].append((k[i, 0], v[i, 0]))
+            first = wrap()
         elif op == 3:  # reorder: beams, repeats, a new batch size
             nb = int(torch.randint(1, 4, (1,), generator=g))
             index = torch.randint(0, b, (nb,), generator=g)
             st.select(index)
             hist, b = [list(hist[i]) for i in index.tolist()], nb
-        else:
+            first = [first[i] for i in index.tolist()]
+        elif op == 4:
             counts = torch.randint(0, 3, (b,), generator=g)
             st.drop_last(counts)
             hist = [h[:max(0, len(h) - int(c))] for h, c in zip(hist, counts)]
-        assert st.lens.tolist() == [len(h) for h in hist]
-        dk, dv = (t.cpu() for t in st.dequantize())  # [B, L, Hkv, D], left-aligned
+            first = [min(f, len(h)) for f, h in zip(first, hist)]
+        else:  # the ring grows or shrinks (keeping the last `capacity` held)
+            capacity = int(torch.randint(2, 9, (1,), generator=g))
+            st.set_capacity(capacity)
+            first = wrap()
+        assert st.lens.tolist() == [len(h) for h in hist] and st.first == first
+        assert st.seq_lens.tolist() == [len(h) - f for h, f in zip(hist, first)]
+        length = max((len(h) for h in hist), default=0)
         ks, vs = (None, None) if not static else (st.k_scale.cpu(), st.v_scale.cpu())
-        for i, h in enumerate(hist):
-            for j, (k, v) in enumerate(h):
-                for got, want, s in ((dk[i, j], k, ks), (dv[i, j], v, vs)):
-                    step = s if static else want.abs().amax(-1, keepdim=True) / 127
-                    assert ((got - want).abs() <= step / 2 + 1e-6).all()
         q = torch.rand(b, 2 * hkv, d, generator=g) - 0.5
         out = st.decode(q.to(device), 0.5).cpu()
         for i, h in enumerate(hist):
-            n = len(h)
+            valid = torch.zeros(b, length, dtype=torch.bool)
+            valid[i, :len(h)] = True
+            dk, dv = (t[i].cpu() for t in st.dequantize(valid, lo=first[i]))  # [L - first, Hkv, D]
+            for j, (k, v) in enumerate(h[first[i]:]):
+                for got, want, s in ((dk[j], k, ks), (dv[j], v, vs)):
+                    step = s if static else want.abs().amax(-1, keepdim=True) / 127
+                    assert ((got - want).abs() <= step / 2 + 1e-6).all()
+            if first[i] > 0:
+                with pytest.raises(RuntimeError, match="is gone"):
+                    st.dequantize(valid, lo=first[i] - 1)
+            n = len(h) - first[i]
             if n == 0:
                 assert (out[i] == 0).all()
                 continue
-            kk = dk[i, :n].repeat_interleave(2, dim=1)  # [L, Hq, D]
-            vv = dv[i, :n].repeat_interleave(2, dim=1)
+            kk = dk[:n].repeat_interleave(2, dim=1)  # [L, Hq, D]
+            vv = dv[:n].repeat_interleave(2, dim=1)
             p = torch.softmax(torch.einsum("hd,lhd->hl", q[i], kk) * 0.5, dim=-1)
             torch.testing.assert_close(out[i], torch.einsum("hl,lhd->hd", p, vv), **tol)
 

@@ -20,11 +20,13 @@ Attention, per layer and forward:
   * a single-token step whose keys come from an Int8KVCache, with no dropout and a mask that
     attends exactly to the stored tokens, runs ``ptqrt.ops.int8_kv_decode_attention`` on the paged
     int8 cache (the new token is written first, so it is read back quantized like the rest);
-  * anything else (prefill, several new tokens, a mask the kernel cannot express such as a sliding
-    window longer ago than the window, dropout, softcapping, sinks) runs the previous implementation.
+  * anything else (prefill, several new tokens, a mask the kernel cannot express such as padding in
+    the middle of a sequence, dropout, softcapping, sinks) runs the previous implementation.
     Its keys/values: a prefill with an empty cache attends over the prompt's own float K/V (as
     serving runtimes do); otherwise over the dequantized int8 past followed by the new float K/V.
-The prompt is quantized into the cache during prefill either way.
+The prompt is quantized into the cache during prefill either way. Sliding-window (and chunked) layers
+keep a ring of their window (see Int8KVLayer), as transformers' own sliding layers keep their last
+tokens: a decode step past the window still runs the int8 kernel, and memory stays bounded.
 """
 from __future__ import annotations
 
@@ -62,15 +64,24 @@ _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "attention_
 class Int8KVLayer(CacheLayerMixin):
     """One attention layer of an Int8KVCache. The paged int8 store holds only the tokens whose
     attention mask was 1 when written; ``valid`` (host bool [B, L], None = all) maps them back to
-    transformers' positions, so get_seq_length and the masks see the usual [B, L] layout."""
+    transformers' positions, so get_seq_length and the masks see the usual [B, L] layout.
+
+    A sliding-window (or chunked) layer of `window` tokens works as transformers' sliding window
+    layer does: the masks cover the last window - 1 positions and the new ones (get_mask_sizes gives
+    their offset), and its store is a ring of `window` tokens, so memory stays bounded and each decode
+    step still runs the int8 kernel (the ring holds exactly the tokens the step attends to). While
+    past states are recorded (assisted decoding, activate_past_recording) the store keeps every token,
+    so that crop can go back."""
 
     is_compileable = False
     is_croppable = True
-    is_sliding = False
 
-    def __init__(self, owner: "Int8KVCache", layer_idx: int, quant: Optional[KVCacheQuant]) -> None:
+    def __init__(self, owner: "Int8KVCache", layer_idx: int, quant: Optional[KVCacheQuant],
+                 window: Optional[int] = None) -> None:
         super().__init__()
-        self.owner, self.layer_idx, self.quant = owner, layer_idx, quant
+        self.owner, self.layer_idx, self.quant, self.window = owner, layer_idx, quant, window
+        self.is_sliding = window is not None
+        self.record_past = False
         self.store: Optional[PagedInt8KV] = None
         self.length = 0
         self.valid: Optional[torch.Tensor] = None
@@ -78,7 +89,17 @@ class Int8KVLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         kind = self.quant.granularity if self.quant is not None else "per_token"
-        return f"Int8KVLayer({self.layer_idx}, {kind}, length={self.length})"
+        win = f", window={self.window}" if self.window is not None else ""
+        return f"Int8KVLayer({self.layer_idx}, {kind}{win}, length={self.length})"
+
+    def _lo(self, length: int) -> int:
+        """The first position a step after `length` tokens attends to (0 without a window)."""
+        return 0 if self.window is None else max(length - self.window + 1, 0)
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+        if self.store is not None:
+            self.store.set_capacity(None)
 
     # ------------------------------------------------------------------ CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -91,8 +112,10 @@ class Int8KVLayer(CacheLayerMixin):
                                  f"D={self.quant.head_dim}")
             if self.quant.is_static:
                 ks, vs = self.quant.k_scale, self.quant.v_scale
+        ring = self.window if self.window is not None and not self.record_past else None
+        max_tokens = self.owner.max_length if ring is None else None
         self.store = PagedInt8KV(b, h, d, key_states.device, self.owner.block_size, ks, vs,
-                                 max_tokens=self.owner.max_length)
+                                 max_tokens=max_tokens, capacity=ring)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -107,23 +130,27 @@ class Int8KVLayer(CacheLayerMixin):
                              f"(or cache.reset()) for a new batch")
         past = self.length
         keep = self.owner._new_token_mask(b, past, t)
+        fused = t == 1 and self.owner._fused()
+        # The past positions this step attends to, read before a ring could overwrite them.
+        pkv = self.hf_layout(upto=past, lo=self._lo(past)) if past and not fused and self.window else None
         st.append(key_states.transpose(1, 2), value_states.transpose(1, 2), keep)
         if keep is not None or self.valid is not None:
             self.valid = self.owner._shared(("extend", id(keep), past, t), self.valid,
                                             lambda old: _extend(old, keep, b, past, t), keep)
         self.length = past + t
-        if t == 1 and self.owner._fused():
+        if fused:
             # The attention function reads the paged cache; it finds this layer through the tag.
             setattr(key_states, _TAG, self)
             return key_states, value_states
         if past == 0:
             return key_states, value_states
-        pk, pv = self.hf_layout(upto=past)
+        pk, pv = pkv if pkv is not None else self.hf_layout(upto=past)
         return torch.cat([pk, key_states], dim=2), torch.cat([pv, value_states], dim=2)
 
     def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
         q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
-        return self.length + q, 0
+        lo = self._lo(self.length)
+        return self.length - lo + q, lo
 
     def get_seq_length(self, *args) -> int:
         return self.length
@@ -145,17 +172,26 @@ class Int8KVLayer(CacheLayerMixin):
         pass
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Negative: remove that many tokens. Positive (transformers' legacy form): keep that many."""
+        """Negative: remove that many tokens. Positive (transformers' legacy form): keep that many.
+        A sliding layer's ring cannot go back past what it still holds of the window (as transformers'
+        sliding layer, without recorded past states)."""
         n = int(tokens_to_remove)
         remove = -n if n <= 0 else max(0, self.length - n)
         remove = min(remove, self.length)
         if remove == 0 or self.store is None:
             return
+        keep_len = self.length - remove
         if self.valid is None:
             counts = torch.full((self.store.batch,), remove, dtype=torch.int64)
+            needed = torch.full((self.store.batch,), self._lo(keep_len), dtype=torch.int64)
         else:
-            counts = self.valid[:, self.length - remove:].sum(1)
-            keep_len = self.length - remove
+            counts = self.valid[:, keep_len:].sum(1)
+            needed = self.valid[:, :self._lo(keep_len)].sum(1)  # the oldest token the next step reads
+        if bool((needed < torch.tensor(self.store.first)).any()):
+            raise RuntimeError(f"Int8KVCache layer {self.layer_idx}: cannot crop {remove} tokens: the sliding "
+                               f"window's ring of {self.window} tokens no longer holds the ones before them "
+                               f"(call cache.activate_past_recording() before steps that may be cropped)")
+        if self.valid is not None:
             self.valid = self.owner._shared(("crop", keep_len), self.valid, lambda old: old[:, :keep_len])
         self.store.drop_last(counts)
         self.length -= remove
@@ -183,9 +219,10 @@ class Int8KVLayer(CacheLayerMixin):
         self._select(idx.to(torch.int64))
 
     # ------------------------------------------------------------------ for the attention function
-    def hf_layout(self, upto: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized (K, V), each [B, Hkv, L, D] in the model dtype, for transformers' positions
-        0..upto-1 (default: all); positions not stored (padding) are 0 — the mask excludes them."""
+    def hf_layout(self, upto: Optional[int] = None, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized (K, V), each [B, Hkv, upto - lo, D] in the model dtype, for transformers'
+        positions lo..upto-1 (default: all); positions not stored (padding) are 0 — the mask excludes
+        them."""
         upto = self.length if upto is None else upto
         st = self.store
         if self.valid is None:
@@ -194,13 +231,16 @@ class Int8KVLayer(CacheLayerMixin):
             valid = self.valid[:, :upto]
         # The stored tokens of positions >= upto come after those below it, so a prefix of `valid`
         # addresses exactly the stored prefix.
-        k, v = st.dequantize(valid)
+        k, v = st.dequantize(valid, lo)
         return k.transpose(1, 2).to(self.dtype), v.transpose(1, 2).to(self.dtype)
 
     def mask_matches(self, attention_mask) -> bool:
-        """Whether `attention_mask` (as given to the attention function for one query) attends to
-        exactly the stored tokens, so that the decode kernel computes the same thing."""
-        return self.owner._mask_matches(attention_mask, self.valid, self.store.batch, self.length)
+        """Whether `attention_mask` (as given to the attention function for one query, over positions
+        lo..length-1) attends to exactly the tokens the store holds, so that the decode kernel computes
+        the same thing."""
+        lo = self._lo(self.length - 1)
+        held = None if self.window is None else self.store.held()
+        return self.owner._mask_matches(attention_mask, self.valid, self.store.batch, self.length, lo, held)
 
 
 class Int8KVCache(Cache):
@@ -231,12 +271,19 @@ class Int8KVCache(Cache):
         self._config = config
         self._quants = {m.layer_idx: m for m in model.modules() if isinstance(m, KVCacheQuant)}
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        n = max([getattr(text, "num_hidden_layers", 0) or 0] + [i + 1 for i in self._quants])
+        self._windows = layer_windows(text)
+        n = max([getattr(text, "num_hidden_layers", 0) or 0, len(self._windows)] + [i + 1 for i in self._quants])
         self._reset_forward_state()
         super().__init__(layers=[self._new_layer(i) for i in range(n)])
 
     def _new_layer(self, idx: int) -> Int8KVLayer:
-        return Int8KVLayer(self, idx, self._quants.get(idx))
+        window = self._windows[idx] if idx < len(self._windows) else None
+        return Int8KVLayer(self, idx, self._quants.get(idx), window)
+
+    def activate_past_recording(self) -> None:
+        """Keep every token of sliding layers until crop (transformers calls it before assisted decoding)."""
+        for layer in self.layers:
+            layer.activate_past_recording()
 
     def __repr__(self) -> str:
         return f"Int8KVCache(block_size={self.block_size}, max_length={self.max_length}, layers={self.layers})"
@@ -333,22 +380,28 @@ class Int8KVCache(Cache):
         self._shared_memo = (key, old, new, pin)  # the refs keep the ids in the key alive
         return new
 
-    def _mask_matches(self, mask, valid, b: int, length: int) -> bool:
-        """Whether `mask` (given to the attention function for one decode query) attends to exactly
-        the stored tokens, whose positions `valid` (host bool [B, L], None = all) gives."""
+    def _mask_matches(self, mask, valid, b: int, length: int, lo: int = 0, held: Optional[list] = None) -> bool:
+        """Whether `mask` (given to the attention function for one decode query, over positions
+        lo..length-1) attends to exactly the stored tokens of those positions, which `valid` (host bool
+        [B, L], None = all) gives; held: with a ring, the tokens each sequence holds, which must be
+        exactly those."""
         memo = self._verdict_memo
-        if memo is not None and memo[0] is mask and memo[1] is valid and memo[2] == length:
-            return memo[3]
-        keep = _mask_to_keep(mask, b, length)
+        if memo is not None and memo[0] is mask and memo[1] is valid and memo[2] == (length, lo) and memo[3] == held:
+            return memo[4]
+        window = None if valid is None else valid[:, lo:length]
+        keep = _mask_to_keep(mask, b, length - lo)
         if keep is None:
             ok = False
         elif keep is True:
-            ok = valid is None or bool(valid.all())
-        elif valid is None:
+            ok = window is None or bool(window.all())
+        elif window is None:
             ok = bool(keep.all())
         else:
-            ok = torch.equal(keep, valid)
-        self._verdict_memo = (mask, valid, length, ok)
+            ok = torch.equal(keep, window)
+        if ok and held is not None:
+            real = [length - lo] * b if window is None else window.sum(1).tolist()
+            ok = real == held
+        self._verdict_memo = (mask, valid, (length, lo), held, ok)
         return ok
 
 
@@ -403,7 +456,7 @@ def _make_attention(prev: str):
                 scaling = 1.0 / math.sqrt(query.shape[-1])
             out = layer.store.decode(query[:, :, 0], float(scaling))  # [B, Hq, D]
             return out.unsqueeze(1), None  # [B, 1, Hq, D], as transformers' attention functions return
-        pk, pv = layer.hf_layout(upto=layer.length - 1)
+        pk, pv = layer.hf_layout(upto=layer.length - 1, lo=layer._lo(layer.length - 1))
         k = torch.cat([pk, key], dim=2)
         v = torch.cat([pv, value], dim=2)
         return _previous_fn(prev, module)(module, query, k, v, attention_mask, **kwargs)
@@ -459,6 +512,40 @@ def attention_modules(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
                              f"{found[idx][0]!r} and {name!r}")
         found[idx] = (name, mod)
     return found
+
+
+_WINDOWED = ("sliding_attention", "chunked_attention")
+
+
+def layer_windows(config) -> list:
+    """Per decoder layer: None (full attention) or the window of a sliding (or chunked) attention
+    layer, as transformers' DynamicCache lays out its layers. NotImplementedError for other kinds
+    (linear attention, layers sharing another's cache), which the int8 KV cache does not store."""
+    types = getattr(config, "layer_types", None)
+    n = getattr(config, "num_hidden_layers", None) or (len(types) if types else 0)
+    if getattr(config, "kv_sharing_modes", None) is not None:
+        raise NotImplementedError(f"the int8 KV cache does not store layers that share another's cache "
+                                  f"(kv_sharing_modes of {type(config).__name__})")
+    if types is None:
+        if getattr(config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * n
+        elif getattr(config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"] * n
+        else:
+            return [None] * n
+    odd = sorted({t for t in types if t not in ("full_attention",) + _WINDOWED})
+    if odd:
+        raise NotImplementedError(f"the int8 KV cache stores full and sliding-window attention layers only; "
+                                  f"{type(config).__name__} has layers of type {odd}")
+    out = []
+    for t in types:
+        w = None
+        if t == "sliding_attention":
+            w = getattr(config, "sliding_window", None)
+        elif t == "chunked_attention":
+            w = getattr(config, "attention_chunk_size", None)
+        out.append(int(w) if w is not None else None)
+    return out
 
 
 def _geometry(model: nn.Module, mod: nn.Module) -> tuple[int, int]:
@@ -653,17 +740,23 @@ def check_int8_kv_cache(model: nn.Module, fn: str = "apply_int8_kv_cache") -> tu
         raise NotImplementedError(f"{fn}: {name} uses multi-head latent attention (kv_lora_rank="
                                   f"{model.config.kv_lora_rank}); the int8 KV cache stores keys and values per kv head")
     prev = _previous_impl(model)
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    try:
+        layer_windows(text)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{fn}: {e}") from None
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"{fn}: found no attention module with a layer_idx in {name}")
     return prev, mods
 
 
-def check_reattach(model: nn.Module, layers: Mapping[str, int]) -> None:
+def check_reattach(model: nn.Module, layers: Mapping[str, int]) -> str:
     """Raise (TypeError / ValueError / NotImplementedError) unless reattach(model) will succeed once
     a KVCacheQuant is set at each name of `layers` ({"<attention module>.kv_quant": layer_idx}, as
-    load_quantized reads them from a packed directory). Changes nothing."""
-    _, mods = check_int8_kv_cache(model, "reattach")
+    load_quantized reads them from a packed directory). Changes nothing; returns the attention
+    implementation the wiring wraps. reattach runs these same checks on the children it finds."""
+    prev, mods = check_int8_kv_cache(model, "reattach")
     if not layers:
         raise ValueError(f"reattach: no KVCacheQuant to attach to {type(model).__name__}")
     by_name = {name: idx for idx, (name, _) in mods.items()}
@@ -676,6 +769,7 @@ def check_reattach(model: nn.Module, layers: Mapping[str, int]) -> None:
                              f"{' ...' if len(some) > 3 else ''})")
         if by_name[parent] != idx:
             raise ValueError(f"reattach: {name} was built for layer_idx {idx}, but {parent} is layer {by_name[parent]}")
+    return prev
 
 
 def apply_int8_kv_cache(model: nn.Module, granularity: str, calib_data=None, quiet: bool = False) -> nn.Module:
@@ -716,17 +810,12 @@ def reattach(model: nn.Module) -> nn.Module:
     """Redo apply_int8_kv_cache's attention/generate wiring on a model whose KVCacheQuant children
     were re-created (load_quantized). Returns the model."""
     _require_hf(model, "reattach")
-    mods = attention_modules(model)
-    missing = [i for i, (_, m) in mods.items() if not isinstance(getattr(m, CHILD, None), KVCacheQuant)]
-    if not mods or len(missing) == len(mods):
+    layers = {f"{name}.{CHILD}": q.layer_idx for name, mod in attention_modules(model).values()
+              if isinstance(q := getattr(mod, CHILD, None), KVCacheQuant)}
+    if not layers:
         raise ValueError(f"reattach: no attention module of {type(model).__name__} has a KVCacheQuant "
                          f"'{CHILD}' child; call apply_int8_kv_cache first (or load a model saved with one)")
-    for idx, (name, mod) in mods.items():
-        q = getattr(mod, CHILD, None)
-        if isinstance(q, KVCacheQuant) and q.layer_idx != idx:
-            raise ValueError(f"reattach: {name}.{CHILD} was built for layer_idx {q.layer_idx}, "
-                             f"but {name} is layer {idx}")
-    _wire(model, _previous_impl(model))
+    _wire(model, check_reattach(model, layers))
     return model
 
 

@@ -13,8 +13,12 @@ Paged layout (what ``kv_cache_append`` / ``int8_kv_decode_attention`` read):
   block_table       int32 [B, n_cols]; sequence b owns blocks  j * B + b  (j = 0, 1, ...), so that
                     growing every sequence by one block column keeps the old blocks where they are,
                     and reordering sequences (beam search) is one index_select on a [cols, B, ...] view.
-  seq_lens          int32 [B], tokens stored per sequence. Padding tokens are never stored (negative
+  seq_lens          int32 [B], tokens held per sequence. Padding tokens are never stored (negative
                     slots), so a left-padded sequence holds only its real tokens.
+A store with a `capacity` (sliding-window layers) is a ring: a sequence holds its last `capacity`
+tokens at most, stored token i at position (i - base) mod capacity. The held tokens always fill
+positions 0..held-1 (or the whole ring), which is what the kernels read; attention does not depend on
+their order, so a ring of a window's size holds exactly that window.
 """
 from __future__ import annotations
 
@@ -101,18 +105,21 @@ class PagedInt8KV:
     Storage grows on demand, doubling its block columns; when `max_tokens` is given (the longest a
     sequence is expected to get, e.g. generate's max length), a doubling that would pass it stops at
     it (in whole blocks), since doubling alone can end with nearly twice the memory the sequences
-    need; a sequence that still gets longer grows by doubling again. With static scales (k_scale/v_scale given, float32 [Hkv, D]) only int8 values are stored;
-    otherwise a float32 scale per (slot, kv head).
+    need; a sequence that still gets longer grows by doubling again. With static scales (k_scale/v_scale
+    given, float32 [Hkv, D]) only int8 values are stored; otherwise a float32 scale per (slot, kv head).
+    capacity: None (every token kept) or the ring's size (each sequence holds its last `capacity`
+    tokens; see the module docstring); ``set_capacity`` changes it.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, device, block_size: int = 16,
                  k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-                 max_tokens: Optional[int] = None) -> None:
+                 max_tokens: Optional[int] = None, capacity: Optional[int] = None) -> None:
         if block_size <= 0:
             raise ValueError(f"PagedInt8KV: block_size must be positive; got {block_size}")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens <= 0):
-            raise ValueError(f"PagedInt8KV: max_tokens must be a positive int or None; got {max_tokens!r}")
+        for name, val in (("max_tokens", max_tokens), ("capacity", capacity)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+                raise ValueError(f"PagedInt8KV: {name} must be a positive int or None; got {val!r}")
+        self.capacity = capacity
         self.max_cols = None if max_tokens is None else -(-max_tokens // block_size)
         if (k_scale is None) != (v_scale is None):
             raise ValueError("PagedInt8KV: give both static scales or neither")
@@ -131,14 +138,22 @@ class PagedInt8KV:
         self._accepted: set = set()  # keys of calls the public ops accepted (see _call)
         self._alloc(1)
         self._n = [0] * batch  # tokens stored per sequence, on the host: slots and growth are planned here
+        self._first = [0] * batch  # the oldest token each holds (a ring forgets the ones before)
+        self._base = [0] * batch  # the token at position 0 (modulo the ring)
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._table: Optional[torch.Tensor] = None
 
     @property
     def lens(self) -> torch.Tensor:
-        """Tokens stored per sequence: a new int64 [B] host tensor each read (``seq_lens`` is the
-        device copy the kernels read)."""
+        """Tokens stored per sequence (ever, less those dropped): a new int64 [B] host tensor each read."""
         return torch.tensor(self._n, dtype=torch.int64)
+
+    def held(self) -> list[int]:
+        """Tokens each sequence holds, its last ones: what the kernels read (``seq_lens`` on the device)."""
+        return [n - f for n, f in zip(self._n, self._first)]
+
+    def _publish(self) -> None:
+        self.seq_lens = self._to_device(self.held(), torch.int32)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, cols: int) -> None:
@@ -165,12 +180,15 @@ class PagedInt8KV:
             grown = min(2 * self.cols, self.max_cols) if capped else 2 * self.cols
             self._alloc(max(need, grown))
 
-    def _slots(self, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Flat slot (block * block_size + offset) of stored token `pos` of sequence `b` (int64, host)."""
+    def _slots(self, b: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """Flat slot (block * block_size + offset) of stored token `tok` of sequence `b` (int64, host)."""
+        pos = tok - torch.tensor(self._base, dtype=torch.int64)[b]
+        if self.capacity is not None:
+            pos = pos % self.capacity
         return ((pos // self.block_size) * self.batch + b) * self.block_size + pos % self.block_size
 
     def block_table(self) -> torch.Tensor:
-        cols = max(1, -(-max(self._n, default=0) // self.block_size))
+        cols = max(1, -(-max(self.held(), default=0) // self.block_size))
         if self._table is None or self._table.shape[1] != cols:
             t = torch.arange(cols)[None, :] * self.batch + torch.arange(self.batch)[:, None]
             self._table = self._to_device(t, torch.int32)
@@ -229,9 +247,12 @@ class PagedInt8KV:
         b, t = k.shape[:2]
         if t == 0:
             return
-        bs = self.block_size
+        bs, c = self.block_size, self.capacity
         if keep is None and t == 1:  # the decode step: plain Python ints, no small host tensors
-            slots = [((n // bs) * b + i) * bs + n % bs for i, n in enumerate(self._n)]
+            at = [n - z for n, z in zip(self._n, self._base)]
+            if c is not None:
+                at = [p % c for p in at]
+            slots = [((p // bs) * b + i) * bs + p % bs for i, p in enumerate(at)]
             new = [n + 1 for n in self._n]
         else:
             lens = self.lens
@@ -246,16 +267,19 @@ class PagedInt8KV:
                 pos = lens[:, None] + keep.to(torch.int64).cumsum(1) - 1
                 slots = torch.where(keep, self._slots(torch.arange(b)[:, None], pos.clamp(min=0)), -1)
                 counts = keep.sum(1)
+            if c is not None:  # a token that a later one of this call overwrites in the ring is not written
+                slots = torch.where(pos < (lens + counts)[:, None] - c, -1, slots)
             slots = slots.reshape(-1)
             new = (lens + counts).tolist()
-        self._ensure(max(new, default=0))
+        first = self._first if c is None else [max(f, n - c) for f, n in zip(self._first, new)]
+        self._ensure(max((n - f for n, f in zip(new, first)), default=0))
         kf = k.reshape(b * t, self.heads, self.head_dim).contiguous()
         vf = v.reshape(b * t, self.heads, self.head_dim).contiguous()
         slots_t = self._to_device(slots, torch.int64)
         self._call("kv_cache_append", self._key("kv_cache_append", kf, vf), kf, vf, self.k_cache, self.v_cache,
                    self.k_scale, self.v_scale, slots_t)
-        self._n = new
-        self.seq_lens = self._to_device(new, torch.int32)
+        self._n, self._first = new, first
+        self._publish()
 
     def decode(self, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """One decode step: q [B, Hq, D] -> [B, Hq, D] in q.dtype, attending over every stored token."""
@@ -265,17 +289,24 @@ class PagedInt8KV:
         return self._call("int8_kv_decode_attention", key, q, self.k_cache, self.v_cache, self.k_scale, self.v_scale,
                           self.block_table(), self.seq_lens, sm_scale)
 
-    def dequantize(self, valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 (K, V), each [B, L, Hkv, D]. valid: host bool [B, L] saying which positions hold a
-        stored token (the i-th True of row b is stored token i); other positions are 0. None: L = the
-        longest sequence, every row left-aligned."""
+    def dequantize(self, valid: Optional[torch.Tensor] = None, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (K, V), each [B, L - lo, Hkv, D]: positions lo..L-1. valid: host bool [B, L] saying
+        which positions hold a stored token (the i-th True of row b is stored token i); other positions
+        are 0. None: L = the longest sequence, every row left-aligned. Every token asked for must be
+        held (a ring holds only its last `capacity`)."""
         if valid is None:
             length = max(self._n, default=0)
             valid = torch.arange(length)[None, :] < self.lens[:, None]
             pos = torch.arange(length)[None, :].expand(self.batch, length)
         else:
             pos = (valid.to(torch.int64).cumsum(1) - 1).clamp(min=0)
-        slots = self._slots(torch.arange(self.batch)[:, None], pos).to(self.device)
+        valid, pos = valid[:, lo:], pos[:, lo:]
+        lost = valid & (pos < torch.tensor(self._first, dtype=torch.int64)[:, None])
+        if bool(lost.any()):
+            b = int(lost.any(1).nonzero()[0])
+            raise RuntimeError(f"PagedInt8KV.dequantize: sequence {b} holds tokens {self._first[b]}..{self._n[b] - 1} "
+                               f"(a ring of {self.capacity}); token {int(pos[b][lost[b]][0])} is gone")
+        slots = torch.where(valid, self._slots(torch.arange(self.batch)[:, None], pos), 0).to(self.device)
         keep = valid.to(self.device)[..., None, None]
         out = []
         for cache, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
@@ -302,18 +333,60 @@ class PagedInt8KV:
         if not self.static:
             self.k_scale, self.v_scale = pick(self.k_scale), pick(self.v_scale)
         self.batch = nb
-        self._n = [self._n[i] for i in host.tolist()]
-        self.seq_lens = self._to_device(self._n, torch.int32)
+        rows = host.tolist()
+        self._n, self._first, self._base = ([v[i] for i in rows] for v in (self._n, self._first, self._base))
+        self._publish()
         self._table = None
 
     def drop_last(self, counts: torch.Tensor) -> None:
-        """Forget the last counts[b] >= 0 stored tokens of each sequence (host int64 [B])."""
+        """Forget the last counts[b] >= 0 stored tokens of each sequence (host int64 [B]). A ring keeps
+        what it still holds of the tokens before (see ``first``)."""
         counts = torch.as_tensor(counts)
         if tuple(counts.shape) != (self.batch,) or bool((counts < 0).any()):
             raise ValueError(f"PagedInt8KV.drop_last: counts must be [B] = [{self.batch}] non-negative ints; "
                              f"got {counts.tolist()}")
         self._n = (self.lens - counts.to(torch.int64)).clamp(min=0).tolist()
-        self.seq_lens = self._to_device(self._n, torch.int32)
+        self._first = [min(f, n) for f, n in zip(self._first, self._n)]
+        if self.capacity is not None and any(n - f < self.capacity and (f - z) % self.capacity
+                                             for n, f, z in zip(self._n, self._first, self._base)):
+            self._relayout(self.capacity)  # the held tokens no longer start at position 0
+        self._publish()
+
+    @property
+    def first(self) -> list[int]:
+        """The oldest token each sequence holds (0 without a ring; a ring forgets the ones before)."""
+        return list(self._first)
+
+    def set_capacity(self, capacity: Optional[int]) -> None:
+        """Re-lay the held tokens in a ring of `capacity` (None: no ring). Growing keeps every held
+        token; shrinking keeps each sequence's last `capacity`."""
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0):
+            raise ValueError(f"PagedInt8KV.set_capacity: capacity must be a positive int or None; got {capacity!r}")
+        if capacity != self.capacity:
+            self._relayout(capacity)
+            self._publish()
+
+    def _relayout(self, capacity: Optional[int]) -> None:
+        """Move each sequence's held tokens (its last `capacity` of them) to positions 0.. of a ring of
+        `capacity`: base = first."""
+        keep = [n - f if capacity is None else min(n - f, capacity) for n, f in zip(self._n, self._first)]
+        span = max(keep, default=0)
+        n = torch.tensor(self._n, dtype=torch.int64)
+        k = torch.tensor(keep, dtype=torch.int64)
+        tok = (n - k)[:, None] + torch.arange(span)[None, :]  # the tokens to keep, oldest first
+        live = torch.arange(span)[None, :] < k[:, None]
+        rows = torch.arange(self.batch)[:, None].expand(-1, span)
+        src = self._slots(rows, tok)[live].to(self.device)
+        moved = [t.view(-1, *t.shape[2:])[src] for t in self._tensors()]  # advanced indexing: copies
+        self.capacity = capacity
+        self._first, self._base = (n - k).tolist(), (n - k).tolist()
+        self._ensure(span)
+        dst = self._slots(rows, tok)[live].to(self.device)
+        for t, m in zip(self._tensors(), moved):
+            t.view(-1, *t.shape[2:])[dst] = m
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [self.k_cache, self.v_cache] + ([] if self.static else [self.k_scale, self.v_scale])
 
     def nbytes(self) -> int:
         n = self.k_cache.numel() * 2
