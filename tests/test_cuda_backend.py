@@ -531,6 +531,34 @@ def test_w8a16_gemv_ring(impl, dtype, monkeypatch):
         assert torch.equal(ring, default), f"(M, N, K, group) = {(m, n, k, g)}: the ring GEMV differs from the other"
 
 
+def test_w8a16_gemm_fallback_grid_pieces(impl, monkeypatch):
+    """The CUDA-core fallback (fp32 activations past 16 rows, K % 16 != 0, odd group sizes) puts its
+    64-row tiles along grid y (at most 65535): more rows run as several launches, x and out offset to
+    each piece's first row, bit for bit the one-launch result. In the emulator the limit is lowered to
+    one tile (PTQRT_EMU_GRID_YZ=1: 3 and 4 launches); on a GPU M passes 65535 tiles."""
+    dev = impl.device
+    cases = [(130, 40, 64, 0, torch.float32), (200, 33, 47, 0, torch.float16), (129, 24, 96, 24, torch.bfloat16)]
+    if not impl.emu:
+        cases = [(65535 * 64 + 100, 8, 16, 0, torch.float32)]
+    for m, n, k, g, dtype in cases:
+        x, w_q = _rand((m, k), dtype, dev), rand_int8(n, k, device=dev)
+        w_scale = rand_scale(n, device=dev) if g == 0 else rand_scale(n * (k // g), device=dev).reshape(n, k // g)
+        bias = _rand((n,), torch.float32, dev)
+        monkeypatch.setenv("PTQRT_EMU_GRID_YZ", "1")
+        _poison_pool((m, n), dtype, dev)
+        y = impl("w8a16_gemm", x, w_q, w_scale, bias, g)
+        monkeypatch.delenv("PTQRT_EMU_GRID_YZ")
+        if impl.emu:
+            whole = impl("w8a16_gemm", x, w_q, w_scale, bias, g)
+        else:  # each part within the limit: one launch
+            cut = 65535 * 64
+            whole = torch.cat([impl("w8a16_gemm", x[:cut], w_q, w_scale, bias, g),
+                               impl("w8a16_gemm", x[cut:], w_q, w_scale, bias, g)])
+        assert torch.equal(y, whole), f"(M, N, K, group) = {(m, n, k, g)}"
+        expect = ref.w8a16_gemm(x, w_q, w_scale, bias, g)  # fp32 math in both: the dtype's tolerance
+        _lowp_close(y, expect, expect)
+
+
 # ------------------------------------------------------------------------------------------ kv cache
 def _kv_scales(nb, bs, h, d, dynamic, dev):
     if dynamic:
@@ -727,6 +755,52 @@ def test_int8_kv_decode_attention_nan(impl, kernel, monkeypatch):
             expect = ref.int8_kv_decode_attention(*args, table, seq_lens, 1.0 / math.sqrt(d))
             assert expect.isnan().any()
             assert torch.equal(out.isnan().cpu(), expect.isnan().cpu()), (kernel, lens)
+
+
+@pytest.mark.parametrize("kernel", ("default", "two-phase", "mma"))
+def test_int8_kv_decode_attention_grid_pieces(impl, kernel, monkeypatch):
+    """Decode grids past the limits (gridDim.y and .z <= 65535, .x < 2^31) run in pieces, each launch's
+    pointers offset to its first sequence, kv head and query head, bit for bit the one-launch result. In
+    the emulator the limits are lowered: PTQRT_EMU_GRID_YZ=2 puts B = 5 in pieces of 2 sequences, Hkv = 3
+    (one sequence a piece) in pieces of 2 kv heads, and groups of 20 and 40 query heads (3-5 CTAs of 8 or
+    16 heads, one sequence and kv head a piece) in pieces of 16 or 32 heads; PTQRT_EMU_GRID_X=16 (the
+    combine kernel's B * Hq CTAs) makes pieces of 4 sequences, and of 16 query heads where Hq > 16.
+    Several splits throughout (the combine kernel runs a piece at a time too). On a GPU B passes 65535."""
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_STREAM", "0" if kernel == "two-phase" else "1")
+    monkeypatch.setenv("PTQRT_CUDA_DECODE_MMA", "1" if kernel == "mma" else "0")
+    dtype = {"default": torch.bfloat16, "two-phase": torch.float32, "mma": torch.float16}[kernel]
+    dev = impl.device
+    cases = [(5, 4, 2, 64, 16, 16, 12, [37, 0, 191, 5, 130]), (2, 6, 3, 64, 16, 16, 12, [150, 77]),
+             (2, 20, 1, 64, 16, 16, 12, [150, 33]), (1, 40, 1, 128, 16, 16, 12, [100])]
+    limits = [("PTQRT_EMU_GRID_YZ", "2"), ("PTQRT_EMU_GRID_X", "16")]
+    if not impl.emu:
+        cases, limits = [(65537, 2, 1, 64, 64, 16, 2, [20] * 65537)], [(None, None)]
+    for case in cases:
+        b, hq, hkv, d, nb, bs, maxb, lens = case
+        k_cache, v_cache = rand_int8(nb, bs, hkv, d, device=dev), rand_int8(nb, bs, hkv, d, device=dev)
+        k_scale, v_scale = _kv_scales(nb, bs, hkv, d, True, dev)
+        q = _rand((b, hq, d), dtype, dev)
+        table = torch.randint(0, nb, (b, maxb), dtype=torch.int32, device=dev)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        args = (q, k_cache, v_cache, k_scale, v_scale, table, seq_lens, 1.0 / math.sqrt(d))
+        if impl.emu:
+            whole = impl("int8_kv_decode_attention", *args)
+            expect = ref.int8_kv_decode_attention(*args)
+            _lowp_close(whole, expect, expect)
+        else:  # each part within the limit: one launch (the split count is 1 in all three at this B)
+            cut = 65535
+            whole = torch.cat([impl("int8_kv_decode_attention", q[:cut], *args[1:5], table[:cut], seq_lens[:cut],
+                                    args[7]),
+                               impl("int8_kv_decode_attention", q[cut:], *args[1:5], table[cut:], seq_lens[cut:],
+                                    args[7])])
+        for name, value in limits:
+            if name is not None:
+                monkeypatch.setenv(name, value)
+            _poison_pool((b, hq, d), dtype, dev)
+            out = impl("int8_kv_decode_attention", *args)
+            if name is not None:
+                monkeypatch.delenv(name)
+            assert torch.equal(out, whole), (kernel, case[:4], name)
 
 
 def test_int8_kv_decode_attention_mma_fp16_small_v(impl, monkeypatch):

@@ -37,20 +37,12 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
   check_int32_range(op, "max_blocks * block_size", max_len);
   check_int32_range(op, "num_blocks", nb);
   check_int32_range(op, "D", D);
+  check_int32_range(op, "B", B);
+  check_int32_range(op, "Hq", Hq);
 
   const DeviceGuard guard(dev);
   at::Tensor out = at::empty_like(q);
   if (B == 0 || Hq == 0 || D == 0) return out;
-
-  const int64_t group = Hq / Hkv;
-  // The tensor-core kernel takes 16 query heads a CTA (where it serves the call: decode_mma.cuh).
-  const bool mma = decode_mma_enabled() && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-                   k_dyn && v_dyn && (D == 64 || D == 128) && aligned16(k_cache) && aligned16(v_cache) && nb > 0 &&
-                   bs > 0 && reinterpret_cast<uintptr_t>(q.data_ptr()) % 4 == 0;  // q read in pairs
-  const int64_t gchunks =
-      cdiv(group, mma ? 16 : decode_heads_per_cta(static_cast<int>(std::min<int64_t>(group, 8))));
-  TORCH_CHECK(B <= 65535 && Hkv * gchunks <= 65535, "ptqrt_cuda.", op, ": B = ", B, " or Hkv = ", Hkv,
-              " is too large for the kernel's grid");
 
   DecodeArgs a{};
   a.q = q.data_ptr();
@@ -73,7 +65,9 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
   a.sm_scale = static_cast<float>(sm_scale);
   a.vec = aligned16(k_cache) && aligned16(v_cache);
   a.stream = decode_stream_enabled();
-  a.mma = mma;
+  a.mma = decode_mma_enabled() && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16);
+  // Query-head chunks of a kv head: one CTA each (16 heads for the tensor-core kernel where it fits).
+  const int64_t gchunks = cdiv(Hq / Hkv, decode_cta_rows(a));
 
   // Split the KV range so that about two waves of CTAs run, each on >= 64 tokens, none on more than a
   // chunk's worth of scores in shared memory. The streaming kernel instead fills the CTA slots of one

@@ -13,6 +13,8 @@ size_t decode_attention_smem_bytes(const DecodeArgs& a) {
   return decode_smem_bytes(decode_heads_per_cta(a.Hq / a.Hkv), a.D, a.chunk);
 }
 
+int decode_cta_rows(const DecodeArgs& a) { return decode_mma_fits(a) ? kMmaRows : decode_heads_per_cta(a.Hq / a.Hkv); }
+
 int decode_stream_ctas_per_sm(const DecodeArgs& a, size_t smem_per_sm) {
   const int gt = decode_heads_per_cta(a.Hq / a.Hkv);
   const bool mma = decode_mma_fits(a);

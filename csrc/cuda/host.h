@@ -189,12 +189,22 @@ inline void check_launch(const char* op, cudaError_t e) {
 // A float32 contiguous copy (or the tensor itself) of an optional [n] float vector: the kernels read fp32.
 inline at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// Split-K factor: enough CTAs to cover `target` (about one wave), at least 2 K-tiles per split, <= 16.
-inline int pick_splits(int64_t tiles, int64_t k_tiles, int64_t target) {
+// The CTAs the tensor-core GEMMs' split-K aims at (w8a8_gemm, w8a16_gemm). Small mma.sync tiles leave
+// room for two CTAs per SM: two waves' worth of them; large ones one wave. The sm_90a kernels hold one
+// CTA per SM and split only below 3/4 of a wave (a split adds a reduce pass).
+inline int64_t split_target(bool sm90, Tile tile) {
+  const int64_t sms = sm_count();
+  return sm90 ? sms * 3 / 4 : sms * (tile == Tile::Small ? 2 : 1);
+}
+
+// Split-K factor for `tiles` CTA tiles of `k_tiles` K steps: enough CTAs to cover `target`, at least 2
+// K-tiles per split, <= 16, and where max_ctas > 0 no more than max_ctas CTAs in all (tiles x splits).
+inline int pick_splits(int64_t tiles, int64_t k_tiles, int64_t target, int64_t max_ctas = 0) {
   if (tiles >= target || k_tiles < 4) return 1;
   int64_t s = (target + tiles - 1) / tiles;
   s = std::min<int64_t>(s, k_tiles / 2);
   s = std::min<int64_t>(s, 16);
+  if (max_ctas > 0) s = std::min<int64_t>(s, max_ctas / tiles);
   return static_cast<int>(std::max<int64_t>(s, 1));
 }
 

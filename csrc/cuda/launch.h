@@ -129,11 +129,15 @@ struct DecodeArgs {
   int splits, chunk;          // the KV range [0, max_blocks * block_size) cut into `splits` chunks of `chunk` tokens
   bool vec;                   // k_cache and v_cache start 16-byte aligned (vector loads when D allows)
   bool stream;                // the streaming kernel (decode_stream.cuh) where it fits; else decode_attention.cuh
-  bool mma = false;           // the tensor-core kernel (decode_mma.cuh; 16 query heads a CTA) where it fits
+  bool mma = false;           // the tensor-core kernel (decode_mma.cuh; 16 query heads a CTA) where it fits:
+                              // set when it is switched on and q is fp16 / bf16 (decode_mma_fits has the rest)
 };
 // Query heads one CTA serves: the GQA group size rounded up to 1, 2, 4 or 8; a group larger than 8 is
 // served by several CTAs, each of which reads the kv head again.
 inline int decode_heads_per_cta(int group) { return group <= 1 ? 1 : group == 2 ? 2 : group <= 4 ? 4 : 8; }
+// Query heads one CTA of the kernel that serves `a` takes: 16 for the tensor-core kernel where it fits
+// (decode_mma_fits), else decode_heads_per_cta(Hq / Hkv).
+int decode_cta_rows(const DecodeArgs& a);
 // Largest chunk one CTA handles (its scores live in shared memory).
 constexpr int kDecodeMaxChunk = 1024;
 cudaError_t launch_int8_kv_decode_attention(DType dt, const DecodeArgs& args, cudaStream_t stream);

@@ -70,10 +70,7 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
       w8a16_tile_shape(tile, &bm, &bn, &bk);
     }
     const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
-    // Small mma.sync tiles leave room for two CTAs per SM; the sm_90a kernel holds one, and splits only
-    // below 3/4 of a wave (a split adds a reduce pass).
-    const int64_t target = hopper ? int64_t(sm_count()) * 3 / 4 : int64_t(sm_count()) * (tile == Tile::Small ? 2 : 1);
-    a.splits = pick_splits(tiles, (K + bk - 1) / bk, target);
+    a.splits = pick_splits(tiles, (K + bk - 1) / bk, split_target(hopper, tile));
     at::Tensor partial;
     if (a.splits > 1) {
       partial = at::empty({a.splits, M, N}, x.options().dtype(at::kFloat));
@@ -84,7 +81,6 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
     check_launch(op, e);
     if (a.splits > 1) check_launch(op, w8a16_split_reduce(dt, a, stream));
   } else {
-    TORCH_CHECK((M + 63) / 64 <= 65535, "ptqrt_cuda.", op, ": M = ", M, " is too large for the fallback kernel's grid");
     check_launch(op, w8a16_simple(dt, a, stream));
   }
   return out;

@@ -1,4 +1,6 @@
 // w8a16_gemm: dtype dispatch, the CUDA-core fallback kernel and the split-K reduction.
+#include <algorithm>
+
 #include "kernels/w8a16_mma_launch.cuh"
 #include "kernels/w8a16_simple.cuh"
 
@@ -10,13 +12,21 @@ extern template cudaError_t run_w8a16_mma<__nv_bfloat16>(Tile, const W8A16Args&,
 
 namespace {
 
+// Row tiles go along grid y (at most max_grid_yz of them); past that, one launch per that many tiles'
+// rows, x and out starting at the piece's first row.
 template <typename T>
 cudaError_t simple(const W8A16Args& a, cudaStream_t stream) {
-  const dim3 grid(ceil_div(a.N, kSimpleBN), ceil_div(a.M, kSimpleBM));
   auto kernel = w8a16_simple_kernel<T>;
-  PTQRT_LAUNCH(kernel, grid, 256, 0, stream)(static_cast<const T*>(a.x), a.w, a.w_scale, a.bias, static_cast<T*>(a.out),
-                                             a.M, a.N, a.K, a.group_size);
-  return cudaGetLastError();
+  const int64_t rows = max_grid_yz() * kSimpleBM;
+  for (int64_t m0 = 0; m0 < a.M; m0 += rows) {
+    const int m = static_cast<int>(std::min<int64_t>(rows, a.M - m0));
+    const dim3 grid(ceil_div(a.N, kSimpleBN), ceil_div(m, kSimpleBM));
+    PTQRT_LAUNCH(kernel, grid, 256, 0, stream)(static_cast<const T*>(a.x) + m0 * a.K, a.w, a.w_scale, a.bias,
+                                               static_cast<T*>(a.out) + m0 * a.N, m, a.N, a.K, a.group_size);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 template <typename T>

@@ -79,14 +79,11 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
     w8a8_tile_shape(tile, &bm, &bn, &bk);
   }
   const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
-  // Small mma.sync tiles leave room for two CTAs per SM: aim for two waves' worth of them. The sm_90a
-  // kernel holds one CTA per SM: split only below 3/4 of a wave (a split adds a reduce pass), and never
-  // past one wave (a second round of CTAs costs a whole tile's fixed cost again: 128 x 11008 x 4096
-  // ran 40.5 us on an H100 as 86 tiles x 2 splits, 24.2 as 86 tiles; Triton 23.8).
+  // The sm_90a kernel's splits never go past one wave (a second round of CTAs costs a whole tile's fixed
+  // cost again: 128 x 11008 x 4096 ran 40.5 us on an H100 as 86 tiles x 2 splits, 24.2 as 86 tiles;
+  // Triton 23.8).
   const int64_t sms = sm_count();
-  const int64_t target = hopper ? sms * 3 / 4 : sms * (tile == Tile::Small ? 2 : 1);
-  int splits = pick_splits(tiles, (k16 + bk - 1) / bk, target);
-  if (hopper) splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, sms / tiles)));
+  const int splits = pick_splits(tiles, (k16 + bk - 1) / bk, split_target(hopper, tile), hopper ? sms : 0);
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, M, N}, x_q.options().dtype(at::kInt));
 

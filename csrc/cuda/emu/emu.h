@@ -11,7 +11,8 @@
 //   * __syncthreads needs every live thread of the CTA; a deadlock is reported, not hung;
 //   * cp.async copies land only at the cp.async.wait_group that allows them to (the latest moment
 //     the hardware may pick), so a stage read too early reads stale data;
-//   * ldmatrix and cp.async check 16-byte alignment.
+//   * ldmatrix and cp.async check 16-byte alignment;
+//   * a launch checks its grid against a GPU's limits (lowerable for tests: see Launch).
 // Dynamic shared memory starts filled with 0xff bytes (NaN as float) so reads of unwritten shared
 // memory show. Not emulated: memory-model races beyond these, timing, atomics (unused).
 //
@@ -264,6 +265,17 @@ inline cudaError_t func_set_attribute(Kernel kernel, cudaFuncAttribute attr, int
   return cudaSuccess;
 }
 
+// The grid limits of a CUDA GPU (gridDim.x <= 2^31 - 1, gridDim.y and gridDim.z <= 65535); a launch past
+// them, or with an empty grid, fails here as it does on hardware. PTQRT_EMU_GRID_X / PTQRT_EMU_GRID_YZ
+// lower them (never raise them), so that tests reach the launchers' pieces at small sizes.
+inline int64_t grid_limit(const char* name, int64_t hw) {
+  const char* s = std::getenv(name);
+  const long long v = s != nullptr ? std::atoll(s) : 0;
+  return v > 0 && v < hw ? v : hw;
+}
+inline int64_t max_grid_x() { return grid_limit("PTQRT_EMU_GRID_X", 2147483647); }
+inline int64_t max_grid_yz() { return grid_limit("PTQRT_EMU_GRID_YZ", 65535); }
+
 template <class Kernel>
 struct Launch {
   Kernel kernel;
@@ -271,6 +283,13 @@ struct Launch {
   size_t smem;
   template <class... Args>
   void operator()(Args... args) const {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > max_grid_x() || grid.y > max_grid_yz() ||
+        grid.z > max_grid_yz()) {
+      std::ostringstream s;
+      s << "ptqrt CUDA emulator: grid (" << grid.x << ", " << grid.y << ", " << grid.z
+        << ") is empty or past the limits (" << max_grid_x() << ", " << max_grid_yz() << ", " << max_grid_yz() << ")";
+      throw std::runtime_error(s.str());
+    }
     if (smem > 48 * 1024) {
       const auto it = smem_granted().find(reinterpret_cast<const void*>(kernel));
       if (it == smem_granted().end() || it->second < smem)

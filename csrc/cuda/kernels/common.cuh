@@ -24,6 +24,17 @@
 namespace ptqrt {
 namespace cuda {
 
+// Grid limits of every CUDA GPU: gridDim.x <= 2^31 - 1, gridDim.y and gridDim.z <= 65535 (a launch past
+// them fails). Launchers whose grid grows with an input size past them launch it in pieces. The
+// emulator's can be lowered (emu.h), so that tests reach those pieces at small sizes.
+#ifdef PTQRT_CUDA_EMU
+inline int64_t max_grid_x() { return ::ptqrt::emu::max_grid_x(); }
+inline int64_t max_grid_yz() { return ::ptqrt::emu::max_grid_yz(); }
+#else
+constexpr int64_t max_grid_x() { return 2147483647; }
+constexpr int64_t max_grid_yz() { return 65535; }
+#endif
+
 // Host side of a launch: opts `kernel` in to `bytes` of dynamic shared memory on the current device
 // (needed when its static plus dynamic shared memory exceed 48 KiB, so any dynamic size may need it:
 // a 48 KiB ring beside an 8 KiB static reduction buffer once failed to launch for want of it; the

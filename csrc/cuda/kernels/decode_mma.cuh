@@ -56,10 +56,13 @@ static_assert(decode_mma_merge_bytes(64) <= decode_mma_smem_bytes(64) &&
                   decode_mma_merge_bytes(128) <= decode_mma_smem_bytes(128),
               "the warps' partial outputs fit in the ring");
 
-// Whether the MMA kernel serves these arguments (the host's choice, with q's dtype fp16 / bf16).
+// Whether the MMA kernel serves these arguments: a.mma (the switch, and q's dtype fp16 / bf16: the host's
+// part), 16-byte aligned caches, dynamic scales, D of 64 or 128, a non-empty cache (dead tokens copy row
+// 0), q 4-byte aligned (read in pairs). The one statement of the rule: the host's split count asks it too
+// (decode_cta_rows).
 __host__ __device__ inline bool decode_mma_fits(const DecodeArgs& a) {
   return a.mma && a.vec && a.k_dynamic && a.v_dynamic && (a.D == 64 || a.D == 128) && a.num_blocks > 0 &&
-         a.block_size > 0;
+         a.block_size > 0 && reinterpret_cast<uintptr_t>(a.q) % 4 == 0;
 }
 
 // grid: (splits, Hkv * ceil(G / 16), B); block: kDecodeThreads; dynamic smem: decode_mma_smem_bytes(D).
