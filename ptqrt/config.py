@@ -44,7 +44,7 @@ class PTQConfig:
     precision_recovery: "none" or "gptq"; gptq_act_order: quantize columns by decreasing Hessian
         diagonal (GPTQ's activation order; per-group scales then come from the original weights).
     skip: module names not to quantize. An entry made only of name characters (letters, digits, "_",
-        ".") is a name and matches as a literal substring, its dots plain dots ("layers.1." is layer 1, not
+        "-", ".") is a name and matches as a literal substring, its dots plain dots ("layers.1." is layer 1, not
         layers.10-19); any other entry is a regex (re.search), or matches as a substring.
     layer_policies: {pattern: PTQConfig} — the first pattern (a name or a regex, matched as for skip)
         that matches a module's name overrides the config.
@@ -196,12 +196,12 @@ def _check_policy(pattern: str, sub: PTQConfig) -> None:
                              f"model; {hint}")
 
 
-_NAME = re.compile(r"[\w.]+")
+_NAME = re.compile(r"[\w.-]+")  # what module names are made of ("-" is literal outside a class)
 
 
 def matches(pattern: str, name: str) -> bool:
     """Whether a skip / layer_policies entry selects module `name`: a plain name (letters, digits, "_",
-    ".") as a literal substring, where a regex's "." would also take "layers.1." to layers.10-19;
+    "-", ".") as a literal substring, where a regex's "." would also take "layers.1." to layers.10-19;
     anything else as a regex (re.search) or a substring."""
     if _NAME.fullmatch(pattern):
         return pattern in name

@@ -76,6 +76,7 @@ def test_a_plain_name_matches_literally_and_a_regex_as_a_regex():
     assert c.for_layer("model.layers.2xmlp.fc") is c
     assert c.for_layer("model.layers.12.attn.o").act_dtype == "int8"
     assert c.for_layer("model.layers.12.attn.q") is c
+    assert not PTQConfig(skip=["block-1."]).is_skipped("block-10.fc")  # "-" is a name character too
     assert PTQConfig(skip=["^embed", "fc[12]$"]).is_skipped("layers.0.fc2")
     assert not PTQConfig(skip=["^embed"]).is_skipped("model.embed")
 

@@ -911,3 +911,70 @@ def test_a_requested_cache_implementation_is_kept_with_a_warning():
     ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
     with pytest.warns(RuntimeWarning, match="StaticCache"):
         model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
+def test_an_assistant_with_sliding_windows_records_its_past():
+    """generate marks an assistant model's DynamicCache for past recording before the wrapper swaps
+    it for an Int8KVCache: the swapped cache records too, so drafts of several tokens can be cropped
+    after the window filled (the assistant drafts 4 a round here, the window is 3)."""
+    def build():
+        main = make_model("mistral", seed=1, sliding_window=3)
+        asst = make_model("mistral", seed=2, sliding_window=3)
+        asst.generation_config.num_assistant_tokens = 4
+        asst.generation_config.num_assistant_tokens_schedule = "constant"
+        asst.generation_config.assistant_confidence_threshold = 0.0
+        return main, asst
+
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    main, asst = build()
+    want = main.generate(ids, assistant_model=asst, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    main, asst = build()
+    apply_int8_kv_cache(asst, "per_token")
+    got = main.generate(ids, assistant_model=asst, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def _wiring(model):
+    return dict(children=[(n, id(m)) for n, m in model.named_modules() if isinstance(m, KVCacheQuant)],
+                attn=model.config._attn_implementation, wrapper="_prepare_cache_for_generation" in model.__dict__,
+                hooks=sum(len(m._forward_pre_hooks) for m in model.modules()))
+
+
+@pytest.mark.parametrize("where", ["scales", "wire"])
+@pytest.mark.parametrize("before", ["plain", "wired"])
+def test_apply_that_fails_part_way_changes_nothing(where, before, monkeypatch):
+    """An error (or interrupt) while building layer 1's scales or while wiring leaves the model as it
+    was: its KVCacheQuant children, attention implementation, hooks and generate wrapper."""
+    model = make_model("llama", seed=0)
+    if before == "wired":
+        apply_int8_kv_cache(model, "per_token")
+    ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    ref, state = model(ids).logits, _wiring(model)
+    if where == "scales":
+        real = KVCacheQuant.from_absmax.__func__
+
+        def from_absmax(cls, k, v, layer_idx):
+            if layer_idx == 1:
+                raise KeyboardInterrupt
+            return real(cls, k, v, layer_idx)
+        monkeypatch.setattr(KVCacheQuant, "from_absmax", classmethod(from_absmax))
+    else:
+        real_wire = hf._wire
+
+        def wire(model, prev):  # the config switched, then an interrupt
+            model.config._attn_implementation = hf._register(prev)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(hf, "_wire", wire)
+    with pytest.raises(KeyboardInterrupt):
+        apply_int8_kv_cache(model, "per_channel", calib_batches(1))
+    if where == "wire":
+        monkeypatch.setattr(hf, "_wire", real_wire)
+    assert _wiring(model) == state
+    assert torch.equal(model(ids).logits, ref)
+
+
+def test_windows_of_per_layer_configs():
+    """A config whose layers differ (per_layer_config) is read layer by layer, as transformers' cache does."""
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     sliding_window=None, per_layer_config={0: {"sliding_window": 3}})
+    assert hf.layer_windows(cfg) == [3, None]

@@ -515,17 +515,34 @@ def attention_modules(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 
 
 _WINDOWED = ("sliding_attention", "chunked_attention")
+_MISSING = object()
+
+
+def _refuse_odd(types, config) -> None:
+    odd = sorted({t for t in types if t not in ("full_attention",) + _WINDOWED})
+    if odd:
+        raise NotImplementedError(f"the int8 KV cache stores full and sliding-window attention layers only; "
+                                  f"{type(config).__name__} has layers of type {odd}")
 
 
 def layer_windows(config) -> list:
     """Per decoder layer: None (full attention) or the window of a sliding (or chunked) attention
     layer, as transformers' DynamicCache lays out its layers. NotImplementedError for other kinds
     (linear attention, layers sharing another's cache), which the int8 KV cache does not store."""
-    types = getattr(config, "layer_types", None)
-    n = getattr(config, "num_hidden_layers", None) or (len(types) if types else 0)
     if getattr(config, "kv_sharing_modes", None) is not None:
         raise NotImplementedError(f"the int8 KV cache does not store layers that share another's cache "
                                   f"(kv_sharing_modes of {type(config).__name__})")
+    try:  # transformers' own reading (per-layer configs included), where this version has it
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:
+        get_layer_types_and_kwargs = None
+    if get_layer_types_and_kwargs is not None and hasattr(config, "per_layer_config"):
+        types, kwargs = get_layer_types_and_kwargs(config)
+        _refuse_odd(types, config)
+        return [int(kw["sliding_window"]) if t in _WINDOWED and kw.get("sliding_window") is not None else None
+                for t, kw in zip(types, kwargs)]
+    types = getattr(config, "layer_types", None)
+    n = getattr(config, "num_hidden_layers", None) or (len(types) if types else 0)
     if types is None:
         if getattr(config, "sliding_window", None) is not None:
             types = ["sliding_attention"] * n
@@ -533,10 +550,7 @@ def layer_windows(config) -> list:
             types = ["chunked_attention"] * n
         else:
             return [None] * n
-    odd = sorted({t for t in types if t not in ("full_attention",) + _WINDOWED})
-    if odd:
-        raise NotImplementedError(f"the int8 KV cache stores full and sliding-window attention layers only; "
-                                  f"{type(config).__name__} has layers of type {odd}")
+    _refuse_odd(types, config)
     out = []
     for t in types:
         w = None
@@ -688,7 +702,9 @@ def _prepare_cache_for_generation(self, *args, **kwargs):
         for n in CACHE_NAMES:
             c = model_kwargs.get(n)
             if type(c) is DynamicCache and not getattr(c, "offloading", False):
-                model_kwargs[n] = Int8KVCache(self, max_length=length)
+                new = model_kwargs[n] = Int8KVCache(self, max_length=length)
+                if any(getattr(layer, "record_past", False) for layer in c.layers):
+                    new.activate_past_recording()  # an assistant model's cache: its drafts get cropped
             elif c is not None and not isinstance(c, Int8KVCache):
                 # a cache generate was asked for (cache_implementation="static", an offloaded one): kept
                 warnings.warn(f"ptqrt int8 KV cache: generate made a {type(c).__name__}, which this model keeps; "
@@ -793,16 +809,30 @@ def apply_int8_kv_cache(model: nn.Module, granularity: str, calib_data=None, qui
         if silent:
             raise ValueError(f"apply_int8_kv_cache: calibration never wrote the cache of layers {silent[:5]}"
                              f"{' ...' if len(silent) > 5 else ''}, so they cannot get static scales")
+    built = {}
     for idx, (name, mod) in sorted(mods.items()):
         dev = _device_of(mod)
         if granularity == "per_channel":
             k, v = stats[idx]
-            q = KVCacheQuant.from_absmax(k.to(dev), v.to(dev), idx)
+            built[idx] = KVCacheQuant.from_absmax(k.to(dev), v.to(dev), idx)
         else:
             hkv, d = _geometry(model, mod)
-            q = KVCacheQuant("per_token", hkv, d, idx, device=dev)
-        setattr(mod, CHILD, q)
-    _wire(model, prev)
+            built[idx] = KVCacheQuant("per_token", hkv, d, idx, device=dev)
+    # Nothing above changed the model; from here a failure (or an interrupt) puts it back as it was.
+    old = {idx: mod._modules.get(CHILD, _MISSING) for idx, (_, mod) in mods.items()}
+    was_wired = _is_wired(model)
+    try:
+        for idx, (_, mod) in mods.items():
+            setattr(mod, CHILD, built[idx])
+        _wire(model, prev)
+    except BaseException:
+        for idx, (_, mod) in mods.items():
+            if old[idx] is _MISSING:
+                mod._modules.pop(CHILD, None)
+            else:
+                setattr(mod, CHILD, old[idx])
+        (_wire if was_wired else _unwire)(model, prev)
+        raise
     return model
 
 
@@ -827,6 +857,12 @@ def remove_int8_kv_cache(model: nn.Module) -> nn.Module:
     for _, mod in attention_modules(model).values():
         if hasattr(mod, CHILD):
             delattr(mod, CHILD)
+    _unwire(model, prev)
+    return model
+
+
+def _unwire(model: nn.Module, prev: str) -> None:
+    """Undo _wire: hooks, the generate wrapper, and the attention implementation `prev` back."""
     for m in [model] + list(model.modules()):
         _drop_hooks(m)
     model.__dict__.pop("_prepare_cache_for_generation", None)
@@ -834,7 +870,6 @@ def remove_int8_kv_cache(model: nn.Module) -> nn.Module:
         cfg = getattr(m, "config", None)
         if cfg is not None and str(getattr(cfg, "_attn_implementation", "")).startswith(ATTN_PREFIX):
             cfg._attn_implementation = prev
-    return model
 
 
 __all__ = ["Int8KVCache", "Int8KVLayer", "apply_int8_kv_cache", "reattach", "remove_int8_kv_cache",
