@@ -852,10 +852,12 @@ def test_paged_store_random_histories(seed, static, max_tokens, capacity, device
 
 
 @pytest.mark.gpu
-def test_generate_on_gpu(calls):
+@pytest.mark.parametrize("window", [None, 5])
+def test_generate_on_gpu(calls, window):
     """generate() on a CUDA model with the int8 KV cache: every decode step reads the paged cache
-    through the GPU backends, and the logits stay within the CPU test's tolerance of float."""
-    model = make_model("llama").to("cuda")
+    through the GPU backends, and the logits stay within the CPU test's tolerance of float (with a
+    sliding window of 5, past it: the ring)."""
+    model = (make_model("llama") if window is None else make_model("mistral", sliding_window=window)).to("cuda")
     apply_int8_kv_cache(model, "per_token")
     n_layers = model.config.num_hidden_layers
     ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5)).to("cuda")
