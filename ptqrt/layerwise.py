@@ -59,19 +59,35 @@ def _config_layers(model: nn.Module) -> Optional[int]:
     return n if isinstance(n, int) else None
 
 
+def _decoder_prefix(model: nn.Module) -> Optional[str]:
+    """The name of the model's text decoder (transformers' get_decoder(): a vision-language model's
+    language model) with a trailing dot; "" for the model itself, None where there is none."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        dec = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a model without one may raise anything here
+        return None
+    if not isinstance(dec, nn.Module):
+        return None
+    return next((f"{n}." if n else "" for n, m in model.named_modules() if m is dec), None)
+
+
 def decoder_layers(model: nn.Module, targets) -> Optional[tuple[str, nn.ModuleList]]:
     """The layer stack: the outermost ModuleList of distinct same-class blocks holding target linears.
 
-    A list as long as the model's config.num_hidden_layers comes first, then the shallowest (an MoE
-    layer's expert list is deeper, and may be longer), then the longest."""
+    A list as long as the model's config.num_hidden_layers comes first, then one inside the model's
+    text decoder (a vision tower's blocks may be as many), then the shallowest (an MoE layer's expert
+    list is deeper, and may be longer), then the longest."""
     n_layers = _config_layers(model)
+    dec = _decoder_prefix(model)
     found = []
     for name, mod in model.named_modules():
         if not (isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(m) for m in mod}) == 1
                 and len({id(m) for m in mod}) == len(mod) and not is_quantizable(mod[0])):
             continue
         if any(t.startswith(f"{name}.") for t in targets):
-            found.append(((len(mod) != n_layers, name.count("."), -len(mod)), name, mod))
+            outside = dec is not None and not f"{name}.".startswith(dec)
+            found.append(((len(mod) != n_layers, outside, name.count("."), -len(mod)), name, mod))
     if not found:
         return None
     _, name, mod = min(found, key=lambda f: f[0])

@@ -521,6 +521,34 @@ def test_the_layer_stack_is_the_outermost_list_of_blocks():
     assert decoder_layers(model, {"adapters.0.fc": 0, "layers.0.experts.0.fc": 0})[0] == "adapters"
 
 
+def test_a_vision_language_model_is_walked_by_its_text_decoder():
+    """Qwen2-VL whose vision tower has as many blocks as the language model has layers: the stack is
+    the language model's (get_decoder()); the vision blocks, which text calibration never runs, are
+    named in the error for static W8A8 and calibrate fine once skipped."""
+    T = pytest.importorskip("transformers")
+    v = 64
+    cfg = T.Qwen2VLConfig(text_config=dict(vocab_size=v, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                           rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                          vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
+                                             patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                          image_token_id=v - 1, video_token_id=v - 2, vision_start_token_id=v - 3,
+                          bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = T.Qwen2VLForConditionalGeneration(cfg).eval()
+    targets = {n: None for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert decoder_layers(model, targets)[0] == "model.language_model.layers"
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, v - 5, (2, 12), generator=g)} for _ in range(2)]
+    with pytest.raises(ValueError, match=r"never reached \['model.visual.blocks.0"):
+        quantize(copy.deepcopy(model), PTQConfig(outliers="smooth", **STATIC), calib, quiet=True)
+    ids = torch.randint(3, v - 5, (1, 10), generator=g)
+    ref = model(input_ids=ids).logits
+    q = quantize(model, PTQConfig(outliers="smooth", skip=["lm_head", "visual"], **STATIC), calib, quiet=True)
+    assert isinstance(q.model.language_model.layers[1].mlp.down_proj, QuantLinear)
+    assert _rel(q(input_ids=ids).logits, ref) < 0.05
+
+
 def test_each_layer_is_calibrated_with_its_own_attention_mask():
     """Qwen2 with a sliding layer then a full one: layer 1 was calibrated with layer 0's (sliding) mask."""
     from ptqrt.algorithms.smoothquant import smooth_scales
