@@ -27,6 +27,24 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _warn_fused_weights(model: nn.Module) -> None:
+    """Say so where weights that are not in nn.Linear / Conv1D modules, and so stay float, hold a
+    sizeable share of the model: 3-D parameters, as transformers stores fused MoE experts
+    ([experts, out, in] in one module)."""
+    total = sum(p.numel() for p in model.parameters())
+    fused = {}
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 3 and p.is_floating_point() and not isinstance(mod, nn.modules.conv._ConvNd):
+                fused[f"{name}.{pname}" if name else pname] = p.numel()
+    n = sum(fused.values())
+    if total and n >= 0.05 * total:
+        some = list(fused)[:3]
+        warnings.warn(f"quantize: {100 * n / total:.0f}% of the model's weights are 3-D tensors outside nn.Linear "
+                      f"(fused MoE experts: {some}{' ...' if len(fused) > 3 else ''}); ptqrt quantizes nn.Linear "
+                      f"and Conv1D modules only, so these stay float", RuntimeWarning, stacklevel=3)
+
+
 def _roll_back(model: nn.Module, targets: dict, undo: list, err: BaseException) -> None:
     """Put the float linears (still held by `targets`) back where QuantLinears replaced them, and run
     `undo` in reverse. apply_int8_kv_cache, the last step, changes nothing when it fails. A restore
@@ -77,6 +95,7 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     targets = find_targets(model, config)
     if not targets:
         warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)
+    _warn_fused_weights(model)
     for name, (mod, cfg) in targets.items():
         k = linear_weight(mod).shape[1]
         if cfg.weight_granularity == "per_group" and k % cfg.group_size:

@@ -165,3 +165,14 @@ def test_batch_encoding_is_one_calibration_batch(kv):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
     assert any(isinstance(m, KVCacheQuant if kv else QuantLinear) for m in b.modules())
+
+
+@pytest.mark.parametrize("arch,fused", [("mixtral", True), ("llama", False)])
+def test_fused_expert_weights_left_float_are_warned_about(arch, fused, recwarn):
+    """transformers stores Mixtral's experts as 3-D tensors in one module, not nn.Linear: quantize says
+    that they (80% of this model's weights) stay float; a dense model gets no such warning."""
+    quantize(_build(arch), PTQConfig(), quiet=True)
+    said = [str(w.message) for w in recwarn if "3-D tensors outside nn.Linear" in str(w.message)]
+    assert bool(said) == fused, said
+    if fused:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in said[0]
