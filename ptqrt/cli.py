@@ -169,6 +169,14 @@ def cmd_inspect(a) -> int:
             size, rng = _module_tensors(heads, name, ("k_scale", "v_scale"))
             kv_rows.append((name, f"C8/{d['granularity']}", f"{d['num_kv_heads']}x{d['head_dim']}", size, rng))
             continue
+        if d.get("kind") == "experts":  # fused MoE experts: a row per projection, [experts x out x in]
+            e = d["num_experts"]
+            for proj, (n, k) in d["projections"].items():
+                size, rng = _module_tensors(heads, name, (proj, f"{proj}_scale"))
+                rows.append((f"{name.rpartition('.')[0]}.{proj}",
+                             d["mode"] + (f"/g{d['group_size']}" if d.get("group_size") else ""),
+                             f"{e}x{n}x{k}", size, e * n * k * 4, rng.replace(f"{proj}[", "weight[")))
+            continue
         size, rng = _module_tensors(heads, name, ("weight", "weight_scale", "bias", "input_scale", "smooth_scale"))
         fp32 = d["in_features"] * d["out_features"] * 4 + (d["out_features"] * 4 if d["bias"] else 0)
         rows.append((name, d["mode"] + (f"/g{d['group_size']}" if d.get("group_size") else ""),

@@ -27,7 +27,7 @@ DESCRIPTION = "quantization_description.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD = 4 * 1024**3
-MODULE_KINDS = ("linear", "kv_cache")  # what the "kind" of a module entry may be (absent: linear)
+MODULE_KINDS = ("linear", "kv_cache", "experts")  # what the "kind" of a module entry may be (absent: linear)
 
 
 class FormatError(ValueError):
@@ -49,11 +49,12 @@ def _version() -> str:
 
 def _modes(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
     """(per-module description, per-tensor mode) for the model's state dict names."""
+    from .modules.experts import QuantExperts
+    from .modules.kv_cache import KVCacheQuant
     from .modules.linear import QuantLinear
 
-    from .modules.kv_cache import KVCacheQuant
-
-    modules = {n: m.describe() for n, m in model.named_modules() if isinstance(m, (QuantLinear, KVCacheQuant))}
+    modules = {n: m.describe() for n, m in model.named_modules()
+               if isinstance(m, (QuantLinear, KVCacheQuant, QuantExperts))}
     modes = {}
     for t in names:
         owner, _, leaf = t.rpartition(".")
@@ -216,6 +217,16 @@ def _entry_fields(kind: str) -> dict:
         return {"mode": (lambda v: v in MODES, f"one of {MODES}"), "in_features": (_positive, "a positive int"),
                 "out_features": (_positive, "a positive int"), "group_size": (_count, "a non-negative int"),
                 "bias": (_flag, "true or false"), "has_smooth": (_flag, "true or false")}
+    if kind == "experts":
+        from .modules.experts import MODES as EXPERT_MODES, PROJECTIONS
+
+        def projections(v) -> bool:
+            return isinstance(v, dict) and bool(v) and all(
+                p in PROJECTIONS and isinstance(s, list) and len(s) == 2 and all(_positive(n) for n in s)
+                for p, s in v.items())
+        return {"mode": (lambda v: v in EXPERT_MODES, f"one of {EXPERT_MODES}"),
+                "group_size": (_count, "a non-negative int"), "num_experts": (_positive, "a positive int"),
+                "projections": (projections, f"{{name: [N, K]}} with names from {PROJECTIONS}")}
     return {"granularity": (lambda v: v in GRANULARITIES, f"one of {GRANULARITIES}"),
             "num_kv_heads": (_positive, "a positive int"), "head_dim": (_positive, "a positive int"),
             "layer_idx": (_count, "a non-negative int")}
@@ -295,6 +306,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     leaves float_model as it was. Returns the model (changed in place), on the device it was on; a
     model built on the meta device (to skip allocating the float weights) gets its tensors on the CPU.
     """
+    from .modules.experts import QuantExperts
     from .modules.kv_cache import KVCacheQuant
     from .modules.linear import QuantLinear
     from .quantize import set_submodule
@@ -305,8 +317,12 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     config = _read_config(desc, path)
     qmods = {n: d for n, d in desc["modules"].items() if d.get("kind", "linear") == "linear"}
     kvmods = {n: d for n, d in desc["modules"].items() if d.get("kind") == "kv_cache"}
+    exmods = {n: d for n, d in desc["modules"].items() if d.get("kind") == "experts"}
     for name, d in qmods.items():
         _expected_module(float_model, name, d, path)
+    replaced = {f"{n.rpartition('.')[0]}.{p}" for n, d in exmods.items() for p in d["projections"]}
+    for name, d in exmods.items():
+        _expected_experts(float_model, name, d, path)
     if kvmods:
         _check_kv_cache(float_model, kvmods, path)
     # The modules the model will hold once swapped, built aside on the meta device: they give every
@@ -314,6 +330,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     try:
         swapped = {n: QuantLinear.from_description(d, n, device="meta") for n, d in qmods.items()}
         swapped.update({n: KVCacheQuant.from_description(d, device="meta") for n, d in kvmods.items()})
+        swapped.update({n: QuantExperts.from_description(d, device="meta") for n, d in exmods.items()})
     except ValueError as e:
         raise FormatError(f"{path}: a module entry is damaged ({e})") from None
     tensors = read_tensors(in_dir, desc, verify)
@@ -325,7 +342,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     expected = {}
     for name, t in float_model.state_dict().items():
         owner = name.rpartition(".")[0]
-        if owner in swapped:
+        if owner in swapped or name in replaced:
             continue
         expected[name] = t
     for mname, qm in swapped.items():
@@ -345,7 +362,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     if unexpected:
         raise FormatError(f"{in_dir} holds tensors the model has no place for: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (first in {_file_of(desc, unexpected[0], in_dir)})")
-    on_meta = _meta_tensors(float_model, swapped, expected, in_dir)
+    on_meta = _meta_tensors(float_model, swapped, expected, in_dir, replaced)
 
     # All checks passed: now change the model.
     for name, d in qmods.items():
@@ -356,6 +373,13 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
         parent = float_model.get_submodule(name.rpartition(".")[0])
         dev = next(iter(list(parent.parameters()) + list(parent.buffers())), torch.empty(0)).device
         set_submodule(float_model, name, KVCacheQuant.from_description(d, device=dev))
+    if exmods:
+        from .integrations import hf_experts
+
+        for name, d in exmods.items():
+            parent = float_model.get_submodule(name.rpartition(".")[0])
+            dev = next(iter(list(parent.parameters()) + list(parent.buffers())), torch.empty(0)).device
+            hf_experts.attach(parent, QuantExperts.from_description(d, device=dev))
     if on_meta:
         _materialize(float_model)
     float_model.load_state_dict({n: tensors[n] for n in float_model.state_dict()}, strict=True)
@@ -366,6 +390,28 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     if config is not None:
         float_model.ptqrt_config = config
     return float_model
+
+
+def _expected_experts(model: nn.Module, name: str, d: dict, path: Path) -> None:
+    """The file's QuantExperts `name` (<experts module>.ptqrt_experts) fits the model's experts module."""
+    from .modules.experts import fused_projections
+
+    parent_name = name.rpartition(".")[0]
+    try:
+        mod = model.get_submodule(parent_name)
+    except AttributeError:
+        raise FormatError(f"{path}: experts {parent_name!r} are quantized in the file but the model has no such "
+                          f"module (is this the right architecture?)") from None
+    have = fused_projections(mod)
+    if sorted(have) != sorted(d["projections"]):
+        raise FormatError(f"{path}: {parent_name!r} is {type(mod).__name__} with fused projections {have} in the model; "
+                          f"the file has {sorted(d['projections'])}")
+    for p, (n, k) in d["projections"].items():
+        w = mod._parameters[p]
+        shape = (w.shape[0],) + ((w.shape[2], w.shape[1]) if mod.is_transposed else tuple(w.shape[1:]))
+        if shape != (d["num_experts"], n, k):
+            raise FormatError(f"{path}: {parent_name}.{p} holds {shape[0]} experts of [out={shape[1]}, in={shape[2]}] "
+                              f"in the model but {d['num_experts']} of [{n}, {k}] in the file")
 
 
 def _read_config(desc: dict, path: Path):
@@ -392,13 +438,14 @@ def _check_kv_cache(model: nn.Module, kvmods: dict, path: Path) -> None:
         raise FormatError(f"{path} holds an int8 KV cache that {type(model).__name__} cannot take: {e}") from None
 
 
-def _meta_tensors(model: nn.Module, swapped: dict, expected: dict, in_dir: Path) -> bool:
+def _meta_tensors(model: nn.Module, swapped: dict, expected: dict, in_dir: Path, replaced=frozenset()) -> bool:
     """Whether the model holds tensors on the meta device (which load_quantized then creates on the
-    CPU); refuses one that the file cannot fill (a non-persistent buffer, such as a rotary table)."""
+    CPU); refuses one that the file cannot fill (a non-persistent buffer, such as a rotary table).
+    replaced: the names of float expert weights a QuantExperts takes the place of."""
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     found = False
     for name, t in named:
-        if not t.is_meta or name.rpartition(".")[0] in swapped:
+        if not t.is_meta or name.rpartition(".")[0] in swapped or name in replaced:
             continue
         found = True
         if name not in expected:

@@ -21,28 +21,61 @@ def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
     return out
 
 
+def find_experts(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Module, str, int]]:
+    """{name: (experts module, mode, group_size)} for every fused-experts module of a transformers MoE
+    model (3-D expert weights, see ptqrt.modules.experts) not skipped. W8A8 layers' experts run per-token
+    int8 activations (static scales, smoothing and GPTQ need per-expert calibration: said once); W8A16
+    ones keep their group size, which must divide every projection's K."""
+    from .modules.experts import fused_projections
+
+    out, calibrated = {}, []
+    for name, mod in model.named_modules():
+        projections = fused_projections(mod) if name else []
+        if not projections or config.is_skipped(name):
+            continue
+        cfg = config.for_layer(name)
+        mode = "W8A8_DYNAMIC" if cfg.act_dtype == "int8" else "W8A16"
+        group = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+        for p in projections:
+            w = mod._parameters[p]
+            k = w.shape[1] if mod.is_transposed else w.shape[2]
+            if group and k % group:
+                raise ValueError(f"PTQConfig.group_size={group} does not divide K={k} of {name}.{p}; use a divisor "
+                                 f"of {k}, or a layer_policies entry for {name!r}")
+        if cfg.needs_calibration:
+            calibrated.append(name)
+        out[name] = (mod, mode, group)
+    if calibrated:
+        warnings.warn(f"quantize: fused MoE experts ({calibrated[:2]}{' ...' if len(calibrated) > 2 else ''}) take "
+                      f"RTN weights and, under W8A8, dynamic per-token activations: static scales, smoothing and "
+                      f"GPTQ need per-expert calibration, which ptqrt does not do for them", RuntimeWarning, stacklevel=3)
+    return out
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def _warn_fused_weights(model: nn.Module) -> None:
-    """Say so where weights that are not in nn.Linear / Conv1D modules, and so stay float, hold a
-    sizeable share of the model: 3-D parameters, as transformers stores fused MoE experts
-    ([experts, out, in] in one module)."""
+def _warn_fused_weights(model: nn.Module, config: PTQConfig) -> None:
+    """Say so where 3-D weights that quantize() left float (MoE experts stored as one tensor a
+    projection in a module other than transformers' experts modules), not skipped, hold a sizeable
+    share of the model's weights."""
     total = sum(p.numel() for p in model.parameters())
     fused = {}
     for name, mod in model.named_modules():
+        if name and config.is_skipped(name):
+            continue
         for pname, p in mod.named_parameters(recurse=False):
             if p.dim() >= 3 and p.is_floating_point() and not isinstance(mod, nn.modules.conv._ConvNd):
                 fused[f"{name}.{pname}" if name else pname] = p.numel()
     n = sum(fused.values())
     if total and n >= 0.05 * total:
         some = list(fused)[:3]
-        warnings.warn(f"quantize: {100 * n / total:.0f}% of the model's weights are 3-D tensors outside nn.Linear "
-                      f"(fused MoE experts: {some}{' ...' if len(fused) > 3 else ''}); ptqrt quantizes nn.Linear "
-                      f"and Conv1D modules only, so these stay float", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"quantize: {100 * n / total:.0f}% of the model's weights are 3-D tensors that stay float "
+                      f"({some}{' ...' if len(fused) > 3 else ''}): ptqrt quantizes nn.Linear and Conv1D modules, "
+                      f"and the fused experts of transformers' MoE models", RuntimeWarning, stacklevel=3)
 
 
 def _roll_back(model: nn.Module, targets: dict, undo: list, err: BaseException) -> None:
@@ -74,7 +107,8 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     """Quantize `model` in place with `config` and return it.
 
     Every nn.Linear (and GPT-2 Conv1D) whose name is not in config.skip becomes a QuantLinear with the
-    config of the first matching layer policy. calib_data is an iterable of model inputs (a tensor,
+    config of the first matching layer policy; the fused experts of transformers' MoE models get a
+    QuantExperts (see find_experts). calib_data is an iterable of model inputs (a tensor,
     a tuple of positional args, or a dict of keyword args), needed for static W8A8; None otherwise.
     A single tensor or mapping (a dict, a tokenizer's BatchEncoding) is one input.
     Device and dtype of every layer are kept. Whatever can be checked without running the model (the
@@ -95,7 +129,7 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     targets = find_targets(model, config)
     if not targets:
         warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)
-    _warn_fused_weights(model)
+    experts = find_experts(model, config)
     for name, (mod, cfg) in targets.items():
         k = linear_weight(mod).shape[1]
         if cfg.weight_granularity == "per_group" and k % cfg.group_size:
@@ -130,6 +164,14 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         rest = {n: t for n, t in targets.items() if n not in needs}
         for name, (mod, cfg) in tqdm(rest.items(), desc="quantizing", unit="layer", disable=quiet or not rest):
             set_submodule(model, name, QuantLinear.from_float(mod, cfg, name=name))
+        if experts:
+            from .integrations import hf_experts
+            from .modules.experts import QuantExperts
+
+            for name, (mod, mode, group) in tqdm(experts.items(), desc="quantizing experts", unit="layer",
+                                                 disable=quiet):
+                old = hf_experts.attach(mod, QuantExperts.from_float(mod, mode, group))
+                undo.append(lambda mod=mod, old=old: hf_experts.detach(mod, old))
         if config.kv_cache_dtype == "int8":
             from .integrations import hf
 
@@ -139,6 +181,7 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         raise
     finally:
         model.train(was_training)
+    _warn_fused_weights(model, config)
     model.ptqrt_config = config
     return model
 

@@ -1,0 +1,98 @@
+"""int8 fused MoE experts in transformers (5.x) models: the experts forward that runs a QuantExperts.
+
+transformers' experts modules (``use_experts_implementation``) dispatch their forward by name through
+its experts interface (``config._experts_implementation``). ptqrt registers ``ptqrt_int8`` there;
+``attach`` replaces an experts module's 3-D float projections by a QuantExperts child and points the
+module's config at it. An experts module that shares that config but holds no QuantExperts (skipped)
+runs its own eager forward.
+
+Per call: the (token, expert) pairs are sorted by expert; each expert with tokens runs its first
+projection (gate_up or up) on its rows, the gate or activation as the module defines it, its down
+projection, then the optional post-expert norm; the rows are weighted by the router and summed per
+token in float32, as transformers' batched forward does. Expert ids past the module's experts (expert
+parallel sentinels) contribute nothing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modules.experts import QuantExperts, expert_bias, fused_projections
+
+try:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+except ImportError as e:  # pragma: no cover - exercised only without transformers >= 5
+    raise ImportError(f"ptqrt.integrations.hf_experts needs transformers>=5 with fused experts ({e})") from e
+
+IMPL = "ptqrt_int8"
+CHILD = "ptqrt_experts"
+
+
+def int8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    q = getattr(self, CHILD, None)
+    if not isinstance(q, QuantExperts):  # an experts module left float that shares the config
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    first = "gate_up_proj" if "gate_up_proj" in q.shapes else "up_proj"
+    t, k = top_k_index.shape
+    ids = top_k_index.reshape(-1)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=q.num_experts).tolist()
+    token = order // k
+    x = hidden_states[token]
+    out = torch.zeros(ids.numel(), q.shapes["down_proj"][0], dtype=hidden_states.dtype, device=hidden_states.device)
+    start = 0
+    for e, c in enumerate(counts[:q.num_experts]):
+        if c:
+            rows = slice(start, start + c)
+            h = q.linear(first, e, x[rows])
+            b = expert_bias(self, first)
+            if b is not None:
+                h = h + b[e]
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            h = q.linear("down_proj", e, h.to(hidden_states.dtype))
+            b = expert_bias(self, "down_proj")
+            if b is not None:
+                h = h + b[e]
+            if getattr(self, "has_post_expert_norm", False):
+                h = self.post_expert_norm(h)
+            out[rows] = h.to(out.dtype)
+        start += c
+    weighted = out.float() * top_k_weights.reshape(-1)[order].float()[:, None]
+    final = torch.zeros(t, out.shape[1], dtype=torch.float32, device=out.device).index_add_(0, token, weighted)
+    return final.to(hidden_states.dtype)
+
+
+if IMPL not in ALL_EXPERTS_FUNCTIONS._global_mapping:
+    ALL_EXPERTS_FUNCTIONS.register(IMPL, int8_experts_forward)
+
+
+def attach(module: nn.Module, q: QuantExperts) -> dict:
+    """Give experts `module` the QuantExperts `q` in place of its float projections and make its config
+    dispatch to int8_experts_forward. Returns what it replaced, for detach()."""
+    projections = fused_projections(module)
+    if sorted(projections) != sorted(q.shapes):
+        raise ValueError(f"attach: {type(module).__name__} holds {projections}; the QuantExperts has {list(q.shapes)}")
+    old = {"params": {p: module._parameters[p] for p in projections},
+           "impl": module.config._experts_implementation_internal}
+    for p in projections:
+        del module._parameters[p]
+    module.add_module(CHILD, q)
+    module.config._experts_implementation_internal = IMPL
+    return old
+
+
+def detach(module: nn.Module, old: dict) -> None:
+    """Undo attach(module, ...) with what it returned."""
+    module._modules.pop(CHILD, None)
+    for p, t in old["params"].items():
+        module._parameters[p] = t
+    module.config._experts_implementation_internal = old["impl"]
+
+
+def rewire(module: nn.Module) -> None:
+    """Point the config of an experts module that holds a QuantExperts (load_quantized) at its forward."""
+    module.config._experts_implementation_internal = IMPL
+
+
+__all__ = ["IMPL", "CHILD", "int8_experts_forward", "attach", "detach", "rewire"]
