@@ -321,7 +321,11 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     for name, d in qmods.items():
         _expected_module(float_model, name, d, path)
     replaced = {f"{n.rpartition('.')[0]}.{p}" for n, d in exmods.items() for p in d["projections"]}
+    parents = [n.rpartition(".")[0] for n in exmods]
     for name, d in exmods.items():
+        if name.rpartition(".")[2] != "ptqrt_experts" or parents.count(name.rpartition(".")[0]) > 1:
+            raise FormatError(f"{path}: experts entry {name!r} is not the one 'ptqrt_experts' child of an experts "
+                              f"module")
         _expected_experts(float_model, name, d, path)
     if kvmods:
         _check_kv_cache(float_model, kvmods, path)

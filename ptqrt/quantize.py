@@ -13,11 +13,20 @@ from .modules.linear import QuantLinear, is_quantizable, linear_weight
 
 
 def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Module, PTQConfig]]:
-    """{name: (module, layer config)} for every Linear/Conv1D not skipped."""
-    out = {}
+    """{name: (module, layer config)} for every Linear/Conv1D not skipped. nn.Linear subclasses that
+    cannot be swapped (is_quantizable) are named in a warning."""
+    out, kept = {}, []
     for name, mod in model.named_modules():
-        if name and is_quantizable(mod) and not config.is_skipped(name):
+        if not name or config.is_skipped(name):
+            continue
+        if is_quantizable(mod):
             out[name] = (mod, config.for_layer(name))
+        elif isinstance(mod, nn.Linear):
+            kept.append(f"{name} ({type(mod).__name__})")
+    if kept:
+        warnings.warn(f"quantize: {len(kept)} nn.Linear subclasses stay float: {kept[:3]}{' ...' if len(kept) > 3 else ''}"
+                      f" (a forward of their own, such as an MoE router's, or a weight their parent reads "
+                      f"directly, as nn.MultiheadAttention's out_proj)", RuntimeWarning, stacklevel=3)
     return out
 
 

@@ -148,6 +148,10 @@ def test_load_refuses_experts_that_do_not_fit(tmp_path):
     path = tmp_path / DESCRIPTION
     desc = json.loads(path.read_text())
     name = next(n for n, d in desc["modules"].items() if d.get("kind") == "experts")
+    renamed = json.loads(json.dumps(desc).replace(name, name.replace("ptqrt_experts", "elsewhere")))
+    path.write_text(json.dumps(renamed))  # tensors renamed too: every check but the child's name passes
+    with pytest.raises(FormatError, match="is not the one 'ptqrt_experts' child"):
+        load_quantized(_model("mixtral"), tmp_path, verify=False)
     desc["modules"][name]["projections"] = {"gate_up_proj": [192, 64], "sideways": [1, 2]}
     path.write_text(json.dumps(desc))
     model = _model("mixtral")

@@ -188,3 +188,38 @@ def test_public_api_names():
         assert hasattr(ptqrt, name)
     with pytest.raises(ValueError, match="backend must be one of"):
         ptqrt.set_backend("tpu")
+
+
+def test_linear_subclasses_that_cannot_be_swapped_stay_float():
+    """nn.MultiheadAttention reads out_proj's weight itself, and a router subclassing nn.Linear returns
+    routing tuples from a forward of its own: both stay float, named in a warning; plain linears and
+    subclasses without a forward of their own are quantized."""
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits.argmax(-1)
+
+    class Plain(nn.Linear):  # no forward of its own
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.router, self.fc = Router(32, 4), Plain(32, 32)
+
+        def forward(self, x):
+            h = self.attn(x, x, x)[0]
+            p, _ = self.router(h)
+            return self.fc(h) * p[..., :1]
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 5, 32)
+    ref = model(x)
+    with pytest.warns(RuntimeWarning, match=r"2 nn.Linear subclasses stay float: \['attn.out_proj "
+                                            r"\(NonDynamicallyQuantizableLinear\)', 'router \(Router\)'\]"):
+        q = quantize(model, PTQConfig(), quiet=True)
+    assert type(q.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear" and type(q.router) is Router
+    assert isinstance(q.fc, QuantLinear)
+    assert ((q(x) - ref).norm() / ref.norm()) < 0.02

@@ -36,7 +36,13 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    """An nn.Linear that computes nn.Linear's own forward, or a GPT-2 Conv1D. A subclass with a forward
+    of its own (an MoE router returning routing tuples, a grouped linear) and nn.MultiheadAttention's
+    out_proj (whose weight the attention reads directly) would not survive the swap: they stay float."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward and not isinstance(
+            module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class QuantLinear(nn.Module):
