@@ -179,3 +179,13 @@ def int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table,
         raise ValueError(f"ptqrt.{op}: sm_scale must be a positive float; got {sm_scale!r}")
     same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale,
                 block_table=block_table, seq_lens=seq_lens)
+
+
+def description(d, kind: str, fields: tuple, who: str) -> None:
+    """A packed-format module entry `d` (what `who`.describe() wrote) is of `kind` and has `fields`."""
+    if not isinstance(d, dict) or d.get("kind") != kind:
+        got = d.get("kind") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{who}.from_description: kind must be {kind!r}; got {got!r}")
+    missing = [k for k in fields if k not in d]
+    if missing:
+        raise ValueError(f"{who}.from_description: missing fields {missing} in {d}")

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _checks, ops
 from ..reference import quantize_weight
 from .scales import keep_float32
 
@@ -97,11 +97,7 @@ class QuantExperts(nn.Module):
 
     @classmethod
     def from_description(cls, d: dict, device=None) -> "QuantExperts":
-        if d.get("kind") != "experts":
-            raise ValueError(f"QuantExperts.from_description: kind must be 'experts'; got {d.get('kind')!r}")
-        missing = [k for k in ("mode", "group_size", "num_experts", "projections") if k not in d]
-        if missing:
-            raise ValueError(f"QuantExperts.from_description: missing fields {missing}")
+        _checks.description(d, "experts", ("mode", "group_size", "num_experts", "projections"), "QuantExperts")
         projections = d["projections"]
         if not isinstance(projections, dict) or not all(
                 isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in projections.values()):

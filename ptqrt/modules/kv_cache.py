@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _checks, ops
 from ..reference import absmax_scale
 from .scales import keep_float32
 
@@ -84,11 +84,7 @@ class KVCacheQuant(nn.Module):
 
     @classmethod
     def from_description(cls, d: dict, device=None) -> "KVCacheQuant":
-        if d.get("kind") != "kv_cache":
-            raise ValueError(f"KVCacheQuant.from_description: kind must be 'kv_cache'; got {d.get('kind')!r}")
-        missing = [k for k in ("granularity", "num_kv_heads", "head_dim", "layer_idx") if k not in d]
-        if missing:
-            raise ValueError(f"KVCacheQuant.from_description: missing fields {missing} in {d}")
+        _checks.description(d, "kv_cache", ("granularity", "num_kv_heads", "head_dim", "layer_idx"), "KVCacheQuant")
         return cls(d["granularity"], d["num_kv_heads"], d["head_dim"], d["layer_idx"], device=device)
 
     def forward(self, *args, **kwargs):  # noqa: D401 -- holds scales; the cache reads them
