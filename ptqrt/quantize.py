@@ -123,7 +123,7 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     Device and dtype of every layer are kept. Whatever can be checked without running the model (the
     config, group sizes, calibration data given where needed, the int8 KV cache's prerequisites) is
     checked before the model is changed. An error (or KeyboardInterrupt) part way puts the model back
-    as it was: the float linears and any norm that smoothing folded into.
+    as it was: the float linears, any norm that smoothing folded into, the experts' float weights.
 
     With calibration (static W8A8, smooth/osl, gptq), decoder models are done one layer at a time:
     pass device="cuda" to run each layer there while the rest of the model stays where it is.
@@ -136,9 +136,9 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         raise TypeError(f"quantize: config must be a PTQConfig; got {type(config).__name__}")
     config.validate()
     targets = find_targets(model, config)
-    if not targets:
-        warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)
     experts = find_experts(model, config)
+    if not targets and not experts:
+        warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)
     for name, (mod, cfg) in targets.items():
         k = linear_weight(mod).shape[1]
         if cfg.weight_granularity == "per_group" and k % cfg.group_size:
@@ -162,7 +162,7 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         raise ValueError("quantize: calib_data is empty: calibration needs at least one sample")
     was_training = model.training
     model.eval()
-    undo: list = []  # restoring functions for what is changed in place (norms folded into)
+    undo: list = []  # restoring functions for what is changed in place (norms folded into, experts)
     try:
         if needs:
             from .layerwise import calibrate_and_quantize
