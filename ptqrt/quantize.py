@@ -48,9 +48,7 @@ def find_experts(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
         for p in projections:
             w = mod._parameters[p]
             k = w.shape[1] if mod.is_transposed else w.shape[2]
-            if group and k % group:
-                raise ValueError(f"PTQConfig.group_size={group} does not divide K={k} of {name}.{p}; use a divisor "
-                                 f"of {k}, or a layer_policies entry for {name!r}")
+            _check_group(group, k, f"{name}.{p}")
         if cfg.needs_calibration:
             calibrated.append(name)
         out[name] = (mod, mode, group)
@@ -59,6 +57,12 @@ def find_experts(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
                       f"RTN weights and, under W8A8, dynamic per-token activations: static scales, smoothing and "
                       f"GPTQ need per-expert calibration, which ptqrt does not do for them", RuntimeWarning, stacklevel=3)
     return out
+
+
+def _check_group(group: int, k: int, name: str) -> None:
+    if group and k % group:
+        raise ValueError(f"PTQConfig.group_size={group} does not divide K={k} of layer {name!r}; use a divisor of "
+                         f"{k}, or a layer_policies entry for this layer")
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -140,10 +144,8 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     if not targets and not experts:
         warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)
     for name, (mod, cfg) in targets.items():
-        k = linear_weight(mod).shape[1]
-        if cfg.weight_granularity == "per_group" and k % cfg.group_size:
-            raise ValueError(f"PTQConfig.group_size={cfg.group_size} does not divide K={k} of layer {name!r}; "
-                             f"use a divisor of {k}, or a layer_policies entry for this layer")
+        if cfg.weight_granularity == "per_group":
+            _check_group(cfg.group_size, linear_weight(mod).shape[1], name)
     needs = {n: t for n, t in targets.items() if t[1].needs_calibration}
     kv_static = config.kv_needs_calibration
     if (needs or kv_static) and calib_data is None:

@@ -270,7 +270,7 @@ class Int8KVCache(Cache):
         self.block_size, self.max_length = block_size, max_length
         self._config = config
         self._quants = {m.layer_idx: m for m in model.modules() if isinstance(m, KVCacheQuant)}
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = _text_config(config)
         self._windows = layer_windows(text)
         n = max([getattr(text, "num_hidden_layers", 0) or 0, len(self._windows)] + [i + 1 for i in self._quants])
         self._reset_forward_state()
@@ -518,6 +518,11 @@ _WINDOWED = ("sliding_attention", "chunked_attention")
 _MISSING = object()
 
 
+def _text_config(config):
+    """The decoder's config (a vision-language model's text config; the config itself otherwise)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def _refuse_odd(types, config) -> None:
     odd = sorted({t for t in types if t not in ("full_attention",) + _WINDOWED})
     if odd:
@@ -563,7 +568,7 @@ def layer_windows(config) -> list:
 
 
 def _geometry(model: nn.Module, mod: nn.Module) -> tuple[int, int]:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = _text_config(model.config)
     heads = cfg.num_attention_heads
     hkv = getattr(cfg, "num_key_value_heads", None) or heads
     d = getattr(mod, "head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -756,9 +761,8 @@ def check_int8_kv_cache(model: nn.Module, fn: str = "apply_int8_kv_cache") -> tu
         raise NotImplementedError(f"{fn}: {name} uses multi-head latent attention (kv_lora_rank="
                                   f"{model.config.kv_lora_rank}); the int8 KV cache stores keys and values per kv head")
     prev = _previous_impl(model)
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
     try:
-        layer_windows(text)
+        layer_windows(_text_config(model.config))
     except NotImplementedError as e:
         raise NotImplementedError(f"{fn}: {e}") from None
     mods = attention_modules(model)

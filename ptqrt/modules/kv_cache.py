@@ -95,6 +95,11 @@ class KVCacheQuant(nn.Module):
                 f"layer_idx={self.layer_idx}")
 
 
+def _positive_or_none(where: str, name: str, val) -> None:
+    if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+        raise ValueError(f"{where}: {name} must be a positive int or None; got {val!r}")
+
+
 class PagedInt8KV:
     """Paged int8 K/V of one attention layer for a batch of B sequences (see the module docstring).
 
@@ -113,8 +118,7 @@ class PagedInt8KV:
         if block_size <= 0:
             raise ValueError(f"PagedInt8KV: block_size must be positive; got {block_size}")
         for name, val in (("max_tokens", max_tokens), ("capacity", capacity)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
-                raise ValueError(f"PagedInt8KV: {name} must be a positive int or None; got {val!r}")
+            _positive_or_none("PagedInt8KV", name, val)
         self.capacity = capacity
         self.max_cols = None if max_tokens is None else -(-max_tokens // block_size)
         if (k_scale is None) != (v_scale is None):
@@ -356,8 +360,7 @@ class PagedInt8KV:
     def set_capacity(self, capacity: Optional[int]) -> None:
         """Re-lay the held tokens in a ring of `capacity` (None: no ring). Growing keeps every held
         token; shrinking keeps each sequence's last `capacity`."""
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0):
-            raise ValueError(f"PagedInt8KV.set_capacity: capacity must be a positive int or None; got {capacity!r}")
+        _positive_or_none("PagedInt8KV.set_capacity", "capacity", capacity)
         if capacity != self.capacity:
             self._relayout(capacity)
             self._publish()
