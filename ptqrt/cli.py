@@ -172,10 +172,12 @@ def cmd_inspect(a) -> int:
         if d.get("kind") == "experts":  # fused MoE experts: a row per projection, [experts x out x in]
             e = d["num_experts"]
             for proj, (n, k) in d["projections"].items():
-                size, rng = _module_tensors(heads, name, (proj, f"{proj}_scale"))
+                leaves = (proj, f"{proj}_scale", f"{proj}_input_scale", f"{proj}_smooth_scale")
+                size, rng = _module_tensors(heads, name, leaves)
                 rows.append((f"{name.rpartition('.')[0]}.{proj}",
                              d["mode"] + (f"/g{d['group_size']}" if d.get("group_size") else ""),
-                             f"{e}x{n}x{k}", size, e * n * k * 4, rng.replace(f"{proj}[", "weight[")))
+                             f"{e}x{n}x{k}", size, e * n * k * 4,
+                             rng.replace(f"{proj}[", "weight[").replace(f"{proj}_", "")))
             continue
         size, rng = _module_tensors(heads, name, ("weight", "weight_scale", "bias", "input_scale", "smooth_scale"))
         fp32 = d["in_features"] * d["out_features"] * 4 + (d["out_features"] * 4 if d["bias"] else 0)

@@ -252,6 +252,9 @@ def _check_module_entry(name: str, d, path: Path) -> None:
         if not ok(d[field]):
             raise FormatError(f"{path}: the entry of module {name!r} is damaged: {field} must be {what}; "
                               f"got {d[field]!r}")
+    if kind == "experts" and not _flag(d.get("smooth", False)):  # absent in files written before smoothing
+        raise FormatError(f"{path}: the entry of module {name!r} is damaged: smooth must be true or false; "
+                          f"got {d['smooth']!r}")
     if kind == "linear" and d["bias"] and _float_dtype(d.get("bias_dtype")) is None:
         raise FormatError(f"{path}: the entry of module {name!r} is damaged: bias_dtype must name a torch float "
                           f"dtype (e.g. 'float32', 'bfloat16'); got {d.get('bias_dtype')!r}")

@@ -16,6 +16,11 @@ applies its weight in a form the fold knows (x̂·γ + β or x̂·(1 + γ) + β,
 and a trial fold leaves every output of the block unchanged. Otherwise QuantLinear divides its input
 by s inside the quantize op.
 
+Fused MoE experts (transformers' experts modules, one 3-D tensor a projection) are observed through
+their float forward in ptqrt's order of operations (hf_experts.observed_forward), which records each
+expert projection's input rows: every expert gets its own statistics, smoothing vector (never folded:
+the norm in front feeds the router and every expert), static scale and GPTQ Hessian.
+
 A block changes only once every decision is made and every QuantLinear is built, and the model's
 parameters are never written but for a folded norm's: a linear's smoothed weight W·s is a copy, since
 the linear's Parameter may be tied to another module (GPT-2's lm_head and wte).
@@ -266,11 +271,24 @@ def _spread(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()]
 
 
+def _record(st: _Stats, key, x2: torch.Tensor, cfg: PTQConfig, osl_share: int) -> None:
+    """What calibration keeps of input rows x2 [R, K] of target `key` (a linear's name, or an expert
+    projection's (module, projection, expert))."""
+    st.observers[key].update(x2)
+    if cfg.precision_recovery == "gptq":
+        st.hessian[key], st.tokens[key] = gptq.accumulate_hessian(st.hessian.get(key), x2, st.tokens[key])
+    if cfg.outliers == "osl":
+        st.xs[key].append(_spread(x2, osl_share).float().cpu())
+
+
 def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, device, quiet: bool,
-             masks: Optional[list] = None) -> _Stats:
+             masks: Optional[list] = None, experts: Optional[dict] = None) -> _Stats:
     """Records what quantizing the targets needs from a float pass over `calls`; masks (one per call,
-    `_token_mask`) leave padding positions out of the observers, Hessians and OSL samples."""
+    `_token_mask`) leave padding positions out of the observers, Hessians and OSL samples. experts
+    ({name: (module, config)}): fused experts modules observed per expert (layerwise_experts.observing)."""
     from tqdm.auto import tqdm
+
+    from .layerwise_experts import observing
 
     st = _Stats()
     cur = {"mask": None}
@@ -298,13 +316,8 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
         if first[0]:
             st.input_key[full] = _key(x)
         x2 = _real_rows(x, cur["mask"])
-        if not x2.shape[0]:
-            return
-        st.observers[full].update(x2)
-        if cfg.precision_recovery == "gptq":
-            st.hessian[full], st.tokens[full] = gptq.accumulate_hessian(st.hessian.get(full), x2, st.tokens[full])
-        if cfg.outliers == "osl":
-            st.xs[full].append(_spread(x2, osl_share).float().cpu())
+        if x2.shape[0]:
+            _record(st, full, x2, cfg, osl_share)
 
     def post(mod, _args, out):
         if first[0] and isinstance(out, torch.Tensor):
@@ -319,10 +332,11 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
         if _is_norm(mod):
             handles.append(mod.register_forward_hook(post))
     try:
-        for i, (args, kwargs) in enumerate(tqdm(calls, desc="observing", unit="sample", disable=quiet, leave=False)):
-            cur["mask"] = masks[i] if masks else None
-            block(*to_device(args, device), **to_device(kwargs, device))
-            first[0] = False
+        with observing(block, prefix, experts or {}, st, cur, osl_share):
+            for i, (args, kwargs) in enumerate(tqdm(calls, desc="observing", unit="sample", disable=quiet, leave=False)):
+                cur["mask"] = masks[i] if masks else None
+                block(*to_device(args, device), **to_device(kwargs, device))
+                first[0] = False
     finally:
         for h in handles:
             h.remove()
@@ -372,16 +386,20 @@ def _groups(st: _Stats, names: dict[str, PTQConfig]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _group_scale(st: _Stats, group: list[str], mods: list, cfg: PTQConfig) -> torch.Tensor:
-    weights = [linear_weight(m).detach().float() for m in mods]
-    act = st.absmax[group[0]]
+def _smooth_vector(st: _Stats, key, weights: list, biases: list, cfg: PTQConfig) -> torch.Tensor:
+    """s [K] for the linears `weights` [N_i, K] (float, biases [N_i] or None) that read the input
+    recorded under `key`: SmoothQuant's with cfg.smooth_alpha, or OSL's α search on the kept rows."""
+    act = st.absmax[key]
     if cfg.outliers == "osl":
-        x = _spread(torch.cat(st.xs[group[0]]), OSL_MAX_TOKENS)
-        biases = [getattr(m, "bias", None) for m in mods]
-        _, s = osl.search_alpha(x, weights, [b.detach().float() if b is not None else None for b in biases],
-                                act_granularity=cfg.act_granularity, act_absmax=act)
-        return s
+        x = _spread(torch.cat(st.xs[key]), OSL_MAX_TOKENS)
+        return osl.search_alpha(x, weights, biases, act_granularity=cfg.act_granularity, act_absmax=act)[1]
     return smoothquant.smooth_scales(act, smoothquant.weight_absmax_per_in_channel(weights), cfg.smooth_alpha)
+
+
+def _group_scale(st: _Stats, group: list[str], mods: list, cfg: PTQConfig) -> torch.Tensor:
+    biases = [getattr(m, "bias", None) for m in mods]
+    return _smooth_vector(st, group[0], [linear_weight(m).detach().float() for m in mods],
+                          [b.detach().float() if b is not None else None for b in biases], cfg)
 
 
 def _members_and_ancestors(group: list[str], prefix: str) -> set:
@@ -621,13 +639,7 @@ def _quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, s: Optiona
         absmax = absmax / s.to(absmax.device)
     qweight = None
     if cfg.precision_recovery == "gptq" and full in st.hessian:
-        H = st.hessian[full]
-        if s is not None:  # the Hessian of the smoothed input x / s
-            sd = s.to(H.device, H.dtype)
-            H = H / (sd[:, None] * sd[None, :])
-        g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
-        qweight = gptq.gptq_quantize(linear_weight(src).detach().float(), H, group_size=g,
-                                     act_order=cfg.gptq_act_order)
+        qweight = _gptq(linear_weight(src).detach().float(), st.hessian[full], s, cfg)
     q = QuantLinear.from_float(src, cfg, name=full, input_absmax=absmax.amax() if absmax is not None else None,
                                qweight=qweight)
     if s is not None and not folded:
@@ -635,21 +647,37 @@ def _quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, s: Optiona
     return q
 
 
+def _gptq(w: torch.Tensor, H: torch.Tensor, s: Optional[torch.Tensor], cfg: PTQConfig) -> tuple:
+    """GPTQ of the float weight w [N, K] (W·s when smoothed) given the Hessian H of its unsmoothed input."""
+    if s is not None:  # the Hessian of the smoothed input x / s
+        sd = s.to(H.device, H.dtype)
+        H = H / (sd[:, None] * sd[None, :])
+    g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+    return gptq.gptq_quantize(w, H, group_size=g, act_order=cfg.gptq_act_order)
+
+
 @torch.no_grad()
 def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Module, PTQConfig]],
                    calls: list, device, quiet: bool, shared: frozenset = frozenset(),
-                   masks: Optional[list] = None, undo: Optional[list] = None) -> None:
-    """Observe, smooth, calibrate and quantize every target inside `block` (names are model-global).
+                   masks: Optional[list] = None, undo: Optional[list] = None,
+                   experts: Optional[dict] = None) -> None:
+    """Observe, smooth, calibrate and quantize every target inside `block` (names are model-global), and
+    the fused experts modules `experts` ({name: (module, config)}) in it, per expert (layerwise_experts).
     shared: ids of parameters the model reaches under several names (never folded into); masks: the
     calls' real tokens (`_token_mask`; padding is left out of the statistics); undo: a list that gets,
-    for every norm folded into, a function putting its weights back (quantize() runs them on failure).
+    for every norm folded into and every experts module quantized, a function putting it back
+    (quantize() runs them on failure).
 
-    Every decision is made and every QuantLinear built before the block changes, so an error leaves
-    the block as it was; then the verified folds are written into their norms and the linears swapped."""
+    Every decision is made and every QuantLinear and QuantExperts built before the block changes, so an
+    error leaves the block as it was; then the verified folds are written into their norms, the linears
+    swapped and the experts attached."""
+    from .integrations import hf_experts
+    from .layerwise_experts import quantized
     from .quantize import set_submodule
 
+    experts = experts or {}
     names = {n: c for n, (m, c) in targets.items()}
-    st = _observe(block, prefix, names, calls, device, quiet, masks)
+    st = _observe(block, prefix, names, calls, device, quiet, masks, experts)
     unseen = _unreached(st, names)
     plans = _plans(st, targets, unseen, prefix, shared)
     folds = _verified_folds(block, prefix, list(names), plans, calls, device)
@@ -657,28 +685,37 @@ def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Mo
     scale = {n: p.s for p in plans for n in p.names}
     built = {full: _quantized(full, mod, cfg, st, scale.get(full), full in folded)
              for full, (mod, cfg) in targets.items()}
+    built_experts = {full: quantized(full, mod, cfg, st) for full, (mod, cfg) in experts.items()}
     for p in folds:
         if undo is not None:
             undo.append(_restorer(p.norm))
         _fold(p.norm, p.s, p.offset)
     for full, q in built.items():
         set_submodule(block, _rel(full, prefix), q)
+    for full, q in built_experts.items():
+        mod = experts[full][0]
+        old = hf_experts.attach(mod, q)
+        if undo is not None:
+            undo.append(lambda mod=mod, old=old: hf_experts.detach(mod, old))
 
 
 # ============================================================================ the driver
 def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, quiet: bool, shared: set,
-               want_outputs: bool, masks: Optional[list] = None, undo: Optional[list] = None) -> list:
-    """Quantize one layer's targets on `device` and return its (quantized) hidden outputs for `calls`.
-    The layer, and the float linears it had, go back to where they were whatever happens."""
+               want_outputs: bool, masks: Optional[list] = None, undo: Optional[list] = None,
+               experts: Optional[dict] = None) -> list:
+    """Quantize one layer's targets (and fused experts) on `device` and return its (quantized) hidden
+    outputs for `calls`. The layer, and the float linears and expert weights it had, go back to where
+    they were whatever happens."""
     from .calibrate import model_device
 
     home = model_device(layer)
     dev = torch.device(device) if device is not None else home
     floats = [m for m, _ in mine.values()]
+    expert_params = [t for m, _ in (experts or {}).values() for t in m._parameters.values() if t is not None]
     try:
         layer.to(dev)
-        if mine:
-            quantize_block(layer, prefix, mine, calls, dev, quiet, shared, masks, undo)
+        if mine or experts:
+            quantize_block(layer, prefix, mine, calls, dev, quiet, shared, masks, undo, experts)
         if not want_outputs:
             return []
         return [_hidden(layer(*to_device(a, dev), **to_device(k, dev))) for a, k in calls]
@@ -686,15 +723,20 @@ def _run_layer(layer: nn.Module, prefix: str, mine: dict, calls: list, device, q
         layer.to(home)
         for m in floats:  # the float modules QuantLinears replaced went to dev with the layer
             m.to(home)
+        for t in expert_params:  # and the float expert weights a QuantExperts replaced
+            t.data = t.data.to(home)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
 
 def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module, PTQConfig]], calib_data,
-                           quiet: bool = False, device=None, undo: Optional[list] = None) -> None:
-    """Quantize every target with calibration, one decoder layer at a time where the model has them.
+                           quiet: bool = False, device=None, undo: Optional[list] = None,
+                           experts: Optional[dict] = None) -> None:
+    """Quantize every target with calibration, one decoder layer at a time where the model has them, and
+    the fused experts modules `experts` ({name: (module, config)}) with their layer, per expert.
     An error part way leaves the layers before it quantized: quantize() puts back the float linears
-    (which `targets` holds) and runs `undo`, which gets a restoring function for every norm folded into."""
+    (which `targets` holds) and runs `undo`, which gets a restoring function for every norm folded into
+    and every experts module quantized."""
     from tqdm.auto import tqdm
 
     from .calibrate import model_device
@@ -706,15 +748,17 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
     calib_data = list(calib_data)
     if not calib_data:
         raise ValueError("calib_data is empty: calibration needs at least one sample")
+    experts = experts or {}
     shared = _shared_params(model)
-    stack = decoder_layers(model, targets)
+    stack = decoder_layers(model, list(targets) + list(experts))
     done = set()
     if stack is not None:
         lname, layers = stack
         reached: list = []
         per_layer = capture_layer_calls(model, lname, layers, calib_data, quiet, reached)
         masks = [_token_mask(calib_data[j]) for j in reached]
-        beyond = [n for n in targets if any(n.startswith(f"{lname}.{i}.") for i in range(len(per_layer), len(layers)))]
+        beyond = [n for n in list(targets) + list(experts)
+                  if any(n.startswith(f"{lname}.{i}.") for i in range(len(per_layer), len(layers)))]
         if beyond:
             raise ValueError(f"calibration never reached {lname}.{len(per_layer)}, which holds {beyond[:4]}: "
                              f"the model's forward stopped before it")
@@ -722,15 +766,18 @@ def calibrate_and_quantize(model: nn.Module, targets: dict[str, tuple[nn.Module,
         for i, layer in enumerate(tqdm(layers[:len(per_layer)], desc="quantizing layers", unit="layer", disable=quiet)):
             prefix = f"{lname}.{i}"
             mine = {n: t for n, t in targets.items() if n.startswith(prefix + ".")}
+            mine_experts = {n: t for n, t in experts.items() if n.startswith(prefix + ".")}
             last = i + 1 == len(per_layer)
             hidden = _run_layer(layer, prefix, mine, calls, device, quiet, shared, want_outputs=not last, masks=masks,
-                                undo=undo)
+                                undo=undo, experts=mine_experts)
             done.update(mine)
+            done.update(mine_experts)
             if not last:  # the next layer reads this (quantized) layer's outputs, with its own kwargs
                 calls = [_with_hidden(c, h) for c, h in zip(per_layer[i + 1], hidden)]
                 per_layer[i] = None
     rest = {n: t for n, t in targets.items() if n not in done}
-    if rest:
+    rest_experts = {n: t for n, t in experts.items() if n not in done}
+    if rest or rest_experts:
         home = model_device(model)
         quantize_block(model, "", rest, [_as_call(s) for s in calib_data], home, quiet, shared,
-                       [_token_mask(s) for s in calib_data], undo)
+                       [_token_mask(s) for s in calib_data], undo, rest_experts)

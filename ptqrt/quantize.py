@@ -30,32 +30,22 @@ def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
     return out
 
 
-def find_experts(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Module, str, int]]:
-    """{name: (experts module, mode, group_size)} for every fused-experts module of a transformers MoE
-    model (3-D expert weights, see ptqrt.modules.experts) not skipped. W8A8 layers' experts run per-token
-    int8 activations (static scales, smoothing and GPTQ need per-expert calibration: said once); W8A16
-    ones keep their group size, which must divide every projection's K."""
-    from .modules.experts import fused_projections
+def find_experts(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Module, PTQConfig]]:
+    """{name: (experts module, layer config)} for every fused-experts module of a transformers MoE model
+    (3-D expert weights, see ptqrt.modules.experts) not skipped. A per-group config's group size must
+    divide every projection's K."""
+    from .modules.experts import expert_weights
 
-    out, calibrated = {}, []
+    out = {}
     for name, mod in model.named_modules():
-        projections = fused_projections(mod) if name else []
-        if not projections or config.is_skipped(name):
+        weights = expert_weights(mod) if name else {}
+        if not weights or config.is_skipped(name):
             continue
         cfg = config.for_layer(name)
-        mode = "W8A8_DYNAMIC" if cfg.act_dtype == "int8" else "W8A16"
-        group = cfg.group_size if cfg.weight_granularity == "per_group" else 0
-        for p in projections:
-            w = mod._parameters[p]
-            k = w.shape[1] if mod.is_transposed else w.shape[2]
-            _check_group(group, k, f"{name}.{p}")
-        if cfg.needs_calibration:
-            calibrated.append(name)
-        out[name] = (mod, mode, group)
-    if calibrated:
-        warnings.warn(f"quantize: fused MoE experts ({calibrated[:2]}{' ...' if len(calibrated) > 2 else ''}) take "
-                      f"RTN weights and, under W8A8, dynamic per-token activations: static scales, smoothing and "
-                      f"GPTQ need per-expert calibration, which ptqrt does not do for them", RuntimeWarning, stacklevel=3)
+        if cfg.weight_granularity == "per_group":
+            for p, w in weights.items():
+                _check_group(cfg.group_size, w.shape[2], f"{name}.{p}")
+        out[name] = (mod, cfg)
     return out
 
 
@@ -121,8 +111,9 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
 
     Every nn.Linear (and GPT-2 Conv1D) whose name is not in config.skip becomes a QuantLinear with the
     config of the first matching layer policy; the fused experts of transformers' MoE models get a
-    QuantExperts (see find_experts). calib_data is an iterable of model inputs (a tensor,
-    a tuple of positional args, or a dict of keyword args), needed for static W8A8; None otherwise.
+    QuantExperts (see find_experts), calibrated expert by expert where the config calibrates.
+    calib_data is an iterable of model inputs (a tensor, a tuple of positional args, or a dict of
+    keyword args), needed for static W8A8, smoothing and GPTQ; None otherwise.
     A single tensor or mapping (a dict, a tokenizer's BatchEncoding) is one input.
     Device and dtype of every layer are kept. Whatever can be checked without running the model (the
     config, group sizes, calibration data given where needed, the int8 KV cache's prerequisites) is
@@ -147,11 +138,13 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         if cfg.weight_granularity == "per_group":
             _check_group(cfg.group_size, linear_weight(mod).shape[1], name)
     needs = {n: t for n, t in targets.items() if t[1].needs_calibration}
+    experts_needs = {n: t for n, t in experts.items() if t[1].needs_calibration}
     kv_static = config.kv_needs_calibration
-    if (needs or kv_static) and calib_data is None:
-        what = list(needs)[:3] or ["the int8 KV cache (kv_granularity='per_channel')"]
+    if (needs or experts_needs or kv_static) and calib_data is None:
+        need = list(needs) + list(experts_needs)
+        what = need[:3] or ["the int8 KV cache (kv_granularity='per_channel')"]
         raise ValueError(f"quantize: calibration is needed (static W8A8, outliers, gptq or a static KV cache) "
-                         f"but calib_data is None; needing it: {what}{' ...' if len(needs) > 3 else ''}")
+                         f"but calib_data is None; needing it: {what}{' ...' if len(need) > 3 else ''}")
     if config.kv_cache_dtype == "int8":
         from .integrations import hf
 
@@ -160,28 +153,31 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         calib_data = [calib_data]  # one input; a Mapping (BatchEncoding is no dict) is not iterated
     elif calib_data is not None and not isinstance(calib_data, (list, tuple)):
         calib_data = list(calib_data)  # a generator is consumed more than once below
-    if (needs or kv_static) and not calib_data:
+    if (needs or experts_needs or kv_static) and not calib_data:
         raise ValueError("quantize: calib_data is empty: calibration needs at least one sample")
     was_training = model.training
     model.eval()
     undo: list = []  # restoring functions for what is changed in place (norms folded into, experts)
     try:
-        if needs:
+        if needs or experts_needs:
             from .layerwise import calibrate_and_quantize
 
-            calibrate_and_quantize(model, needs, calib_data, quiet=quiet, device=device, undo=undo)
+            calibrate_and_quantize(model, needs, calib_data, quiet=quiet, device=device, undo=undo,
+                                   experts=experts_needs)
         from tqdm.auto import tqdm
 
         rest = {n: t for n, t in targets.items() if n not in needs}
         for name, (mod, cfg) in tqdm(rest.items(), desc="quantizing", unit="layer", disable=quiet or not rest):
             set_submodule(model, name, QuantLinear.from_float(mod, cfg, name=name))
-        if experts:
+        rest_experts = {n: t for n, t in experts.items() if n not in experts_needs}
+        if rest_experts:
             from .integrations import hf_experts
             from .modules.experts import QuantExperts
 
-            for name, (mod, mode, group) in tqdm(experts.items(), desc="quantizing experts", unit="layer",
-                                                 disable=quiet):
-                old = hf_experts.attach(mod, QuantExperts.from_float(mod, mode, group))
+            for name, (mod, cfg) in tqdm(rest_experts.items(), desc="quantizing experts", unit="layer",
+                                         disable=quiet):
+                group = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+                old = hf_experts.attach(mod, QuantExperts.from_float(mod, cfg.mode, group))
                 undo.append(lambda mod=mod, old=old: hf_experts.detach(mod, old))
         if config.kv_cache_dtype == "int8":
             from .integrations import hf

@@ -2,6 +2,7 @@
 transformers MoE models: Mixtral (concatenated gate/up, [E, N, K]) and GPT-OSS (transposed [E, K, N],
 biases, its own clamped gate)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -115,12 +116,225 @@ def test_skipped_experts_stay_float_and_run_their_own_forward():
     assert _rel(q(ids).logits, ref) < 0.1
 
 
-def test_calibrated_configs_give_experts_the_dynamic_form_and_say_so():
+# ---------------------------------------------------------------- per-expert calibration
+STATIC = dict(act_dtype="int8", act_granularity="per_tensor")
+
+
+def _calib(n=4, t=16, seed=10):
+    return [torch.randint(1, VOCAB, (2, t), generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
+
+
+def _layer0_inputs(model, samples):
+    """{projection: {expert: rows}}: what each of layer 0's experts reads in a float run over `samples`,
+    computed here from the routing the module is called with (its own weights, bias and gate)."""
+    mod = _experts(model)
+    calls = []
+    h = mod.register_forward_pre_hook(lambda m, a: calls.append(a) and None)
+    with torch.no_grad():
+        for s in samples:
+            model(s)
+    h.remove()
+    first = "gate_up_proj" if hasattr(mod, "gate_up_proj") else "up_proj"
+    out = {first: {}, "down_proj": {}}
+    with torch.no_grad():
+        for hs, idx, _ in calls:
+            for e in range(idx.max().item() + 1):
+                rows = hs[(idx == e).any(1)]
+                if not rows.shape[0]:
+                    continue
+                w = getattr(mod, first)[e]
+                h1 = rows @ (w if mod.is_transposed else w.T)
+                if getattr(mod, "has_bias", False):
+                    h1 = h1 + getattr(mod, f"{first}_bias")[e]
+                h2 = mod._apply_gate(h1) if mod.has_gate else mod.act_fn(h1)
+                for p, x in ((first, rows), ("down_proj", h2)):
+                    out[p][e] = torch.cat([out[p][e], x]) if e in out[p] else x
+    return out
+
+
+def _float_weight(mod, p, e):
+    w = getattr(mod, p)[e].detach().float()
+    return w.T if mod.is_transposed else w
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_static_experts_take_each_experts_own_input_range(arch):
+    """Static W8A8: each expert's input scale is the absmax of exactly the rows routed to it (/ 127), for
+    both projections; the experts differ; the int8 forward quantizes each expert's rows with its scale."""
+    model, calib = _model(arch), _calib()
+    want = _layer0_inputs(model, calib)
+    q = quantize(copy.deepcopy(model), PTQConfig(**STATIC), calib, quiet=True)
+    qe = _experts(q).ptqrt_experts
+    assert qe.mode == "W8A8" and not qe.smooth
+    for p, rows in want.items():
+        assert sorted(rows) == list(range(4))
+        expected = torch.stack([rows[e].abs().amax() / 127 for e in range(4)]).float()
+        torch.testing.assert_close(getattr(qe, f"{p}_input_scale"), expected, rtol=1e-5, atol=0)
+        assert len(set(expected.tolist())) > 1  # (two experts may share the token with the largest value)
+    from ptqrt import reference
+    x = torch.randn(5, 64)
+    s_in = qe.gate_up_proj_input_scale[2:3]
+    ref = reference.w8a8_gemm(reference.quantize_per_tensor(x, s_in), s_in, qe.gate_up_proj[2], qe.gate_up_proj_scale[2],
+                              None, torch.float32)
+    torch.testing.assert_close(qe.linear("gate_up_proj", 2, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_smoothing_is_per_expert_and_projection():
+    """SmoothQuant: each expert's s is smooth_scales(its own rows' absmax, its own weight's absmax), for
+    both projections; the weights hold W·s, and the int8 forward divides the input by s."""
+    from ptqrt import reference
+    from ptqrt.algorithms import smoothquant
+
+    model, calib = _model("mixtral"), _calib()
+    want = _layer0_inputs(model, calib)
+    q = quantize(copy.deepcopy(model), PTQConfig(act_dtype="int8", outliers="smooth", smooth_alpha=0.6), calib,
+                 quiet=True)
+    qe = _experts(q).ptqrt_experts
+    assert qe.smooth and qe.mode == "W8A8_DYNAMIC"
+    for p, rows in want.items():
+        for e, x in rows.items():
+            w = _float_weight(_experts(model), p, e)
+            s = smoothquant.smooth_scales(x.abs().amax(0), smoothquant.weight_absmax_per_in_channel([w]), 0.6)
+            torch.testing.assert_close(getattr(qe, f"{p}_smooth_scale")[e], s, rtol=1e-5, atol=0)
+            deq = dequantize_weight(getattr(qe, p)[e], getattr(qe, f"{p}_scale")[e]) / s
+            assert _rel(deq, w) < 0.02
+    x = torch.randn(6, 64)
+    s = qe.gate_up_proj_smooth_scale[1]
+    x_q, x_s = reference.quantize_per_token(x, s)
+    torch.testing.assert_close(qe.linear("gate_up_proj", 1, x),
+                               reference.w8a8_gemm(x_q, x_s, qe.gate_up_proj[1], qe.gate_up_proj_scale[1], None,
+                                                   torch.float32), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(qe.gate_up_proj_smooth_scale[0], qe.gate_up_proj_smooth_scale[1])
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_gptq_experts_beat_rtn_on_their_own_rows(arch):
+    """GPTQ per expert, from the Hessian of the rows routed to it: on those rows each projection's output
+    error is below RTN's (summed over experts), and the weights differ from RTN's."""
+    model, calib = _model(arch), _calib()
+    want = _layer0_inputs(model, calib)
+    q = quantize(copy.deepcopy(model), PTQConfig(precision_recovery="gptq"), calib, quiet=True)
+    qe = _experts(q).ptqrt_experts
+    rtn = QuantExperts.from_float(_experts(model), "W8A16")
+    for p, rows in want.items():
+        err = {"gptq": 0.0, "rtn": 0.0}
+        for e, x in rows.items():
+            ref = x.float() @ _float_weight(_experts(model), p, e).T
+            for name, m in (("gptq", qe), ("rtn", rtn)):
+                deq = dequantize_weight(getattr(m, p)[e], getattr(m, f"{p}_scale")[e])
+                err[name] += ((x.float() @ deq.T - ref) ** 2).sum().item()
+        assert err["gptq"] < 0.9 * err["rtn"], (p, err)
+        assert not torch.equal(getattr(qe, p), getattr(rtn, p))
+
+
+def test_experts_no_token_reached_fall_back_and_say_so():
+    """Of 8 experts, one two-token sample reaches at most 4 a layer: they are calibrated; the others get
+    RTN weights, and (static) the largest input scale of the reached ones; a warning counts them."""
+    model = _model("mixtral", experts=8)
+    calib = [torch.randint(1, VOCAB, (1, 2), generator=torch.Generator().manual_seed(6))]
+    want = _layer0_inputs(model, calib)
+    with pytest.warns(RuntimeWarning, match=r"calibration reached [1-4] of the 8 experts of 'model.layers.0.mlp.experts'"):
+        q = quantize(copy.deepcopy(model), PTQConfig(**STATIC, precision_recovery="gptq"), calib, quiet=True)
+    qe = _experts(q).ptqrt_experts
+    rtn = QuantExperts.from_float(_experts(model), "W8A16")
+    reached = sorted(want["down_proj"])
+    others = [e for e in range(8) if e not in reached]
+    assert others
+    for p in ("gate_up_proj", "down_proj"):
+        scale = getattr(qe, f"{p}_input_scale")
+        assert torch.equal(scale[others], scale[reached].max().expand(len(others)))
+        assert torch.equal(getattr(qe, p)[others], getattr(rtn, p)[others])
+        assert not torch.equal(getattr(qe, p)[reached], getattr(rtn, p)[reached])
+
+
+def test_padding_is_left_out_of_the_experts_statistics():
+    """A right-padded sample with its attention mask calibrates every expert as the sample without the
+    padding does: padded positions are routed too, but their rows are not observed."""
     model = _model("mixtral")
-    calib = [torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))]
-    with pytest.warns(RuntimeWarning, match="fused MoE experts"):
-        q = quantize(model, PTQConfig(act_dtype="int8", act_granularity="per_tensor"), calib, quiet=True)
-    assert {m.mode for m in q.modules() if isinstance(m, QuantExperts)} == {"W8A8_DYNAMIC"}
+    real = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(8))
+    padded = torch.cat([real, torch.full((1, 5), 5)], 1)
+    mask = torch.cat([torch.ones(1, 10, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)], 1)
+    cfg = PTQConfig(**STATIC, outliers="smooth")
+    scales = []
+    for sample in ({"input_ids": real}, {"input_ids": padded, "attention_mask": mask}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ten tokens may leave an expert unreached
+            q = quantize(copy.deepcopy(model), cfg, [sample], quiet=True)
+        scales.append([t for m in q.modules() if isinstance(m, QuantExperts) for n, t in sorted(m.named_buffers())
+                       if n.endswith(("_input_scale", "_smooth_scale"))])
+    for a, b in zip(*scales):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+def test_a_policy_can_calibrate_the_experts_alone():
+    """GPTQ for the experts only (a layer policy), RTN for the linears: calibration runs for the experts;
+    without calib_data quantize names them."""
+    model = _model("mixtral")
+    cfg = PTQConfig(layer_policies={"mlp.experts": PTQConfig(precision_recovery="gptq")})
+    with pytest.raises(ValueError, match=r"calib_data is None; needing it: \['model.layers.0.mlp.experts'"):
+        quantize(copy.deepcopy(model), cfg, quiet=True)
+    q = quantize(copy.deepcopy(model), cfg, _calib(), quiet=True)
+    rtn = QuantExperts.from_float(_experts(model), "W8A16")
+    assert not torch.equal(_experts(q).ptqrt_experts.down_proj, rtn.down_proj)
+    assert torch.equal(q.model.layers[0].self_attn.q_proj.weight,
+                       quantize(copy.deepcopy(model), PTQConfig(), quiet=True).model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("config", [PTQConfig(**STATIC, outliers="smooth"), PTQConfig(**STATIC, outliers="osl"),
+                                    PTQConfig(precision_recovery="gptq", weight_granularity="per_group", group_size=16)],
+                         ids=["static_smooth", "static_osl", "gptq_group"])
+def test_calibrated_experts_generate_save_load(config, tmp_path):
+    model = _model("gpt_oss")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref = model(ids).logits
+    q = quantize(copy.deepcopy(model), config, _calib(), quiet=True)
+    experts = [m for m in q.modules() if isinstance(m, QuantExperts)]
+    assert len(experts) == 2 and all(e.mode == config.mode for e in experts)
+    logits = q(ids).logits
+    assert _rel(logits, ref) < 0.1
+    assert q.generate(ids[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 12)
+    save_quantized(q, tmp_path)
+    loaded = load_quantized(_model("gpt_oss", seed=7), tmp_path)
+    assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_bf16_static_smoothed_experts_keep_float32_scales():
+    model = _model("mixtral").to(torch.bfloat16)
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    ref = model(ids).logits
+    q = quantize(copy.deepcopy(model), PTQConfig(**STATIC, outliers="smooth"), _calib(), quiet=True)
+    qe = _experts(q).ptqrt_experts
+    assert all(t.dtype == torch.float32 for n, t in qe.named_buffers() if n.endswith("scale"))
+    q.half()
+    assert all(t.dtype == torch.float32 for n, t in qe.named_buffers() if n.endswith("scale"))
+    q.to(torch.bfloat16)
+    assert _rel(q(ids).logits, ref) < 0.1
+
+
+def test_a_failure_while_calibrating_experts_puts_the_model_back(monkeypatch):
+    """The second layer's experts fail to quantize: the first layer's experts (attached by then), its
+    linears and its folded norms all go back, and the model computes what it did."""
+    from ptqrt import layerwise_experts
+
+    model = _model("mixtral")
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    ref = model(ids).logits
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    real, calls = layerwise_experts.quantized, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+    monkeypatch.setattr(layerwise_experts, "quantized", second_fails)
+    with pytest.raises(RuntimeError, match="boom") as info:
+        quantize(model, PTQConfig(**STATIC, outliers="smooth"), _calib(), quiet=True)
+    assert "put back" in str(info.value.__notes__)
+    assert not any(isinstance(m, QuantExperts) for m in model.modules())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(t, state[n]) for n, t in model.state_dict().items())
+    assert torch.equal(model(ids).logits, ref)
 
 
 def test_a_failure_after_the_experts_puts_them_back(monkeypatch):
@@ -170,3 +384,36 @@ def test_inspect_lists_each_expert_projection(tmp_path, capsys):
     out = capsys.readouterr().out
     row = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.mlp.experts.gate_up_proj"))
     assert "W8A16/g16" in row and "4x192x64" in row and "196,608" in row
+
+
+def test_files_before_expert_smoothing_load_and_a_bad_smooth_field_is_refused(tmp_path):
+    import json
+
+    q = quantize(_model("mixtral"), PTQConfig(act_dtype="int8"), quiet=True)
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    save_quantized(q, tmp_path)
+    path = tmp_path / DESCRIPTION
+    desc = json.loads(path.read_text())
+    names = [n for n, d in desc["modules"].items() if d.get("kind") == "experts"]
+    for n in names:
+        assert desc["modules"][n].pop("smooth") is False
+    path.write_text(json.dumps(desc))  # as written before experts could be smoothed
+    assert torch.equal(load_quantized(_model("mixtral", seed=3), tmp_path)(ids).logits, q(ids).logits)
+    desc["modules"][names[0]]["smooth"] = "yes"
+    path.write_text(json.dumps(desc))
+    with pytest.raises(FormatError, match="smooth must be true or false"):
+        load_quantized(_model("mixtral"), tmp_path)
+    desc["modules"][names[0]]["smooth"] = True  # the file holds no smoothing factors
+    path.write_text(json.dumps(desc))
+    with pytest.raises(FormatError, match="gate_up_proj_smooth_scale' is missing"):
+        load_quantized(_model("mixtral"), tmp_path)
+
+
+def test_inspect_shows_the_experts_input_and_smoothing_ranges(tmp_path, capsys):
+    from ptqrt import cli
+
+    save_quantized(quantize(_model("mixtral"), PTQConfig(**STATIC, outliers="smooth"), _calib(), quiet=True), tmp_path)
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines()
+               if ln.startswith("model.layers.1.mlp.experts.down_proj"))
+    assert "W8A8" in row and "4x64x96" in row and "weight[" in row and "input[" in row and "smooth[" in row

@@ -14,10 +14,13 @@ parallel sentinels) contribute nothing.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..modules.experts import QuantExperts, expert_bias, fused_projections
+from ..modules.experts import QuantExperts, expert_bias, expert_weights, fused_projections
 
 try:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -28,32 +31,35 @@ IMPL = "ptqrt_int8"
 CHILD = "ptqrt_experts"
 
 
-def int8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:
-    q = getattr(self, CHILD, None)
-    if not isinstance(q, QuantExperts):  # an experts module left float that shares the config
-        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
-    first = "gate_up_proj" if "gate_up_proj" in q.shapes else "up_proj"
+def run_experts(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                num_experts: int, shapes: dict, linear: Callable, seen: Optional[Callable] = None) -> torch.Tensor:
+    """The experts module `self`'s forward with `linear(proj, e, x)` [M, K] -> [M, N] as expert e's
+    projection proj, `shapes` {proj: (N, K)} (biases, gate, activation and post norm are the module's).
+    seen(proj, e, x, tokens), if given, gets each projection's input rows and their token indices into
+    hidden_states first."""
+    first = "gate_up_proj" if "gate_up_proj" in shapes else "up_proj"
     t, k = top_k_index.shape
     ids = top_k_index.reshape(-1)
     order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=q.num_experts).tolist()
+    counts = torch.bincount(ids, minlength=num_experts).tolist()
     token = order // k
     x = hidden_states[token]
-    out = torch.zeros(ids.numel(), q.shapes["down_proj"][0], dtype=hidden_states.dtype, device=hidden_states.device)
+    out = torch.zeros(ids.numel(), shapes["down_proj"][0], dtype=hidden_states.dtype, device=hidden_states.device)
     start = 0
-    for e, c in enumerate(counts[:q.num_experts]):
+    for e, c in enumerate(counts[:num_experts]):
         if c:
             rows = slice(start, start + c)
-            h = q.linear(first, e, x[rows])
-            b = expert_bias(self, first)
-            if b is not None:
-                h = h + b[e]
-            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = q.linear("down_proj", e, h.to(hidden_states.dtype))
-            b = expert_bias(self, "down_proj")
-            if b is not None:
-                h = h + b[e]
+            h = x[rows]
+            for proj in (first, "down_proj"):
+                if proj == "down_proj":
+                    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+                    h = h.to(hidden_states.dtype)
+                if seen is not None:
+                    seen(proj, e, h, token[rows])
+                h = linear(proj, e, h)
+                b = expert_bias(self, proj)
+                if b is not None:
+                    h = h + b[e]
             if getattr(self, "has_post_expert_norm", False):
                 h = self.post_expert_norm(h)
             out[rows] = h.to(out.dtype)
@@ -61,6 +67,24 @@ def int8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     weighted = out.float() * top_k_weights.reshape(-1)[order].float()[:, None]
     final = torch.zeros(t, out.shape[1], dtype=torch.float32, device=out.device).index_add_(0, token, weighted)
     return final.to(hidden_states.dtype)
+
+
+def int8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    q = getattr(self, CHILD, None)
+    if not isinstance(q, QuantExperts):  # an experts module left float that shares the config
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    return run_experts(self, hidden_states, top_k_index, top_k_weights, q.num_experts, q.shapes, q.linear)
+
+
+def observed_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor, *, seen: Callable) -> torch.Tensor:
+    """The float forward of experts module `self` (its own weights, in run_experts' order of operations)
+    that hands each expert projection's input to `seen(proj, e, x, tokens)`: what calibration observes."""
+    weights = expert_weights(self)
+    shapes = {p: tuple(w.shape[1:]) for p, w in weights.items()}
+    return run_experts(self, hidden_states, top_k_index, top_k_weights, weights["down_proj"].shape[0], shapes,
+                       lambda p, i, x: F.linear(x, weights[p][i]), seen)
 
 
 if IMPL not in ALL_EXPERTS_FUNCTIONS._global_mapping:
@@ -95,4 +119,4 @@ def rewire(module: nn.Module) -> None:
     module.config._experts_implementation_internal = IMPL
 
 
-__all__ = ["IMPL", "CHILD", "int8_experts_forward", "attach", "detach", "rewire"]
+__all__ = ["IMPL", "CHILD", "run_experts", "int8_experts_forward", "observed_forward", "attach", "detach", "rewire"]

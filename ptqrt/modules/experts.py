@@ -4,12 +4,16 @@ expert's weights as one 3-D tensor per projection instead of an nn.Linear each).
 It is attached as the child ``ptqrt_experts`` of the experts module, whose float 3-D parameters it
 replaces; the experts forward that reads it is ``ptqrt.integrations.hf_experts``. Buffers, per
 projection P (gate_up_proj or up_proj, and down_proj), all persistent:
-  P          int8 [E, N, K]                         each expert's RTN weights, [out, in] whatever the
-                                                    module's layout ([E, K, N] when transposed)
-  P_scale    float32 [E, N] or [E, N, K // g]       per channel or per group (W8A16 only)
-Modes: W8A16 (float activations, dequant fused in the GEMM) and W8A8_DYNAMIC (per-token int8
-activations). Static activation scales, smoothing and GPTQ need per-expert calibration, which is not
-done for fused experts: quantize() gives them the dynamic (or W8A16) form and says so.
+  P              int8 [E, N, K]                     each expert's RTN/GPTQ weights (W·s when smoothed),
+                                                    [out, in] whatever the module's layout ([E, K, N]
+                                                    when transposed)
+  P_scale        float32 [E, N] or [E, N, K // g]   per channel or per group (W8A16 only)
+  P_input_scale  float32 [E]                        W8A8 (static) only: each expert's calibrated input
+                                                    absmax / 127
+  P_smooth_scale float32 [E, K], optional           each expert's SmoothQuant / OSL factors: x / s
+Modes as QuantLinear's: W8A16 (float activations, dequant fused in the GEMM), W8A8_DYNAMIC (per-token
+int8 activations) and W8A8 (a static per-tensor scale per expert). The calibration that gives static
+scales, smoothing and GPTQ per expert is in ``ptqrt.layerwise``.
 """
 from __future__ import annotations
 
@@ -19,10 +23,10 @@ import torch
 from torch import nn
 
 from .. import _checks, ops
-from ..reference import quantize_weight
+from ..reference import absmax_scale, quantize_weight
 from .scales import keep_float32
 
-MODES = ("W8A16", "W8A8_DYNAMIC")
+MODES = ("W8A16", "W8A8", "W8A8_DYNAMIC")  # as QuantLinear's
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # the 3-D parameters transformers' experts hold
 
 
@@ -36,11 +40,17 @@ def fused_projections(module: nn.Module) -> list[str]:
     return found if "down_proj" in found and len(found) == 2 else []
 
 
+def expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """{projection: [E, N, K] float weights} of an experts module (views: transposed layouts are not copied)."""
+    return {p: module._parameters[p].detach().transpose(1, 2) if module.is_transposed else module._parameters[p].detach()
+            for p in fused_projections(module)}
+
+
 class QuantExperts(nn.Module):
     """int8 weights of E experts for each projection; ``linear(p, e, x)`` runs expert e's projection p."""
 
     def __init__(self, projections: dict, num_experts: int, mode: str = "W8A16", group_size: int = 0,
-                 device=None) -> None:
+                 smooth: bool = False, device=None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"QuantExperts: mode must be one of {MODES}; got {mode!r}")
@@ -48,7 +58,10 @@ class QuantExperts(nn.Module):
             raise ValueError(f"QuantExperts: num_experts must be a positive int; got {num_experts!r}")
         if not projections or any(p not in PROJECTIONS for p in projections):
             raise ValueError(f"QuantExperts: projections must be some of {PROJECTIONS}; got {list(projections)}")
-        self.mode, self.group_size, self.num_experts = mode, group_size, num_experts
+        if not isinstance(smooth, bool) or (smooth and mode == "W8A16"):
+            raise ValueError(f"QuantExperts: smooth must be a bool, and needs int8 activations (mode W8A8 or "
+                             f"W8A8_DYNAMIC); got smooth={smooth!r} with mode {mode}")
+        self.mode, self.group_size, self.num_experts, self.smooth = mode, group_size, num_experts, smooth
         self.shapes = {p: (int(n), int(k)) for p, (n, k) in projections.items()}
         for p, (n, k) in self.shapes.items():
             if n <= 0 or k <= 0:
@@ -58,42 +71,64 @@ class QuantExperts(nn.Module):
             sshape = (num_experts, n, k // group_size) if group_size else (num_experts, n)
             self.register_buffer(p, torch.zeros(num_experts, n, k, dtype=torch.int8, device=device))
             self.register_buffer(f"{p}_scale", torch.ones(sshape, dtype=torch.float32, device=device))
+            if mode == "W8A8":
+                self.register_buffer(f"{p}_input_scale", torch.ones(num_experts, dtype=torch.float32, device=device))
+            if smooth:
+                self.register_buffer(f"{p}_smooth_scale", torch.ones(num_experts, k, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_float(cls, module: nn.Module, mode: str, group_size: int = 0) -> "QuantExperts":
-        """RTN int8 of each expert's weights of `module` (a transformers experts module); `module` is not changed."""
-        projections = fused_projections(module)
-        if not projections:
+    def from_float(cls, module: nn.Module, mode: str, group_size: int = 0, *, smooth: Optional[dict] = None,
+                   input_absmax: Optional[dict] = None, qweights: Optional[dict] = None) -> "QuantExperts":
+        """int8 experts of `module` (a transformers experts module, which is not changed), per projection P:
+        RTN weights of W·s unless `qweights[P]` = (w_q [E, N, K], scale) is given (GPTQ); `smooth[P]`
+        [E, K] factors each expert's input is divided by at run time; `input_absmax[P]` [E] each expert's
+        calibrated input absmax after smoothing (static W8A8, which needs it)."""
+        weights = expert_weights(module)
+        if not weights:
             raise TypeError(f"QuantExperts.from_float: {type(module).__name__} holds no fused expert projections")
-        weights = {}
-        for p in projections:
-            w = module._parameters[p].detach()
-            weights[p] = w.transpose(1, 2) if module.is_transposed else w  # [E, N, K]
         e = next(iter(weights.values())).shape[0]
-        q = cls({p: tuple(w.shape[1:]) for p, w in weights.items()}, e, mode, group_size,
+        q = cls({p: tuple(w.shape[1:]) for p, w in weights.items()}, e, mode, group_size, smooth is not None,
                 device=next(iter(weights.values())).device)
+        if mode == "W8A8" and (input_absmax is None or sorted(input_absmax) != sorted(weights)):
+            raise ValueError(f"QuantExperts.from_float: static W8A8 needs each expert's calibrated input absmax for "
+                             f"{sorted(weights)}; got {sorted(input_absmax or {})}")
         with torch.no_grad():
             for p, w in weights.items():
                 n, k = w.shape[1:]
-                w_q, scale = quantize_weight(w.reshape(e * n, k), group_size)
-                getattr(q, p).copy_(w_q.view(e, n, k))
-                getattr(q, f"{p}_scale").copy_(scale.view(getattr(q, f"{p}_scale").shape))
+                s = None if smooth is None else smooth[p].to(w.device, torch.float32)
+                if qweights is not None and p in qweights:
+                    w_q, scale = qweights[p]
+                else:
+                    wf = w.float() if s is None else w.float() * s[:, None, :]  # W·diag(s): x / s at run time
+                    w_q, scale = quantize_weight(wf.reshape(e * n, k), group_size)
+                getattr(q, p).copy_(w_q.reshape(e, n, k))
+                getattr(q, f"{p}_scale").copy_(scale.reshape(getattr(q, f"{p}_scale").shape))
+                if s is not None:
+                    getattr(q, f"{p}_smooth_scale").copy_(s)
+                if mode == "W8A8":
+                    getattr(q, f"{p}_input_scale").copy_(absmax_scale(input_absmax[p].float().reshape(e)))
         return q
 
     def _apply(self, fn, recurse=True):
-        return super()._apply(keep_float32(fn, self, tuple(f"{p}_scale" for p in self.shapes)), recurse)
+        names = tuple(f"{p}{leaf}" for p in self.shapes for leaf in ("_scale", "_input_scale", "_smooth_scale"))
+        return super()._apply(keep_float32(fn, self, names), recurse)
 
     def linear(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (float) through expert `expert`'s projection `proj`: [M, N] in x's dtype."""
         w_q, scale = getattr(self, proj)[expert], getattr(self, f"{proj}_scale")[expert]
         if self.mode == "W8A16":
             return ops.w8a16_gemm(x, w_q, scale, None, self.group_size)
-        x_q, x_scale = ops.quantize_per_token(x.contiguous())
+        smooth = getattr(self, f"{proj}_smooth_scale")[expert] if self.smooth else None
+        if self.mode == "W8A8_DYNAMIC":
+            x_q, x_scale = ops.quantize_per_token(x.contiguous(), smooth)
+        else:
+            x_scale = getattr(self, f"{proj}_input_scale")[expert:expert + 1]
+            x_q = ops.quantize_per_tensor(x.contiguous(), x_scale, smooth)
         return ops.w8a8_gemm(x_q, x_scale, w_q, scale, None, x.dtype)
 
     def describe(self) -> dict:
-        return {"kind": "experts", "mode": self.mode, "group_size": self.group_size,
-                "num_experts": self.num_experts, "projections": {p: list(s) for p, s in self.shapes.items()}}
+        return {"kind": "experts", "mode": self.mode, "group_size": self.group_size, "num_experts": self.num_experts,
+                "smooth": self.smooth, "projections": {p: list(s) for p, s in self.shapes.items()}}
 
     @classmethod
     def from_description(cls, d: dict, device=None) -> "QuantExperts":
@@ -102,14 +137,15 @@ class QuantExperts(nn.Module):
         if not isinstance(projections, dict) or not all(
                 isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in projections.values()):
             raise ValueError(f"QuantExperts.from_description: projections must be {{name: [N, K]}}; got {projections!r}")
-        return cls(projections, d["num_experts"], d["mode"], d["group_size"], device=device)
+        return cls(projections, d["num_experts"], d["mode"], d["group_size"], d.get("smooth", False), device=device)
 
     def forward(self, *args, **kwargs):  # noqa: D401 -- holds weights; the experts forward reads them
         raise RuntimeError("QuantExperts is not called: the experts module's forward reads its weights")
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{p}=[{self.num_experts}, {n}, {k}]" for p, (n, k) in self.shapes.items())
-        return f"mode={self.mode}, group_size={self.group_size}, {shapes}"
+        smooth = ", smooth=True" if self.smooth else ""
+        return f"mode={self.mode}, group_size={self.group_size}{smooth}, {shapes}"
 
 
 def expert_bias(module: nn.Module, proj: str) -> Optional[torch.Tensor]:

@@ -1,0 +1,109 @@
+"""Calibration of fused MoE experts, expert by expert (the layer-by-layer driver is ptqrt.layerwise).
+
+transformers' experts modules hold every expert's weights as one 3-D tensor a projection, so there is no
+nn.Linear to hook. While a block is observed, each experts module runs its float forward in ptqrt's order
+of operations (hf_experts.observed_forward), which hands over each expert projection's input rows; they are
+recorded under (module name, projection, expert) in the block's statistics, padding left out. From them
+every expert gets its own smoothing vector (SmoothQuant or OSL, fused into the activation quantization:
+the norm in front feeds the router and every expert), static input scale and GPTQ Hessian.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .config import PTQConfig
+from .integrations import hf_experts
+from .layerwise import _gptq, _record, _rel, _smooth_vector, _Stats
+from .modules.experts import QuantExperts, expert_bias, expert_weights
+from .reference import quantize_weight
+
+
+@contextmanager
+def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dict, osl_share: int):
+    """The experts modules `experts` ({name: (module, config)}) of `block` run their float forward through
+    hf_experts.observed_forward, which records each expert projection's input rows (padding left out)
+    under (name, projection, expert); their own forward is back on the way out."""
+    mods, saved = [], []
+    try:
+        for full, (_, cfg) in experts.items():
+            mod = block.get_submodule(_rel(full, prefix))
+
+            def seen(proj, e, x, tokens, full=full, cfg=cfg):
+                mask = cur["mask"]
+                if mask is not None and tokens.numel() and mask.numel() == cur["tokens"]:
+                    x = x[mask.reshape(-1).to(x.device)[tokens]]
+                if x.shape[0]:
+                    _record(st, (full, proj, e), x.detach(), cfg, osl_share)
+
+            def forward(*args, mod=mod, seen=seen, sig=inspect.signature(type(mod).forward), **kwargs):
+                hidden_states, top_k_index, top_k_weights = list(sig.bind(mod, *args, **kwargs).arguments.values())[1:4]
+                cur["tokens"] = hidden_states.shape[0]
+                return hf_experts.observed_forward(mod, hidden_states, top_k_index, top_k_weights, seen=seen)
+            saved.append(mod.__dict__.get("forward"))
+            mods.append(mod)
+            mod.forward = forward
+        yield
+    finally:
+        for mod, f in zip(mods, saved):
+            if f is None:
+                del mod.forward
+            else:
+                mod.forward = f
+
+
+def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Module:
+    """The QuantExperts for experts module `full` (not changed), each expert calibrated on the rows routed
+    to it: its own smoothing vector per projection (SmoothQuant or OSL), its static input scale (W8A8),
+    GPTQ from its own Hessian. An expert no calibration token reached takes RTN weights, no smoothing and,
+    under static W8A8, the largest input absmax of the module's reached experts for that projection (one
+    scale for every expert, as engines that run one for all do), with a warning. A module that calibration
+    never ran is an error under static W8A8 (there is no range to take), RTN with a warning otherwise."""
+    weights = expert_weights(mod)
+    n_exp = weights["down_proj"].shape[0]
+    g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+    reached = {p: [e for e in range(n_exp) if (full, p, e) in st.absmax] for p in weights}
+    if not any(reached.values()):
+        if cfg.mode == "W8A8":
+            raise ValueError(f"calibration never reached the experts {full!r}: static W8A8 (act_granularity="
+                             f"'per_tensor') needs their input ranges. Give calib_data that runs them, or give them "
+                             f"act_granularity='per_token' or act_dtype=None through layer_policies, or skip them")
+        warnings.warn(f"calibration never reached the experts {full!r}: quantized without calibration statistics "
+                      f"(RTN weights, no smoothing, no GPTQ)", RuntimeWarning)
+        return QuantExperts.from_float(mod, cfg.mode, g)
+    unseen = sorted({e for p in weights for e in range(n_exp) if e not in reached[p]})
+    if unseen:
+        warnings.warn(f"calibration reached {n_exp - len(unseen)} of the {n_exp} experts of {full!r}; experts "
+                      f"{unseen[:8]}{' ...' if len(unseen) > 8 else ''} take RTN weights and no smoothing"
+                      + (", and the largest input scale of the reached experts" if cfg.mode == "W8A8" else "")
+                      + ": more calibration tokens would route some to them", RuntimeWarning)
+    smoothing = cfg.outliers != "none" and cfg.act_dtype == "int8"
+    smooth, absmax, qweights = {}, {}, {}
+    for p, w in weights.items():
+        k = w.shape[2]
+        bias = expert_bias(mod, p)
+        s = torch.ones(n_exp, k)
+        amax = torch.zeros(n_exp)
+        for e in reached[p]:
+            if smoothing:
+                b = None if bias is None else bias[e].detach().float()
+                s[e] = _smooth_vector(st, (full, p, e), [w[e].float()], [b], cfg).cpu()
+            amax[e] = (st.absmax[(full, p, e)] / s[e]).amax()
+        others = [e for e in range(n_exp) if e not in reached[p]]
+        if others:
+            amax[others] = max(st.absmax[(full, p, e)].amax() for e in reached[p])
+        if cfg.precision_recovery == "gptq":
+            rows = []
+            for e in range(n_exp):
+                we = w[e].float() * s[e].to(w.device) if smoothing else w[e].float()
+                key = (full, p, e)
+                rows.append(_gptq(we, st.hessian[key], s[e] if smoothing else None, cfg) if key in st.hessian
+                            else quantize_weight(we, g))
+            qweights[p] = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        smooth[p], absmax[p] = s, amax
+    return QuantExperts.from_float(mod, cfg.mode, g, smooth=smooth if smoothing else None,
+                                   input_absmax=absmax if cfg.mode == "W8A8" else None, qweights=qweights or None)
