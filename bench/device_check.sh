@@ -198,11 +198,12 @@ if [ -n "$BUILD_PID" ]; then
     summary+=("$(printf '%-14s %-14s %4ds' cuda-build "$([ "$rc" = 0 ] && echo ok || echo "FAILED rc=$rc")" $((SECONDS - t0)))")
     # The variants (bench_gpu.VARIANTS): cuda-decode-mma, the tensor-core decode (opt-in,
     # PTQRT_CUDA_DECODE_MMA=1); cuda-quant-recip, the quantizers' reciprocal form (opt-in,
-    # PTQRT_CUDA_QUANT_RECIPROCAL=1); and the kernels a new default replaced, timed beside it:
+    # PTQRT_CUDA_QUANT_RECIPROCAL=1); cuda-w8a16-wave, the sm_90a w8a16 split-K capped at one wave
+    # (opt-in, PTQRT_CUDA_W8A16_WAVE_CAP=1); and the kernels a new default replaced, timed beside it:
     # triton-pointer: the Triton w8a8 pointer kernel at M >= 2048 (PTQRT_TRITON_TMA=0);
     # cuda-append-row: kv_cache_append's warp-a-row kernel (PTQRT_CUDA_APPEND_KERNEL=row); cuda-old-tiles: the sm_90a w8a8 GEMM one CTA a tile with the older
     # width rule (PTQRT_CUDA_TILE_WAVES=0 PTQRT_CUDA_SM90_PERSISTENT=0).
-    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-pointer,cuda,cuda-decode-mma,cuda-quant-recip,cuda-old-tiles,cuda-append-row
+    [ "$rc" = 0 ] && CUDA_OK=1 && BACKENDS=triton,triton-pointer,cuda,cuda-decode-mma,cuda-quant-recip,cuda-w8a16-wave,cuda-old-tiles,cuda-append-row
 fi
 
 # 3. CUDA and the other GPU tests, memcheck -----------------------------------------------------

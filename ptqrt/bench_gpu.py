@@ -268,6 +268,8 @@ VARIANTS = {
     # the CUDA quantizers (and the token append kernel) multiplying by 1 / s, dividing near half-integers
     "cuda-quant-recip": ("cuda", ("quantize_per_token", "quantize_per_tensor", "kv_cache_append"),
                          {"PTQRT_CUDA_QUANT_RECIPROCAL": "1"}, (0, None)),
+    # the sm_90a w8a16 GEMM's split-K capped at one wave of CTAs (17-512 rows: 11008 x 4096 at 32 and 128)
+    "cuda-w8a16-wave": ("cuda", ("w8a16_gemm",), {"PTQRT_CUDA_W8A16_WAVE_CAP": "1"}, (17, 512)),
     # kv_cache_append's kernel before the token kernel (a CTA a token): a warp a row
     "cuda-append-row": ("cuda", ("kv_cache_append",), {"PTQRT_CUDA_APPEND_KERNEL": "row"}, (0, None)),
     # the sm_90a w8a8 GEMM's rules before version 3: one CTA a tile, 256-wide unless that left SMs idle
@@ -319,8 +321,10 @@ def _floor_ms(bytes_moved: float, ops_count: float, peak_tops: float, ceil: dict
 
 
 # Each variant's output against its default's, per shape (what a timing alone would not show):
-# bit for bit, except where the variant adds in another order (then within REL_TOL of the largest value).
-REL_TOL = {"int8_kv_decode_attention": 1e-2}  # fp16 outputs summed in another order: a few ulps
+# bit for bit, except where the variant adds in another order (then within REL_TOL of the largest value,
+# by op or by (variant, op): fp16 outputs summed in another order, the decode's splits, w8a16's split-K
+# count, differ by a few ulps).
+REL_TOL = {"int8_kv_decode_attention": 1e-2, ("cuda-w8a16-wave", "w8a16_gemm"): 1e-2}
 _MISMATCHES: list = []
 
 
@@ -339,7 +343,7 @@ def _check_variants(op: str, shape: dict, impls: dict, call: Callable) -> None:
             for a, b in zip(mine, theirs):
                 if torch.equal(a, b):
                     continue
-                tol = REL_TOL.get(op)
+                tol = REL_TOL.get((name, op), REL_TOL.get(op))
                 big = max(1.0, float(b.float().abs().max()))
                 diff = float((a.float() - b.float()).abs().max())
                 if tol is None or not diff <= tol * big:

@@ -723,7 +723,7 @@ def test_bench_variant_comparison(monkeypatch, capsys):
 
 def test_bench_checks_variant_outputs(monkeypatch, capsys):
     """_check_variants: a variant's output against its default's, per shape (bit for bit, or within the
-    op's REL_TOL); a difference or a failure becomes a FAIL line in the targets table, the agreeing
+    op's or the variant's REL_TOL); a difference or a failure becomes a FAIL line in the targets table, the agreeing
     one and variants of other ops or outside their M range are not reported."""
     from ptqrt import bench_gpu
 
@@ -731,8 +731,10 @@ def test_bench_checks_variant_outputs(monkeypatch, capsys):
                                                 "x-off": ("x", ("w8a16_gemm",), {}, (0, 16)),
                                                 "x-late": ("x", ("w8a16_gemm",), {}, (32, None)),
                                                 "x-boom": ("x", ("w8a16_gemm",), {}, (0, None)),
-                                                "x-near": ("x", ("int8_kv_decode_attention",), {}, (0, None))})
+                                                "x-near": ("x", ("int8_kv_decode_attention",), {}, (0, None)),
+                                                "x-order": ("x", ("w8a16_gemm",), {}, (0, None))})
     monkeypatch.setattr(bench_gpu, "_MISMATCHES", [])
+    monkeypatch.setitem(bench_gpu.REL_TOL, ("x-order", "w8a16_gemm"), 1e-2)  # a tolerance for one variant
     one = torch.ones(4)
 
     def boom():
@@ -741,7 +743,8 @@ def test_bench_checks_variant_outputs(monkeypatch, capsys):
     impls = {"x": {"w8a16_gemm": lambda: one, "int8_kv_decode_attention": lambda: one},
              "x-same": {"w8a16_gemm": lambda: one.clone()}, "x-off": {"w8a16_gemm": lambda: one + 1},
              "x-late": {"w8a16_gemm": lambda: one + 1}, "x-boom": {"w8a16_gemm": boom},
-             "x-near": {"int8_kv_decode_attention": lambda: one * (1 + 1e-3)}}
+             "x-near": {"int8_kv_decode_attention": lambda: one * (1 + 1e-3)},
+             "x-order": {"w8a16_gemm": lambda: one * (1 + 1e-3)}}
     bench_gpu._check_variants("w8a16_gemm", dict(M=1, N=4, K=4), impls, lambda f: (f(),))
     bench_gpu._check_variants("int8_kv_decode_attention", dict(B=1, L=4, HKV=1), impls, lambda f: (f(),))
     got = {m["variant"]: m["why"] for m in bench_gpu._MISMATCHES}

@@ -104,6 +104,10 @@ inline bool quant_one_pass_enabled() { return env_switch("PTQRT_CUDA_QUANT_1PASS
 // PTQRT_CUDA_QUANT_RECIPROCAL=1 until measured on a GPU.
 inline bool quant_reciprocal_enabled() { return env_switch("PTQRT_CUDA_QUANT_RECIPROCAL", false); }
 
+// sm_90a w8a16: split-K no further than one wave of CTAs, as the w8a8 kernel does (there a second round
+// of CTAs cost 40.5 against 24.2 us on an H100); opt-in with PTQRT_CUDA_W8A16_WAVE_CAP=1 until measured.
+inline bool w8a16_wave_cap_enabled() { return env_switch("PTQRT_CUDA_W8A16_WAVE_CAP", false); }
+
 // kv_cache_append's kernel (kernels/kv_cache.cuh), PTQRT_CUDA_APPEND_KERNEL: "token" (a CTA a token,
 // 16-byte loads; the default where it applies and tokens x k / v launches are at least the SMs) or "row"
 // (a warp a row, a value a lane; also wherever the token kernel does not apply). On an H200 at 4096

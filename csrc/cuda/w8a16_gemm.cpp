@@ -70,7 +70,8 @@ at::Tensor w8a16_gemm(const at::Tensor& x, const at::Tensor& w_q, const at::Tens
       w8a16_tile_shape(tile, &bm, &bn, &bk);
     }
     const int64_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
-    a.splits = pick_splits(tiles, (K + bk - 1) / bk, split_target(hopper, tile));
+    a.splits = pick_splits(tiles, (K + bk - 1) / bk, split_target(hopper, tile),
+                           hopper && w8a16_wave_cap_enabled() ? sm_count() : 0);
     at::Tensor partial;
     if (a.splits > 1) {
       partial = at::empty({a.splits, M, N}, x.options().dtype(at::kFloat));
