@@ -228,9 +228,10 @@ def _token_mask(sample) -> Optional[torch.Tensor]:
 
 def _real_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., K] as rows [R, K], without the padding positions where `mask` [B, T] lines up with x's
-    leading dimensions (a layer's input [B, T, K]); every row otherwise."""
+    leading dimensions (a layer's input [B, T, K], or the [B * T, K] an MoE block flattens it to before
+    its shared expert); every row otherwise."""
     x2 = x.detach().reshape(-1, x.shape[-1])
-    if mask is None or tuple(x.shape[:-1]) != tuple(mask.shape):
+    if mask is None or (tuple(x.shape[:-1]) != tuple(mask.shape) and (x.dim() != 2 or x2.shape[0] != mask.numel())):
         return x2
     return x2[mask.reshape(-1).to(x2.device)]
 

@@ -59,10 +59,11 @@ def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dic
 def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Module:
     """The QuantExperts for experts module `full` (not changed), each expert calibrated on the rows routed
     to it: its own smoothing vector per projection (SmoothQuant or OSL), its static input scale (W8A8),
-    GPTQ from its own Hessian. An expert no calibration token reached takes RTN weights, no smoothing and,
-    under static W8A8, the largest input absmax of the module's reached experts for that projection (one
-    scale for every expert, as engines that run one for all do), with a warning. A module that calibration
-    never ran is an error under static W8A8 (there is no range to take), RTN with a warning otherwise."""
+    GPTQ from its own Hessian. An expert no calibration token reached takes RTN weights and no smoothing
+    and, under static W8A8, a scale from the largest input range the module's reached experts saw for
+    that projection before smoothing (its input is not smoothed), with a warning. A module that
+    calibration never ran is an error under static W8A8 (there is no range to take), RTN with a warning
+    otherwise."""
     weights = expert_weights(mod)
     n_exp = weights["down_proj"].shape[0]
     g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
@@ -79,7 +80,8 @@ def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Modul
     if unseen:
         warnings.warn(f"calibration reached {n_exp - len(unseen)} of the {n_exp} experts of {full!r}; experts "
                       f"{unseen[:8]}{' ...' if len(unseen) > 8 else ''} take RTN weights and no smoothing"
-                      + (", and the largest input scale of the reached experts" if cfg.mode == "W8A8" else "")
+                      + (", and a static scale from the largest input range the reached experts saw (before any "
+                         "smoothing)" if cfg.mode == "W8A8" else "")
                       + ": more calibration tokens would route some to them", RuntimeWarning)
     smoothing = cfg.outliers != "none" and cfg.act_dtype == "int8"
     smooth, absmax, qweights = {}, {}, {}

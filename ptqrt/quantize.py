@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from .config import PTQConfig
-from .modules.linear import QuantLinear, is_quantizable, linear_weight
+from .modules.linear import QuantLinear, is_quantizable, linear_weight, weight_read_directly
 
 
 def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Module, PTQConfig]]:
-    """{name: (module, layer config)} for every Linear/Conv1D not skipped. nn.Linear subclasses that
-    cannot be swapped (is_quantizable) are named in a warning."""
+    """{name: (module, layer config)} for every Linear/Conv1D not skipped. Linears that cannot be swapped
+    (is_quantizable: an nn.Linear subclass with a forward of its own; weight_read_directly: a weight
+    a containing module reads itself) are named in a warning."""
     out, kept = {}, []
     for name, mod in model.named_modules():
         if not name or config.is_skipped(name):
@@ -23,10 +24,13 @@ def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
             out[name] = (mod, config.for_layer(name))
         elif isinstance(mod, nn.Linear):
             kept.append(f"{name} ({type(mod).__name__})")
+    for name in sorted(weight_read_directly(model, out)):
+        del out[name]
+        kept.append(f"{name} (weight read directly)")
     if kept:
-        warnings.warn(f"quantize: {len(kept)} nn.Linear subclasses stay float: {kept[:3]}{' ...' if len(kept) > 3 else ''}"
-                      f" (a forward of their own, such as an MoE router's, or a weight their parent reads "
-                      f"directly, as nn.MultiheadAttention's out_proj)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"quantize: {len(kept)} linears stay float: {kept[:3]}{' ...' if len(kept) > 3 else ''}"
+                      f" (a forward of their own, such as an MoE router's, or a weight a module reads directly, "
+                      f"as nn.MultiheadAttention's out_proj or Mamba's dt_proj)", RuntimeWarning, stacklevel=3)
     return out
 
 
@@ -62,23 +66,26 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _warn_fused_weights(model: nn.Module, config: PTQConfig) -> None:
-    """Say so where 3-D weights that quantize() left float (MoE experts stored as one tensor a
-    projection in a module other than transformers' experts modules), not skipped, hold a sizeable
-    share of the model's weights."""
+    """Say so where weights that quantize() left float outside linears, embeddings and convolutions (MoE
+    experts stored as 3-D tensors in a module other than transformers' experts modules, or as 2-D ones,
+    as DBRX's), not skipped, hold a sizeable share of the model's float weights."""
+    from .modules.linear import is_quantizable
+
     total = sum(p.numel() for p in model.parameters())
-    fused = {}
+    loose = {}
     for name, mod in model.named_modules():
-        if name and config.is_skipped(name):
+        if (name and config.is_skipped(name)) or isinstance(mod, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)) \
+                or is_quantizable(mod):
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() >= 3 and p.is_floating_point() and not isinstance(mod, nn.modules.conv._ConvNd):
-                fused[f"{name}.{pname}" if name else pname] = p.numel()
-    n = sum(fused.values())
+            if p.dim() >= 2 and p.is_floating_point():
+                loose[f"{name}.{pname}" if name else pname] = p.numel()
+    n = sum(loose.values())
     if total and n >= 0.05 * total:
-        some = list(fused)[:3]
-        warnings.warn(f"quantize: {100 * n / total:.0f}% of the model's weights are 3-D tensors that stay float "
-                      f"({some}{' ...' if len(fused) > 3 else ''}): ptqrt quantizes nn.Linear and Conv1D modules, "
-                      f"and the fused experts of transformers' MoE models", RuntimeWarning, stacklevel=3)
+        some = sorted(loose, key=loose.get, reverse=True)[:3]  # the largest first
+        warnings.warn(f"quantize: {100 * n / total:.0f}% of the model's float weights are tensors outside linears that "
+                      f"stay float ({some}{' ...' if len(loose) > 3 else ''}): ptqrt quantizes nn.Linear and Conv1D "
+                      f"modules, and the fused experts of transformers' MoE models", RuntimeWarning, stacklevel=3)
 
 
 def _roll_back(model: nn.Module, targets: dict, undo: list, err: BaseException) -> None:

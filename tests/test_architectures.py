@@ -1,6 +1,8 @@
 """quantize + generate + save/load on small random-init Hugging Face decoders (no downloads)."""
 import copy
 
+import re
+
 import pytest
 import torch
 
@@ -167,19 +169,21 @@ def test_batch_encoding_is_one_calibration_batch(kv):
     assert any(isinstance(m, KVCacheQuant if kv else QuantLinear) for m in b.modules())
 
 
-def test_3d_weights_left_float_are_warned_about(recwarn):
-    """3-D weights outside nn.Linear that quantize leaves float (experts stored as one tensor in a module
-    that is not one of transformers' experts modules) are named in a warning; skipped ones are not."""
+@pytest.mark.parametrize("dims", [3, 2])
+def test_weights_left_float_outside_linears_are_warned_about(dims, recwarn):
+    """Weights outside nn.Linear that quantize leaves float (experts stored as one 3-D tensor in a module
+    that is not one of transformers' experts modules, or as 2-D ones, as DBRX's) are named in a warning,
+    the largest first; embeddings are not, nor anything skipped."""
     class Experts(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(8, 64, 64))
+            self.w = torch.nn.Parameter(torch.randn(8, 64, 64) if dims == 3 else torch.randn(8 * 64, 64))
             self.fc = torch.nn.Linear(64, 64)
+            self.emb = torch.nn.Embedding(4096, 64)
+            self.small = torch.nn.Parameter(torch.randn(4, 16))
 
-    model = torch.nn.Sequential(Experts())
-    quantize(model, PTQConfig(), quiet=True)
-    said = [str(w.message) for w in recwarn if "3-D tensors that stay float" in str(w.message)]
-    assert len(said) == 1 and "'0.w'" in said[0], said
+    with pytest.warns(RuntimeWarning, match=re.escape("tensors outside linears that stay float (['0.w', '0.small'])")):
+        quantize(torch.nn.Sequential(Experts()), PTQConfig(), quiet=True)
     recwarn.clear()
     quantize(torch.nn.Sequential(Experts()), PTQConfig(skip=["0"]), quiet=True)
-    assert not [w for w in recwarn if "3-D" in str(w.message)]
+    assert not [w for w in recwarn if "outside linears" in str(w.message)]

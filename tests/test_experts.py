@@ -227,24 +227,31 @@ def test_gptq_experts_beat_rtn_on_their_own_rows(arch):
         assert not torch.equal(getattr(qe, p), getattr(rtn, p))
 
 
-def test_experts_no_token_reached_fall_back_and_say_so():
+@pytest.mark.parametrize("outliers", ["none", "smooth"])
+def test_experts_no_token_reached_fall_back_and_say_so(outliers):
     """Of 8 experts, one two-token sample reaches at most 4 a layer: they are calibrated; the others get
-    RTN weights, and (static) the largest input scale of the reached ones; a warning counts them."""
+    RTN weights, no smoothing and (static) a scale from the largest input range the reached ones saw
+    before smoothing; a warning counts them."""
     model = _model("mixtral", experts=8)
     calib = [torch.randint(1, VOCAB, (1, 2), generator=torch.Generator().manual_seed(6))]
     want = _layer0_inputs(model, calib)
     with pytest.warns(RuntimeWarning, match=r"calibration reached [1-4] of the 8 experts of 'model.layers.0.mlp.experts'"):
-        q = quantize(copy.deepcopy(model), PTQConfig(**STATIC, precision_recovery="gptq"), calib, quiet=True)
+        q = quantize(copy.deepcopy(model), PTQConfig(**STATIC, outliers=outliers, precision_recovery="gptq"), calib,
+                     quiet=True)
     qe = _experts(q).ptqrt_experts
     rtn = QuantExperts.from_float(_experts(model), "W8A16")
     reached = sorted(want["down_proj"])
     others = [e for e in range(8) if e not in reached]
     assert others
     for p in ("gate_up_proj", "down_proj"):
-        scale = getattr(qe, f"{p}_input_scale")
-        assert torch.equal(scale[others], scale[reached].max().expand(len(others)))
+        top = max(want[p][e].abs().amax() for e in reached) / 127
+        torch.testing.assert_close(getattr(qe, f"{p}_input_scale")[others], top.expand(len(others)), rtol=1e-5, atol=0)
         assert torch.equal(getattr(qe, p)[others], getattr(rtn, p)[others])
         assert not torch.equal(getattr(qe, p)[reached], getattr(rtn, p)[reached])
+        if outliers == "smooth":
+            s_p = getattr(qe, f"{p}_smooth_scale")
+            assert torch.equal(s_p[others], torch.ones_like(s_p[others])) and not torch.equal(s_p[reached],
+                                                                                             torch.ones_like(s_p[reached]))
 
 
 def test_padding_is_left_out_of_the_experts_statistics():
@@ -417,3 +424,33 @@ def test_inspect_shows_the_experts_input_and_smoothing_ranges(tmp_path, capsys):
     row = next(ln for ln in capsys.readouterr().out.splitlines()
                if ln.startswith("model.layers.1.mlp.experts.down_proj"))
     assert "W8A8" in row and "4x64x96" in row and "weight[" in row and "input[" in row and "smooth[" in row
+
+
+def test_padding_stays_out_of_a_shared_experts_statistics():
+    """Qwen2-MoE's shared expert (and its gate) read the MoE block's flattened [B * T, H] input: padded
+    positions are left out of their statistics too. The pad token's embedding made a one-channel spike
+    changes no static scale of the model (right padding: the real tokens do not see the padding)."""
+    cfg = transformers.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                      shared_expert_intermediate_size=96)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.full((2, 16), 5)
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    for b, n in enumerate((14, 9)):
+        ids[b, :n], mask[b, :n] = torch.randint(6, VOCAB, (n,), generator=g), 1
+    scales = []
+    for spike in (False, True):
+        torch.manual_seed(0)
+        model = transformers.Qwen2MoeForCausalLM(cfg).eval()
+        if spike:
+            emb = model.get_input_embeddings().weight.data
+            emb[5] = 0
+            emb[5, 3] = 100.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = quantize(model, PTQConfig(**STATIC), [{"input_ids": ids, "attention_mask": mask}], quiet=True)
+        scales.append({n: t for n, t in q.state_dict().items() if n.endswith("input_scale")})
+    assert any("shared_expert.gate_proj" in n for n in scales[0]) and any("ptqrt_experts" in n for n in scales[0])
+    for n, t in scales[0].items():
+        torch.testing.assert_close(scales[1][n], t, rtol=1e-5, atol=0, msg=n)

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -217,9 +218,72 @@ def test_linear_subclasses_that_cannot_be_swapped_stay_float():
     model = Net().eval()
     x = torch.randn(2, 5, 32)
     ref = model(x)
-    with pytest.warns(RuntimeWarning, match=r"2 nn.Linear subclasses stay float: \['attn.out_proj "
+    with pytest.warns(RuntimeWarning, match=r"2 linears stay float: \['attn.out_proj "
                                             r"\(NonDynamicallyQuantizableLinear\)', 'router \(Router\)'\]"):
         q = quantize(model, PTQConfig(), quiet=True)
     assert type(q.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear" and type(q.router) is Router
     assert isinstance(q.fc, QuantLinear)
     assert ((q(x) - ref).norm() / ref.norm()) < 0.02
+
+
+class _Mixer(nn.Module):
+    """Reads its children's weights itself in four ways: as an operand (dt), for a dtype (proj, before
+    calling it), in a branch its own settings rule out (tp), and in a method written for int8 weights
+    (guarded)."""
+
+    def __init__(self, slow_but_exact=False):
+        super().__init__()
+        self.dt, self.proj, self.tp, self.guarded = (nn.Linear(16, 16) for _ in range(4))
+        self.pretraining_tp, self.slow_but_exact = 2, slow_but_exact
+
+    def _init_weights(self):  # initialisation reads do not count
+        nn.init.normal_(self.guarded.weight)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.dt.weight) + self.proj(x.to(self.proj.weight.dtype))
+        if self.pretraining_tp > 1 and self.slow_but_exact:
+            h = h + torch.nn.functional.linear(x, self.tp.weight)
+        else:
+            h = h + self.tp(x)
+        return self._guarded(h)
+
+    def _guarded(self, h):
+        if self.guarded.weight.dtype != torch.int8:
+            h = h.to(self.guarded.weight.dtype)
+        return self.guarded(h)
+
+
+@pytest.mark.parametrize("slow_but_exact", [False, True])
+def test_linears_whose_weight_a_module_reads_itself_stay_float(slow_but_exact):
+    """A linear whose weight a containing module reads (Mamba's dt_proj, x.to(lm_head.weight.dtype))
+    would hand it int8 weights: it stays float, named in the warning. Reads in a branch the module's own
+    settings rule out, in a method that handles int8 weights, or in weight initialisation do not count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Mixer(slow_but_exact)).eval()
+    x = torch.randn(3, 16)
+    ref = model(x)
+    kept = [f"{n} (weight read directly)" for n in ["0.dt", "0.proj"] + ["0.tp"] * slow_but_exact]
+    with pytest.warns(RuntimeWarning, match=re.escape(f"{len(kept)} linears stay float: {kept}")):
+        q = quantize(model, PTQConfig(), quiet=True)
+    mixer = q[0]
+    assert type(mixer.dt) is nn.Linear and type(mixer.proj) is nn.Linear and isinstance(mixer.guarded, QuantLinear)
+    assert isinstance(mixer.tp, nn.Linear if slow_but_exact else QuantLinear)
+    assert ((q(x) - ref).norm() / ref.norm()) < 0.02
+
+
+def test_jamba_quantizes_and_runs():
+    """Jamba's Mamba mixers read dt_proj's weight themselves (a float matmul): quantized, the model ran
+    into int8 weights there. dt_proj stays float and the model runs close to float."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.JambaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+                                   attn_layer_period=2, attn_layer_offset=1)
+    torch.manual_seed(0)
+    model = transformers.JambaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    with pytest.warns(RuntimeWarning, match=r"stay float: \['model.layers.0.mamba.dt_proj \(weight read directly\)'"):
+        q = quantize(model, PTQConfig(), quiet=True)
+    assert type(q.model.layers[0].mamba.dt_proj) is nn.Linear and isinstance(q.model.layers[0].mamba.in_proj, QuantLinear)
+    assert ((q(ids).logits - ref).norm() / ref.norm()) < 0.05
