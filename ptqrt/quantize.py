@@ -71,11 +71,13 @@ def _warn_fused_weights(model: nn.Module, config: PTQConfig) -> None:
     as DBRX's), not skipped, hold a sizeable share of the model's float weights."""
     from .modules.linear import is_quantizable
 
-    total = sum(p.numel() for p in model.parameters())
+    # the share of all weights, the int8 ones included (of the float ones left, any tensor would look large)
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers() if b.dtype == torch.int8)
     loose = {}
     for name, mod in model.named_modules():
         if (name and config.is_skipped(name)) or isinstance(mod, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)) \
-                or is_quantizable(mod):
+                or is_quantizable(mod) or ".parametrizations." in f".{name}.":  # a weight-normed conv's
             continue
         for pname, p in mod.named_parameters(recurse=False):
             if p.dim() >= 2 and p.is_floating_point():
@@ -83,7 +85,7 @@ def _warn_fused_weights(model: nn.Module, config: PTQConfig) -> None:
     n = sum(loose.values())
     if total and n >= 0.05 * total:
         some = sorted(loose, key=loose.get, reverse=True)[:3]  # the largest first
-        warnings.warn(f"quantize: {100 * n / total:.0f}% of the model's float weights are tensors outside linears that "
+        warnings.warn(f"quantize: {100 * n / total:.0f}% of the model's weights are float tensors outside linears that "
                       f"stay float ({some}{' ...' if len(loose) > 3 else ''}): ptqrt quantizes nn.Linear and Conv1D "
                       f"modules, and the fused experts of transformers' MoE models", RuntimeWarning, stacklevel=3)
 

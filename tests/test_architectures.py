@@ -187,3 +187,12 @@ def test_weights_left_float_outside_linears_are_warned_about(dims, recwarn):
     recwarn.clear()
     quantize(torch.nn.Sequential(Experts()), PTQConfig(skip=["0"]), quiet=True)
     assert not [w for w in recwarn if "outside linears" in str(w.message)]
+
+    class ViT(torch.nn.Module):  # a position table: small against the model, the int8 weights included
+        def __init__(self):
+            super().__init__()
+            self.pos = torch.nn.Parameter(torch.randn(1, 16, 64))
+            self.fc = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(8))
+
+    quantize(ViT(), PTQConfig(), quiet=True)
+    assert not [w for w in recwarn if "outside linears" in str(w.message)]

@@ -227,13 +227,13 @@ def test_linear_subclasses_that_cannot_be_swapped_stay_float():
 
 
 class _Mixer(nn.Module):
-    """Reads its children's weights itself in four ways: as an operand (dt), for a dtype (proj, before
-    calling it), in a branch its own settings rule out (tp), and in a method written for int8 weights
-    (guarded)."""
+    """Reads its children's weights itself: as an operand (dt), for a dtype (proj, before calling it), in a
+    branch its own settings rule out (tp) or that runs in training only (train_only), in a method written
+    for integer weights (guarded), and for their device and shape only (where)."""
 
     def __init__(self, slow_but_exact=False):
         super().__init__()
-        self.dt, self.proj, self.tp, self.guarded = (nn.Linear(16, 16) for _ in range(4))
+        self.dt, self.proj, self.tp, self.guarded, self.where, self.train_only = (nn.Linear(16, 16) for _ in range(6))
         self.pretraining_tp, self.slow_but_exact = 2, slow_but_exact
 
     def _init_weights(self):  # initialisation reads do not count
@@ -241,6 +241,11 @@ class _Mixer(nn.Module):
 
     def forward(self, x):
         h = torch.nn.functional.linear(x, self.dt.weight) + self.proj(x.to(self.proj.weight.dtype))
+        h = h + self.where(x.to(self.where.weight.device))[..., :self.where.weight.shape[0]]
+        if self.training:
+            h = h + torch.nn.functional.linear(x, self.train_only.weight)
+        else:
+            h = h + self.train_only(x)
         if self.pretraining_tp > 1 and self.slow_but_exact:
             h = h + torch.nn.functional.linear(x, self.tp.weight)
         else:
@@ -248,7 +253,7 @@ class _Mixer(nn.Module):
         return self._guarded(h)
 
     def _guarded(self, h):
-        if self.guarded.weight.dtype != torch.int8:
+        if self.guarded.weight.is_floating_point():
             h = h.to(self.guarded.weight.dtype)
         return self.guarded(h)
 
@@ -257,18 +262,21 @@ class _Mixer(nn.Module):
 def test_linears_whose_weight_a_module_reads_itself_stay_float(slow_but_exact):
     """A linear whose weight a containing module reads (Mamba's dt_proj, x.to(lm_head.weight.dtype))
     would hand it int8 weights: it stays float, named in the warning. Reads in a branch the module's own
-    settings rule out, in a method that handles int8 weights, or in weight initialisation do not count."""
+    settings rule out or that runs in training only (quantize is called in train mode here), in a method
+    that handles integer weights, in weight initialisation, or of the device and shape only do not count."""
     torch.manual_seed(0)
     model = nn.Sequential(_Mixer(slow_but_exact)).eval()
     x = torch.randn(3, 16)
     ref = model(x)
+    model.train()
     kept = [f"{n} (weight read directly)" for n in ["0.dt", "0.proj"] + ["0.tp"] * slow_but_exact]
     with pytest.warns(RuntimeWarning, match=re.escape(f"{len(kept)} linears stay float: {kept}")):
         q = quantize(model, PTQConfig(), quiet=True)
     mixer = q[0]
     assert type(mixer.dt) is nn.Linear and type(mixer.proj) is nn.Linear and isinstance(mixer.guarded, QuantLinear)
     assert isinstance(mixer.tp, nn.Linear if slow_but_exact else QuantLinear)
-    assert ((q(x) - ref).norm() / ref.norm()) < 0.02
+    assert isinstance(mixer.where, QuantLinear) and isinstance(mixer.train_only, QuantLinear)
+    assert ((q.eval()(x) - ref).norm() / ref.norm()) < 0.02
 
 
 def test_jamba_quantizes_and_runs():

@@ -66,8 +66,9 @@ def _self_path(node: ast.AST) -> Optional[str]:
 def _weight_reads(klass: type) -> list[tuple[str, tuple]]:
     """(p, guards) for each ``self.p.weight`` a method defined in `klass` itself reads (its constructor,
     weight initialisation and tying aside), from its source where there is one; guards: the
-    ``(if-test, taken when true)`` of each branch the read sits in. A method that names int8 is
-    written for int8 weights (T5's guard) and is left out."""
+    ``(if-test, taken when true)`` of each branch the read sits in. A method that names int8 or
+    is_floating_point is written for integer weights (T5's guard) and is left out, and so are reads
+    of the weight's device or shape only."""
     if klass not in _reads:
         found = []
         for fname, fn in vars(klass).items():
@@ -78,7 +79,7 @@ def _weight_reads(klass: type) -> list[tuple[str, tuple]]:
                 tree = ast.parse(src)
             except (OSError, TypeError, SyntaxError):  # no source (built at run time, or a C extension)
                 continue
-            if "int8" in src:
+            if "int8" in src or "is_floating_point" in src:  # written for integer weights (T5's guard)
                 continue
 
             def visit(node: ast.AST, guards: tuple) -> None:
@@ -89,6 +90,9 @@ def _weight_reads(klass: type) -> list[tuple[str, tuple]]:
                     for n in node.orelse:
                         visit(n, guards + ((node.test, False),))
                     return
+                if isinstance(node, ast.Attribute) and node.attr in ("device", "shape") and isinstance(
+                        node.value, ast.Attribute) and node.value.attr == "weight":
+                    return  # where, or how large, the weight is: a QuantLinear's int8 weight answers alike
                 if isinstance(node, ast.Attribute) and node.attr == "weight" and _self_path(node.value):
                     found.append((_self_path(node.value), guards))
                 for child in ast.iter_child_nodes(node):
@@ -100,10 +104,13 @@ def _weight_reads(klass: type) -> list[tuple[str, tuple]]:
 
 def _value(node: ast.AST, owner: nn.Module):
     """The value of an if-test made of constants and plain attributes of self (``self.pretraining_tp > 1
-    and self.slow_but_exact``) on module `owner`; _UNKNOWN for anything else."""
+    and self.slow_but_exact``) on module `owner`, self.training False (a quantized model runs for
+    inference); _UNKNOWN for anything else."""
     try:
         if isinstance(node, ast.Constant):
             return node.value
+        if isinstance(node, ast.Attribute) and _self_path(node) == "training":
+            return False  # a quantized model runs for inference
         if isinstance(node, ast.Attribute) and _self_path(node):
             v = owner
             for part in _self_path(node).split("."):
