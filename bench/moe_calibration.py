@@ -19,7 +19,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 import warnings
 
 import torch
@@ -44,9 +43,9 @@ def make_moe():
     return MixtralForCausalLM(cfg)
 
 
-def train(steps: int, cache: str, seq_len: int = 256, batch: int = 16, lr: float = 3e-3):
+def trained(steps: int, cache: str, seq_len: int = 256, batch: int = 16, lr: float = 3e-3):
     from transformers import MixtralForCausalLM
-    from train_tiny_lm import batches, corpus_text, lr_at, split_point
+    from train_tiny_lm import corpus_text, split_point, train_model
 
     if os.path.isfile(os.path.join(cache, "config.json")):
         return MixtralForCausalLM.from_pretrained(cache).eval()
@@ -54,24 +53,7 @@ def train(steps: int, cache: str, seq_len: int = 256, batch: int = 16, lr: float
     data = corpus_text().encode("utf-8")
     train_ids = tiny_lm.encode(data[:split_point(data)])
     model = make_moe()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
-    stream = batches(train_ids, seq_len, batch, torch.Generator().manual_seed(0))
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, min(60, steps // 10))
-        x = next(stream)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+    train_model(model, train_ids, steps, seq_len, batch, lr, min(60, steps // 10), 0)
     model.config.output_router_logits = False
     model.eval().save_pretrained(cache)
     return model
@@ -94,7 +76,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = train(args.steps, args.cache)
+    model = trained(args.steps, args.cache)
     with open(os.path.join(tiny_lm.MODEL_DIR, "heldout.txt"), "rb") as f:
         held = tiny_lm.encode(f.read())
     calib = calib_windows(32)

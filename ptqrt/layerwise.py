@@ -197,12 +197,18 @@ def capture_layer_calls(model: nn.Module, lname: str, layers: nn.ModuleList, cal
             if reached is not None and state["order"]:
                 reached.append(len(orders) - 1)
     finally:
-        for layer, f in zip(layers, saved):
-            if f is None:
-                del layer.forward
-            else:
-                layer.forward = f
+        restore_forwards(layers, saved)
     return per_layer[:_layers_reached(orders, lname)]
+
+
+def restore_forwards(mods, saved: list) -> None:
+    """Give each module of `mods` back the instance-level forward it had (saved[i], from
+    ``mod.__dict__.get("forward")``; None: none, its class's forward)."""
+    for mod, f in zip(mods, saved):
+        if f is None:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.forward = f
 
 
 def _layers_reached(orders: list[list[int]], lname: str) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import PTQConfig
 from .integrations import hf_experts
-from .layerwise import _gptq, _record, _rel, _smooth_vector, _Stats
+from .layerwise import _gptq, _record, _rel, _smooth_vector, _Stats, restore_forwards
 from .modules.experts import QuantExperts, expert_bias, expert_weights
 from .reference import quantize_weight
 
@@ -49,11 +49,7 @@ def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dic
             mod.forward = forward
         yield
     finally:
-        for mod, f in zip(mods, saved):
-            if f is None:
-                del mod.forward
-            else:
-                mod.forward = f
+        restore_forwards(mods, saved)
 
 
 def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Module:

@@ -80,6 +80,33 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def train_model(model, train_ids: torch.Tensor, steps: int, seq_len: int, batch: int, lr: float, warmup: int,
+                seed: int) -> float:
+    """AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), the warm-up + cosine schedule of lr_at,
+    gradient clip 1.0, `steps` batches of random windows; prints the loss every 50 steps. Returns the
+    seconds it took."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    stream = batches(train_ids, seq_len, batch, torch.Generator().manual_seed(seed))
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        x = next(stream)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+                  f"{time.time() - t0:.0f}s", flush=True)
+    return time.time() - t0
+
+
 def unigram_perplexity(train: torch.Tensor, held: torch.Tensor) -> float:
     """Add-one smoothed byte unigram fitted on train, scored on held-out: the baseline to beat."""
     counts = torch.bincount(train, minlength=256).double() + 1
@@ -111,27 +138,8 @@ def main() -> None:
     model = make_model()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"LlamaForCausalLM, {n_params} parameters", flush=True)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(args.seed)
-    stream = batches(train, args.seq_len, args.batch, gen)
-    model.train()
     t0 = time.time()
-    for step in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        x = next(stream)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
-                  f"{time.time() - t0:.0f}s", flush=True)
-    train_s = time.time() - t0
+    train_s = train_model(model, train, args.steps, args.seq_len, args.batch, args.lr, args.warmup, args.seed)
 
     model.eval()
     # Score a train slice as long as the held-out set, so the two numbers are comparable.
