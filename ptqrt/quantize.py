@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .config import PTQConfig
-from .modules.linear import QuantLinear, is_quantizable, linear_weight, weight_read_directly
+from .modules.linear import QuantLinear, is_quantizable, linear_weight
+from .modules.weight_reads import weight_read_directly
 
 
 def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Module, PTQConfig]]:
