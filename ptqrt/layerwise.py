@@ -232,14 +232,14 @@ def _token_mask(sample) -> Optional[torch.Tensor]:
     return None if mask is None else mask.bool()
 
 
-def _real_rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _real_rows(x: torch.Tensor, mask: Optional[torch.Tensor], ordered: bool = False) -> torch.Tensor:
     """x [..., K] as rows [R, K], without the padding positions where `mask` [B, T] lines up with x's
-    leading dimensions (a layer's input [B, T, K], or the [B * T, K] an MoE block flattens it to before
-    its shared expert); every row otherwise."""
+    leading dimensions (a layer's input [B, T, K]), or where x is [B * T, K] with its rows in token order
+    (`ordered`: see _observe); every row otherwise."""
     x2 = x.detach().reshape(-1, x.shape[-1])
-    if mask is None or (tuple(x.shape[:-1]) != tuple(mask.shape) and (x.dim() != 2 or x2.shape[0] != mask.numel())):
-        return x2
-    return x2[mask.reshape(-1).to(x2.device)]
+    if mask is not None and (tuple(x.shape[:-1]) == tuple(mask.shape) or ordered):
+        return x2[mask.reshape(-1).to(x2.device)]
+    return x2
 
 
 def _shared_params(model: nn.Module) -> set:
@@ -298,7 +298,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
     from .layerwise_experts import observing
 
     st = _Stats()
-    cur = {"mask": None}
+    cur = {"mask": None, "flat": set(), "stack": []}  # the call's mask, token-ordered inputs, calls in flight
     handles = []
     first = [True]
     by_module = {}
@@ -315,14 +315,26 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
                 if isinstance(t, torch.Tensor):
                     st.readers[_key(t)].add(rel_name[mod])
                     st.alive.append(t)
+        # A 2-D input [B * T, K] has its rows in token order (so padding can be masked) where it is a
+        # view of a [B, T, K] tensor some module of the block was called with (the flattened input an
+        # MoE block gives its shared expert), or where the module calling this one was called with such
+        # an input (the shared expert's down_proj). A row gather (x[tokens], routed experts) is not.
+        mask, x = cur["mask"], args[0] if args else next(iter(kwargs.values()), None)
+        ordered = False
+        if mask is not None:
+            cur["flat"].update(t.data_ptr() for t in list(args) + list(kwargs.values())
+                               if isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_contiguous()
+                               and tuple(t.shape[:2]) == tuple(mask.shape))
+            ordered = isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == mask.numel() and (
+                (x.is_contiguous() and x.data_ptr() in cur["flat"]) or (bool(cur["stack"]) and cur["stack"][-1]))
+        cur["stack"].append(ordered)
         full = by_module.get(mod)
         if full is None:
             return
-        x = args[0] if args else next(iter(kwargs.values()))
         cfg = names[full]
         if first[0]:
             st.input_key[full] = _key(x)
-        x2 = _real_rows(x, cur["mask"])
+        x2 = _real_rows(x, mask, ordered)
         if x2.shape[0]:
             _record(st, full, x2, cfg, osl_share)
 
@@ -332,16 +344,20 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
             st.producer[_key(out)] = mod
             st.alive.append(out)
 
+    def pop(_mod, _args, _out):
+        cur["stack"].pop()
+
     for mod in block.modules():
         if mod is block:
             continue
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(pop, always_call=True))
         if _is_norm(mod):
             handles.append(mod.register_forward_hook(post))
     try:
         with observing(block, prefix, experts or {}, st, cur, osl_share):
             for i, (args, kwargs) in enumerate(tqdm(calls, desc="observing", unit="sample", disable=quiet, leave=False)):
-                cur["mask"] = masks[i] if masks else None
+                cur.update(mask=masks[i] if masks else None, flat=set(), stack=[])
                 block(*to_device(args, device), **to_device(kwargs, device))
                 first[0] = False
     finally:

@@ -34,15 +34,17 @@ def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dic
             mod = block.get_submodule(_rel(full, prefix))
 
             def seen(proj, e, x, tokens, full=full, cfg=cfg):
-                mask = cur["mask"]
-                if mask is not None and tokens.numel() and mask.numel() == cur["tokens"]:
-                    x = x[mask.reshape(-1).to(x.device)[tokens]]
+                real = cur["real"]  # the call's token mask, flattened, on the device (None: every token)
+                if real is not None and tokens.numel():
+                    x = x[real[tokens]]
                 if x.shape[0]:
                     _record(st, (full, proj, e), x.detach(), cfg, osl_share)
 
             def forward(*args, mod=mod, seen=seen, sig=inspect.signature(type(mod).forward), **kwargs):
                 hidden_states, top_k_index, top_k_weights = list(sig.bind(mod, *args, **kwargs).arguments.values())[1:4]
-                cur["tokens"] = hidden_states.shape[0]
+                mask = cur["mask"]
+                cur["real"] = mask.reshape(-1).to(hidden_states.device) if (
+                    mask is not None and mask.numel() == hidden_states.shape[0]) else None
                 return hf_experts.observed_forward(mod, hidden_states, top_k_index, top_k_weights, seen=seen)
             saved.append(mod.__dict__.get("forward"))
             mods.append(mod)

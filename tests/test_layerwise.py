@@ -828,3 +828,37 @@ def test_a_folded_norm_goes_back_to_its_own_device(monkeypatch):
     norm.to("meta")  # stands in for "the norm is elsewhere now"
     restore()
     assert norm.weight.device.type == "meta"
+
+
+def test_a_row_gather_of_every_token_is_not_masked_as_if_in_token_order():
+    """Per-expert linears fed x[tokens] in another order (slot-major top-k dispatch) that happen to get
+    all B * T rows: the padding mask does not line up with their rows and is not applied (it would drop
+    real rows and keep padded ones). Both experts see the same rows, so they get the same scale."""
+    h, vocab, pad = 16, 11, 10
+
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(vocab, h)
+            with torch.no_grad():
+                self.emb.weight[pad] = 0
+                self.emb.weight[pad, 3] = 100.0
+            self.router = nn.Parameter(torch.randn(2, h))
+            self.experts = nn.ModuleList(nn.Linear(h, h) for _ in range(2))
+
+        def forward(self, input_ids, attention_mask=None):
+            x = self.emb(input_ids).reshape(-1, h)
+            w, sel = torch.topk((x @ self.router.T).softmax(-1), 2, dim=-1)
+            routed = nn.functional.one_hot(sel, 2).permute(2, 1, 0)  # [E, k, T]
+            y = torch.zeros_like(x)
+            for e in range(2):
+                slot, tok = torch.where(routed[e])  # slot-major: not token order
+                y.index_add_(0, tok, self.experts[e](x[tok]) * w[tok, slot, None])
+            return y
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, pad, pad, pad, pad]])
+    mask = torch.tensor([[1] * 8 + [0] * 4])
+    q = quantize(MoE(), PTQConfig(act_dtype="int8", act_granularity="per_tensor"),
+                 [{"input_ids": ids, "attention_mask": mask}], quiet=True)
+    assert torch.equal(q.experts[0].input_scale, q.experts[1].input_scale)

@@ -13,7 +13,7 @@ projection P (gate_up_proj or up_proj, and down_proj), all persistent:
   P_smooth_scale float32 [E, K], optional           each expert's SmoothQuant / OSL factors: x / s
 Modes as QuantLinear's: W8A16 (float activations, dequant fused in the GEMM), W8A8_DYNAMIC (per-token
 int8 activations) and W8A8 (a static per-tensor scale per expert). The calibration that gives static
-scales, smoothing and GPTQ per expert is in ``ptqrt.layerwise``.
+scales, smoothing and GPTQ per expert is in ``ptqrt.layerwise_experts``.
 """
 from __future__ import annotations
 
