@@ -374,6 +374,18 @@ def _is_norm(mod: nn.Module) -> bool:
     return type(mod).__name__.endswith(("LayerNorm", "RMSNorm")) and isinstance(w, torch.Tensor) and w.dim() == 1
 
 
+def never_reached(what: str, static: bool) -> None:
+    """Calibration never ran `what`: an error under static W8A8, which needs its input range; a warning
+    otherwise (quantized without statistics)."""
+    if static:
+        raise ValueError(f"calibration never reached {what}: static W8A8 (act_granularity='per_tensor') needs every "
+                         f"layer's input range. Give calib_data that runs them (an MoE model needs tokens routed to "
+                         f"every expert), or give them act_granularity='per_token' or act_dtype=None through "
+                         f"layer_policies, or skip them")
+    warnings.warn(f"calibration never reached {what}: quantized without calibration statistics (RTN weights, no "
+                  f"smoothing, no GPTQ)", RuntimeWarning)
+
+
 def _unreached(st: _Stats, names: dict[str, PTQConfig]) -> set:
     """Targets that calibration never ran (an MoE expert no token was routed to). Static W8A8 cannot do
     without their input range: a ValueError names them. The others are quantized without statistics
@@ -381,13 +393,9 @@ def _unreached(st: _Stats, names: dict[str, PTQConfig]) -> set:
     unseen = [n for n in names if n not in st.absmax]
     static = [n for n in unseen if names[n].mode == "W8A8"]
     if static:
-        raise ValueError(f"calibration never reached {static[:8]}{' ...' if len(static) > 8 else ''}: static W8A8 "
-                         f"(act_granularity='per_tensor') needs every layer's input range. Give calib_data that "
-                         f"runs them (an MoE model needs tokens routed to every expert), or give them "
-                         f"act_granularity='per_token' or act_dtype=None through layer_policies, or skip them")
+        never_reached(f"{static[:8]}{' ...' if len(static) > 8 else ''}", static=True)
     if unseen:
-        warnings.warn(f"calibration never reached {unseen[:8]}{' ...' if len(unseen) > 8 else ''}: quantized "
-                      f"without calibration statistics (RTN weights, no smoothing, no GPTQ)", RuntimeWarning)
+        never_reached(f"{unseen[:8]}{' ...' if len(unseen) > 8 else ''}", static=False)
     return set(unseen)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import PTQConfig
 from .integrations import hf_experts
-from .layerwise import _gptq, _record, _rel, _smooth_vector, _Stats, restore_forwards
+from .layerwise import _gptq, _record, _rel, _smooth_vector, _Stats, never_reached, restore_forwards
 from .modules.experts import QuantExperts, expert_bias, expert_weights
 from .reference import quantize_weight
 
@@ -67,12 +67,7 @@ def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Modul
     g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
     reached = {p: [e for e in range(n_exp) if (full, p, e) in st.absmax] for p in weights}
     if not any(reached.values()):
-        if cfg.mode == "W8A8":
-            raise ValueError(f"calibration never reached the experts {full!r}: static W8A8 (act_granularity="
-                             f"'per_tensor') needs their input ranges. Give calib_data that runs them, or give them "
-                             f"act_granularity='per_token' or act_dtype=None through layer_policies, or skip them")
-        warnings.warn(f"calibration never reached the experts {full!r}: quantized without calibration statistics "
-                      f"(RTN weights, no smoothing, no GPTQ)", RuntimeWarning)
+        never_reached(f"the experts {full!r}", static=cfg.mode == "W8A8")
         return QuantExperts.from_float(mod, cfg.mode, g)
     unseen = sorted({e for p in weights for e in range(n_exp) if e not in reached[p]})
     if unseen:

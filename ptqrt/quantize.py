@@ -70,8 +70,6 @@ def _warn_fused_weights(model: nn.Module, config: PTQConfig) -> None:
     """Say so where weights that quantize() left float outside linears, embeddings and convolutions (MoE
     experts stored as 3-D tensors in a module other than transformers' experts modules, or as 2-D ones,
     as DBRX's), not skipped, hold a sizeable share of the model's float weights."""
-    from .modules.linear import is_quantizable
-
     # the share of all weights, the int8 ones included (of the float ones left, any tensor would look large)
     total = sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for b in model.buffers() if b.dtype == torch.int8)
