@@ -10,7 +10,8 @@ from .config import PTQConfig  # noqa: E402
 from .format import FormatError, load_quantized, save_quantized  # noqa: E402
 from .modules.linear import QuantLinear, prepack  # noqa: E402
 from .ops import get_backend, set_backend  # noqa: E402
+from .pretrained import from_pretrained  # noqa: E402
 from .quantize import quantize  # noqa: E402
 
-__all__ = ["PTQConfig", "quantize", "save_quantized", "load_quantized", "set_backend", "get_backend",
+__all__ = ["PTQConfig", "quantize", "save_quantized", "load_quantized", "from_pretrained", "set_backend", "get_backend",
            "QuantLinear", "prepack", "FormatError", "ops", "__version__"]

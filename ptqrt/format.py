@@ -137,9 +137,11 @@ def save_quantized(model: nn.Module, out_dir, max_shard_size: int = DEFAULT_SHAR
                  "weight_map": weight_map}
         _atomic_write(out / INDEX, lambda p: p.write_text(json.dumps(index, indent=1)))
         (out / SINGLE).unlink(missing_ok=True)
-    hf_config = getattr(model, "config", None)
-    if hf_config is not None and hasattr(hf_config, "to_json_string"):
-        _atomic_write(out / "config.json", lambda p: p.write_text(hf_config.to_json_string()))
+    from .pretrained import generation_config_json, hf_config_json
+
+    for fname, text in (("config.json", hf_config_json(model)), ("generation_config.json", generation_config_json(model))):
+        if text is not None:
+            _atomic_write(out / fname, lambda p, t=text: p.write_text(t))
     desc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -387,9 +389,11 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
             parent = float_model.get_submodule(name.rpartition(".")[0])
             dev = next(iter(list(parent.parameters()) + list(parent.buffers())), torch.empty(0)).device
             hf_experts.attach(parent, QuantExperts.from_description(d, device=dev))
-    if on_meta:
-        _materialize(float_model)
-    float_model.load_state_dict({n: tensors[n] for n in float_model.state_dict()}, strict=True)
+    taken = _materialize(float_model, tensors) if on_meta else set()
+    rest = {n: tensors[n] for n in float_model.state_dict() if n not in taken}
+    result = float_model.load_state_dict(rest, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - taken:  # checked above: cannot happen
+        raise RuntimeError(f"load_quantized: state dict mismatch after the checks: {result}")
     if kvmods:
         from .integrations import hf
 
@@ -461,20 +465,34 @@ def _meta_tensors(model: nn.Module, swapped: dict, expected: dict, in_dir: Path,
     return found
 
 
-def _materialize(model: nn.Module) -> None:
-    """Give every meta tensor of `model` real, uninitialised CPU storage (the state dict fills it next).
-    A tensor that several modules share (tied weights) gets one replacement, so the tie survives;
-    nn.Module.to_empty would untie them."""
+def _materialize(model: nn.Module, tensors: dict) -> set:
+    """Replace every meta tensor of `model` by its tensor from the file (`tensors`, by state-dict name)
+    itself, so that loading a model built on the meta device holds each tensor once, not twice; a meta
+    tensor the file does not hold (none reach here but a swapped module's) gets uninitialised CPU
+    storage. A tensor that several modules share (tied weights) gets one replacement, so the tie
+    survives (nn.Module.to_empty would untie them); a file tensor is given to one model tensor only.
+    Returns the state-dict names that now hold their file tensor."""
     new: dict = {}
-    for mod in model.modules():
+    given: set = set()
+    taken: set = set()
+    for mname, mod in model.named_modules(remove_duplicate=False):
         for store in (mod._parameters, mod._buffers):
             for key, t in store.items():
                 if t is None or not t.is_meta:
                     continue
+                name = f"{mname}.{key}" if mname else key
                 if id(t) not in new:
-                    e = torch.empty_like(t, device="cpu")
-                    new[id(t)] = (t, nn.Parameter(e, t.requires_grad) if isinstance(t, nn.Parameter) else e)
+                    src = tensors.get(name)
+                    if src is None or id(src) in given:
+                        e = torch.empty_like(t, device="cpu") if src is None else src.clone()
+                    else:
+                        given.add(id(src))
+                        e = src
+                    new[id(t)] = (t, nn.Parameter(e, t.requires_grad) if isinstance(t, nn.Parameter) else e, e)
                 store[key] = new[id(t)][1]
+                if tensors.get(name) is new[id(t)][2]:  # else load_state_dict copies the file's values in
+                    taken.add(name)
+    return taken
 
 
 def _file_of(desc: dict, name: str, in_dir: Path) -> str:

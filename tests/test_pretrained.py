@@ -1,0 +1,203 @@
+"""ptqrt.from_pretrained: a packed directory loaded on its own (the model class from its config.json), the
+float weights never allocated, the result equal to the model that was saved."""
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import ptqrt  # noqa: E402
+from ptqrt import FormatError, PTQConfig, QuantLinear, from_pretrained, quantize, save_quantized  # noqa: E402
+from ptqrt.modules.experts import QuantExperts  # noqa: E402
+from ptqrt.modules.kv_cache import KVCacheQuant  # noqa: E402
+
+from models import tiny_net  # noqa: E402
+from test_experts import _model as moe_model  # noqa: E402
+from test_hf_kv_cache import calib_batches, make_model  # noqa: E402
+
+STATIC_KV = dict(act_dtype="int8", act_granularity="per_tensor", kv_cache_dtype="int8", kv_granularity="per_channel")
+
+
+def _saved(tmp_path, model, cfg, calib=None):
+    q = quantize(model, cfg, calib if calib is not None else calib_batches(), quiet=True)
+    return q, save_quantized(q, tmp_path / "packed")
+
+
+def _ids(vocab, seed=3):
+    return torch.randint(1, vocab, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for n in sa:
+        assert sa[n].dtype == sb[n].dtype and torch.equal(sa[n], sb[n]), n
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_loads_the_saved_model_bit_for_bit(arch, tmp_path):
+    q, d = _saved(tmp_path, make_model(arch), PTQConfig(**STATIC_KV, outliers="smooth"))
+    r = from_pretrained(d)
+    assert type(r) is type(q) and not r.training
+    assert r.ptqrt_config == q.ptqrt_config
+    assert sum(isinstance(m, QuantLinear) for m in r.modules()) == sum(isinstance(m, QuantLinear) for m in q.modules())
+    assert sum(isinstance(m, KVCacheQuant) for m in r.modules()) == 2
+    assert {t.device.type for t in list(r.parameters()) + list(r.buffers())} == {"cpu"}
+    _same_state(q, r)
+    ids = _ids(96)
+    assert torch.equal(r(ids).logits, q(ids).logits)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(r.generate(ids, **kw), q.generate(ids, **kw))
+    if arch == "gpt2":
+        assert r.lm_head.weight is r.transformer.wte.weight  # the tie is one tensor still
+
+
+def test_moe_experts(tmp_path):
+    model = moe_model("mixtral")
+    calib = [torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    q, d = _saved(tmp_path, model, PTQConfig(act_dtype="int8", act_granularity="per_tensor", outliers="smooth"), calib)
+    r = from_pretrained(d)
+    assert isinstance(r.model.layers[1].mlp.experts.ptqrt_experts, QuantExperts)
+    _same_state(q, r)
+    assert torch.equal(r(_ids(97)).logits, q(_ids(97)).logits)
+
+
+def test_float_weights_are_never_allocated(tmp_path, monkeypatch):
+    """Every parameter the model's own initialisation sees is on the meta device; the loaded tensors
+    are the file's (read lazily), not a copy made into storage allocated first."""
+    _, d = _saved(tmp_path, make_model("llama"), PTQConfig(act_dtype="int8"))
+    seen = []
+    init = transformers.LlamaForCausalLM._init_weights
+
+    def spy(self, module):
+        seen.extend(p.is_meta for p in module.parameters(recurse=False))
+        return init(self, module)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_init_weights", spy)
+    r = from_pretrained(d)
+    assert seen and all(seen)
+    assert r.model.rotary_emb.inv_freq.abs().sum() > 0  # a buffer the file does not hold: computed, real
+
+
+def test_writing_the_loaded_model_leaves_the_file_alone(tmp_path):
+    _, d = _saved(tmp_path, make_model("llama"), PTQConfig())
+    digest = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    r = from_pretrained(d)
+    r.model.embed_tokens.weight.data.add_(1.0)
+    r.model.layers[0].self_attn.q_proj.weight.add_(1)
+    assert hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() == digest
+    assert torch.equal(from_pretrained(d).model.embed_tokens.weight + 1, r.model.embed_tokens.weight)
+
+
+def test_dtypes_follow_the_file(tmp_path):
+    """A bfloat16 model whose last norm and lm_head were kept in float32 loads with each tensor's own
+    dtype (bfloat16, the most of the file's float elements, for the rest). Built in bfloat16 as
+    from_pretrained builds it: `.to(torch.bfloat16)` would also round the rotary table, a buffer the file
+    does not hold and the model's __init__ computes in float32."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(make_model("llama").config, dtype=torch.bfloat16).eval()
+    model.model.norm.float()
+    model.lm_head.float()
+    q, d = _saved(tmp_path, model, PTQConfig(act_dtype="int8"))
+    r = from_pretrained(d)
+    assert r.config.dtype == torch.bfloat16  # built in it: buffers made in the default dtype take it
+    assert r.model.norm.weight.dtype == r.lm_head.weight.dtype == torch.float32
+    assert r.model.embed_tokens.weight.dtype == r.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    _same_state(q, r)
+    assert torch.equal(r(_ids(96)).logits, q(_ids(96)).logits)
+
+
+def test_config_json_names_the_saved_class_and_generation_config_round_trips(tmp_path):
+    model = make_model("llama")
+    assert not model.config.architectures  # built from a config: transformers records no class
+    model.config.architectures = ["LlamaModel"]  # ...or another head's
+    model.generation_config.eos_token_id = [2, 5]
+    model.generation_config.max_new_tokens = 11
+    _, d = _saved(tmp_path, model, PTQConfig())
+    assert json.loads((d / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert model.config.architectures == ["LlamaModel"]  # the model's own config is left as it was
+    r = from_pretrained(d)
+    assert type(r) is transformers.LlamaForCausalLM
+    assert r.generation_config.eos_token_id == [2, 5] and r.generation_config.max_new_tokens == 11
+
+
+def test_attn_implementation(tmp_path):
+    q, d = _saved(tmp_path, make_model("llama"), PTQConfig(**STATIC_KV))
+    r = from_pretrained(d, attn_implementation="eager")
+    assert r.config._attn_implementation.endswith("eager")  # under the int8 KV cache's own wrapper
+    assert from_pretrained(d).config._attn_implementation.endswith("sdpa")
+    torch.testing.assert_close(r(_ids(96)).logits, q(_ids(96)).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_refusals_name_the_reason(tmp_path):
+    net = quantize(tiny_net(), PTQConfig(), quiet=True)  # not a transformers model: no config.json
+    d = save_quantized(net, tmp_path / "net")
+    with pytest.raises(FormatError, match=r"has no config.json.*load_quantized"):
+        from_pretrained(d)
+    with pytest.raises(FileNotFoundError, match="not a ptqrt packed directory"):
+        from_pretrained(tmp_path / "nowhere")
+
+    _, d = _saved(tmp_path, make_model("llama"), PTQConfig())
+    cfg = json.loads((d / "config.json").read_text())
+    for archs, match in ((["NoSuchModelForCausalLM"], r"\['NoSuchModelForCausalLM'\] name no model class"),
+                         ([], r"'architectures' is empty")):
+        (d / "config.json").write_text(json.dumps({**cfg, "architectures": archs}))
+        with pytest.raises(FormatError, match=match):
+            from_pretrained(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "no-such-type"}))
+    with pytest.raises(FormatError, match=r"config.json cannot be read by transformers"):
+        from_pretrained(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    blob = bytearray((d / "model.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(FormatError, match="damaged or truncated"):
+        from_pretrained(d)
+    assert isinstance(from_pretrained(d, verify=False), transformers.LlamaForCausalLM)
+
+
+def test_a_meta_model_takes_the_file_tensors_without_a_copy(tmp_path):
+    """load_quantized into a model built on the meta device gives each tensor the file's tensor itself,
+    a tied pair one tensor, and a file tensor to one model tensor only."""
+    q, d = _saved(tmp_path, make_model("gpt2"), PTQConfig())
+    cfg = copy.deepcopy(q.config)
+    with torch.device("meta"):
+        fresh = transformers.GPT2LMHeadModel(cfg)
+    for name, b in fresh.named_buffers():  # GPT-2's buffers are not saved: give them real values
+        fresh.get_submodule(name.rpartition(".")[0])._buffers[name.rpartition(".")[2]] = torch.zeros_like(b, device="cpu")
+    r = ptqrt.load_quantized(fresh, d)
+    assert r.lm_head.weight is r.transformer.wte.weight
+    ptrs = [p.data_ptr() for p in r.state_dict().values() if p.numel()]
+    assert len(ptrs) - len(set(ptrs)) == 1  # only the tie shares storage
+    _same_state(q, r)
+
+
+def test_meta_model_holds_the_read_tensors_themselves(tmp_path, monkeypatch):
+    """No copy: each tensor of a meta-built model is the tensor read from the file. A file tensor that
+    two untied tensors of the model take (saved tied, loaded untied) is given to one and copied for the
+    other, so that a write to one does not reach the other."""
+    q, d = _saved(tmp_path, make_model("gpt2"), PTQConfig())
+    read = {}
+    original = ptqrt.format.read_tensors
+
+    def recording(*a, **k):
+        read.update(original(*a, **k))
+        return read
+
+    monkeypatch.setattr(ptqrt.format, "read_tensors", recording)
+    r = from_pretrained(d)
+    state = r.state_dict()
+    assert all(state[n].data_ptr() == read[n].data_ptr() for n in state if state[n].numel())
+
+    cfg = copy.deepcopy(q.config)
+    cfg.tie_word_embeddings = False
+    with torch.device("meta"):
+        fresh = transformers.GPT2LMHeadModel(cfg)
+    r = ptqrt.load_quantized(fresh, d)
+    assert r.lm_head.weight is not r.transformer.wte.weight
+    _same_state(q, r)
+    r.transformer.wte.weight.data.add_(1.0)
+    assert torch.equal(r.lm_head.weight, q.lm_head.weight)
