@@ -139,7 +139,8 @@ def save_quantized(model: nn.Module, out_dir, max_shard_size: int = DEFAULT_SHAR
         (out / SINGLE).unlink(missing_ok=True)
     from .pretrained import generation_config_json, hf_config_json
 
-    for fname, text in (("config.json", hf_config_json(model)), ("generation_config.json", generation_config_json(model))):
+    for fname, text in (("config.json", hf_config_json(model)),
+                        ("generation_config.json", generation_config_json(model))):
         if text is not None:
             _atomic_write(out / fname, lambda p, t=text: p.write_text(t))
     desc = {

@@ -167,7 +167,8 @@ def test_a_meta_model_takes_the_file_tensors_without_a_copy(tmp_path):
     with torch.device("meta"):
         fresh = transformers.GPT2LMHeadModel(cfg)
     for name, b in fresh.named_buffers():  # GPT-2's buffers are not saved: give them real values
-        fresh.get_submodule(name.rpartition(".")[0])._buffers[name.rpartition(".")[2]] = torch.zeros_like(b, device="cpu")
+        owner, _, leaf = name.rpartition(".")
+        fresh.get_submodule(owner)._buffers[leaf] = torch.zeros_like(b, device="cpu")
     r = ptqrt.load_quantized(fresh, d)
     assert r.lm_head.weight is r.transformer.wte.weight
     ptrs = [p.data_ptr() for p in r.state_dict().values() if p.numel()]
