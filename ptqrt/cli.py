@@ -107,6 +107,8 @@ def cmd_quantize(a) -> int:
         kw.update(precision_recovery="gptq")
     if a.kv_cache:
         kw.update(kv_cache_dtype="int8", kv_granularity=a.kv_cache)
+    if a.act_percentile is not None:
+        kw.update(act_observer="percentile", act_percentile=a.act_percentile)
     cfg = PTQConfig(skip=a.skip, outliers=a.outliers, smooth_alpha=a.smooth_alpha, **kw)
     model = _hf_model(model_dir)
     calib = None
@@ -343,6 +345,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--outliers", choices=["none", "smooth", "osl"], default="none",
                    help="SmoothQuant or OSL before W8A8 (needs a w8a8 mode)")
     q.add_argument("--smooth-alpha", type=float, default=0.5)
+    q.add_argument("--act-percentile", type=float, metavar="Q",
+                   help="w8a8-static: the static scales from the Q quantile of |x| (e.g. 0.9999) instead of its max")
     q.add_argument("--gptq", action="store_true", help="GPTQ rounding instead of RTN (uses calibration text)")
     q.add_argument("--kv-cache", choices=["per_token", "per_channel"],
                    help="int8 KV cache for decoder models: dynamic per token-head or static per channel")

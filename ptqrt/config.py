@@ -18,6 +18,7 @@ _CHOICES = {
     "weight_granularity": ("per_channel", "per_group"),
     "act_dtype": (None, "int8"),
     "act_granularity": ("per_token", "per_tensor"),
+    "act_observer": ("minmax", "percentile"),
     "kv_cache_dtype": (None, "int8"),
     "kv_granularity": ("per_token", "per_channel"),
     "outliers": ("none", "smooth", "osl"),
@@ -38,6 +39,10 @@ class PTQConfig:
     group_size: 0 for per_channel; for per_group a positive multiple of 16 that divides each layer's K.
     act_dtype: None (W8A16) or "int8" (W8A8). act_granularity: "per_token" (dynamic) or "per_tensor" (static,
         calibrated); "per_tensor" needs act_dtype="int8".
+    act_observer: how a static scale is set from the calibration inputs: "minmax" (max |x|) or "percentile"
+        (the act_percentile quantile of |x|, after smoothing, over up to 2048 calibration tokens spread over
+        the whole set: a few outliers clipped for finer steps on the rest); "percentile" needs
+        act_granularity="per_tensor". act_percentile: in (0, 1], default 0.9999.
     kv_cache_dtype: None or "int8"; kv_granularity: "per_token" (dynamic per token-head) or "per_channel" (static);
         "per_channel" needs kv_cache_dtype="int8".
     outliers: "none", "smooth" (SmoothQuant with smooth_alpha) or "osl" (alpha searched per layer).
@@ -57,6 +62,8 @@ class PTQConfig:
     group_size: int = 0
     act_dtype: Optional[str] = None
     act_granularity: str = "per_token"
+    act_observer: str = "minmax"
+    act_percentile: float = 0.9999
     kv_cache_dtype: Optional[str] = None
     kv_granularity: str = "per_token"
     outliers: str = "none"
@@ -95,6 +102,15 @@ class PTQConfig:
         if self.act_dtype is None and self.act_granularity != "per_token":
             raise ValueError(f"PTQConfig.act_granularity={self.act_granularity!r} sets how int8 activations are "
                              f"scaled and needs act_dtype='int8'; with act_dtype=None (W8A16) leave it 'per_token'")
+        if isinstance(self.act_percentile, bool) or not isinstance(self.act_percentile, (int, float)) \
+                or not 0.0 < float(self.act_percentile) <= 1.0:
+            raise ValueError(f"PTQConfig.act_percentile={self.act_percentile!r} must be a float in (0, 1]")
+        if self.act_observer == "percentile" and self.act_granularity != "per_tensor":
+            raise ValueError("PTQConfig.act_observer='percentile' sets a static activation scale and needs "
+                             "act_dtype='int8' with act_granularity='per_tensor' (dynamic scales use each token's max)")
+        if self.act_observer != "percentile" and self.act_percentile != PTQConfig.act_percentile:
+            raise ValueError(f"PTQConfig.act_percentile={self.act_percentile!r} is used only with "
+                             f"act_observer='percentile'; got act_observer={self.act_observer!r}")
         if self.kv_cache_dtype is None and self.kv_granularity != "per_token":
             raise ValueError(f"PTQConfig.kv_granularity={self.kv_granularity!r} sets how the int8 KV cache is "
                              f"scaled and needs kv_cache_dtype='int8'; with kv_cache_dtype=None leave it 'per_token'")

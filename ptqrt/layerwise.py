@@ -44,7 +44,7 @@ from .algorithms import gptq, osl, smoothquant
 from .calibrate import run_sample, to_device, token_mask
 from .config import PTQConfig
 from .modules.linear import QuantLinear, is_quantizable, linear_weight
-from .observers import MinMaxObserver
+from .observers import MinMaxObserver, percentile_absmax
 
 OSL_MAX_TOKENS = 2048  # calibration tokens kept per group for the α search, spread over all samples
 CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")  # names across transformers versions
@@ -284,7 +284,7 @@ def _record(st: _Stats, key, x2: torch.Tensor, cfg: PTQConfig, osl_share: int) -
     st.observers[key].update(x2)
     if cfg.precision_recovery == "gptq":
         st.hessian[key], st.tokens[key] = gptq.accumulate_hessian(st.hessian.get(key), x2, st.tokens[key])
-    if cfg.outliers == "osl":
+    if cfg.outliers == "osl" or cfg.act_observer == "percentile":
         st.xs[key].append(_spread(x2, osl_share).float().cpu())
 
 
@@ -423,7 +423,9 @@ def _smooth_vector(st: _Stats, key, weights: list, biases: list, cfg: PTQConfig)
     act = st.absmax[key]
     if cfg.outliers == "osl":
         x = _spread(torch.cat(st.xs[key]), OSL_MAX_TOKENS)
-        return osl.search_alpha(x, weights, biases, act_granularity=cfg.act_granularity, act_absmax=act)[1]
+        pct = cfg.act_percentile if cfg.act_observer == "percentile" else None
+        return osl.search_alpha(x, weights, biases, act_granularity=cfg.act_granularity, act_absmax=act,
+                                act_percentile=pct)[1]
     return smoothquant.smooth_scales(act, smoothquant.weight_absmax_per_in_channel(weights), cfg.smooth_alpha)
 
 
@@ -666,16 +668,26 @@ def _quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, s: Optiona
     """The QuantLinear for target `full`, built from W·s (a copy) when smoothed; the module is not changed."""
     src = _smoothed_copy(mod, s) if s is not None else mod
     absmax = st.absmax.get(full)
-    if absmax is not None and s is not None:
-        absmax = absmax / s.to(absmax.device)
+    if absmax is not None:
+        absmax = static_absmax(st, full, absmax, s, cfg)
     qweight = None
     if cfg.precision_recovery == "gptq" and full in st.hessian:
         qweight = _gptq(linear_weight(src).detach().float(), st.hessian[full], s, cfg)
-    q = QuantLinear.from_float(src, cfg, name=full, input_absmax=absmax.amax() if absmax is not None else None,
-                               qweight=qweight)
+    q = QuantLinear.from_float(src, cfg, name=full, input_absmax=absmax, qweight=qweight)
     if s is not None and not folded:
         q.smooth_scale = s.to(q.weight.device, torch.float32).clone()
     return q
+
+
+def static_absmax(st: _Stats, key, channel_absmax: torch.Tensor, s: Optional[torch.Tensor],
+                  cfg: PTQConfig) -> torch.Tensor:
+    """The range a static scale is set from for target `key`'s input x / s (s None: not smoothed): its max,
+    max_j(channel_absmax_j / s_j), or under act_observer="percentile" the act_percentile quantile of
+    |x / s| over the rows kept of it."""
+    if cfg.act_observer == "percentile" and st.xs.get(key):
+        x = _spread(torch.cat(st.xs[key]), OSL_MAX_TOKENS)
+        return percentile_absmax(x if s is None else x / s.to(x.device, torch.float32), cfg.act_percentile)
+    return (channel_absmax if s is None else channel_absmax / s.to(channel_absmax.device)).amax()
 
 
 def _gptq(w: torch.Tensor, H: torch.Tensor, s: Optional[torch.Tensor], cfg: PTQConfig) -> tuple:

@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import PTQConfig
 from .integrations import hf_experts
-from .layerwise import _gptq, _record, _rel, _smooth_vector, _Stats, never_reached, restore_forwards
+from .layerwise import (_gptq, _record, _rel, _smooth_vector, _Stats, never_reached, restore_forwards,
+                        static_absmax)
 from .modules.experts import QuantExperts, expert_bias, expert_weights
 from .reference import quantize_weight
 
@@ -87,10 +88,10 @@ def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Modul
             if smoothing:
                 b = None if bias is None else bias[e].detach().float()
                 s[e] = _smooth_vector(st, (full, p, e), [w[e].float()], [b], cfg).cpu()
-            amax[e] = (st.absmax[(full, p, e)] / s[e]).amax()
+            amax[e] = static_absmax(st, (full, p, e), st.absmax[(full, p, e)], s[e] if smoothing else None, cfg)
         others = [e for e in range(n_exp) if e not in reached[p]]
         if others:
-            amax[others] = max(st.absmax[(full, p, e)].amax() for e in reached[p])
+            amax[others] = max(static_absmax(st, (full, p, e), st.absmax[(full, p, e)], None, cfg) for e in reached[p])
         if cfg.precision_recovery == "gptq":
             rows = []
             for e in range(n_exp):

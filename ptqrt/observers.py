@@ -1,11 +1,13 @@
 """Statistics collected during calibration, one observer per quantized layer input.
 
 MinMaxObserver keeps the running absmax per input channel (for SmoothQuant) and per tensor (for static
-W8A8 scales). PercentileObserver clips the per-tensor statistic at a quantile of |x| averaged over
-batches, which trades a few clipped outliers for finer steps on everything else.
+W8A8 scales). percentile_absmax gives a quantile of |x| instead of its max (PTQConfig.act_observer =
+"percentile", over kept calibration rows), which trades a few clipped outliers for finer steps on
+everything else.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -35,26 +37,11 @@ class MinMaxObserver:
         return self.channel_absmax.amax()
 
 
-class PercentileObserver(MinMaxObserver):
-    """As MinMaxObserver, but `absmax` is the mean over batches of the q-quantile of |x| (q = 0.9999)."""
-
-    def __init__(self, q: float = 0.9999) -> None:
-        super().__init__()
-        if not 0.0 < q <= 1.0:
-            raise ValueError(f"PercentileObserver: q must be in (0, 1]; got {q}")
-        self.q, self._sum, self._n = q, 0.0, 0
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        super().update(x)
-        flat = torch.nan_to_num(x.detach().float().abs().flatten(), nan=0.0, posinf=0.0)
-        if flat.numel():
-            k = max(1, int(round(self.q * flat.numel())))
-            self._sum += float(flat.kthvalue(k).values)
-            self._n += 1
-
-    @property
-    def absmax(self) -> torch.Tensor:
-        if not self._n:
-            raise RuntimeError("observer saw no data: the layer never ran during calibration")
-        return torch.tensor(self._sum / self._n)
+def percentile_absmax(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of |x| over all its elements, float32 0-d: the ceil(q * n)-th smallest (q = 1 gives
+    the max). NaN and Inf count as 0, as in MinMaxObserver. x must not be empty."""
+    flat = torch.nan_to_num(x.detach().float().abs().flatten(), nan=0.0, posinf=0.0)
+    if not flat.numel():
+        raise ValueError("percentile_absmax: x is empty")
+    k = min(flat.numel(), max(1, math.ceil(q * flat.numel() - 1e-9)))
+    return flat.kthvalue(k).values

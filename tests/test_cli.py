@@ -40,6 +40,14 @@ def test_quantize_osl_gptq_and_bad_combination(tmp_path):
     import json
     desc = json.loads((out / "quantization_description.json").read_text())
     assert desc["config"]["outliers"] == "smooth" and desc["config"]["precision_recovery"] == "gptq"
+    out = tmp_path / "p"
+    assert main(["quantize", str(minilm_path()), str(out), "--mode", "w8a8-static", "--act-percentile", "0.999",
+                 "--max-samples", "8", "--quiet"]) == 0
+    desc = json.loads((out / "quantization_description.json").read_text())
+    assert desc["config"]["act_observer"] == "percentile" and desc["config"]["act_percentile"] == 0.999
+    with pytest.raises(SystemExit) as e:  # a percentile sets static scales: not for dynamic ones
+        main(["quantize", str(minilm_path()), str(tmp_path / "y"), "--mode", "w8a8-dynamic", "--act-percentile", "0.999"])
+    assert e.value.code == 2
 
 
 def test_quantize_refuses_non_hf_dir(tmp_path, capsys):

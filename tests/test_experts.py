@@ -482,3 +482,23 @@ def test_smoothed_gptq_experts_quantize_w_times_s_with_the_smoothed_hessian():
             mismatch = (again != getattr(qe, p)[e]).float().mean().item()
             assert mismatch < 0.02, (p, e, mismatch)
         assert err["gptq"] < 0.9 * err["rtn"], (p, err)
+
+
+@pytest.mark.parametrize("outliers", ["none", "smooth"])
+def test_percentile_experts_take_the_quantile_of_their_own_rows(outliers):
+    """act_observer="percentile": each expert's static scale is the quantile of |x / s| over exactly the
+    rows routed to it (s its own smoothing vector, or 1), below the max of those rows."""
+    from ptqrt.observers import percentile_absmax
+    from ptqrt.reference import absmax_scale
+
+    model, calib = _model("mixtral"), _calib()
+    want = _layer0_inputs(model, calib)
+    cfg = PTQConfig(**STATIC, outliers=outliers, act_observer="percentile", act_percentile=0.99)
+    qe = _experts(quantize(copy.deepcopy(model), cfg, calib, quiet=True)).ptqrt_experts
+    assert qe.smooth == (outliers == "smooth")
+    for p, rows in want.items():
+        for e, x in rows.items():
+            s = getattr(qe, f"{p}_smooth_scale")[e] if qe.smooth else torch.ones(x.shape[1])
+            got = getattr(qe, f"{p}_input_scale")[e]
+            torch.testing.assert_close(got, absmax_scale(percentile_absmax(x / s, 0.99)), rtol=1e-5, atol=0)
+            assert got < absmax_scale((x / s).abs().amax())

@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
+from ..observers import percentile_absmax
 from .smoothquant import scale_linear_weight, smooth_scales, weight_absmax_per_in_channel
 
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -36,12 +37,14 @@ def _as_list(name: str, v, n: Optional[int] = None) -> list:
 
 def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Tensor,
                      act_granularity: str = "per_tensor",
-                     act_absmax: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+                     act_absmax: Optional[torch.Tensor] = None,
+                     act_percentile: Optional[float] = None) -> list[torch.Tensor]:
     """W8A8 outputs float32 [T, N_i], one per weight, of the layer smoothed by s [K].
 
     x [T, K] -> x / s quantized with a static per-tensor scale max_j(act_absmax_j / s_j) / 127 (what
     calibration stores; act_absmax [K] defaults to x's own max|x_j|, pass the whole calibration set's
-    when x is a subsample of it) or dynamic per-token scales; W_i · s quantized per output channel;
+    when x is a subsample of it), or with act_percentile the act_percentile quantile of |x / s| / 127
+    (observers.percentile_absmax), or dynamic per-token scales; W_i · s quantized per output channel;
     then reference.w8a8_gemm(x_q, x_scale, w_q, w_scale, b_i) in float32.
     """
     if act_granularity not in GRANULARITIES:
@@ -53,8 +56,12 @@ def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Te
     if act_granularity == "per_token":
         x_q, x_scale = reference.quantize_per_token(x, s)
     else:
-        a = x.to(torch.float32).abs().amax(dim=0) if act_absmax is None else act_absmax.to(x.device, torch.float32)
-        x_scale = reference.absmax_scale((a / s).amax()).reshape(1)
+        if act_percentile is not None:
+            r = percentile_absmax(x.to(torch.float32) / s, act_percentile)
+        else:
+            a = x.to(torch.float32).abs().amax(dim=0) if act_absmax is None else act_absmax.to(x.device, torch.float32)
+            r = (a / s).amax()
+        x_scale = reference.absmax_scale(r).reshape(1)
         x_q = reference.quantize_per_tensor(x, x_scale, s)
     outs = []
     xf = x_q.to(torch.float32)
@@ -69,7 +76,8 @@ def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Te
 
 def search_alpha(x: torch.Tensor, weight: TensorOrList, bias=None, grid: Sequence[float] = DEFAULT_GRID,
                  act_granularity: str = "per_tensor",
-                 act_absmax: Optional[torch.Tensor] = None) -> tuple[float, torch.Tensor]:
+                 act_absmax: Optional[torch.Tensor] = None,
+                 act_percentile: Optional[float] = None) -> tuple[float, torch.Tensor]:
     """Grid-search SmoothQuant's α for one input shared by one or more linears.
 
     x: [T, K] float calibration activations (T >= 1, finite). weight: [N, K] or a list of [N_i, K]
@@ -77,7 +85,8 @@ def search_alpha(x: torch.Tensor, weight: TensorOrList, bias=None, grid: Sequenc
     (entries may be None). grid: candidate α values in [0, 1]. act_granularity: "per_tensor" (static
     scale) or "per_token" (dynamic), matching how the layer will run. act_absmax: optional [K]
     max|X_j| observed over the whole calibration set, when x is only a subsample of it (default: x's);
-    it sets s(α) and the static per-tensor scale, as calibration will.
+    it sets s(α) and the static per-tensor scale, as calibration will. act_percentile: the static scale
+    from that quantile of |x / s(α)| instead (PTQConfig.act_observer="percentile").
 
     For each α: err(α) = Σ_i mean_{t,n} (ŷ_i(α)[t, n] - y_i[t, n])², with y_i = x W_iᵀ + b_i in float32
     and ŷ_i(α) from ``quantized_output``. Returns (α*, s(α*) float32 [K]) for the smallest err, the
@@ -122,7 +131,7 @@ def search_alpha(x: torch.Tensor, weight: TensorOrList, bias=None, grid: Sequenc
     best = (float("inf"), None, None)
     for a in grid:
         s = smooth_scales(act_absmax, w_absmax, a)
-        outs = quantized_output(xf, ws, bs, s, act_granularity, act_absmax)
+        outs = quantized_output(xf, ws, bs, s, act_granularity, act_absmax, act_percentile)
         err = sum(((o - r) ** 2).mean().item() for o, r in zip(outs, refs))
         if err < best[0]:
             best = (err, a, s)
