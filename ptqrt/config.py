@@ -154,6 +154,11 @@ class PTQConfig:
         return "W8A8_DYNAMIC" if self.act_granularity == "per_token" else "W8A8"
 
     @property
+    def weight_group(self) -> int:
+        """The group size the weights are quantized with: group_size under per_group, 0 (per channel) else."""
+        return self.group_size if self.weight_granularity == "per_group" else 0
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the linears need calibration data (static scales, smoothing, GPTQ)."""
         return self.mode == "W8A8" or self.outliers != "none" or self.precision_recovery != "none"

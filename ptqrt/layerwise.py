@@ -695,7 +695,7 @@ def _gptq(w: torch.Tensor, H: torch.Tensor, s: Optional[torch.Tensor], cfg: PTQC
     if s is not None:  # the Hessian of the smoothed input x / s
         sd = s.to(H.device, H.dtype)
         H = H / (sd[:, None] * sd[None, :])
-    g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+    g = cfg.weight_group
     return gptq.gptq_quantize(w, H, group_size=g, act_order=cfg.gptq_act_order)
 
 

@@ -65,7 +65,7 @@ def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Modul
     otherwise."""
     weights = expert_weights(mod)
     n_exp = weights["down_proj"].shape[0]
-    g = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+    g = cfg.weight_group
     reached = {p: [e for e in range(n_exp) if (full, p, e) in st.absmax] for p in weights}
     if not any(reached.values()):
         never_reached(f"the experts {full!r}", static=cfg.mode == "W8A8")

@@ -184,7 +184,7 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
 
             for name, (mod, cfg) in tqdm(rest_experts.items(), desc="quantizing experts", unit="layer",
                                          disable=quiet):
-                group = cfg.group_size if cfg.weight_granularity == "per_group" else 0
+                group = cfg.weight_group
                 old = hf_experts.attach(mod, QuantExperts.from_float(mod, cfg.mode, group))
                 undo.append(lambda mod=mod, old=old: hf_experts.detach(mod, old))
         if config.kv_cache_dtype == "int8":

@@ -81,7 +81,7 @@ class QuantLinear(nn.Module):
         w = linear_weight(module)
         n, k = w.shape
         mode = config.mode
-        g = config.group_size if config.weight_granularity == "per_group" else 0
+        g = config.weight_group
         if g and k % g:
             raise ValueError(f"PTQConfig.group_size={g} does not divide K={k} of layer {name or '?'}")
         bias = getattr(module, "bias", None)
