@@ -143,6 +143,8 @@ def save_quantized(model: nn.Module, out_dir, max_shard_size: int = DEFAULT_SHAR
                         ("generation_config.json", generation_config_json(model))):
         if text is not None:
             _atomic_write(out / fname, lambda p, t=text: p.write_text(t))
+        else:  # one left by an earlier save of another model would describe that model
+            (out / fname).unlink(missing_ok=True)
     desc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -372,7 +374,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     if unexpected:
         raise FormatError(f"{in_dir} holds tensors the model has no place for: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (first in {_file_of(desc, unexpected[0], in_dir)})")
-    on_meta = _meta_tensors(float_model, swapped, expected, in_dir, replaced)
+    _check_meta_tensors(float_model, swapped, expected, in_dir, replaced)
 
     # All checks passed: now change the model.
     for name, d in qmods.items():
@@ -390,6 +392,8 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
             parent = float_model.get_submodule(name.rpartition(".")[0])
             dev = next(iter(list(parent.parameters()) + list(parent.buffers())), torch.empty(0)).device
             hf_experts.attach(parent, QuantExperts.from_description(d, device=dev))
+    # On the meta device now: what the model was built with there, and the modules swapped in beside it.
+    on_meta = any(t.is_meta for t in list(float_model.parameters()) + list(float_model.buffers()))
     taken = _materialize(float_model, tensors) if on_meta else set()
     rest = {n: tensors[n] for n in float_model.state_dict() if n not in taken}
     result = float_model.load_state_dict(rest, strict=False)
@@ -450,20 +454,17 @@ def _check_kv_cache(model: nn.Module, kvmods: dict, path: Path) -> None:
         raise FormatError(f"{path} holds an int8 KV cache that {type(model).__name__} cannot take: {e}") from None
 
 
-def _meta_tensors(model: nn.Module, swapped: dict, expected: dict, in_dir: Path, replaced=frozenset()) -> bool:
-    """Whether the model holds tensors on the meta device (which load_quantized then creates on the
-    CPU); refuses one that the file cannot fill (a non-persistent buffer, such as a rotary table).
+def _check_meta_tensors(model: nn.Module, swapped: dict, expected: dict, in_dir: Path, replaced=frozenset()) -> None:
+    """Refuses a model with a tensor on the meta device that the file cannot fill (a non-persistent
+    buffer, such as a rotary table); load_quantized gives the others the file's tensors.
     replaced: the names of float expert weights a QuantExperts takes the place of."""
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    found = False
     for name, t in named:
         if not t.is_meta or name.rpartition(".")[0] in swapped or name in replaced:
             continue
-        found = True
         if name not in expected:
             raise FormatError(f"{name!r} of the model is on the meta device and {in_dir} does not hold it (a buffer "
                               f"that is not saved); build the model on a real device (e.g. the CPU) instead")
-    return found
 
 
 def _materialize(model: nn.Module, tensors: dict) -> set:

@@ -1,23 +1,24 @@
 """Load a packed directory on its own: the model class and config from the config.json that
-save_quantized wrote, the float weights never allocated.
+save_quantized wrote, without allocating the float weights.
 
     model = ptqrt.from_pretrained("out/")               # a transformers model, on the CPU, eval mode
     model = ptqrt.from_pretrained("out/", device="cuda")
 
-The model is built with its parameters on the meta device and its buffers real, so that what the file
-does not hold (a rotary inv_freq, a causal mask) is computed by the model's own __init__ as usual;
-load_quantized then checks the directory against it and gives every parameter the file's tensor
-itself (no second copy in memory).
+The model is built with torch.empty making meta tensors (the weights of linears, embeddings and fused
+experts), while its buffers are computed for real, so that what the file does not hold (a rotary
+inv_freq, a causal mask) comes from the model's own __init__ as usual; load_quantized then checks the
+directory against it and gives every meta tensor the file's tensor itself (no second copy in memory).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .format import FormatError, load_quantized, read_description
 
@@ -28,7 +29,8 @@ GENERATION_CONFIG = "generation_config.json"
 def from_pretrained(path, device=None, verify: bool = True, attn_implementation: Optional[str] = None) -> nn.Module:
     """The quantized model saved in `path` by save_quantized, rebuilt from its config.json alone (a
     Hugging Face transformers model: the class its `architectures` names). Everything load_quantized
-    checks is checked, and nothing is allocated for the float weights that the int8 ones replace.
+    checks is checked. The weights that torch.empty makes (linears, embeddings, fused experts) are never
+    allocated; a model whose __init__ cannot run that way is built on the CPU instead, with a warning.
     device: where the model goes once loaded (default: the CPU). verify: check the files' SHA-256.
     attn_implementation: as transformers takes it ("sdpa", "eager", ...; default: transformers' choice).
     Raises FileNotFoundError for a directory that is not a packed one and FormatError (a ValueError)
@@ -37,9 +39,8 @@ def from_pretrained(path, device=None, verify: bool = True, attn_implementation:
     desc = read_description(in_dir)
     config = _config(in_dir)
     cls = _model_class(config, in_dir / CONFIG)
-    with _parameters_on_meta():
-        kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        model = cls._from_config(config, dtype=_main_dtype(desc), **kw)
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = _build(cls, config, _main_dtype(desc), kw, in_dir / CONFIG)
     _adopt_file_dtypes(model, desc)
     load_quantized(model, in_dir, verify=verify)
     gen = in_dir / GENERATION_CONFIG
@@ -90,8 +91,9 @@ def _config(in_dir: Path):
                           f"(pip install transformers)") from None
     try:
         return AutoConfig.from_pretrained(str(in_dir))
-    except (OSError, ValueError, KeyError) as e:
-        raise FormatError(f"{path} cannot be read by transformers {transformers.__version__}: {e}") from None
+    except Exception as e:  # OSError, ValueError, and transformers' own validation errors
+        raise FormatError(f"{path} cannot be read by transformers {transformers.__version__}: "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def _model_class(config, path: Path):
@@ -126,38 +128,64 @@ def _main_dtype(desc: dict):
 
 
 def _adopt_file_dtypes(model: nn.Module, desc: dict) -> None:
-    """Give each float parameter still on the meta device the dtype its tensor has in the file (a model
-    whose norms were kept in float32 beside bfloat16 weights); a shared parameter stays shared."""
+    """Give each float parameter the dtype its tensor has in the file (a model whose norms were kept in
+    float32 beside bfloat16 weights); a shared parameter stays shared."""
     params = desc["parameters"]
     new: dict = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
         for key, p in list(mod._parameters.items()):
-            if p is None or not p.is_meta or not p.is_floating_point():
+            if p is None or not p.is_floating_point():
                 continue
             entry = params.get(f"{mname}.{key}" if mname else key)
             dt = getattr(torch, str(entry.get("dtype")), None) if entry else None
             if not isinstance(dt, torch.dtype) or not dt.is_floating_point or dt == p.dtype:
                 continue
             if id(p) not in new:
-                new[id(p)] = (p, nn.Parameter(torch.empty_like(p, dtype=dt), requires_grad=p.requires_grad))
+                new[id(p)] = (p, nn.Parameter(p.detach().to(dt), requires_grad=p.requires_grad))
             mod._parameters[key] = new[id(p)][1]
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Every parameter a module registers while this is active is moved to the meta device at once (its
-    storage, allocated by torch.empty and never touched, is freed); buffers stay where they were made.
-    Models initialise their parameters after registering them, so the initialisation costs nothing."""
-    original = nn.Module.register_parameter
+class _EmptyOnMeta(TorchFunctionMode):
+    """torch.empty makes meta tensors while this is active (in this thread only, as torch.device's own
+    context): what nn.Linear, nn.Embedding, the norms and the fused experts make their parameters with, so
+    those are never allocated. Buffers are computed with other functions (arange, ones, ...) and stay real."""
 
-    def register(module, name, param):
-        original(module, name, param)
-        p = module._parameters.get(name)
-        if p is not None and not p.is_meta:
-            module._parameters[name] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
 
-    nn.Module.register_parameter = register
+
+def _build(cls, config, dtype, kw: dict, path: Path):
+    """The model, its parameters made on the meta device where they are made by torch.empty. Where that
+    breaks the model's own __init__ (it computes with such a tensor) or leaves a buffer the file does not
+    hold on the meta device (made by torch.empty, then filled), the model is built again on the CPU,
+    float weights and all, as load_quantized's caller would have."""
+    import transformers
+
+    def build():
+        try:
+            return cls._from_config(config, dtype=dtype, **kw)
+        except Exception as e:  # the config's values, as transformers validates them, or the class's own code
+            raise FormatError(f"{path}: transformers {transformers.__version__} cannot build {cls.__name__} from it: "
+                              f"{type(e).__name__}: {e}") from e
+
     try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
+        with _EmptyOnMeta():
+            model = build()
+        why = next((f"buffer {n!r} is left on it" for n, b in model.named_buffers()
+                    if b.is_meta and _non_persistent(model, n)), None)
+    except FormatError as e:
+        why = f"its __init__ fails: {e.__cause__}"
+    if why is None:
+        return model
+    model = build()  # raises FormatError if the config itself is at fault
+    warnings.warn(f"ptqrt.from_pretrained: {cls.__name__} cannot be built with its weights on the meta device ({why}); "
+                  f"built on the CPU instead, float weights included", RuntimeWarning)
+    return model
+
+
+def _non_persistent(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf in model.get_submodule(owner)._non_persistent_buffers_set

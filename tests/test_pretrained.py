@@ -66,20 +66,51 @@ def test_moe_experts(tmp_path):
 
 
 def test_float_weights_are_never_allocated(tmp_path, monkeypatch):
-    """Every parameter the model's own initialisation sees is on the meta device; the loaded tensors
-    are the file's (read lazily), not a copy made into storage allocated first."""
+    """What load_quantized is handed: the linears' and the embedding's weights on the meta device (made by
+    torch.empty, never allocated), the buffers the file does not hold real and computed."""
     _, d = _saved(tmp_path, make_model("llama"), PTQConfig(act_dtype="int8"))
-    seen = []
-    init = transformers.LlamaForCausalLM._init_weights
+    handed = []
+    load = ptqrt.pretrained.load_quantized
 
-    def spy(self, module):
-        seen.extend(p.is_meta for p in module.parameters(recurse=False))
-        return init(self, module)
+    def spy(model, *a, **k):
+        handed.append({n: p.is_meta for n, p in model.named_parameters()})
+        assert not any(b.is_meta for b in model.buffers())
+        assert model.model.rotary_emb.inv_freq.abs().sum() > 0
+        return load(model, *a, **k)
 
-    monkeypatch.setattr(transformers.LlamaForCausalLM, "_init_weights", spy)
+    monkeypatch.setattr(ptqrt.pretrained, "load_quantized", spy)
     r = from_pretrained(d)
-    assert seen and all(seen)
-    assert r.model.rotary_emb.inv_freq.abs().sum() > 0  # a buffer the file does not hold: computed, real
+    meta = handed[0]
+    assert all(meta[n] for n in meta if n.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")))
+    assert not any(t.is_meta for t in list(r.parameters()) + list(r.buffers()))
+
+
+def test_a_model_whose_init_needs_real_tensors_is_built_on_the_cpu(tmp_path, monkeypatch):
+    """An __init__ that computes with a tensor torch.empty made (or leaves a buffer of it on the meta
+    device) cannot be built that way: the model is built on the CPU instead, with a warning, and loads."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    q, d = _saved(tmp_path, make_model("llama"), PTQConfig())
+    init = LlamaRotaryEmbedding.__init__
+
+    def needs_real(self, *a, **k):
+        init(self, *a, **k)
+        self.register_buffer("table", torch.empty(4).fill_(1.0), persistent=False)
+
+    monkeypatch.setattr(LlamaRotaryEmbedding, "__init__", needs_real)
+    with pytest.warns(RuntimeWarning, match=r"buffer 'model.rotary_emb.table' is left on it.*built on the CPU"):
+        r = from_pretrained(d)
+    assert torch.equal(r.model.rotary_emb.table, torch.ones(4))
+    assert torch.equal(r(_ids(96)).logits, q(_ids(96)).logits)
+
+    def fails(self, *a, **k):
+        init(self, *a, **k)
+        float(torch.empty(1).fill_(2.0))  # .item() of a meta tensor raises
+
+    monkeypatch.setattr(LlamaRotaryEmbedding, "__init__", fails)
+    with pytest.warns(RuntimeWarning, match=r"its __init__ fails: .*meta"):
+        r = from_pretrained(d)
+    assert torch.equal(r(_ids(96)).logits, q(_ids(96)).logits)
 
 
 def test_writing_the_loaded_model_leaves_the_file_alone(tmp_path):
@@ -202,3 +233,47 @@ def test_meta_model_holds_the_read_tensors_themselves(tmp_path, monkeypatch):
     _same_state(q, r)
     r.transformer.wte.weight.data.add_(1.0)
     assert torch.equal(r.lm_head.weight, q.lm_head.weight)
+
+
+def test_the_meta_mode_is_this_threads_only():
+    """Another thread building a module while a load runs gets real tensors."""
+    import threading
+
+    from ptqrt.pretrained import _EmptyOnMeta
+
+    got = {}
+    with _EmptyOnMeta():
+        t = threading.Thread(target=lambda: got.update(w=torch.nn.Linear(3, 2).weight))
+        t.start()
+        t.join()
+        assert torch.nn.Linear(3, 2).weight.is_meta
+    assert not got["w"].is_meta and not torch.nn.Linear(3, 2).weight.is_meta
+
+
+def test_transformers_refusing_the_config_is_a_format_error(tmp_path):
+    _, d = _saved(tmp_path, make_model("llama"), PTQConfig())
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 5}))  # 64 is not a multiple of 5
+    with pytest.raises(FormatError, match=r"config.json cannot be read by transformers .*Error"):
+        from_pretrained(d)
+
+
+def test_a_later_save_of_another_model_removes_the_config_files(tmp_path):
+    _, d = _saved(tmp_path, make_model("llama"), PTQConfig())
+    assert (d / "config.json").is_file() and (d / "generation_config.json").is_file()
+    save_quantized(quantize(tiny_net(), PTQConfig(), quiet=True), d)
+    assert not (d / "config.json").exists() and not (d / "generation_config.json").exists()
+    with pytest.raises(FormatError, match="has no config.json"):
+        from_pretrained(d)
+
+
+def test_a_model_with_only_its_linears_on_meta_is_materialized(tmp_path):
+    q, d = _saved(tmp_path, make_model("llama"), PTQConfig())
+    m = make_model("llama")
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            mod.to("meta")
+    r = ptqrt.load_quantized(m, d)
+    assert not any(t.is_meta for t in r.state_dict().values())
+    _same_state(q, r)
+    assert torch.equal(r(_ids(96)).logits, q(_ids(96)).logits)
