@@ -277,3 +277,17 @@ def test_a_model_with_only_its_linears_on_meta_is_materialized(tmp_path):
     assert not any(t.is_meta for t in r.state_dict().values())
     _same_state(q, r)
     assert torch.equal(r(_ids(96)).logits, q(_ids(96)).logits)
+
+
+@pytest.mark.gpu
+def test_loaded_onto_the_gpu(tmp_path):
+    """device="cuda": every tensor there (the scales float32), the int8 KV cache decoding through the GPU
+    kernels; logits within 2% of the CPU model's (other kernels, the same codes up to rounding ties)."""
+    q, d = _saved(tmp_path, make_model("llama"), PTQConfig(**STATIC_KV))
+    r = from_pretrained(d, device="cuda")
+    assert {t.device.type for t in list(r.parameters()) + list(r.buffers())} == {"cuda"}
+    assert r.model.layers[0].self_attn.q_proj.weight_scale.dtype == torch.float32
+    ids = _ids(96)
+    got, want = r(ids.cuda()).logits.cpu(), q(ids).logits
+    assert (got - want).norm() / want.norm() < 0.02
+    assert r.generate(ids.cuda(), max_new_tokens=4, do_sample=False).shape == (2, 11)
