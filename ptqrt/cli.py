@@ -346,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
                    help="SmoothQuant or OSL before W8A8 (needs a w8a8 mode)")
     q.add_argument("--smooth-alpha", type=float, default=0.5)
     q.add_argument("--act-percentile", type=float, metavar="Q",
-                   help="w8a8-static: the static scales from the Q quantile of |x| (e.g. 0.9999) instead of its max")
+                   help="w8a8-static: the static scales from the Q quantile of |x / s| (e.g. 0.9999) instead of its max")
     q.add_argument("--gptq", action="store_true", help="GPTQ rounding instead of RTN (uses calibration text)")
     q.add_argument("--kv-cache", choices=["per_token", "per_channel"],
                    help="int8 KV cache for decoder models: dynamic per token-head or static per channel")

@@ -40,9 +40,10 @@ class PTQConfig:
     act_dtype: None (W8A16) or "int8" (W8A8). act_granularity: "per_token" (dynamic) or "per_tensor" (static,
         calibrated); "per_tensor" needs act_dtype="int8".
     act_observer: how a static scale is set from the calibration inputs: "minmax" (max |x|) or "percentile"
-        (the act_percentile quantile of |x|, after smoothing, over up to 2048 calibration tokens spread over
-        the whole set: a few outliers clipped for finer steps on the rest); "percentile" needs
-        act_granularity="per_tensor". act_percentile: in (0, 1], default 0.9999.
+        (the act_percentile quantile of |x|, after smoothing, over a uniform sample of up to 2048 of the
+        calibration tokens: a few outliers clipped for finer steps on the rest; the max where the quantile
+        is 0); "percentile" needs act_granularity="per_tensor". act_percentile: in (0, 1], default 0.9999
+        (1 is the max over every token, as minmax).
     kv_cache_dtype: None or "int8"; kv_granularity: "per_token" (dynamic per token-head) or "per_channel" (static);
         "per_channel" needs kv_cache_dtype="int8".
     outliers: "none", "smooth" (SmoothQuant with smooth_alpha) or "osl" (alpha searched per layer).

@@ -46,7 +46,7 @@ from .config import PTQConfig
 from .modules.linear import QuantLinear, is_quantizable, linear_weight
 from .observers import MinMaxObserver, percentile_absmax
 
-OSL_MAX_TOKENS = 2048  # calibration tokens kept per group for the α search, spread over all samples
+KEPT_TOKENS = 2048  # calibration tokens kept per target for OSL's α search and percentile scales (RowSample)
 CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")  # names across transformers versions
 NORM_OFFSETS = (0.0, 1.0)  # norms that scale by γ, and by (1 + γ)
 
@@ -257,7 +257,8 @@ class _Stats:
         self.absmax: dict[str, torch.Tensor] = {}  # per input channel, filled from the observers
         self.hessian: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = defaultdict(int)
-        self.xs: dict[str, list] = defaultdict(list)
+        self.xs: dict = {}  # target -> RowSample, for OSL and percentile scales
+        self.gen = torch.Generator().manual_seed(0)  # their keys
         self.input_key: dict[str, tuple] = {}        # linear -> identity of its input tensor (first sample)
         self.producer: dict[tuple, nn.Module] = {}   # tensor identity -> norm module that produced it
         self.norm_calls: Counter = Counter()         # norm module -> times it ran (first sample)
@@ -271,21 +272,47 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.dtype)
 
 
-def _spread(x: torch.Tensor, n: int) -> torch.Tensor:
-    """At most n rows of x [T, K], evenly spaced from the first to the last."""
-    if x.shape[0] <= n:
-        return x
-    return x[torch.linspace(0, x.shape[0] - 1, n, device=x.device).round().long()]
+class RowSample:
+    """A uniform sample, without replacement, of at most n of all the rows recorded (float32, on the CPU):
+    each row draws a random key and the n smallest keys stay, so every calibration token is as likely to
+    be kept as any other, whatever the lengths of the calls and wherever it sits in its sequence (a first
+    token with a large activation is kept as often as it occurs, no more). Only rows whose key beats the
+    n-th smallest so far leave the device. The keys come from `gen`, so a run is repeatable."""
+
+    def __init__(self, n: int, gen: torch.Generator):
+        self.n, self.gen = n, gen
+        self.keys = torch.empty(0)
+        self.rows: Optional[torch.Tensor] = None
+
+    def add(self, x2: torch.Tensor) -> None:
+        keys = torch.rand(x2.shape[0], generator=self.gen)
+        if self.keys.numel() >= self.n:
+            pick = (keys < self.keys.max()).nonzero().squeeze(1)
+            keys, x2 = keys[pick], x2[pick.to(x2.device)]
+        rows = x2.detach().float().cpu()
+        if self.rows is not None:
+            keys, rows = torch.cat([self.keys, keys]), torch.cat([self.rows, rows])
+        if keys.numel() > self.n:
+            keep = keys.topk(self.n, largest=False).indices.sort().values
+            keys, rows = keys[keep], rows[keep]
+        self.keys, self.rows = keys, rows
 
 
-def _record(st: _Stats, key, x2: torch.Tensor, cfg: PTQConfig, osl_share: int) -> None:
+def _percentile(cfg: PTQConfig) -> Optional[float]:
+    """The quantile a static scale is taken at (None: the max, which the observers give exactly)."""
+    return cfg.act_percentile if cfg.act_observer == "percentile" and cfg.act_percentile < 1.0 else None
+
+
+def _record(st: _Stats, key, x2: torch.Tensor, cfg: PTQConfig) -> None:
     """What calibration keeps of input rows x2 [R, K] of target `key` (a linear's name, or an expert
     projection's (module, projection, expert))."""
     st.observers[key].update(x2)
     if cfg.precision_recovery == "gptq":
         st.hessian[key], st.tokens[key] = gptq.accumulate_hessian(st.hessian.get(key), x2, st.tokens[key])
-    if cfg.outliers == "osl" or cfg.act_observer == "percentile":
-        st.xs[key].append(_spread(x2, osl_share).float().cpu())
+    if cfg.outliers == "osl" or _percentile(cfg) is not None:
+        if key not in st.xs:
+            st.xs[key] = RowSample(KEPT_TOKENS, st.gen)
+        st.xs[key].add(x2)
 
 
 def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, device, quiet: bool,
@@ -304,8 +331,6 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
     by_module = {}
     for full in names:
         by_module[block.get_submodule(_rel(full, prefix))] = full
-    # OSL keeps a share of every call's tokens, so its subsample spans the whole calibration set
-    osl_share = -(-OSL_MAX_TOKENS // max(1, len(calls)))
 
     rel_name = {mod: n for n, mod in block.named_modules()}
 
@@ -336,7 +361,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
             st.input_key[full] = _key(x)
         x2 = _real_rows(x, mask, ordered)
         if x2.shape[0]:
-            _record(st, full, x2, cfg, osl_share)
+            _record(st, full, x2, cfg)
 
     def post(mod, _args, out):
         if first[0] and isinstance(out, torch.Tensor):
@@ -355,7 +380,7 @@ def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, 
         if _is_norm(mod):
             handles.append(mod.register_forward_hook(post))
     try:
-        with observing(block, prefix, experts or {}, st, cur, osl_share):
+        with observing(block, prefix, experts or {}, st, cur):
             for i, (args, kwargs) in enumerate(tqdm(calls, desc="observing", unit="sample", disable=quiet, leave=False)):
                 cur.update(mask=masks[i] if masks else None, flat=set(), stack=[])
                 block(*to_device(args, device), **to_device(kwargs, device))
@@ -422,10 +447,8 @@ def _smooth_vector(st: _Stats, key, weights: list, biases: list, cfg: PTQConfig)
     recorded under `key`: SmoothQuant's with cfg.smooth_alpha, or OSL's α search on the kept rows."""
     act = st.absmax[key]
     if cfg.outliers == "osl":
-        x = _spread(torch.cat(st.xs[key]), OSL_MAX_TOKENS)
-        pct = cfg.act_percentile if cfg.act_observer == "percentile" else None
-        return osl.search_alpha(x, weights, biases, act_granularity=cfg.act_granularity, act_absmax=act,
-                                act_percentile=pct)[1]
+        return osl.search_alpha(st.xs[key].rows, weights, biases, act_granularity=cfg.act_granularity,
+                                act_absmax=act, act_percentile=_percentile(cfg))[1]
     return smoothquant.smooth_scales(act, smoothquant.weight_absmax_per_in_channel(weights), cfg.smooth_alpha)
 
 
@@ -468,10 +491,11 @@ def _warn_mixed_group(group: list[str], cfgs: list[PTQConfig], wants: list[bool]
         warnings.warn(f"{group} read the same input and share one smoothing vector, but only some of their "
                       f"configs ask for smoothing (outliers != 'none' with act_dtype='int8'): none of them is "
                       f"smoothed; give them one policy", RuntimeWarning, stacklevel=4)
-    elif all(wants) and len({(c.outliers, c.smooth_alpha, c.act_granularity) for c in cfgs}) > 1:
+    elif all(wants) and len({(c.outliers, c.smooth_alpha, c.act_granularity, _percentile(c) if c.outliers == "osl"
+                              else None) for c in cfgs}) > 1:
         warnings.warn(f"{group} read the same input and share one smoothing vector, but their configs differ in "
-                      f"outliers / smooth_alpha / act_granularity: {group[0]}'s decides it for all; give them one "
-                      f"policy", RuntimeWarning, stacklevel=4)
+                      f"outliers / smooth_alpha / act_granularity / the percentile OSL scores with: {group[0]}'s "
+                      f"decides it for all; give them one policy", RuntimeWarning, stacklevel=4)
 
 
 def _attach_norms(st: _Stats, plans: list[_Plan], prefix: str, shared: set) -> None:
@@ -682,12 +706,15 @@ def _quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, s: Optiona
 def static_absmax(st: _Stats, key, channel_absmax: torch.Tensor, s: Optional[torch.Tensor],
                   cfg: PTQConfig) -> torch.Tensor:
     """The range a static scale is set from for target `key`'s input x / s (s None: not smoothed): its max,
-    max_j(channel_absmax_j / s_j), or under act_observer="percentile" the act_percentile quantile of
-    |x / s| over the rows kept of it."""
-    if cfg.act_observer == "percentile" and st.xs.get(key):
-        x = _spread(torch.cat(st.xs[key]), OSL_MAX_TOKENS)
-        return percentile_absmax(x if s is None else x / s.to(x.device, torch.float32), cfg.act_percentile)
-    return (channel_absmax if s is None else channel_absmax / s.to(channel_absmax.device)).amax()
+    max_j(channel_absmax_j / s_j), or under act_observer="percentile" (below 1) the act_percentile quantile
+    of |x / s| over the rows kept of it (RowSample), the max where that quantile is 0 (a sparse input)."""
+    top = (channel_absmax if s is None else channel_absmax / s.to(channel_absmax.device)).amax()
+    q = _percentile(cfg)
+    if q is None or key not in st.xs:
+        return top
+    x = st.xs[key].rows
+    r = percentile_absmax(x if s is None else x / s.to(x.device, torch.float32), q)
+    return r if r > 0 else top
 
 
 def _gptq(w: torch.Tensor, H: torch.Tensor, s: Optional[torch.Tensor], cfg: PTQConfig) -> tuple:

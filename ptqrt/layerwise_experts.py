@@ -25,7 +25,7 @@ from .reference import quantize_weight
 
 
 @contextmanager
-def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dict, osl_share: int):
+def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dict):
     """The experts modules `experts` ({name: (module, config)}) of `block` run their float forward through
     hf_experts.observed_forward, which records each expert projection's input rows (padding left out)
     under (name, projection, expert); their own forward is back on the way out."""
@@ -39,7 +39,7 @@ def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dic
                 if real is not None and tokens.numel():
                     x = x[real[tokens]]
                 if x.shape[0]:
-                    _record(st, (full, proj, e), x.detach(), cfg, osl_share)
+                    _record(st, (full, proj, e), x.detach(), cfg)
 
             def forward(*args, mod=mod, seen=seen, sig=inspect.signature(type(mod).forward), **kwargs):
                 hidden_states, top_k_index, top_k_weights = list(sig.bind(mod, *args, **kwargs).arguments.values())[1:4]
@@ -60,7 +60,8 @@ def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Modul
     to it: its own smoothing vector per projection (SmoothQuant or OSL), its static input scale (W8A8),
     GPTQ from its own Hessian. An expert no calibration token reached takes RTN weights and no smoothing
     and, under static W8A8, a scale from the largest input range the module's reached experts saw for
-    that projection before smoothing (its input is not smoothed), with a warning. A module that
+    that projection before smoothing (its input is not smoothed; under act_observer="percentile", the
+    largest of their quantiles), with a warning. A module that
     calibration never ran is an error under static W8A8 (there is no range to take), RTN with a warning
     otherwise."""
     weights = expert_weights(mod)

@@ -695,10 +695,29 @@ def test_osl_searches_alpha_over_the_whole_calibration_set():
     assert osl <= mse(outliers="smooth", smooth_alpha=0.5) and osl <= mse(outliers="smooth", smooth_alpha=0.0)
 
 
-def test_spread_takes_rows_from_the_whole_range():
-    x = torch.arange(10.0)[:, None]
-    assert layerwise._spread(x, 4).flatten().tolist() == [0.0, 3.0, 6.0, 9.0]
-    assert layerwise._spread(x, 20) is x
+def test_row_sample_is_uniform_over_every_token():
+    """Every recorded row is as likely to be kept as any other: a sequence's first token is kept about as
+    often as it occurs (1 in 50 here, not once a call), a long call in proportion to its length; no row
+    twice; all of them while there are fewer than n; the same rows from the same seed."""
+    def run(seed):
+        sample = layerwise.RowSample(512, torch.Generator().manual_seed(seed))
+        for c in range(100):  # row = (call, position), calls of 50 rows and one of 2000
+            t = 2000 if c == 7 else 50
+            sample.add(torch.stack([torch.full((t,), float(c)), torch.arange(float(t))], 1))
+        return sample.rows
+
+    rows = run(0)
+    assert rows.shape == (512, 2) and len({tuple(r) for r in rows.tolist()}) == 512
+    total = 99 * 50 + 2000
+    first = int((rows[:, 1] == 0).sum())
+    assert first < 3 * 512 * 100 / total  # 7.4 expected; one a call would be 100
+    long = int((rows[:, 0] == 7).sum())
+    assert abs(long - 512 * 2000 / total) < 60  # 147 expected
+    assert torch.equal(run(0), rows) and not torch.equal(run(1), rows)
+    few = layerwise.RowSample(512, torch.Generator().manual_seed(0))
+    few.add(torch.arange(30.0)[:, None])
+    few.add(torch.arange(30.0, 40.0)[:, None])
+    assert few.rows.flatten().tolist() == list(map(float, range(40)))
 
 
 @pytest.mark.parametrize("config", ["static", "osl", "gptq"])

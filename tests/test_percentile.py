@@ -140,3 +140,51 @@ def test_osl_searches_with_the_configured_quantile(monkeypatch):
     seen.clear()
     quantize(copy.deepcopy(model), PTQConfig(**STATIC, outliers="osl"), data, quiet=True)
     assert seen and set(seen) == {None}
+
+
+def test_quantile_one_is_the_max_over_every_token():
+    """More calibration tokens than are kept (2048), the largest in a row a sample would likely miss: q = 1
+    still takes it, as minmax does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    data = [torch.randn(1024, 16, generator=torch.Generator().manual_seed(i)) for i in range(10)]  # 10240 tokens
+    a = quantize(copy.deepcopy(model), PTQConfig(**STATIC), data, quiet=True)
+    b = quantize(copy.deepcopy(model), PTQConfig(**STATIC, act_observer="percentile", act_percentile=1.0), data,
+                 quiet=True)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_a_sparse_input_whose_quantile_is_zero_takes_its_max():
+    """A linear behind a ReLU that is zero on most elements: the quantile is 0, so the scale is the max
+    (scale 1, a range of +-127, would round every value to 0)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-1.5)  # ~0.5% of the hidden values are positive
+    data = [torch.randn(32, 16) for _ in range(4)]
+    hidden = torch.cat([model[1](model[0](x)) for x in data]).detach()
+    assert 0 < (hidden > 0).float().mean() < 0.01
+    q = quantize(copy.deepcopy(model), PTQConfig(**STATIC, act_observer="percentile", act_percentile=0.99), data,
+                 quiet=True)
+    torch.testing.assert_close(q[2].input_scale, absmax_scale(hidden.abs().amax().reshape(1)), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(64, 32)
+    x[0, :3] = torch.rand(3, generator=g) + 0.5
+    w = torch.randn(8, 32, generator=g)
+    s = torch.ones(32)
+    out = osl.quantized_output(x, w, None, s, "per_tensor", act_percentile=0.99)[0]
+    torch.testing.assert_close(out, osl.quantized_output(x, w, None, s, "per_tensor")[0])
+
+
+def test_linears_sharing_an_input_with_different_osl_quantiles_are_warned_about():
+    from ptqrt.integrations import hf  # noqa: F401  (transformers present)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    osl_cfg = dict(**STATIC, outliers="osl")
+    config = PTQConfig(**osl_cfg, layer_policies={"k_proj": PTQConfig(**osl_cfg, act_observer="percentile")})
+    with pytest.warns(RuntimeWarning, match=r"k_proj.*the percentile OSL scores with"):
+        quantize(model, config, [torch.randint(0, 64, (2, 8))], quiet=True)

@@ -44,7 +44,7 @@ def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Te
     x [T, K] -> x / s quantized with a static per-tensor scale max_j(act_absmax_j / s_j) / 127 (what
     calibration stores; act_absmax [K] defaults to x's own max|x_j|, pass the whole calibration set's
     when x is a subsample of it), or with act_percentile the act_percentile quantile of |x / s| / 127
-    (observers.percentile_absmax), or dynamic per-token scales; W_i · s quantized per output channel;
+    (observers.percentile_absmax; the max where it is 0), or dynamic per-token scales; W_i · s quantized per output channel;
     then reference.w8a8_gemm(x_q, x_scale, w_q, w_scale, b_i) in float32.
     """
     if act_granularity not in GRANULARITIES:
@@ -56,11 +56,11 @@ def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Te
     if act_granularity == "per_token":
         x_q, x_scale = reference.quantize_per_token(x, s)
     else:
-        if act_percentile is not None:
-            r = percentile_absmax(x.to(torch.float32) / s, act_percentile)
-        else:
-            a = x.to(torch.float32).abs().amax(dim=0) if act_absmax is None else act_absmax.to(x.device, torch.float32)
-            r = (a / s).amax()
+        a = x.to(torch.float32).abs().amax(dim=0) if act_absmax is None else act_absmax.to(x.device, torch.float32)
+        r = (a / s).amax()
+        if act_percentile is not None:  # its max where the quantile is 0 (a sparse input), as calibration does
+            p = percentile_absmax(x.to(torch.float32) / s, act_percentile)
+            r = p if p > 0 else r
         x_scale = reference.absmax_scale(r).reshape(1)
         x_q = reference.quantize_per_tensor(x, x_scale, s)
     outs = []
