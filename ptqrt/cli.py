@@ -159,6 +159,23 @@ def _module_tensors(heads: dict, name: str, leaves) -> tuple[int, str]:
     return size, "  ".join(ranges)
 
 
+def _model_line(d: Path) -> str:
+    """What config.json says the model is (the class ptqrt.from_pretrained builds), or why there is none."""
+    import json
+
+    from .pretrained import CONFIG
+
+    try:
+        archs = json.loads((d / CONFIG).read_text()).get("architectures") or []
+    except FileNotFoundError:
+        return f"model: no {CONFIG} (not a transformers model): load with ptqrt.load_quantized(model, dir)"
+    except (OSError, ValueError, AttributeError) as e:
+        return f"model: {CONFIG} cannot be read ({e})"
+    if not archs:
+        return f"model: {CONFIG} names no class: load with ptqrt.load_quantized(model, dir)"
+    return f"model: {', '.join(map(str, archs))} (ptqrt.from_pretrained(dir) builds it from {CONFIG})"
+
+
 def cmd_inspect(a) -> int:
     from .format import read_description, tensor_headers
 
@@ -193,6 +210,7 @@ def cmd_inspect(a) -> int:
     w = max([len(r[0]) for r in rows + kv_rows] + [16])
     print(f"{a.dir}: format v{desc['format_version']}, ptqrt {desc['ptqrt_version']}, "
           f"{len(rows)} quantized layers, files: {', '.join(desc['files'])}")
+    print(_model_line(Path(a.dir)))
     head = f"{'layer':<{w}}  {'mode':<16}{'shape':>12}{'bytes':>12}{'fp32 bytes':>12}  scale ranges"
     print(head)
     print("-" * len(head))

@@ -163,11 +163,15 @@ def test_attn_implementation(tmp_path):
     torch.testing.assert_close(r(_ids(96)).logits, q(_ids(96)).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_refusals_name_the_reason(tmp_path):
+def test_refusals_name_the_reason(tmp_path, capsys):
+    from ptqrt.cli import main
+
     net = quantize(tiny_net(), PTQConfig(), quiet=True)  # not a transformers model: no config.json
     d = save_quantized(net, tmp_path / "net")
     with pytest.raises(FormatError, match=r"has no config.json.*load_quantized"):
         from_pretrained(d)
+    assert main(["inspect", str(d)]) == 0
+    assert "model: no config.json (not a transformers model)" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="not a ptqrt packed directory"):
         from_pretrained(tmp_path / "nowhere")
 
