@@ -167,13 +167,14 @@ def _model_line(d: Path) -> str:
 
     try:
         archs = json.loads((d / CONFIG).read_text()).get("architectures") or []
+        archs = [archs] if isinstance(archs, str) else list(archs)
     except FileNotFoundError:
         return f"model: no {CONFIG} (not a transformers model): load with ptqrt.load_quantized(model, dir)"
     except (OSError, ValueError, AttributeError) as e:
         return f"model: {CONFIG} cannot be read ({e})"
     if not archs:
         return f"model: {CONFIG} names no class: load with ptqrt.load_quantized(model, dir)"
-    return f"model: {', '.join(map(str, archs))} (ptqrt.from_pretrained(dir) builds it from {CONFIG})"
+    return f"model: {', '.join(map(str, archs))} ({CONFIG}: ptqrt.from_pretrained(dir) builds the first of these transformers has)"
 
 
 def cmd_inspect(a) -> int:

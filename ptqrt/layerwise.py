@@ -258,7 +258,6 @@ class _Stats:
         self.hessian: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = defaultdict(int)
         self.xs: dict = {}  # target -> RowSample, for OSL and percentile scales
-        self.gen = torch.Generator().manual_seed(0)  # their keys
         self.input_key: dict[str, tuple] = {}        # linear -> identity of its input tensor (first sample)
         self.producer: dict[tuple, nn.Module] = {}   # tensor identity -> norm module that produced it
         self.norm_calls: Counter = Counter()         # norm module -> times it ran (first sample)
@@ -274,28 +273,56 @@ def _key(t: torch.Tensor) -> tuple:
 
 class RowSample:
     """A uniform sample, without replacement, of at most n of all the rows recorded (float32, on the CPU):
-    each row draws a random key and the n smallest keys stay, so every calibration token is as likely to
-    be kept as any other, whatever the lengths of the calls and wherever it sits in its sequence (a first
-    token with a large activation is kept as often as it occurs, no more). Only rows whose key beats the
-    n-th smallest so far leave the device. The keys come from `gen`, so a run is repeatable."""
+    each row draws a random key and the rows with the n smallest keys stay, so every calibration token is
+    as likely to be kept as any other, whatever the lengths of the calls and wherever it sits in its
+    sequence (a first token with a large activation is kept as often as it occurs, no more). A call's
+    rows that do not make it into the sample never leave their device; a row that does is written over
+    the one it evicts, in place (the sample is never copied whole). The keys come from a generator
+    seeded with `seed`, so a run is repeatable and targets that read the same input (q, k, v) keep the
+    same rows."""
 
-    def __init__(self, n: int, gen: torch.Generator):
-        self.n, self.gen = n, gen
-        self.keys = torch.empty(0)
-        self.rows: Optional[torch.Tensor] = None
+    def __init__(self, n: int, seed: int = 0):
+        self.n = n
+        self.gen = torch.Generator().manual_seed(seed)
+        self.keys = torch.empty(0)               # of the filled slots, [count]
+        self._buf: Optional[torch.Tensor] = None  # [capacity, K]; grows by doubling up to n rows
+
+    @property
+    def rows(self) -> Optional[torch.Tensor]:
+        """The kept rows [count, K] (None before the first)."""
+        return None if self._buf is None else self._buf[: self.keys.numel()]
 
     def add(self, x2: torch.Tensor) -> None:
         keys = torch.rand(x2.shape[0], generator=self.gen)
-        if self.keys.numel() >= self.n:
-            pick = (keys < self.keys.max()).nonzero().squeeze(1)
-            keys, x2 = keys[pick], x2[pick.to(x2.device)]
-        rows = x2.detach().float().cpu()
-        if self.rows is not None:
-            keys, rows = torch.cat([self.keys, keys]), torch.cat([self.rows, rows])
-        if keys.numel() > self.n:
-            keep = keys.topk(self.n, largest=False).indices.sort().values
-            keys, rows = keys[keep], rows[keep]
-        self.keys, self.rows = keys, rows
+        count = self.keys.numel()
+        cand = torch.arange(keys.numel())
+        if count >= self.n:
+            cand = (keys < self.keys.max()).nonzero().squeeze(1)
+        if cand.numel() > self.n:
+            cand = cand[keys[cand].topk(self.n, largest=False).indices]
+        if not cand.numel():
+            return
+        new_keys = keys[cand]
+        every = torch.cat([self.keys, new_keys])
+        if every.numel() <= self.n:  # room for all of them
+            slots, taken = torch.arange(count, every.numel()), torch.arange(cand.numel())
+        else:  # the n smallest keys stay: new rows go to the slots evicted, then to the ones never used
+            keep = torch.zeros(every.numel(), dtype=torch.bool)
+            keep[every.topk(self.n, largest=False).indices] = True
+            taken = keep[count:].nonzero().squeeze(1)
+            slots = torch.cat([(~keep[:count]).nonzero().squeeze(1), torch.arange(count, self.n)])[: taken.numel()]
+        size = max(count, int(slots.max()) + 1) if slots.numel() else count
+        if self.keys.numel() < size:
+            self.keys = torch.cat([self.keys, torch.empty(size - self.keys.numel())])
+        self.keys[slots] = new_keys[taken]
+        rows = x2[cand[taken].to(x2.device)].detach().float().cpu()
+        if self._buf is None or self._buf.shape[0] < size:
+            cap = min(self.n, max(size, 2 * (0 if self._buf is None else self._buf.shape[0])))
+            buf = torch.empty(cap, x2.shape[1])
+            if self._buf is not None:
+                buf[:count] = self._buf[:count]
+            self._buf = buf
+        self._buf[slots] = rows
 
 
 def _percentile(cfg: PTQConfig) -> Optional[float]:
@@ -311,7 +338,7 @@ def _record(st: _Stats, key, x2: torch.Tensor, cfg: PTQConfig) -> None:
         st.hessian[key], st.tokens[key] = gptq.accumulate_hessian(st.hessian.get(key), x2, st.tokens[key])
     if cfg.outliers == "osl" or _percentile(cfg) is not None:
         if key not in st.xs:
-            st.xs[key] = RowSample(KEPT_TOKENS, st.gen)
+            st.xs[key] = RowSample(KEPT_TOKENS)
         st.xs[key].add(x2)
 
 

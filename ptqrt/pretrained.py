@@ -29,8 +29,9 @@ GENERATION_CONFIG = "generation_config.json"
 def from_pretrained(path, device=None, verify: bool = True, attn_implementation: Optional[str] = None) -> nn.Module:
     """The quantized model saved in `path` by save_quantized, rebuilt from its config.json alone (a
     Hugging Face transformers model: the class its `architectures` names). Everything load_quantized
-    checks is checked. The weights that torch.empty makes (linears, embeddings, fused experts) are never
-    allocated; a model whose __init__ cannot run that way is built on the CPU instead, with a warning.
+    checks is checked. The weights that torch.empty makes (linears, embeddings, most fused experts) are
+    never allocated; a model whose __init__ cannot run that way (it computes with such a tensor, or keeps
+    one as a non-persistent buffer or a plain attribute) is built on the CPU instead, with a warning.
     device: where the model goes once loaded (default: the CPU). verify: check the files' SHA-256.
     attn_implementation: as transformers takes it ("sdpa", "eager", ...; default: transformers' choice).
     Raises FileNotFoundError for a directory that is not a packed one and FormatError (a ValueError)
@@ -100,7 +101,8 @@ def _model_class(config, path: Path):
     """The transformers class that `architectures` names (the first this transformers has)."""
     import transformers
 
-    names = list(getattr(config, "architectures", None) or [])
+    names = getattr(config, "architectures", None) or []
+    names = [names] if isinstance(names, str) else list(names)
     for name in names:
         cls = getattr(transformers, name, None)
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
@@ -175,7 +177,7 @@ def _build(cls, config, dtype, kw: dict, path: Path):
         with _EmptyOnMeta():
             model = build()
         why = next((f"buffer {n!r} is left on it" for n, b in model.named_buffers()
-                    if b.is_meta and _non_persistent(model, n)), None)
+                    if b.is_meta and _non_persistent(model, n)), None) or _meta_attribute(model)
     except FormatError as e:
         why = f"its __init__ fails: {e.__cause__}"
     if why is None:
@@ -184,6 +186,20 @@ def _build(cls, config, dtype, kw: dict, path: Path):
     warnings.warn(f"ptqrt.from_pretrained: {cls.__name__} cannot be built with its weights on the meta device ({why}); "
                   f"built on the CPU instead, float weights included", RuntimeWarning)
     return model
+
+
+def _meta_attribute(model: nn.Module) -> Optional[str]:
+    """Why the model cannot keep a build on the meta device for a tensor that is neither a parameter nor a
+    buffer (a plain attribute, or one in a list or dict attribute: the file cannot fill it, and a meta
+    tensor mixed with real ones does not always raise), or None."""
+    for mname, mod in model.named_modules():
+        for key, v in vars(mod).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            if any(isinstance(t, torch.Tensor) and t.is_meta for t in items):
+                return f"attribute {(mname + '.' if mname else '') + key!r} is left on it"
+    return None
 
 
 def _non_persistent(model: nn.Module, name: str) -> bool:

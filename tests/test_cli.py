@@ -25,7 +25,7 @@ def test_quantize_and_inspect_hf_dir(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "encoder.layer.0.attention.self.query" in text and "W8A8" in text and "compression" in text
     assert "input[" in text  # static scale range shown
-    assert "model: BertModel (ptqrt.from_pretrained(dir) builds it" in text
+    assert "model: BertModel (config.json: ptqrt.from_pretrained(dir) builds" in text
 
 
 def test_quantize_osl_gptq_and_bad_combination(tmp_path):

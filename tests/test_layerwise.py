@@ -700,7 +700,7 @@ def test_row_sample_is_uniform_over_every_token():
     often as it occurs (1 in 50 here, not once a call), a long call in proportion to its length; no row
     twice; all of them while there are fewer than n; the same rows from the same seed."""
     def run(seed):
-        sample = layerwise.RowSample(512, torch.Generator().manual_seed(seed))
+        sample = layerwise.RowSample(512, seed)
         for c in range(100):  # row = (call, position), calls of 50 rows and one of 2000
             t = 2000 if c == 7 else 50
             sample.add(torch.stack([torch.full((t,), float(c)), torch.arange(float(t))], 1))
@@ -714,7 +714,12 @@ def test_row_sample_is_uniform_over_every_token():
     long = int((rows[:, 0] == 7).sum())
     assert abs(long - 512 * 2000 / total) < 60  # 147 expected
     assert torch.equal(run(0), rows) and not torch.equal(run(1), rows)
-    few = layerwise.RowSample(512, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same keys, drawn for every row at once: the 512 smallest
+    keys = torch.cat([torch.rand(2000 if c == 7 else 50, generator=g) for c in range(100)])
+    every = torch.cat([torch.stack([torch.full((t,), float(c)), torch.arange(float(t))], 1)
+                       for c, t in ((c, 2000 if c == 7 else 50) for c in range(100))])
+    assert {tuple(r) for r in every[keys.topk(512, largest=False).indices].tolist()} == {tuple(r) for r in rows.tolist()}
+    few = layerwise.RowSample(512)
     few.add(torch.arange(30.0)[:, None])
     few.add(torch.arange(30.0, 40.0)[:, None])
     assert few.rows.flatten().tolist() == list(map(float, range(40)))

@@ -103,6 +103,15 @@ def test_a_model_whose_init_needs_real_tensors_is_built_on_the_cpu(tmp_path, mon
     assert torch.equal(r.model.rotary_emb.table, torch.ones(4))
     assert torch.equal(r(_ids(96)).logits, q(_ids(96)).logits)
 
+    def keeps_attribute(self, *a, **k):  # neither a parameter nor a buffer: the file cannot fill it
+        init(self, *a, **k)
+        self.tables = [torch.empty(4).fill_(2.0)]
+
+    monkeypatch.setattr(LlamaRotaryEmbedding, "__init__", keeps_attribute)
+    with pytest.warns(RuntimeWarning, match=r"attribute 'model.rotary_emb.tables' is left on it"):
+        r = from_pretrained(d)
+    assert torch.equal(r.model.rotary_emb.tables[0], torch.full((4,), 2.0))
+
     def fails(self, *a, **k):
         init(self, *a, **k)
         float(torch.empty(1).fill_(2.0))  # .item() of a meta tensor raises
