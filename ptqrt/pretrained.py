@@ -4,8 +4,8 @@ save_quantized wrote, without allocating the float weights.
     model = ptqrt.from_pretrained("out/")               # a transformers model, on the CPU, eval mode
     model = ptqrt.from_pretrained("out/", device="cuda")
 
-The model is built with torch.empty making meta tensors (the weights of linears, embeddings and fused
-experts), while its buffers are computed for real, so that what the file does not hold (a rotary
+The model is built with torch.empty making meta tensors (the weights of linears, embeddings and most
+fused experts), while its buffers are computed for real, so that what the file does not hold (a rotary
 inv_freq, a causal mask) comes from the model's own __init__ as usual; load_quantized then checks the
 directory against it and gives every meta tensor the file's tensor itself (no second copy in memory).
 """

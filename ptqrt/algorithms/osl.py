@@ -44,8 +44,8 @@ def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Te
     x [T, K] -> x / s quantized with a static per-tensor scale max_j(act_absmax_j / s_j) / 127 (what
     calibration stores; act_absmax [K] defaults to x's own max|x_j|, pass the whole calibration set's
     when x is a subsample of it), or with act_percentile the act_percentile quantile of |x / s| / 127
-    (observers.percentile_absmax; the max where it is 0), or dynamic per-token scales; W_i · s quantized per output channel;
-    then reference.w8a8_gemm(x_q, x_scale, w_q, w_scale, b_i) in float32.
+    (observers.percentile_absmax; the max where it is 0), or dynamic per-token scales; W_i · s quantized
+    per output channel; then reference.w8a8_gemm(x_q, x_scale, w_q, w_scale, b_i) in float32.
     """
     if act_granularity not in GRANULARITIES:
         raise ValueError(f"act_granularity must be one of {GRANULARITIES}, got {act_granularity!r}")
