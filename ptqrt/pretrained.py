@@ -149,8 +149,9 @@ def _adopt_file_dtypes(model: nn.Module, desc: dict) -> None:
 
 class _EmptyOnMeta(TorchFunctionMode):
     """torch.empty makes meta tensors while this is active (in this thread only, as torch.device's own
-    context): what nn.Linear, nn.Embedding, the norms and the fused experts make their parameters with, so
-    those are never allocated. Buffers are computed with other functions (arange, ones, ...) and stay real."""
+    context): what nn.Linear, nn.Embedding, nn.LayerNorm and most fused experts make their parameters with,
+    so those are never allocated. Buffers are computed with other functions (arange, ones, ...) and stay
+    real."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -161,9 +162,9 @@ class _EmptyOnMeta(TorchFunctionMode):
 
 def _build(cls, config, dtype, kw: dict, path: Path):
     """The model, its parameters made on the meta device where they are made by torch.empty. Where that
-    breaks the model's own __init__ (it computes with such a tensor) or leaves a buffer the file does not
-    hold on the meta device (made by torch.empty, then filled), the model is built again on the CPU,
-    float weights and all, as load_quantized's caller would have."""
+    breaks the model's own __init__ (it computes with such a tensor) or leaves on the meta device what the
+    file cannot fill (a non-persistent buffer, or a tensor kept as a plain attribute), the model is built
+    again on the CPU, float weights and all, as load_quantized's caller would have."""
     import transformers
 
     def build():
