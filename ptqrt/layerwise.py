@@ -44,7 +44,7 @@ from .algorithms import gptq, osl, smoothquant
 from .calibrate import run_sample, to_device, token_mask
 from .config import PTQConfig
 from .modules.linear import QuantLinear, is_quantizable, linear_weight
-from .observers import MinMaxObserver, percentile_absmax
+from .observers import MinMaxObserver, RowSample, percentile_absmax
 
 KEPT_TOKENS = 2048  # calibration tokens kept per target for OSL's α search and percentile scales (RowSample)
 CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")  # names across transformers versions
@@ -269,60 +269,6 @@ class _Stats:
 
 def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.dtype)
-
-
-class RowSample:
-    """A uniform sample, without replacement, of at most n of all the rows recorded (float32, on the CPU):
-    each row draws a random key and the rows with the n smallest keys stay, so every calibration token is
-    as likely to be kept as any other, whatever the lengths of the calls and wherever it sits in its
-    sequence (a first token with a large activation is kept as often as it occurs, no more). A call's
-    rows that do not make it into the sample never leave their device; a row that does is written over
-    the one it evicts, in place (the sample is never copied whole). The keys come from a generator
-    seeded with `seed`, so a run is repeatable and targets that read the same input (q, k, v) keep the
-    same rows."""
-
-    def __init__(self, n: int, seed: int = 0):
-        self.n = n
-        self.gen = torch.Generator().manual_seed(seed)
-        self.keys = torch.empty(0)               # of the filled slots, [count]
-        self._buf: Optional[torch.Tensor] = None  # [capacity, K]; grows by doubling up to n rows
-
-    @property
-    def rows(self) -> Optional[torch.Tensor]:
-        """The kept rows [count, K] (None before the first)."""
-        return None if self._buf is None else self._buf[: self.keys.numel()]
-
-    def add(self, x2: torch.Tensor) -> None:
-        keys = torch.rand(x2.shape[0], generator=self.gen)
-        count = self.keys.numel()
-        cand = torch.arange(keys.numel())
-        if count >= self.n:
-            cand = (keys < self.keys.max()).nonzero().squeeze(1)
-        if cand.numel() > self.n:
-            cand = cand[keys[cand].topk(self.n, largest=False).indices]
-        if not cand.numel():
-            return
-        new_keys = keys[cand]
-        every = torch.cat([self.keys, new_keys])
-        if every.numel() <= self.n:  # room for all of them
-            slots, taken = torch.arange(count, every.numel()), torch.arange(cand.numel())
-        else:  # the n smallest keys stay: new rows go to the slots evicted, then to the ones never used
-            keep = torch.zeros(every.numel(), dtype=torch.bool)
-            keep[every.topk(self.n, largest=False).indices] = True
-            taken = keep[count:].nonzero().squeeze(1)
-            slots = torch.cat([(~keep[:count]).nonzero().squeeze(1), torch.arange(count, self.n)])[: taken.numel()]
-        size = max(count, int(slots.max()) + 1) if slots.numel() else count
-        if self.keys.numel() < size:
-            self.keys = torch.cat([self.keys, torch.empty(size - self.keys.numel())])
-        self.keys[slots] = new_keys[taken]
-        rows = x2[cand[taken].to(x2.device)].detach().float().cpu()
-        if self._buf is None or self._buf.shape[0] < size:
-            cap = min(self.n, max(size, 2 * (0 if self._buf is None else self._buf.shape[0])))
-            buf = torch.empty(cap, x2.shape[1])
-            if self._buf is not None:
-                buf[:count] = self._buf[:count]
-            self._buf = buf
-        self._buf[slots] = rows
 
 
 def _percentile(cfg: PTQConfig) -> Optional[float]:

@@ -12,6 +12,7 @@ directory against it and gives every meta tensor the file's tensor itself (no se
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -122,10 +123,7 @@ def _main_dtype(desc: dict):
     for p in desc["parameters"].values():
         dt = getattr(torch, str(p.get("dtype")), None)
         if isinstance(dt, torch.dtype) and dt.is_floating_point and p["mode"] == "FLOAT":
-            n = 1
-            for s in p["shape"]:
-                n *= s
-            count[dt] = count.get(dt, 0) + n
+            count[dt] = count.get(dt, 0) + math.prod(p["shape"])
     return max(count, key=count.get) if count else None
 
 

@@ -696,11 +696,13 @@ def test_osl_searches_alpha_over_the_whole_calibration_set():
 
 
 def test_row_sample_is_uniform_over_every_token():
+    from ptqrt.observers import RowSample
+
     """Every recorded row is as likely to be kept as any other: a sequence's first token is kept about as
     often as it occurs (1 in 50 here, not once a call), a long call in proportion to its length; no row
     twice; all of them while there are fewer than n; the same rows from the same seed."""
     def run(seed):
-        sample = layerwise.RowSample(512, seed)
+        sample = RowSample(512, seed)
         for c in range(100):  # row = (call, position), calls of 50 rows and one of 2000
             t = 2000 if c == 7 else 50
             sample.add(torch.stack([torch.full((t,), float(c)), torch.arange(float(t))], 1))
@@ -719,7 +721,7 @@ def test_row_sample_is_uniform_over_every_token():
     every = torch.cat([torch.stack([torch.full((t,), float(c)), torch.arange(float(t))], 1)
                        for c, t in ((c, 2000 if c == 7 else 50) for c in range(100))])
     assert {tuple(r) for r in every[keys.topk(512, largest=False).indices].tolist()} == {tuple(r) for r in rows.tolist()}
-    few = layerwise.RowSample(512)
+    few = RowSample(512)
     few.add(torch.arange(30.0)[:, None])
     few.add(torch.arange(30.0, 40.0)[:, None])
     assert few.rows.flatten().tolist() == list(map(float, range(40)))
