@@ -42,7 +42,7 @@ def from_pretrained(path, device=None, verify: bool = True, attn_implementation:
     config = _config(in_dir)
     cls = _model_class(config, in_dir / CONFIG)
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    model = _build(cls, config, _main_dtype(desc), kw, in_dir / CONFIG)
+    model = _build(cls, config, _main_dtype(desc), kw, in_dir / CONFIG, desc)
     _adopt_file_dtypes(model, desc)
     load_quantized(model, in_dir, verify=verify)
     gen = in_dir / GENERATION_CONFIG
@@ -145,24 +145,33 @@ def _adopt_file_dtypes(model: nn.Module, desc: dict) -> None:
             mod._parameters[key] = new[id(p)][1]
 
 
-class _EmptyOnMeta(TorchFunctionMode):
-    """torch.empty makes meta tensors while this is active (in this thread only, as torch.device's own
-    context): what nn.Linear, nn.Embedding, nn.LayerNorm and most fused experts make their parameters with,
-    so those are never allocated. Buffers are computed with other functions (arange, ones, ...) and stay
-    real."""
+# What parameters are made with: nn.Linear, nn.Embedding and most fused experts use torch.empty; norms,
+# biases and some fused experts (Llama-4's) torch.zeros / torch.ones; a few torch.full or torch.rand(n).
+FACTORIES = (torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn)
+
+
+class _OnMeta(TorchFunctionMode):
+    """The factories `funcs` make meta tensors while this is active (in this thread only, as torch.device's
+    own context), so that what the model makes its parameters with is never allocated. Everything else (a
+    rotary table's arange, the maths on it) stays real."""
+
+    def __init__(self, funcs=FACTORIES):
+        super().__init__()
+        self.funcs = funcs
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.empty:
+        if func in self.funcs:
             kwargs = {**kwargs, "device": "meta"}
         return func(*args, **kwargs)
 
 
-def _build(cls, config, dtype, kw: dict, path: Path):
-    """The model, its parameters made on the meta device where they are made by torch.empty. Where that
-    breaks the model's own __init__ (it computes with such a tensor) or leaves on the meta device what the
-    file cannot fill (a non-persistent buffer, or a tensor kept as a plain attribute), the model is built
-    again on the CPU, float weights and all, as load_quantized's caller would have."""
+def _build(cls, config, dtype, kw: dict, path: Path, desc: dict):
+    """The model, its parameters made on the meta device: first with every factory of FACTORIES making
+    meta tensors; where that breaks the model's own __init__ (it computes with such a tensor) or leaves on
+    the meta device what the file cannot fill (a non-persistent buffer, a tensor kept as a plain attribute,
+    one the file does not hold), again with torch.empty alone doing so (what nn.Linear and nn.Embedding
+    use); where that breaks too, on the CPU, float weights and all, as load_quantized's caller would have."""
     import transformers
 
     def build():
@@ -172,19 +181,35 @@ def _build(cls, config, dtype, kw: dict, path: Path):
             raise FormatError(f"{path}: transformers {transformers.__version__} cannot build {cls.__name__} from it: "
                               f"{type(e).__name__}: {e}") from e
 
-    try:
-        with _EmptyOnMeta():
-            model = build()
-        why = next((f"buffer {n!r} is left on it" for n, b in model.named_buffers()
-                    if b.is_meta and _non_persistent(model, n)), None) or _meta_attribute(model)
-    except FormatError as e:
-        why = f"its __init__ fails: {e.__cause__}"
-    if why is None:
-        return model
+    for funcs in (FACTORIES, (torch.empty,)):
+        try:
+            with _OnMeta(funcs):
+                model = build()
+            why = _left_on_meta(model, desc)
+        except FormatError as e:
+            why = f"its __init__ fails: {e.__cause__}"
+        if why is None:
+            return model
     model = build()  # raises FormatError if the config itself is at fault
     warnings.warn(f"ptqrt.from_pretrained: {cls.__name__} cannot be built with its weights on the meta device ({why}); "
                   f"built on the CPU instead, float weights included", RuntimeWarning)
     return model
+
+
+def _left_on_meta(model: nn.Module, desc: dict) -> Optional[str]:
+    """Why `model`, built with meta tensors, cannot be loaded from the file `desc` describes (None: it can):
+    a meta tensor that loading would not replace."""
+    held = desc["parameters"]
+    quantized = desc["modules"]
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if not t.is_meta:
+            continue
+        owner = name.rpartition(".")[0]
+        if _non_persistent(model, name):
+            return f"buffer {name!r} is left on it"
+        if name not in held and owner not in quantized and f"{owner}.ptqrt_experts" not in quantized:
+            return f"{name!r} is left on it and the file does not hold it"
+    return _meta_attribute(model)
 
 
 def _meta_attribute(model: nn.Module) -> Optional[str]:

@@ -3,6 +3,7 @@ float weights never allocated, the result equal to the model that was saved."""
 import copy
 import hashlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -80,9 +81,64 @@ def test_float_weights_are_never_allocated(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ptqrt.pretrained, "load_quantized", spy)
     r = from_pretrained(d)
-    meta = handed[0]
-    assert all(meta[n] for n in meta if n.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")))
+    assert len(handed) == 1 and all(handed[0].values())  # the norms (torch.ones) too
     assert not any(t.is_meta for t in list(r.parameters()) + list(r.buffers()))
+
+
+def test_fused_experts_made_with_zeros_are_never_allocated(tmp_path, monkeypatch):
+    """Llama-4 makes its fused experts' weights with torch.zeros: on the meta device too."""
+    cfg = transformers.Llama4TextConfig(vocab_size=97, hidden_size=32, intermediate_size=48, intermediate_size_mlp=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8, num_local_experts=2)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    q, d = _saved(tmp_path, model, PTQConfig(), [_ids(97, seed=i) for i in range(3)])
+    handed = []
+    load = ptqrt.pretrained.load_quantized
+
+    def spy(model, *a, **k):
+        handed.append({n: p.is_meta for n, p in model.named_parameters()})
+        return load(model, *a, **k)
+
+    monkeypatch.setattr(ptqrt.pretrained, "load_quantized", spy)
+    r = from_pretrained(d)
+    experts = [n for n in handed[0] if ".experts." in n]
+    assert experts and all(handed[0].values())
+    _same_state(q, r)
+    assert torch.equal(r(_ids(97)).logits, q(_ids(97)).logits)
+
+
+def test_a_zeros_made_tensor_the_model_computes_with_is_built_with_empty_alone(tmp_path, monkeypatch):
+    """An __init__ that needs a real torch.zeros (a non-persistent table filled from it) is built again with
+    torch.empty alone making meta tensors: no warning, the linears still never allocated."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    q, d = _saved(tmp_path, make_model("llama"), PTQConfig())
+    init = LlamaRotaryEmbedding.__init__
+
+    def table(self, *a, **k):
+        init(self, *a, **k)
+        t = torch.zeros(4)
+        t[1:] = 3.0
+        self.register_buffer("table", t, persistent=False)
+
+    monkeypatch.setattr(LlamaRotaryEmbedding, "__init__", table)
+    handed = []
+    load = ptqrt.pretrained.load_quantized
+
+    def spy(model, *a, **k):
+        handed.append({n: p.is_meta for n, p in model.named_parameters()})
+        return load(model, *a, **k)
+
+    monkeypatch.setattr(ptqrt.pretrained, "load_quantized", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = from_pretrained(d)
+    assert torch.equal(r.model.rotary_emb.table, torch.tensor([0.0, 3.0, 3.0, 3.0]))
+    meta = handed[0]
+    assert all(meta[n] for n in meta if n.endswith(("proj.weight", "embed_tokens.weight")))
+    assert not any(meta[n] for n in meta if "norm" in n)
+    assert torch.equal(r(_ids(96)).logits, q(_ids(96)).logits)
 
 
 def test_a_model_whose_init_needs_real_tensors_is_built_on_the_cpu(tmp_path, monkeypatch):
@@ -252,15 +308,15 @@ def test_the_meta_mode_is_this_threads_only():
     """Another thread building a module while a load runs gets real tensors."""
     import threading
 
-    from ptqrt.pretrained import _EmptyOnMeta
+    from ptqrt.pretrained import _OnMeta
 
     got = {}
-    with _EmptyOnMeta():
-        t = threading.Thread(target=lambda: got.update(w=torch.nn.Linear(3, 2).weight))
+    with _OnMeta():
+        t = threading.Thread(target=lambda: got.update(w=torch.nn.Linear(3, 2).weight, n=torch.nn.LayerNorm(3).weight))
         t.start()
         t.join()
-        assert torch.nn.Linear(3, 2).weight.is_meta
-    assert not got["w"].is_meta and not torch.nn.Linear(3, 2).weight.is_meta
+        assert torch.nn.Linear(3, 2).weight.is_meta and torch.nn.LayerNorm(3).weight.is_meta
+    assert not got["w"].is_meta and not got["n"].is_meta and not torch.nn.Linear(3, 2).weight.is_meta
 
 
 def test_transformers_refusing_the_config_is_a_format_error(tmp_path):
