@@ -410,7 +410,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
 
 def _expected_experts(model: nn.Module, name: str, d: dict, path: Path) -> None:
     """The file's QuantExperts `name` (<experts module>.ptqrt_experts) fits the model's experts module."""
-    from .modules.experts import fused_projections
+    from .modules.experts import fused_projections, transposed
 
     parent_name = name.rpartition(".")[0]
     try:
@@ -424,7 +424,7 @@ def _expected_experts(model: nn.Module, name: str, d: dict, path: Path) -> None:
                           f"the file has {sorted(d['projections'])}")
     for p, (n, k) in d["projections"].items():
         w = mod._parameters[p]
-        shape = (w.shape[0],) + ((w.shape[2], w.shape[1]) if mod.is_transposed else tuple(w.shape[1:]))
+        shape = (w.shape[0],) + ((w.shape[2], w.shape[1]) if transposed(mod) else tuple(w.shape[1:]))
         if shape != (d["num_experts"], n, k):
             raise FormatError(f"{path}: {parent_name}.{p} holds {shape[0]} experts of [out={shape[1]}, in={shape[2]}] "
                               f"in the model but {d['num_experts']} of [{n}, {k}] in the file")

@@ -20,7 +20,7 @@ from .config import PTQConfig
 from .integrations import hf_experts
 from .layerwise import (_gptq, _record, _rel, _smooth_vector, _Stats, never_reached, restore_forwards,
                         static_absmax)
-from .modules.experts import QuantExperts, expert_bias, expert_weights
+from .modules.experts import QuantExperts, dense, expert_bias, expert_weights
 from .reference import quantize_weight
 
 
@@ -42,11 +42,15 @@ def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dic
                     _record(st, (full, proj, e), x.detach(), cfg)
 
             def forward(*args, mod=mod, seen=seen, sig=inspect.signature(type(mod).forward), **kwargs):
-                hidden_states, top_k_index, top_k_weights = list(sig.bind(mod, *args, **kwargs).arguments.values())[1:4]
+                bound = list(sig.bind(mod, *args, **kwargs).arguments.values())[1:4]
+                hidden_states = bound[0]
+                tokens = hidden_states.shape[0] // (expert_weights(mod)["down_proj"].shape[0] if dense(mod) else 1)
                 mask = cur["mask"]
                 cur["real"] = mask.reshape(-1).to(hidden_states.device) if (
-                    mask is not None and mask.numel() == hidden_states.shape[0]) else None
-                return hf_experts.observed_forward(mod, hidden_states, top_k_index, top_k_weights, seen=seen)
+                    mask is not None and mask.numel() == tokens) else None
+                if dense(mod):  # Llama-4's: each expert's input for every token, [E * T, K]
+                    return hf_experts.observed_dense_forward(mod, hidden_states, seen=seen)
+                return hf_experts.observed_forward(mod, *bound, seen=seen)
             saved.append(mod.__dict__.get("forward"))
             mods.append(mod)
             mod.forward = forward

@@ -1,5 +1,5 @@
-"""QuantExperts: int8 weights of fused MoE experts (transformers' experts modules, which hold every
-expert's weights as one 3-D tensor per projection instead of an nn.Linear each).
+"""QuantExperts: int8 weights of fused MoE experts (transformers' experts modules, and Llama-4's, which
+hold every expert's weights as one 3-D tensor per projection instead of an nn.Linear each).
 
 It is attached as the child ``ptqrt_experts`` of the experts module, whose float 3-D parameters it
 replaces; the experts forward that reads it is ``ptqrt.integrations.hf_experts``. Buffers, per
@@ -30,19 +30,35 @@ MODES = ("W8A16", "W8A8", "W8A8_DYNAMIC")  # as QuantLinear's
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # the 3-D parameters transformers' experts hold
 
 
+def dense(module: nn.Module) -> bool:
+    """Llama-4's experts module (Llama4TextExperts): every expert runs on every token, the router's weight
+    already multiplied into its input, so a token runs through the experts it is not routed to on a row of
+    zeros. Its forward takes that input alone, [E * T, K] expert by expert; gate_up_proj [E, K, 2 I] and
+    down_proj [E, I, K] are stored transposed, gate first."""
+    return type(module).__name__ == "Llama4TextExperts" and hasattr(module, "act_fn")
+
+
 def fused_projections(module: nn.Module) -> list[str]:
     """The 3-D float projection parameters of a transformers experts module that dispatches through
-    its experts interface (``use_experts_implementation``); [] for any other module."""
-    if not hasattr(module, "has_gate") or not hasattr(module, "is_transposed"):
+    its experts interface (``use_experts_implementation``), or of Llama-4's (``dense``); [] for any
+    other module."""
+    if not dense(module) and (not hasattr(module, "has_gate") or not hasattr(module, "is_transposed")):
         return []
     found = [p for p in PROJECTIONS if isinstance(module._parameters.get(p), torch.Tensor)
              and module._parameters[p].dim() == 3 and module._parameters[p].is_floating_point()]
+    if dense(module) and found != ["gate_up_proj", "down_proj"]:
+        return []
     return found if "down_proj" in found and len(found) == 2 else []
+
+
+def transposed(module: nn.Module) -> bool:
+    """Whether an experts module stores its projections [E, K, N] (in, out) rather than [E, N, K]."""
+    return dense(module) or bool(module.is_transposed)
 
 
 def expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """{projection: [E, N, K] float weights} of an experts module (views: transposed layouts are not copied)."""
-    return {p: module._parameters[p].detach().transpose(1, 2) if module.is_transposed else module._parameters[p].detach()
+    return {p: module._parameters[p].detach().transpose(1, 2) if transposed(module) else module._parameters[p].detach()
             for p in fused_projections(module)}
 
 
