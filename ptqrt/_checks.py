@@ -5,6 +5,8 @@ Python, so that every backend refuses bad input with the same message.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -111,8 +113,9 @@ def w8a16_gemm(x, w_q, w_scale, bias, group_size) -> None:
         raise ValueError(f"ptqrt.{op}: x is [M, K] = {tuple(x.shape)} but w_q is [N, K] = "
                          f"{tuple(w_q.shape)}: K differs")
     tensor(op, "w_scale", w_scale, dtypes=(torch.float32,))
-    if group_size < 0:
-        raise ValueError(f"ptqrt.{op}: group_size must be 0 (per channel) or a positive divisor of K; got {group_size}")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 0:
+        raise ValueError(f"ptqrt.{op}: group_size must be an int: 0 (per channel) or a positive divisor of K; "
+                         f"got {group_size!r}")
     if group_size == 0:
         shape(op, "w_scale", w_scale, (n,), "per-channel scales, group_size=0")
     else:
@@ -175,8 +178,8 @@ def int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table,
         raise ValueError(f"ptqrt.{op}: block_table must have B={b} rows; got {_desc(block_table)}")
     tensor(op, "seq_lens", seq_lens, dtypes=(torch.int32,), dim=1)
     shape(op, "seq_lens", seq_lens, (b,))
-    if not isinstance(sm_scale, float) or not sm_scale > 0:
-        raise ValueError(f"ptqrt.{op}: sm_scale must be a positive float; got {sm_scale!r}")
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not 0 < sm_scale < math.inf:
+        raise ValueError(f"ptqrt.{op}: sm_scale must be a positive finite number; got {sm_scale!r}")
     same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale,
                 block_table=block_table, seq_lens=seq_lens)
 

@@ -238,7 +238,7 @@ def w8a16_gemm(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor] =
 
     w_scale float32 [N] (group_size 0, per channel) or [N, K // group_size] (per group)."""
     _checks.w8a16_gemm(x, w_q, w_scale, bias, group_size)
-    return resolve("w8a16_gemm", x.device, x.shape[0])[1](x, w_q, w_scale, bias, group_size)
+    return resolve("w8a16_gemm", x.device, x.shape[0])[1](x, w_q, w_scale, bias, int(group_size))
 
 
 @w8a16_gemm.register_fake
@@ -270,7 +270,7 @@ def int8_kv_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scal
     block_table int32 [B, max_blocks]; seq_lens int32 [B]; GQA when Hq % Hkv == 0."""
     _checks.int8_kv_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale)
     fn = resolve("int8_kv_decode_attention", q.device, q.shape[0])[1]
-    return fn(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, sm_scale)
+    return fn(q, k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, float(sm_scale))
 
 
 @int8_kv_decode_attention.register_fake

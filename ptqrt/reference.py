@@ -113,8 +113,13 @@ def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sca
 
 def w8a16_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                bias: Optional[torch.Tensor] = None, group_size: int = 0) -> torch.Tensor:
-    """y [M, N] = x @ dequant(w_q, w_scale)^T (+ bias) computed in float32, returned in x.dtype."""
-    y = x.to(torch.float32) @ dequantize_weight(w_q, w_scale, group_size).T
+    """y [M, N] = x @ dequant(w_q, w_scale)^T (+ bias) computed in float32, returned in x.dtype. Per
+    channel, the scale multiplies the dot product (x @ w_q^T) * w_scale, as the kernels apply it (an
+    Inf scale then gives ±Inf, not the NaN of 0 * Inf)."""
+    if group_size == 0:
+        y = (x.to(torch.float32) @ w_q.to(torch.float32).T) * w_scale.reshape(1, -1)
+    else:
+        y = x.to(torch.float32) @ dequantize_weight(w_q, w_scale, group_size).T
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
@@ -133,6 +138,11 @@ def kv_cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     nb, bs, h, d = k_cache.shape
     keep = slots >= 0
     idx = slots[keep].to(torch.int64)
+    past = (slots >= nb * bs).nonzero()
+    if past.numel():
+        t = int(past[0])
+        raise ValueError(f"kv_cache_append: slots[{t}] = {int(slots[t])} is past the cache's {nb * bs} slots "
+                         f"(num_blocks {nb} x block_size {bs})")
     kc, vc = k_cache.view(nb * bs, h, d), v_cache.view(nb * bs, h, d)
     for new, cache, scale in ((k[keep], kc, k_scale), (v[keep], vc, v_scale)):
         nf = new.to(torch.float32)
@@ -147,6 +157,15 @@ def kv_cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
 def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """float32 [length, Hkv, D] of one sequence, gathered through its blocks."""
     nb, bs, h, d = cache.shape
+    if not 0 <= length <= block_ids.numel() * bs:
+        raise ValueError(f"int8_kv_decode_attention: a sequence length of {length} is outside [0, max_blocks * "
+                         f"block_size] = [0, {block_ids.numel() * bs}]")
+    used = block_ids[: -(-length // bs)].to(torch.int64)
+    bad = ((used < 0) | (used >= nb)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"int8_kv_decode_attention: block_table entry {i} = {int(used[i])} is not a block of the "
+                         f"cache (num_blocks {nb})")
     pos = torch.arange(length, device=cache.device)
     flat = block_ids.to(torch.int64)[pos // bs] * bs + pos % bs
     vals = cache.view(nb * bs, h, d)[flat].to(torch.float32)
@@ -162,7 +181,8 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
     q: [B, Hq, D] float; block_table: int32 [B, max_blocks]; seq_lens: int32 [B]; Hq % Hkv == 0 (GQA:
     query head h reads kv head h // (Hq // Hkv)). out: [B, Hq, D] in q.dtype; a sequence of length 0
-    gives zeros.
+    gives zeros. A length past the table's capacity, or a block id out of range where the sequence
+    reads, is a ValueError.
     """
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -170,6 +190,8 @@ def int8_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     out = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)
     for i in range(b):
         length = int(seq_lens[i])
+        if length < 0:
+            raise ValueError(f"int8_kv_decode_attention: seq_lens[{i}] = {length} is negative")
         if length == 0:
             continue
         kf = dequantize_kv(k_cache, k_scale, block_table[i], length).repeat_interleave(group, dim=1)  # [L, Hq, D]

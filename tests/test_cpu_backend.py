@@ -758,7 +758,7 @@ def test_kv_cache_append_empty_and_bad_slot(cpu_ops):
     vc, ks, vs = kc.clone(), torch.ones(2, 4, 1), torch.ones(2, 4, 1)
     cpu_ops.kv_cache_append(torch.randn(0, 1, 8), torch.randn(0, 1, 8), kc, vc, ks, vs, torch.zeros(0, dtype=torch.long))
     assert (kc == 0).all()
-    with pytest.raises(RuntimeError, match="slots\\[1\\] = 8 is past"):
+    with pytest.raises(ValueError, match="slots\\[1\\] = 8 is past"):
         cpu_ops.kv_cache_append(torch.randn(2, 1, 8), torch.randn(2, 1, 8), kc, vc, ks, vs, torch.tensor([0, 8]))
     with pytest.raises(RuntimeError, match="slots must be int64 or int32"):  # not truncated silently
         cpu_ops.kv_cache_append(torch.randn(2, 1, 8), torch.randn(2, 1, 8), kc, vc, ks, vs, torch.tensor([0.0, 1.5]))
@@ -834,10 +834,10 @@ def test_decode_attention_property(cpu_ops, b, hkv, g, d, bs, lens, dynamic, isa
 def test_decode_attention_refuses_bad_block(cpu_ops):
     q, kc, vc, ks, vs, bt, sl = _paged(1, 2, 2, 16, 4, [9], True, torch.float32)
     bt[0, 1] = 999
-    with pytest.raises(RuntimeError, match="block_table\\[0\\]\\[1\\] = 999"):
+    with pytest.raises(ValueError, match="block_table\\[0\\]\\[1\\] = 999"):
         cpu_ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, 0.25)
     sl[0] = 10_000
-    with pytest.raises(RuntimeError, match="seq_lens\\[0\\]"):
+    with pytest.raises(ValueError, match="seq_lens\\[0\\]"):
         cpu_ops.int8_kv_decode_attention(q, kc, vc, ks, vs, bt, sl, 0.25)
 
 

@@ -201,6 +201,71 @@ def test_bad_input_is_refused_clearly(bad, match):
         bad()
 
 
+def _kv(nb=4, bs=4):
+    kc = rand_int8(nb, bs, 1, 8)
+    return kc, kc.clone(), torch.rand(nb, bs, 1) + 0.1, torch.rand(nb, bs, 1) + 0.1
+
+
+@pytest.mark.parametrize("table, lens, match", [
+    ([[0, -1]], [8], r"block_table.*(entry 1|\[0\]\[1\]) = -1 is not a block of the cache \(num_blocks 4\)"),
+    ([[0, 4]], [5], r"block_table.*(entry 1|\[0\]\[1\]) = 4 is not a block of the cache"),
+    ([[0, 1]], [9], r"9 is outside \[0, max_blocks \* block_size\] = \[0, 8\]"),
+    ([[0, 1]], [-1], r"-1 is (negative|outside)"),
+])
+def test_decode_refuses_a_table_it_cannot_read(backend, table, lens, match):
+    """On the CPU every backend refuses what it cannot read: a block id out of range where the sequence
+    reads (a negative one included: it must not wrap around to the last block), a length past the
+    table's capacity or below 0. (The GPU kernels mask them instead; see kernels/kv_cache.py.)"""
+    kc, vc, ks, vs = _kv()
+    with pytest.raises(ValueError, match=match):
+        ops.int8_kv_decode_attention(torch.randn(1, 2, 8), kc, vc, ks, vs, torch.tensor(table, dtype=torch.int32),
+                                     torch.tensor(lens, dtype=torch.int32), 0.3)
+    # a -1 past the blocks the sequence reads is padding, not an error
+    out = ops.int8_kv_decode_attention(torch.randn(1, 2, 8), kc, vc, ks, vs, torch.tensor([[2, -1]], dtype=torch.int32),
+                                       torch.tensor([4], dtype=torch.int32), 0.3)
+    assert torch.isfinite(out).all()
+
+
+def test_append_refuses_a_slot_past_the_cache(backend):
+    kc, vc, ks, vs = _kv(2, 4)
+    before = kc.clone()
+    with pytest.raises(ValueError, match=r"slots\[1\] = 8 is past the cache's 8 slots"):
+        ops.kv_cache_append(torch.randn(2, 1, 8), torch.randn(2, 1, 8), kc, vc, ks, vs, torch.tensor([0, 8]))
+    assert torch.equal(kc, before)
+
+
+def test_scalar_arguments_as_the_schema_takes_them(backend):
+    """A plain eager call takes what the op's schema does: sm_scale any positive real (an int, a numpy
+    float), group_size an int; a float group size (K / groups) or a bool is refused, not truncated."""
+    import numpy as np
+
+    kc, vc, ks, vs = _kv()
+    args = (torch.randn(1, 2, 8), kc, vc, ks, vs, torch.tensor([[0, 1]], dtype=torch.int32),
+            torch.tensor([6], dtype=torch.int32))
+    want = ref.int8_kv_decode_attention(*args, 1.0)
+    for sm in (1, np.float32(1.0), 1.0):
+        torch.testing.assert_close(ops.int8_kv_decode_attention(*args, sm), want)
+    for sm in (0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="sm_scale must be a positive finite number"):
+            ops.int8_kv_decode_attention(*args, sm)
+    x, w_q = torch.randn(3, 8), rand_int8(5, 8)
+    w_s = rand_scale(10).reshape(5, 2)
+    torch.testing.assert_close(ops.w8a16_gemm(x, w_q, w_s, None, np.int64(4)), ref.w8a16_gemm(x, w_q, w_s, None, 4))
+    for g in (4.0, 2.5, True):
+        with pytest.raises(ValueError, match="group_size must be an int"):
+            ops.w8a16_gemm(x, w_q, w_s, None, g)
+
+
+def test_w8a16_inf_channel_scale_gives_inf_as_the_kernels_do(backend):
+    """Per channel the scale multiplies the dot product: an Inf scale gives ±Inf (not the NaN of 0 * Inf
+    in a dequantized weight), whatever the backend."""
+    x = torch.tensor([[1.0, 2.0], [-1.0, 1.0]])
+    w_q = torch.tensor([[0, 3], [1, 1]], dtype=torch.int8)
+    y = ops.w8a16_gemm(x, w_q, torch.tensor([float("inf"), 0.5]), None, 0)
+    assert y[0, 0] == float("inf") and y[1, 0] == float("inf")
+    torch.testing.assert_close(y[:, 1], torch.tensor([1.5, 0.0]))
+
+
 def _opcheck_cases():
     x = torch.randn(5, 24)
     w_q = rand_int8(7, 24)

@@ -67,8 +67,8 @@ void kv_cache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
   check_cache_scale(v_scale, v_cache, op, "v_scale");
   const std::vector<int64_t> sl = int_vector(slots);
   for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(sl[t] < nb * bs, "ptqrt_cpu.", op, ": slots[", t, "] = ", sl[t], " is past the cache's ", nb * bs,
-                " slots (num_blocks ", nb, " x block_size ", bs, ")");
+    TORCH_CHECK_VALUE(sl[t] < nb * bs, "ptqrt_cpu.", op, ": slots[", t, "] = ", sl[t], " is past the cache's ",
+                      nb * bs, " slots (num_blocks ", nb, " x block_size ", bs, ")");
   if (T == 0) return;
 
   const Isa isa = active_isa();
@@ -408,11 +408,11 @@ at::Tensor int8_kv_decode_attention(const at::Tensor& q, const at::Tensor& k_cac
   const int32_t* bt = block_table.data_ptr<int32_t>();
   const std::vector<int64_t> lens = int_vector(seq_lens);
   for (int64_t b = 0; b < B; ++b) {  // every block a sequence reads must exist: this guards memory
-    TORCH_CHECK(lens[b] >= 0 && lens[b] <= maxb * bs, "ptqrt_cpu.", op, ": seq_lens[", b, "] = ", lens[b],
-                " is outside [0, max_blocks * block_size] = [0, ", maxb * bs, "]");
+    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] <= maxb * bs, "ptqrt_cpu.", op, ": seq_lens[", b, "] = ", lens[b],
+                      " is outside [0, max_blocks * block_size] = [0, ", maxb * bs, "]");
     for (int64_t i = 0; i < ceil_div(lens[b], bs); ++i)
-      TORCH_CHECK(bt[b * maxb + i] >= 0 && bt[b * maxb + i] < nb, "ptqrt_cpu.", op, ": block_table[", b, "][", i,
-                  "] = ", bt[b * maxb + i], " is not a block of the cache (num_blocks ", nb, ")");
+      TORCH_CHECK_VALUE(bt[b * maxb + i] >= 0 && bt[b * maxb + i] < nb, "ptqrt_cpu.", op, ": block_table[", b, "][",
+                        i, "] = ", bt[b * maxb + i], " is not a block of the cache (num_blocks ", nb, ")");
   }
   at::Tensor out = at::zeros_like(q);  // a sequence of length 0 attends to nothing: zeros, as the reference
   if (B == 0 || HG == 0 || D == 0) return out;
