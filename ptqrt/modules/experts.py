@@ -25,6 +25,7 @@ from torch import nn
 from .. import _checks, ops
 from ..reference import absmax_scale, quantize_weight
 from .scales import keep_float32
+from .straight_through import int8_linear
 
 MODES = ("W8A16", "W8A8", "W8A8_DYNAMIC")  # as QuantLinear's
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # the 3-D parameters transformers' experts hold
@@ -132,15 +133,19 @@ class QuantExperts(nn.Module):
     def linear(self, proj: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (float) through expert `expert`'s projection `proj`: [M, N] in x's dtype."""
         w_q, scale = getattr(self, proj)[expert], getattr(self, f"{proj}_scale")[expert]
-        if self.mode == "W8A16":
-            return ops.w8a16_gemm(x, w_q, scale, None, self.group_size)
         smooth = getattr(self, f"{proj}_smooth_scale")[expert] if self.smooth else None
-        if self.mode == "W8A8_DYNAMIC":
-            x_q, x_scale = ops.quantize_per_token(x.contiguous(), smooth)
-        else:
-            x_scale = getattr(self, f"{proj}_input_scale")[expert:expert + 1]
-            x_q = ops.quantize_per_tensor(x.contiguous(), x_scale, smooth)
-        return ops.w8a8_gemm(x_q, x_scale, w_q, scale, None, x.dtype)
+
+        def int8(x, _bias):
+            if self.mode == "W8A16":
+                return ops.w8a16_gemm(x, w_q, scale, None, self.group_size)
+            if self.mode == "W8A8_DYNAMIC":
+                x_q, x_scale = ops.quantize_per_token(x.contiguous(), smooth)
+            else:
+                x_scale = getattr(self, f"{proj}_input_scale")[expert:expert + 1]
+                x_q = ops.quantize_per_tensor(x.contiguous(), x_scale, smooth)
+            return ops.w8a8_gemm(x_q, x_scale, w_q, scale, None, x.dtype)
+
+        return int8_linear(x, None, w_q, scale, smooth, self.group_size, int8)  # the straight-through gradient
 
     def describe(self) -> dict:
         return {"kind": "experts", "mode": self.mode, "group_size": self.group_size, "num_experts": self.num_experts,

@@ -21,6 +21,7 @@ from .. import ops
 from ..config import PTQConfig
 from ..reference import absmax_scale, quantize_weight
 from .scales import keep_float32
+from .straight_through import int8_linear
 
 MODES = ("W8A16", "W8A8", "W8A8_DYNAMIC")
 SCALES = ("weight_scale", "input_scale", "smooth_scale")  # float32 whatever the model dtype
@@ -125,16 +126,19 @@ class QuantLinear(nn.Module):
         b = self._buffers
         w, ws, bias, smooth = b["weight"], b["weight_scale"], b["bias"], b["smooth_scale"]
         m, dev = x2.shape[0], x2.device
-        if self.mode == "W8A16":
-            fn = run("w8a16_gemm", dev, m)[1] if run else ops.w8a16_gemm
-            y = fn(x2, w, ws, bias, self.group_size)
-        elif self.mode == "W8A8_DYNAMIC":
-            x_q, x_scale = (run("quantize_per_token", dev, m)[1] if run else ops.quantize_per_token)(x2, smooth)
-            y = (run("w8a8_gemm", dev, m)[1] if run else ops.w8a8_gemm)(x_q, x_scale, w, ws, bias, x.dtype)
-        else:
+
+        def int8(x2, bias):
+            if self.mode == "W8A16":
+                fn = run("w8a16_gemm", dev, m)[1] if run else ops.w8a16_gemm
+                return fn(x2, w, ws, bias, self.group_size)
+            if self.mode == "W8A8_DYNAMIC":
+                x_q, x_scale = (run("quantize_per_token", dev, m)[1] if run else ops.quantize_per_token)(x2, smooth)
+                return (run("w8a8_gemm", dev, m)[1] if run else ops.w8a8_gemm)(x_q, x_scale, w, ws, bias, x.dtype)
             s = b["input_scale"]
             x_q = (run("quantize_per_tensor", dev, m)[1] if run else ops.quantize_per_tensor)(x2, s, smooth)
-            y = (run("w8a8_gemm", dev, m)[1] if run else ops.w8a8_gemm)(x_q, s, w, ws, bias, x.dtype)
+            return (run("w8a8_gemm", dev, m)[1] if run else ops.w8a8_gemm)(x_q, s, w, ws, bias, x.dtype)
+
+        y = int8_linear(x2, bias, w, ws, smooth, self.group_size, int8)  # the straight-through gradient, if wanted
         if run is None and key is not None:
             ops.remember(self._checked, key)
         return y.reshape(*lead, self.out_features)
