@@ -203,6 +203,50 @@ def test_sliding_window_runs_the_int8_kernel_on_a_ring(attn, calls):
         assert max(errs) < TOL["per_token"], (row, errs)
 
 
+def test_a_model_that_changes_its_keys_after_the_update_is_not_fused(calls):
+    """JetMoe repeats the keys the cache update returns before its attention reads them: the first step
+    finds that (the attention does not get the returned keys), and the decode steps then return past +
+    new keys for the model to change, as an unfused cache does, instead of the new keys alone for the
+    int8 kernel (which would attend to the new token only)."""
+    torch.manual_seed(0)
+    cfg = transformers.JetMoeConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2,
+                                    kv_channels=16, intermediate_size=64, num_local_experts=2, num_experts_per_tok=2,
+                                    max_position_embeddings=128, initializer_range=0.1, pad_token_id=0)
+    model = transformers.JetMoeForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    apply_int8_kv_cache(model, "per_token", quiet=True)
+    for prompt in (7, 1):  # a one-token prompt: its first step is not fused either
+        ids = torch.randint(1, VOCAB, (1, prompt), generator=torch.Generator().manual_seed(5))
+        calls.update(decode=0, append=0)
+        out = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        assert calls["decode"] == 0 and calls["append"] == 6 * 2
+        assert all(layer.keys_changed for layer in returned_cache(out).layers)
+        errs = step_errors(out, float_logits(model, out.sequences), prompt)
+        assert max(errs) < TOL["per_token"], errs
+
+
+def test_keys_changed_on_a_fused_step_raise(calls, monkeypatch):
+    """A model that leaves the keys alone on its first step and changes them on a later one cannot be
+    followed by the fused step: that raises rather than attend to the new token alone."""
+    model = make_model("llama")
+    apply_int8_kv_cache(model, "per_token", quiet=True)
+    update = hf.Int8KVLayer.update
+    step = {"n": 0}
+
+    def changes_later(self, key, value, *a, **k):  # as a model changing layer 1's keys after the first step
+        key_out, value_out = update(self, key, value, *a, **k)
+        return (key_out * 1.0 if step["n"] and self.layer_idx == 1 else key_out), value_out
+
+    monkeypatch.setattr(hf.Int8KVLayer, "update", changes_later)
+    ids = torch.randint(1, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    cache = Int8KVCache(model)
+    model(ids, past_key_values=cache)
+    step["n"] = 1
+    with pytest.raises(NotImplementedError, match=r"layer 1\) changed the keys between the cache update and its attention"):
+        model(ids[:, :1], past_key_values=cache)
+
+
 def test_sliding_and_full_layers_mixed(calls):
     """Gemma-2 alternates sliding (window 4) and full layers, softcaps its logits and scales its
     queries by query_pre_attn_scalar: the full layer keeps every token, the sliding one a ring."""

@@ -33,8 +33,10 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import threading
 import types
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Optional
 
@@ -56,6 +58,10 @@ SUPPORTED_ATTN = ("sdpa", "eager")
 CHILD = "kv_quant"
 CACHE_NAMES = ("cache", "past_key_values")  # the kwarg was renamed in transformers 5.2x
 _TAG = "_ptqrt_int8kv_layer"
+_SEEN = "_ptqrt_int8kv_returned"  # on the keys a step that is not fused returns
+# The layer the last cache update of this thread was for: an attention call that does not get the keys
+# that update returned (the model changed them in between: JetMoe repeats them) is found through it.
+_last = threading.local()
 # Attention kwargs that change the math in ways the decode kernel does not do.
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "attention_bias", "alibi")
 
@@ -82,6 +88,8 @@ class Int8KVLayer(CacheLayerMixin):
         self.owner, self.layer_idx, self.quant, self.window = owner, layer_idx, quant, window
         self.is_sliding = window is not None
         self.record_past = False
+        self.keys_changed = False  # the model changes the keys between the update and its attention
+        self.fused_last = False  # the last update returned the new keys alone, tagged for the decode kernel
         self.store: Optional[PagedInt8KV] = None
         self.length = 0
         self.valid: Optional[torch.Tensor] = None
@@ -130,7 +138,9 @@ class Int8KVLayer(CacheLayerMixin):
                              f"(or cache.reset()) for a new batch")
         past = self.length
         keep = self.owner._new_token_mask(b, past, t)
-        fused = t == 1 and self.owner._fused()
+        # The first step is never fused: whether the attention gets the keys this update returns (a model
+        # may change them in between, which the fused step cannot follow) is found there.
+        fused = t == 1 and past > 0 and self.owner._fused() and not self.keys_changed
         # The past positions this step attends to, read before a ring could overwrite them.
         pkv = self.hf_layout(upto=past, lo=self._lo(past)) if past and not fused and self.window else None
         st.append(key_states.transpose(1, 2), value_states.transpose(1, 2), keep)
@@ -138,14 +148,18 @@ class Int8KVLayer(CacheLayerMixin):
             self.valid = self.owner._shared(("extend", id(keep), past, t), self.valid,
                                             lambda old: _extend(old, keep, b, past, t), keep)
         self.length = past + t
+        _last.layer, self.fused_last = weakref.ref(self), fused
         if fused:
             # The attention function reads the paged cache; it finds this layer through the tag.
             setattr(key_states, _TAG, self)
             return key_states, value_states
         if past == 0:
-            return key_states, value_states
-        pk, pv = pkv if pkv is not None else self.hf_layout(upto=past)
-        return torch.cat([pk, key_states], dim=2), torch.cat([pv, value_states], dim=2)
+            keys, values = key_states, value_states
+        else:
+            pk, pv = pkv if pkv is not None else self.hf_layout(upto=past)
+            keys, values = torch.cat([pk, key_states], dim=2), torch.cat([pv, value_states], dim=2)
+        setattr(keys, _SEEN, self)
+        return keys, values
 
     def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
         q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
@@ -442,8 +456,10 @@ def _previous_fn(prev: str, module: nn.Module):
 def _make_attention(prev: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         layer = getattr(key, _TAG, None)
-        if layer is None:  # not ours (no cache, another cache class, or a multi-token step)
+        if layer is None:  # not ours (no cache, another cache class, or a step that is not fused)
+            _check_keys(module, key)
             return _previous_fn(prev, module)(module, query, key, value, attention_mask, **kwargs)
+        _last.layer = None
         try:
             delattr(key, _TAG)
         except AttributeError:
@@ -463,6 +479,34 @@ def _make_attention(prev: str):
 
     attention.__name__ = f"{ATTN_PREFIX}{prev}"
     return attention
+
+
+def _check_keys(module: nn.Module, key: torch.Tensor) -> None:
+    """After a step that is not fused: if the attention of the layer the cache last updated gets other keys
+    than the update returned, the model changes them in between, and that layer's later steps are not
+    fused (they return past + new keys, which the model then changes as it does here). A fused step
+    whose keys were changed cannot be recovered: that raises (the first step of a layer is never fused,
+    so only a model that changes its keys from one step to the next gets there)."""
+    last = getattr(_last, "layer", None)
+    last = last() if last is not None else None  # a weak reference: a cache dropped mid-step is not kept
+    returned = getattr(key, _SEEN, None)
+    if returned is not None:
+        try:
+            delattr(key, _SEEN)
+        except AttributeError:
+            pass
+    if last is None or getattr(module, "layer_idx", None) != last.layer_idx:
+        return
+    _last.layer = None
+    if returned is last:
+        return
+    if last.fused_last:
+        raise NotImplementedError(
+            f"ptqrt int8 KV cache: {type(module).__name__} (layer {last.layer_idx}) changed the keys between the "
+            f"cache update and its attention on a decode step after leaving them alone before; the int8 decode "
+            f"kernel cannot follow that. remove_int8_kv_cache(model) and pass Int8KVCache(model) as "
+            f"past_key_values (it returns dequantized keys), or quantize without kv_cache_dtype='int8'")
+    last.keys_changed = True
 
 
 def _register(prev: str) -> str:
