@@ -247,6 +247,55 @@ def test_keys_changed_on_a_fused_step_raise(calls, monkeypatch):
         model(ids[:, :1], past_key_values=cache)
 
 
+def test_cross_attention_kept_in_the_decoder_cache_is_refused_by_name():
+    """Mllama's decoder layers carry a layer_idx and "Attention" in their class names: they are not taken
+    for attention modules; its cross-attention layers keep the image keys in the decoder's cache by
+    layer index, which the int8 cache does not store: refused, naming the module."""
+    T = transformers
+    vc = T.MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                              attention_heads=2, image_size=28, patch_size=14, max_num_tiles=1, vision_output_dim=64,
+                              intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]])
+    tc = T.MllamaTextConfig(vocab_size=VOCAB + 1, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                            max_position_embeddings=128, pad_token_id=0)
+    model = T.MllamaForConditionalGeneration(T.MllamaConfig(vision_config=vc, text_config=tc,
+                                                            image_token_index=VOCAB)).eval()
+    with pytest.raises(NotImplementedError, match=r"'model.language_model.layers.1.cross_attn' "
+                                                  r"\(MllamaTextCrossAttention\) is a cross-attention layer"):
+        apply_int8_kv_cache(model, "per_token", quiet=True)
+
+
+def test_layers_whose_keys_others_read_are_refused_for_that_reason():
+    """Gemma-4 without shared layers still names kv_sharing_modes ('store' for the layers whose keys an
+    assistant model reads): refused for that, not for sharing another's cache."""
+    cfg = transformers.Gemma4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                        num_global_key_value_heads=1, sliding_window=4,
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        num_kv_shared_layers=0, hidden_size_per_layer_input=0,
+                                        max_position_embeddings=128, pad_token_id=0)
+    assert "reuse" not in cfg.kv_sharing_modes and "store" in cfg.kv_sharing_modes
+    model = transformers.Gemma4ForCausalLM(cfg).eval()
+    with pytest.raises(NotImplementedError, match="whose keys other layers or models read from the cache"):
+        apply_int8_kv_cache(model, "per_token", quiet=True)
+
+
+def test_a_wired_model_pickles():
+    import io
+
+    model = make_model("llama", seed=1)
+    apply_int8_kv_cache(model, "per_token", quiet=True)
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    want = model.generate(ids, **kw)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert hf._is_wired(loaded) and hf._our_hooks(loaded)
+    assert torch.equal(loaded.generate(ids, **kw), want)
+
+
 def test_sliding_and_full_layers_mixed(calls):
     """Gemma-2 alternates sliding (window 4) and full layers, softcaps its logits and scales its
     queries by query_pre_attn_scalar: the full layer keeps every token, the sliding one a ring."""

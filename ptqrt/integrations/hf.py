@@ -549,8 +549,13 @@ def attention_modules(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
         idx = getattr(mod, "layer_idx", None)
         if isinstance(mod, KVCacheQuant) or isinstance(idx, bool) or not isinstance(idx, int):
             continue
-        if "attention" not in type(mod).__name__.lower() or getattr(mod, "is_cross_attention", False):
-            continue
+        kind = type(mod).__name__.lower()
+        if "attention" not in kind or kind.endswith(("layer", "block")) or getattr(mod, "is_cross_attention", False):
+            continue  # a decoder layer named after its attention (Mllama's, Jamba's) is not one itself
+        if "crossattention" in kind:
+            raise NotImplementedError(f"ptqrt int8 KV cache: {name!r} ({type(mod).__name__}) is a cross-attention "
+                                      f"layer that keeps its keys in the decoder's cache (layer_idx {idx}); the int8 "
+                                      f"KV cache stores self-attention layers only")
         if idx in found:
             raise ValueError(f"ptqrt int8 KV cache: two attention modules claim layer_idx {idx}: "
                              f"{found[idx][0]!r} and {name!r}")
@@ -578,9 +583,13 @@ def layer_windows(config) -> list:
     """Per decoder layer: None (full attention) or the window of a sliding (or chunked) attention
     layer, as transformers' DynamicCache lays out its layers. NotImplementedError for other kinds
     (linear attention, layers sharing another's cache), which the int8 KV cache does not store."""
-    if getattr(config, "kv_sharing_modes", None) is not None:
+    modes = list(getattr(config, "kv_sharing_modes", None) or [])
+    if "reuse" in modes:
         raise NotImplementedError(f"the int8 KV cache does not store layers that share another's cache "
-                                  f"(kv_sharing_modes of {type(config).__name__})")
+                                  f"(kv_sharing_modes 'reuse' of {type(config).__name__})")
+    if "store" in modes:  # the keys its update returns are published for others to read, whole
+        raise NotImplementedError(f"the int8 KV cache does not store layers whose keys other layers or models read "
+                                  f"from the cache (kv_sharing_modes 'store' of {type(config).__name__})")
     try:  # transformers' own reading (per-layer configs included), where this version has it
         from transformers.cache_utils import get_layer_types_and_kwargs
     except ImportError:
@@ -693,16 +702,26 @@ def calibrate_kv(model: nn.Module, calib_data, quiet: bool = False) -> dict[int,
 
 
 # ============================================================================ wiring
-def _forward_hook(top: nn.Module, inject: bool):
-    params = list(inspect.signature(top.forward).parameters.values())
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    cache_kw = "cache" if "cache" in positional or any(p.name == "cache" for p in params) else "past_key_values"
+class _ForwardHook:
+    """The forward pre-hook of a wired model (a class at module level, so a wired model pickles): it makes
+    an Int8KVCache where the call asks for a cache and gives none (inject), and tells the cache a
+    forward begins, with its attention mask."""
 
-    def hook(module, args, kwargs):
+    _ptqrt_int8kv = True  # found again by _our_hooks; it holds no reference to the model
+
+    def __init__(self, top: nn.Module, inject: bool) -> None:
+        params = list(inspect.signature(top.forward).parameters.values())
+        self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.cache_kw = "cache" if "cache" in self.positional or any(p.name == "cache" for p in params) \
+            else "past_key_values"
+        self.inject = inject
+
+    def __call__(self, module, args, kwargs):
+        positional, cache_kw = self.positional, self.cache_kw
         given = dict(zip(positional, args))
         given.update(kwargs)
         cache = next((given[n] for n in CACHE_NAMES if given.get(n) is not None), None)
-        if cache is None and inject and _is_wired(module):
+        if cache is None and self.inject and _is_wired(module):
             use = given.get("use_cache")
             if use is None:
                 use = getattr(module.config, "use_cache", False)
@@ -719,8 +738,9 @@ def _forward_hook(top: nn.Module, inject: bool):
             cache._begin_forward(given.get("attention_mask"))
         return args, kwargs
 
-    hook._ptqrt_int8kv = True  # found again by _our_hooks; it holds no reference to the model
-    return hook
+
+def _forward_hook(top: nn.Module, inject: bool) -> _ForwardHook:
+    return _ForwardHook(top, inject)
 
 
 def _our_hooks(m: nn.Module) -> list:
