@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -76,15 +77,76 @@ def _check_out_dir(model_dir: Path, out_dir: Path) -> None:
                              f"(or pass --force)")
 
 
-def _hf_model(model_dir: Path):
-    import os
+def _check_out_path(out_dir: Path) -> None:
+    """Refuse an OUT_DIR that cannot be made a directory (a file there, or above it): --force cannot either."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = f"{'a file' if p.exists() else 'a broken link'}, not a directory; choose another OUT_DIR"
+                raise ValueError(f"OUT_DIR {out_dir} is {what}" if p == out_dir
+                                 else f"OUT_DIR {out_dir} cannot be created: {p} is {what}")
+            return
 
+
+def _calibration_options(a, cfg) -> list:
+    """The options of `quantize` that make it calibrate (each needs MODEL_DIR's tokenizer for the text)."""
+    why = []
+    if cfg.mode == "W8A8":
+        why.append(f"--mode {a.mode} (static activation scales)")
+    if cfg.outliers != "none":
+        why.append(f"--outliers {a.outliers}")
+    if cfg.precision_recovery != "none":
+        why.append("--gptq")
+    if cfg.kv_needs_calibration:
+        why.append(f"--kv-cache {a.kv_cache} (static KV cache scales)")
+    return why or [f"--mode {a.mode}"]
+
+
+def _tokenizer(model_dir: Path):
+    """MODEL_DIR's tokenizer, or None when it has none."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoTokenizer
 
-    cfg = AutoConfig.from_pretrained(str(model_dir))
-    causal = any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None
+
+
+def _calibration(a, tok) -> list:
+    """The calibration batches: --calib's lines (or ptqrt's sentences), tokenized and padded by a copy of
+    `tok`, so that the tokenizer saved with the packed model stays the source's (no pad token added)."""
+    from .demo import sentences
+
+    text = a.calib.read_text().splitlines() if a.calib else sentences("calib")
+    text = [t for t in text if t.strip()][: a.max_samples]
+    tok = copy.deepcopy(tok)  # padding sets pad_token and the backend's padding state
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return [dict(tok(text[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, len(text), 8)]
+
+
+def _hf_model(model_dir: Path):
+    """The model config.json's `architectures` names, task head included (the first class transformers has,
+    the one ptqrt.from_pretrained builds from the packed directory); the bare AutoModel, with a warning on
+    stderr, when it names none."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    from .format import FormatError
+    from .pretrained import CONFIG, _model_class
+
+    cfg = transformers.AutoConfig.from_pretrained(str(model_dir))
+    try:
+        cls = _model_class(cfg, model_dir / CONFIG)
+    except FormatError:
+        model = transformers.AutoModel.from_pretrained(str(model_dir)).eval()
+        names = cfg.architectures or []
+        why = (f"architectures {names} name no model class of transformers {transformers.__version__}" if names
+               else "'architectures' is empty")
+        print(f"ptqrt quantize: warning: {model_dir / CONFIG} names no model class ({why}): quantizing the bare "
+              f"{type(model).__name__} (AutoModel), without any task head", file=sys.stderr)
+        return model
     return cls.from_pretrained(str(model_dir)).eval()
 
 
@@ -92,12 +154,12 @@ def cmd_quantize(a) -> int:
     import torch
 
     from . import PTQConfig, quantize, save_quantized
-    from .demo import sentences
 
     model_dir, out_dir = Path(a.model_dir), Path(a.out_dir)
     # Everything that can be refused is refused here, before the (slow) load and calibration.
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    _check_out_path(out_dir)
     if not a.force:
         _check_out_dir(model_dir, out_dir)
     kw = dict(MODES[a.mode])
@@ -110,28 +172,21 @@ def cmd_quantize(a) -> int:
     if a.act_percentile is not None:
         kw.update(act_observer="percentile", act_percentile=a.act_percentile)
     cfg = PTQConfig(skip=a.skip, outliers=a.outliers, smooth_alpha=a.smooth_alpha, **kw)
-    model = _hf_model(model_dir)
+    tok = _tokenizer(model_dir)
     calib = None
-    tok = None
-    try:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError):
-        pass
     if cfg.needs_calibration or cfg.kv_needs_calibration:
         if tok is None:
-            raise ValueError(f"{a.mode} needs calibration text, but {model_dir} has no tokenizer")
-        text = a.calib.read_text().splitlines() if a.calib else sentences("calib")
-        text = [t for t in text if t.strip()][: a.max_samples]
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        calib = [dict(tok(text[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, len(text), 8)]
+            why = _calibration_options(a, cfg)
+            raise ValueError(f"{' and '.join(why)} need{'s' if len(why) == 1 else ''} calibration text, tokenized "
+                             f"with the model's tokenizer, but {model_dir} has no tokenizer")
+        calib = _calibration(a, tok)
+    model = _hf_model(model_dir)
     with torch.no_grad():
         quantize(model, cfg, calib, quiet=a.quiet)
     save_quantized(model, out_dir)
     if tok is not None:
         tok.save_pretrained(str(out_dir))
-    print(f"wrote {out_dir} ({cfg.mode})")
+    print(f"wrote {out_dir} ({cfg.mode}, {type(model).__name__})")
     return 0
 
 

@@ -151,6 +151,137 @@ def test_quantize_refuses_to_overwrite_a_checkpoint_unless_forced(tmp_path, caps
     assert main(["quantize", str(model), str(other), "--quiet"]) == 0  # a ptqrt directory: rewritten freely
 
 
+def test_quantize_refuses_an_out_dir_that_is_a_file_before_any_load(tmp_path, capsys, monkeypatch, llama_dir):
+    from ptqrt import cli
+
+    def slow(model_dir):
+        raise AssertionError("loaded the model before refusing OUT_DIR")
+
+    monkeypatch.setattr(cli, "_hf_model", slow)
+    (tmp_path / "f").write_text("not a directory")
+    for force in ([], ["--force"]):  # --force overwrites a checkpoint; it cannot make a file a directory
+        _refused(capsys, ["quantize", str(llama_dir), str(tmp_path / "f")] + force, "quantize",
+                 r"OUT_DIR .*/f is a file, not a directory; choose another OUT_DIR")
+        _refused(capsys, ["quantize", str(llama_dir), str(tmp_path / "f" / "sub" / "q")] + force, "quantize",
+                 r"OUT_DIR .*/f/sub/q cannot be created: .*/f is a file, not a directory")
+    assert (tmp_path / "f").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("options, match", [
+    (["--kv-cache", "per_channel"], r"--kv-cache per_channel \(static KV cache scales\) needs calibration text"),
+    (["--mode", "w8a8-static"], r"--mode w8a8-static \(static activation scales\) needs calibration text"),
+    (["--gptq", "--kv-cache", "per_channel"], r"--gptq and --kv-cache per_channel \(static KV cache scales\) need "),
+    (["--mode", "w8a8-dynamic", "--outliers", "smooth"], r"--outliers smooth needs calibration text"),
+], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+def test_quantize_without_a_tokenizer_names_what_needs_calibration_before_any_load(options, match, tmp_path, capsys,
+                                                                                   monkeypatch, llama_dir):
+    """llama_dir has no tokenizer: the option that calibrates is named (not --mode w8a16, which does not),
+    before the model is loaded."""
+    from ptqrt import cli
+
+    def slow(model_dir):
+        raise AssertionError("loaded the model before refusing the arguments")
+
+    monkeypatch.setattr(cli, "_hf_model", slow)
+    _refused(capsys, ["quantize", str(llama_dir), str(tmp_path / "o")] + options, "quantize",
+             match + f".*but {llama_dir} has no tokenizer")
+
+
+# ----------------------------------------------------------------------------- quantize: the whole model, as it was
+def _packed(d):
+    import json
+
+    return (json.loads((d / "config.json").read_text())["architectures"],
+            json.loads((d / "quantization_description.json").read_text()))
+
+
+def test_quantize_keeps_the_lm_head_of_gpt2(tmp_path, capsys):
+    """GPT2LMHeadModel does not end in ForCausalLM: it was saved as the bare GPT2Model, which cannot generate."""
+    transformers = pytest.importorskip("transformers")
+    import ptqrt
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    float_model = transformers.GPT2LMHeadModel(cfg).eval()
+    float_model.save_pretrained(tmp_path / "f")
+    assert main(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--quiet"]) == 0
+    archs, desc = _packed(tmp_path / "q")
+    assert archs == ["GPT2LMHeadModel"] and "lm_head.weight" in desc["parameters"], archs
+    assert capsys.readouterr().out.strip().endswith("(W8A16, GPT2LMHeadModel)")
+    model = ptqrt.from_pretrained(tmp_path / "q")
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        logits, ref = model(ids).logits, float_model(ids).logits
+    assert type(model).__name__ == "GPT2LMHeadModel" and logits.shape == (1, 4, 100)
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), ref.flatten(), dim=0) > 0.99
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 6)
+
+
+def test_quantize_keeps_the_classifier_of_bert(tmp_path, capsys):
+    """BertForSequenceClassification was saved as the bare BertModel: its classifier was dropped silently."""
+    transformers = pytest.importorskip("transformers")
+    import ptqrt
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=3)
+    float_model = transformers.BertForSequenceClassification(cfg).eval()
+    float_model.save_pretrained(tmp_path / "f")
+    assert main(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--quiet"]) == 0
+    archs, desc = _packed(tmp_path / "q")
+    assert archs == ["BertForSequenceClassification"], archs
+    assert "classifier" in desc["modules"] and "classifier.weight" in desc["parameters"]
+    model = ptqrt.from_pretrained(tmp_path / "q")
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        logits, ref = model(ids).logits, float_model(ids).logits
+    assert type(model).__name__ == "BertForSequenceClassification" and logits.shape == (1, 3)
+    assert torch.allclose(logits, ref, atol=0.05), (logits, ref)
+
+
+def test_quantize_falls_back_to_the_backbone_with_a_warning(tmp_path, capsys, llama_dir):
+    """A config.json whose `architectures` names no transformers class: the bare AutoModel, and stderr says so."""
+    import json
+    import shutil
+
+    shutil.copytree(llama_dir, tmp_path / "f")
+    cfg = json.loads((tmp_path / "f" / "config.json").read_text())
+    (tmp_path / "f" / "config.json").write_text(json.dumps(dict(cfg, architectures=["NoSuchModelForCausalLM"])))
+    assert main(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert _packed(tmp_path / "q")[0] == ["LlamaModel"]
+    assert "ptqrt quantize: warning: " in err and "['NoSuchModelForCausalLM'] name no model class" in err, err
+    assert "quantizing the bare LlamaModel (AutoModel), without any task head" in err, err
+    assert out.strip().endswith("(W8A16, LlamaModel)")
+
+
+def test_quantize_saves_the_source_tokenizer_unchanged(tmp_path, llama_dir):
+    """Calibration pads, so needs a pad token: it is set on a copy, not on the tokenizer saved with the model."""
+    pytest.importorskip("tokenizers")
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    src = tmp_path / "f"
+    shutil.copytree(llama_dir, src)
+    words = ["<unk>", "<s>", "</s>"] + "the a of to and in is it that was for on are with as".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(src)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path / "ref")  # the source's, as saving writes it
+    assert AutoTokenizer.from_pretrained(src).pad_token is None
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--mode", "w8a8-static", "--max-samples", "16",
+                 "--quiet"]) == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "q").pad_token is None
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        saved = json.loads((tmp_path / "q" / name).read_text())
+        assert saved == json.loads((tmp_path / "ref" / name).read_text()), name
+    assert json.loads((tmp_path / "q" / "tokenizer.json").read_text())["padding"] is None
+
+
 def test_inspect_reports_the_int8_kv_cache(tmp_path, capsys, llama_dir):
     transformers = pytest.importorskip("transformers")
     from ptqrt import PTQConfig, quantize, save_quantized
