@@ -260,7 +260,7 @@ def cmd_inspect(a) -> int:
                      f"{d['out_features']}x{d['in_features']}", size, fp32, rng))
     other = 0
     for name, p in desc["parameters"].items():
-        if p["mode"] == "FLOAT":
+        if p["mode"] == "FLOAT" and name not in desc.get("aliases", {}):  # a tied tensor is stored once
             shape, dt, _ = heads.get(name, (p["shape"], "F32", None))
             other += _tensor_bytes(shape, dt)
     w = max([len(r[0]) for r in rows + kv_rows] + [16])

@@ -185,6 +185,10 @@ def read_description(in_dir) -> dict:
         if not isinstance(section, dict) or not all(isinstance(v, str) for v in section.values()):
             raise FormatError(f"{path}: the {key!r} section is damaged: expected {{name: string}}; "
                               f"got {section!r:.200}")
+    for fname in desc["files"]:
+        if not _plain_file_name(fname):
+            raise FormatError(f"{path}: the 'files' section is damaged: {fname!r} is not the name of a file in "
+                              f"{in_dir} (it is a path, '.', '..' or empty): refused, so that nothing outside {in_dir} is read")
     if desc.get("config") is not None and not isinstance(desc["config"], dict):
         raise FormatError(f"{path}: the 'config' section is damaged: expected a dict of PTQConfig fields; got "
                           f"{type(desc['config']).__name__}")
@@ -195,6 +199,12 @@ def read_description(in_dir) -> dict:
     for name, d in desc["modules"].items():
         _check_module_entry(name, d, path)
     return desc
+
+
+def _plain_file_name(name: str) -> bool:
+    """A file of the packed directory itself: no directory part (so no absolute path, no '../x'), not '.' / '..'.
+    A symlink of that name is a file of the directory too (a Hugging Face cache's snapshot holds those)."""
+    return name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
 
 
 def _is_shape(v) -> bool:
@@ -266,7 +276,8 @@ def _check_module_entry(name: str, d, path: Path) -> None:
 
 
 def read_tensors(in_dir, desc: dict, verify: bool = True) -> dict:
-    """Every tensor of the packed directory, checked against the recorded checksums."""
+    """Every tensor of the packed directory, checked against the recorded checksums; the description's
+    aliases are checked against them (not added: load_quantized gives each alias its target's tensor)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -287,7 +298,24 @@ def read_tensors(in_dir, desc: dict, verify: bool = True) -> dict:
             if name in tensors:
                 raise FormatError(f"tensor {name!r} appears in two files ({path})")
         tensors.update(part)
+    _check_aliases(desc, set(tensors), in_dir / DESCRIPTION)
     return tensors
+
+
+def _check_aliases(desc: dict, stored: set, path: Path) -> None:
+    """Each alias (a tied tensor saved once) names a tensor no file holds and points to one a file holds: an
+    alias over a stored tensor would silently replace it, and one pointing to another alias depends on the
+    order of the section."""
+    aliases = desc.get("aliases", {})
+    for alias, target in aliases.items():
+        if alias in stored:
+            raise FormatError(f"{path}: the 'aliases' section is damaged: alias {alias!r} -> {target!r} names a "
+                              f"tensor the files hold (it would replace that tensor by {target!r})")
+        if target in aliases:
+            raise FormatError(f"{path}: the 'aliases' section is damaged: alias {alias!r} points to {target!r}, "
+                              f"which is itself an alias (expected a tensor the files hold)")
+        if target not in stored:
+            raise FormatError(f"{path}: alias {alias!r} points to {target!r}, which no file holds")
 
 
 def _expected_module(model: nn.Module, name: str, d: dict, path: Path) -> None:
@@ -345,10 +373,8 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
         swapped.update({n: QuantExperts.from_description(d, device="meta") for n, d in exmods.items()})
     except ValueError as e:
         raise FormatError(f"{path}: a module entry is damaged ({e})") from None
-    tensors = read_tensors(in_dir, desc, verify)
+    tensors = read_tensors(in_dir, desc, verify)  # its aliases checked: each points to a stored tensor
     for alias, target in desc.get("aliases", {}).items():
-        if target not in tensors:
-            raise FormatError(f"{path}: alias {alias!r} points to {target!r}, which no file holds")
         tensors[alias] = tensors[target]
 
     expected = {}
@@ -375,6 +401,7 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
         raise FormatError(f"{in_dir} holds tensors the model has no place for: {unexpected[:5]}"
                           f"{' ...' if len(unexpected) > 5 else ''} (first in {_file_of(desc, unexpected[0], in_dir)})")
     _check_meta_tensors(float_model, swapped, expected, in_dir, replaced)
+    _check_scales(swapped, tensors, desc, in_dir)
 
     # All checks passed: now change the model.
     for name, d in qmods.items():
@@ -454,6 +481,45 @@ def _check_kv_cache(model: nn.Module, kvmods: dict, path: Path) -> None:
         raise FormatError(f"{path} holds an int8 KV cache that {type(model).__name__} cannot take: {e}") from None
 
 
+def _scale_rule(leaf: str):
+    """(bad values, what a scale must be) for the buffer `leaf` of a QuantLinear (weight_scale, input_scale,
+    smooth_scale), QuantExperts (P_scale, P_input_scale, P_smooth_scale) or KVCacheQuant (k_scale, v_scale);
+    None for another tensor. Only what no model ptqrt quantized and saved can hold is refused: every scale is
+    absmax / 127 (reference.absmax_scale) or a SmoothQuant factor, so never negative, but
+      - a weight scale may be NaN or Inf (absmax_scale passes a NaN / Inf weight of the float model through;
+        quantize() takes such a model) or 0 (a subnormal absmax, under about 9e-44, divided by 127 rounds to 0);
+      - an input / KV scale is never NaN (the observers count NaN as 0) but may be Inf (a smoothed static range,
+        max |x| / s, past the float32 range; a KV cache that held Inf) or 0 (that same rounding);
+      - a smooth scale is always finite and positive (smoothquant.smooth_scales clamps it to [1e-5, 1e5]; an
+        input divided by 0 or Inf means nothing)."""
+    if leaf.endswith("smooth_scale"):
+        return (lambda t: ~torch.isfinite(t) | (t <= 0)), "a smooth scale must be finite and > 0"
+    if leaf.endswith("input_scale") or leaf in ("k_scale", "v_scale"):
+        return (lambda t: torch.isnan(t) | (t < 0)), "an input or KV scale (absmax / 127) must be a number >= 0"
+    if leaf.endswith("_scale"):
+        return (lambda t: t < 0), "a weight scale (absmax / 127) must be >= 0"
+    return None
+
+
+def _check_scales(swapped: dict, tensors: dict, desc: dict, in_dir: Path) -> None:
+    """Refuse a scale of a quantized module holding a value no saved model can (a negative one, a NaN input
+    scale, a smooth scale that is not positive): a file written by another tool, or damaged before its
+    checksum was taken. Names the tensor, its file and the first bad value."""
+    for mname, qm in swapped.items():
+        for leaf, like in qm.state_dict().items():
+            rule = _scale_rule(leaf)
+            if rule is None or not like.is_floating_point():
+                continue
+            name = f"{mname}.{leaf}"
+            t = tensors[name]
+            bad = rule[0](t).flatten().nonzero().flatten()
+            if len(bad):
+                i = int(bad[0])
+                at = [int(k) for k in torch.unravel_index(torch.tensor(i), t.shape)]
+                raise FormatError(f"tensor {name!r} in {_file_of(desc, name, in_dir)} holds {t.flatten()[i].item()} "
+                                  f"at {at} ({len(bad)} of its {t.numel()} values are bad): {rule[1]}")
+
+
 def _check_meta_tensors(model: nn.Module, swapped: dict, expected: dict, in_dir: Path, replaced=frozenset()) -> None:
     """Refuses a model with a tensor on the meta device that the file cannot fill (a non-persistent
     buffer, such as a rotary table); load_quantized gives the others the file's tensors.
@@ -510,13 +576,36 @@ def _file_of(desc: dict, name: str, in_dir: Path) -> str:
 
 def tensor_headers(in_dir, desc: dict, load=lambda name: False) -> dict:
     """{tensor name: (shape, dtype str, tensor or None)} read from the safetensors headers; the data is
-    loaded only for names where load(name) is true (for `ptqrt inspect`: the scales)."""
+    loaded only for names where load(name) is true (for `ptqrt inspect`: the scales). The names are the
+    stored tensors only: an alias (desc["aliases"]) takes no room in the files and is not among them, but
+    is checked as load_quantized checks it. A file that is missing, truncated or not safetensors raises
+    FormatError naming it (the checksums are not computed: see load_quantized for that)."""
+    from safetensors import SafetensorError
+
+    in_dir = Path(in_dir)
+    out = {}
+    for fname in desc["files"]:
+        path = in_dir / fname
+        if not path.is_file():
+            raise FormatError(f"{path} is missing (listed in {DESCRIPTION})")
+        try:
+            part = _headers(path, load)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FormatError(f"{path} cannot be read ({e})") from None
+        for name in part:
+            if name in out:
+                raise FormatError(f"tensor {name!r} appears in two files ({path})")
+        out.update(part)
+    _check_aliases(desc, set(out), in_dir / DESCRIPTION)
+    return out
+
+
+def _headers(path: Path, load) -> dict:
     from safetensors import safe_open
 
     out = {}
-    for fname in desc["files"]:
-        with safe_open(str(Path(in_dir) / fname), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                out[name] = (list(sl.get_shape()), sl.get_dtype(), f.get_tensor(name) if load(name) else None)
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            out[name] = (list(sl.get_shape()), sl.get_dtype(), f.get_tensor(name) if load(name) else None)
     return out

@@ -455,3 +455,22 @@ def test_build_clean_reports_what_it_removed_and_builds_nothing(tmp_path, monkey
     assert capsys.readouterr().out == f"removed {root / 'cpu-fedcba9876543210'}\nfreed 7 bytes in {root}\n"
     assert main(["build", "--clean"]) == 0
     assert capsys.readouterr().out.startswith(f"nothing to remove in {root}")
+
+
+def test_inspect_counts_a_tied_tensor_once(tmp_path, capsys):
+    """The float-tensor bytes `inspect` prints are those the files hold: tiny_net's lm_head, tied to the
+    embedding (skipped, so float), is stored once."""
+    import json
+
+    from safetensors import safe_open
+
+    from ptqrt import PTQConfig, quantize, save_quantized
+    from tests.models import tiny_net
+
+    d = save_quantized(quantize(tiny_net(), PTQConfig(skip=["lm_head"]), quiet=True), tmp_path / "packed")
+    modes = {n: p["mode"] for n, p in json.loads((d / "quantization_description.json").read_text())["parameters"].items()}
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys() if modes[n] == "FLOAT")
+    assert main(["inspect", str(d)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("float tensors"))
+    assert int(line.split()[-1].replace(",", "")) == stored

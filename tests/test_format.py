@@ -1,5 +1,7 @@
 import copy
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -249,3 +251,163 @@ def test_meta_model_with_an_unsaved_buffer_is_refused(tmp_path):
         load_quantized(fresh, d)
     assert not any(isinstance(m, QuantLinear) for m in fresh.modules())
     assert all(t.is_meta for t in fresh.state_dict().values())
+
+
+# ----------------------------------------------------------------------------- damaged files seen by inspect
+def _cut(d, keep):
+    f = d / "model.safetensors"
+    f.write_bytes(keep(f.read_bytes()))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: _cut(d, lambda b: b[:7]), "model.safetensors cannot be read .*header too small"),
+    (lambda d: _cut(d, lambda b: b[:-100]), "model.safetensors cannot be read .*not fully covered"),
+    (lambda d: _cut(d, lambda b: b"\xff" * 8 + b[8:]), "model.safetensors cannot be read"),
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+], ids=["header_cut", "data_cut", "garbage_header", "missing"])
+def test_tensor_headers_refuse_a_damaged_file_naming_it(tmp_path, damage, match):
+    from ptqrt.format import read_description, tensor_headers
+
+    _, d = _packed(tmp_path)
+    damage(d)
+    with pytest.raises(FormatError, match=match):
+        tensor_headers(d, read_description(d), load=lambda n: n.endswith("_scale"))
+
+
+def test_inspect_of_a_truncated_file_is_one_line_with_status_2(tmp_path):
+    """`ptqrt inspect` says what is wrong with the file in one line (status 2), not safetensors' traceback."""
+    import os
+    import subprocess
+    import sys
+
+    _, d = _packed(tmp_path)
+    _cut(d, lambda b: b[:7])
+    env = {k: v for k, v in os.environ.items() if k != "PTQRT_DEBUG"}
+    r = subprocess.run([sys.executable, "-m", "ptqrt", "inspect", str(d)], capture_output=True, text=True, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("ptqrt inspect: error: ") and f"{d / 'model.safetensors'} cannot be read" in lines[0]
+
+
+# ----------------------------------------------------------------------------- a damaged 'aliases' section
+@pytest.mark.parametrize("aliases, match", [
+    ({"blocks.0.fc1.weight_scale": "blocks.1.fc1.weight_scale"},  # both float32 [80]: it would load
+     r"alias 'blocks.0.fc1.weight_scale' -> 'blocks.1.fc1.weight_scale' names a tensor the files hold"),
+    ({"embed.weight": "embed.weight"}, "alias 'embed.weight' -> 'embed.weight' names a tensor the files hold"),
+    ({"lm_head.weight": "tied.weight", "tied.weight": "embed.weight"},
+     "alias 'lm_head.weight' points to 'tied.weight', which is itself an alias"),
+    ({"lm_head.weight": "nowhere.weight"}, "alias 'lm_head.weight' points to 'nowhere.weight', which no file holds"),
+], ids=["over_a_stored_tensor", "onto_itself", "to_an_alias", "to_nothing"])
+def test_damaged_alias_is_refused_by_load_and_inspect(tmp_path, aliases, match):
+    from ptqrt.format import read_description, tensor_headers
+
+    _, d = _packed(tmp_path, PTQConfig())
+    _edit_description(d, lambda desc: desc.update(aliases=aliases))
+    _refused(d, rf"quantization_description.json: .*{match}")
+    with pytest.raises(FormatError, match=match):
+        tensor_headers(d, read_description(d))
+
+
+def test_tensor_headers_hold_the_stored_tensors_only(tmp_path):
+    from ptqrt.format import read_description, tensor_headers
+
+    _, d = _packed(tmp_path)
+    heads = tensor_headers(d, read_description(d), load=lambda n: n.endswith("_scale"))
+    assert "embed.weight" in heads and "lm_head.weight" not in heads  # the tie is saved once
+    assert heads["blocks.0.fc1.input_scale"][2] is not None and heads["blocks.0.fc1.weight"][2] is None
+
+
+# ----------------------------------------------------------------------------- 'files' outside the directory
+@pytest.mark.parametrize("entry", ["ABS", "../outside.safetensors", "sub/model.safetensors", "sub\\model.safetensors",
+                                   ".", "..", ""], ids=["absolute", "parent", "subdir", "backslash", "dot", "dotdot",
+                                                        "empty"])
+def test_files_entry_that_is_not_a_file_of_the_directory_is_refused(tmp_path, entry):
+    """A 'files' entry naming a good file (right checksum) anywhere but the packed directory itself is refused
+    by read_description, so by load_quantized, inspect and from_pretrained alike."""
+    from ptqrt import cli
+    from ptqrt.format import read_description
+
+    _, d = _packed(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    (d / "sub").mkdir()
+    for f in (outside, d / "sub" / "model.safetensors", d / "sub\\model.safetensors"):
+        f.write_bytes((d / "model.safetensors").read_bytes())
+    entry = str(outside) if entry == "ABS" else entry
+    _edit_description(d, lambda desc: desc.update(files={entry: desc["files"]["model.safetensors"]}))
+    (d / "model.safetensors").unlink()
+    match = rf"the 'files' section is damaged: {re.escape(repr(entry))} is not the name of a file in"
+    with pytest.raises(FormatError, match=match):
+        read_description(d)
+    _refused(d, match)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["inspect", str(d)])
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- scale values
+SMOOTH = PTQConfig(act_dtype="int8", act_granularity="per_tensor", outliers="smooth")  # fc2 keeps its smooth_scale
+
+
+def _set_scale(name, value, index=-1):
+    def edit(t):
+        x = t[name].clone()
+        x.view(-1)[index] = value
+        t[name] = x
+    return edit
+
+
+@pytest.mark.parametrize("leaf, value, match", [
+    ("weight_scale", -0.5, "holds -0.5 at \\[47\\] .*a weight scale .* must be >= 0"),
+    ("weight_scale", -math.inf, "holds -inf at \\[47\\] .*a weight scale"),
+    ("input_scale", math.nan, "holds nan at \\[0\\] .*an input or KV scale .* must be a number >= 0"),
+    ("input_scale", -1.0, "holds -1.0 at \\[0\\] .*an input or KV scale"),
+    ("smooth_scale", 0.0, "holds 0.0 at \\[79\\] .*a smooth scale must be finite and > 0"),
+    ("smooth_scale", math.inf, "holds inf at \\[79\\] .*a smooth scale must be finite and > 0"),
+    ("smooth_scale", math.nan, "holds nan at \\[79\\] .*a smooth scale must be finite and > 0"),
+], ids=["weight_negative", "weight_minus_inf", "input_nan", "input_negative", "smooth_zero", "smooth_inf",
+        "smooth_nan"])
+def test_a_scale_no_saved_model_holds_is_refused_naming_tensor_and_value(tmp_path, leaf, value, match):
+    """A scale written by another tool (checksum right) that ptqrt never writes is refused before the model changes."""
+    _, d = _packed(tmp_path, SMOOTH)
+    name = f"blocks.0.fc2.{leaf}"
+    _rewrite(d, _set_scale(name, value))
+    _refused(d, rf"tensor '{re.escape(name)}' in .*model.safetensors {match}", tiny_net())
+
+
+def test_scales_a_saved_model_can_hold_still_load(tmp_path):
+    """quantize() takes a float model with a NaN / Inf weight (its scale passes it through) and one with subnormal
+    weights (absmax / 127 rounds to a 0 scale); a static input range can also give 0 (that rounding) or Inf
+    (max |x| / s past float32): each loads back bit for bit."""
+    net = tiny_net()
+    with torch.no_grad():
+        net.blocks[0].fc1.weight[3] = math.nan
+        net.blocks[0].fc1.weight[4] = math.inf
+        net.blocks[1].fc1.weight[5] = 1e-44
+    q = quantize(net, SMOOTH, calib(), quiet=True)
+    ws = q.blocks[0].fc1.weight_scale
+    assert ws[3].isnan() and ws[4].isinf() and q.blocks[1].fc1.weight_scale[5] == 0
+    d = tmp_path / "packed"
+    save_quantized(q, d)
+    _rewrite(d, _set_scale("blocks.0.fc2.input_scale", 0.0))
+    _rewrite(d, _set_scale("blocks.1.fc2.input_scale", math.inf))
+    loaded = load_quantized(tiny_net(seed=3), d)
+    assert loaded.blocks[0].fc2.input_scale.item() == 0 and loaded.blocks[1].fc2.input_scale.item() == math.inf
+    for n, t in q.state_dict().items():
+        if not n.endswith("fc2.input_scale"):
+            torch.testing.assert_close(loaded.state_dict()[n], t, rtol=0, atol=0, equal_nan=True, msg=n)
+
+
+@pytest.mark.parametrize("leaf, value, refused", [
+    ("gate_up_proj_scale", -1.0, True), ("gate_up_proj_scale", math.nan, False), ("down_proj_scale", 0.0, False),
+    ("gate_up_proj_input_scale", math.nan, True), ("down_proj_input_scale", math.inf, False),
+    ("down_proj_smooth_scale", 0.0, True), ("up_proj_smooth_scale", 1e-5, False),
+    ("k_scale", -1.0, True), ("v_scale", math.nan, True), ("k_scale", math.inf, False), ("v_scale", 0.0, False),
+    ("weight", -1.0, False), ("bias", math.nan, False),
+])
+def test_scale_rules_of_experts_and_kv_cache_buffers(leaf, value, refused):
+    """QuantExperts' P_scale / P_input_scale / P_smooth_scale and KVCacheQuant's k_scale / v_scale follow the rules
+    of QuantLinear's weight / input / smooth scales; other tensors have none."""
+    from ptqrt.format import _scale_rule
+
+    rule = _scale_rule(leaf)
+    assert (rule is not None and bool(rule[0](torch.tensor([1.0, value])).any())) == refused
