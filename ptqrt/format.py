@@ -53,7 +53,7 @@ def _modes(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
     from .modules.kv_cache import KVCacheQuant
     from .modules.linear import QuantLinear
 
-    modules = {n: m.describe() for n, m in model.named_modules()
+    modules = {n: m.describe() for n, m in model.named_modules(remove_duplicate=False)  # every name of a shared one
                if isinstance(m, (QuantLinear, KVCacheQuant, QuantExperts))}
     modes = {}
     for t in names:
@@ -404,10 +404,13 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
     _check_scales(swapped, tensors, desc, in_dir)
 
     # All checks passed: now change the model.
+    made: dict = {}  # a linear registered under several names gets one QuantLinear, as quantize() gave it
     for name, d in qmods.items():
         old = float_model.get_submodule(name)
-        dev = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
-        set_submodule(float_model, name, QuantLinear.from_description(d, name, device=dev))
+        if id(old) not in made:
+            dev = next(iter(list(old.parameters()) + list(old.buffers())), torch.empty(0)).device
+            made[id(old)] = QuantLinear.from_description(d, name, device=dev)
+        set_submodule(float_model, name, made[id(old)])
     for name, d in kvmods.items():
         parent = float_model.get_submodule(name.rpartition(".")[0])
         dev = next(iter(list(parent.parameters()) + list(parent.buffers())), torch.empty(0)).device

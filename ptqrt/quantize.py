@@ -54,6 +54,33 @@ def find_experts(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
     return out
 
 
+def _aliases(model: nn.Module, targets: dict) -> dict[str, list[str]]:
+    """{target name: the other names the same linear is registered under} (a module shared by two
+    parents, or set twice on one): each name gets the one QuantLinear."""
+    first = {id(mod): name for name, (mod, _) in targets.items()}
+    out: dict[str, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in first and name != first[id(mod)]:
+            out.setdefault(first[id(mod)], []).append(name)
+    return out
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    """quantize() takes a float model: one already quantized (its record, ptqrt_config, would no longer
+    say what it holds), or a bare linear (which cannot be replaced in place), is refused."""
+    from .modules.experts import QuantExperts
+
+    done = [n or type(model).__name__ for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))]
+    if done:
+        raise ValueError(f"quantize: the model is already quantized ({len(done)} quantized modules, such as "
+                         f"{done[0]!r}); quantize the float model, once: layer_policies give layers configs of "
+                         f"their own, and skip keeps layers float")
+    if is_quantizable(model):
+        raise ValueError(f"quantize: the model itself is a {type(model).__name__}, which cannot be replaced in place; "
+                         f"quantize a module holding it (nn.Sequential(linear)), or use "
+                         f"ptqrt.QuantLinear.from_float(linear, config)")
+
+
 def _check_group(group: int, k: int, name: str) -> None:
     if group and k % group:
         raise ValueError(f"PTQConfig.group_size={group} does not divide K={k} of layer {name!r}; use a divisor of "
@@ -138,7 +165,9 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     if not isinstance(config, PTQConfig):
         raise TypeError(f"quantize: config must be a PTQConfig; got {type(config).__name__}")
     config.validate()
+    _refuse_quantized(model)
     targets = find_targets(model, config)
+    aliases = _aliases(model, targets)
     experts = find_experts(model, config)
     if not targets and not experts:
         warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)
@@ -187,12 +216,15 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
                 group = cfg.weight_group
                 old = hf_experts.attach(mod, QuantExperts.from_float(mod, cfg.mode, group))
                 undo.append(lambda mod=mod, old=old: hf_experts.detach(mod, old))
+        for name, others in aliases.items():  # a linear registered under several names: one QuantLinear
+            for other in others:
+                set_submodule(model, other, model.get_submodule(name))
         if config.kv_cache_dtype == "int8":
             from .integrations import hf
 
             hf.apply_int8_kv_cache(model, config.kv_granularity, calib_data if kv_static else None, quiet=quiet)
     except BaseException as e:  # an error or an interrupt part way: the model goes back as it was
-        _roll_back(model, targets, undo, e)
+        _roll_back(model, {**targets, **{o: targets[n] for n, others in aliases.items() for o in others}}, undo, e)
         raise
     finally:
         model.train(was_training)

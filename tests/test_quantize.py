@@ -295,3 +295,41 @@ def test_jamba_quantizes_and_runs():
         q = quantize(model, PTQConfig(), quiet=True)
     assert type(q.model.layers[0].mamba.dt_proj) is nn.Linear and isinstance(q.model.layers[0].mamba.in_proj, QuantLinear)
     assert ((q(ids).logits - ref).norm() / ref.norm()) < 0.05
+
+
+class _SharedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.proj_again = self.proj  # one module under two names (a weight-shared projection)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(self.proj_again(torch.relu(self.proj(x))))
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w8a8_static"])
+def test_a_linear_under_two_names_is_one_quantlinear_saved_and_loaded(name, tmp_path):
+    torch.manual_seed(0)
+    model = _SharedLinear()
+    x = torch.randn(5, 16)
+    want = model(x)
+    q = quantize(model, CONFIGS[name], [torch.randn(4, 16)], quiet=True)
+    assert isinstance(q.proj, QuantLinear) and q.proj_again is q.proj
+    assert not list(q.parameters())  # no float weight left under either name
+    y = q(x)
+    assert ((y - want).norm() / want.norm()) < 0.05
+    ptqrt.save_quantized(q, tmp_path / "packed")
+    torch.manual_seed(1)
+    r = ptqrt.load_quantized(_SharedLinear(), tmp_path / "packed")
+    assert isinstance(r.proj, QuantLinear) and r.proj_again is r.proj
+    assert torch.equal(r(x), y)
+
+
+def test_an_already_quantized_model_or_a_bare_linear_is_refused():
+    q = quantize(tiny_net(), PTQConfig(), quiet=True)
+    with pytest.raises(ValueError, match=r"already quantized \(4 quantized modules, such as 'blocks.0.fc1'\)"):
+        quantize(q, PTQConfig(act_dtype="int8"), quiet=True)
+    assert q.ptqrt_config == PTQConfig()
+    with pytest.raises(ValueError, match="the model itself is a Linear, which cannot be replaced in place"):
+        quantize(nn.Linear(8, 8), PTQConfig(), quiet=True)
