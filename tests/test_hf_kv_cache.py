@@ -457,6 +457,45 @@ def test_prompt_lookup_decoding_crops_the_cache(window):
     assert rel(nxt, float_logits(model, seq)[:, -1]) < TOL["per_token"]
 
 
+def test_assisted_decoding_keeps_a_sliding_layer_bounded():
+    """Past recording keeps a sliding layer's tokens so that crop can go back; after each crop those before
+    the next step's window are dropped once they are another window's worth (a 20-token prompt and 40
+    new tokens held 59 tokens a layer before, for a window of 4), and the result stays right."""
+    window = 4
+    model = make_model("mistral", seed=3, sliding_window=window)
+    apply_int8_kv_cache(model, "per_token")
+    ids = torch.tensor([[5, 6, 7, 8, 9] * 4])
+    out = model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                         return_dict_in_generate=True)
+    cache, seq = returned_cache(out), out.sequences
+    assert cache.get_seq_length() == seq.shape[1] - 1
+    for layer in cache.layers:
+        assert layer.record_past and max(layer.store.held()) <= 2 * window
+    nxt = model(seq[:, -1:], past_key_values=cache).logits[:, -1]
+    assert rel(nxt, float_logits(model, seq)[:, -1]) < TOL["per_token"]
+
+
+def test_keep_last_moves_the_held_tokens_to_the_front():
+    torch.manual_seed(0)
+    st = PagedInt8KV(2, 1, 8, "cpu", block_size=4)
+    k = torch.randn(2, 11, 1, 8)
+    st.append(k, k * 2)
+    before = st.dequantize()
+    st.keep_last(torch.tensor([3, 5]))
+    assert st.held() == [3, 5] and st.first == [8, 6]
+    st.append(k[:, :2], k[:, :2] * 2)
+    assert st.held() == [5, 7]
+    kk, vv = st.dequantize(lo=8)  # tokens 8 .. 12: both sequences hold them
+    assert torch.equal(kk[:, :3], before[0][:, 8:11]) and torch.equal(vv[:, :3], before[1][:, 8:11])
+    fresh = PagedInt8KV(2, 1, 8, "cpu", block_size=4)
+    fresh.append(k[:, :2], k[:, :2] * 2)
+    assert torch.equal(kk[:, 3:], fresh.dequantize()[0])
+    with pytest.raises(RuntimeError, match="token 5 is gone"):
+        st.dequantize(lo=5)
+    with pytest.raises(ValueError, match="non-negative"):
+        st.keep_last(torch.tensor([-1, 0]))
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_eager_attention_left_padding(arch, calls):
     """eager: the mask is additive float (0 / dtype min), and the fallback is the model's own eager function."""

@@ -193,6 +193,7 @@ class Int8KVLayer(CacheLayerMixin):
         remove = -n if n <= 0 else max(0, self.length - n)
         remove = min(remove, self.length)
         if remove == 0 or self.store is None:
+            self._trim_recorded()
             return
         keep_len = self.length - remove
         if self.valid is None:
@@ -209,6 +210,22 @@ class Int8KVLayer(CacheLayerMixin):
             self.valid = self.owner._shared(("crop", keep_len), self.valid, lambda old: old[:, :keep_len])
         self.store.drop_last(counts)
         self.length -= remove
+        self._trim_recorded()
+
+    def _trim_recorded(self) -> None:
+        """While past states are recorded (assisted decoding, which crops after every step) a sliding layer
+        keeps every token so that crop can go back. After a crop, the tokens before the next step's window
+        are forgotten once they are another window's worth: memory stays bounded, as transformers' sliding
+        layer's (which keeps the window alone), without moving the window at every step."""
+        if not (self.record_past and self.window and self.store is not None):
+            return
+        lo = self._lo(self.length)
+        if self.valid is None:
+            keep = torch.full((self.store.batch,), self.length - lo, dtype=torch.int64)
+        else:
+            keep = self.valid[:, lo:self.length].sum(1)
+        if bool((torch.tensor(self.store.held()) > keep + self.window).any()):
+            self.store.keep_last(keep)
 
     def _select(self, index: torch.Tensor) -> None:
         if self.store is None:

@@ -352,6 +352,18 @@ class PagedInt8KV:
             self._relayout(self.capacity)  # the held tokens no longer start at position 0
         self._publish()
 
+    def keep_last(self, counts) -> None:
+        """Forget all but the last counts[b] >= 0 tokens each sequence holds (host ints [B]), moving those to
+        the front of its storage, so that what comes after reuses the room (a sliding layer recording its
+        past states, after a crop)."""
+        counts = torch.as_tensor(counts)
+        if tuple(counts.shape) != (self.batch,) or bool((counts < 0).any()):
+            raise ValueError(f"PagedInt8KV.keep_last: counts must be [B] = [{self.batch}] non-negative ints; "
+                             f"got {counts.tolist()}")
+        self._first = [max(f, n - c) for f, n, c in zip(self._first, self._n, counts.tolist())]
+        self._relayout(self.capacity)
+        self._publish()
+
     @property
     def first(self) -> list[int]:
         """The oldest token each sequence holds (0 without a ring; a ring forgets the ones before)."""
