@@ -265,6 +265,10 @@ class _Stats:
         # Identities are storage addresses: the first pass holds every tensor it keyed, so that no
         # freed activation's address is reused by another tensor and mistaken for it.
         self.alive: list = []
+        # GPTQ of fused experts in rounds (layerwise_experts.expert_rounds): the experts whose Hessians this
+        # pass accumulates (None: all), and whether it records nothing else (a later round's pass).
+        self.hessian_experts: Optional[set] = None
+        self.hessians_only = False
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -279,9 +283,13 @@ def _percentile(cfg: PTQConfig) -> Optional[float]:
 def _record(st: _Stats, key, x2: torch.Tensor, cfg: PTQConfig) -> None:
     """What calibration keeps of input rows x2 [R, K] of target `key` (a linear's name, or an expert
     projection's (module, projection, expert))."""
-    st.observers[key].update(x2)
-    if cfg.precision_recovery == "gptq":
+    expert = isinstance(key, tuple)
+    if cfg.precision_recovery == "gptq" and (
+            st.hessian_experts is None or (expert and key[2] in st.hessian_experts) or (not expert and not st.hessians_only)):
         st.hessian[key], st.tokens[key] = gptq.accumulate_hessian(st.hessian.get(key), x2, st.tokens[key])
+    if st.hessians_only:
+        return
+    st.observers[key].update(x2)
     if cfg.outliers == "osl" or _percentile(cfg) is not None:
         if key not in st.xs:
             st.xs[key] = RowSample(KEPT_TOKENS)
@@ -289,15 +297,19 @@ def _record(st: _Stats, key, x2: torch.Tensor, cfg: PTQConfig) -> None:
 
 
 def _observe(block: nn.Module, prefix: str, names: dict[str, PTQConfig], calls, device, quiet: bool,
-             masks: Optional[list] = None, experts: Optional[dict] = None) -> _Stats:
+             masks: Optional[list] = None, experts: Optional[dict] = None, hessian_experts: Optional[set] = None,
+             hessians_only: bool = False) -> _Stats:
     """Records what quantizing the targets needs from a float pass over `calls`; masks (one per call,
     `_token_mask`) leave padding positions out of the observers, Hessians and OSL samples. experts
-    ({name: (module, config)}): fused experts modules observed per expert (layerwise_experts.observing)."""
+    ({name: (module, config)}): fused experts modules observed per expert (layerwise_experts.observing).
+    hessian_experts: the experts whose GPTQ Hessians this pass accumulates (None: every one);
+    hessians_only: record those alone (a later round of layerwise_experts.expert_rounds)."""
     from tqdm.auto import tqdm
 
     from .layerwise_experts import observing
 
     st = _Stats()
+    st.hessian_experts, st.hessians_only = hessian_experts, hessians_only
     cur = {"mask": None, "flat": set(), "stack": []}  # the call's mask, token-ordered inputs, calls in flight
     handles = []
     first = [True]
@@ -715,12 +727,13 @@ def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Mo
     error leaves the block as it was; then the verified folds are written into their norms, the linears
     swapped and the experts attached."""
     from .integrations import hf_experts
-    from .layerwise_experts import quantized
+    from .layerwise_experts import expert_rounds, quantized_experts
     from .quantize import set_submodule
 
     experts = experts or {}
     names = {n: c for n, (m, c) in targets.items()}
-    st = _observe(block, prefix, names, calls, device, quiet, masks, experts)
+    rounds = expert_rounds(experts)
+    st = _observe(block, prefix, names, calls, device, quiet, masks, experts, hessian_experts=rounds[0])
     unseen = _unreached(st, names)
     plans = _plans(st, targets, unseen, prefix, shared)
     folds = _verified_folds(block, prefix, list(names), plans, calls, device)
@@ -728,7 +741,7 @@ def quantize_block(block: nn.Module, prefix: str, targets: dict[str, tuple[nn.Mo
     scale = {n: p.s for p in plans for n in p.names}
     built = {full: _quantized(full, mod, cfg, st, scale.get(full), full in folded)
              for full, (mod, cfg) in targets.items()}
-    built_experts = {full: quantized(full, mod, cfg, st) for full, (mod, cfg) in experts.items()}
+    built_experts = quantized_experts(block, prefix, experts, st, calls, device, quiet, masks, rounds)
     for p in folds:
         if undo is not None:
             undo.append(_restorer(p.norm))

@@ -10,8 +10,10 @@ the norm in front feeds the router and every expert), static input scale and GPT
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
@@ -59,22 +61,62 @@ def observing(block: nn.Module, prefix: str, experts: dict, st: _Stats, cur: dic
         restore_forwards(mods, saved)
 
 
-def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Module:
-    """The QuantExperts for experts module `full` (not changed), each expert calibrated on the rows routed
-    to it: its own smoothing vector per projection (SmoothQuant or OSL), its static input scale (W8A8),
-    GPTQ from its own Hessian. An expert no calibration token reached takes RTN weights and no smoothing
-    and, under static W8A8, a scale from the largest input range the module's reached experts saw for
-    that projection before smoothing (its input is not smoothed; under act_observer="percentile", the
-    largest of their quantiles), with a warning. A module that
-    calibration never ran is an error under static W8A8 (there is no range to take), RTN with a warning
-    otherwise."""
+# GPTQ keeps a K x K float32 Hessian per expert and projection while a layer is calibrated; where the
+# experts of a layer need more than this, their Hessians are gathered in rounds of experts, one float
+# pass over the layer's calls each (PTQRT_EXPERT_HESSIAN_GB overrides it).
+HESSIAN_BUDGET = int(float(os.environ.get("PTQRT_EXPERT_HESSIAN_GB", "8")) * 2**30)
+
+
+def expert_rounds(experts: dict, budget: Optional[int] = None) -> list:
+    """The sets of expert indices whose GPTQ Hessians one pass over a layer accumulates, so that the
+    experts modules `experts` ({name: (module, config)}) of the layer hold at most `budget` bytes of them
+    at a time (at least one expert a round); [None] (one pass, every expert) where that fits or no module
+    needs GPTQ."""
+    budget = HESSIAN_BUDGET if budget is None else budget
+    per_expert, count = 0, 0
+    for mod, cfg in experts.values():
+        if cfg.precision_recovery == "gptq":
+            weights = expert_weights(mod)
+            per_expert += sum(w.shape[2] ** 2 * 4 for w in weights.values())
+            count = max(count, weights["down_proj"].shape[0])
+    if not count or per_expert * count <= budget:
+        return [None]
+    size = max(1, budget // per_expert)
+    return [set(range(i, min(i + size, count))) for i in range(0, count, size)]
+
+
+def quantized_experts(block: nn.Module, prefix: str, experts: dict, st: _Stats, calls, device, quiet: bool,
+                      masks, rounds: list) -> dict:
+    """{name: QuantExperts} for the experts modules `experts` of `block`, from the pass `st` (which holds
+    the GPTQ Hessians of rounds[0]); each later round of experts gets its Hessians from a pass of its own
+    (_observe with hessians_only), and each round's Hessians are let go once its experts are done."""
+    from .layerwise import _observe
+
+    scales = {full: _scales(full, mod, cfg, st) for full, (mod, cfg) in experts.items()}
+    rows: dict = {full: {} for full in experts}
+    stats = st
+    for i, chunk in enumerate(rounds):
+        if i:
+            gptq_experts = {n: t for n, t in experts.items() if t[1].precision_recovery == "gptq"}
+            stats = _observe(block, prefix, {}, calls, device, quiet, masks, gptq_experts, hessian_experts=chunk,
+                             hessians_only=True)
+        for full, (mod, cfg) in experts.items():
+            if cfg.precision_recovery == "gptq" and scales[full] is not None:
+                rows[full].update(_gptq_rows(full, mod, cfg, stats, scales[full]))
+        for key in [k for k in stats.hessian if isinstance(k, tuple)]:
+            del stats.hessian[key]
+    return {full: quantized(full, mod, cfg, st, rows[full], scales[full]) for full, (mod, cfg) in experts.items()}
+
+
+def _scales(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> Optional[tuple]:
+    """(smooth {projection: [E, K]} or None, input absmax {projection: [E]}) of experts module `full` from
+    the pass `st`; None where calibration never ran it (see quantized)."""
     weights = expert_weights(mod)
     n_exp = weights["down_proj"].shape[0]
-    g = cfg.weight_group
     reached = {p: [e for e in range(n_exp) if (full, p, e) in st.absmax] for p in weights}
     if not any(reached.values()):
         never_reached(f"the experts {full!r}", static=cfg.mode == "W8A8")
-        return QuantExperts.from_float(mod, cfg.mode, g)
+        return None
     unseen = sorted({e for p in weights for e in range(n_exp) if e not in reached[p]})
     if unseen:
         warnings.warn(f"calibration reached {n_exp - len(unseen)} of the {n_exp} experts of {full!r}; experts "
@@ -83,7 +125,7 @@ def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Modul
                          "smoothing)" if cfg.mode == "W8A8" else "")
                       + ": more calibration tokens would route some to them", RuntimeWarning)
     smoothing = cfg.outliers != "none" and cfg.act_dtype == "int8"
-    smooth, absmax, qweights = {}, {}, {}
+    smooth, absmax = {}, {}
     for p, w in weights.items():
         k = w.shape[2]
         bias = expert_bias(mod, p)
@@ -97,14 +139,46 @@ def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats) -> nn.Modul
         others = [e for e in range(n_exp) if e not in reached[p]]
         if others:
             amax[others] = max(static_absmax(st, (full, p, e), st.absmax[(full, p, e)], None, cfg) for e in reached[p])
-        if cfg.precision_recovery == "gptq":
-            rows = []
-            for e in range(n_exp):
-                we = w[e].float() * s[e].to(w.device) if smoothing else w[e].float()
-                key = (full, p, e)
-                rows.append(_gptq(we, st.hessian[key], s[e] if smoothing else None, cfg) if key in st.hessian
-                            else quantize_weight(we, g))
-            qweights[p] = (torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
         smooth[p], absmax[p] = s, amax
-    return QuantExperts.from_float(mod, cfg.mode, g, smooth=smooth if smoothing else None,
-                                   input_absmax=absmax if cfg.mode == "W8A8" else None, qweights=qweights or None)
+    return (smooth if smoothing else None), absmax
+
+
+def _gptq_rows(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, scales: tuple) -> dict:
+    """{(projection, expert): (w_q, scale)}: GPTQ of each expert whose Hessian the pass `st` holds."""
+    smooth = scales[0]
+    out = {}
+    for p, w in expert_weights(mod).items():
+        for e in range(w.shape[0]):
+            key = (full, p, e)
+            if key in st.hessian:
+                s = None if smooth is None else smooth[p][e]
+                we = w[e].float() * s.to(w.device) if s is not None else w[e].float()
+                out[(p, e)] = _gptq(we, st.hessian[key], s, cfg)
+    return out
+
+
+def quantized(full: str, mod: nn.Module, cfg: PTQConfig, st: _Stats, gptq_rows: Optional[dict] = None,
+              scales: Optional[tuple] = None) -> nn.Module:
+    """The QuantExperts for experts module `full` (not changed), each expert calibrated on the rows routed
+    to it: its own smoothing vector per projection (SmoothQuant or OSL), its static input scale (W8A8),
+    GPTQ from its own Hessian (gptq_rows: {(projection, expert): (w_q, scale)} computed in rounds,
+    expert_rounds; else from the Hessians `st` holds). An expert no calibration token reached takes RTN
+    weights and no smoothing and, under static W8A8, a scale from the largest input range the module's
+    reached experts saw for that projection before smoothing (its input is not smoothed; under
+    act_observer="percentile", the largest of their quantiles), with a warning. A module that
+    calibration never ran is an error under static W8A8 (there is no range to take), RTN with a warning
+    otherwise. scales: what _scales(full, mod, cfg, st) gave, if it ran already."""
+    g = cfg.weight_group
+    scales = _scales(full, mod, cfg, st) if scales is None else scales
+    if scales is None:
+        return QuantExperts.from_float(mod, cfg.mode, g)
+    smooth, absmax = scales
+    qweights = {}
+    if cfg.precision_recovery == "gptq":
+        rows = _gptq_rows(full, mod, cfg, st, scales) if gptq_rows is None else gptq_rows
+        for p, w in expert_weights(mod).items():
+            per = [rows.get((p, e)) or quantize_weight(w[e].float() * smooth[p][e].to(w.device) if smooth is not None
+                                                       else w[e].float(), g) for e in range(w.shape[0])]
+            qweights[p] = (torch.stack([r[0] for r in per]), torch.stack([r[1] for r in per]))
+    return QuantExperts.from_float(mod, cfg.mode, g, smooth=smooth, input_absmax=absmax if cfg.mode == "W8A8" else None,
+                                   qweights=qweights or None)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from ptqrt import PTQConfig, load_quantized, quantize, save_quantized  # noqa: E402
 from ptqrt.format import DESCRIPTION, FormatError  # noqa: E402
 from ptqrt.integrations import hf_experts  # noqa: E402
-from ptqrt.modules.experts import QuantExperts, fused_projections  # noqa: E402
+from ptqrt.modules.experts import QuantExperts, expert_weights, fused_projections  # noqa: E402
 from ptqrt.reference import dequantize_weight, quantize_weight  # noqa: E402
 
 VOCAB = 97
@@ -502,3 +502,46 @@ def test_percentile_experts_take_the_quantile_of_their_own_rows(outliers):
             got = getattr(qe, f"{p}_input_scale")[e]
             torch.testing.assert_close(got, absmax_scale(percentile_absmax(x / s, 0.99)), rtol=1e-5, atol=0)
             assert got < absmax_scale((x / s).abs().amax())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_gptq_hessians_in_rounds_of_experts_give_the_same_model(arch, monkeypatch):
+    """Experts whose Hessians would not fit the budget get them in rounds, one float pass over the layer
+    each: the model is the same, bit for bit, as with every Hessian at once; each round holds its own
+    experts' Hessians only."""
+    import ptqrt.layerwise as lw
+    import ptqrt.layerwise_experts as lwe
+
+    model = _model(arch)
+    cfg = PTQConfig(**STATIC, outliers="smooth", precision_recovery="gptq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = quantize(copy.deepcopy(model), cfg, _calib(), quiet=True)
+    experts = _experts(model)
+    per_expert = sum(w.shape[2] ** 2 * 4 for w in expert_weights(experts).values())
+    assert lwe.expert_rounds({"e": (experts, cfg)}, budget=4 * per_expert) == [None]
+    assert lwe.expert_rounds({"e": (experts, cfg)}, budget=3 * per_expert) == [{0, 1, 2}, {3}]
+    assert lwe.expert_rounds({"e": (experts, PTQConfig(**STATIC))}, budget=1) == [None]  # no GPTQ
+    monkeypatch.setattr(lwe, "HESSIAN_BUDGET", 2 * per_expert)
+    passes, held = [], []
+    observe = lw._observe
+
+    def spy(*a, **k):
+        # the experts' Hessians of every earlier pass are let go before the next pass starts
+        assert not any(isinstance(key, tuple) for st in held for key in st.hessian)
+        st = observe(*a, **k)
+        passes.append((k.get("hessian_experts"), k.get("hessians_only", False),
+                       sorted({key[2] for key in st.hessian if isinstance(key, tuple)})))
+        held.append(st)
+        return st
+
+    monkeypatch.setattr(lw, "_observe", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = quantize(copy.deepcopy(model), cfg, _calib(), quiet=True)
+    n_layers = model.config.num_hidden_layers
+    assert passes == [({0, 1}, False, [0, 1]), ({2, 3}, True, [2, 3])] * n_layers
+    sw, sg = want.state_dict(), got.state_dict()
+    assert sorted(sw) == sorted(sg)
+    for name in sw:
+        assert torch.equal(sw[name], sg[name]), name
