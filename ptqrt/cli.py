@@ -240,6 +240,8 @@ def cmd_inspect(a) -> int:
     total = orig = 0
     rows, kv_rows = [], []
     for name, d in sorted(desc["modules"].items()):
+        if f"{name}.weight" in desc.get("aliases", {}):  # a linear shown under its first name: stored once
+            continue
         if d.get("kind") == "kv_cache":  # scales of an attention layer's int8 KV cache (none if dynamic)
             size, rng = _module_tensors(heads, name, ("k_scale", "v_scale"))
             kv_rows.append((name, f"C8/{d['granularity']}", f"{d['num_kv_heads']}x{d['head_dim']}", size, rng))

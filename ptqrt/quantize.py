@@ -14,9 +14,10 @@ from .modules.weight_reads import weight_read_directly
 
 
 def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Module, PTQConfig]]:
-    """{name: (module, layer config)} for every Linear/Conv1D not skipped. Linears that cannot be swapped
-    (is_quantizable: an nn.Linear subclass with a forward of its own; weight_read_directly: a weight
-    a containing module reads itself) are named in a warning."""
+    """{name: (module, layer config)} for every Linear/Conv1D not skipped (a linear registered under several
+    names: its first; see _aliases). Linears that cannot be swapped (is_quantizable: an nn.Linear subclass
+    with a forward of its own; weight_read_directly: a weight a containing module reads itself, under any
+    of its names) are named in a warning."""
     out, kept = {}, []
     for name, mod in model.named_modules():
         if not name or config.is_skipped(name):
@@ -25,13 +26,25 @@ def find_targets(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
             out[name] = (mod, config.for_layer(name))
         elif isinstance(mod, nn.Linear):
             kept.append(f"{name} ({type(mod).__name__})")
-    for name in sorted(weight_read_directly(model, out)):
-        del out[name]
-        kept.append(f"{name} (weight read directly)")
+    every = _names(model)
+    read = weight_read_directly(model, [n for name, (mod, _) in out.items() for n in every[id(mod)]])
+    for name, (mod, _) in list(out.items()):
+        if read & set(every[id(mod)]):
+            del out[name]
+            kept.append(f"{name} (weight read directly)")
     if kept:
         warnings.warn(f"quantize: {len(kept)} linears stay float: {kept[:3]}{' ...' if len(kept) > 3 else ''}"
                       f" (a forward of their own, such as an MoE router's, or a weight a module reads directly, "
                       f"as nn.MultiheadAttention's out_proj or Mamba's dt_proj)", RuntimeWarning, stacklevel=3)
+    return out
+
+
+def _names(model: nn.Module) -> dict[int, list[str]]:
+    """{id(module): every name it is registered under, first as named_modules() gives it}."""
+    out: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            out.setdefault(id(mod), []).append(name)
     return out
 
 
@@ -54,14 +67,32 @@ def find_experts(model: nn.Module, config: PTQConfig) -> dict[str, tuple[nn.Modu
     return out
 
 
-def _aliases(model: nn.Module, targets: dict) -> dict[str, list[str]]:
-    """{target name: the other names the same linear is registered under} (a module shared by two
-    parents, or set twice on one): each name gets the one QuantLinear."""
-    first = {id(mod): name for name, (mod, _) in targets.items()}
-    out: dict[str, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if id(mod) in first and name != first[id(mod)]:
-            out.setdefault(first[id(mod)], []).append(name)
+def _aliases(model: nn.Module, targets: dict, config: PTQConfig) -> dict[str, list[str]]:
+    """{target name: the other names the same linear is registered under}, where each of them gets the one
+    QuantLinear. Names of one linear that skip or layer_policies treat differently are refused. A linear
+    whose config calibrates keeps the float one under its other names, with a warning: calibration walks
+    a decoder one layer at a time and would see it run in the first name's layer only."""
+    every = _names(model)
+    for names in every.values():
+        if len(names) > 1 and is_quantizable(model.get_submodule(names[0])):
+            skipped = {n: config.is_skipped(n) for n in names}
+            if len(set(skipped.values())) > 1:
+                raise ValueError(f"quantize: {names} are one linear under {len(names)} names, and skip names only "
+                                 f"{[n for n, v in skipped.items() if v]}: skip all of them or none")
+            if not any(skipped.values()) and any(config.for_layer(n) != config.for_layer(names[0]) for n in names):
+                raise ValueError(f"quantize: {names} are one linear under {len(names)} names, and layer_policies "
+                                 f"give them different configs: give all of them the same")
+    out, left = {}, []
+    for name, (mod, cfg) in targets.items():
+        others = every[id(mod)][1:]
+        if others and cfg.needs_calibration:
+            left += others
+        elif others:
+            out[name] = others
+    if left:
+        warnings.warn(f"quantize: {left[:3]}{' ...' if len(left) > 3 else ''} hold a linear quantized under another "
+                      f"name with a config that calibrates; calibration sees it run under that name only, so these "
+                      f"names keep the float linear", RuntimeWarning, stacklevel=3)
     return out
 
 
@@ -167,7 +198,7 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
     config.validate()
     _refuse_quantized(model)
     targets = find_targets(model, config)
-    aliases = _aliases(model, targets)
+    aliases = _aliases(model, targets, config)
     experts = find_experts(model, config)
     if not targets and not experts:
         warnings.warn("quantize: no nn.Linear left to quantize (all skipped or none present)", RuntimeWarning)

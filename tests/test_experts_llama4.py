@@ -98,6 +98,37 @@ def test_attach_then_detach_gives_the_module_back():
     assert mod.forward is wrapped and torch.equal(mod(x), 2 * want)
 
 
+def test_a_hook_that_wraps_the_forward_keeps_running():
+    """accelerate's hooks (offloading, device alignment) replace the module's forward by a wrapper that calls
+    `_old_forward`: the int8 forward goes there, the wrapper stays, and detach gives the old one back."""
+    import functools
+
+    mod = copy.deepcopy(_experts(_model()))
+    x, _ = _routed_input(mod)
+    want = mod(x)
+    calls = []
+
+    class Hook:
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append("pre")
+            return args, kwargs
+
+    def new_forward(module, *args, **kwargs):
+        args, kwargs = module._hf_hook.pre_forward(module, *args, **kwargs)
+        return module._old_forward(*args, **kwargs)
+
+    original = mod.forward
+    mod._old_forward, mod._hf_hook = original, Hook()
+    mod.forward = functools.partial(new_forward, mod)
+    q = QuantExperts.from_float(mod, "W8A16")
+    old = hf_experts.attach(mod, q)
+    got = mod(x)
+    assert calls == ["pre"] and not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+    hf_experts.detach(mod, old)
+    assert mod._old_forward == original and torch.equal(mod(x), want) and calls == ["pre", "pre"]
+
+
 @pytest.mark.parametrize("config, tol", [
     (PTQConfig(), 0.04), (PTQConfig(act_dtype="int8"), 0.06), (PTQConfig(**STATIC, outliers="smooth"), 0.15),
     (PTQConfig(precision_recovery="gptq"), 0.04), (PTQConfig(**STATIC, act_observer="percentile"), 0.15)])

@@ -308,13 +308,13 @@ class _SharedLinear(nn.Module):
         return self.out(self.proj_again(torch.relu(self.proj(x))))
 
 
-@pytest.mark.parametrize("name", ["w8a16", "w8a8_static"])
-def test_a_linear_under_two_names_is_one_quantlinear_saved_and_loaded(name, tmp_path):
+@pytest.mark.parametrize("name", ["w8a16", "w8a8_dynamic"])
+def test_a_linear_under_two_names_is_one_quantlinear_saved_and_loaded(name, tmp_path, capsys):
     torch.manual_seed(0)
     model = _SharedLinear()
     x = torch.randn(5, 16)
     want = model(x)
-    q = quantize(model, CONFIGS[name], [torch.randn(4, 16)], quiet=True)
+    q = quantize(model, CONFIGS[name], quiet=True)
     assert isinstance(q.proj, QuantLinear) and q.proj_again is q.proj
     assert not list(q.parameters())  # no float weight left under either name
     y = q(x)
@@ -324,6 +324,59 @@ def test_a_linear_under_two_names_is_one_quantlinear_saved_and_loaded(name, tmp_
     r = ptqrt.load_quantized(_SharedLinear(), tmp_path / "packed")
     assert isinstance(r.proj, QuantLinear) and r.proj_again is r.proj
     assert torch.equal(r(x), y)
+    from ptqrt.cli import main
+
+    assert main(["inspect", str(tmp_path / "packed")]) == 0
+    out = capsys.readouterr().out
+    assert "proj_again" not in out and "2 quantized layers" in out  # stored once, shown once
+
+
+def test_a_shared_linear_whose_config_calibrates_stays_float_under_its_other_names():
+    """Calibration walks a decoder one layer at a time: it would see the linear run under its first name
+    only, so the other names keep the float linear, with a warning."""
+    torch.manual_seed(0)
+    model = _SharedLinear()
+    with pytest.warns(RuntimeWarning, match=r"\['proj_again'\] hold a linear quantized under another name"):
+        q = quantize(model, CONFIGS["w8a8_static"], [torch.randn(4, 16)], quiet=True)
+    assert isinstance(q.proj, QuantLinear) and type(q.proj_again) is nn.Linear
+
+
+def test_names_of_one_linear_must_agree():
+    with pytest.raises(ValueError, match=r"\['proj', 'proj_again'\] are one linear under 2 names, and skip names only "
+                                         r"\['proj_again'\]"):
+        quantize(_SharedLinear(), PTQConfig(skip=["proj_again"]), quiet=True)
+    with pytest.raises(ValueError, match="layer_policies give them different configs"):
+        quantize(_SharedLinear(), PTQConfig(layer_policies={"proj_again": PTQConfig(act_dtype="int8")}), quiet=True)
+    q = quantize(_SharedLinear(), PTQConfig(skip=["proj", "proj_again"]), quiet=True)
+    assert type(q.proj) is nn.Linear and q.proj_again is q.proj
+
+
+def test_a_weight_read_directly_under_another_name_keeps_the_linear_float():
+    class Reader(nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.proj.weight)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+            self.reader = Reader(self.proj)  # registered second: reads the weight itself
+
+        def forward(self, x):
+            return self.reader(self.proj(x))
+
+    torch.manual_seed(0)
+    m = Model()
+    x = torch.randn(3, 16)
+    want = m(x)
+    with pytest.warns(RuntimeWarning, match=r"\['proj \(weight read directly\)'\]"):
+        q = quantize(m, PTQConfig(), quiet=True)
+    assert type(q.proj) is nn.Linear and q.reader.proj is q.proj
+    assert torch.equal(q(x), want)
 
 
 def test_an_already_quantized_model_or_a_bare_linear_is_refused():

@@ -148,6 +148,7 @@ def attach(module: nn.Module, q: QuantExperts) -> dict:
     old = {"params": {p: module._parameters[p] for p in projections}}
     if dense(module):
         old["forward"] = module.__dict__.get("forward")
+        old["hooked"] = module.__dict__.get("_old_forward")
     else:
         old["impl"] = module.config._experts_implementation_internal
     for p in projections:
@@ -163,9 +164,12 @@ def detach(module: nn.Module, old: dict) -> None:
     for p, t in old["params"].items():
         module._parameters[p] = t
     if "forward" in old:
-        module.__dict__.pop("forward", None)
+        for key in ("forward", "_old_forward"):
+            module.__dict__.pop(key, None)
         if old["forward"] is not None:
             module.forward = old["forward"]
+        if old["hooked"] is not None:
+            module._old_forward = old["hooked"]
     else:
         module.config._experts_implementation_internal = old["impl"]
 
@@ -174,7 +178,11 @@ def rewire(module: nn.Module) -> None:
     """Make an experts module that holds a QuantExperts run it: its config pointed at int8_experts_forward,
     or, for Llama-4's, int8_dense_forward as its own forward."""
     if dense(module):
-        module.forward = functools.partial(int8_dense_forward, module)  # pickles, unlike a bound method
+        forward = functools.partial(int8_dense_forward, module)  # pickles, unlike a bound method
+        if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__:
+            module._old_forward = forward  # accelerate's hook runs _old_forward between its own steps
+        else:
+            module.forward = forward
     else:
         module.config._experts_implementation_internal = IMPL
 

@@ -116,7 +116,7 @@ def weight_read_directly(model: nn.Module, names) -> set:
                 return False
         return True
 
-    mods = dict(model.named_modules())
+    mods = dict(model.named_modules(remove_duplicate=False))  # every name of a shared module
     out = set()
     for name in names:
         parts = name.split(".")
