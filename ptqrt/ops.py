@@ -251,7 +251,8 @@ def _(x, w_q, w_scale, bias=None, group_size=0):
 def kv_cache_append(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale: Tensor, v_scale: Tensor,
                     slots: Tensor) -> None:
     """Quantize k, v [T, Hkv, D] into the paged int8 caches [blocks, block_size, Hkv, D] at `slots` [T]
-    (block * block_size + offset; negative = skip). Scales: [blocks, block_size, Hkv] dynamic (written)
+    (block * block_size + offset; negative = skip; distinct, or which token a repeated slot keeps is
+    unspecified on the GPU). Scales: [blocks, block_size, Hkv] dynamic (written)
     or [Hkv, D] static per channel (read)."""
     _checks.kv_cache_append(k, v, k_cache, v_cache, k_scale, v_scale, slots)
     resolve("kv_cache_append", k.device, k.shape[0])[1](k, v, k_cache, v_cache, k_scale, v_scale, slots)

@@ -130,7 +130,9 @@ def kv_cache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     """Quantize new keys/values into a paged int8 cache, in place.
 
     k, v: [T, Hkv, D] float. k_cache, v_cache: int8 [num_blocks, block_size, Hkv, D].
-    slots: int64 [T], slot = block * block_size + offset; a negative slot is padding and is skipped.
+    slots: int64 [T], slot = block * block_size + offset; a negative slot is padding and is skipped; a
+    slot past the cache is a ValueError. Slots should be distinct: here a repeated one keeps its last
+    token, on the GPU any one of them (the kernels write tokens in parallel).
     Scales, float32, either
       dynamic per token-head: [num_blocks, block_size, Hkv], written here (absmax of the D values / 127), or
       static per channel:     [Hkv, D], calibrated, only read.
