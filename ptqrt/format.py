@@ -278,11 +278,17 @@ def _check_module_entry(name: str, d, path: Path) -> None:
 def read_tensors(in_dir, desc: dict, verify: bool = True) -> dict:
     """Every tensor of the packed directory, checked against the recorded checksums; the description's
     aliases are checked against them (not added: load_quantized gives each alias its target's tensor)."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    in_dir = Path(in_dir)
-    tensors: dict = {}
+    return _each_file(Path(in_dir), desc, lambda path: load_file(str(path)), verify)
+
+
+def _each_file(in_dir: Path, desc: dict, read, verify: bool) -> dict:
+    """{name: what read(path) gives for it} over the files of the description, each checked (present, its
+    checksum where verify, readable, no name in two files), and the aliases checked against the names."""
+    from safetensors import SafetensorError
+
+    out: dict = {}
     for fname, digest in desc["files"].items():
         path = in_dir / fname
         if not path.is_file():
@@ -291,15 +297,15 @@ def read_tensors(in_dir, desc: dict, verify: bool = True) -> dict:
             raise FormatError(f"{path} is damaged or truncated: its checksum differs from the one recorded "
                               f"in {DESCRIPTION}")
         try:
-            part = load_file(str(path))
+            part = read(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise FormatError(f"{path} cannot be read ({e})") from None
         for name in part:
-            if name in tensors:
+            if name in out:
                 raise FormatError(f"tensor {name!r} appears in two files ({path})")
-        tensors.update(part)
-    _check_aliases(desc, set(tensors), in_dir / DESCRIPTION)
-    return tensors
+        out.update(part)
+    _check_aliases(desc, set(out), in_dir / DESCRIPTION)
+    return out
 
 
 def _check_aliases(desc: dict, stored: set, path: Path) -> None:
@@ -583,24 +589,7 @@ def tensor_headers(in_dir, desc: dict, load=lambda name: False) -> dict:
     stored tensors only: an alias (desc["aliases"]) takes no room in the files and is not among them, but
     is checked as load_quantized checks it. A file that is missing, truncated or not safetensors raises
     FormatError naming it (the checksums are not computed: see load_quantized for that)."""
-    from safetensors import SafetensorError
-
-    in_dir = Path(in_dir)
-    out = {}
-    for fname in desc["files"]:
-        path = in_dir / fname
-        if not path.is_file():
-            raise FormatError(f"{path} is missing (listed in {DESCRIPTION})")
-        try:
-            part = _headers(path, load)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FormatError(f"{path} cannot be read ({e})") from None
-        for name in part:
-            if name in out:
-                raise FormatError(f"tensor {name!r} appears in two files ({path})")
-        out.update(part)
-    _check_aliases(desc, set(out), in_dir / DESCRIPTION)
-    return out
+    return _each_file(Path(in_dir), desc, lambda path: _headers(path, load), verify=False)
 
 
 def _headers(path: Path, load) -> dict:

@@ -85,14 +85,8 @@ def test_float_weights_are_never_allocated(tmp_path, monkeypatch):
     assert not any(t.is_meta for t in list(r.parameters()) + list(r.buffers()))
 
 
-def test_fused_experts_made_with_zeros_are_never_allocated(tmp_path, monkeypatch):
-    """Llama-4 makes its fused experts' weights with torch.zeros: on the meta device too."""
-    cfg = transformers.Llama4TextConfig(vocab_size=97, hidden_size=32, intermediate_size=48, intermediate_size_mlp=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=8, num_local_experts=2)
-    torch.manual_seed(0)
-    model = transformers.Llama4ForCausalLM(cfg).eval()
-    q, d = _saved(tmp_path, model, PTQConfig(), [_ids(97, seed=i) for i in range(3)])
+def _meta_handed(monkeypatch) -> list:
+    """Fills with {parameter name: is it on meta} for each model from_pretrained hands load_quantized."""
     handed = []
     load = ptqrt.pretrained.load_quantized
 
@@ -101,6 +95,18 @@ def test_fused_experts_made_with_zeros_are_never_allocated(tmp_path, monkeypatch
         return load(model, *a, **k)
 
     monkeypatch.setattr(ptqrt.pretrained, "load_quantized", spy)
+    return handed
+
+
+def test_fused_experts_made_with_zeros_are_never_allocated(tmp_path, monkeypatch):
+    """Llama-4 makes its fused experts' weights with torch.zeros: on the meta device too."""
+    cfg = transformers.Llama4TextConfig(vocab_size=97, hidden_size=32, intermediate_size=48, intermediate_size_mlp=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8, num_local_experts=2)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    q, d = _saved(tmp_path, model, PTQConfig(), [_ids(97, seed=i) for i in range(3)])
+    handed = _meta_handed(monkeypatch)
     r = from_pretrained(d)
     experts = [n for n in handed[0] if ".experts." in n]
     assert experts and all(handed[0].values())
@@ -123,14 +129,7 @@ def test_a_zeros_made_tensor_the_model_computes_with_is_built_with_empty_alone(t
         self.register_buffer("table", t, persistent=False)
 
     monkeypatch.setattr(LlamaRotaryEmbedding, "__init__", table)
-    handed = []
-    load = ptqrt.pretrained.load_quantized
-
-    def spy(model, *a, **k):
-        handed.append({n: p.is_meta for n, p in model.named_parameters()})
-        return load(model, *a, **k)
-
-    monkeypatch.setattr(ptqrt.pretrained, "load_quantized", spy)
+    handed = _meta_handed(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = from_pretrained(d)
