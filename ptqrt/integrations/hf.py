@@ -734,6 +734,7 @@ class _ForwardHook:
         self.inject = inject
 
     def __call__(self, module, args, kwargs):
+        _last.layer = None  # a step that failed between an update and its attention leaves nothing behind
         positional, cache_kw = self.positional, self.cache_kw
         given = dict(zip(positional, args))
         given.update(kwargs)
