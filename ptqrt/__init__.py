@@ -12,6 +12,9 @@ from .modules.linear import QuantLinear, prepack  # noqa: E402
 from .ops import get_backend, set_backend  # noqa: E402
 from .pretrained import from_pretrained  # noqa: E402
 from .quantize import quantize  # noqa: E402
+from .integrations.hf_quantizer import register_when_available as _register_hf  # noqa: E402
+
+_register_hf()  # transformers' from_pretrained loads packed directories (now, or once transformers is imported)
 
 __all__ = ["PTQConfig", "quantize", "save_quantized", "load_quantized", "from_pretrained", "set_backend", "get_backend",
            "QuantLinear", "prepack", "FormatError", "ops", "__version__"]

@@ -137,9 +137,12 @@ def save_quantized(model: nn.Module, out_dir, max_shard_size: int = DEFAULT_SHAR
                  "weight_map": weight_map}
         _atomic_write(out / INDEX, lambda p: p.write_text(json.dumps(index, indent=1)))
         (out / SINGLE).unlink(missing_ok=True)
+    from .integrations.hf_quantizer import quantization_config
     from .pretrained import generation_config_json, hf_config_json
 
-    for fname, text in (("config.json", hf_config_json(model)),
+    qc = quantization_config({"format_version": FORMAT_VERSION, "modules": modules,
+                              "config": config.to_dict() if config is not None else None})
+    for fname, text in (("config.json", hf_config_json(model, qc)),
                         ("generation_config.json", generation_config_json(model))):
         if text is not None:
             _atomic_write(out / fname, lambda p, t=text: p.write_text(t))

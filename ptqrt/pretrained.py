@@ -58,16 +58,20 @@ def from_pretrained(path, device=None, verify: bool = True, attn_implementation:
     return model.eval()
 
 
-def hf_config_json(model: nn.Module):
+def hf_config_json(model: nn.Module, quantization: Optional[dict] = None):
     """The text of config.json for `model` (None if it has no transformers config): its config, with
     `architectures` naming the model's own class, as transformers' save_pretrained writes it (a model
-    built from a config says nothing there; one loaded by AutoModel may name another head)."""
+    built from a config says nothing there; one loaded by AutoModel may name another head), and
+    `quantization_config` = `quantization` (what lets transformers' own from_pretrained load the directory,
+    integrations.hf_quantizer) where given."""
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "to_json_string"):
         return None
-    if hasattr(hf_config, "architectures") and hf_config.architectures != [type(model).__name__]:
-        hf_config = copy.deepcopy(hf_config)
+    hf_config = copy.deepcopy(hf_config)
+    if hasattr(hf_config, "architectures"):
         hf_config.architectures = [type(model).__name__]
+    if quantization is not None:
+        hf_config.quantization_config = quantization
     return hf_config.to_json_string()
 
 
