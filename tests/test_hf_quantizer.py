@@ -73,6 +73,19 @@ def test_automodel_loads_the_packed_directory(case, tmp_path):
     assert torch.equal(again(ids).logits, q(ids).logits)
 
 
+def test_automodel_of_a_causal_lm_directory_gets_its_base_model(tmp_path):
+    """AutoModel loads the base model of a causal LM's directory (names without the 'model.' prefix, no
+    lm_head): its quantized modules too."""
+    q = quantize(make_model("llama"), PTQConfig(act_dtype="int8"), quiet=True)
+    d = save_quantized(q, tmp_path / "packed")
+    base = transformers.AutoModel.from_pretrained(str(d))
+    assert type(base) is transformers.LlamaModel
+    assert sum(isinstance(m, QuantLinear) for m in base.modules()) == 7 * 2  # lm_head is the head's
+    ids = _ids(96)
+    want = q.model(ids).last_hidden_state
+    assert torch.equal(base(ids).last_hidden_state, want)
+
+
 def test_a_config_that_does_not_fit_the_model_is_a_format_error(tmp_path):
     q = quantize(make_model("llama"), PTQConfig(), quiet=True)
     d = save_quantized(q, tmp_path / "packed")

@@ -101,7 +101,13 @@ def _skeleton(model, qcfg) -> None:
 
     made: dict = {}  # a linear under several names gets one QuantLinear
     try:
-        for name, d in qcfg.modules.items():
+        saved_as = list(getattr(model.config, "architectures", None) or [])
+        for saved, d in qcfg.modules.items():
+            name = _in_model(model, saved)
+            if name is None:
+                if type(model).__name__ in saved_as:
+                    raise ValueError(f"it has no module {saved!r}")
+                continue  # a module of the head the saved model had and this one lacks (AutoModel of a causal LM)
             kind = d.get("kind", "linear")
             if kind == "linear":
                 old = model.get_submodule(name)
@@ -118,6 +124,28 @@ def _skeleton(model, qcfg) -> None:
                 raise ValueError(f"module {name!r} is of unknown kind {kind!r}")
     except (AttributeError, ValueError, TypeError) as e:
         raise FormatError(f"config.json's quantization_config does not fit {type(model).__name__}: {e}") from e
+
+
+def _in_model(model, name: str):
+    """The name in `model` of the module saved as `name`: the same, or with the base model's prefix taken
+    off or put on (a causal LM's directory loaded by AutoModel, and the other way), as transformers does
+    for the tensors' names; None where it has none."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1:])
+    elif prefix:
+        candidates.append(f"{prefix}.{name}")
+    for cand in candidates:
+        parent = cand.rpartition(".")[0]
+        try:
+            if parent:
+                model.get_submodule(parent)
+            if cand.rpartition(".")[2] in ("kv_quant", "ptqrt_experts") or model.get_submodule(cand) is not None:
+                return cand
+        except AttributeError:
+            continue
+    return None
 
 
 def _finish(model, qcfg) -> None:
