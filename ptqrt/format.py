@@ -67,10 +67,12 @@ def _modes(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
     return modules, modes
 
 
-def _dedup(state: dict) -> tuple[dict, dict]:
-    """Tied tensors share storage; safetensors refuses that. Keep one name, record the others."""
+def _dedup(state: dict, tied_targets=()) -> tuple[dict, dict]:
+    """Tied tensors share storage; safetensors refuses that. Keep one name, record the others. The name
+    kept is a tie's source (the input embedding), not its targets (`tied_targets`: lm_head), as
+    transformers saves it: a base model loaded from the directory by transformers finds its embedding."""
     seen, unique, aliases = {}, {}, {}
-    for name in sorted(state):
+    for name in sorted(state, key=lambda n: (n in tied_targets, n)):
         t = state[name]
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
             if t.numel() else None
@@ -118,7 +120,7 @@ def save_quantized(model: nn.Module, out_dir, max_shard_size: int = DEFAULT_SHAR
     out.mkdir(parents=True, exist_ok=True)
     (out / DESCRIPTION).unlink(missing_ok=True)  # until the new one is written, the folder is incomplete
     state = model.state_dict()
-    tensors, aliases = _dedup(state)
+    tensors, aliases = _dedup(state, set(getattr(model, "all_tied_weights_keys", None) or ()))
     modules, modes = _modes(model, list(state))
     shards = _shards(tensors, max_shard_size)
     files = {}

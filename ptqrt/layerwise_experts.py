@@ -96,9 +96,8 @@ def quantized_experts(block: nn.Module, prefix: str, experts: dict, st: _Stats, 
     rows: dict = {full: {} for full in experts}
     stats = st
     for i, chunk in enumerate(rounds):
-        if i:
-            gptq_experts = {n: t for n, t in experts.items() if t[1].precision_recovery == "gptq"}
-            stats = _observe(block, prefix, {}, calls, device, quiet, masks, gptq_experts, hessian_experts=chunk,
+        if i:  # every experts module runs as in the first pass (the same float arithmetic feeds the next)
+            stats = _observe(block, prefix, {}, calls, device, quiet, masks, experts, hessian_experts=chunk,
                              hessians_only=True)
         for full, (mod, cfg) in experts.items():
             if cfg.precision_recovery == "gptq" and scales[full] is not None:

@@ -71,7 +71,9 @@ def _aliases(model: nn.Module, targets: dict, config: PTQConfig) -> dict[str, li
     """{target name: the other names the same linear is registered under}, where each of them gets the one
     QuantLinear. Names of one linear that skip or layer_policies treat differently are refused. A linear
     whose config calibrates keeps the float one under its other names, with a warning: calibration walks
-    a decoder one layer at a time and would see it run in the first name's layer only."""
+    a decoder one layer at a time and would see it run in the first name's layer only; one whose parent
+    module is itself registered under several names (so that swapping it under one name swaps it under
+    all) is taken out of `targets` and stays float, with a warning."""
     every = _names(model)
     for names in every.values():
         if len(names) > 1 and is_quantizable(model.get_submodule(names[0])):
@@ -82,17 +84,26 @@ def _aliases(model: nn.Module, targets: dict, config: PTQConfig) -> dict[str, li
             if not any(skipped.values()) and any(config.for_layer(n) != config.for_layer(names[0]) for n in names):
                 raise ValueError(f"quantize: {names} are one linear under {len(names)} names, and layer_policies "
                                  f"give them different configs: give all of them the same")
-    out, left = {}, []
-    for name, (mod, cfg) in targets.items():
+    out, left, kept = {}, [], []
+    for name, (mod, cfg) in list(targets.items()):
         others = every[id(mod)][1:]
         if others and cfg.needs_calibration:
-            left += others
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if any(model.get_submodule(o.rpartition(".")[0]) is parent for o in others):
+                del targets[name]  # a shared parent: swapping the one name swaps them all
+                kept.append(name)
+            else:
+                left += others
         elif others:
             out[name] = others
     if left:
         warnings.warn(f"quantize: {left[:3]}{' ...' if len(left) > 3 else ''} hold a linear quantized under another "
                       f"name with a config that calibrates; calibration sees it run under that name only, so these "
                       f"names keep the float linear", RuntimeWarning, stacklevel=3)
+    if kept:
+        warnings.warn(f"quantize: {kept[:3]}{' ...' if len(kept) > 3 else ''} stay float under every name: each is a "
+                      f"linear of a module registered under several names (one module in several layers), and "
+                      f"calibration would see it run in the first of them only", RuntimeWarning, stacklevel=3)
     return out
 
 

@@ -545,3 +545,47 @@ def test_gptq_hessians_in_rounds_of_experts_give_the_same_model(arch, monkeypatc
     assert sorted(sw) == sorted(sg)
     for name in sw:
         assert torch.equal(sw[name], sg[name]), name
+
+
+def test_rounds_run_every_experts_module_as_the_first_pass(monkeypatch):
+    """A layer with two experts modules, the first without GPTQ feeding the second with it: a later round's
+    pass runs the first through the same observed forward as the first pass did (its own forward rounds
+    differently and moved the second's Hessians), so rounds still give the model of one round."""
+    import ptqrt.layerwise_experts as lwe
+
+    class Two(torch.nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.first, self.second = a, b
+
+        def forward(self, x):
+            return self.second(self.first(x))
+
+    model = _model("mixtral")
+    for i, layer in enumerate(model.model.layers):
+        torch.manual_seed(50 + i)
+        other = copy.deepcopy(layer.mlp)
+        for p in other.parameters():
+            p.data.normal_(0, 0.05)
+        layer.mlp = Two(other, layer.mlp)
+    cfg = PTQConfig(**STATIC, precision_recovery="gptq", layer_policies={"first.experts": PTQConfig(**STATIC)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = quantize(copy.deepcopy(model), cfg, _calib(), quiet=True)
+        per_expert = sum(w.shape[2] ** 2 * 4 for w in expert_weights(model.model.layers[0].mlp.second.experts).values())
+        monkeypatch.setattr(lwe, "HESSIAN_BUDGET", per_expert)
+        import ptqrt.layerwise as lw
+
+        later = []
+        observe = lw._observe
+
+        def spy(block, prefix, names, calls, device, quiet, masks=None, experts=None, **k):
+            if k.get("hessians_only"):
+                later.append(sorted(n.rpartition("mlp.")[2] for n in experts))
+            return observe(block, prefix, names, calls, device, quiet, masks, experts, **k)
+
+        monkeypatch.setattr(lw, "_observe", spy)
+        got = quantize(copy.deepcopy(model), cfg, _calib(), quiet=True)
+    assert later and all(names == ["first.experts", "second.experts"] for names in later)
+    sw, sg = want.state_dict(), got.state_dict()
+    assert [n for n in sw if not torch.equal(sw[n], sg[n])] == []

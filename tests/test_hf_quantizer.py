@@ -86,6 +86,54 @@ def test_automodel_of_a_causal_lm_directory_gets_its_base_model(tmp_path):
     assert torch.equal(base(ids).last_hidden_state, want)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tied_embeddings_base_model_and_a_quantized_tied_head(arch, tmp_path):
+    """A tied embedding is stored under its own name (transformers' base model finds it; lm_head is the
+    alias); a quantized lm_head that was tied to it is no tie any more, and loads."""
+    over = {} if arch == "gpt2" else {"tie_word_embeddings": True}
+    for skip in (["lm_head"], []):
+        q = quantize(make_model(arch, **over), PTQConfig(act_dtype="int8", skip=skip), quiet=True)
+        d = save_quantized(q, tmp_path / f"packed{len(skip)}")
+        desc = json.loads((d / "quantization_description.json").read_text())
+        ids = _ids(96)
+        if skip:
+            assert list(desc["aliases"]) == ["lm_head.weight"]
+            base = transformers.AutoModel.from_pretrained(str(d))
+            assert torch.equal(base(ids).last_hidden_state, q.base_model(ids).last_hidden_state)
+        r = transformers.AutoModelForCausalLM.from_pretrained(str(d))
+        assert isinstance(r.lm_head, QuantLinear) == (not skip)
+        _same(q, r)
+        assert torch.equal(r(ids).logits, q(ids).logits)
+
+
+def test_a_model_loaded_by_transformers_pickles(tmp_path):
+    import io
+
+    q = quantize(make_model("llama"), PTQConfig(act_dtype="int8"), quiet=True)
+    d = save_quantized(q, tmp_path / "packed")
+    r = transformers.AutoModelForCausalLM.from_pretrained(str(d))
+    buf = io.BytesIO()
+    torch.save(r, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert torch.equal(back(_ids(96)).logits, q(_ids(96)).logits)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda qc: qc.update(modules=None), "0 module entries"),
+    (lambda qc: qc.update(format_version=99), "format version 99"),
+    (lambda qc: qc["modules"]["model.layers.0.self_attn.q_proj"].pop("mode"), "'mode' is missing"),
+])
+def test_a_damaged_quantization_config_is_a_format_error(damage, match, tmp_path):
+    q = quantize(make_model("llama"), PTQConfig(), quiet=True)
+    d = save_quantized(q, tmp_path / "packed")
+    cfg = json.loads((d / "config.json").read_text())
+    damage(cfg["quantization_config"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=match):
+        transformers.AutoModelForCausalLM.from_pretrained(str(d))
+
+
 def test_a_config_that_does_not_fit_the_model_is_a_format_error(tmp_path):
     q = quantize(make_model("llama"), PTQConfig(), quiet=True)
     d = save_quantized(q, tmp_path / "packed")
@@ -105,14 +153,18 @@ def test_a_float_model_is_not_quantized_on_load(tmp_path):
                                                           quantization_config={"quant_method": "ptqrt"})
 
 
-@pytest.mark.parametrize("order", ["ptqrt first", "transformers first"])
+@pytest.mark.parametrize("order", ["ptqrt first", "ptqrt, a lookup, then transformers", "transformers first"])
 def test_registered_whichever_is_imported_first(order, tmp_path):
     """import ptqrt registers the method at once when transformers is imported, else as soon as it is
     (without importing it itself: users without transformers do not pay for it)."""
     q = quantize(make_model("llama"), PTQConfig(), quiet=True)
     d = save_quantized(q, tmp_path / "packed")
-    imports = "import ptqrt, sys; assert 'transformers' not in sys.modules; import transformers" \
-        if order == "ptqrt first" else "import transformers, ptqrt"
+    imports = {"ptqrt first": "import ptqrt, sys; assert 'transformers' not in sys.modules; import transformers",
+               # a lookup without an import (is transformers installed?) leaves the registration to come
+               "ptqrt, a lookup, then transformers": "import ptqrt, importlib.util; "
+                                                     "importlib.util.find_spec('transformers'); "
+                                                     "import transformers",
+               "transformers first": "import transformers, ptqrt"}[order]
     code = (f"{imports}\nm = transformers.AutoModelForCausalLM.from_pretrained({str(d)!r})\n"
             f"print(type(m.model.layers[0].self_attn.q_proj).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

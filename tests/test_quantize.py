@@ -386,3 +386,21 @@ def test_an_already_quantized_model_or_a_bare_linear_is_refused():
     assert q.ptqrt_config == PTQConfig()
     with pytest.raises(ValueError, match="the model itself is a Linear, which cannot be replaced in place"):
         quantize(nn.Linear(8, 8), PTQConfig(), quiet=True)
+
+
+def test_a_module_shared_by_two_layers_keeps_its_linears_float_under_a_calibrating_config():
+    """One attention module in two decoder layers: swapping its linears under one name swaps them under both,
+    and calibration would see them run in the first layer only: they stay float, with a warning."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.model.layers[1].self_attn = model.model.layers[0].self_attn
+    calib = [torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.warns(RuntimeWarning, match="stay float under every name"):
+        q = quantize(model, PTQConfig(act_dtype="int8", act_granularity="per_tensor"), calib, quiet=True)
+    attn = q.model.layers[0].self_attn
+    assert q.model.layers[1].self_attn is attn
+    assert all(type(getattr(attn, p)) is nn.Linear for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert isinstance(q.model.layers[1].mlp.up_proj, QuantLinear)

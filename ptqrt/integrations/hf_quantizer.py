@@ -34,15 +34,17 @@ def register() -> None:
     with _lock:
         from transformers.quantizers import auto
 
+        if "PtqrtConfig" not in globals():
+            config_cls, quantizer_cls = _classes()
+            globals().update(PtqrtConfig=config_cls, PtqrtHfQuantizer=quantizer_cls)  # pickles by module name
         if METHOD in auto.AUTO_QUANTIZER_MAPPING:
             return
-        config_cls, quantizer_cls = _classes()
-        auto.register_quantization_config(METHOD)(config_cls)
-        auto.register_quantizer(METHOD)(quantizer_cls)
+        auto.register_quantization_config(METHOD)(globals()["PtqrtConfig"])
+        auto.register_quantizer(METHOD)(globals()["PtqrtHfQuantizer"])
 
 
 def _classes():
-    from transformers.quantizers import HfQuantizer
+    from transformers.quantizers.base import HfQuantizer  # not the package: it may be mid-import (HOOKED)
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     class PtqrtConfig(QuantizationConfigMixin):
@@ -85,14 +87,17 @@ def _classes():
         def is_trainable(self) -> bool:
             return False
 
-    PtqrtConfig.__name__ = PtqrtConfig.__qualname__ = "PtqrtConfig"
-    PtqrtHfQuantizer.__name__ = PtqrtHfQuantizer.__qualname__ = "PtqrtHfQuantizer"
+    for cls in (PtqrtConfig, PtqrtHfQuantizer):
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
     return PtqrtConfig, PtqrtHfQuantizer
 
 
 def _skeleton(model, qcfg) -> None:
     """The quantized modules the entries name, empty (on the meta device), in place of the float ones."""
-    from ..format import FormatError
+    from pathlib import Path
+
+    from ..format import FORMAT_VERSION, FormatError, _check_module_entry
     from ..modules.experts import QuantExperts
     from ..modules.kv_cache import KVCacheQuant
     from ..modules.linear import QuantLinear
@@ -101,6 +106,12 @@ def _skeleton(model, qcfg) -> None:
 
     made: dict = {}  # a linear under several names gets one QuantLinear
     try:
+        if qcfg.format_version != FORMAT_VERSION or not isinstance(qcfg.modules, dict) or not qcfg.modules:
+            n = len(qcfg.modules) if isinstance(qcfg.modules, dict) else qcfg.modules
+            raise ValueError(f"it is format version {qcfg.format_version!r} with {n!r} module entries (this ptqrt "
+                             f"reads version {FORMAT_VERSION}, with one entry per quantized module)")
+        for saved, d in qcfg.modules.items():
+            _check_module_entry(saved, d, Path("config.json"))
         saved_as = list(getattr(model.config, "architectures", None) or [])
         for saved, d in qcfg.modules.items():
             name = _in_model(model, saved)
@@ -122,8 +133,16 @@ def _skeleton(model, qcfg) -> None:
                 parent._is_hf_initialized = True  # its float weights are gone: nothing for _init_weights
             else:
                 raise ValueError(f"module {name!r} is of unknown kind {kind!r}")
-    except (AttributeError, ValueError, TypeError) as e:
+    except (AttributeError, ValueError, TypeError, KeyError) as e:
         raise FormatError(f"config.json's quantization_config does not fit {type(model).__name__}: {e}") from e
+    ties = getattr(model, "all_tied_weights_keys", None)
+    if ties:  # a tie into a quantized module (an int8 lm_head that was tied to the embedding) is no tie now
+        def quantized(name):
+            try:
+                return isinstance(model.get_submodule(name.rpartition(".")[0]), QuantLinear)
+            except AttributeError:
+                return False
+        model.all_tied_weights_keys = {t: s for t, s in ties.items() if not quantized(t) and not quantized(s)}
 
 
 def _in_model(model, name: str):
@@ -162,38 +181,50 @@ def _finish(model, qcfg) -> None:
         model.ptqrt_config = config
 
 
+HOOKED = "transformers.quantizers.auto"  # what transformers' from_pretrained reads quantization methods from
+
+
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Registers with transformers right after transformers itself is imported (import ptqrt did not
-    import it: that costs seconds that users without transformers should not pay)."""
+    """Registers with transformers right after its quantizers' registry module is imported (which its
+    from_pretrained does): import ptqrt imports none of transformers, whose import costs users without it
+    seconds, and importing transformers costs no more for it either. A spec looked up without an import
+    (importlib.util.find_spec) is handed out like any other; the finder stays until the module runs."""
+
+    _busy = threading.local()
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != HOOKED or getattr(self._busy, "on", False):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._busy.on = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy.on = False
         loader = getattr(spec, "loader", None)
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
-        run = loader.exec_module
+        run, finder = loader.exec_module, self
 
         def exec_module(module):
             run(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             try:
                 register()
             except Exception as e:  # noqa: BLE001 - transformers without quantizer registration
                 import warnings
 
-                warnings.warn(f"ptqrt: cannot register with transformers {getattr(module, '__version__', '?')} "
-                              f"({type(e).__name__}: {e}); ptqrt.from_pretrained still loads packed directories",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(f"ptqrt: cannot register its quantization method with transformers ({type(e).__name__}: "
+                              f"{e}); ptqrt.from_pretrained still loads packed directories", RuntimeWarning, stacklevel=2)
 
         loader.exec_module = exec_module
         return spec
 
 
 def register_when_available() -> None:
-    """register() now if transformers is imported, else as soon as it is (nothing if it is not installed)."""
-    if "transformers" in sys.modules:
+    """register() now if transformers' quantizer registry is imported, else as soon as it is (nothing if
+    transformers is not installed)."""
+    if HOOKED in sys.modules:
         try:
             register()
         except Exception:  # noqa: BLE001 - an old transformers: ptqrt.from_pretrained still works
@@ -201,6 +232,13 @@ def register_when_available() -> None:
     elif importlib.util.find_spec("transformers") is not None and \
             not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def __getattr__(name):  # PtqrtConfig / PtqrtHfQuantizer: made with transformers, when it is there (pickle)
+    if name in ("PtqrtConfig", "PtqrtHfQuantizer"):
+        register()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["METHOD", "quantization_config", "register", "register_when_available"]
