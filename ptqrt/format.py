@@ -446,6 +446,9 @@ def load_quantized(float_model: nn.Module, in_dir, verify: bool = True) -> nn.Mo
         hf.reattach(float_model)
     if config is not None:
         float_model.ptqrt_config = config
+    from .integrations.hf_quantizer import record
+
+    record(float_model)
     return float_model
 
 

@@ -88,8 +88,9 @@ def _aliases(model: nn.Module, targets: dict, config: PTQConfig) -> dict[str, li
     for name, (mod, cfg) in list(targets.items()):
         others = every[id(mod)][1:]
         if others and cfg.needs_calibration:
-            parent = model.get_submodule(name.rpartition(".")[0])
-            if any(model.get_submodule(o.rpartition(".")[0]) is parent for o in others):
+            owner, _, slot = name.rpartition(".")
+            parent = model.get_submodule(owner)
+            if any(o.rpartition(".")[2] == slot and model.get_submodule(o.rpartition(".")[0]) is parent for o in others):
                 del targets[name]  # a shared parent: swapping the one name swaps them all
                 kept.append(name)
             else:
@@ -272,5 +273,8 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         model.train(was_training)
     _warn_fused_weights(model, config)
     model.ptqrt_config = config
+    from .integrations.hf_quantizer import record
+
+    record(model)  # its own save_pretrained then writes what transformers' from_pretrained loads
     return model
 

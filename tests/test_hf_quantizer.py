@@ -170,3 +170,20 @@ def test_registered_whichever_is_imported_first(order, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("QuantLinear")
+
+
+def test_save_pretrained_of_a_quantized_model_loads_back(tmp_path):
+    """quantize (and load_quantized) give the model the quantization_config, so its own save_pretrained
+    writes what transformers' from_pretrained loads: the int8 model, not float linears over int8 codes."""
+    calib = _calib(96)
+    q = quantize(make_model("llama"), PTQConfig(**STATIC, kv_cache_dtype="int8"), calib, quiet=True)
+    assert q.config.quantization_config["quant_method"] == "ptqrt"
+    q.save_pretrained(str(tmp_path / "hf"))
+    r = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    _same(q, r)
+    ids = _ids(96)
+    assert torch.equal(r(ids).logits, q(ids).logits)
+    loaded = ptqrt.from_pretrained(save_quantized(q, tmp_path / "packed"))
+    loaded.save_pretrained(str(tmp_path / "hf2"))
+    assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf2"))(ids).logits,
+                       q(ids).logits)

@@ -29,6 +29,21 @@ def quantization_config(desc: dict) -> dict:
             "config": desc["config"]}
 
 
+def record(model) -> None:
+    """Give a transformers model that ptqrt quantized or loaded the `quantization_config` that lets its own
+    save_pretrained write a directory transformers' from_pretrained loads (quantize and load_quantized
+    call it; save_quantized writes the same into config.json)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return
+    from ..format import FORMAT_VERSION, _modes
+
+    modules, _ = _modes(model, [])
+    ptq = getattr(model, "ptqrt_config", None)
+    config.quantization_config = quantization_config(
+        {"format_version": FORMAT_VERSION, "modules": modules, "config": ptq.to_dict() if ptq is not None else None})
+
+
 def register() -> None:
     """Make "ptqrt" a quantization method transformers knows (once; later calls do nothing)."""
     with _lock:
@@ -241,4 +256,4 @@ def __getattr__(name):  # PtqrtConfig / PtqrtHfQuantizer: made with transformers
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["METHOD", "quantization_config", "register", "register_when_available"]
+__all__ = ["METHOD", "quantization_config", "record", "register", "register_when_available"]
