@@ -166,9 +166,23 @@ def save_quantized(model: nn.Module, out_dir, max_shard_size: int = DEFAULT_SHAR
     return out
 
 
+def _saved_by_transformers(in_dir: Path) -> bool:
+    """Whether `in_dir` holds a config.json naming the 'ptqrt' quantization method (save_pretrained's)."""
+    try:
+        qc = json.loads((in_dir / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "ptqrt"
+
+
 def read_description(in_dir) -> dict:
     path = Path(in_dir) / DESCRIPTION
     if not path.is_file():
+        if _saved_by_transformers(Path(in_dir)):
+            raise FileNotFoundError(f"{path} is missing: {in_dir} was written by transformers' save_pretrained (its "
+                                    f"config.json names the 'ptqrt' quantization method): load it with transformers' "
+                                    f"from_pretrained (import ptqrt first), and save_quantized that to make a packed "
+                                    f"directory")
         raise FileNotFoundError(f"{path} is missing: {in_dir} is not a ptqrt packed directory "
                                 f"(or its save did not finish)")
     try:

@@ -183,6 +183,8 @@ def test_save_pretrained_of_a_quantized_model_loads_back(tmp_path):
     _same(q, r)
     ids = _ids(96)
     assert torch.equal(r(ids).logits, q(ids).logits)
+    with pytest.raises(FileNotFoundError, match="written by transformers' save_pretrained"):
+        ptqrt.from_pretrained(tmp_path / "hf")
     loaded = ptqrt.from_pretrained(save_quantized(q, tmp_path / "packed"))
     loaded.save_pretrained(str(tmp_path / "hf2"))
     assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf2"))(ids).logits,
