@@ -9,8 +9,9 @@ is the one ptqrt.from_pretrained gives (the same tensors); transformers does not
 SHA-256 (ptqrt.from_pretrained does). save_pretrained of such a model writes a directory that loads this
 way again.
 
-Registration needs transformers: `register()` does it (import ptqrt runs it when transformers is already
-imported, and otherwise as soon as transformers is).
+Registration needs transformers: `register()` does it (import ptqrt runs it when transformers' quantizer
+registry is already imported, and otherwise as soon as it is; quantize and load_quantized also give the
+model's config the quantization_config, `record`, so that its own save_pretrained writes it).
 """
 from __future__ import annotations
 
