@@ -120,7 +120,7 @@ def test_a_model_loaded_by_transformers_pickles(tmp_path):
 
 
 @pytest.mark.parametrize("damage, match", [
-    (lambda qc: qc.update(modules=None), "0 module entries"),
+    (lambda qc: qc.update(modules=None), "with modules NoneType"),
     (lambda qc: qc.update(format_version=99), "format version 99"),
     (lambda qc: qc["modules"]["model.layers.0.self_attn.q_proj"].pop("mode"), "'mode' is missing"),
 ])
@@ -143,6 +143,15 @@ def test_a_config_that_does_not_fit_the_model_is_a_format_error(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match="quantization_config does not fit LlamaForCausalLM"):
         transformers.AutoModelForCausalLM.from_pretrained(str(d))
+
+
+def test_a_model_whose_linears_all_stay_float_loads(tmp_path):
+    """Every linear skipped: no module entry, and the model loads as it was saved."""
+    q = quantize(make_model("llama"), PTQConfig(skip=[".*"]), quiet=True)
+    d = save_quantized(q, tmp_path / "packed")
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["modules"] == {}
+    r = transformers.AutoModelForCausalLM.from_pretrained(str(d))
+    _same(q, r)
 
 
 def test_a_float_model_is_not_quantized_on_load(tmp_path):

@@ -68,7 +68,7 @@ def _classes():
 
         def __init__(self, modules=None, config=None, format_version=None, **kwargs):
             self.quant_method = METHOD
-            self.modules = dict(modules or {})
+            self.modules = modules  # checked when a model is loaded (_skeleton)
             self.config = config
             self.format_version = format_version
 
@@ -122,10 +122,9 @@ def _skeleton(model, qcfg) -> None:
 
     made: dict = {}  # a linear under several names gets one QuantLinear
     try:
-        if qcfg.format_version != FORMAT_VERSION or not isinstance(qcfg.modules, dict) or not qcfg.modules:
-            n = len(qcfg.modules) if isinstance(qcfg.modules, dict) else qcfg.modules
-            raise ValueError(f"it is format version {qcfg.format_version!r} with {n!r} module entries (this ptqrt "
-                             f"reads version {FORMAT_VERSION}, with one entry per quantized module)")
+        if qcfg.format_version != FORMAT_VERSION or not isinstance(qcfg.modules, dict):
+            raise ValueError(f"it is format version {qcfg.format_version!r} with modules {type(qcfg.modules).__name__} "
+                             f"(this ptqrt reads version {FORMAT_VERSION}, with a dict of module entries)")
         for saved, d in qcfg.modules.items():
             _check_module_entry(saved, d, Path("config.json"))
         saved_as = list(getattr(model.config, "architectures", None) or [])
