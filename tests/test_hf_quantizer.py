@@ -145,6 +145,18 @@ def test_a_config_that_does_not_fit_the_model_is_a_format_error(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(str(d))
 
 
+def test_a_dtype_asked_of_from_pretrained_takes_the_biases_the_scales_stay_float32(tmp_path):
+    """dtype=torch.bfloat16 on a float32 directory: float weights and QuantLinear biases in bfloat16, as
+    .to(torch.bfloat16) of the saved model gives them, and the scales float32."""
+    q = quantize(make_model("qwen2"), PTQConfig(act_dtype="int8"), quiet=True)  # q/k/v have biases
+    d = save_quantized(q, tmp_path / "packed")
+    r = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16)
+    want = q.to(torch.bfloat16)
+    lin = r.model.layers[0].self_attn.q_proj
+    assert isinstance(lin, QuantLinear) and lin.bias.dtype == torch.bfloat16 and lin.weight_scale.dtype == torch.float32
+    _same(want, r)
+
+
 def test_a_model_whose_linears_all_stay_float_loads(tmp_path):
     """Every linear skipped: no module entry, and the model loads as it was saved."""
     q = quantize(make_model("llama"), PTQConfig(skip=[".*"]), quiet=True)

@@ -138,7 +138,7 @@ def _skeleton(model, qcfg) -> None:
             if kind == "linear":
                 old = model.get_submodule(name)
                 if id(old) not in made:
-                    made[id(old)] = QuantLinear.from_description(d, name, device="meta")
+                    made[id(old)] = QuantLinear.from_description(_bias_as(d, old), name, device="meta")
                 set_submodule(model, name, made[id(old)])
             elif kind == "kv_cache":
                 set_submodule(model, name, KVCacheQuant.from_description(d, device="meta"))
@@ -158,6 +158,17 @@ def _skeleton(model, qcfg) -> None:
             except AttributeError:
                 return False
         model.all_tied_weights_keys = {t: s for t, s in ties.items() if not quantized(t) and not quantized(s)}
+
+
+def _bias_as(d: dict, old) -> dict:
+    """The entry `d` with the bias in the dtype transformers built the float linear `old` in (the dtype
+    from_pretrained was asked for), as a model cast with .to(dtype) has it; the scales stay float32."""
+    from ..modules.linear import linear_weight
+
+    w = linear_weight(old)
+    if not d.get("bias") or not w.is_floating_point():
+        return d
+    return {**d, "bias_dtype": str(w.dtype).replace("torch.", "")}
 
 
 def _in_model(model, name: str):
