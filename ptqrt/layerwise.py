@@ -44,7 +44,7 @@ from .algorithms import gptq, osl, smoothquant
 from .calibrate import run_sample, to_device, token_mask
 from .config import PTQConfig
 from .modules.linear import QuantLinear, is_quantizable, linear_weight
-from .observers import MinMaxObserver, RowSample, percentile_absmax
+from .observers import MinMaxObserver, RowSample, static_range
 
 KEPT_TOKENS = 2048  # calibration tokens kept per target for OSL's α search and percentile scales (RowSample)
 CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")  # names across transformers versions
@@ -698,8 +698,7 @@ def static_absmax(st: _Stats, key, channel_absmax: torch.Tensor, s: Optional[tor
     if q is None or key not in st.xs:
         return top
     x = st.xs[key].rows
-    r = percentile_absmax(x if s is None else x / s.to(x.device, torch.float32), q)
-    return r if r > 0 else top
+    return static_range(x if s is None else x / s.to(x.device, torch.float32), q, top)
 
 
 def _gptq(w: torch.Tensor, H: torch.Tensor, s: Optional[torch.Tensor], cfg: PTQConfig) -> tuple:

@@ -47,6 +47,13 @@ def percentile_absmax(x: torch.Tensor, q: float) -> torch.Tensor:
     return flat.kthvalue(k).values
 
 
+def static_range(x: torch.Tensor, q: float, top: torch.Tensor) -> torch.Tensor:
+    """The range a static scale is set from under a percentile observer: the q-quantile of |x|
+    (percentile_absmax), or `top` (the max) where that is 0 (a sparse input, which it would zero)."""
+    r = percentile_absmax(x, q)
+    return r if r > 0 else top
+
+
 class RowSample:
     """A uniform sample, without replacement, of at most n of all the rows recorded (float32, on the CPU):
     each row draws a random key and the rows with the n smallest keys stay, so every calibration token is

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
-from ..observers import percentile_absmax
+from ..observers import static_range
 from .smoothquant import scale_linear_weight, smooth_scales, weight_absmax_per_in_channel
 
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -59,8 +59,7 @@ def quantized_output(x: torch.Tensor, weights: TensorOrList, biases, s: torch.Te
         a = x.to(torch.float32).abs().amax(dim=0) if act_absmax is None else act_absmax.to(x.device, torch.float32)
         r = (a / s).amax()
         if act_percentile is not None:  # its max where the quantile is 0 (a sparse input), as calibration does
-            p = percentile_absmax(x.to(torch.float32) / s, act_percentile)
-            r = p if p > 0 else r
+            r = static_range(x.to(torch.float32) / s, act_percentile, r)
         x_scale = reference.absmax_scale(r).reshape(1)
         x_q = reference.quantize_per_tensor(x, x_scale, s)
     outs = []
