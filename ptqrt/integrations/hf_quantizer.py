@@ -96,6 +96,16 @@ def _classes():
             _finish(model, self.quantization_config)
             return model
 
+        def _dequantize(self, model, dtype=None):
+            """model.dequantize(): float modules in place of ptqrt's (ptqrt.dequantize)."""
+            import torch
+
+            from ..dequantize import dequantize
+
+            if isinstance(dtype, str):  # a config's dtype as read from JSON
+                dtype = getattr(torch, dtype, None)
+            return dequantize(model, dtype if isinstance(dtype, torch.dtype) else None)
+
         def is_serializable(self, *args, **kwargs) -> bool:
             return True
 

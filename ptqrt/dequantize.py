@@ -1,0 +1,154 @@
+"""dequantize(): a quantized model back to float modules (transformers' ``model.dequantize()`` runs it).
+
+Each QuantLinear becomes an nn.Linear whose weight is its int8 weight times its scales (smoothing factors
+divided back out), so the float model computes what the int8 weights hold, without the activation
+quantization of the W8A8 modes; smoothing folded into a norm stays folded (the norm and the weight
+compensate each other, as they did in the quantized model). Each QuantExperts gives its experts module
+float 3-D projections again and its own forward back. The int8 KV cache is removed, and with it every
+record of the quantization (``ptqrt_config``, a transformers model's ``quantization_config``), so the
+model saves and loads as a float model.
+"""
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .modules.experts import QuantExperts, dense, transposed
+from .modules.kv_cache import KVCacheQuant
+from .modules.linear import QuantLinear
+
+
+@torch.no_grad()
+def dequantize(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace, in place, every quantized module of `model` by float modules, and return the model.
+
+    dtype: of the new float weights (and biases); by default a linear's bias dtype, else the dtype of
+    the model's first float parameter, else float32. A linear registered under several names becomes
+    one nn.Linear under all of them; a transformers model whose config ties its output embedding to the
+    input one (an lm_head that was quantized) is tied again, to the float embedding.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dequantize: model must be a torch.nn.Module; got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dequantize: dtype must be a floating torch.dtype; got {dtype!r}")
+    if isinstance(model, (QuantLinear, QuantExperts)):
+        raise ValueError(f"dequantize: the model itself is a {type(model).__name__}, which cannot be replaced in "
+                         f"place; dequantize a module holding it")
+    default = dtype or _float_dtype(model)
+    if any(isinstance(m, KVCacheQuant) for m in model.modules()):
+        from .integrations import hf
+
+        hf.remove_int8_kv_cache(model)
+    made: dict = {}
+    quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)]
+    conv1d = _conv1d_names(model) if quantized else set()
+    for name, mod in quantized:
+        if id(mod) not in made:
+            made[id(mod)] = _linear(mod, dtype or (mod.bias.dtype if mod.bias is not None else default),
+                                    name in conv1d)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, made[id(mod)])
+    for mod in list(model.modules()):
+        q = mod._modules.get("ptqrt_experts")
+        if isinstance(q, QuantExperts):
+            _float_experts(model, mod, q, default)
+    _forget(model, retie=bool(made))
+    return model
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _conv1d_names(model: nn.Module) -> set:
+    """Names of the modules that transformers builds as Conv1D (GPT-2's, [K, N] weights) in `model`'s class:
+    a QuantLinear there becomes a Conv1D again, so that the float model saves and loads as its class does.
+    The class is built on the meta device from the model's config (no memory, no weights)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return set()
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(copy.deepcopy(model.config))
+    except Exception as e:  # noqa: BLE001 - a class that cannot be built from its config alone
+        warnings.warn(f"dequantize: {type(model).__name__} could not be built from its config ({type(e).__name__}: "
+                      f"{e}), so any Conv1D layer comes back as an nn.Linear", RuntimeWarning, stacklevel=3)
+        return set()
+    return {n for n, m in skeleton.named_modules(remove_duplicate=False) if isinstance(m, Conv1D)}
+
+
+def _linear(q: QuantLinear, dtype: torch.dtype, conv1d: bool) -> nn.Module:
+    w = q.dequantized_weight().to(dtype)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            out = Conv1D(q.out_features, q.in_features)
+        out.weight = nn.Parameter(w.t().contiguous())
+        out.bias = nn.Parameter(q.bias.detach().to(dtype) if q.bias is not None else
+                                torch.zeros(q.out_features, dtype=dtype, device=w.device))
+    else:
+        out = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+        out.weight = nn.Parameter(w)
+        if q.bias is not None:
+            out.bias = nn.Parameter(q.bias.detach().to(dtype))
+    out.train(q.training)
+    return out
+
+
+def _float_experts(model: nn.Module, module: nn.Module, q: QuantExperts, dtype: torch.dtype) -> None:
+    """Float [E, N, K] projections (or [E, K, N] where the module stores them so) from `q`, in place of it."""
+    from .integrations import hf_experts
+
+    weights = {}
+    for p, (n, k) in q.shapes.items():
+        w_q, scale = getattr(q, p).float(), getattr(q, f"{p}_scale")
+        g = q.group_size
+        w = (w_q.reshape(q.num_experts, n, k // g, g) * scale[..., None]).reshape(q.num_experts, n, k) if g \
+            else w_q * scale[..., None]
+        if q.smooth:
+            w = w / getattr(q, f"{p}_smooth_scale")[:, None, :]
+        if transposed(module):
+            w = w.transpose(1, 2)
+        weights[p] = nn.Parameter(w.contiguous().to(dtype))
+    del module._modules[hf_experts.CHILD]
+    for p, w in weights.items():
+        module._parameters[p] = w
+    if dense(module):
+        if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__:
+            module._old_forward = types.MethodType(type(module).forward, module)  # what accelerate's hook runs
+        else:
+            module.__dict__.pop("forward", None)
+    elif getattr(module.config, "_experts_implementation_internal", None) == hf_experts.IMPL:
+        pick = getattr(model, "get_correct_experts_implementation", None)
+        module.config._experts_implementation_internal = pick(None) if pick is not None else "eager"
+
+
+def _forget(model: nn.Module, retie: bool) -> None:
+    """Drop ptqrt's records of the quantization from `model` (and transformers' of a "ptqrt" model), and tie
+    the output embedding again where the config asks for it."""
+    model.__dict__.pop("ptqrt_config", None)
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method == "ptqrt":
+        del config.quantization_config
+        for key in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+            model.__dict__.pop(key, None)
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+    if retie and hasattr(model, "get_expanded_tied_weights_keys") and hasattr(model, "tie_weights"):
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
+        model.tie_weights()
+
+
+__all__ = ["dequantize"]
