@@ -6,7 +6,9 @@ quantization of the W8A8 modes; smoothing folded into a norm stays folded (the n
 compensate each other, as they did in the quantized model). Each QuantExperts gives its experts module
 float 3-D projections again and its own forward back. The int8 KV cache is removed, and with it every
 record of the quantization (``ptqrt_config``, a transformers model's ``quantization_config``), so the
-model saves and loads as a float model.
+model saves and loads as a float model. A quantized output layer that was tied to the input embedding
+stays untied (its config says so): it holds its own int8 weights, which smoothing folded into the
+final norm may have scaled, so the embedding cannot stand in for it.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ def dequantize(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
 
     dtype: of the new float weights (and biases); by default a linear's bias dtype, else the dtype of
     the model's first float parameter, else float32. A linear registered under several names becomes
-    one nn.Linear under all of them; a transformers model whose config ties its output embedding to the
-    input one (an lm_head that was quantized) is tied again, to the float embedding.
+    one nn.Linear under all of them. transformers models anywhere in `model` (it may wrap one) get their
+    own classes' Conv1D layers back, and a tie into a quantized layer is dropped from their configs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dequantize: model must be a torch.nn.Module; got {type(model).__name__}")
@@ -40,50 +42,69 @@ def dequantize(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
         raise ValueError(f"dequantize: the model itself is a {type(model).__name__}, which cannot be replaced in "
                          f"place; dequantize a module holding it")
     default = dtype or _float_dtype(model)
-    if any(isinstance(m, KVCacheQuant) for m in model.modules()):
-        from .integrations import hf
+    hf_models = _hf_models(model)
+    for _, hf_model in hf_models:
+        if any(isinstance(m, KVCacheQuant) for m in hf_model.modules()):
+            from .integrations import hf
 
-        hf.remove_int8_kv_cache(model)
+            hf.remove_int8_kv_cache(hf_model)
     made: dict = {}
     quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)]
-    conv1d = _conv1d_names(model) if quantized else set()
+    conv1d = _conv1d_names(hf_models) if quantized else set()
     for name, mod in quantized:
         if id(mod) not in made:
             made[id(mod)] = _linear(mod, dtype or (mod.bias.dtype if mod.bias is not None else default),
                                     name in conv1d)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, made[id(mod)])
+    pick = next((m.get_correct_experts_implementation for _, m in hf_models), None)
     for mod in list(model.modules()):
         q = mod._modules.get("ptqrt_experts")
         if isinstance(q, QuantExperts):
-            _float_experts(model, mod, q, default)
-    _forget(model, retie=bool(made))
+            _float_experts(mod, q, default, pick)
+    _untie(hf_models, {name for name, _ in quantized})
+    _forget(model)
     return model
+
+
+def _hf_models(model: nn.Module) -> list:
+    """[(name, module)] of the outermost transformers models in `model` (itself, or those it wraps)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, PreTrainedModel) and not any(name.startswith(f"{n}.") or not n for n, _ in out):
+            out.append((name, m))
+    return out
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _conv1d_names(model: nn.Module) -> set:
-    """Names of the modules that transformers builds as Conv1D (GPT-2's, [K, N] weights) in `model`'s class:
-    a QuantLinear there becomes a Conv1D again, so that the float model saves and loads as its class does.
-    The class is built on the meta device from the model's config (no memory, no weights)."""
+def _conv1d_names(hf_models: list) -> set:
+    """Names of the modules that transformers builds as Conv1D (GPT-2's, [K, N] weights) in the classes of
+    `hf_models` (_hf_models): a QuantLinear there becomes a Conv1D again, so that the float model saves
+    and loads as its class does. Each class is built on the meta device from its config (no memory)."""
     try:
-        from transformers import PreTrainedModel
         from transformers.pytorch_utils import Conv1D
     except ImportError:
         return set()
-    if not isinstance(model, PreTrainedModel):
-        return set()
-    try:
-        with torch.device("meta"):
-            skeleton = type(model)(copy.deepcopy(model.config))
-    except Exception as e:  # noqa: BLE001 - a class that cannot be built from its config alone
-        warnings.warn(f"dequantize: {type(model).__name__} could not be built from its config ({type(e).__name__}: "
-                      f"{e}), so any Conv1D layer comes back as an nn.Linear", RuntimeWarning, stacklevel=3)
-        return set()
-    return {n for n, m in skeleton.named_modules(remove_duplicate=False) if isinstance(m, Conv1D)}
+    out = set()
+    for prefix, hf_model in hf_models:
+        try:
+            with torch.device("meta"):
+                skeleton = type(hf_model)(copy.deepcopy(hf_model.config))
+        except Exception as e:  # noqa: BLE001 - a class that cannot be built from its config alone
+            warnings.warn(f"dequantize: {type(hf_model).__name__} could not be built from its config "
+                          f"({type(e).__name__}: {e}), so any Conv1D layer of it comes back as an nn.Linear",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        out |= {f"{prefix}.{n}" if prefix else n for n, m in skeleton.named_modules(remove_duplicate=False)
+                if isinstance(m, Conv1D)}
+    return out
 
 
 def _linear(q: QuantLinear, dtype: torch.dtype, conv1d: bool) -> nn.Module:
@@ -105,7 +126,7 @@ def _linear(q: QuantLinear, dtype: torch.dtype, conv1d: bool) -> nn.Module:
     return out
 
 
-def _float_experts(model: nn.Module, module: nn.Module, q: QuantExperts, dtype: torch.dtype) -> None:
+def _float_experts(module: nn.Module, q: QuantExperts, dtype: torch.dtype, pick) -> None:
     """Float [E, N, K] projections (or [E, K, N] where the module stores them so) from `q`, in place of it."""
     from .integrations import hf_experts
 
@@ -129,26 +150,49 @@ def _float_experts(model: nn.Module, module: nn.Module, q: QuantExperts, dtype: 
         else:
             module.__dict__.pop("forward", None)
     elif getattr(module.config, "_experts_implementation_internal", None) == hf_experts.IMPL:
-        pick = getattr(model, "get_correct_experts_implementation", None)
+        # transformers' default (pick: a model's get_correct_experts_implementation); the one before
+        # quantize() is not recorded (a loaded model never had one)
         module.config._experts_implementation_internal = pick(None) if pick is not None else "eager"
 
 
-def _forget(model: nn.Module, retie: bool) -> None:
-    """Drop ptqrt's records of the quantization from `model` (and transformers' of a "ptqrt" model), and tie
-    the output embedding again where the config asks for it."""
-    model.__dict__.pop("ptqrt_config", None)
-    config = getattr(model, "config", None)
-    qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if method == "ptqrt":
+def _untie(hf_models: list, quantized: set) -> None:
+    """Drop each tie of the transformers models whose target or source is a quantized module's parameter
+    (names in `quantized`), and say so in the config (tie_word_embeddings), so that the model saves and
+    loads with both tensors."""
+    for prefix, hf_model in hf_models:
+        if not hasattr(hf_model, "get_expanded_tied_weights_keys"):
+            continue
+        names = {n[len(prefix) + 1:] if prefix else n for n in quantized if not prefix or n.startswith(f"{prefix}.")}
+        ties = hf_model.get_expanded_tied_weights_keys(all_submodels=True)
+        broken = {t for t, src in ties.items() if {t.rpartition(".")[0], src.rpartition(".")[0]} & names}
+        if not broken:
+            continue
+        kept = getattr(hf_model, "all_tied_weights_keys", None) or {}
+        hf_model.all_tied_weights_keys = {t: src for t, src in kept.items() if t not in broken}
+        for m in hf_model.modules():
+            config = getattr(m, "config", None)
+            for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+                if getattr(c, "tie_word_embeddings", False):
+                    c.tie_word_embeddings = False
+
+
+def _forget(model: nn.Module) -> None:
+    """Drop ptqrt's records of the quantization from `model` and its submodules (and transformers' of a
+    "ptqrt" model: each sub-model's config, as T5's stacks have copies of it)."""
+    for m in model.modules():
+        m.__dict__.pop("ptqrt_config", None)
+        config = getattr(m, "config", None)
+        qc = getattr(config, "quantization_config", None)
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if method != "ptqrt":
+            continue
         del config.quantization_config
+        if getattr(config, "_is_quantized", False):
+            config._is_quantized = False
         for key in ("hf_quantizer", "quantization_method", "_weight_conversions"):
-            model.__dict__.pop(key, None)
-        if hasattr(model, "is_quantized"):
-            model.is_quantized = False
-    if retie and hasattr(model, "get_expanded_tied_weights_keys") and hasattr(model, "tie_weights"):
-        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=False)
-        model.tie_weights()
+            m.__dict__.pop(key, None)
+        if "is_quantized" in m.__dict__ or hasattr(type(m), "is_quantized"):
+            m.is_quantized = False
 
 
 __all__ = ["dequantize"]

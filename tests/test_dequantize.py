@@ -130,15 +130,73 @@ def test_transformers_dequantize_gives_a_float_model_of_its_class(case, tmp_path
     assert torch.equal(back.generate(ids, max_new_tokens=4, do_sample=False), out)
 
 
-def test_gpt2_modules_and_tie_come_back():
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_gpt2_conv1d_comes_back_and_a_quantized_tied_head_stays_untied(wrapped, tmp_path):
+    """SmoothQuant folds the head's factors into the final norm: the head holds W·s, and the embedding W
+    cannot stand in for it (tied again, the logits were 85% off). Inside a wrapper module too."""
     f = make_model("gpt2")
-    assert f.lm_head.weight is f.transformer.wte.weight
-    q = quantize(f, PTQConfig(skip=[]), quiet=True)
-    assert isinstance(q.lm_head, QuantLinear)
-    ptqrt.dequantize(q)
+    assert f.lm_head.weight is f.transformer.wte.weight and f.config.tie_word_embeddings
+    cal, ids = _calib(96), _ids(96)
+    model = Wrapper(copy.deepcopy(f)).eval() if wrapped else copy.deepcopy(f)
+    quantize(model, PTQConfig(act_dtype="int8", outliers="smooth", skip=[]), cal, quiet=True)
+    g = model.lm if wrapped else model
+    assert isinstance(g.lm_head, QuantLinear) and g.lm_head.smooth_scale is None  # folded into ln_f
+    y_q = g(ids).logits
+    ptqrt.dequantize(model)
     conv1d = transformers.pytorch_utils.Conv1D
-    assert type(q.transformer.h[0].attn.c_attn) is conv1d and q.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
-    assert type(q.lm_head) is nn.Linear and q.lm_head.weight is q.transformer.wte.weight  # tied again, to the float
+    assert type(g.transformer.h[0].attn.c_attn) is conv1d and g.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
+    assert type(g.transformer.h[0].attn.c_proj) is conv1d  # square: a transposed nn.Linear would load silently
+    assert type(g.lm_head) is nn.Linear and g.lm_head.weight is not g.transformer.wte.weight
+    assert not g.config.tie_word_embeddings
+    y = g(ids).logits
+    assert _rel(y, y_q) < 0.05 and _rel(y, f(ids).logits) < 0.05
+    g.save_pretrained(tmp_path)
+    back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path))
+    assert back.lm_head.weight is not back.transformer.wte.weight
+    torch.testing.assert_close(back(ids).logits, y, rtol=0, atol=0)
+
+
+class Wrapper(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(ids).logits
+
+
+def test_a_cast_then_model_dequantize_takes_the_cast_dtype(tmp_path):
+    """transformers passes config.dtype (the dtype it loaded) when no dtype is given; after .to(bf16) that
+    would make float32 linears among bf16 ones."""
+    build, cfg, vocab = HF["llama_static_kv8"]
+    packed = save_quantized(quantize(build(), cfg, _calib(vocab), quiet=True), tmp_path / "packed")
+    r = transformers.AutoModelForCausalLM.from_pretrained(str(packed)).to(torch.bfloat16)
+    assert r.config.dtype == torch.float32
+    r.dequantize()
+    assert {p.dtype for p in r.parameters()} == {torch.bfloat16}
+    assert r(_ids(vocab)).logits.dtype == torch.bfloat16
+    r2 = transformers.AutoModelForCausalLM.from_pretrained(str(packed))
+    r2.dequantize(dtype=torch.float16)  # asked for: the new linears take it
+    assert r2.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
+
+
+def test_t5_stacks_lose_their_copies_of_the_quantization_config(tmp_path):
+    torch.manual_seed(0)
+    f = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)).eval()
+    packed = save_quantized(quantize(f, PTQConfig(), quiet=True), tmp_path / "packed")
+    r = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(packed))
+    assert hasattr(r.encoder.config, "quantization_config")
+    r.dequantize()
+    for m in (r, r.encoder, r.decoder):
+        assert not hasattr(m.config, "quantization_config") and not getattr(m.config, "_is_quantized", False)
+    assert not _ptqrt_modules(r)
+    r.encoder.save_pretrained(tmp_path / "encoder")
+    assert "quantization_config" not in json.loads((tmp_path / "encoder" / "config.json").read_text())
 
 
 def test_int8_kv_cache_and_experts_wiring_are_undone():

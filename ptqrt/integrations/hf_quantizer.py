@@ -96,15 +96,15 @@ def _classes():
             _finish(model, self.quantization_config)
             return model
 
-        def _dequantize(self, model, dtype=None):
-            """model.dequantize(): float modules in place of ptqrt's (ptqrt.dequantize)."""
-            import torch
-
+        def dequantize(self, model, dtype=None):
+            """model.dequantize(): float modules in place of ptqrt's (ptqrt.dequantize). Without a dtype each
+            new linear takes its bias's (else the model's) dtype, which follows casts: transformers'
+            default, config.dtype, is the dtype the model was loaded in."""
             from ..dequantize import dequantize
 
-            if isinstance(dtype, str):  # a config's dtype as read from JSON
-                dtype = getattr(torch, dtype, None)
-            return dequantize(model, dtype if isinstance(dtype, torch.dtype) else None)
+            dequantize(model, dtype)
+            self.remove_quantization_config(model)
+            return model
 
         def is_serializable(self, *args, **kwargs) -> bool:
             return True
