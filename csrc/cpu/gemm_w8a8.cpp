@@ -335,6 +335,22 @@ struct Vnni512Emulated {
 constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 1, kVnniGemvRows = 6;
 // PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: bench_cpu.py times
 // M = 1 and 16 with the dot tiles beside the default). Read on every call; 0: unset.
+// PTQRT_CPU_GEMV_PREFETCH=B: the VNNI GEMV prefetches into L2 the line B bytes ahead on each weight
+// stream (a diagnosis knob; unset or 0: none). It was the default, 8 KiB ahead on weights larger than
+// the L3, after one session measured 1.09-1.12x there; a later, quieter session on the same kind of
+// 2-core Zen 4 measured it 0.70-0.85x on one such weight and 0.94-0.96x cycling through six (270 MB,
+// read from memory every call), at 1, 2 and 4 rows (bench/NOTES.md), so it is off. Read on every call.
+int64_t gemv_prefetch_bytes() {
+  const char* s = std::getenv("PTQRT_CPU_GEMV_PREFETCH");
+  if (s == nullptr || *s == '\0') return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  TORCH_CHECK(end != s && *end == '\0' && v >= 0 && v % 64 == 0 && v <= (1 << 20),
+              "PTQRT_CPU_GEMV_PREFETCH must be a whole number of bytes, a multiple of 64 from 0 to 1048576; got '", s,
+              "'");
+  return v;
+}
+
 int64_t vnni_rows_override() {
   const char* s = std::getenv("PTQRT_CPU_VNNI_PANEL_ROWS");
   if (s == nullptr || *s == '\0') return 0;
@@ -646,12 +662,9 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   }
 #endif
   // The VNNI GEMV (1-6 rows on the cached quads) streams up to 4 panels at a time over the whole K:
-  // 2 n-blocks a thread. A weight larger than the L3 comes from memory on every call, and there a
-  // software prefetch 8 KiB ahead on each stream helped; one the L3 holds between calls ran slower
-  // with it (2 threads on a Zen 4, 25 rounds: 1.09x / 1.12x at 1 x 11008 x 4096 / 1 x 4096 x 11008,
-  // 1.10x at 2 x 11008 x 4096; 0.91x at 1 x 4096 x 4096).
+  // 2 n-blocks a thread, and no software prefetch by default (see gemv_prefetch_bytes).
   const bool vnni_gemv = wquads.defined() && M <= kVnniGemvRows && !amx_on;
-  const int64_t gemv_ahead = vnni_gemv && N * K > l3_cache_bytes() ? 8192 : 0;
+  const int64_t gemv_ahead = vnni_gemv ? gemv_prefetch_bytes() : 0;
   if (vnni_gemv) {
     bl.NB = round_up(ceil_div(N, 2 * threads), 32);
     bl.n_nb = ceil_div(N, bl.NB);
