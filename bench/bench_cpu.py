@@ -110,7 +110,9 @@ def ops():
 def _cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+        field = {l.split(":", 1)[0].strip(): l.split(":", 1)[1].strip() for l in out.splitlines() if ":" in l}
+        name = field["Model name"]  # a VM's is often bare ("AMD EPYC"): the family says which generation
+        return f"{name} (family {field['CPU family']} model {field['Model']})" if "CPU family" in field else name
     except Exception:  # noqa: BLE001 -- any failure: fall back to the platform string
         return platform.processor() or "unknown CPU"
 

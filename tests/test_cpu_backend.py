@@ -242,7 +242,7 @@ def test_vnni_gemv(cpu_ops, monkeypatch, isa, m, n, k):
 
 @pytest.mark.parametrize("m", (1, 5))
 def test_vnni_gemv_prefetch_knob(cpu_ops, monkeypatch, m):
-    """PTQRT_CPU_GEMV_PREFETCH=B (bytes ahead; off by default) changes no bit of the GEMV form (native
+    """PTQRT_CPU_GEMV_PREFETCH=B (bytes ahead, whatever the weight's size) changes no bit of the GEMV form (native
     AVX-512 only: the emulation has nothing to prefetch), distances past the panel's end included; a
     value that is not a multiple of 64 bytes from 0 to 1 MiB is refused, naming the variable."""
     if not _supported(cpu_ops, "avx512"):

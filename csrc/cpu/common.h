@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -19,6 +20,9 @@
 #include <vector>
 
 #include "isa.h"
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 
 namespace ptqrt_cpu {
 
@@ -66,6 +70,27 @@ class F32Values {
  private:
   at::Tensor t_;
 };
+
+// The last-level (L3) cache a CPU's threads share, in bytes: sysfs's figure for CPU 0 where Linux
+// gives one (a VM's sysconf can be far off: 320 MiB for 32 on a 2-vCPU Zen 4), else sysconf's, else
+// 32 MiB. Read once.
+inline int64_t l3_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      long long v = 0;
+      char unit = 0;
+      const int got = std::fscanf(f, "%lld%c", &v, &unit);
+      std::fclose(f);
+      if (got >= 1 && v > 0) return static_cast<int64_t>(v) << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+    }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (v > 0) return static_cast<int64_t>(v);
+#endif
+    return int64_t(32) << 20;
+  }();
+  return bytes;
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }

@@ -335,14 +335,16 @@ struct Vnni512Emulated {
 constexpr int64_t kVnniPanelMinRows = 32, kVnniPackedMinRows = 1, kVnniGemvRows = 6;
 // PTQRT_CPU_VNNI_PANEL_ROWS=R moves both crossovers to R rows (a diagnosis knob: bench_cpu.py times
 // M = 1 and 16 with the dot tiles beside the default). Read on every call; 0: unset.
-// PTQRT_CPU_GEMV_PREFETCH=B: the VNNI GEMV prefetches into L2 the line B bytes ahead on each weight
-// stream (a diagnosis knob; unset or 0: none). It was the default, 8 KiB ahead on weights larger than
-// the L3, after one session measured 1.09-1.12x there; a later, quieter session on the same kind of
-// 2-core Zen 4 measured it 0.70-0.85x on one such weight and 0.94-0.96x cycling through six (270 MB,
-// read from memory every call), at 1, 2 and 4 rows (bench/NOTES.md), so it is off. Read on every call.
-int64_t gemv_prefetch_bytes() {
+// The VNNI GEMV's software prefetch: each weight stream prefetches into L2 the line this many bytes
+// ahead (0: none). By default 8 KiB on a weight larger than the L3 (which comes from memory on every
+// call), except on Zen 5: a 2-core Zen 4 measured it 1.09-1.12x there (1.10x at 2 rows; 0.91x on a
+// weight the L3 holds, hence the gate); a 2-core Zen 5 measured it 0.70-0.85x on one 45 MB weight and
+// 0.94-0.96x cycling through six (270 MB, every call from memory), at 1, 2 and 4 rows (bench/NOTES.md).
+// PTQRT_CPU_GEMV_PREFETCH=B sets B bytes whatever the weight and the CPU (a diagnosis knob: 0 turns
+// it off). Read on every call.
+int64_t gemv_prefetch_bytes(int64_t weight_bytes) {
   const char* s = std::getenv("PTQRT_CPU_GEMV_PREFETCH");
-  if (s == nullptr || *s == '\0') return 0;
+  if (s == nullptr || *s == '\0') return weight_bytes > l3_cache_bytes() && amd_family() < 26 ? 8192 : 0;
   char* end = nullptr;
   const long long v = std::strtoll(s, &end, 10);
   TORCH_CHECK(end != s && *end == '\0' && v >= 0 && v % 64 == 0 && v <= (1 << 20),
@@ -662,9 +664,9 @@ at::Tensor w8a8_gemm(const at::Tensor& x_q, const at::Tensor& x_scale, const at:
   }
 #endif
   // The VNNI GEMV (1-6 rows on the cached quads) streams up to 4 panels at a time over the whole K:
-  // 2 n-blocks a thread, and no software prefetch by default (see gemv_prefetch_bytes).
+  // 2 n-blocks a thread, with the software prefetch gemv_prefetch_bytes gives.
   const bool vnni_gemv = wquads.defined() && M <= kVnniGemvRows && !amx_on;
-  const int64_t gemv_ahead = vnni_gemv ? gemv_prefetch_bytes() : 0;
+  const int64_t gemv_ahead = vnni_gemv ? gemv_prefetch_bytes(N * K) : 0;
   if (vnni_gemv) {
     bl.NB = round_up(ceil_div(N, 2 * threads), 32);
     bl.n_nb = ceil_div(N, bl.NB);

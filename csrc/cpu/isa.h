@@ -132,6 +132,23 @@ inline bool has_amx() {
   return ok;
 }
 
+// The x86 family (base + extended, as AMD and Intel number them) of an AMD CPU, 0 for any other:
+// 25 (0x19) Zen 3 / Zen 4, 26 (0x1A) Zen 5. Kernel defaults measured to differ between them read it.
+inline int amd_family() {
+#if PTQRT_X86
+  static const int family = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u) return 0;  // "Auth"enticAMD
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const int base = (a >> 8) & 0xf;
+    return base == 0xf ? base + static_cast<int>((a >> 20) & 0xff) : base;
+  }();
+  return family;
+#else
+  return 0;
+#endif
+}
+
 // The tier the next kernel call uses: PTQRT_CPU_ISA if set (checked), else best_isa().
 inline Isa active_isa() {
   const char* env = std::getenv("PTQRT_CPU_ISA");
