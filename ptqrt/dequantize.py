@@ -7,8 +7,8 @@ compensate each other, as they did in the quantized model). Each QuantExperts gi
 float 3-D projections again and its own forward back. The int8 KV cache is removed, and with it every
 record of the quantization (``ptqrt_config``, a transformers model's ``quantization_config``), so the
 model saves and loads as a float model. A quantized output layer that was tied to the input embedding
-stays untied (its config says so): it holds its own int8 weights, which smoothing folded into the
-final norm may have scaled, so the embedding cannot stand in for it.
+stays untied: it holds its own int8 weights, which smoothing folded into the final norm may have
+scaled, so the embedding cannot stand in for it.
 """
 from __future__ import annotations
 
@@ -32,10 +32,13 @@ def dequantize(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
     dtype: of the new float weights (and biases); by default a linear's bias dtype, else the dtype of
     the model's first float parameter, else float32. A linear registered under several names becomes
     one nn.Linear under all of them. transformers models anywhere in `model` (it may wrap one) get their
-    own classes' Conv1D layers back, and a tie into a quantized layer is dropped from their configs.
+    own classes' Conv1D layers back, and a tie into a quantized layer is dropped from their tie records.
+    dtype may also be named ("bfloat16"), as transformers' configs name it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dequantize: model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dequantize: dtype must be a floating torch.dtype; got {dtype!r}")
     if isinstance(model, (QuantLinear, QuantExperts)):
@@ -156,24 +159,20 @@ def _float_experts(module: nn.Module, q: QuantExperts, dtype: torch.dtype, pick)
 
 
 def _untie(hf_models: list, quantized: set) -> None:
-    """Drop each tie of the transformers models whose target or source is a quantized module's parameter
-    (names in `quantized`), and say so in the config (tie_word_embeddings), so that the model saves and
-    loads with both tensors."""
+    """Drop from the transformers models' tie records (all_tied_weights_keys) each tie whose target or
+    source is a quantized module's parameter (names in `quantized`), so that save_pretrained writes both
+    tensors; from_pretrained then finds them different and leaves them untied, with a warning of its own.
+    The config's tie_word_embeddings stays as it is: it also ties float embeddings (BART's encoder and
+    decoder to the shared one), and some forwards read it (Switch Transformers scales its output by it)."""
     for prefix, hf_model in hf_models:
         if not hasattr(hf_model, "get_expanded_tied_weights_keys"):
             continue
         names = {n[len(prefix) + 1:] if prefix else n for n in quantized if not prefix or n.startswith(f"{prefix}.")}
         ties = hf_model.get_expanded_tied_weights_keys(all_submodels=True)
         broken = {t for t, src in ties.items() if {t.rpartition(".")[0], src.rpartition(".")[0]} & names}
-        if not broken:
-            continue
-        kept = getattr(hf_model, "all_tied_weights_keys", None) or {}
-        hf_model.all_tied_weights_keys = {t: src for t, src in kept.items() if t not in broken}
-        for m in hf_model.modules():
-            config = getattr(m, "config", None)
-            for c in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
-                if getattr(c, "tie_word_embeddings", False):
-                    c.tie_word_embeddings = False
+        kept = getattr(hf_model, "all_tied_weights_keys", None)
+        if broken and kept:
+            hf_model.all_tied_weights_keys = {t: src for t, src in kept.items() if t not in broken}
 
 
 def _forget(model: nn.Module) -> None:

@@ -151,7 +151,7 @@ def test_gpt2_conv1d_comes_back_and_a_quantized_tied_head_stays_untied(wrapped, 
     assert type(g.transformer.h[0].attn.c_attn) is conv1d and g.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
     assert type(g.transformer.h[0].attn.c_proj) is conv1d  # square: a transposed nn.Linear would load silently
     assert type(g.lm_head) is nn.Linear and g.lm_head.weight is not g.transformer.wte.weight
-    assert not g.config.tie_word_embeddings
+    assert g.config.tie_word_embeddings and "lm_head.weight" not in g.all_tied_weights_keys
     y = g(ids).logits
     assert _rel(y, y_q) < 0.05 and _rel(y, f(ids).logits) < 0.05
     g.save_pretrained(tmp_path)
@@ -169,6 +169,38 @@ class Wrapper(nn.Module):
         return self.lm(ids).logits
 
 
+def _seq2seq(arch):
+    torch.manual_seed(0)
+    if arch == "bart":  # encoder and decoder embeddings tied to the shared one, under tie_word_embeddings
+        return transformers.BartForConditionalGeneration(transformers.BartConfig(
+            vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=128)).eval()
+    return transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
+        vocab_size=96, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4,
+        expert_capacity=8, decoder_start_token_id=0, encoder_sparse_step=2, decoder_sparse_step=2)).eval()
+
+
+@pytest.mark.parametrize("arch", ["bart", "switch"])
+def test_ties_between_float_embeddings_and_the_config_stay(arch, tmp_path):
+    """Only the ties into quantized modules go: BART's float embeddings stay tied through save and load
+    (they were lost when the config's tie_word_embeddings was turned off), and Switch Transformers, whose
+    forward scales its output by that flag, computes as before."""
+    f = _seq2seq(arch)
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(9))
+    x = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    q = quantize(copy.deepcopy(f), PTQConfig(skip=[]), [x], quiet=True)
+    y_q = q(**x).logits
+    ptqrt.dequantize(q)
+    assert q.config.tie_word_embeddings == f.config.tie_word_embeddings
+    y = q(**x).logits
+    assert _rel(y, y_q) < 1e-5 and _rel(y, f(**x).logits) < 0.1  # W8A16: the same sums
+    q.save_pretrained(tmp_path)
+    back = type(f).from_pretrained(str(tmp_path))
+    torch.testing.assert_close(back(**x).logits, y, rtol=0, atol=0)
+    if arch == "bart":
+        assert back.model.encoder.embed_tokens.weight is back.model.shared.weight
+
+
 def test_a_cast_then_model_dequantize_takes_the_cast_dtype(tmp_path):
     """transformers passes config.dtype (the dtype it loaded) when no dtype is given; after .to(bf16) that
     would make float32 linears among bf16 ones."""
@@ -180,7 +212,7 @@ def test_a_cast_then_model_dequantize_takes_the_cast_dtype(tmp_path):
     assert {p.dtype for p in r.parameters()} == {torch.bfloat16}
     assert r(_ids(vocab)).logits.dtype == torch.bfloat16
     r2 = transformers.AutoModelForCausalLM.from_pretrained(str(packed))
-    r2.dequantize(dtype=torch.float16)  # asked for: the new linears take it
+    r2.dequantize(dtype="float16")  # asked for (a name, as configs give it): the new linears take it
     assert r2.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
 
 
