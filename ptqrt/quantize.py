@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ._eval_mode import eval_mode
 from .config import PTQConfig
 from .modules.linear import QuantLinear, is_quantizable, linear_weight
 from .modules.weight_reads import weight_read_directly
@@ -235,42 +236,39 @@ def quantize(model: nn.Module, config: PTQConfig, calib_data: Optional[Iterable]
         calib_data = list(calib_data)  # a generator is consumed more than once below
     if (needs or experts_needs or kv_static) and not calib_data:
         raise ValueError("quantize: calib_data is empty: calibration needs at least one sample")
-    was_training = model.training
-    model.eval()
     undo: list = []  # restoring functions for what is changed in place (norms folded into, experts)
-    try:
-        if needs or experts_needs:
-            from .layerwise import calibrate_and_quantize
+    with eval_mode(model):  # each module's own training flag back afterwards
+        try:
+            if needs or experts_needs:
+                from .layerwise import calibrate_and_quantize
 
-            calibrate_and_quantize(model, needs, calib_data, quiet=quiet, device=device, undo=undo,
-                                   experts=experts_needs)
-        from tqdm.auto import tqdm
+                calibrate_and_quantize(model, needs, calib_data, quiet=quiet, device=device, undo=undo,
+                                       experts=experts_needs)
+            from tqdm.auto import tqdm
 
-        rest = {n: t for n, t in targets.items() if n not in needs}
-        for name, (mod, cfg) in tqdm(rest.items(), desc="quantizing", unit="layer", disable=quiet or not rest):
-            set_submodule(model, name, QuantLinear.from_float(mod, cfg, name=name))
-        rest_experts = {n: t for n, t in experts.items() if n not in experts_needs}
-        if rest_experts:
-            from .integrations import hf_experts
-            from .modules.experts import QuantExperts
+            rest = {n: t for n, t in targets.items() if n not in needs}
+            for name, (mod, cfg) in tqdm(rest.items(), desc="quantizing", unit="layer", disable=quiet or not rest):
+                set_submodule(model, name, QuantLinear.from_float(mod, cfg, name=name))
+            rest_experts = {n: t for n, t in experts.items() if n not in experts_needs}
+            if rest_experts:
+                from .integrations import hf_experts
+                from .modules.experts import QuantExperts
 
-            for name, (mod, cfg) in tqdm(rest_experts.items(), desc="quantizing experts", unit="layer",
-                                         disable=quiet):
-                group = cfg.weight_group
-                old = hf_experts.attach(mod, QuantExperts.from_float(mod, cfg.mode, group))
-                undo.append(lambda mod=mod, old=old: hf_experts.detach(mod, old))
-        for name, others in aliases.items():  # a linear registered under several names: one QuantLinear
-            for other in others:
-                set_submodule(model, other, model.get_submodule(name))
-        if config.kv_cache_dtype == "int8":
-            from .integrations import hf
+                for name, (mod, cfg) in tqdm(rest_experts.items(), desc="quantizing experts", unit="layer",
+                                             disable=quiet):
+                    group = cfg.weight_group
+                    old = hf_experts.attach(mod, QuantExperts.from_float(mod, cfg.mode, group))
+                    undo.append(lambda mod=mod, old=old: hf_experts.detach(mod, old))
+            for name, others in aliases.items():  # a linear registered under several names: one QuantLinear
+                for other in others:
+                    set_submodule(model, other, model.get_submodule(name))
+            if config.kv_cache_dtype == "int8":
+                from .integrations import hf
 
-            hf.apply_int8_kv_cache(model, config.kv_granularity, calib_data if kv_static else None, quiet=quiet)
-    except BaseException as e:  # an error or an interrupt part way: the model goes back as it was
-        _roll_back(model, {**targets, **{o: targets[n] for n, others in aliases.items() for o in others}}, undo, e)
-        raise
-    finally:
-        model.train(was_training)
+                hf.apply_int8_kv_cache(model, config.kv_granularity, calib_data if kv_static else None, quiet=quiet)
+        except BaseException as e:  # an error or an interrupt part way: the model goes back as it was
+            _roll_back(model, {**targets, **{o: targets[n] for n, others in aliases.items() for o in others}}, undo, e)
+            raise
     _warn_fused_weights(model, config)
     model.ptqrt_config = config
     from .integrations.hf_quantizer import record

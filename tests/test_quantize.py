@@ -404,3 +404,28 @@ def test_a_module_shared_by_two_layers_keeps_its_linears_float_under_a_calibrati
     assert q.model.layers[1].self_attn is attn
     assert all(type(getattr(attn, p)) is nn.Linear for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
     assert isinstance(q.model.layers[1].mlp.up_proj, QuantLinear)
+
+
+@pytest.mark.parametrize("cfg", [PTQConfig(), PTQConfig(act_dtype="int8", act_granularity="per_tensor", skip=["head"])],
+                         ids=["rtn", "calibrated"])
+def test_each_module_keeps_its_own_training_flag(cfg):
+    """quantize runs the model in eval mode and then gives every module its own flag back (it gave them all
+    the top module's: a wrapper in training mode around a model in eval mode came back with dropout on);
+    a QuantLinear takes its parent's flag. The outputs show it: dropout would make them random."""
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 8)).eval()
+            self.head = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5))  # stays in training mode
+
+        def forward(self, x):
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    w = Wrapper()
+    assert w.training and not w.inner.training and w.head.training
+    x = torch.randn(4, 16)
+    quantize(w, cfg, [x], quiet=True)
+    assert w.training and not w.inner.training and not w.inner[1].training and w.head.training
+    assert not w.inner[0].training and isinstance(w.inner[0], QuantLinear) and w.head[0].training
+    torch.testing.assert_close(w(x), w(x), rtol=0, atol=0)

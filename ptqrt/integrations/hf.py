@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._eval_mode import eval_mode
 from ..modules.kv_cache import GRANULARITIES, KVCacheQuant, PagedInt8KV
 
 try:
@@ -692,10 +693,8 @@ def calibrate_kv(model: nn.Module, calib_data, quiet: bool = False) -> dict[int,
     name = _cache_kwarg(model)
     device = model_device(model)
     rec = None
-    was_training = model.training
-    model.eval()
     seen = 0
-    try:
+    with eval_mode(model):
         for sample in tqdm(calib_data, desc="calibrating KV cache", unit="sample", disable=quiet):
             sample = to_device(sample, device)
             cur = _AbsmaxRecorder(model.config)
@@ -711,8 +710,6 @@ def calibrate_kv(model: nn.Module, calib_data, quiet: bool = False) -> dict[int,
             else:
                 model(sample, **extra)
             seen += 1
-    finally:
-        model.train(was_training)
     if seen == 0:
         raise ValueError("calib_data is empty: static KV-cache scales need at least one sample")
     return {i: (k, v) for i, (k, v) in rec.absmax.items()}
