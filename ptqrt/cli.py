@@ -1,4 +1,4 @@
-"""`ptqrt` command line: quantize | inspect | eval | demo | bench | tune | build (also `python -m ptqrt`)."""
+"""`ptqrt` command line: quantize | dequantize | inspect | eval | demo | bench | tune | build (also `python -m ptqrt`)."""
 from __future__ import annotations
 
 import argparse
@@ -187,6 +187,39 @@ def cmd_quantize(a) -> int:
     if tok is not None:
         tok.save_pretrained(str(out_dir))
     print(f"wrote {out_dir} ({cfg.mode}, {type(model).__name__})")
+    return 0
+
+
+def cmd_dequantize(a) -> int:
+    import torch
+
+    from . import dequantize, from_pretrained
+    from .format import DESCRIPTION
+
+    packed, out_dir = Path(a.packed_dir), Path(a.out_dir)
+    if not (packed / DESCRIPTION).is_file():
+        raise ValueError(f"{packed} has no {DESCRIPTION}; expected a directory `ptqrt quantize` (or save_quantized) "
+                         f"wrote")
+    _check_out_path(out_dir)
+    if not a.force:
+        if out_dir.resolve() == packed.resolve():
+            raise ValueError(f"OUT_DIR {out_dir} is PACKED_DIR: the float model would overwrite the packed one; "
+                             f"choose another OUT_DIR (or pass --force)")
+        found = ([f for f in CHECKPOINT_FILES if (out_dir / f).exists()] or sorted(
+            f.name for f in out_dir.glob("*.safetensors"))) if out_dir.is_dir() else []
+        if found:
+            raise ValueError(f"OUT_DIR {out_dir} holds a checkpoint ({', '.join(found[:3])}) that would be "
+                             f"overwritten; choose another OUT_DIR (or pass --force)")
+    tok = _tokenizer(packed)
+    model = from_pretrained(packed)  # the files' checksums checked
+    dequantize(model)
+    if a.dtype:
+        model.to(getattr(torch, a.dtype))
+    model.save_pretrained(str(out_dir))
+    if tok is not None:
+        tok.save_pretrained(str(out_dir))
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()})
+    print(f"wrote {out_dir} (float: {', '.join(dtypes)}; {type(model).__name__})")
     return 0
 
 
@@ -434,6 +467,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true",
                    help="write OUT_DIR even when it is MODEL_DIR or holds another (not ptqrt) checkpoint")
     q.set_defaults(fn=cmd_quantize)
+
+    dq = sub.add_parser("dequantize", help="a packed directory back to a float Hugging Face model directory")
+    dq.add_argument("packed_dir")
+    dq.add_argument("out_dir")
+    dq.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="cast the whole float model to it (default: the dtypes the packed directory holds)")
+    dq.add_argument("--force", action="store_true", help="write OUT_DIR even when it is PACKED_DIR or holds a checkpoint")
+    dq.set_defaults(fn=cmd_dequantize)
 
     i = sub.add_parser("inspect", help="per-layer table of a packed directory")
     i.add_argument("dir")

@@ -9,7 +9,7 @@ from ptqrt.cli import main
 
 def test_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "ptqrt", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("quantize", "inspect", "eval", "demo", "bench", "tune", "build"):
+    for cmd in ("quantize", "dequantize", "inspect", "eval", "demo", "bench", "tune", "build"):
         assert cmd in out
 
 
@@ -474,3 +474,32 @@ def test_inspect_counts_a_tied_tensor_once(tmp_path, capsys):
     assert main(["inspect", str(d)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("float tensors"))
     assert int(line.split()[-1].replace(",", "")) == stored
+
+
+def test_dequantize_writes_a_float_directory_transformers_loads(tmp_path, capsys, llama_dir):
+    """quantize then dequantize: a float checkpoint of the same class, no quantization_config, loaded by
+    transformers alone with the outputs of the float linears of the int8 weights; refusals are one line."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    import ptqrt
+
+    q, f = tmp_path / "q", tmp_path / "f"
+    assert main(["quantize", str(llama_dir), str(q), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["dequantize", str(q), str(f)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {f} (float: float32; LlamaForCausalLM)"
+    assert "quantization_config" not in json.loads((f / "config.json").read_text())
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(f))
+    assert type(back).__name__ == "LlamaForCausalLM" and not any(isinstance(m, ptqrt.QuantLinear) for m in back.modules())
+    ids = torch.tensor([[1, 5, 7, 2, 9]])
+    with torch.no_grad():  # W8A16: the float linears of the int8 weights compute the same sums
+        torch.testing.assert_close(back(ids).logits, ptqrt.from_pretrained(q)(ids).logits, rtol=1e-4, atol=1e-4)
+    assert main(["dequantize", str(q), str(tmp_path / "h"), "--dtype", "bfloat16"]) == 0
+    half = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "h"), dtype="auto")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    _refused(capsys, ["dequantize", str(q), str(f)], "dequantize", "holds a checkpoint .*config.json.* --force")
+    _refused(capsys, ["dequantize", str(q), str(q)], "dequantize", "is PACKED_DIR")
+    _refused(capsys, ["dequantize", str(llama_dir), str(tmp_path / "x")], "dequantize",
+             "has no quantization_description.json")
+    assert main(["dequantize", str(q), str(f), "--force"]) == 0
