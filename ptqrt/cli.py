@@ -191,33 +191,42 @@ def cmd_quantize(a) -> int:
 
 
 def cmd_dequantize(a) -> int:
+    import shutil
+
     import torch
 
     from . import dequantize, from_pretrained
-    from .format import DESCRIPTION
+    from .format import DESCRIPTION, INDEX
 
     packed, out_dir = Path(a.packed_dir), Path(a.out_dir)
     if not (packed / DESCRIPTION).is_file():
         raise ValueError(f"{packed} has no {DESCRIPTION}; expected a directory `ptqrt quantize` (or save_quantized) "
                          f"wrote")
     _check_out_path(out_dir)
+    if out_dir.resolve() == packed.resolve():  # the files are read (mapped) while the float ones are written
+        raise ValueError(f"OUT_DIR {out_dir} is PACKED_DIR: the float model is read from there while it is "
+                         f"written; choose another OUT_DIR")
     if not a.force:
-        if out_dir.resolve() == packed.resolve():
-            raise ValueError(f"OUT_DIR {out_dir} is PACKED_DIR: the float model would overwrite the packed one; "
-                             f"choose another OUT_DIR (or pass --force)")
         found = ([f for f in CHECKPOINT_FILES if (out_dir / f).exists()] or sorted(
             f.name for f in out_dir.glob("*.safetensors"))) if out_dir.is_dir() else []
         if found:
             raise ValueError(f"OUT_DIR {out_dir} holds a checkpoint ({', '.join(found[:3])}) that would be "
                              f"overwritten; choose another OUT_DIR (or pass --force)")
-    tok = _tokenizer(packed)
     model = from_pretrained(packed)  # the files' checksums checked
     dequantize(model)
     if a.dtype:
         model.to(getattr(torch, a.dtype))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DESCRIPTION).unlink(missing_ok=True)  # (--force over a packed directory) it is one no more
+    before = {f.name: f.stat().st_mtime_ns for f in out_dir.iterdir()}
     model.save_pretrained(str(out_dir))
-    if tok is not None:
-        tok.save_pretrained(str(out_dir))
+    written = {f.name for f in out_dir.iterdir() if before.get(f.name) != f.stat().st_mtime_ns}
+    # The rest of PACKED_DIR (the tokenizer's files, a chat template, a README) as it is: loading the
+    # tokenizer to save it again would lose one that cannot load here.
+    packed_files = {DESCRIPTION, INDEX, "config.json", "generation_config.json"}
+    for f in sorted(packed.iterdir()):
+        if f.is_file() and f.name not in packed_files | written and f.suffix != ".safetensors":
+            shutil.copy2(f, out_dir / f.name)
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()})
     print(f"wrote {out_dir} (float: {', '.join(dtypes)}; {type(model).__name__})")
     return 0
@@ -473,7 +482,7 @@ def parser() -> argparse.ArgumentParser:
     dq.add_argument("out_dir")
     dq.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                     help="cast the whole float model to it (default: the dtypes the packed directory holds)")
-    dq.add_argument("--force", action="store_true", help="write OUT_DIR even when it is PACKED_DIR or holds a checkpoint")
+    dq.add_argument("--force", action="store_true", help="write OUT_DIR even when it holds a checkpoint")
     dq.set_defaults(fn=cmd_dequantize)
 
     i = sub.add_parser("inspect", help="per-layer table of a packed directory")

@@ -484,12 +484,18 @@ def test_dequantize_writes_a_float_directory_transformers_loads(tmp_path, capsys
     transformers = pytest.importorskip("transformers")
     import ptqrt
 
+    import shutil
+
     q, f = tmp_path / "q", tmp_path / "f"
     assert main(["quantize", str(llama_dir), str(q), "--quiet"]) == 0
     capsys.readouterr()
+    extra = {"tokenizer.json": b"{ not json", "chat_template.jinja": b"{{ messages }}"}  # copied as they are,
+    for name, data in extra.items():  # even a tokenizer that would not load here
+        (q / name).write_bytes(data)
     assert main(["dequantize", str(q), str(f)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {f} (float: float32; LlamaForCausalLM)"
     assert "quantization_config" not in json.loads((f / "config.json").read_text())
+    assert {n: (f / n).read_bytes() for n in extra} == extra and not (f / "quantization_description.json").exists()
     back = transformers.AutoModelForCausalLM.from_pretrained(str(f))
     assert type(back).__name__ == "LlamaForCausalLM" and not any(isinstance(m, ptqrt.QuantLinear) for m in back.modules())
     ids = torch.tensor([[1, 5, 7, 2, 9]])
@@ -499,7 +505,15 @@ def test_dequantize_writes_a_float_directory_transformers_loads(tmp_path, capsys
     half = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "h"), dtype="auto")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     _refused(capsys, ["dequantize", str(q), str(f)], "dequantize", "holds a checkpoint .*config.json.* --force")
-    _refused(capsys, ["dequantize", str(q), str(q)], "dequantize", "is PACKED_DIR")
+    _refused(capsys, ["dequantize", str(q), str(q), "--force"], "dequantize", "is PACKED_DIR")
     _refused(capsys, ["dequantize", str(llama_dir), str(tmp_path / "x")], "dequantize",
              "has no quantization_description.json")
-    assert main(["dequantize", str(q), str(f), "--force"]) == 0
+    other = tmp_path / "other"  # another packed directory, written over with --force: a float one now
+    shutil.copytree(q, other)
+    (other / "tokenizer.json").write_bytes(b"old")
+    _refused(capsys, ["dequantize", str(q), str(other)], "dequantize", "holds a checkpoint")
+    assert main(["dequantize", str(q), str(other), "--force"]) == 0
+    assert not (other / "quantization_description.json").exists() and (other / "tokenizer.json").read_bytes() == extra[
+        "tokenizer.json"]
+    assert not any(isinstance(m, ptqrt.QuantLinear)
+                   for m in transformers.AutoModelForCausalLM.from_pretrained(str(other)).modules())

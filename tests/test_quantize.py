@@ -421,11 +421,17 @@ def test_each_module_keeps_its_own_training_flag(cfg):
         def forward(self, x):
             return self.inner(x)
 
+        def train(self, mode=True):  # an override sees every change (transformers' models re-select kernels)
+            self.calls = getattr(self, "calls", []) + [mode]
+            return super().train(mode)
+
     torch.manual_seed(0)
     w = Wrapper()
+    w.calls = []
     assert w.training and not w.inner.training and w.head.training
     x = torch.randn(4, 16)
     quantize(w, cfg, [x], quiet=True)
     assert w.training and not w.inner.training and not w.inner[1].training and w.head.training
+    assert w.calls == [False, True]
     assert not w.inner[0].training and isinstance(w.inner[0], QuantLinear) and w.head[0].training
     torch.testing.assert_close(w(x), w(x), rtol=0, atol=0)
