@@ -170,7 +170,9 @@ using PanelFn = void (*)(const uint8_t*, const int8_t*, int64_t, V, V, int32_t*,
 constexpr int kGemvPanels[kVnniGemvRows] = {4, 4, 4, 3, 2, 2};
 // c [mr, np * 32] (ldc) = sum over all nq quads of x . w for np panels pstride bytes apart, less corr
 // [np * 32] (128 * the columns' weight sums). ahead > 0: each stream prefetches into L2 the line that
-// many bytes on, within its panel.
+// many bytes on, within its panel, once a quad: every other 64-byte line (a quad is 128 bytes), the
+// form the Zen 4 measurements were made with; prefetching both lines measured 0.95-1.0x of none on a
+// Zen 5, where this one ran 0.65-0.9x (bench/NOTES.md).
 template <int mr, int np>
 PTQRT_VNNI_TARGET void gemv(const uint8_t* xq, const int8_t* wq, int64_t pstride, int64_t nq, const int32_t* corr,
                             int32_t* c, int64_t ldc, int64_t ahead) {
