@@ -52,20 +52,26 @@ def dequantize(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
 
             hf.remove_int8_kv_cache(hf_model)
     made: dict = {}
-    quantized = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)]
+    # Names only: each QuantLinear is freed once replaced under all its names, so the int8 and the float
+    # weights of the whole model are never held at once.
+    quantized = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, QuantLinear)]
     conv1d = _conv1d_names(hf_models) if quantized else set()
-    for name, mod in quantized:
+    for name in quantized:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, QuantLinear):
+            continue  # replaced already under another name (a parent registered under several)
         if id(mod) not in made:
             made[id(mod)] = _linear(mod, dtype or (mod.bias.dtype if mod.bias is not None else default),
                                     name in conv1d)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, made[id(mod)])
+        del mod
     pick = next((m.get_correct_experts_implementation for _, m in hf_models), None)
     for mod in list(model.modules()):
         q = mod._modules.get("ptqrt_experts")
         if isinstance(q, QuantExperts):
             _float_experts(mod, q, default, pick)
-    _untie(hf_models, {name for name, _ in quantized})
+    _untie(hf_models, set(quantized))
     _forget(model)
     return model
 

@@ -67,6 +67,30 @@ def test_dtype_shared_linears_and_refusals():
     assert ptqrt.dequantize(nn.Sequential(nn.Linear(3, 2))) is not None  # a float model: nothing to do
 
 
+def test_each_int8_linear_is_freed_once_replaced(monkeypatch):
+    """The int8 and the float weights of the whole model are never held at once: when each float linear
+    is made, the QuantLinears replaced before it are gone."""
+    import gc
+    import sys
+    import weakref
+
+    dq = sys.modules["ptqrt.dequantize"]  # (ptqrt.dequantize is the function)
+
+    q = quantize(tiny_net(), PTQConfig(skip=[]), quiet=True)
+    refs = [weakref.ref(m) for m in q.modules() if isinstance(m, QuantLinear)]
+    live, made = [], dq._linear
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        live.append(sum(r() is not None for r in refs))
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(dq, "_linear", counting)
+    ptqrt.dequantize(q)
+    gc.collect()
+    assert len(refs) == 5 and live == [5, 4, 3, 2, 1] and not any(r() for r in refs)
+
+
 def test_a_linear_without_bias_takes_the_models_float_dtype():
     q = quantize(tiny_net().to(torch.bfloat16), PTQConfig(), quiet=True)
     ptqrt.dequantize(q)
