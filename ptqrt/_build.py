@@ -222,9 +222,9 @@ def _jit(kind: str, verbose: bool, allow_build: bool = True) -> str:
     try:
         lock = _open_lock(lock_path)
     except OSError:
-        if allow_build:
+        if allow_build and not _finished(so, done):
             raise
-        lock = None  # a read-only (or absent) cache: nobody builds there either
+        lock = None  # a read-only (or absent) cache: nobody builds there either; a finished build is used
     try:
         if lock is not None:
             lock = _acquire(lock_path, lock)  # one builder at a time; the others wait, then reuse its result

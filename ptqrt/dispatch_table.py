@@ -98,7 +98,11 @@ def load_table(tuned: bool = True, replacing: bool = False) -> dict:
     mine = table_path(name) if name and tuned else None
     candidates = ([(mine, name)] if mine else []) + ([(shipped_path(name), name)] if name else [])
     for path, device in candidates + [(DEFAULT, None)]:
-        if path.is_file():
+        try:
+            found = path.is_file()
+        except OSError:  # a folder it may not search (is_file raises then): read_table says so below
+            found = True
+        if found:
             try:
                 return read_table(path, device)
             except TableError as e:

@@ -108,12 +108,14 @@ def _auto_chain(op: str, device: torch.device, m: int) -> list[str]:
         return ["cpu", "reference"]  # triton runs on CPU tensors only when forced (interpreter, tests)
     if device.type == "cuda":
         first = _dispatch_table().get(op, {}).get(str(bucket(m)))
+        if first == "reference":  # (tune writes it where no compiled backend could be timed)
+            return ["reference"]
         return ["cuda", "triton", "reference"] if first == "cuda" else ["triton", "cuda", "reference"]
     return ["reference"]
 
 
 def bucket(m: int) -> int:
-    return M_BUCKETS[bisect.bisect_left(M_BUCKETS, m)]
+    return M_BUCKETS[min(bisect.bisect_left(M_BUCKETS, m), len(M_BUCKETS) - 1)]
 
 
 def resolve(op: str, device: torch.device, m: int = 1) -> tuple[str, Callable]:
@@ -287,15 +289,29 @@ def plain_eager_mode() -> bool:
                 or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack())
 
 
+_fw_ad = torch.autograd.forward_ad
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", lambda: None)
+
+
+def _transformed() -> bool:
+    """Forward-mode AD (dual tensors) or a torch.func transform (jvp, grad, vmap) is active."""
+    return getattr(_fw_ad, "_current_level", -1) >= 0 or _functorch_level() is not None
+
+
 def _plain_eager(args, kwargs) -> bool:
-    """True for a call that the dispatcher would only pass through: `plain_eager_mode()`, every
-    tensor argument a plain tensor (no FakeTensor or other subclass) and none that needs a gradient."""
-    if not plain_eager_mode():
+    """True for a call that the dispatcher would only pass through: `plain_eager_mode()`, no forward-mode
+    AD or torch.func transform, no argument with a __torch_function__ (fx's Proxy), every tensor argument a plain tensor (no
+    FakeTensor or other subclass) on a real device (meta tensors get the fake impls) and none that needs
+    a gradient."""
+    if not plain_eager_mode() or _transformed():
+        return False
+    values = (*args, *kwargs.values())
+    if torch.overrides.has_torch_function(values):  # a Proxy (torch.fx), a subclass with __torch_function__
         return False
     grad = torch.is_grad_enabled()
-    for a in (*args, *kwargs.values()):
+    for a in values:
         if isinstance(a, torch.Tensor) and ((type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter)
-                                            or (grad and a.requires_grad)):
+                                            or (grad and a.requires_grad) or a.is_meta):
             return False
     return True
 

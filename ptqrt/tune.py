@@ -170,7 +170,7 @@ def _time_eager(fn: Callable, arg_sets: list, quick: bool, target_ms: float = 2.
 def op_names(ops: Optional[Iterable[str]]) -> list:
     """The ops to time: all for None; an empty or unknown selection is refused (an empty one would
     rewrite the table without timing anything)."""
-    names = list(ops) if ops is not None else list(_ops.OP_NAMES)
+    names = [ops] if isinstance(ops, str) else list(ops) if ops is not None else list(_ops.OP_NAMES)
     if not names:
         raise ValueError(f"ptqrt.tune: ops is empty; name at least one of {', '.join(_ops.OP_NAMES)} "
                          f"(or pass None for all)")

@@ -262,3 +262,20 @@ def test_a_lock_removed_by_clean_while_waited_on_is_taken_afresh(tmp_path):
         assert newcomer is None  # so a newcomer waits for it
     finally:
         lock.close()
+
+
+def test_a_finished_build_in_a_cache_it_cannot_write_is_used(monkeypatch):
+    """A read-only cache (a shared, prebuilt one): the lock cannot be opened for writing. A finished build
+    of these sources there is loaded (it was refused unless PTQRT_NO_BUILD=1); with none, the error stays."""
+    path = _build.load("cpu")
+    if path is None:
+        pytest.skip("the cpu extension is unavailable here")
+
+    def read_only(p):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr(_build, "_open_lock", read_only)
+    assert _build._jit("cpu", verbose=False) == path
+    monkeypatch.setattr(_build, "_finished", lambda so, done: False)
+    with pytest.raises(PermissionError):
+        _build._jit("cpu", verbose=False)

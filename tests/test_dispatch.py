@@ -254,3 +254,65 @@ def test_forced_backend_that_lacks_an_op_warns_once_per_op(fresh_warnings, monke
     ops.set_backend("reference")
     got = _warnings_of(_layer_calls)
     assert len(got) == 1 and "backend 'reference' has no w8a16_gemm for cpu tensors; using 'cpu'" in got[0], got
+
+
+# ------------------------------------------------------------------------------------------ a review's cases
+def test_a_reference_row_is_followed(tables):
+    """tune writes "reference" where no compiled backend could be timed; auto used to run triton there."""
+    dispatch_table.write_table(GPU, {"w8a8_gemm": {"1": "reference"}})
+    assert ops._auto_chain("w8a8_gemm", CUDA, 1) == ["reference"]
+    assert ops._auto_chain("w8a8_gemm", CUDA, 17)[0] == "triton"
+
+
+def test_a_table_folder_it_may_not_search_is_skipped_with_the_warning(tables, monkeypatch):
+    """Path.is_file raises (not False) for a folder without search permission: auto ops raised it."""
+    dispatch_table.shipped_path(GPU).write_text(json.dumps({"device": GPU, "ops": _cuda_rows("cuda")}))
+    mine, is_file = dispatch_table.table_path(GPU), type(dispatch_table.table_path(GPU)).is_file
+
+    def guarded(path):
+        if path == mine:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+
+    monkeypatch.setattr(type(mine), "is_file", guarded)
+    with pytest.warns(RuntimeWarning, match="Fake_GPU_80GB.json cannot be read"):
+        assert ops._auto_chain("w8a8_gemm", CUDA, 1) == ["cuda", "triton", "reference"]
+
+
+def test_huge_m_takes_the_last_bucket_and_tune_takes_one_op_name():
+    assert ops.bucket(2 ** 62 + 1) == ops.M_BUCKETS[-1] and ops.bucket(0) == 1
+    assert tune.op_names("w8a8_gemm") == ["w8a8_gemm"]  # (it was split into characters)
+
+
+def test_calls_the_dispatcher_must_see_do_not_take_the_eager_shortcut():
+    """Meta tensors get the fake impls (the backend raised on them), torch.fx traces the op (a Proxy was
+    taken for a plain argument), and forward-mode AD / torch.func transforms go through the op, which
+    has no derivative (the reference backend gave a tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    w, s = torch.zeros(5, 8, dtype=torch.int8, device="meta"), torch.ones(5, device="meta")
+    out = ops.w8a16_gemm(torch.zeros(3, 8, device="meta"), w, s)
+    assert out.is_meta and out.shape == (3, 5)
+    cache = torch.zeros(2, 4, 2, 8, dtype=torch.int8, device="meta")
+    att = ops.int8_kv_decode_attention(torch.zeros(2, 4, 8, device="meta"), cache, cache,
+                                       torch.ones(2, 4, 2, device="meta"), torch.ones(2, 4, 2, device="meta"),
+                                       torch.zeros(2, 1, dtype=torch.int32, device="meta"),
+                                       torch.ones(2, dtype=torch.int32, device="meta"), 0.5)
+    assert att.is_meta and att.shape == (2, 4, 8)
+
+    def f(x):
+        return ops.quantize_per_token(x)[0]
+
+    g = torch.fx.symbolic_trace(f)
+    assert any("quantize_per_token" in str(n.target) for n in g.graph.nodes)
+    x = torch.randn(3, 8)
+    assert torch.equal(g(x), f(x))
+    before = ops.get_backend()
+    ops.set_backend("reference")  # (pure torch: on the shortcut its ops carried the tangent along)
+    try:
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, torch.ones_like(x))
+            y = ops.w8a16_gemm(dual, torch.ones(5, 8, dtype=torch.int8), torch.ones(5))
+            assert fwAD.unpack_dual(y).tangent is None
+    finally:
+        ops.set_backend(before)
