@@ -299,6 +299,11 @@ def test_calls_the_dispatcher_must_see_do_not_take_the_eager_shortcut():
                                        torch.zeros(2, 1, dtype=torch.int32, device="meta"),
                                        torch.ones(2, dtype=torch.int32, device="meta"), 0.5)
     assert att.is_meta and att.shape == (2, 4, 8)
+    from ptqrt import PTQConfig, QuantLinear
+
+    q = QuantLinear.from_float(torch.nn.Linear(8, 5), PTQConfig(act_dtype="int8")).to("meta")
+    for _ in range(3):  # (after one accepted call QuantLinear calls the backend itself: not on meta tensors)
+        assert q(torch.zeros(3, 8, device="meta")).shape == (3, 5)
 
     def f(x):
         return ops.quantize_per_token(x)[0]

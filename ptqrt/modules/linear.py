@@ -149,8 +149,9 @@ class QuantLinear(nn.Module):
         shapes are fixed at construction and x's K is checked above). After the public ops accepted
         one call with a key, plain eager calls with the same key call the backend directly (~17-20 us
         less a forward on the CPU). None where the call must go through the ops: compiling, tracing,
-        a torch-function or dispatch mode, a tensor subclass, or a gradient to track."""
-        if type(x2) is not torch.Tensor or not ops.plain_eager_mode():
+        a torch-function or dispatch mode, a tensor subclass, a gradient to track, forward-mode AD or a
+        torch.func transform, or meta tensors (the ops' fake impls answer those)."""
+        if type(x2) is not torch.Tensor or not ops.plain_eager_mode() or ops._transformed() or x2.is_meta:
             return None
         tensors = tuple(self._buffers.values())
         if torch.is_grad_enabled() and (x2.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
