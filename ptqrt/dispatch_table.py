@@ -43,9 +43,10 @@ def shipped_path(device_name: str) -> Path:
     return SHIPPED / _file_name(device_name)
 
 
-def current_gpu_name() -> str | None:
+def current_gpu_name(device: int | None = None) -> str | None:
+    """The name of the GPU of this index (None: the current one), or None without CUDA."""
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+        return torch.cuda.get_device_name(device)
     return None
 
 
@@ -85,8 +86,8 @@ def read_table(path: Path, device_name: str | None) -> dict:
     return data["ops"]
 
 
-def load_table(tuned: bool = True, replacing: bool = False) -> dict:
-    """{op: {bucket (str): backend}} for the current GPU: tuned here if present (and `tuned`), else
+def load_table(tuned: bool = True, replacing: bool = False, device: int | None = None) -> dict:
+    """{op: {bucket (str): backend}} for the current GPU (or the one of CUDA index `device`): tuned here if present (and `tuned`), else
     shipped for this GPU name, else the shipped default, else {} (the built-in order, triton first). A
     file that cannot be read, or is not a table for this GPU (`check_table`), is skipped with one
     warning naming it and what is wrong; the next in that order is used. An op or bucket the table
@@ -94,7 +95,7 @@ def load_table(tuned: bool = True, replacing: bool = False) -> dict:
 
     replacing=True is `ptqrt tune`'s read, just before it writes this GPU's tuned table: an unusable
     tuned table is said to be replaced, at every call (not once per process)."""
-    name = current_gpu_name()
+    name = current_gpu_name() if device is None else current_gpu_name(device)  # (device: a CUDA index)
     mine = table_path(name) if name and tuned else None
     candidates = ([(mine, name)] if mine else []) + ([(shipped_path(name), name)] if name else [])
     for path, device in candidates + [(DEFAULT, None)]:

@@ -34,7 +34,7 @@ M_BUCKETS = (1, 16, 64, 256, 1024, 4096, 1 << 62)
 _lock = threading.Lock()
 _cache: dict = {}
 _warned: set = set()
-_table: Optional[dict] = None
+_tables: dict = {}  # {cuda device index (None: current): dispatch table}
 
 
 def _backend_from_env() -> tuple[Optional[str], str]:
@@ -94,20 +94,22 @@ def _warn_once(key, msg: str, stacklevel: int = 4) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
 
 
-def _dispatch_table() -> dict:
-    """The tuned table for this GPU (written by `ptqrt tune`) or the shipped default."""
-    global _table
-    if _table is None:
+def _dispatch_table(index: Optional[int] = None) -> dict:
+    """The tuned table for the GPU of this index (None: the current one), written by `ptqrt tune`, or the
+    shipped one for its name, or the shipped default: one table a GPU, so that a machine with two kinds
+    of GPU runs each on its own."""
+    table = _tables.get(index)
+    if table is None:
         from .dispatch_table import load_table
-        _table = load_table()
-    return _table
+        table = _tables[index] = load_table(device=index)
+    return table
 
 
 def _auto_chain(op: str, device: torch.device, m: int) -> list[str]:
     if device.type == "cpu":
         return ["cpu", "reference"]  # triton runs on CPU tensors only when forced (interpreter, tests)
     if device.type == "cuda":
-        first = _dispatch_table().get(op, {}).get(str(bucket(m)))
+        first = _dispatch_table(device.index).get(op, {}).get(str(bucket(m)))
         if first == "reference":  # (tune writes it where no compiled backend could be timed)
             return ["reference"]
         return ["cuda", "triton", "reference"] if first == "cuda" else ["triton", "cuda", "reference"]
@@ -120,7 +122,7 @@ def bucket(m: int) -> int:
 
 def resolve(op: str, device: torch.device, m: int = 1) -> tuple[str, Callable]:
     """(backend name, callable) that runs `op` for this device and M under the current setting."""
-    key = (op, device.type, bucket(m), _backend)
+    key = (op, device.type, device.index, bucket(m), _backend)
     hit = _cache.get(key)
     if hit is not None:
         return hit
@@ -179,10 +181,9 @@ def get_backend() -> str:
 
 
 def reset_dispatch_table() -> None:
-    """Forget the loaded dispatch table (after `ptqrt tune` wrote a new one)."""
-    global _table
+    """Forget the loaded dispatch tables (after `ptqrt tune` wrote a new one)."""
     with _lock:
-        _table = None
+        _tables.clear()
         _cache.clear()
 
 

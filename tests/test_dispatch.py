@@ -321,3 +321,16 @@ def test_calls_the_dispatcher_must_see_do_not_take_the_eager_shortcut():
             assert fwAD.unpack_dual(y).tangent is None
     finally:
         ops.set_backend(before)
+
+
+def test_each_gpu_of_a_machine_with_two_kinds_takes_its_own_table(tables, monkeypatch):
+    """The table was read once for the current GPU and the backend cache keyed by device type only: a
+    second kind of GPU ran on the first one's choices."""
+    names = {None: GPU, 0: GPU, 1: "Other GPU 40GB"}
+    monkeypatch.setattr(dispatch_table, "current_gpu_name", lambda device=None: names[device])
+    ops.reset_dispatch_table()
+    dispatch_table.write_table(GPU, {"w8a8_gemm": {"1": "cuda"}})
+    dispatch_table.write_table(names[1], {"w8a8_gemm": {"1": "triton"}})
+    assert ops._auto_chain("w8a8_gemm", torch.device("cuda", 0), 1)[0] == "cuda"
+    assert ops._auto_chain("w8a8_gemm", torch.device("cuda", 1), 1)[0] == "triton"
+    assert ops._auto_chain("w8a8_gemm", CUDA, 1)[0] == "cuda"  # the current one
