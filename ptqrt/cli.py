@@ -69,12 +69,18 @@ def _check_out_dir(model_dir: Path, out_dir: Path) -> None:
     from .format import DESCRIPTION
 
     if out_dir.is_dir() and not (out_dir / DESCRIPTION).is_file():
-        found = [f for f in CHECKPOINT_FILES if (out_dir / f).exists()] or sorted(
-            f.name for f in out_dir.glob("*.safetensors"))
+        found = _checkpoint_files(out_dir)
         if found:
             raise ValueError(f"OUT_DIR {out_dir} holds a checkpoint that is not a ptqrt packed one "
                              f"({', '.join(found[:3])}) and would be overwritten; choose another OUT_DIR "
                              f"(or pass --force)")
+
+
+def _checkpoint_files(d: Path) -> list:
+    """The checkpoint files in folder `d` (CHECKPOINT_FILES, else its safetensors files), [] for none."""
+    if not d.is_dir():
+        return []
+    return [f for f in CHECKPOINT_FILES if (d / f).exists()] or sorted(f.name for f in d.glob("*.safetensors"))
 
 
 def _check_out_path(out_dir: Path) -> None:
@@ -207,8 +213,7 @@ def cmd_dequantize(a) -> int:
         raise ValueError(f"OUT_DIR {out_dir} is PACKED_DIR: the float model is read from there while it is "
                          f"written; choose another OUT_DIR")
     if not a.force:
-        found = ([f for f in CHECKPOINT_FILES if (out_dir / f).exists()] or sorted(
-            f.name for f in out_dir.glob("*.safetensors"))) if out_dir.is_dir() else []
+        found = _checkpoint_files(out_dir)
         if found:
             raise ValueError(f"OUT_DIR {out_dir} holds a checkpoint ({', '.join(found[:3])}) that would be "
                              f"overwritten; choose another OUT_DIR (or pass --force)")

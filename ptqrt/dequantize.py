@@ -23,6 +23,7 @@ from torch import nn
 from .modules.experts import QuantExperts, dense, transposed
 from .modules.kv_cache import KVCacheQuant
 from .modules.linear import QuantLinear
+from .reference import dequantize_weight
 
 
 @torch.no_grad()
@@ -140,11 +141,10 @@ def _float_experts(module: nn.Module, q: QuantExperts, dtype: torch.dtype, pick)
     from .integrations import hf_experts
 
     weights = {}
-    for p, (n, k) in q.shapes.items():
-        w_q, scale = getattr(q, p).float(), getattr(q, f"{p}_scale")
-        g = q.group_size
-        w = (w_q.reshape(q.num_experts, n, k // g, g) * scale[..., None]).reshape(q.num_experts, n, k) if g \
-            else w_q * scale[..., None]
+    e, g = q.num_experts, q.group_size
+    for p, (n, k) in q.shapes.items():  # every expert's rows as one [E * N, K] weight
+        w = dequantize_weight(getattr(q, p).reshape(e * n, k), getattr(q, f"{p}_scale").reshape(e * n, -1),
+                              g).reshape(e, n, k)
         if q.smooth:
             w = w / getattr(q, f"{p}_smooth_scale")[:, None, :]
         if transposed(module):

@@ -87,8 +87,9 @@ def read_table(path: Path, device_name: str | None) -> dict:
 
 
 def load_table(tuned: bool = True, replacing: bool = False, device: int | None = None) -> dict:
-    """{op: {bucket (str): backend}} for the current GPU (or the one of CUDA index `device`): tuned here if present (and `tuned`), else
-    shipped for this GPU name, else the shipped default, else {} (the built-in order, triton first). A
+    """{op: {bucket (str): backend}} for the current GPU (or the one of CUDA index `device`): tuned here
+    if present (and `tuned`), else shipped for this GPU name, else the shipped default, else {} (the
+    built-in order, triton first). A
     file that cannot be read, or is not a table for this GPU (`check_table`), is skipped with one
     warning naming it and what is wrong; the next in that order is used. An op or bucket the table
     lacks takes the built-in order.
@@ -98,14 +99,14 @@ def load_table(tuned: bool = True, replacing: bool = False, device: int | None =
     name = current_gpu_name() if device is None else current_gpu_name(device)  # (device: a CUDA index)
     mine = table_path(name) if name and tuned else None
     candidates = ([(mine, name)] if mine else []) + ([(shipped_path(name), name)] if name else [])
-    for path, device in candidates + [(DEFAULT, None)]:
+    for path, table_device in candidates + [(DEFAULT, None)]:
         try:
             found = path.is_file()
         except OSError:  # a folder it may not search (is_file raises then): read_table says so below
             found = True
         if found:
             try:
-                return read_table(path, device)
+                return read_table(path, table_device)
             except TableError as e:
                 if replacing and path == mine:
                     warnings.warn(f"ptqrt.tune: {e}; replacing it (the ops not timed now take the shipped table's "
